@@ -1,0 +1,97 @@
+//! DSDT: the PCI host bridge, the ECAM reservation, COM1 and the S5 sleep state.
+
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path,
+    ResourceTemplate, IO,
+};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::Aml;
+use arch::layout;
+
+use crate::{pm, Platform, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
+
+/// DSDT revision 2: integers are 64-bit.
+const DSDT_REVISION: u8 = 2;
+
+/// The PCI root bridge `\_SB_.PCI0` (PNP0A08, PCI Express), segment 0, bus 0, with the I/O and
+/// memory windows the guest may assign BARs from.
+fn pci_host_bridge(platform: &Platform) -> Vec<u8> {
+    let (mmio64_start, mmio64_size) = layout::pci_mmio64_window(platform.mem_size);
+    let bus = AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_ports = IO::new(layout::PCI_CONFIG_IO_START, layout::PCI_CONFIG_IO_START, 1, layout::PCI_CONFIG_IO_SIZE as u8);
+    let io_low = AddressSpace::new_io(0u16, layout::PCI_CONFIG_IO_START - 1, None);
+    let io_high = AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let mmio32 = AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO32_START as u32,
+        (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let mmio64 = AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64_start,
+        mmio64_start + mmio64_size - 1,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, &mmio32, &mmio64]);
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
+    let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
+    let adr = Name::new("_ADR".into(), &0u8);
+    let seg = Name::new("_SEG".into(), &0u8);
+    let uid = Name::new("_UID".into(), &0u8);
+    let bbn = Name::new("_BBN".into(), &0u8);
+    let crs = Name::new("_CRS".into(), &crs);
+    let dev = Device::new("_SB_.PCI0".into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]);
+    let mut v = Vec::new();
+    dev.to_aml_bytes(&mut v);
+    v
+}
+
+/// A motherboard-resources device (PNP0C02) reserving the ECAM window, which Linux requires
+/// before it trusts MCFG ("MMCONFIG ... reserved as ACPI motherboard resource").
+fn ecam_reservation() -> Vec<u8> {
+    let ecam = Memory32Fixed::new(false, layout::PCI_ECAM_START as u32, layout::PCI_ECAM_SIZE as u32);
+    let crs = ResourceTemplate::new(vec![&ecam]);
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
+    let uid = Name::new("_UID".into(), &1u8);
+    let crs = Name::new("_CRS".into(), &crs);
+    let dev = Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]);
+    let mut v = Vec::new();
+    dev.to_aml_bytes(&mut v);
+    v
+}
+
+/// COM1 (PNP0501): 0x3F8, IRQ 4.
+fn com1() -> Vec<u8> {
+    let io = IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
+    let irq = Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let crs = ResourceTemplate::new(vec![&io, &irq]);
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    let uid = Name::new("_UID".into(), &1u8);
+    let crs = Name::new("_CRS".into(), &crs);
+    let dev = Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    let mut v = Vec::new();
+    dev.to_aml_bytes(&mut v);
+    v
+}
+
+/// `\_S5_`: the SLP_TYP value `devices::acpi_pm` recognises as soft-off.
+fn s5() -> Vec<u8> {
+    let typ = pm::S5_SLEEP_TYPE;
+    let pkg = Package::new(vec![&typ]);
+    let name = Name::new(Path::new("_S5_"), &pkg);
+    let mut v = Vec::new();
+    name.to_aml_bytes(&mut v);
+    v
+}
+
+/// The complete DSDT.
+pub fn dsdt(platform: &Platform) -> Vec<u8> {
+    let mut t = Sdt::new(*b"DSDT", 36, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for body in [pci_host_bridge(platform), ecam_reservation(), com1(), s5()] {
+        t.append_slice(&body);
+    }
+    t.as_slice().to_vec()
+}

@@ -1,0 +1,10 @@
+//! The x86_64 guest platform siovmm builds: where things live in guest-physical memory,
+//! the e820 map, the CPUID a guest sees, and the register state a kernel is entered with.
+//!
+//! Everything here is pure (no KVM calls) so it can be unit-tested; `vmm` applies it.
+
+pub mod boot;
+pub mod cpuid;
+pub mod e820;
+pub mod layout;
+pub mod regs;

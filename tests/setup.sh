@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Prepares everything the sandbox boots need, from a bare Debian 12 machine:
+#   - apt packages: qemu-system-x86 (the TCG sandbox), busybox-static, acpica-tools (iasl -d),
+#     xz-utils, linux-headers for building guest modules later;
+#   - the stock Debian guest kernel that linux-image-amd64 currently depends on: bzImage, the ELF
+#     vmlinux recovered from it, and the KVM modules the sandbox loads;
+#   - a static siovmm binary to drop into the sandbox's initramfs.
+# Idempotent: reruns only redo what is missing. Everything lands in $SIOVMM_ASSETS
+# (default: <repo>/target/guest-assets).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+assets=${SIOVMM_ASSETS:-$repo/target/guest-assets}
+mkdir -p "$assets"
+
+need_pkgs=()
+for p in qemu-system-x86 busybox-static acpica-tools xz-utils cpio; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ] || [ ! -f "$assets/.apt-updated" ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  touch "$assets/.apt-updated"
+  if [ ${#need_pkgs[@]} -gt 0 ]; then
+    apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  fi
+fi
+
+# The kernel ABI package linux-image-amd64 depends on today (never a wildcard: that pulls every ABI).
+abi_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+[ -n "$abi_pkg" ] || { echo "setup: cannot find the linux-image ABI package" >&2; exit 1; }
+kver=${abi_pkg#linux-image-}
+echo "$kver" > "$assets/kernel-version"
+if [ ! -f "$assets/bzImage" ] || [ ! -f "$assets/vmlinux" ] || [ ! -d "$assets/modules" ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download "$abi_pkg" >/dev/null 2>&1)
+  dpkg-deb -x "$tmp"/"$abi_pkg"_*.deb "$tmp/x"
+  cp "$tmp/x/boot/vmlinuz-$kver" "$assets/bzImage"
+  # Recover the ELF vmlinux: the bzImage payload is XZ; find its magic and decompress from there.
+  python3 - "$assets/bzImage" "$assets/vmlinux" <<'PY'
+import lzma, sys
+data = open(sys.argv[1], 'rb').read()
+off = data.find(b'\xfd7zXZ\x00')
+if off < 0:
+    sys.exit("setup: no XZ payload in bzImage")
+d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+out = d.decompress(data[off:])
+if out[:4] != b'\x7fELF':
+    sys.exit("setup: decompressed payload is not ELF")
+open(sys.argv[2], 'wb').write(out)
+PY
+  rm -rf "$assets/modules"; mkdir -p "$assets/modules"
+  mdir="$tmp/x/lib/modules/$kver/kernel"
+  for m in virt/lib/irqbypass.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/x86/kvm/kvm-intel.ko; do
+    f="$mdir/$m"; [ -f "$f" ] || f="$f.xz"
+    [ -f "$f" ] || { echo "setup: module $m missing from $abi_pkg" >&2; exit 1; }
+    case "$f" in *.xz) xz -dc "$f" > "$assets/modules/$(basename "${m}")";; *) cp "$f" "$assets/modules/";; esac
+  done
+  rm -rf "$tmp"
+fi
+cp /bin/busybox "$assets/busybox"
+
+# Static siovmm for the sandbox initramfs.
+if [ "${SIOVMM_SKIP_BUILD:-0}" != 1 ]; then
+  (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
+      --target x86_64-unknown-linux-gnu --target-dir "$repo/target/static" -p vmm)
+  cp "$repo/target/static/x86_64-unknown-linux-gnu/release/siovmm" "$assets/siovmm"
+fi
+echo "setup: assets ready in $assets (guest kernel $kver)"

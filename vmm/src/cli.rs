@@ -1,0 +1,280 @@
+//! Command-line parsing and validation. Every error is one line naming the bad value, and
+//! everything is checked before any VM exists.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use arch::boot::sniff_format;
+
+/// Fewest MiB a Linux guest can boot in with its kernel and initramfs.
+pub const MIN_MEMORY: u64 = 32 << 20;
+/// Most vCPUs: APIC IDs are 8-bit in our MADT and xAPIC mode.
+pub const MAX_CPUS: u8 = 254;
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+/// The usage text (`--help`).
+pub const USAGE: &str = "\
+siovmm - a KVM virtual machine monitor for Scalable IOV assignable device interfaces
+
+USAGE:
+    siovmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
+
+OPTIONS:
+    --kernel PATH      Linux kernel to boot: ELF vmlinux (entered through its PVH note, or its
+                       64-bit entry point) or bzImage.
+    --initramfs PATH   initramfs (cpio, optionally compressed) handed to the kernel.
+    --cmdline STR      kernel command line [default: console=ttyS0]. Printable ASCII, at most
+                       2047 bytes.
+    --cpus N           vCPUs, 1..=254 [default: 1].
+    --memory SIZE      guest RAM: a number with an optional K, M, G or T suffix (powers of 1024);
+                       a bare number means MiB. At least 32M, at most the host's RAM [default: 512M].
+    -h, --help         print this help.
+    -V, --version      print the version.
+
+The guest's COM1 is siovmm's stdin/stdout. siovmm exits 0 when the guest powers off or
+reboots, 1 when the VM fails (triple fault, KVM error; one line on stderr says what and where),
+2 on bad arguments, 128+N when stopped by signal N (Ctrl-C: 130).
+";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPU count.
+    pub cpus: u8,
+    /// RAM in bytes.
+    pub memory: u64,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Boot a VM.
+    Run(VmConfig),
+    /// Print help.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// A bad command line; the message is the whole error line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+fn err<T>(msg: String) -> Result<T, CliError> {
+    Err(CliError(msg))
+}
+
+/// Parses a size such as `512M`, `2G`, `1048576K`, or a bare MiB count.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 10),
+        (i, 'M' | 'm') => (&s[..i], 20),
+        (i, 'G' | 'g') => (&s[..i], 30),
+        (i, 'T' | 't') => (&s[..i], 40),
+        _ => (s, 20),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
+fn host_ram() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || page <= 0 {
+        u64::MAX
+    } else {
+        (pages as u64).saturating_mul(page as u64)
+    }
+}
+
+fn check_file(flag: &str, path: &str) -> Result<File, CliError> {
+    let meta = std::fs::metadata(path).or_else(|e| err(format!("{flag} {path}: {e}")))?;
+    if !meta.is_file() {
+        return err(format!("{flag} {path}: not a regular file"));
+    }
+    File::open(path).or_else(|e| err(format!("{flag} {path}: {e}")))
+}
+
+/// Parses and validates `args` (without the program name).
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
+    let mut kernel = None;
+    let mut initramfs = None;
+    let mut cmdline = None;
+    let mut cpus = None;
+    let mut memory = None;
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let slot = match flag.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--kernel" => &mut kernel,
+            "--initramfs" => &mut initramfs,
+            "--cmdline" => &mut cmdline,
+            "--cpus" => &mut cpus,
+            "--memory" => &mut memory,
+            _ => return err(format!("unknown argument '{arg}' (see --help)")),
+        };
+        if slot.is_some() {
+            return err(format!("{flag} given more than once"));
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?,
+        };
+        *slot = Some(value);
+    }
+
+    let kernel = kernel.ok_or_else(|| CliError("--kernel PATH is required (see --help)".into()))?;
+    let cpus = match cpus {
+        None => 1,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n @ 1..) if n <= u32::from(MAX_CPUS) => n as u8,
+            Ok(_) => return err(format!("--cpus {v}: must be between 1 and {MAX_CPUS}")),
+            Err(_) => return err(format!("--cpus {v}: not a number")),
+        },
+    };
+    let memory = match memory {
+        None => 512 << 20,
+        Some(v) => {
+            let bytes = parse_size(&v)
+                .ok_or_else(|| CliError(format!("--memory {v}: not a size (examples: 512M, 2G)")))?;
+            if bytes < MIN_MEMORY {
+                return err(format!("--memory {v}: at least {}M is needed", MIN_MEMORY >> 20));
+            }
+            if bytes % 4096 != 0 {
+                return err(format!("--memory {v}: must be a multiple of 4K"));
+            }
+            let host = host_ram();
+            if bytes > host {
+                return err(format!("--memory {v}: more than this host's {}M of RAM", host >> 20));
+            }
+            bytes
+        }
+    };
+    let cmdline = cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if cmdline.len() >= arch::layout::CMDLINE_MAX_SIZE {
+        return err(format!(
+            "--cmdline: {} bytes, at most {} allowed",
+            cmdline.len(),
+            arch::layout::CMDLINE_MAX_SIZE - 1
+        ));
+    }
+    if let Some(c) = cmdline.chars().find(|c| !(' '..='~').contains(c)) {
+        return err(format!("--cmdline: character {c:?} is not printable ASCII"));
+    }
+
+    let mut kfile = check_file("--kernel", &kernel)?;
+    match sniff_format(&mut kfile) {
+        Ok(Some(_)) => {}
+        Ok(None) => return err(format!("--kernel {kernel}: not an ELF vmlinux or bzImage kernel")),
+        Err(e) => return err(format!("--kernel {kernel}: {e}")),
+    }
+    if let Some(path) = &initramfs {
+        check_file("--initramfs", path)?;
+    }
+    Ok(Command::Run(VmConfig {
+        kernel: kernel.into(),
+        initramfs: initramfs.map(Into::into),
+        cmdline,
+        cpus,
+        memory,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn fake_kernel() -> String {
+        let p = std::env::temp_dir().join(format!("siovmm-cli-kernel-{}", std::process::id()));
+        std::fs::write(&p, b"\x7fELF\x02\x01\x01").unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    fn parse_err(a: &[&str]) -> String {
+        parse(args(a)).unwrap_err().0
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("1024"), Some(1 << 30));
+        assert_eq!(parse_size("65536K"), Some(64 << 20));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("-1G"), None);
+        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("12Q"), None);
+        assert_eq!(parse_size("99999999999999999999G"), None);
+        assert_eq!(parse_size("18446744073709551615T"), None);
+    }
+
+    #[test]
+    fn defaults_and_forms() {
+        let k = fake_kernel();
+        let Command::Run(c) = parse(args(&["--kernel", &k])).unwrap() else { panic!() };
+        assert_eq!((c.cpus, c.memory, c.cmdline.as_str()), (1, 512 << 20, DEFAULT_CMDLINE));
+        let Command::Run(c) =
+            parse(args(&["--kernel", &k, "--cpus", "2", "--memory", "256M", "--cmdline", "quiet x=1"])).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((c.cpus, c.memory, c.cmdline.as_str()), (2, 256 << 20, "quiet x=1"));
+        let Command::Run(c) = parse(args(&[&format!("--kernel={k}"), "--cpus=3"])).unwrap() else { panic!() };
+        assert_eq!(c.cpus, 3);
+        assert_eq!(parse(args(&["--help"])).unwrap(), Command::Help);
+        assert_eq!(parse(args(&["-V"])).unwrap(), Command::Version);
+    }
+
+    #[test]
+    fn errors_name_the_bad_value() {
+        let k = fake_kernel();
+        assert_eq!(parse_err(&["--kernel", &k, "--cpus", "0"]), "--cpus 0: must be between 1 and 254");
+        assert_eq!(parse_err(&["--kernel", &k, "--cpus", "x"]), "--cpus x: not a number");
+        assert_eq!(parse_err(&["--kernel", &k, "--cpus", "300"]), "--cpus 300: must be between 1 and 254");
+        assert!(parse_err(&["--kernel", &k, "--memory", "lots"]).starts_with("--memory lots: not a size"));
+        assert!(parse_err(&["--kernel", &k, "--memory", "1M"]).starts_with("--memory 1M: at least 32M"));
+        assert!(parse_err(&["--kernel", &k, "--memory", "1000T"]).starts_with("--memory 1000T: more than this host"));
+        assert!(parse_err(&["--kernel", &k, "--memory", "33555455K"]).contains("multiple of 4K"));
+        assert!(parse_err(&["--kernel", "/nonexistent/vmlinux"]).starts_with("--kernel /nonexistent/vmlinux: "));
+        assert_eq!(parse_err(&["--kernel", "/"]), "--kernel /: not a regular file");
+        let not_kernel = std::env::temp_dir().join(format!("siovmm-cli-notk-{}", std::process::id()));
+        std::fs::write(&not_kernel, b"hello").unwrap();
+        let nk = not_kernel.to_string_lossy().into_owned();
+        assert_eq!(parse_err(&["--kernel", &nk]), format!("--kernel {nk}: not an ELF vmlinux or bzImage kernel"));
+        assert!(parse_err(&["--kernel", &k, "--initramfs", "/nope"]).starts_with("--initramfs /nope: "));
+        assert_eq!(parse_err(&["--kernel"]), "--kernel needs a value");
+        assert_eq!(parse_err(&["--cpus", "1"]), "--kernel PATH is required (see --help)");
+        assert_eq!(parse_err(&["--bogus"]), "unknown argument '--bogus' (see --help)");
+        assert_eq!(parse_err(&["--kernel", &k, "--cpus", "1", "--cpus", "2"]), "--cpus given more than once");
+        assert!(parse_err(&["--kernel", &k, "--cmdline", "a\tb"]).contains("not printable ASCII"));
+        assert!(parse_err(&["--kernel", &k, "--cmdline", &"x".repeat(3000)]).contains("at most 2047"));
+        for e in [parse_err(&["--kernel", &k, "--cpus", "0"]), parse_err(&["--kernel", "/nonexistent"])] {
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+}

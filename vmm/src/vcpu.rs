@@ -1,0 +1,110 @@
+//! vCPU setup and the run loop: one thread per vCPU, exits dispatched to the port-I/O and MMIO
+//! buses, fatal exits turned into one line that says what happened and where.
+
+use std::sync::Arc;
+
+use arch::cpuid::{self, VcpuTopology};
+use arch::regs::{self, EntryMode};
+use devices::{Bus, ExitReason, ShutdownSignal};
+use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::Error;
+
+/// What a vCPU thread needs.
+#[derive(Clone, Debug)]
+pub struct Exits {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where a fatal exit is reported.
+    pub shutdown: Arc<ShutdownSignal>,
+}
+
+/// Programs CPUID for vCPU `id` of `count`.
+pub fn configure_cpuid(vcpu: &VcpuFd, supported: &CpuId, topo: &VcpuTopology) -> Result<(), Error> {
+    let mut entries = supported.as_slice().to_vec();
+    cpuid::patch(&mut entries, topo);
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::Kvm("building CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
+    vcpu.set_cpuid2(&cpuid).map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))
+}
+
+/// Puts the boot vCPU at the kernel's entry.
+pub fn configure_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, mode: &EntryMode) -> Result<(), Error> {
+    let mut sregs = vcpu.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+    regs::setup_sregs(mem, mode, &mut sregs).map_err(|e| Error::Boot(e.to_string()))?;
+    vcpu.set_sregs(&sregs).map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+    vcpu.set_regs(&regs::boot_regs(mode)).map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+    vcpu.set_fpu(&regs::boot_fpu()).map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+    Ok(())
+}
+
+fn rip(vcpu: &VcpuFd) -> String {
+    vcpu.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into())
+}
+
+/// How a vCPU exit ends the VM. `AtRip` failures get the vCPU's RIP appended once the exit's
+/// borrow of the vCPU has ended.
+enum Stop {
+    Reason(ExitReason),
+    AtRip(String),
+}
+
+/// Runs `vcpu` until the VM stops. Never returns an error: failures become a shutdown request.
+pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
+    loop {
+        let stop = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                exits.pio.read(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                exits.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                exits.mmio.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                exits.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Stop::Reason(ExitReason::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Stop::Reason(ExitReason::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Stop::AtRip(format!("guest crashed (vCPU {id})")),
+                other => Stop::AtRip(format!("unexpected KVM system event {other} on vCPU {id}")),
+            }),
+            Ok(VcpuExit::Shutdown) => Some(Stop::AtRip(format!("triple fault on vCPU {id}"))),
+            Ok(VcpuExit::InternalError) => Some(Stop::AtRip(String::new())),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(Stop::AtRip(format!(
+                "KVM entry failure (hardware reason {reason:#x}, host CPU {cpu}) on vCPU {id}"
+            ))),
+            Ok(VcpuExit::Hlt) => Some(Stop::AtRip(format!("vCPU {id} halted"))),
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => Some(Stop::AtRip(format!("unhandled exit {other:?} on vCPU {id}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(Stop::Reason(ExitReason::Failed(format!("KVM_RUN failed on vCPU {id}: {e}")))),
+        };
+        if let Some(stop) = stop {
+            let reason = match stop {
+                Stop::Reason(r) => r,
+                Stop::AtRip(what) if what.is_empty() => {
+                    // SAFETY: KVM filled the `internal` member of the exit union: this is a
+                    // KVM_EXIT_INTERNAL_ERROR exit.
+                    let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    ExitReason::Failed(format!("KVM internal error (suberror {suberror}) on vCPU {id} at RIP {}", rip(&vcpu)))
+                }
+                Stop::AtRip(what) => ExitReason::Failed(format!("{what} at RIP {}", rip(&vcpu))),
+            };
+            exits.shutdown.request(reason);
+            return;
+        }
+        if exits.shutdown.is_requested() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Building and running one VM: KVM VM and memory, devices on their buses, kernel and ACPI
+//! tables in guest memory, vCPU threads, and the event loop that waits for the end.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::boot::{self, BootInfo};
+use arch::cpuid::VcpuTopology;
+use arch::layout;
+use devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR};
+use devices::pci::{Bdf, HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
+use devices::serial::{InputReady, SerialDevice};
+use devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042Reset, Bus, ExitReason, ShutdownSignal};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::cli::VmConfig;
+use crate::console::ConsoleInput;
+use crate::vcpu::{self, Exits};
+use crate::Error;
+
+/// KVM_SET_TSS_ADDR: three pages just below the BIOS area, outside RAM and our MMIO.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// KVM_SET_IDENTITY_MAP_ADDR: one page below the TSS (Intel real-mode support).
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |e| Error::Kvm(what, e)
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Io(what, e)
+}
+
+/// Creates the VM and its memory; KVM capabilities siovmm relies on are checked first.
+fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap), Error> {
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::SetTssAddr, "TSS address"),
+        (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::MissingCap(name));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(memory)
+        .into_iter()
+        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping is owned by `mem`, which lives as long as the VM (both are kept
+        // until the process exits), and slots do not overlap.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok((vm, mem))
+}
+
+/// The legacy and platform devices, wired to their buses.
+struct Platform {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    input_ready: Arc<InputReady>,
+}
+
+fn build_platform(vm: &VmFd, shutdown: &Arc<ShutdownSignal>, start: Instant) -> Result<Platform, Error> {
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let insert = |bus: &mut Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64| {
+        bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
+    };
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?;
+    // The UART's interrupt goes eventfd → KVM irqfd → IOAPIC pin, never through a VMM thread.
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+    let input_ready = Arc::new(InputReady(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, input_ready.clone(), Box::new(std::io::stdout()))));
+    insert(&mut pio, serial.clone(), u64::from(layout::COM1_PORT), 8)?;
+    insert(&mut pio, Arc::new(Mutex::new(Cmos::new())), u64::from(layout::CMOS_PORT), 2)?;
+    insert(&mut pio, Arc::new(Mutex::new(I8042Reset::new(shutdown.clone()))), u64::from(layout::I8042_CMD_PORT), 1)?;
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(AcpiPm::new(shutdown.clone()))),
+        u64::from(layout::ACPI_PM_PORT),
+        u64::from(siovmm_acpi::pm::SIZE),
+    )?;
+
+    let mut root = PciRoot::new();
+    root.add(Bdf::new(0, 0, 0), Arc::new(Mutex::new(HostBridge::new())));
+    let root = Arc::new(root);
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        u64::from(layout::PCI_CONFIG_IO_START),
+        u64::from(layout::PCI_CONFIG_IO_SIZE),
+    )?;
+    insert(&mut mmio, Arc::new(Mutex::new(PciConfigMmio::new(root, 1))), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)?;
+    insert(&mut mmio, Arc::new(Mutex::new(BootTimer::new(start))), BOOT_TIMER_ADDR, 1)?;
+    Ok(Platform { pio, mmio, serial, input_ready })
+}
+
+/// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.
+fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<arch::regs::EntryMode, Error> {
+    let kpath = config.kernel.display().to_string();
+    let mut kfile = File::open(&config.kernel).map_err(io_err(format!("--kernel {kpath}")))?;
+    let kernel = boot::load_kernel(mem, &mut kfile).map_err(|e| Error::Boot(format!("--kernel {kpath}: {e}")))?;
+    let initramfs = match &config.initramfs {
+        Some(path) => {
+            let p = path.display().to_string();
+            let mut f = File::open(path).map_err(io_err(format!("--initramfs {p}")))?;
+            Some(
+                boot::load_initramfs(mem, config.memory, &kernel, &mut f)
+                    .map_err(|e| Error::Boot(format!("--initramfs {p}: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let cmdline_len = boot::write_cmdline(mem, &config.cmdline).map_err(|e| Error::Boot(format!("--cmdline: {e}")))?;
+    let tables = siovmm_acpi::build(&siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory }, &[])
+        .map_err(|e| Error::Boot(e.to_string()))?;
+    mem.write_slice(&tables.bytes, GuestAddress(tables.base))
+        .map_err(|e| Error::Memory(format!("writing ACPI tables: {e}")))?;
+    let info = BootInfo { mem_size: config.memory, initramfs, cmdline_len, rsdp: tables.rsdp_addr() };
+    boot::write_boot_info(mem, &kernel, &info).map_err(|e| Error::Boot(e.to_string()))
+}
+
+/// Ends the event loop once a stop is requested.
+struct ShutdownWatch {
+    shutdown: Arc<ShutdownSignal>,
+}
+
+impl MutEventSubscriber for ShutdownWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.shutdown.eventfd(), EventSet::IN));
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.shutdown.eventfd().read();
+    }
+}
+
+/// SIGINT/SIGTERM/SIGHUP through a signalfd, so a signal is one more event on the loop.
+struct SignalWatch {
+    fd: OwnedFd,
+    shutdown: Arc<ShutdownSignal>,
+}
+
+const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+fn stop_signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in STOP_SIGNALS {
+        // SAFETY: valid set and signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+impl SignalWatch {
+    /// Blocks the stop signals in this thread (threads spawned later inherit the mask) and
+    /// opens a signalfd for them.
+    fn new(shutdown: Arc<ShutdownSignal>) -> Result<Self, Error> {
+        let set = stop_signal_set();
+        // SAFETY: valid set; the old mask is not needed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(Error::Io("blocking signals".into(), std::io::Error::from_raw_os_error(rc)));
+        }
+        // SAFETY: valid set; -1 asks for a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Io("signalfd".into(), std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor we own.
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shutdown })
+    }
+}
+
+impl MutEventSubscriber for SignalWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.fd, EventSet::IN));
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading one siginfo record into a buffer of exactly its size.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        if n as usize == size {
+            self.shutdown.request(ExitReason::Interrupted(info.ssi_signo as i32));
+        }
+    }
+}
+
+/// Boots the VM described by `config` and runs it to the end.
+pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
+    let start = Instant::now();
+    let shutdown = Arc::new(ShutdownSignal::new().map_err(io_err("eventfd".into()))?);
+    let signals = SignalWatch::new(shutdown.clone())?;
+
+    let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
+    let (vm, mem) = create_vm(&kvm, config.memory)?;
+    let platform = build_platform(&vm, &shutdown, start)?;
+    let entry = load_guest(&mem, config)?;
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    let exits = Exits { pio: Arc::new(platform.pio), mmio: Arc::new(platform.mmio), shutdown: shutdown.clone() };
+    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+    for id in 0..config.cpus {
+        let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let topo = VcpuTopology {
+            vcpu_id: id,
+            vcpu_count: config.cpus,
+            tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
+            tsc_deadline,
+        };
+        vcpu::configure_cpuid(&vcpu, &supported, &topo)?;
+        if id == 0 {
+            vcpu::configure_boot_vcpu(&vcpu, &mem, &entry)?;
+        }
+        vcpus.push(vcpu);
+    }
+
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| Error::Io("event manager".into(), std::io::Error::other(format!("{e:?}"))))?;
+    em.add_subscriber(Arc::new(Mutex::new(ShutdownWatch { shutdown: shutdown.clone() })));
+    em.add_subscriber(Arc::new(Mutex::new(signals)));
+    em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(platform.serial.clone(), platform.input_ready.clone()))));
+
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let exits = exits.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(vcpu, id as u8, exits))
+            .map_err(io_err("spawning a vCPU thread".into()))?;
+    }
+
+    while shutdown.reason().is_none() {
+        em.run().map_err(|e| Error::Io("event loop".into(), std::io::Error::other(format!("{e:?}"))))?;
+    }
+    // vCPU threads are not joined: a vCPU may sit in KVM_RUN until the process exits, which
+    // the caller does next. Guest memory and the VM fd stay alive until then.
+    std::mem::forget(mem);
+    std::mem::forget(vm);
+    Ok(shutdown.reason().unwrap_or(ExitReason::Failed("VM stopped without a reason".into())))
+}
