@@ -2,7 +2,9 @@
 //! device interfaces into it. See docs/architecture.md.
 
 mod cli;
+mod coalesced;
 mod console;
+mod memory;
 mod vcpu;
 mod vm;
 

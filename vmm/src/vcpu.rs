@@ -1,7 +1,8 @@
 //! vCPU setup and the run loop: one thread per vCPU, exits dispatched to the port-I/O and MMIO
 //! buses, fatal exits turned into one line that says what happened and where.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arch::cpuid::{self, VcpuTopology};
 use arch::regs::{self, EntryMode};
@@ -10,6 +11,7 @@ use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SY
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
+use crate::coalesced::CoalescedRing;
 use crate::Error;
 
 /// What a vCPU thread needs.
@@ -21,6 +23,51 @@ pub struct Exits {
     pub mmio: Arc<Bus>,
     /// Where a fatal exit is reported.
     pub shutdown: Arc<ShutdownSignal>,
+    /// Writes KVM completed without exiting, to replay before handling any exit.
+    pub coalesced: Option<Arc<Mutex<CoalescedRing>>>,
+    /// Exit counters, reported by `SIOVMM_TRACE_STARTUP`.
+    pub stats: Arc<ExitStats>,
+}
+
+/// How many exits of each kind the vCPUs took.
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    /// Port I/O exits.
+    pub pio: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Writes replayed from the coalesced ring (each one an exit saved).
+    pub coalesced: AtomicU64,
+}
+
+impl std::fmt::Display for ExitStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} port I/O exits, {} MMIO exits, {} coalesced writes",
+            self.pio.load(Ordering::Relaxed),
+            self.mmio.load(Ordering::Relaxed),
+            self.coalesced.load(Ordering::Relaxed)
+        )
+    }
+}
+
+impl Exits {
+    /// Applies queued coalesced writes, oldest first.
+    fn replay_coalesced(&self) {
+        let Some(ring) = &self.coalesced else { return };
+        let mut ring = devices::bus::lock(ring);
+        while let Some(e) = ring.pop() {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            let len = (e.len as usize).min(e.data.len());
+            // SAFETY: `pio` is the member KVM sets for every ring entry (1 = port I/O).
+            if unsafe { e.__bindgen_anon_1.pio } == 1 {
+                self.pio.write(e.phys_addr, &e.data[..len]);
+            } else {
+                self.mmio.write(e.phys_addr, &e.data[..len]);
+            }
+        }
+    }
 }
 
 /// Programs CPUID for vCPU `id` of `count`.
@@ -57,18 +104,26 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
     loop {
         let stop = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                exits.stats.pio.fetch_add(1, Ordering::Relaxed);
+                exits.replay_coalesced();
                 exits.pio.read(u64::from(port), data);
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                exits.stats.pio.fetch_add(1, Ordering::Relaxed);
+                exits.replay_coalesced();
                 exits.pio.write(u64::from(port), data);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                exits.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                exits.replay_coalesced();
                 exits.mmio.read(addr, data);
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                exits.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                exits.replay_coalesced();
                 exits.mmio.write(addr, data);
                 None
             }

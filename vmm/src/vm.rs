@@ -15,12 +15,13 @@ use devices::serial::{InputReady, SerialDevice};
 use devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042Reset, Bus, ExitReason, ShutdownSignal};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::cli::VmConfig;
+use crate::coalesced::CoalescedRing;
 use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
 use crate::Error;
@@ -56,11 +57,7 @@ fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap), Error> {
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
 
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(memory)
-        .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    let mem = crate::memory::create(&layout::ram_regions(memory)).map_err(Error::Memory)?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -124,10 +121,11 @@ fn build_platform(vm: &VmFd, shutdown: &Arc<ShutdownSignal>, start: Instant) -> 
 }
 
 /// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.
-fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<arch::regs::EntryMode, Error> {
+fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) -> Result<arch::regs::EntryMode, Error> {
     let kpath = config.kernel.display().to_string();
     let mut kfile = File::open(&config.kernel).map_err(io_err(format!("--kernel {kpath}")))?;
     let kernel = boot::load_kernel(mem, &mut kfile).map_err(|e| Error::Boot(format!("--kernel {kpath}: {e}")))?;
+    trace.mark("kernel");
     let initramfs = match &config.initramfs {
         Some(path) => {
             let p = path.display().to_string();
@@ -218,23 +216,51 @@ impl MutEventSubscriber for SignalWatch {
     }
 }
 
+/// With `SIOVMM_TRACE_STARTUP` set, prints how long each start-up phase took (stderr); the
+/// boot-performance notes in docs/ were measured with it.
+struct StartupTrace {
+    start: Instant,
+    enabled: bool,
+}
+
+impl StartupTrace {
+    fn mark(&self, phase: &str) {
+        if self.enabled {
+            eprintln!("siovmm: startup: {phase} done at {:.1} ms", self.start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+}
+
 /// Boots the VM described by `config` and runs it to the end.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let start = Instant::now();
+    let trace = StartupTrace { start, enabled: std::env::var_os("SIOVMM_TRACE_STARTUP").is_some() };
     let shutdown = Arc::new(ShutdownSignal::new().map_err(io_err("eventfd".into()))?);
     let signals = SignalWatch::new(shutdown.clone())?;
 
     let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
     let (vm, mem) = create_vm(&kvm, config.memory)?;
+    trace.mark("VM and memory");
     let platform = build_platform(&vm, &shutdown, start)?;
-    let entry = load_guest(&mem, config)?;
+    trace.mark("devices");
+    let entry = load_guest(&mem, config, &trace)?;
+    trace.mark("kernel, initramfs and ACPI tables loaded");
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-    let exits = Exits { pio: Arc::new(platform.pio), mmio: Arc::new(platform.mmio), shutdown: shutdown.clone() };
+    let coalesce = kvm.check_extension(Cap::CoalescedMmio) && kvm.check_extension(Cap::CoalescedPio);
+    let mut exits =
+        Exits { pio: Arc::new(platform.pio), mmio: Arc::new(platform.mmio), shutdown: shutdown.clone(), coalesced: None, stats: Default::default() };
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        if id == 0 && coalesce {
+            // The ring page is per VM; mapping it through the first vCPU serves all of them.
+            let ring = CoalescedRing::map(&vcpu).map_err(io_err("mapping the coalesced I/O ring".into()))?;
+            vm.register_coalesced_mmio(IoEventAddress::Pio(u64::from(layout::PCI_CONFIG_IO_START)), 4)
+                .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO (0xCF8)"))?;
+            exits.coalesced = Some(Arc::new(Mutex::new(ring)));
+        }
         let topo = VcpuTopology {
             vcpu_id: id,
             vcpu_count: config.cpus,
@@ -248,6 +274,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
         vcpus.push(vcpu);
     }
 
+    trace.mark("vCPUs configured");
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| Error::Io("event manager".into(), std::io::Error::other(format!("{e:?}"))))?;
     em.add_subscriber(Arc::new(Mutex::new(ShutdownWatch { shutdown: shutdown.clone() })));
@@ -265,6 +292,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     while shutdown.reason().is_none() {
         em.run().map_err(|e| Error::Io("event loop".into(), std::io::Error::other(format!("{e:?}"))))?;
     }
+    trace.mark(&format!("run ({}, coalesced 0xCF8 {})", exits.stats, if coalesce { "on" } else { "off" }));
     // vCPU threads are not joined: a vCPU may sit in KVM_RUN until the process exits, which
     // the caller does next. Guest memory and the VM fd stay alive until then.
     std::mem::forget(mem);

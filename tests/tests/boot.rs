@@ -1,0 +1,63 @@
+//! Boots the stock Debian kernel (as vmlinux and as bzImage, with 1 and 2 vCPUs) with a
+//! busybox initramfs and checks, from inside the guest, what issue #2 promises. All four runs
+//! share one sandbox boot (see siovmm_tests::placement).
+
+use siovmm_tests::{run_cases, CaseResult, GuestCase, Kernel};
+
+const CHECKS: &str = r#"
+echo GUEST-NPROC=$(nproc)
+echo GUEST-MEMTOTAL-KB=$(awk '/^MemTotal/{print $2}' /proc/meminfo)
+echo GUEST-PCI-DEVICES="$(ls /sys/bus/pci/devices | tr '\n' ' ')"
+echo GUEST-HOSTBRIDGE-CLASS=$(cat /sys/bus/pci/devices/0000:00:00.0/class)
+echo GUEST-HOSTBRIDGE-VENDOR=$(cat /sys/bus/pci/devices/0000:00:00.0/vendor)
+echo GUEST-SMP="$(dmesg | grep -o 'Brought up .*')"
+echo GUEST-ECAM="$(dmesg | grep -c 'MMCONFIG.*0xe0000000')"
+pat='ACPI (BIOS )?(Error|Warning)|ACPI Exception|AE_[A-Z_]+ |ACPI: .*failed'
+dmesg | grep -E "$pat" | sed 's/^/GUEST-ACPI-PROBLEM: /'
+echo GUEST-ACPI-PROBLEMS=$(dmesg | grep -cE "$pat")
+echo GUEST-SERIAL="$(dmesg | grep -o 'ttyS0 at I/O 0x3f8.*')"
+echo GUEST-POWEROFF=1
+poweroff -f
+"#;
+
+const MEMORY_MB: u64 = 512;
+
+fn check(r: &CaseResult, cpus: u8) {
+    let t = r.transcript();
+    assert_eq!(r.value("GUEST-INIT-REACHED"), Some("1"), "{}: /init not reached:\n{t}", r.name);
+    assert_eq!(r.value("GUEST-NPROC"), Some(cpus.to_string().as_str()), "{}: nproc:\n{t}", r.name);
+    let mem_kb: u64 = r.value("GUEST-MEMTOTAL-KB").and_then(|v| v.parse().ok()).unwrap_or(0);
+    // MemTotal excludes what the kernel reserves for itself: expect 85-100% of --memory.
+    assert!(
+        mem_kb <= MEMORY_MB * 1024 && mem_kb >= MEMORY_MB * 1024 * 85 / 100,
+        "{}: MemTotal {mem_kb} kB for --memory {MEMORY_MB}M:\n{t}",
+        r.name
+    );
+    let pci = r.value("GUEST-PCI-DEVICES").unwrap_or("");
+    assert!(pci.contains("0000:00:00.0"), "{}: host bridge missing from /sys/bus/pci/devices ({pci}):\n{t}", r.name);
+    assert_eq!(r.value("GUEST-HOSTBRIDGE-CLASS"), Some("0x060000"), "{}:\n{t}", r.name);
+    assert_eq!(r.value("GUEST-HOSTBRIDGE-VENDOR"), Some("0x5356"), "{}:\n{t}", r.name);
+    assert_eq!(r.value("GUEST-ACPI-PROBLEMS"), Some("0"), "{}: ACPI errors in dmesg:\n{t}", r.name);
+    assert_ne!(r.value("GUEST-ECAM"), Some("0"), "{}: ECAM (MCFG) not used:\n{t}", r.name);
+    assert!(r.value("GUEST-SERIAL").is_some_and(|s| s.contains("16550A")), "{}: serial:\n{t}", r.name);
+    if cpus > 1 {
+        let smp = r.value("GUEST-SMP").unwrap_or("");
+        assert!(smp.contains(&format!("{cpus} CPUs")), "{}: APs not started ({smp}):\n{t}", r.name);
+    }
+    assert_eq!(r.value("GUEST-POWEROFF"), Some("1"), "{}:\n{t}", r.name);
+    assert_eq!(r.exit_code, Some(0), "{}: siovmm exit status after poweroff -f:\n{t}", r.name);
+}
+
+#[test]
+fn stock_kernel_boots_as_vmlinux_and_bzimage_with_1_and_2_vcpus() {
+    let matrix = [(Kernel::Vmlinux, 1u8), (Kernel::Vmlinux, 2), (Kernel::BzImage, 1), (Kernel::BzImage, 2)];
+    let cases: Vec<GuestCase> = matrix
+        .iter()
+        .map(|&(k, cpus)| GuestCase::new(&format!("{k:?}-{cpus}cpu").to_lowercase(), k, cpus, CHECKS))
+        .collect();
+    let results = run_cases(&cases).unwrap_or_else(|e| panic!("{e}"));
+    for (r, &(_, cpus)) in results.iter().zip(matrix.iter()) {
+        check(r, cpus);
+        eprintln!("{}: ok in {:.1}s (guest /init at {:?} ms)", r.name, r.seconds.unwrap_or(0.0), r.boot_timer_ms());
+    }
+}
