@@ -4,6 +4,8 @@
 mod cli;
 mod coalesced;
 mod console;
+#[cfg(test)]
+mod kvm_tests;
 mod memory;
 mod vcpu;
 mod vm;

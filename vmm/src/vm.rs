@@ -40,7 +40,7 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Creates the VM and its memory; KVM capabilities siovmm relies on are checked first.
-fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap), Error> {
+pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap), Error> {
     for (cap, name) in [
         (Cap::Irqchip, "in-kernel irqchip"),
         (Cap::Irqfd, "irqfd"),
@@ -77,14 +77,19 @@ fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap), Error> {
 }
 
 /// The legacy and platform devices, wired to their buses.
-struct Platform {
-    pio: Bus,
-    mmio: Bus,
+pub(crate) struct Platform {
+    pub(crate) pio: Bus,
+    pub(crate) mmio: Bus,
     serial: Arc<Mutex<SerialDevice>>,
     input_ready: Arc<InputReady>,
 }
 
-fn build_platform(vm: &VmFd, shutdown: &Arc<ShutdownSignal>, start: Instant) -> Result<Platform, Error> {
+pub(crate) fn build_platform(
+    vm: &VmFd,
+    shutdown: &Arc<ShutdownSignal>,
+    start: Instant,
+    console_out: Box<dyn std::io::Write + Send>,
+) -> Result<Platform, Error> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let insert = |bus: &mut Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64| {
@@ -95,7 +100,7 @@ fn build_platform(vm: &VmFd, shutdown: &Arc<ShutdownSignal>, start: Instant) -> 
     // The UART's interrupt goes eventfd → KVM irqfd → IOAPIC pin, never through a VMM thread.
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
     let input_ready = Arc::new(InputReady(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?));
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, input_ready.clone(), Box::new(std::io::stdout()))));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, input_ready.clone(), console_out)));
     insert(&mut pio, serial.clone(), u64::from(layout::COM1_PORT), 8)?;
     insert(&mut pio, Arc::new(Mutex::new(Cmos::new())), u64::from(layout::CMOS_PORT), 2)?;
     insert(&mut pio, Arc::new(Mutex::new(I8042Reset::new(shutdown.clone()))), u64::from(layout::I8042_CMD_PORT), 1)?;
@@ -241,7 +246,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
     let (vm, mem) = create_vm(&kvm, config.memory)?;
     trace.mark("VM and memory");
-    let platform = build_platform(&vm, &shutdown, start)?;
+    let platform = build_platform(&vm, &shutdown, start, Box::new(std::io::stdout()))?;
     trace.mark("devices");
     let entry = load_guest(&mem, config, &trace)?;
     trace.mark("kernel, initramfs and ACPI tables loaded");

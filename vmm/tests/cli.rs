@@ -1,0 +1,137 @@
+//! The siovmm binary as a user meets it: argument errors, --help, Ctrl-C, and a guest that
+//! triple-faults. Guests here are tiny hand-made ELF kernels, so no guest assets are needed.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn siovmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_siovmm"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("siovmm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A minimal ELF64 executable: one PT_LOAD at 1 MiB holding the headers and `code`, entered
+/// at the code through the Linux 64-bit entry path (no PVH note).
+fn tiny_kernel(name: &str, code: &[u8]) -> PathBuf {
+    const BASE: u64 = 0x10_0000;
+    const HDRS: u64 = 64 + 56;
+    let total = HDRS + code.len() as u64;
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&(BASE + HDRS).to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&56u16.to_le_bytes());
+    f.extend_from_slice(&1u16.to_le_bytes());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    f.extend_from_slice(&0u64.to_le_bytes()); // p_offset
+    f.extend_from_slice(&BASE.to_le_bytes()); // p_vaddr
+    f.extend_from_slice(&BASE.to_le_bytes()); // p_paddr
+    f.extend_from_slice(&total.to_le_bytes());
+    f.extend_from_slice(&total.to_le_bytes());
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    assert_eq!(f.len() as u64, HDRS);
+    f.extend_from_slice(code);
+    let p = tmp(name);
+    std::fs::write(&p, f).unwrap();
+    p
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_line() {
+    let kernel = tiny_kernel("k-args", &[0xeb, 0xfe]);
+    let k = kernel.to_str().unwrap();
+    let not_kernel = tmp("not-a-kernel");
+    std::fs::write(&not_kernel, b"just text").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--kernel", "/does/not/exist"], "--kernel /does/not/exist"),
+        (vec!["--kernel", not_kernel.to_str().unwrap()], "not an ELF vmlinux or bzImage kernel"),
+        (vec!["--kernel", k, "--cpus", "0"], "--cpus 0"),
+        (vec!["--kernel", k, "--memory", "12Q"], "--memory 12Q"),
+        (vec!["--kernel", k, "--memory", "1T1"], "--memory 1T1"),
+        (vec!["--kernel", k, "--memory", "4M"], "--memory 4M"),
+        (vec!["--kernel", k, "--initramfs", "/nope"], "--initramfs /nope"),
+        (vec![], "--kernel PATH is required"),
+        (vec!["--frobnicate"], "--frobnicate"),
+    ];
+    for (args, needle) in cases {
+        let out = siovmm().args(&args).stdin(Stdio::null()).output().unwrap();
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line expected: {err}");
+        assert!(err.starts_with("siovmm: ") && err.contains(needle), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let out = siovmm().arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--kernel", "--initramfs", "--cmdline", "--cpus", "--memory"] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    let out = siovmm().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("siovmm "));
+}
+
+#[test]
+fn triple_fault_exits_1_naming_rip() {
+    // UD2 in long mode with the boot IDT (limit 0): #UD → #GP → #DF → shutdown.
+    let kernel = tiny_kernel("k-ud2", &[0x0f, 0x0b]);
+    let out = siovmm()
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim(), "siovmm: triple fault on vCPU 0 at RIP 0x100078", "{err}");
+}
+
+#[test]
+fn sigint_stops_cleanly_with_130() {
+    // The guest spins (`jmp $`) until siovmm is interrupted.
+    let kernel = tiny_kernel("k-spin", &[0xeb, 0xfe]);
+    let mut child = siovmm()
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--cpus", "2"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "siovmm ended before the signal");
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "siovmm did not stop after SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert_eq!(err.trim(), "siovmm: stopped by signal 2");
+}
