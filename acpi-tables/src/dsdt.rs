@@ -77,6 +77,20 @@ fn com1() -> Vec<u8> {
     v
 }
 
+/// The CMOS RTC (PNP0B00) at 0x70, without an interrupt: `devices::cmos` has no alarm or
+/// periodic IRQ. Without this device Linux's legacy platform probe of rtc_cmos looks for IRQ 8,
+/// which a hardware-reduced platform does not have, and fails.
+fn rtc() -> Vec<u8> {
+    let io = IO::new(layout::CMOS_PORT, layout::CMOS_PORT, 1, 2);
+    let crs = ResourceTemplate::new(vec![&io]);
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0B00"));
+    let crs = Name::new("_CRS".into(), &crs);
+    let dev = Device::new("_SB_.RTC_".into(), vec![&hid, &crs]);
+    let mut v = Vec::new();
+    dev.to_aml_bytes(&mut v);
+    v
+}
+
 /// `\_S5_`: the SLP_TYP value `devices::acpi_pm` recognises as soft-off.
 fn s5() -> Vec<u8> {
     let typ = pm::S5_SLEEP_TYPE;
@@ -90,7 +104,7 @@ fn s5() -> Vec<u8> {
 /// The complete DSDT.
 pub fn dsdt(platform: &Platform) -> Vec<u8> {
     let mut t = Sdt::new(*b"DSDT", 36, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for body in [pci_host_bridge(platform), ecam_reservation(), com1(), s5()] {
+    for body in [pci_host_bridge(platform), ecam_reservation(), com1(), rtc(), s5()] {
         t.append_slice(&body);
     }
     t.as_slice().to_vec()

@@ -5,7 +5,7 @@
 //! control/status and reset registers, which `devices::acpi_pm` implements. Interrupts are
 //! the local APICs and one IOAPIC (MADT). PCI config space is reachable both through ports
 //! 0xCF8/0xCFC and ECAM (MCFG), and the DSDT describes the host bridge, the ECAM reservation,
-//! COM1 and the S5 sleep state.
+//! COM1, the CMOS RTC and the S5 sleep state.
 //!
 //! Table bytes come from the `acpi_tables` crate's builders and AML encoder; this crate only
 //! decides what the tables say and where they live (`arch::layout::ACPI_START..ACPI_END`).
@@ -308,7 +308,7 @@ mod tests {
             assert!(!dsl.contains("Unknown") && !dsl.contains("Error"), "{name}.dsl:\n{dsl}");
         }
         let dsdt = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
-        for needle in ["PNP0A08", "PNP0C02", "PNP0501", "_S5_", "0xE0000000"] {
+        for needle in ["PNP0A08", "PNP0C02", "PNP0501", "PNP0B00", "_S5_", "0xE0000000"] {
             assert!(dsdt.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -82,6 +82,12 @@ pub const ACPI_PM_PORT: u16 = 0x600;
 /// Number of IOAPIC pins (KVM's in-kernel IOAPIC has 24).
 pub const IOAPIC_PINS: u32 = 24;
 
+// The fixed windows must not overlap; checked at compile time.
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+const _: () = assert!(ACPI_START >= LOW_RAM_END && ACPI_END <= HIMEM_START);
+const _: () = assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START);
+
 /// Guest RAM regions for `mem_size` bytes of RAM: below the 32-bit hole first, the rest
 /// from 4 GiB up.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
@@ -131,11 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn fixed_windows_do_not_overlap() {
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
-        assert!(ACPI_START >= LOW_RAM_END && ACPI_END <= HIMEM_START);
-        assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START);
+    fn mmio64_window_starts_at_4g_for_small_guests() {
         assert_eq!(pci_mmio64_window(512 << 20).0, RAM_64BIT_START);
     }
 }

@@ -339,7 +339,9 @@ uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
     s
 }
 
-fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+/// The sandbox's initramfs: KVM modules, the static siovmm, the guest kernels the cases use,
+/// each case's initramfs, and `init`.
+fn sandbox_initramfs(assets: &Assets, cases: &[GuestCase], init: &str) -> Vec<u8> {
     let mut outer = cpio::busybox_root(&assets.read("busybox"));
     outer.dir("modules").dir("guest");
     for m in ["irqbypass", "ccp", "kvm", "kvm-amd", "kvm-intel"] {
@@ -356,10 +358,12 @@ fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<C
     for case in cases {
         outer.file(&format!("guest/{}.cpio", case.name), 0o644, &case.initramfs(assets));
     }
-    outer.file("init", 0o755, sandbox_init(cases).as_bytes());
-    let initrd = dir.join("sandbox.cpio");
-    std::fs::write(&initrd, outer.finish()).map_err(|e| e.to_string())?;
+    outer.file("init", 0o755, init.as_bytes());
+    outer.finish()
+}
 
+/// The QEMU-TCG command line of the sandbox.
+fn sandbox_qemu(assets: &Assets, initrd: &Path) -> Command {
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "3G"]);
     // Benchmarks ask for the sandbox's RAM to be touched up front: first touches of fresh host
@@ -368,13 +372,19 @@ fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<C
     if std::env::var_os("SIOVMM_SANDBOX_PREALLOC").is_some() {
         qemu.arg("-mem-prealloc");
     }
-    let child = qemu
-        .args(["-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
+    qemu.args(["-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
         .arg("-kernel")
         .arg(assets.path("bzImage"))
         .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"]);
+    qemu
+}
+
+fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    let initrd = dir.join("sandbox.cpio");
+    std::fs::write(&initrd, sandbox_initramfs(assets, cases, &sandbox_init(cases))).map_err(|e| e.to_string())?;
+    let child = sandbox_qemu(assets, &initrd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -411,4 +421,50 @@ fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<C
         return Err(format!("sandbox reported {} of {} cases", results.len(), cases.len()));
     }
     Ok(results)
+}
+
+/// Boots `case` with the terminal attached (stdin/stdout inherited): directly, or inside the
+/// sandbox, where siovmm runs on the sandbox's console with a controlling terminal so Ctrl-C
+/// reaches it. Returns siovmm's exit status (in the sandbox: the sandbox's).
+pub fn run_interactive(case: &GuestCase) -> Result<i32, String> {
+    let assets = Assets::locate()?;
+    let dir = work_dir();
+    let status = match placement() {
+        Placement::Direct => {
+            let initrd = dir.join("guest.cpio");
+            std::fs::write(&initrd, case.initramfs(&assets)).map_err(|e| e.to_string())?;
+            Command::new(assets.path("siovmm"))
+                .args(case.args(&assets.path(case.kernel.file()), &initrd))
+                .status()
+                .map_err(|e| format!("starting siovmm: {e}"))?
+        }
+        Placement::Sandbox => {
+            let args: Vec<String> = case
+                .args(Path::new(&format!("/guest/{}", case.kernel.file())), Path::new(&format!("/guest/{}.cpio", case.name)))
+                .into_iter()
+                .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+                .collect();
+            let init = format!(
+                "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in irqbypass ccp kvm; do insmod /modules/$m.ko; done
+insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
+echo '[sandbox] starting siovmm: the guest console follows (exit its shell to power off)'
+setsid cttyhack /siovmm {}
+echo \"[sandbox] siovmm exited with status $?\"
+poweroff -f
+",
+                args.join(" ")
+            );
+            let initrd = dir.join("sandbox.cpio");
+            std::fs::write(&initrd, sandbox_initramfs(&assets, std::slice::from_ref(case), &init))
+                .map_err(|e| e.to_string())?;
+            sandbox_qemu(&assets, &initrd).status().map_err(|e| format!("starting qemu-system-x86_64: {e}"))?
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(status.code().unwrap_or(1))
 }
