@@ -206,8 +206,11 @@ mod tests {
         s.iter().map(|x| x.to_string()).collect()
     }
 
+    /// A file with an ELF magic, unique per call: tests run in parallel.
     fn fake_kernel() -> String {
-        let p = std::env::temp_dir().join(format!("siovmm-cli-kernel-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("siovmm-cli-kernel-{}-{n}", std::process::id()));
         std::fs::write(&p, b"\x7fELF\x02\x01\x01").unwrap();
         p.to_string_lossy().into_owned()
     }

@@ -1,0 +1,174 @@
+//! The interface to one host SIOV device.
+//!
+//! Vocabulary (Intel Scalable IOV spec; DSA spec §7.5):
+//! - an **ADI** (Assignable Device Interface) is a lightweight slice of the device, here one
+//!   work queue with a submission portal; siovmm's VDCM composes it into a guest as a PCIe
+//!   function;
+//! - the **IMS** (Interrupt Message Store) holds interrupt messages in device-specific storage:
+//!   address, data and a mask bit, like an MSI-X entry, but allocated and freed dynamically, in
+//!   groups, at any time after start-up;
+//! - an **interrupt handle** is what a descriptor names to request a completion interrupt: an
+//!   index into the table of IMS entries the VDCM gave the ADI.
+//!
+//! Delivery: a fired IMS entry signals the eventfd bound to it (VFIO's SET_IRQS model); siovmm
+//! binds that eventfd to a KVM MSI route with irqfd, so no VMM thread sits on the path.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::DmaSpace;
+
+/// Index of an ADI on its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AdiId(pub u32);
+
+/// Index of an IMS entry on its device.
+pub type ImsIndex = u32;
+
+/// Where a device keeps its IMS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImsStorage {
+    /// An MMIO table on the device: 16 bytes per entry, `{addr_lo, addr_hi, data, ctrl}`; a VMM
+    /// can trap a guest's accesses to it.
+    OnDevice,
+    /// In host memory, each entry inside the queue context of the ADI that owns it; nothing a
+    /// VMM can trap, so guests program it only through the host (a hypercall).
+    InMemory,
+}
+
+/// What a device offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// ADIs.
+    pub adis: u32,
+    /// IMS entries.
+    pub ims_entries: u32,
+    /// IMS storage kind.
+    pub ims_storage: ImsStorage,
+    /// Largest work queue, in descriptors.
+    pub max_queue_size: u32,
+}
+
+/// An interrupt message: what an MSI-X or IMS entry holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Message address.
+    pub address: u64,
+    /// Message data.
+    pub data: u32,
+}
+
+/// One IMS entry as software sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImsEntry {
+    /// The message.
+    pub message: MsiMessage,
+    /// Mask bit.
+    pub masked: bool,
+}
+
+/// A group of IMS entries from one `ims_alloc`: `count` consecutive indexes from `first`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ImsGroup {
+    /// First index.
+    pub first: ImsIndex,
+    /// Number of entries.
+    pub count: u32,
+}
+
+impl ImsGroup {
+    /// The group's indexes.
+    pub fn indexes(&self) -> impl Iterator<Item = ImsIndex> {
+        self.first..self.first + self.count
+    }
+}
+
+/// An ADI's work queue, as its guest set it up: a queue context in the ADI's DMA space.
+///
+/// Layout at `base` (all little-endian): `u32 tail` (written by the submitter, free-running),
+/// `u32 head` (written by the device, free-running), 56 reserved bytes, then `size`
+/// 64-byte descriptors. `size` is a power of two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// DMA address of the queue context.
+    pub base: u64,
+    /// Descriptors in the ring.
+    pub size: u32,
+}
+
+/// How a submitter reaches an ADI's queue.
+#[derive(Debug)]
+pub enum Portal {
+    /// A doorbell eventfd: the VMM registers it as a KVM ioeventfd on the guest's doorbell
+    /// register, so a guest's write wakes the device without a VMM thread (software device).
+    Doorbell(Arc<EventFd>),
+}
+
+/// Errors of the device interface.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// No such ADI.
+    #[error("ADI {0} does not exist")]
+    NoSuchAdi(u32),
+    /// The ADI is already open.
+    #[error("ADI {0} is already in use")]
+    AdiBusy(u32),
+    /// The ADI is not open.
+    #[error("ADI {0} is not open")]
+    AdiNotOpen(u32),
+    /// Not enough free IMS entries.
+    #[error("IMS exhausted: {requested} entries requested, {free} free")]
+    ImsExhausted {
+        /// Requested.
+        requested: u32,
+        /// Free in the largest run.
+        free: u32,
+    },
+    /// The index or group is not allocated, or not the caller's.
+    #[error("IMS entry {0} is not allocated to this caller")]
+    ImsNotAllocated(ImsIndex),
+    /// Bad queue configuration.
+    #[error("invalid queue configuration: {0}")]
+    BadQueue(&'static str),
+    /// A zero-sized request.
+    #[error("an IMS group needs at least one entry")]
+    EmptyGroup,
+}
+
+/// One host SIOV device.
+pub trait SiovDevice: Send + Sync {
+    /// What the device offers.
+    fn info(&self) -> DeviceInfo;
+
+    /// Takes ADI `adi` for one guest, binding its DMA to `dma` (the PASID binding).
+    fn open_adi(&self, adi: AdiId, dma: Arc<dyn DmaSpace>) -> Result<Portal, Error>;
+    /// Resets and releases the ADI; its IMS entries stay allocated to the caller.
+    fn close_adi(&self, adi: AdiId) -> Result<(), Error>;
+    /// Resets the ADI: queue disabled, counters cleared, interrupt handles dropped.
+    fn reset_adi(&self, adi: AdiId) -> Result<(), Error>;
+    /// Sets up and enables the ADI's queue, or disables it (`None`).
+    fn configure_queue(&self, adi: AdiId, queue: Option<QueueConfig>) -> Result<(), Error>;
+    /// Sets the ADI's interrupt-handle table: handle `h` fires IMS entry `handles[h]`. Every
+    /// entry must be assigned to this ADI (the device checks ownership on each interrupt, as
+    /// DSA checks the entry's PASID).
+    fn set_interrupt_handles(&self, adi: AdiId, handles: &[ImsIndex]) -> Result<(), Error>;
+
+    /// Allocates `count` IMS entries (masked, no message).
+    fn ims_alloc(&self, count: u32) -> Result<ImsGroup, Error>;
+    /// Frees a group from `ims_alloc`; its entries are masked and unbound first.
+    fn ims_free(&self, group: ImsGroup) -> Result<(), Error>;
+    /// Gives the entries of `group` to `adi` (for in-memory IMS: moves them into its queue
+    /// context).
+    fn ims_assign(&self, group: ImsGroup, adi: AdiId) -> Result<(), Error>;
+    /// Programs an entry's message and mask. Unmasking delivers a pending interrupt.
+    fn ims_program(&self, index: ImsIndex, entry: ImsEntry) -> Result<(), Error>;
+    /// Reads an entry back.
+    fn ims_read(&self, index: ImsIndex) -> Result<ImsEntry, Error>;
+    /// Sets only the mask bit. Unmasking delivers a pending interrupt, once.
+    fn ims_set_mask(&self, index: ImsIndex, masked: bool) -> Result<(), Error>;
+    /// Whether an interrupt arrived while the entry was masked and is not yet delivered.
+    fn ims_pending(&self, index: ImsIndex) -> Result<bool, Error>;
+    /// Binds the eventfd the entry signals (`None` unbinds: interrupts are then dropped).
+    fn ims_bind(&self, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error>;
+}
