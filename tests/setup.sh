@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares everything the sandbox boots need, from a bare Debian 12 machine:
 #   - apt packages: qemu-system-x86 (the TCG sandbox), busybox-static, acpica-tools (iasl -d),
-#     xz-utils, linux-headers for building guest modules later;
+#     xz-utils, and the guest kernel's linux-headers to build the guest test driver;
 #   - the stock Debian guest kernel that linux-image-amd64 currently depends on: bzImage, the ELF
 #     vmlinux recovered from it, and the KVM modules the sandbox loads;
 #   - a static siovmm binary to drop into the sandbox's initramfs.
@@ -58,6 +58,19 @@ PY
   rm -rf "$tmp"
 fi
 cp /bin/busybox "$assets/busybox"
+
+# The guest test driver (tests/guest/siov_adi), built against the guest kernel's own headers.
+if ! dpkg -s "linux-headers-$kver" >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$kver" >/dev/null
+fi
+modsrc="$repo/tests/guest/siov_adi"
+if [ ! -f "$assets/siov_adi.ko" ] || [ "$modsrc/siov_adi.c" -nt "$assets/siov_adi.ko" ]; then
+  build=$(mktemp -d)
+  cp "$modsrc"/siov_adi.c "$modsrc"/Makefile "$build/"
+  make -s -C "/usr/src/linux-headers-$kver" M="$build" modules >/dev/null
+  cp "$build/siov_adi.ko" "$assets/siov_adi.ko"
+  rm -rf "$build"
+fi
 
 # Static siovmm for the sandbox initramfs.
 if [ "${SIOVMM_SKIP_BUILD:-0}" != 1 ]; then

@@ -4,7 +4,7 @@
 //! thousands of ranges (one per assigned device interface) stays cheap on the exit path.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the start of the range it was inserted at.
 pub trait BusDevice: Send {
@@ -34,15 +34,18 @@ struct Entry {
     device: SharedDevice,
 }
 
-/// A set of devices, each at a distinct address range.
-#[derive(Clone, Default)]
+/// A set of devices, each at a distinct address range. Ranges can change while vCPUs run
+/// (a guest moving a BAR): lookups take a read lock only long enough to find the device, so a
+/// device may itself insert or remove ranges while handling an access.
+#[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
 }
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.ranges.iter().map(|(b, e)| (*b, e.len))).finish()
+        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        f.debug_list().entries(ranges.iter().map(|(b, e)| (*b, e.len))).finish()
     }
 }
 
@@ -53,34 +56,36 @@ impl Bus {
     }
 
     /// Places `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), Error> {
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), Error> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::InvalidRange(base, len))?;
-        if let Some((b, e)) = self.ranges.range(..end).next_back() {
+        let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((b, e)) = ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(Error::Overlap(base, len));
             }
         }
-        self.ranges.insert(base, Entry { len, device });
+        ranges.insert(base, Entry { len, device });
         Ok(())
     }
 
     /// Removes the device whose range starts at `base`.
-    pub fn remove(&mut self, base: u64) -> bool {
-        self.ranges.remove(&base).is_some()
+    pub fn remove(&self, base: u64) -> bool {
+        self.ranges.write().unwrap_or_else(|p| p.into_inner()).remove(&base).is_some()
     }
 
-    fn resolve(&self, addr: u64, size: usize) -> Option<(u64, &SharedDevice)> {
-        let (base, e) = self.ranges.range(..=addr).next_back()?;
+    fn resolve(&self, addr: u64, size: usize) -> Option<(u64, SharedDevice)> {
+        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        let (base, e) = ranges.range(..=addr).next_back()?;
         let offset = addr - base;
         // The whole access must fall inside the range.
-        (offset.checked_add(size as u64)? <= e.len).then_some((offset, &e.device))
+        (offset.checked_add(size as u64)? <= e.len).then(|| (offset, e.device.clone()))
     }
 
     /// Dispatches a read; returns false (and fills all-ones) when nothing claims `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, dev)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => {
@@ -94,7 +99,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, dev)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -128,7 +133,7 @@ mod tests {
 
     #[test]
     fn dispatch_by_range() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(a.clone(), 0x100, 0x10).unwrap();
         let mut buf = [0u8; 2];
@@ -140,7 +145,7 @@ mod tests {
 
     #[test]
     fn unclaimed_reads_all_ones_and_straddling_is_refused() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0x10).unwrap();
         let mut buf = [0u8; 4];
         assert!(!bus.read(0xff, &mut buf));
@@ -153,7 +158,7 @@ mod tests {
 
     #[test]
     fn overlaps_and_bad_ranges_rejected() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let d = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(d(), 0x100, 0x10).unwrap();
         assert_eq!(bus.insert(d(), 0x10f, 1), Err(Error::Overlap(0x10f, 1)));

@@ -29,7 +29,7 @@ impl Assets {
         let dir = std::env::var_os("SIOVMM_ASSETS")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-assets"));
-        for f in ["bzImage", "vmlinux", "busybox", "siovmm", "modules/kvm.ko"] {
+        for f in ["bzImage", "vmlinux", "busybox", "siovmm", "modules/kvm.ko", "siov_adi.ko"] {
             if !dir.join(f).exists() {
                 return Err(format!("{} is missing: run tests/setup.sh first", dir.join(f).display()));
             }
@@ -42,7 +42,8 @@ impl Assets {
         self.dir.join(name)
     }
 
-    fn read(&self, name: &str) -> Vec<u8> {
+    /// Contents of one asset.
+    pub fn read(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.path(name)).unwrap_or_else(|e| panic!("reading {}: {e}", self.path(name).display()))
     }
 }
@@ -82,6 +83,8 @@ pub struct GuestCase {
     pub init: String,
     /// Further files for the guest's initramfs: (path, mode, contents).
     pub files: Vec<(String, u32, Vec<u8>)>,
+    /// Further siovmm arguments (e.g. `--adi 64`).
+    pub extra_args: Vec<String>,
 }
 
 /// The common start of every guest /init: busybox applets, /proc, /sys, /dev, and the
@@ -107,6 +110,7 @@ impl GuestCase {
             cmdline: std::env::var("SIOVMM_GUEST_CMDLINE").unwrap_or_else(|_| "console=ttyS0 quiet panic=-1".into()),
             init: format!("{INIT_PROLOGUE}{init_body}"),
             files: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -132,6 +136,15 @@ impl GuestCase {
             "--cmdline".into(),
             self.cmdline.clone(),
         ]
+        .into_iter()
+        .chain(self.extra_args.iter().cloned())
+        .collect()
+    }
+
+    /// Adds the guest test driver (siov_adi.ko, built by tests/setup.sh) at /siov_adi.ko.
+    pub fn with_adi_driver(mut self, assets: &Assets) -> Self {
+        self.files.push(("siov_adi.ko".into(), 0o644, assets.read("siov_adi.ko")));
+        self
     }
 }
 

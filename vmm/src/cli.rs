@@ -5,6 +5,9 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use arch::boot::sniff_format;
+use siovmm_vfio::siov::ImsStorage;
+
+use crate::vdcm::MAX_ADIS_PER_GUEST;
 
 /// Fewest MiB a Linux guest can boot in with its kernel and initramfs.
 pub const MIN_MEMORY: u64 = 32 << 20;
@@ -29,6 +32,19 @@ OPTIONS:
     --cpus N           vCPUs, 1..=254 [default: 1].
     --memory SIZE      guest RAM: a number with an optional K, M, G or T suffix (powers of 1024);
                        a bare number means MiB. At least 32M, at most the host's RAM [default: 512M].
+
+SIOV (Scalable IOV) options:
+    --adi N            assign N ADIs of the host SIOV device to the guest, each a PCI function
+                       (vendor 5356, device 0002) on bus 0. Repeatable: counts add up. Up to 248.
+                       [default: 0]
+    --adi-vectors N    MSI-X vectors per ADI, 1..=2048, each backed by one IMS entry [default: 2]
+    --siov-adis N      ADIs of the software SIOV device siovmm runs [default: 256]
+    --siov-ims N       IMS entries of that device, at least 16 [default: 16384]
+    --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
+                       in-memory (in each queue's context) [default: on-device]
+    --max-msi-routes N KVM routes siovmm may use, 24..=4096; vectors beyond the budget are
+                       delivered by a VMM thread with KVM_SIGNAL_MSI [default: 4096]
+
     -h, --help         print this help.
     -V, --version      print the version.
 
@@ -36,6 +52,36 @@ The guest's COM1 is siovmm's stdin/stdout. siovmm exits 0 when the guest powers 
 reboots, 1 when the VM fails (triple fault, KVM error; one line on stderr says what and where),
 2 on bad arguments, 128+N when stopped by signal N (Ctrl-C: 130).
 ";
+
+/// The software SIOV device and the guest's share of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiovConfig {
+    /// ADIs assigned to the guest.
+    pub adis: u32,
+    /// MSI-X vectors per ADI.
+    pub vectors: u16,
+    /// ADIs of the device.
+    pub device_adis: u32,
+    /// IMS entries of the device.
+    pub device_ims: u32,
+    /// IMS storage.
+    pub ims_storage: ImsStorage,
+    /// KVM routes siovmm may use.
+    pub max_msi_routes: u32,
+}
+
+impl Default for SiovConfig {
+    fn default() -> Self {
+        Self {
+            adis: 0,
+            vectors: 2,
+            device_adis: 256,
+            device_ims: 16_384,
+            ims_storage: ImsStorage::OnDevice,
+            max_msi_routes: 4096,
+        }
+    }
+}
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +96,8 @@ pub struct VmConfig {
     pub cpus: u8,
     /// RAM in bytes.
     pub memory: u64,
+    /// SIOV device and ADIs.
+    pub siov: SiovConfig,
 }
 
 /// What the command line asks for.
@@ -115,6 +163,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut cmdline = None;
     let mut cpus = None;
     let mut memory = None;
+    let mut adis: Option<u32> = None;
+    let mut siov_opts: Vec<(String, String)> = Vec::new();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -129,6 +179,30 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--cmdline" => &mut cmdline,
             "--cpus" => &mut cpus,
             "--memory" => &mut memory,
+            "--adi" => {
+                let v = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or_else(|| CliError("--adi needs a value".into()))?,
+                };
+                let n = parse_count("--adi", &v, 0, MAX_ADIS_PER_GUEST)?;
+                let total = adis.unwrap_or(0) + n;
+                if total > MAX_ADIS_PER_GUEST {
+                    return err(format!("--adi {v}: {total} ADIs in all, a guest takes at most {MAX_ADIS_PER_GUEST}"));
+                }
+                adis = Some(total);
+                continue;
+            }
+            "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--max-msi-routes" => {
+                if siov_opts.iter().any(|(f, _)| *f == flag) {
+                    return err(format!("{flag} given more than once"));
+                }
+                let v = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?,
+                };
+                siov_opts.push((flag, v));
+                continue;
+            }
             _ => return err(format!("unknown argument '{arg}' (see --help)")),
         };
         if slot.is_some() {
@@ -180,6 +254,33 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         return err(format!("--cmdline: character {c:?} is not printable ASCII"));
     }
 
+    let mut siov = SiovConfig { adis: adis.unwrap_or(0), ..SiovConfig::default() };
+    for (flag, v) in &siov_opts {
+        match flag.as_str() {
+            "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, 2048)? as u16,
+            "--siov-adis" => siov.device_adis = parse_count(flag, v, 1, 1 << 20)?,
+            "--siov-ims" => siov.device_ims = parse_count(flag, v, 16, 1 << 24)?,
+            "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 24, 4096)?,
+            _ => {
+                siov.ims_storage = match v.as_str() {
+                    "on-device" => ImsStorage::OnDevice,
+                    "in-memory" => ImsStorage::InMemory,
+                    _ => return err(format!("--ims-storage {v}: must be on-device or in-memory")),
+                }
+            }
+        }
+    }
+    if siov.adis > siov.device_adis {
+        return err(format!("--adi {}: the SIOV device has only {} ADIs (--siov-adis)", siov.adis, siov.device_adis));
+    }
+    let ims_needed = u64::from(siov.adis) * u64::from(siov.vectors);
+    if ims_needed > u64::from(siov.device_ims) {
+        return err(format!(
+            "--adi {} × --adi-vectors {} needs {ims_needed} IMS entries; the device has {} (--siov-ims)",
+            siov.adis, siov.vectors, siov.device_ims
+        ));
+    }
+
     let mut kfile = check_file("--kernel", &kernel)?;
     match sniff_format(&mut kfile) {
         Ok(Some(_)) => {}
@@ -195,7 +296,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         cmdline,
         cpus,
         memory,
+        siov,
     }))
+}
+
+/// A decimal count in `min..=max`.
+fn parse_count(flag: &str, v: &str, min: u32, max: u32) -> Result<u32, CliError> {
+    match v.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(_) => err(format!("{flag} {v}: must be between {min} and {max}")),
+        Err(_) => err(format!("{flag} {v}: not a number")),
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +360,18 @@ mod tests {
         assert_eq!((c.cpus, c.memory, c.cmdline.as_str()), (2, 256 << 20, "quiet x=1"));
         let Command::Run(c) = parse(args(&[&format!("--kernel={k}"), "--cpus=3"])).unwrap() else { panic!() };
         assert_eq!(c.cpus, 3);
+        assert_eq!(c.siov, SiovConfig::default());
+        let Command::Run(c) = parse(args(&[
+            "--kernel", &k, "--adi", "40", "--adi=24", "--adi-vectors", "4", "--ims-storage", "in-memory",
+            "--siov-ims", "20000", "--max-msi-routes", "100",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.siov,
+            SiovConfig { adis: 64, vectors: 4, device_adis: 256, device_ims: 20_000, ims_storage: ImsStorage::InMemory, max_msi_routes: 100 }
+        );
         assert_eq!(parse(args(&["--help"])).unwrap(), Command::Help);
         assert_eq!(parse(args(&["-V"])).unwrap(), Command::Version);
     }
@@ -276,6 +399,14 @@ mod tests {
         assert_eq!(parse_err(&["--kernel", &k, "--cpus", "1", "--cpus", "2"]), "--cpus given more than once");
         assert!(parse_err(&["--kernel", &k, "--cmdline", "a\tb"]).contains("not printable ASCII"));
         assert!(parse_err(&["--kernel", &k, "--cmdline", &"x".repeat(3000)]).contains("at most 2047"));
+        assert_eq!(parse_err(&["--kernel", &k, "--adi", "x"]), "--adi x: not a number");
+        assert!(parse_err(&["--kernel", &k, "--adi", "200", "--adi", "100"]).contains("300 ADIs in all"));
+        assert!(parse_err(&["--kernel", &k, "--adi", "10", "--siov-adis", "5"]).contains("only 5 ADIs"));
+        assert!(parse_err(&["--kernel", &k, "--adi", "100", "--adi-vectors", "200"]).contains("needs 20000 IMS entries"));
+        assert_eq!(parse_err(&["--kernel", &k, "--ims-storage", "disk"]), "--ims-storage disk: must be on-device or in-memory");
+        assert_eq!(parse_err(&["--kernel", &k, "--max-msi-routes", "5000"]), "--max-msi-routes 5000: must be between 24 and 4096");
+        assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "0"]), "--adi-vectors 0: must be between 1 and 2048");
+        assert_eq!(parse_err(&["--kernel", &k, "--siov-ims", "2", "--siov-ims", "3"]), "--siov-ims given more than once");
         for e in [parse_err(&["--kernel", &k, "--cpus", "0"]), parse_err(&["--kernel", "/nonexistent"])] {
             assert!(!e.contains('\n'), "one line: {e}");
         }

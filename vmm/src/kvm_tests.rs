@@ -13,7 +13,7 @@ use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::vcpu::{self, Exits};
-use crate::vm::{build_platform, create_vm};
+use crate::vm::{attach_pci, build_platform, create_vm, pci_root};
 
 #[derive(Clone, Default)]
 struct Console(Arc<Mutex<Vec<u8>>>);
@@ -39,6 +39,7 @@ fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::G
     let shutdown = Arc::new(ShutdownSignal::new().unwrap());
     let console = Console::default();
     let platform = build_platform(&vm, &shutdown, Instant::now(), Box::new(console.clone())).unwrap();
+    attach_pci(&platform, pci_root()).unwrap();
     mem.write_slice(code, GuestAddress(CODE)).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     let mode = EntryMode::Pvh { entry: CODE, start_info: 0 };
@@ -48,8 +49,8 @@ fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::G
     vcpu.set_sregs(&sregs).unwrap();
     vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
     let exits = Exits {
-        pio: Arc::new(platform.pio),
-        mmio: Arc::new(platform.mmio),
+        pio: platform.pio.clone(),
+        mmio: platform.mmio.clone(),
         shutdown: shutdown.clone(),
         coalesced: None,
         stats: Default::default(),

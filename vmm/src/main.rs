@@ -8,6 +8,7 @@ mod console;
 mod kvm_tests;
 mod memory;
 mod vcpu;
+mod vdcm;
 mod vm;
 
 use std::process::ExitCode;

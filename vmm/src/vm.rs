@@ -24,6 +24,10 @@ use crate::cli::VmConfig;
 use crate::coalesced::CoalescedRing;
 use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
+use crate::vdcm::kvm_routes::KvmRoutes;
+use crate::vdcm::routes::MsiRouter;
+use crate::vdcm::{AdiRequest, Vdcm};
+use siovmm_vfio::soft::SoftSiovDevice;
 use crate::Error;
 
 /// KVM_SET_TSS_ADDR: three pages just below the BIOS area, outside RAM and our MMIO.
@@ -78,8 +82,8 @@ pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap
 
 /// The legacy and platform devices, wired to their buses.
 pub(crate) struct Platform {
-    pub(crate) pio: Bus,
-    pub(crate) mmio: Bus,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
     input_ready: Arc<InputReady>,
 }
@@ -90,9 +94,9 @@ pub(crate) fn build_platform(
     start: Instant,
     console_out: Box<dyn std::io::Write + Send>,
 ) -> Result<Platform, Error> {
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let insert = |bus: &mut Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64| {
+    let pio = Arc::new(Bus::new());
+    let mmio = Arc::new(Bus::new());
+    let insert = |bus: &Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64| {
         bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
     };
 
@@ -101,28 +105,63 @@ pub(crate) fn build_platform(
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
     let input_ready = Arc::new(InputReady(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?));
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, input_ready.clone(), console_out)));
-    insert(&mut pio, serial.clone(), u64::from(layout::COM1_PORT), 8)?;
-    insert(&mut pio, Arc::new(Mutex::new(Cmos::new())), u64::from(layout::CMOS_PORT), 2)?;
-    insert(&mut pio, Arc::new(Mutex::new(I8042Reset::new(shutdown.clone()))), u64::from(layout::I8042_CMD_PORT), 1)?;
+    insert(&pio, serial.clone(), u64::from(layout::COM1_PORT), 8)?;
+    insert(&pio, Arc::new(Mutex::new(Cmos::new())), u64::from(layout::CMOS_PORT), 2)?;
+    insert(&pio, Arc::new(Mutex::new(I8042Reset::new(shutdown.clone()))), u64::from(layout::I8042_CMD_PORT), 1)?;
     insert(
-        &mut pio,
+        &pio,
         Arc::new(Mutex::new(AcpiPm::new(shutdown.clone()))),
         u64::from(layout::ACPI_PM_PORT),
         u64::from(siovmm_acpi::pm::SIZE),
     )?;
 
+    insert(&mmio, Arc::new(Mutex::new(BootTimer::new(start))), BOOT_TIMER_ADDR, 1)?;
+    Ok(Platform { pio, mmio, serial, input_ready })
+}
+
+/// A PCI segment with its host bridge, before functions are added.
+pub(crate) fn pci_root() -> PciRoot {
     let mut root = PciRoot::new();
     root.add(Bdf::new(0, 0, 0), Arc::new(Mutex::new(HostBridge::new())));
+    root
+}
+
+/// Makes `root` reachable through 0xCF8/0xCFC and ECAM.
+pub(crate) fn attach_pci(platform: &Platform, root: PciRoot) -> Result<(), Error> {
     let root = Arc::new(root);
+    let insert = |bus: &Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64| {
+        bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
+    };
+    let (pio, mmio) = (&platform.pio, &platform.mmio);
     insert(
-        &mut pio,
+        pio,
         Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
         u64::from(layout::PCI_CONFIG_IO_START),
         u64::from(layout::PCI_CONFIG_IO_SIZE),
     )?;
-    insert(&mut mmio, Arc::new(Mutex::new(PciConfigMmio::new(root, 1))), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)?;
-    insert(&mut mmio, Arc::new(Mutex::new(BootTimer::new(start))), BOOT_TIMER_ADDR, 1)?;
-    Ok(Platform { pio, mmio, serial, input_ready })
+    insert(mmio, Arc::new(Mutex::new(PciConfigMmio::new(root, 1))), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
+}
+
+/// The host SIOV device and the guest's ADIs, when `--adi` asks for any.
+fn compose_adis(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    root: &mut PciRoot,
+    platform: &Platform,
+    config: &VmConfig,
+) -> Result<Option<Vdcm>, Error> {
+    let s = &config.siov;
+    if s.adis == 0 {
+        return Ok(None);
+    }
+    let device = SoftSiovDevice::new(s.device_adis, s.device_ims, s.ims_storage, 2)
+        .map_err(|e| Error::Io("starting the software SIOV device".into(), e))?;
+    let router = MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), s.max_msi_routes)
+        .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
+    let req = AdiRequest { first_adi: 0, count: s.adis, vectors: s.vectors };
+    Vdcm::compose(vm.clone(), mem, root, platform.mmio.clone(), Arc::new(device), Arc::new(router), req)
+        .map(Some)
+        .map_err(|e| Error::Device(e.to_string()))
 }
 
 /// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.
@@ -245,8 +284,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
 
     let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
     let (vm, mem) = create_vm(&kvm, config.memory)?;
+    let vm = Arc::new(vm);
     trace.mark("VM and memory");
     let platform = build_platform(&vm, &shutdown, start, Box::new(std::io::stdout()))?;
+    let mut root = pci_root();
+    let vdcm = compose_adis(&vm, &mem, &mut root, &platform, config)?;
+    attach_pci(&platform, root)?;
     trace.mark("devices");
     let entry = load_guest(&mem, config, &trace)?;
     trace.mark("kernel, initramfs and ACPI tables loaded");
@@ -254,8 +297,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let coalesce = kvm.check_extension(Cap::CoalescedMmio) && kvm.check_extension(Cap::CoalescedPio);
-    let mut exits =
-        Exits { pio: Arc::new(platform.pio), mmio: Arc::new(platform.mmio), shutdown: shutdown.clone(), coalesced: None, stats: Default::default() };
+    let mut exits = Exits {
+        pio: platform.pio.clone(),
+        mmio: platform.mmio.clone(),
+        shutdown: shutdown.clone(),
+        coalesced: None,
+        stats: Default::default(),
+    };
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -298,9 +346,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
         em.run().map_err(|e| Error::Io("event loop".into(), std::io::Error::other(format!("{e:?}"))))?;
     }
     trace.mark(&format!("run ({}, coalesced 0xCF8 {})", exits.stats, if coalesce { "on" } else { "off" }));
+    if let Some(v) = &vdcm {
+        trace.mark(&format!("run ({})", v.delivery_summary()));
+    }
     // vCPU threads are not joined: a vCPU may sit in KVM_RUN until the process exits, which
     // the caller does next. Guest memory and the VM fd stay alive until then.
     std::mem::forget(mem);
     std::mem::forget(vm);
+    std::mem::forget(vdcm);
     Ok(shutdown.reason().unwrap_or(ExitReason::Failed("VM stopped without a reason".into())))
 }

@@ -5,6 +5,7 @@
 
 mod config;
 mod host_bridge;
+pub mod msix;
 mod root;
 
 pub use config::{ConfigSpace, CONFIG_SPACE_SIZE};

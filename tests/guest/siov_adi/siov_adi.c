@@ -1,0 +1,344 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * siov_adi: guest driver for siovmm's ADI functions (PCI 5356:0002), used by siovmm's
+ * integration tests. It enables MSI-X, sets up the ADI's work queue in DMA memory, and on
+ * request (sysfs "run") submits every opcode with a completion interrupt, checks each result,
+ * checks that a descriptor pointing outside guest memory completes with an error, and checks
+ * MSI-X masking: a masked completion vector raises nothing, shows in the PBA, and its interrupt
+ * arrives once when unmasked. The verdict is in sysfs "result".
+ *
+ * Register map and descriptor format: siovmm docs/siov-device.md.
+ */
+#include <linux/completion.h>
+#include <linux/delay.h>
+#include <linux/dma-mapping.h>
+#include <linux/interrupt.h>
+#include <linux/irq.h>
+#include <linux/module.h>
+#include <linux/pci.h>
+
+#define ADI_VENDOR 0x5356
+#define ADI_DEVICE 0x0002
+
+#define REG_VERSION 0x00
+#define REG_CAPS 0x04
+#define REG_QBASE_LO 0x08
+#define REG_QBASE_HI 0x0c
+#define REG_QSIZE 0x10
+#define REG_CONTROL 0x14
+#define REG_STATUS 0x18
+#define REG_DOORBELL 0x1000
+#define REG_PBA 0x3000
+
+#define OP_NOOP 0x00
+#define OP_MEMMOVE 0x03
+#define OP_FILL 0x04
+#define OP_COMPARE 0x05
+#define OP_CRC32C 0x10
+
+#define F_CRAV 0x4
+#define F_RCR 0x8
+#define F_RCI 0x10
+
+#define ST_SUCCESS 0x01
+#define ST_FALSE_PRED 0x02
+#define ST_PAGE_FAULT 0x03
+
+#define QSIZE 16
+#define CTX_SIZE (64 + QSIZE * 64)
+#define BUF_SIZE (4 * 4096)
+#define CQ_VECTOR 1
+
+struct adi_desc {
+	u32 pasid;
+	u32 flags_op;
+	u64 completion;
+	u64 src;
+	u64 dst;
+	u32 size;
+	u16 int_handle;
+	u16 rsvd;
+	u32 crc_seed;
+	u8 op_specific[20];
+} __packed;
+
+struct adi_comp {
+	u8 status;
+	u8 result;
+	u16 rsvd;
+	u32 bytes_completed;
+	u64 fault_addr;
+	u32 crc;
+	u8 rest[12];
+} __packed;
+
+struct adi {
+	struct pci_dev *pdev;
+	void __iomem *bar;
+	u8 *ctx;
+	dma_addr_t ctx_dma;
+	u8 *buf;
+	dma_addr_t buf_dma;
+	struct adi_comp *comp;
+	dma_addr_t comp_dma;
+	u32 tail;
+	int cq_irq;
+	atomic_t irqs;
+	struct completion done;
+	struct mutex lock;
+	char result[200];
+};
+
+static irqreturn_t adi_cq_irq(int irq, void *data)
+{
+	struct adi *a = data;
+
+	atomic_inc(&a->irqs);
+	complete(&a->done);
+	return IRQ_HANDLED;
+}
+
+static irqreturn_t adi_misc_irq(int irq, void *data)
+{
+	return IRQ_HANDLED;
+}
+
+static u32 crc32c_sw(u32 crc, const u8 *p, size_t n)
+{
+	int k;
+
+	crc = ~crc;
+	while (n--) {
+		crc ^= *p++;
+		for (k = 0; k < 8; k++)
+			crc = (crc & 1) ? (crc >> 1) ^ 0x82f63b78 : crc >> 1;
+	}
+	return ~crc;
+}
+
+/* Queues one descriptor and rings the doorbell. */
+static void adi_submit(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 size, u32 seed)
+{
+	struct adi_desc *d = (struct adi_desc *)(a->ctx + 64 + (a->tail % QSIZE) * 64);
+
+	memset(a->comp, 0, sizeof(*a->comp));
+	memset(d, 0, sizeof(*d));
+	d->flags_op = ((u32)op << 24) | flags | F_CRAV | F_RCR;
+	d->completion = a->comp_dma;
+	d->src = src;
+	d->dst = dst;
+	d->size = size;
+	d->int_handle = CQ_VECTOR;
+	d->crc_seed = seed;
+	a->tail++;
+	dma_wmb();
+	WRITE_ONCE(*(u32 *)a->ctx, a->tail);
+	wmb();
+	writel(1, a->bar + REG_DOORBELL);
+}
+
+static int adi_poll(struct adi *a)
+{
+	int i;
+
+	for (i = 0; i < 5000; i++) {
+		if (READ_ONCE(a->comp->status))
+			return 0;
+		usleep_range(100, 200);
+	}
+	return -ETIMEDOUT;
+}
+
+/* Submits with a completion interrupt and waits for the interrupt. */
+static int adi_run_one(struct adi *a, u8 op, u64 src, u64 dst, u32 size, u32 seed)
+{
+	reinit_completion(&a->done);
+	adi_submit(a, op, F_RCI, src, dst, size, seed);
+	if (!wait_for_completion_timeout(&a->done, 5 * HZ))
+		return -ETIMEDOUT;
+	dma_rmb();
+	return READ_ONCE(a->comp->status) ? 0 : -EIO;
+}
+
+#define FAIL(...) do { snprintf(a->result, sizeof(a->result), "FAIL " __VA_ARGS__); return; } while (0)
+
+static bool pba_pending(struct adi *a)
+{
+	return readl(a->bar + REG_PBA) & (1u << CQ_VECTOR);
+}
+
+static void adi_selftest(struct adi *a)
+{
+	u8 *src = a->buf, *dst = a->buf + 4096, *tmp = a->buf + 8192;
+	u64 s = a->buf_dma, d = a->buf_dma + 4096, t = a->buf_dma + 8192;
+	int before = atomic_read(&a->irqs), i, irqs;
+	static const u8 check[] = "123456789";
+
+	for (i = 0; i < 4096; i++)
+		src[i] = (u8)(i * 7 + 3);
+	memset(dst, 0, 4096);
+
+	if (adi_run_one(a, OP_NOOP, 0, 0, 0, 0) || a->comp->status != ST_SUCCESS)
+		FAIL("noop status %#x", a->comp->status);
+	if (adi_run_one(a, OP_MEMMOVE, s, d, 4096, 0) || a->comp->status != ST_SUCCESS)
+		FAIL("memmove status %#x", a->comp->status);
+	if (memcmp(src, dst, 4096))
+		FAIL("memmove data");
+	if (adi_run_one(a, OP_COMPARE, s, d, 4096, 0) || a->comp->status != ST_SUCCESS)
+		FAIL("compare-equal status %#x", a->comp->status);
+	dst[100] ^= 0xff;
+	if (adi_run_one(a, OP_COMPARE, s, d, 4096, 0) || a->comp->status != ST_FALSE_PRED ||
+	    a->comp->bytes_completed != 100)
+		FAIL("compare-differ status %#x at %u", a->comp->status, a->comp->bytes_completed);
+	if (adi_run_one(a, OP_FILL, 0x0123456789abcdefULL, t, 4096, 0) || a->comp->status != ST_SUCCESS)
+		FAIL("fill status %#x", a->comp->status);
+	for (i = 0; i < 4096; i++)
+		if (tmp[i] != (u8)(0x0123456789abcdefULL >> ((i % 8) * 8)))
+			FAIL("fill data at %d", i);
+	memcpy(tmp, check, 9);
+	if (adi_run_one(a, OP_CRC32C, t, 0, 9, 0) || a->comp->status != ST_SUCCESS ||
+	    a->comp->crc != 0xe3069283 || a->comp->crc != crc32c_sw(0, check, 9))
+		FAIL("crc32c status %#x value %#x", a->comp->status, a->comp->crc);
+	/* Outside guest memory: completes with an error status, harms nothing. */
+	if (adi_run_one(a, OP_MEMMOVE, 0x7ffffffff000ULL, d, 64, 0) || a->comp->status != ST_PAGE_FAULT)
+		FAIL("out-of-range status %#x", a->comp->status);
+	irqs = atomic_read(&a->irqs) - before;
+	if (irqs != 7)
+		FAIL("%d completion interrupts for 7 descriptors", irqs);
+
+	/* Masked vector: nothing raised, pending in the PBA, delivered once on unmask. */
+	irq_set_status_flags(a->cq_irq, IRQ_DISABLE_UNLAZY);
+	disable_irq(a->cq_irq);
+	reinit_completion(&a->done);
+	before = atomic_read(&a->irqs);
+	adi_submit(a, OP_NOOP, F_RCI, 0, 0, 0, 0);
+	if (adi_poll(a)) {
+		enable_irq(a->cq_irq);
+		FAIL("masked: descriptor never completed");
+	}
+	msleep(20);
+	if (atomic_read(&a->irqs) != before) {
+		enable_irq(a->cq_irq);
+		FAIL("masked vector raised an interrupt");
+	}
+	if (!pba_pending(a)) {
+		enable_irq(a->cq_irq);
+		FAIL("masked: PBA bit not set");
+	}
+	enable_irq(a->cq_irq);
+	if (!wait_for_completion_timeout(&a->done, 5 * HZ))
+		FAIL("pending interrupt not delivered on unmask");
+	msleep(20);
+	if (atomic_read(&a->irqs) != before + 1)
+		FAIL("unmask delivered %d interrupts", atomic_read(&a->irqs) - before);
+	if (pba_pending(a))
+		FAIL("PBA bit still set after delivery");
+	snprintf(a->result, sizeof(a->result), "PASS irqs=%d", atomic_read(&a->irqs));
+}
+
+static ssize_t run_store(struct device *dev, struct device_attribute *attr, const char *buf, size_t count)
+{
+	struct adi *a = pci_get_drvdata(to_pci_dev(dev));
+
+	mutex_lock(&a->lock);
+	adi_selftest(a);
+	mutex_unlock(&a->lock);
+	return count;
+}
+static DEVICE_ATTR_WO(run);
+
+static ssize_t result_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct adi *a = pci_get_drvdata(to_pci_dev(dev));
+
+	return sysfs_emit(buf, "%s\n", a->result);
+}
+static DEVICE_ATTR_RO(result);
+
+static struct attribute *adi_attrs[] = { &dev_attr_run.attr, &dev_attr_result.attr, NULL };
+ATTRIBUTE_GROUPS(adi);
+
+static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct adi *a;
+	int err;
+
+	a = devm_kzalloc(&pdev->dev, sizeof(*a), GFP_KERNEL);
+	if (!a)
+		return -ENOMEM;
+	a->pdev = pdev;
+	mutex_init(&a->lock);
+	init_completion(&a->done);
+	strscpy(a->result, "not run", sizeof(a->result));
+	err = pcim_enable_device(pdev);
+	if (err)
+		return err;
+	err = pcim_iomap_regions(pdev, BIT(0), "siov_adi");
+	if (err)
+		return err;
+	a->bar = pcim_iomap_table(pdev)[0];
+	pci_set_master(pdev);
+	err = dma_set_mask_and_coherent(&pdev->dev, DMA_BIT_MASK(64));
+	if (err)
+		return err;
+	a->ctx = dmam_alloc_coherent(&pdev->dev, CTX_SIZE, &a->ctx_dma, GFP_KERNEL);
+	a->buf = dmam_alloc_coherent(&pdev->dev, BUF_SIZE, &a->buf_dma, GFP_KERNEL);
+	if (!a->ctx || !a->buf)
+		return -ENOMEM;
+	a->comp = (struct adi_comp *)(a->buf + 3 * 4096);
+	a->comp_dma = a->buf_dma + 3 * 4096;
+	err = pci_alloc_irq_vectors(pdev, 2, 2, PCI_IRQ_MSIX);
+	if (err < 0)
+		return err;
+	a->cq_irq = pci_irq_vector(pdev, CQ_VECTOR);
+	err = devm_request_irq(&pdev->dev, pci_irq_vector(pdev, 0), adi_misc_irq, 0, "siov_adi-misc", a);
+	if (!err)
+		err = devm_request_irq(&pdev->dev, a->cq_irq, adi_cq_irq, 0, "siov_adi-cq", a);
+	if (err)
+		goto free_vectors;
+	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
+	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
+	writel(QSIZE, a->bar + REG_QSIZE);
+	writel(1, a->bar + REG_CONTROL);
+	if (!(readl(a->bar + REG_STATUS) & 1)) {
+		dev_err(&pdev->dev, "queue enable failed, status %#x\n", readl(a->bar + REG_STATUS));
+		err = -EIO;
+		goto free_vectors;
+	}
+	pci_set_drvdata(pdev, a);
+	dev_info(&pdev->dev, "ADI version %#x, caps %#x, MSI-X ready\n", readl(a->bar + REG_VERSION),
+		 readl(a->bar + REG_CAPS));
+	return 0;
+
+free_vectors:
+	pci_free_irq_vectors(pdev);
+	return err;
+}
+
+static void adi_remove(struct pci_dev *pdev)
+{
+	struct adi *a = pci_get_drvdata(pdev);
+
+	writel(2, a->bar + REG_CONTROL);
+	devm_free_irq(&pdev->dev, a->cq_irq, a);
+	devm_free_irq(&pdev->dev, pci_irq_vector(pdev, 0), a);
+	pci_free_irq_vectors(pdev);
+}
+
+static const struct pci_device_id adi_ids[] = {
+	{ PCI_DEVICE(ADI_VENDOR, ADI_DEVICE) },
+	{}
+};
+MODULE_DEVICE_TABLE(pci, adi_ids);
+
+static struct pci_driver adi_driver = {
+	.name = "siov_adi",
+	.id_table = adi_ids,
+	.probe = adi_probe,
+	.remove = adi_remove,
+	.dev_groups = adi_groups,
+};
+module_pci_driver(adi_driver);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("siovmm ADI test driver");

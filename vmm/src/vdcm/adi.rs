@@ -1,0 +1,329 @@
+//! One ADI composed into a guest as a PCI function (the VDCM's per-ADI device model).
+//!
+//! Config space: vendor 0x5356, device 0x0002, class 08/80/00; BAR0 64-bit, 16 KiB; an MSI-X
+//! capability at 0x40 whose table and PBA live in BAR0.
+//!
+//! BAR0 (docs/siov-device.md has the full register map):
+//! - 0x0000 registers, the slow path, emulated here: version, capabilities, queue base and
+//!   size, control (enable, reset), status;
+//! - 0x1000 doorbell, the fast path: a KVM ioeventfd signals the device's doorbell eventfd, so a
+//!   submission never exits to siovmm (writes that do exit are forwarded the same way);
+//! - 0x2000 MSI-X table, 0x3000 PBA, emulated here.
+//!
+//! Interrupts: MSI-X vector v is backed by IMS entry `ims.first + v`, and interrupt handle v
+//! names it. The guest's message for v becomes a KVM MSI route fed by an eventfd that the IMS
+//! entry signals; the guest's masks (vector, function, enable) become the IMS entry's mask,
+//! so the device keeps the pending bit, and the PBA reads it back.
+
+use std::sync::Arc;
+
+use devices::pci::msix::{Msix, VectorChange};
+use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
+use devices::BusDevice;
+use siovmm_vfio::siov::{self, AdiId, ImsEntry, ImsGroup, QueueConfig, SiovDevice};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::routes::{MsiRouter, VectorKey};
+
+/// Device ID of an ADI function.
+pub const ADI_DEVICE_ID: u16 = 0x0002;
+/// Class code: system peripheral, other.
+pub const ADI_CLASS: u32 = 0x08_8000;
+/// BAR0 size.
+pub const BAR0_SIZE: u64 = 0x4000;
+/// Doorbell offset in BAR0.
+pub const DOORBELL: u64 = 0x1000;
+/// MSI-X table offset in BAR0.
+pub const MSIX_TABLE: u64 = 0x2000;
+/// MSI-X PBA offset in BAR0.
+pub const MSIX_PBA: u64 = 0x3000;
+/// Register-file version.
+pub const VERSION: u32 = 0x0001_0000;
+
+/// Register offsets in BAR0.
+pub mod reg {
+    /// Version (RO).
+    pub const VERSION: u64 = 0x00;
+    /// Capabilities (RO): 15:0 largest queue, 31:16 MSI-X vectors (= interrupt handles).
+    pub const CAPS: u64 = 0x04;
+    /// Queue context DMA address, low half (RW).
+    pub const QUEUE_BASE_LO: u64 = 0x08;
+    /// Queue context DMA address, high half (RW).
+    pub const QUEUE_BASE_HI: u64 = 0x0c;
+    /// Queue size in descriptors, a power of two (RW).
+    pub const QUEUE_SIZE: u64 = 0x10;
+    /// Control (RW): bit 0 enable the queue, bit 1 reset the ADI (self-clearing).
+    pub const CONTROL: u64 = 0x14;
+    /// Status (RO): bit 0 queue enabled, bit 1 last enable failed (bad base/size).
+    pub const STATUS: u64 = 0x18;
+}
+
+const CTRL_ENABLE: u32 = 1;
+const CTRL_RESET: u32 = 2;
+const STATUS_ENABLED: u32 = 1;
+const STATUS_ERROR: u32 = 2;
+
+const CAP_OFFSET: usize = 0x40;
+const CMD_MEMORY: u32 = 1 << 1;
+
+/// Moves BAR windows on the guest's MMIO bus (and the doorbell ioeventfd with them).
+pub trait BarMapper: Send + Sync {
+    /// BAR0 of `bdf` moves from `old` to `new` (either may be "not mapped").
+    fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>);
+}
+
+/// The function.
+pub struct AdiFunction {
+    adi: AdiId,
+    bdf: Bdf,
+    config: ConfigSpace,
+    msix: Msix,
+    device: Arc<dyn SiovDevice>,
+    ims: ImsGroup,
+    vector_fds: Vec<Arc<EventFd>>,
+    router: Arc<MsiRouter>,
+    key_base: VectorKey,
+    mapper: Arc<dyn BarMapper>,
+    doorbell: Arc<EventFd>,
+    mapped: Option<u64>,
+    queue_base: u64,
+    queue_size: u32,
+    control: u32,
+    status: u32,
+}
+
+impl std::fmt::Debug for AdiFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdiFunction").field("adi", &self.adi).field("bdf", &self.bdf.to_string()).finish_non_exhaustive()
+    }
+}
+
+/// What composing one ADI needs.
+pub struct AdiParts {
+    /// The ADI (already opened for this guest).
+    pub adi: AdiId,
+    /// Where the guest sees it.
+    pub bdf: Bdf,
+    /// Whether it is function 0 of a multi-function slot.
+    pub multifunction: bool,
+    /// Its IMS entries, one per vector, assigned to the ADI.
+    pub ims: ImsGroup,
+    /// The host device.
+    pub device: Arc<dyn SiovDevice>,
+    /// The doorbell the device listens on.
+    pub doorbell: Arc<EventFd>,
+    /// Guest MSI routing.
+    pub router: Arc<MsiRouter>,
+    /// First router key of this function's vectors.
+    pub key_base: VectorKey,
+    /// BAR mover.
+    pub mapper: Arc<dyn BarMapper>,
+    /// BAR0's initial guest address (as firmware would assign it).
+    pub bar0: u64,
+}
+
+impl AdiFunction {
+    /// Builds the function; binds one eventfd per vector to its IMS entry and sets the ADI's
+    /// interrupt handles.
+    pub fn new(p: AdiParts) -> Result<Self, siov::Error> {
+        let vectors = p.ims.count.min(u32::from(devices::pci::msix::MAX_VECTORS)) as u16;
+        let msix = Msix::new(vectors);
+        let mut config = ConfigSpace::new(SIOVMM_VENDOR_ID, ADI_DEVICE_ID, ADI_CLASS, 1);
+        // Status: capability list present. Command: memory decode on (firmware assigned BAR0).
+        config.set_reg(1, 1 << 20 | CMD_MEMORY);
+        if p.multifunction {
+            config.set_reg(3, 0x80 << 16);
+        }
+        // BAR0: 64-bit memory, size BAR0_SIZE; BAR1 is its upper half.
+        config.set_reg(4, (p.bar0 as u32 & !0xf) | 0x4);
+        config.set_reg(5, (p.bar0 >> 32) as u32);
+        config.set_writable(4, !(BAR0_SIZE as u32 - 1) & !0xf);
+        config.set_writable(5, u32::MAX);
+        config.set_reg(0x2c / 4, u32::from(SIOVMM_VENDOR_ID) | u32::from(ADI_DEVICE_ID) << 16);
+        config.set_reg(0x34 / 4, CAP_OFFSET as u32);
+        config.set_reg(CAP_OFFSET / 4, u32::from(devices::pci::msix::CAP_ID_MSIX) | u32::from(msix.message_control()) << 16);
+        config.set_reg(CAP_OFFSET / 4 + 1, MSIX_TABLE as u32); // BIR 0
+        config.set_reg(CAP_OFFSET / 4 + 2, MSIX_PBA as u32); // BIR 0
+
+        let mut vector_fds = Vec::with_capacity(usize::from(vectors));
+        for index in p.ims.indexes().take(usize::from(vectors)) {
+            let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| siov::Error::ImsNotAllocated(index))?);
+            // The host message is a token naming the entry; delivery is the bound eventfd.
+            p.device.ims_program(index, ImsEntry { message: host_token(index), masked: true })?;
+            p.device.ims_bind(index, Some(fd.clone()))?;
+            vector_fds.push(fd);
+        }
+        let handles: Vec<_> = p.ims.indexes().take(usize::from(vectors)).collect();
+        p.device.set_interrupt_handles(p.adi, &handles)?;
+        let f = Self {
+            adi: p.adi,
+            bdf: p.bdf,
+            config,
+            msix,
+            device: p.device,
+            ims: p.ims,
+            vector_fds,
+            router: p.router,
+            key_base: p.key_base,
+            mapper: p.mapper,
+            doorbell: p.doorbell,
+            mapped: None,
+            queue_base: 0,
+            queue_size: 0,
+            control: 0,
+            status: 0,
+        };
+        Ok(f)
+    }
+
+    /// Maps BAR0 where config space says, if memory decode is on. Call after construction.
+    pub fn update_bar_mapping(&mut self) {
+        let lo = self.config.read_reg(4);
+        let hi = self.config.read_reg(5);
+        let addr = u64::from(hi) << 32 | u64::from(lo & !0xf);
+        let decode = self.config.read_reg(1) & CMD_MEMORY != 0;
+        // While the guest sizes the BAR (all-ones written) or has not placed it, leave it unmapped.
+        let sizing = lo & !0xf == !(BAR0_SIZE as u32 - 1) & !0xf && hi == u32::MAX;
+        let new = (decode && addr != 0 && !sizing && addr.checked_add(BAR0_SIZE).is_some()).then_some(addr);
+        if new != self.mapped {
+            self.mapper.remap(self.bdf, self.mapped, new);
+            self.mapped = new;
+        }
+    }
+
+    fn apply(&mut self, change: VectorChange) {
+        let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
+        let key = self.key_base + u64::from(change.vector);
+        let fd = self.vector_fds[usize::from(change.vector)].clone();
+        if !self.msix.enabled() {
+            let _ = self.router.unbind(key);
+        } else if !change.masked || change.message.address != 0 {
+            // A route for the guest's message: the guest can only name its own APICs, since the
+            // route lives in its own VM.
+            let _ = self.router.bind(key, fd, change.message);
+        }
+        // Mask (or unmask: the device then delivers a pending interrupt, once).
+        let _ = self.device.ims_set_mask(index, change.masked);
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            reg::QUEUE_BASE_LO => self.queue_base = (self.queue_base & !0xffff_ffff) | u64::from(value),
+            reg::QUEUE_BASE_HI => self.queue_base = (self.queue_base & 0xffff_ffff) | u64::from(value) << 32,
+            reg::QUEUE_SIZE => self.queue_size = value,
+            reg::CONTROL => {
+                if value & CTRL_RESET != 0 {
+                    let _ = self.device.reset_adi(self.adi);
+                    let handles: Vec<_> = self.ims.indexes().take(self.vector_fds.len()).collect();
+                    let _ = self.device.set_interrupt_handles(self.adi, &handles);
+                    self.queue_base = 0;
+                    self.queue_size = 0;
+                    self.control = 0;
+                    self.status = 0;
+                    return;
+                }
+                let enable = value & CTRL_ENABLE != 0;
+                let queue = enable.then_some(QueueConfig { base: self.queue_base, size: self.queue_size });
+                match self.device.configure_queue(self.adi, queue) {
+                    Ok(()) => {
+                        self.control = value & CTRL_ENABLE;
+                        self.status = if enable { STATUS_ENABLED } else { 0 };
+                    }
+                    Err(_) => {
+                        self.control = 0;
+                        self.status = STATUS_ERROR;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            reg::VERSION => VERSION,
+            reg::CAPS => self.device.info().max_queue_size.min(0xffff) | u32::from(self.msix.vectors()) << 16,
+            reg::QUEUE_BASE_LO => self.queue_base as u32,
+            reg::QUEUE_BASE_HI => (self.queue_base >> 32) as u32,
+            reg::QUEUE_SIZE => self.queue_size,
+            reg::CONTROL => self.control,
+            reg::STATUS => self.status,
+            _ => 0,
+        }
+    }
+}
+
+/// The host message the VDCM programs into an IMS entry. For the software device it is a token
+/// naming the entry (delivery is the bound eventfd); a hardware backend gets a host-allocated
+/// (posted) message from its host driver instead.
+fn host_token(index: u32) -> siov::MsiMessage {
+    siov::MsiMessage { address: 0xfee0_0000, data: index }
+}
+
+impl PciFunction for AdiFunction {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        if reg == CAP_OFFSET / 4 {
+            return u32::from(devices::pci::msix::CAP_ID_MSIX) | u32::from(self.msix.message_control()) << 16;
+        }
+        self.config.read_reg(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        if reg == CAP_OFFSET / 4 {
+            // Message control is the upper half of the capability's first dword.
+            let mut dword = (u32::from(self.msix.message_control()) << 16).to_le_bytes();
+            let start = offset as usize;
+            if start + data.len() <= 4 {
+                dword[start..start + data.len()].copy_from_slice(data);
+                let control = u16::from_le_bytes([dword[2], dword[3]]);
+                if start + data.len() > 2 {
+                    for change in self.msix.write_message_control(control) {
+                        self.apply(change);
+                    }
+                }
+            }
+            return;
+        }
+        self.config.write_reg(reg, offset, data);
+        if reg == 1 || reg == 4 || reg == 5 {
+            self.update_bar_mapping();
+        }
+    }
+}
+
+impl BusDevice for AdiFunction {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match offset {
+            o if o < DOORBELL && data.len() == 4 && o % 4 == 0 => {
+                data.copy_from_slice(&self.read_register(o).to_le_bytes());
+            }
+            o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE, data)
+            }
+            o if (MSIX_PBA..MSIX_PBA + self.msix.pba_size()).contains(&o) => {
+                let (device, first) = (&self.device, self.ims.first);
+                self.msix.read_pba(o - MSIX_PBA, data, |v| device.ims_pending(first + u32::from(v)).unwrap_or(false));
+            }
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < DOORBELL && data.len() == 4 && o % 4 == 0 => {
+                self.write_register(o, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+            }
+            // Reached only when the ioeventfd did not take the write (e.g. before it exists).
+            o if (DOORBELL..DOORBELL + 8).contains(&o) => {
+                let _ = self.doorbell.write(1);
+            }
+            o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {
+                if let Some(change) = self.msix.write_table(o - MSIX_TABLE, data) {
+                    self.apply(change);
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The KVM side of [`super::routes::RouteBackend`].
+
+use std::sync::Arc;
+
+use devices::pci::msix::MsiMessage;
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::routes::{RouteBackend, IOAPIC_GSIS};
+
+/// Routes through a KVM VM.
+#[derive(Debug)]
+pub struct KvmRoutes(pub Arc<VmFd>);
+
+fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+    e.u.irqchip.irqchip = chip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+fn io(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+impl RouteBackend for KvmRoutes {
+    fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
+        // KVM_SET_GSI_ROUTING replaces the whole table, so the default irqchip routes KVM set
+        // up (kvm_setup_default_irq_routing: GSI n → IOAPIC pin n, and PIC pins for 0..15)
+        // are restated first.
+        let mut entries = Vec::with_capacity(40 + routes.len());
+        for gsi in 0..IOAPIC_GSIS {
+            entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+            if gsi < 8 {
+                entries.push(irqchip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            } else if gsi < 16 {
+                entries.push(irqchip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            }
+        }
+        for &(gsi, msg) in routes {
+            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+            e.u.msi.address_lo = msg.address as u32;
+            e.u.msi.address_hi = (msg.address >> 32) as u32;
+            e.u.msi.data = msg.data;
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
+        self.0.set_gsi_routing(&table).map_err(io)
+    }
+
+    fn irqfd(&self, fd: &EventFd, gsi: u32, assign: bool) -> std::io::Result<()> {
+        if assign {
+            self.0.register_irqfd(fd, gsi).map_err(io)
+        } else {
+            self.0.unregister_irqfd(fd, gsi).map_err(io)
+        }
+    }
+
+    fn signal_msi(&self, msg: MsiMessage) -> std::io::Result<()> {
+        let m = kvm_msi {
+            address_lo: msg.address as u32,
+            address_hi: (msg.address >> 32) as u32,
+            data: msg.data,
+            ..Default::default()
+        };
+        self.0.signal_msi(m).map(|_| ()).map_err(io)
+    }
+}

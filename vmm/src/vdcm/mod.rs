@@ -1,0 +1,168 @@
+//! The VDCM (Virtual Device Composition Module): composes ADIs of a host SIOV device into a
+//! guest as PCI functions, and routes their interrupts.
+//!
+//! Per ADI: open it for this guest (DMA bound to the guest's RAM), allocate and assign one IMS
+//! entry per MSI-X vector, build the [`adi::AdiFunction`], place it on bus 0 (8 functions per
+//! slot from slot 1, so up to 248 ADIs per guest today), give BAR0 an address in the 32-bit PCI
+//! window as firmware would, and map it: BAR0 on the MMIO bus plus an ioeventfd on its doorbell.
+
+pub mod adi;
+pub mod kvm_routes;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arch::layout;
+use devices::bus::lock;
+use devices::pci::{Bdf, PciRoot};
+use devices::Bus;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use siovmm_vfio::dma::GuestRam;
+use siovmm_vfio::siov::{self, AdiId, Portal, SiovDevice};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use adi::{AdiFunction, AdiParts, BarMapper, BAR0_SIZE, DOORBELL};
+use routes::MsiRouter;
+
+/// Most ADIs one guest gets today: bus 0, slots 1..=31, 8 functions each.
+pub const MAX_ADIS_PER_GUEST: u32 = 31 * 8;
+
+/// Errors composing ADIs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The host device refused.
+    #[error("SIOV device: {0}")]
+    Device(#[from] siov::Error),
+    /// Too many ADIs for one guest.
+    #[error("{0} ADIs requested; a guest takes at most {MAX_ADIS_PER_GUEST}")]
+    TooMany(u32),
+    /// The 32-bit PCI window is full.
+    #[error("no room for BAR0 of ADI {0} in the PCI window")]
+    NoBarSpace(u32),
+}
+
+/// A composed function and its doorbell.
+type Placed = (Arc<Mutex<AdiFunction>>, Arc<EventFd>);
+
+/// Moves BAR0 windows on the MMIO bus and their doorbell ioeventfds.
+struct GuestBars {
+    vm: Arc<VmFd>,
+    mmio: Arc<Bus>,
+    functions: Mutex<HashMap<Bdf, Placed>>,
+}
+
+impl BarMapper for GuestBars {
+    fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>) {
+        let functions = lock(&self.functions);
+        let Some((func, doorbell)) = functions.get(&bdf) else { return };
+        if let Some(base) = old {
+            self.mmio.remove(base);
+            let _ = self.vm.unregister_ioevent(doorbell, &IoEventAddress::Mmio(base + DOORBELL), NoDatamatch);
+        }
+        if let Some(base) = new {
+            // A guest placing the BAR over another device gets no mapping: the insert fails.
+            if self.mmio.insert(func.clone(), base, BAR0_SIZE).is_ok() {
+                let _ = self.vm.register_ioevent(doorbell, &IoEventAddress::Mmio(base + DOORBELL), NoDatamatch);
+            }
+        }
+    }
+}
+
+/// The ADIs of one guest.
+pub struct Vdcm {
+    device: Arc<dyn SiovDevice>,
+    router: Arc<MsiRouter>,
+    functions: Vec<Arc<Mutex<AdiFunction>>>,
+    adis: Vec<AdiId>,
+}
+
+impl std::fmt::Debug for Vdcm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vdcm").field("adis", &self.adis.len()).finish_non_exhaustive()
+    }
+}
+
+/// What a guest asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct AdiRequest {
+    /// First ADI of the host device to use.
+    pub first_adi: u32,
+    /// How many.
+    pub count: u32,
+    /// MSI-X vectors per ADI.
+    pub vectors: u16,
+}
+
+impl Vdcm {
+    /// Composes `req.count` ADIs into the guest whose VM is `vm`, memory `mem`, PCI segment
+    /// `root` and MMIO bus `mmio`.
+    pub fn compose(
+        vm: Arc<VmFd>,
+        mem: &GuestMemoryMmap,
+        root: &mut PciRoot,
+        mmio: Arc<Bus>,
+        device: Arc<dyn SiovDevice>,
+        router: Arc<MsiRouter>,
+        req: AdiRequest,
+    ) -> Result<Self, Error> {
+        if req.count > MAX_ADIS_PER_GUEST {
+            return Err(Error::TooMany(req.count));
+        }
+        let bars = Arc::new(GuestBars { vm, mmio, functions: Mutex::new(HashMap::new()) });
+        let mut functions = Vec::new();
+        let mut adis = Vec::new();
+        for i in 0..req.count {
+            let adi = AdiId(req.first_adi + i);
+            let Portal::Doorbell(doorbell) = device.open_adi(adi, Arc::new(GuestRam(mem.clone())))?;
+            adis.push(adi);
+            let ims = device.ims_alloc(u32::from(req.vectors))?;
+            device.ims_assign(ims, adi)?;
+            let bdf = Bdf::new(0, 1 + (i / 8) as u8, (i % 8) as u8);
+            let multifunction = i % 8 == 0 && i + 1 < req.count;
+            let bar0 = layout::PCI_MMIO32_START + u64::from(i) * BAR0_SIZE;
+            if bar0 + BAR0_SIZE > layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE {
+                return Err(Error::NoBarSpace(adi.0));
+            }
+            let func = AdiFunction::new(AdiParts {
+                adi,
+                bdf,
+                multifunction,
+                ims,
+                device: device.clone(),
+                doorbell: doorbell.clone(),
+                router: router.clone(),
+                key_base: u64::from(adi.0) << 16,
+                mapper: bars.clone(),
+                bar0,
+            })?;
+            let func = Arc::new(Mutex::new(func));
+            lock(&bars.functions).insert(bdf, (func.clone(), doorbell));
+            root.add(bdf, func.clone());
+            lock(&func).update_bar_mapping();
+            functions.push(func);
+        }
+        Ok(Self { device, router, functions, adis })
+    }
+
+    /// How guest vectors are delivered, for the start-up trace.
+    pub fn delivery_summary(&self) -> String {
+        let (routed, overflow) = self.router.counts();
+        format!(
+            "{} ADIs; {routed} vectors on KVM routes, {overflow} on the overflow path ({} injections)",
+            self.functions.len(),
+            self.router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+}
+
+impl Drop for Vdcm {
+    fn drop(&mut self) {
+        // Release the ADIs so another guest can take them (DSA spec §7.5.4: the VDCM disables
+        // a destroyed VM's interrupt entries).
+        for adi in &self.adis {
+            let _ = self.device.close_adi(*adi);
+        }
+    }
+}
