@@ -42,8 +42,9 @@ SIOV (Scalable IOV) options:
     --siov-ims N       IMS entries of that device, at least 16 [default: 16384]
     --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
                        in-memory (in each queue's context) [default: on-device]
-    --max-msi-routes N KVM routes siovmm may use, 24..=4096; vectors beyond the budget are
-                       delivered by a VMM thread with KVM_SIGNAL_MSI [default: 4096]
+    --max-msi-routes N KVM MSI routes siovmm may use, 0..=4056 (KVM's 4096 entries minus the
+                       irqchip's 40); vectors beyond the budget are delivered by a VMM thread
+                       with KVM_SIGNAL_MSI [default: 4056]
 
     -h, --help         print this help.
     -V, --version      print the version.
@@ -78,7 +79,7 @@ impl Default for SiovConfig {
             device_adis: 256,
             device_ims: 16_384,
             ims_storage: ImsStorage::OnDevice,
-            max_msi_routes: 4096,
+            max_msi_routes: crate::vdcm::routes::MAX_MSI_ROUTES,
         }
     }
 }
@@ -260,7 +261,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, 2048)? as u16,
             "--siov-adis" => siov.device_adis = parse_count(flag, v, 1, 1 << 20)?,
             "--siov-ims" => siov.device_ims = parse_count(flag, v, 16, 1 << 24)?,
-            "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 24, 4096)?,
+            "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, crate::vdcm::routes::MAX_MSI_ROUTES)?,
             _ => {
                 siov.ims_storage = match v.as_str() {
                     "on-device" => ImsStorage::OnDevice,
@@ -404,7 +405,7 @@ mod tests {
         assert!(parse_err(&["--kernel", &k, "--adi", "10", "--siov-adis", "5"]).contains("only 5 ADIs"));
         assert!(parse_err(&["--kernel", &k, "--adi", "100", "--adi-vectors", "200"]).contains("needs 20000 IMS entries"));
         assert_eq!(parse_err(&["--kernel", &k, "--ims-storage", "disk"]), "--ims-storage disk: must be on-device or in-memory");
-        assert_eq!(parse_err(&["--kernel", &k, "--max-msi-routes", "5000"]), "--max-msi-routes 5000: must be between 24 and 4096");
+        assert_eq!(parse_err(&["--kernel", &k, "--max-msi-routes", "5000"]), "--max-msi-routes 5000: must be between 0 and 4056");
         assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "0"]), "--adi-vectors 0: must be between 1 and 2048");
         assert_eq!(parse_err(&["--kernel", &k, "--siov-ims", "2", "--siov-ims", "3"]), "--siov-ims given more than once");
         for e in [parse_err(&["--kernel", &k, "--cpus", "0"]), parse_err(&["--kernel", "/nonexistent"])] {

@@ -4,8 +4,9 @@
 //! path gives it a GSI with an MSI route (the guest's address/data) and binds the eventfd with
 //! KVM_IRQFD: KVM injects on the signalling thread, no VMM thread involved.
 //!
-//! KVM allows 4096 routes per VM (KVM_MAX_IRQ_ROUTES, include/linux/kvm_host.h), 24 of which we
-//! keep for the IOAPIC pins. A guest with more live vectors than that still gets every
+//! KVM allows 4096 routing entries per VM (KVM_MAX_IRQ_ROUTES, include/linux/kvm_host.h); the
+//! irqchip routes take 40 of them (24 IOAPIC pins, 16 PIC pins), leaving 4056 for MSI routes.
+//! A guest with more live vectors than that still gets every
 //! interrupt: vectors beyond the route budget go to the **overflow injector**, a VMM thread that
 //! waits on their eventfds and injects each interrupt with KVM_SIGNAL_MSI (no route needed,
 //! one ioctl per interrupt). Routes are given first-come; the docs describe the trade-off.
@@ -23,10 +24,14 @@ use devices::pci::msix::MsiMessage;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-/// KVM's per-VM route limit.
+/// KVM's per-VM limit on routing entries.
 pub const KVM_MAX_IRQ_ROUTES: u32 = 4096;
 /// GSIs 0..24 stay routed to the IOAPIC pins.
 pub const IOAPIC_GSIS: u32 = 24;
+/// Routing entries the irqchips take: 24 IOAPIC pins and 16 PIC pins (see `kvm_routes`).
+pub const IRQCHIP_ENTRIES: u32 = 40;
+/// Most MSI routes a VM can have.
+pub const MAX_MSI_ROUTES: u32 = KVM_MAX_IRQ_ROUTES - IRQCHIP_ENTRIES;
 
 /// Identifies one guest vector (chosen by the caller, unique per router).
 pub type VectorKey = u64;
@@ -84,9 +89,9 @@ struct Overflow {
 const WAKE: u64 = u64::MAX;
 
 impl MsiRouter {
-    /// A router using at most `max_routes` KVM routes in all (≤ 4096, IOAPIC pins included).
-    pub fn new(backend: Arc<dyn RouteBackend>, max_routes: u32) -> std::io::Result<Self> {
-        let max = max_routes.clamp(IOAPIC_GSIS, KVM_MAX_IRQ_ROUTES);
+    /// A router using at most `msi_routes` MSI routes (clamped to [`MAX_MSI_ROUTES`]).
+    pub fn new(backend: Arc<dyn RouteBackend>, msi_routes: u32) -> std::io::Result<Self> {
+        let max = IOAPIC_GSIS + msi_routes.min(MAX_MSI_ROUTES);
         let overflow = Arc::new(Overflow {
             epoll: Epoll::new()?,
             vectors: Mutex::new(HashMap::new()),
@@ -273,7 +278,7 @@ mod tests {
     fn routes_first_then_overflow_and_every_interrupt_arrives() {
         let fake = Arc::new(Fake::default());
         // Room for 2 MSI routes only.
-        let router = MsiRouter::new(fake.clone(), IOAPIC_GSIS + 2).unwrap();
+        let router = MsiRouter::new(fake.clone(), 2).unwrap();
         let fds: Vec<_> = (0..5).map(|_| evt()).collect();
         for (i, fd) in fds.iter().enumerate() {
             router.bind(i as u64, fd.clone(), msg(i as u32)).unwrap();
@@ -299,7 +304,7 @@ mod tests {
     #[test]
     fn rebinding_updates_and_unbinding_frees() {
         let fake = Arc::new(Fake::default());
-        let router = MsiRouter::new(fake.clone(), IOAPIC_GSIS + 1).unwrap();
+        let router = MsiRouter::new(fake.clone(), 1).unwrap();
         let (a, b) = (evt(), evt());
         router.bind(1, a.clone(), msg(1)).unwrap();
         router.bind(2, b.clone(), msg(2)).unwrap();
@@ -323,6 +328,6 @@ mod tests {
     fn limits_are_clamped() {
         let fake = Arc::new(Fake::default());
         let router = MsiRouter::new(fake, 1_000_000).unwrap();
-        assert_eq!(lock(&router.state).free_gsis.len() as u32, KVM_MAX_IRQ_ROUTES - IOAPIC_GSIS);
+        assert_eq!(lock(&router.state).free_gsis.len() as u32, MAX_MSI_ROUTES);
     }
 }
