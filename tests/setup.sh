@@ -67,7 +67,11 @@ modsrc="$repo/tests/guest/siov_adi"
 if [ ! -f "$assets/siov_adi.ko" ] || [ "$modsrc/siov_adi.c" -nt "$assets/siov_adi.ko" ]; then
   build=$(mktemp -d)
   cp "$modsrc"/siov_adi.c "$modsrc"/Makefile "$build/"
-  make -s -C "/usr/src/linux-headers-$kver" M="$build" modules >/dev/null
+  if ! make -s -C "/usr/src/linux-headers-$kver" M="$build" modules >"$build/make.log" 2>&1; then
+    cat "$build/make.log" >&2
+    echo "setup: building the guest driver failed" >&2
+    exit 1
+  fi
   cp "$build/siov_adi.ko" "$assets/siov_adi.ko"
   rm -rf "$build"
 fi

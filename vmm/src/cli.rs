@@ -21,7 +21,8 @@ pub const USAGE: &str = "\
 siovmm - a KVM virtual machine monitor for Scalable IOV assignable device interfaces
 
 USAGE:
-    siovmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
+    siovmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE] [SIOV options]
+    siovmm bench-siov [--adis N] [--ims N] [--rate-adis N] [--per-adi N]
 
 OPTIONS:
     --kernel PATH      Linux kernel to boot: ELF vmlinux (entered through its PVH note, or its
@@ -110,6 +111,8 @@ pub enum Command {
     Help,
     /// Print the version.
     Version,
+    /// Run the SIOV scale and delivery benchmark.
+    BenchSiov(crate::bench::BenchOptions),
 }
 
 /// A bad command line; the message is the whole error line.
@@ -159,6 +162,10 @@ fn check_file(flag: &str, path: &str) -> Result<File, CliError> {
 
 /// Parses and validates `args` (without the program name).
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
+    let args: Vec<String> = args.into_iter().collect();
+    if args.first().map(String::as_str) == Some("bench-siov") {
+        return crate::bench::parse(&args[1..]).map(Command::BenchSiov);
+    }
     let mut kernel = None;
     let mut initramfs = None;
     let mut cmdline = None;
@@ -302,7 +309,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
 }
 
 /// A decimal count in `min..=max`.
-fn parse_count(flag: &str, v: &str, min: u32, max: u32) -> Result<u32, CliError> {
+pub fn parse_count(flag: &str, v: &str, min: u32, max: u32) -> Result<u32, CliError> {
     match v.parse::<u32>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         Ok(_) => err(format!("{flag} {v}: must be between {min} and {max}")),

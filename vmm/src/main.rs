@@ -1,6 +1,7 @@
 //! siovmm: boots a Linux guest on KVM and (as the project grows) composes SIOV assignable
 //! device interfaces into it. See docs/architecture.md.
 
+mod bench;
 mod cli;
 mod coalesced;
 mod console;
@@ -54,6 +55,15 @@ fn main() -> ExitCode {
         cli::Command::Version => {
             println!("siovmm {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
+        }
+        cli::Command::BenchSiov(o) => {
+            return match bench::run(&o) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("siovmm: bench-siov: {e}");
+                    ExitCode::from(1)
+                }
+            };
         }
         cli::Command::Run(c) => c,
     };

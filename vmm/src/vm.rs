@@ -282,6 +282,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let shutdown = Arc::new(ShutdownSignal::new().map_err(io_err("eventfd".into()))?);
     let signals = SignalWatch::new(shutdown.clone())?;
 
+    if config.siov.adis > 0 {
+        crate::bench::raise_fd_limit();
+    }
     let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
     let (vm, mem) = create_vm(&kvm, config.memory)?;
     let vm = Arc::new(vm);

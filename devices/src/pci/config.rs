@@ -3,7 +3,10 @@
 
 /// Size of PCI Express configuration space.
 pub const CONFIG_SPACE_SIZE: usize = 4096;
-const DWORDS: usize = CONFIG_SPACE_SIZE / 4;
+/// Registers kept: the 256-byte PCI-compatible space. The extended space (0x100..0x1000)
+/// reads as zero, which says "no extended capabilities"; storing only the first 256 bytes keeps
+/// a function's shadow at 512 bytes, which matters with thousands of ADIs.
+const DWORDS: usize = 64;
 
 /// Standard header offsets (PCI Local Bus 3.0 §6.1).
 pub mod offset {
@@ -47,9 +50,14 @@ impl ConfigSpace {
         c
     }
 
-    /// Reads dword register `reg` (index, not byte offset); out of range reads all-ones.
+    /// Reads dword register `reg` (index, not byte offset); the extended space reads zero,
+    /// beyond it all-ones.
     pub fn read_reg(&self, reg: usize) -> u32 {
-        self.regs.get(reg).copied().unwrap_or(u32::MAX)
+        match self.regs.get(reg) {
+            Some(v) => *v,
+            None if reg < CONFIG_SPACE_SIZE / 4 => 0,
+            None => u32::MAX,
+        }
     }
 
     /// A guest write of `data` (1, 2 or 4 bytes) at byte `offset` within dword `reg`.
@@ -115,7 +123,9 @@ mod tests {
         c.write_reg(1, 3, &[0xff, 0xff, 0xff, 0xff]);
         c.write_reg(1, 0, &[0xff, 0xff, 0xff]);
         c.write_reg(5000, 0, &[1]);
+        c.write_reg(0x40, 0, &[1, 2, 3, 4]);
         assert_eq!(c.read_reg(1), 0);
+        assert_eq!(c.read_reg(0x40), 0, "extended space: no capabilities");
         assert_eq!(c.read_reg(5000), u32::MAX);
     }
 }

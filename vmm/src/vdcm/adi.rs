@@ -80,7 +80,9 @@ pub struct AdiFunction {
     msix: Msix,
     device: Arc<dyn SiovDevice>,
     ims: ImsGroup,
-    vector_fds: Vec<Arc<EventFd>>,
+    /// Per vector, the eventfd its IMS entry signals; made when the guest first programs the
+    /// vector, so idle ADIs hold no file descriptors for interrupts.
+    vector_fds: Vec<Option<Arc<EventFd>>>,
     router: Arc<MsiRouter>,
     key_base: VectorKey,
     mapper: Arc<dyn BarMapper>,
@@ -90,6 +92,8 @@ pub struct AdiFunction {
     queue_size: u32,
     control: u32,
     status: u32,
+    /// Doorbell writes that exited to siovmm instead of completing in KVM's ioeventfd.
+    slow_doorbells: u64,
 }
 
 impl std::fmt::Debug for AdiFunction {
@@ -145,14 +149,11 @@ impl AdiFunction {
         config.set_reg(CAP_OFFSET / 4 + 1, MSIX_TABLE as u32); // BIR 0
         config.set_reg(CAP_OFFSET / 4 + 2, MSIX_PBA as u32); // BIR 0
 
-        let mut vector_fds = Vec::with_capacity(usize::from(vectors));
         for index in p.ims.indexes().take(usize::from(vectors)) {
-            let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| siov::Error::ImsNotAllocated(index))?);
             // The host message is a token naming the entry; delivery is the bound eventfd.
             p.device.ims_program(index, ImsEntry { message: host_token(index), masked: true })?;
-            p.device.ims_bind(index, Some(fd.clone()))?;
-            vector_fds.push(fd);
         }
+        let vector_fds = vec![None; usize::from(vectors)];
         let handles: Vec<_> = p.ims.indexes().take(usize::from(vectors)).collect();
         p.device.set_interrupt_handles(p.adi, &handles)?;
         let f = Self {
@@ -172,6 +173,7 @@ impl AdiFunction {
             queue_size: 0,
             control: 0,
             status: 0,
+            slow_doorbells: 0,
         };
         Ok(f)
     }
@@ -194,16 +196,37 @@ impl AdiFunction {
     fn apply(&mut self, change: VectorChange) {
         let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
         let key = self.key_base + u64::from(change.vector);
-        let fd = self.vector_fds[usize::from(change.vector)].clone();
         if !self.msix.enabled() {
             let _ = self.router.unbind(key);
         } else if !change.masked || change.message.address != 0 {
+            let Some(fd) = self.vector_fd(change.vector, index) else { return };
             // A route for the guest's message: the guest can only name its own APICs, since the
             // route lives in its own VM.
             let _ = self.router.bind(key, fd, change.message);
         }
         // Mask (or unmask: the device then delivers a pending interrupt, once).
         let _ = self.device.ims_set_mask(index, change.masked);
+    }
+
+    /// Doorbell writes that reached siovmm (0 when the ioeventfd fast path took them all).
+    pub fn slow_doorbells(&self) -> u64 {
+        self.slow_doorbells
+    }
+
+    /// The eventfd behind `vector`, once the guest has programmed it.
+    pub fn vector_eventfd(&self, vector: u16) -> Option<Arc<EventFd>> {
+        self.vector_fds.get(usize::from(vector)).cloned().flatten()
+    }
+
+    /// The vector's eventfd, made and bound to its IMS entry on first use.
+    fn vector_fd(&mut self, vector: u16, index: siov::ImsIndex) -> Option<Arc<EventFd>> {
+        let slot = self.vector_fds.get_mut(usize::from(vector))?;
+        if slot.is_none() {
+            let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).ok()?);
+            self.device.ims_bind(index, Some(fd.clone())).ok()?;
+            *slot = Some(fd);
+        }
+        slot.clone()
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
@@ -316,6 +339,7 @@ impl BusDevice for AdiFunction {
             }
             // Reached only when the ioeventfd did not take the write (e.g. before it exists).
             o if (DOORBELL..DOORBELL + 8).contains(&o) => {
+                self.slow_doorbells += 1;
                 let _ = self.doorbell.write(1);
             }
             o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {

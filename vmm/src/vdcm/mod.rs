@@ -146,11 +146,18 @@ impl Vdcm {
         Ok(Self { device, router, functions, adis })
     }
 
+    /// The composed functions.
+    pub fn functions(&self) -> &[Arc<Mutex<AdiFunction>>] {
+        &self.functions
+    }
+
     /// How guest vectors are delivered, for the start-up trace.
     pub fn delivery_summary(&self) -> String {
         let (routed, overflow) = self.router.counts();
+        let slow: u64 = self.functions.iter().map(|f| lock(f).slow_doorbells()).sum();
         format!(
-            "{} ADIs; {routed} vectors on KVM routes, {overflow} on the overflow path ({} injections)",
+            "{} ADIs; {routed} vectors on KVM routes, {overflow} on the overflow path ({} injections); \
+             {slow} doorbell writes exited to siovmm",
             self.functions.len(),
             self.router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed)
         )

@@ -1,0 +1,204 @@
+//! `siovmm bench-siov`: scale and interrupt-delivery figures, no guest boot.
+//!
+//! 1. **Compose**: one software SIOV device with `--adis` ADIs (default 10,000) and `--ims`
+//!    IMS entries (default 16,384); its ADIs composed into as many VMs as needed (248 per VM:
+//!    bus 0), each VM a real KVM VM with an in-kernel irqchip and one vCPU. Prints the time per
+//!    ADI and the VMM's resident memory per ADI (RSS growth over the composition; guest RAM is
+//!    mapped but untouched; KVM's kernel-side memory is not in RSS).
+//! 2. **Delivery**: on `--rate-adis` ADIs the bench acts as the guest: enables MSI-X, programs
+//!    and unmasks vector 0 (a KVM MSI route + irqfd), sets up a queue, and submits
+//!    `--per-adi` NOOP descriptors with completion interrupts, then rings each doorbell. The
+//!    device's workers run them and fire the IMS entries; the figure is interrupts/s from the
+//!    first doorbell to the last delivery. The **baseline**, in the same process, writes the same
+//!    eventfds directly (raw irqfd signalling) as many times. Printed as a ratio.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use devices::pci::PciFunction;
+use devices::{Bus, BusDevice};
+use kvm_ioctls::Kvm;
+use siovmm_vfio::siov::ImsStorage;
+use siovmm_vfio::soft::descriptor::{flags, opcode, Descriptor};
+use siovmm_vfio::soft::{SoftSiovDevice, RING_OFFSET};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::cli::{parse_count, CliError};
+use crate::vdcm::adi::{reg, MSIX_TABLE};
+use crate::vdcm::kvm_routes::KvmRoutes;
+use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
+use crate::vdcm::{AdiRequest, Vdcm, MAX_ADIS_PER_GUEST};
+use crate::vm::{create_vm, pci_root};
+
+/// Options of `bench-siov`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// ADIs of the device, all composed.
+    pub adis: u32,
+    /// IMS entries of the device.
+    pub ims: u32,
+    /// ADIs used for the delivery figure.
+    pub rate_adis: u32,
+    /// Descriptors per ADI in the delivery figure.
+    pub per_adi: u32,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self { adis: 10_000, ims: 16_384, rate_adis: 64, per_adi: 4000 }
+    }
+}
+
+/// Parses `bench-siov` options.
+pub fn parse(args: &[String]) -> Result<BenchOptions, CliError> {
+    let mut o = BenchOptions::default();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?;
+        match flag.as_str() {
+            "--adis" => o.adis = parse_count(flag, v, 1, 1 << 20)?,
+            "--ims" => o.ims = parse_count(flag, v, 16, 1 << 24)?,
+            "--rate-adis" => o.rate_adis = parse_count(flag, v, 1, 4096)?,
+            "--per-adi" => o.per_adi = parse_count(flag, v, 1, 4000)?,
+            _ => return Err(CliError(format!("bench-siov: unknown argument '{flag}'"))),
+        }
+    }
+    if o.ims < o.adis {
+        return Err(CliError(format!("--ims {}: fewer IMS entries than --adis {} (one vector each)", o.ims, o.adis)));
+    }
+    o.rate_adis = o.rate_adis.min(o.adis);
+    Ok(o)
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// Raises the open-file soft limit to the hard limit: every ADI holds a doorbell eventfd, and
+/// every programmed vector another.
+pub fn raise_fd_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+struct Guest {
+    mem: vm_memory::GuestMemoryMmap,
+    vdcm: Vdcm,
+    _vcpu: kvm_ioctls::VcpuFd,
+    _mmio: Arc<Bus>,
+}
+
+const QUEUE_SIZE: u32 = 4096;
+const QUEUE_STRIDE: u64 = 0x41000; // 64 + 4096 × 64, page-rounded
+const QUEUE_AREA: u64 = 0x10_0000;
+
+/// Runs the benchmark and prints its figures.
+pub fn run(o: &BenchOptions) -> Result<(), String> {
+    raise_fd_limit();
+    let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+    let device = Arc::new(
+        SoftSiovDevice::new(o.adis, o.ims, ImsStorage::OnDevice, 2).map_err(|e| format!("software device: {e}"))?,
+    );
+    let rss0 = rss_bytes();
+    let t0 = Instant::now();
+    let mut guests = Vec::new();
+    let mut first = 0;
+    while first < o.adis {
+        let count = MAX_ADIS_PER_GUEST.min(o.adis - first);
+        let mem_size = QUEUE_AREA + u64::from(MAX_ADIS_PER_GUEST) * QUEUE_STRIDE + (1 << 20);
+        let (vm, mem) = create_vm(&kvm, mem_size.next_multiple_of(2 << 20)).map_err(|e| e.to_string())?;
+        let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        let vm = Arc::new(vm);
+        let mmio = Arc::new(Bus::new());
+        let mut root = pci_root();
+        let router = MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).map_err(|e| e.to_string())?;
+        let req = AdiRequest { first_adi: first, count, vectors: 1 };
+        let vdcm = Vdcm::compose(vm, &mem, &mut root, mmio.clone(), device.clone(), Arc::new(router), req)
+            .map_err(|e| e.to_string())?;
+        guests.push(Guest { mem, vdcm, _vcpu: vcpu, _mmio: mmio });
+        first += count;
+    }
+    let compose = t0.elapsed();
+    let rss = rss_bytes().saturating_sub(rss0);
+    println!(
+        "compose: {} ADIs into {} VMs, {} IMS entries on the device: {:.1} ms total, {:.1} µs per ADI",
+        o.adis,
+        guests.len(),
+        o.ims,
+        compose.as_secs_f64() * 1000.0,
+        compose.as_secs_f64() * 1e6 / f64::from(o.adis)
+    );
+    println!("memory: VMM resident set grew {:.1} MiB: {:.0} bytes per ADI", rss as f64 / (1 << 20) as f64, rss as f64 / f64::from(o.adis));
+
+    // Delivery: act as the guest on the first `rate_adis` ADIs.
+    let mut fds = Vec::new();
+    let mut doorbells: Vec<(Arc<Mutex<crate::vdcm::adi::AdiFunction>>, vm_memory::GuestMemoryMmap, u64)> = Vec::new();
+    'outer: for g in &guests {
+        for (i, f) in g.vdcm.functions().iter().enumerate() {
+            if fds.len() as u32 == o.rate_adis {
+                break 'outer;
+            }
+            let mut func = lock(f);
+            func.config_write(0x40 / 4, 2, &0x8000u16.to_le_bytes()); // MSI-X enable
+            func.write(MSIX_TABLE, &0xfee0_0000u64.to_le_bytes());
+            func.write(MSIX_TABLE + 8, &(0x30 + (i as u32 % 200)).to_le_bytes());
+            func.write(MSIX_TABLE + 12, &0u32.to_le_bytes()); // unmask
+            let queue = QUEUE_AREA + i as u64 * QUEUE_STRIDE;
+            func.write(reg::QUEUE_BASE_LO, &(queue as u32).to_le_bytes());
+            func.write(reg::QUEUE_BASE_HI, &((queue >> 32) as u32).to_le_bytes());
+            func.write(reg::QUEUE_SIZE, &QUEUE_SIZE.to_le_bytes());
+            func.write(reg::CONTROL, &1u32.to_le_bytes());
+            let fd = func.vector_eventfd(0).ok_or("vector 0 has no eventfd after programming")?;
+            fds.push(fd);
+            let d = Descriptor { opcode: opcode::NOOP, flags: flags::RCI, int_handle: 0, ..Default::default() }.encode();
+            for k in 0..o.per_adi {
+                let slot = u64::from(k % QUEUE_SIZE);
+                g.mem.write_slice(&d, GuestAddress(queue + RING_OFFSET + slot * 64)).map_err(|e| e.to_string())?;
+            }
+            drop(func);
+            doorbells.push((f.clone(), g.mem.clone(), queue));
+        }
+    }
+    let total = u64::from(o.per_adi) * doorbells.len() as u64;
+    let delivered0 = device.stats().interrupts.load(Ordering::Relaxed);
+    let t1 = Instant::now();
+    for (f, mem, queue) in &doorbells {
+        mem.write_obj(o.per_adi, GuestAddress(*queue)).map_err(|e| e.to_string())?; // publish the tail
+        lock(f).write(crate::vdcm::adi::DOORBELL, &1u32.to_le_bytes());
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while device.stats().interrupts.load(Ordering::Relaxed) - delivered0 < total {
+        if Instant::now() > deadline {
+            return Err("device path: not every interrupt was delivered within 120 s".into());
+        }
+        std::thread::yield_now();
+    }
+    let device_secs = t1.elapsed().as_secs_f64();
+    // Baseline: raw irqfd signalling of the same eventfds, same count.
+    let t2 = Instant::now();
+    for _ in 0..o.per_adi {
+        for fd in &fds {
+            fd.write(1).map_err(|e| e.to_string())?;
+        }
+    }
+    let raw_secs = t2.elapsed().as_secs_f64();
+    let (dev_rate, raw_rate) = (total as f64 / device_secs, total as f64 / raw_secs);
+    println!(
+        "delivery: {total} completion interrupts from {} ADIs: device -> IMS -> irqfd -> KVM {:.0}/s; raw irqfd writes {:.0}/s; ratio {:.2}",
+        doorbells.len(),
+        dev_rate,
+        raw_rate,
+        dev_rate / raw_rate
+    );
+    Ok(())
+}
