@@ -10,6 +10,7 @@
 //! Table bytes come from the `acpi_tables` crate's builders and AML encoder; this crate only
 //! decides what the tables say and where they live (`arch::layout::ACPI_START..ACPI_END`).
 
+pub mod dmar;
 mod dsdt;
 mod madt;
 
@@ -285,7 +286,8 @@ mod tests {
     fn iasl_disassembles_every_table_cleanly() {
         let dir = std::env::temp_dir().join(format!("siovmm-iasl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let t = build(&Platform { vcpus: 4, mem_size: 6 << 30 }, &[]).unwrap();
+        let extra = [dmar::dmar(0xfed9_0000, 48), dmar::siov(dmar::SIOV_IMS_OPT_OUT)];
+        let t = build(&Platform { vcpus: 4, mem_size: 6 << 30 }, &extra).unwrap();
         for (sig, off, len) in &t.index {
             if sig == b"RSDP" {
                 continue;
@@ -301,11 +303,20 @@ mod tests {
                 .expect("iasl (Debian package acpica-tools) must be installed: tests/setup.sh does it");
             let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             assert!(out.status.success(), "iasl -d {name} failed:\n{text}");
-            for bad in ["Error", "Warning", "Invalid", "**** "] {
+            for bad in ["Error", "Warning", "Invalid"] {
                 assert!(!text.contains(bad), "iasl -d {name} reported {bad:?}:\n{text}");
             }
-            let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
-            assert!(!dsl.contains("Unknown") && !dsl.contains("Error"), "{name}.dsl:\n{dsl}");
+            let mut dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
+            if sig == b"SIOV" {
+                // Our own table: iasl checks its header and length, and cannot know its body.
+                assert!(dsl.contains("Table Length : 0000002C"), "{dsl}");
+                dsl = dsl.replace("**** Unknown ACPI table signature [SIOV]", "");
+            }
+            assert!(!dsl.contains("Unknown") && !dsl.contains("Error") && !dsl.contains("**** "), "{name}.dsl:\n{dsl}");
+        }
+        let dmar = std::fs::read_to_string(dir.join("dmar.dsl")).unwrap();
+        for needle in ["[Hardware Unit Definition]", "Flags : 01", "00000000FED90000", "Host Address Width : 2F"] {
+            assert!(dmar.contains(needle), "DMAR lacks {needle}:\n{dmar}");
         }
         let dsdt = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
         for needle in ["PNP0A08", "PNP0C02", "PNP0501", "PNP0B00", "_S5_", "0xE0000000"] {

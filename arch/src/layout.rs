@@ -58,6 +58,8 @@ pub const PCI_ECAM_START: u64 = 0xE000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
 /// IOAPIC register window.
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
+/// The virtual VT-d remapping unit's registers (where QEMU puts its unit too).
+pub const VTD_START: u64 = 0xFED9_0000;
 /// Local APIC register window.
 pub const APIC_START: u64 = 0xFEE0_0000;
 /// First address above the 32-bit space.
@@ -85,6 +87,7 @@ pub const IOAPIC_PINS: u32 = 24;
 // The fixed windows must not overlap; checked at compile time.
 const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
 const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+const _: () = assert!(IOAPIC_START < VTD_START && VTD_START + 0x1000 <= APIC_START);
 const _: () = assert!(ACPI_START >= LOW_RAM_END && ACPI_END <= HIMEM_START);
 const _: () = assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START);
 

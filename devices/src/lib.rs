@@ -8,6 +8,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod cmos;
 pub mod i8042;
+pub mod iommu;
 pub mod pci;
 pub mod serial;
 pub mod shutdown;

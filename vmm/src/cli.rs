@@ -43,6 +43,9 @@ SIOV (Scalable IOV) options:
     --siov-ims N       IMS entries of that device, at least 16 [default: 16384]
     --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
                        in-memory (in each queue's context) [default: on-device]
+    --viommu           give the guest a virtual VT-d DMA-remapping unit (ACPI DMAR, one DRHD
+                       with INCLUDE_PCI_ALL at 0xfed90000) that translates ADI DMA as the guest
+                       programs it; it reports Caching Mode, telling guests not to use IMS
     --max-msi-routes N KVM MSI routes siovmm may use, 0..=4056 (KVM's 4096 entries minus the
                        irqchip's 40); vectors beyond the budget are delivered by a VMM thread
                        with KVM_SIGNAL_MSI [default: 4056]
@@ -70,6 +73,8 @@ pub struct SiovConfig {
     pub ims_storage: ImsStorage,
     /// KVM routes siovmm may use.
     pub max_msi_routes: u32,
+    /// Give the guest a virtual VT-d unit.
+    pub viommu: bool,
 }
 
 impl Default for SiovConfig {
@@ -81,6 +86,7 @@ impl Default for SiovConfig {
             device_ims: 16_384,
             ims_storage: ImsStorage::OnDevice,
             max_msi_routes: crate::vdcm::routes::MAX_MSI_ROUTES,
+            viommu: false,
         }
     }
 }
@@ -200,6 +206,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 adis = Some(total);
                 continue;
             }
+"--viommu" => {
+                if inline.is_some() {
+                    return err("--viommu takes no value".into());
+                }
+                if siov_opts.iter().any(|(f, _)| f == "--viommu") {
+                    return err("--viommu given more than once".into());
+                }
+                siov_opts.push((flag, String::new()));
+                continue;
+            }
             "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--max-msi-routes" => {
                 if siov_opts.iter().any(|(f, _)| *f == flag) {
                     return err(format!("{flag} given more than once"));
@@ -268,6 +284,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, 2048)? as u16,
             "--siov-adis" => siov.device_adis = parse_count(flag, v, 1, 1 << 20)?,
             "--siov-ims" => siov.device_ims = parse_count(flag, v, 16, 1 << 24)?,
+            "--viommu" => siov.viommu = true,
             "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, crate::vdcm::routes::MAX_MSI_ROUTES)?,
             _ => {
                 siov.ims_storage = match v.as_str() {
@@ -378,7 +395,7 @@ mod tests {
         };
         assert_eq!(
             c.siov,
-            SiovConfig { adis: 64, vectors: 4, device_adis: 256, device_ims: 20_000, ims_storage: ImsStorage::InMemory, max_msi_routes: 100 }
+            SiovConfig { adis: 64, vectors: 4, device_adis: 256, device_ims: 20_000, ims_storage: ImsStorage::InMemory, max_msi_routes: 100, viommu: false }
         );
         assert_eq!(parse(args(&["--help"])).unwrap(), Command::Help);
         assert_eq!(parse(args(&["-V"])).unwrap(), Command::Version);

@@ -10,7 +10,9 @@ use arch::boot::{self, BootInfo};
 use arch::cpuid::VcpuTopology;
 use arch::layout;
 use devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR};
+use devices::iommu::vtd::{self, VtdConfig, VtdUnit};
 use devices::pci::{Bdf, HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
+use siovmm_acpi::dmar;
 use devices::serial::{InputReady, SerialDevice};
 use devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042Reset, Bus, ExitReason, ShutdownSignal};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -146,6 +148,7 @@ pub(crate) fn attach_pci(platform: &Platform, root: PciRoot) -> Result<(), Error
 fn compose_adis(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
+    iommu: Option<&Arc<VtdUnit>>,
     root: &mut PciRoot,
     platform: &Platform,
     config: &VmConfig,
@@ -159,7 +162,7 @@ fn compose_adis(
     let router = MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), s.max_msi_routes)
         .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
     let req = AdiRequest { first_adi: 0, count: s.adis, vectors: s.vectors };
-    Vdcm::compose(vm.clone(), mem, root, platform.mmio.clone(), Arc::new(device), Arc::new(router), req)
+    Vdcm::compose(vm.clone(), mem, iommu, root, platform.mmio.clone(), Arc::new(device), Arc::new(router), req)
         .map(Some)
         .map_err(|e| Error::Device(e.to_string()))
 }
@@ -182,7 +185,13 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, &config.cmdline).map_err(|e| Error::Boot(format!("--cmdline: {e}")))?;
-    let tables = siovmm_acpi::build(&siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory }, &[])
+    // IMS policy: guests must not use IMS (the only mode today); say so in the SIOV table and,
+    // with a vIOMMU, through Caching Mode (docs/ims-policy.md).
+    let mut extra = vec![dmar::siov(dmar::SIOV_IMS_OPT_OUT)];
+    if config.siov.viommu {
+        extra.push(dmar::dmar(layout::VTD_START, 48));
+    }
+    let tables = siovmm_acpi::build(&siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory }, &extra)
         .map_err(|e| Error::Boot(e.to_string()))?;
     mem.write_slice(&tables.bytes, GuestAddress(tables.base))
         .map_err(|e| Error::Memory(format!("writing ACPI tables: {e}")))?;
@@ -290,8 +299,18 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let vm = Arc::new(vm);
     trace.mark("VM and memory");
     let platform = build_platform(&vm, &shutdown, start, Box::new(std::io::stdout()))?;
+    let iommu = if config.siov.viommu {
+        let unit = Arc::new(VtdUnit::new(mem.clone(), VtdConfig { caching_mode: true }));
+        platform
+            .mmio
+            .insert(Arc::new(Mutex::new(unit.clone())), layout::VTD_START, vtd::REG_SIZE)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        Some(unit)
+    } else {
+        None
+    };
     let mut root = pci_root();
-    let vdcm = compose_adis(&vm, &mem, &mut root, &platform, config)?;
+    let vdcm = compose_adis(&vm, &mem, iommu.as_ref(), &mut root, &platform, config)?;
     attach_pci(&platform, root)?;
     trace.mark("devices");
     let entry = load_guest(&mem, config, &trace)?;
@@ -351,6 +370,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     trace.mark(&format!("run ({}, coalesced 0xCF8 {})", exits.stats, if coalesce { "on" } else { "off" }));
     if let Some(v) = &vdcm {
         trace.mark(&format!("run ({})", v.delivery_summary()));
+    }
+    if let Some(unit) = &iommu {
+        trace.mark(&format!("run (vIOMMU: {} DMA page translations)", unit.translations()));
     }
     // vCPU threads are not joined: a vCPU may sit in KVM_RUN until the process exits, which
     // the caller does next. Guest memory and the VM fd stay alive until then.

@@ -7,6 +7,7 @@
 //! window as firmware would, and map it: BAR0 on the MMIO bus plus an ioeventfd on its doorbell.
 
 pub mod adi;
+pub mod iommu_dma;
 pub mod kvm_routes;
 pub mod routes;
 
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use devices::bus::lock;
+use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciRoot};
 use devices::Bus;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -95,12 +97,26 @@ pub struct AdiRequest {
     pub vectors: u16,
 }
 
+/// Where an ADI's DMA goes.
+pub fn dma_space(
+    mem: &GuestMemoryMmap,
+    iommu: Option<&Arc<VtdUnit>>,
+    bdf: Bdf,
+) -> Arc<dyn siovmm_vfio::dma::DmaSpace> {
+    match iommu {
+        Some(unit) => Arc::new(iommu_dma::VtdDma { unit: unit.clone(), sid: bdf.0, ram: GuestRam(mem.clone()) }),
+        None => Arc::new(GuestRam(mem.clone())),
+    }
+}
+
 impl Vdcm {
     /// Composes `req.count` ADIs into the guest whose VM is `vm`, memory `mem`, PCI segment
-    /// `root` and MMIO bus `mmio`.
+    /// `root` and MMIO bus `mmio`; their DMA goes through `iommu` when the guest has one.
+    #[allow(clippy::too_many_arguments)]
     pub fn compose(
         vm: Arc<VmFd>,
         mem: &GuestMemoryMmap,
+        iommu: Option<&Arc<VtdUnit>>,
         root: &mut PciRoot,
         mmio: Arc<Bus>,
         device: Arc<dyn SiovDevice>,
@@ -115,11 +131,11 @@ impl Vdcm {
         let mut adis = Vec::new();
         for i in 0..req.count {
             let adi = AdiId(req.first_adi + i);
-            let Portal::Doorbell(doorbell) = device.open_adi(adi, Arc::new(GuestRam(mem.clone())))?;
+            let bdf = Bdf::new(0, 1 + (i / 8) as u8, (i % 8) as u8);
+            let Portal::Doorbell(doorbell) = device.open_adi(adi, dma_space(mem, iommu, bdf))?;
             adis.push(adi);
             let ims = device.ims_alloc(u32::from(req.vectors))?;
             device.ims_assign(ims, adi)?;
-            let bdf = Bdf::new(0, 1 + (i / 8) as u8, (i % 8) as u8);
             let multifunction = i % 8 == 0 && i + 1 < req.count;
             let bar0 = layout::PCI_MMIO32_START + u64::from(i) * BAR0_SIZE;
             if bar0 + BAR0_SIZE > layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE {

@@ -1,0 +1,3 @@
+//! Virtual IOMMUs.
+
+pub mod vtd;
