@@ -334,13 +334,11 @@ impl VtdUnit {
                 // IAIG (58:57) reports IIRG (61:60).
                 r.iotlb = if v & IOTLB_IVT != 0 { (v & !IOTLB_IVT & !(3 << 57)) | ((v >> 60 & 3) << 57) } else { v };
             }
-            o if o == reg::FRCD + 8 => {
-                // Writing 1 to F clears the record.
-                if value & mask & FRCD_F != 0 {
-                    r.frcd_hi = 0;
-                    r.frcd_lo = 0;
-                    r.fsts &= !FSTS_PPF;
-                }
+            // Writing 1 to F clears the record.
+            o if o == reg::FRCD + 8 && value & mask & FRCD_F != 0 => {
+                r.frcd_hi = 0;
+                r.frcd_lo = 0;
+                r.fsts &= !FSTS_PPF;
             }
             _ => {}
         }

@@ -35,7 +35,7 @@ const SID: u16 = 0x0008; // 00:01.0
 /// Builds tables mapping IOVA 0x1234_5000 → GPA 0x80_0000 (read+write) and
 /// 0x1234_6000 → 0x80_1000 (read only), for SID 00:01.0, 4-level.
 fn setup(u: &VtdUnit, m: &GuestMemoryMmap) {
-    m.write_obj(CTX | 1, GuestAddress(ROOT + 0)).unwrap(); // bus 0
+    m.write_obj(CTX | 1, GuestAddress(ROOT)).unwrap(); // bus 0
     m.write_obj(L4 | 1, GuestAddress(CTX + 8 * 16)).unwrap(); // devfn 8, TT=0
     m.write_obj(2u64 | 5 << 8, GuestAddress(CTX + 8 * 16 + 8)).unwrap(); // AW=2 (48-bit), DID 5
     let iova = 0x1234_5000u64;
