@@ -5,10 +5,9 @@ use acpi_tables::aml::{
     ResourceTemplate, IO,
 };
 use acpi_tables::sdt::Sdt;
-use acpi_tables::Aml;
 use arch::layout;
 
-use crate::{pm, Platform, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
+use crate::{aml_bytes, pm, Platform, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 
 /// DSDT revision 2: integers are 64-bit.
 const DSDT_REVISION: u8 = 2;
@@ -43,10 +42,7 @@ fn pci_host_bridge(platform: &Platform) -> Vec<u8> {
     let uid = Name::new("_UID".into(), &0u8);
     let bbn = Name::new("_BBN".into(), &0u8);
     let crs = Name::new("_CRS".into(), &crs);
-    let dev = Device::new("_SB_.PCI0".into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]);
-    let mut v = Vec::new();
-    dev.to_aml_bytes(&mut v);
-    v
+    aml_bytes(&Device::new("_SB_.PCI0".into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]))
 }
 
 /// A motherboard-resources device (PNP0C02) reserving the ECAM window, which Linux requires
@@ -57,10 +53,7 @@ fn ecam_reservation() -> Vec<u8> {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
     let uid = Name::new("_UID".into(), &1u8);
     let crs = Name::new("_CRS".into(), &crs);
-    let dev = Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]);
-    let mut v = Vec::new();
-    dev.to_aml_bytes(&mut v);
-    v
+    aml_bytes(&Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]))
 }
 
 /// COM1 (PNP0501): 0x3F8, IRQ 4.
@@ -71,10 +64,7 @@ fn com1() -> Vec<u8> {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
     let uid = Name::new("_UID".into(), &1u8);
     let crs = Name::new("_CRS".into(), &crs);
-    let dev = Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
-    let mut v = Vec::new();
-    dev.to_aml_bytes(&mut v);
-    v
+    aml_bytes(&Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]))
 }
 
 /// The CMOS RTC (PNP0B00) at 0x70, without an interrupt: `devices::cmos` has no alarm or
@@ -85,20 +75,14 @@ fn rtc() -> Vec<u8> {
     let crs = ResourceTemplate::new(vec![&io]);
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0B00"));
     let crs = Name::new("_CRS".into(), &crs);
-    let dev = Device::new("_SB_.RTC_".into(), vec![&hid, &crs]);
-    let mut v = Vec::new();
-    dev.to_aml_bytes(&mut v);
-    v
+    aml_bytes(&Device::new("_SB_.RTC_".into(), vec![&hid, &crs]))
 }
 
 /// `\_S5_`: the SLP_TYP value `devices::acpi_pm` recognises as soft-off.
 fn s5() -> Vec<u8> {
     let typ = pm::S5_SLEEP_TYPE;
     let pkg = Package::new(vec![&typ]);
-    let name = Name::new(Path::new("_S5_"), &pkg);
-    let mut v = Vec::new();
-    name.to_aml_bytes(&mut v);
-    v
+    aml_bytes(&Name::new(Path::new("_S5_"), &pkg))
 }
 
 /// The complete DSDT.

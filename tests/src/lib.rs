@@ -313,17 +313,31 @@ fn run_direct(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<Ca
     Ok(results)
 }
 
-/// The sandbox's own /init: load KVM, run every case, report, power off.
-fn sandbox_init(cases: &[GuestCase]) -> String {
-    let mut s = String::from(
-        "#!/bin/busybox sh
+/// The start of the sandbox's /init: busybox, /proc, /sys, /dev and KVM (nested SVM; VMX where
+/// the emulated CPU has it).
+const SANDBOX_PROLOGUE: &str = "#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in irqbypass ccp kvm; do insmod /modules/$m.ko || echo \"@@SANDBOX-ERROR insmod $m\"; done
 insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
-[ -c /dev/kvm ] || echo '@@SANDBOX-ERROR no /dev/kvm in the sandbox'
+";
+
+/// A case's siovmm arguments inside the sandbox, quoted for the shell.
+fn sandbox_args(case: &GuestCase) -> String {
+    case.args(Path::new(&format!("/guest/{}", case.kernel.file())), Path::new(&format!("/guest/{}.cpio", case.name)))
+        .into_iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The sandbox's own /init: load KVM, run every case, report, power off.
+fn sandbox_init(cases: &[GuestCase]) -> String {
+    let mut s = String::from(SANDBOX_PROLOGUE);
+    s.push_str(
+        "[ -c /dev/kvm ] || echo '@@SANDBOX-ERROR no /dev/kvm in the sandbox'
 echo \"@@SANDBOX-INFO thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag=$(cat /sys/kernel/mm/transparent_hugepage/defrag)\"
 uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
 ",
@@ -337,15 +351,10 @@ uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
         s.push_str("export SIOVMM_TRACE_STARTUP=1\n");
     }
     for case in cases {
-        let args: Vec<String> = case
-            .args(Path::new(&format!("/guest/{}", case.kernel.file())), Path::new(&format!("/guest/{}.cpio", case.name)))
-            .into_iter()
-            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
-            .collect();
         s.push_str(&format!(
             "echo '@@CASE {name}'\nt0=$(uptime_cs)\n/siovmm {args} </dev/null 2>&1\nrc=$?\nt1=$(uptime_cs)\necho \"@@EXIT {name} $rc $((t1 - t0))\"\necho \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n",
             name = case.name,
-            args = args.join(" ")
+            args = sandbox_args(case)
         ));
     }
     s.push_str("echo '@@SANDBOX-DONE'\npoweroff -f\n");
@@ -452,25 +461,13 @@ pub fn run_interactive(case: &GuestCase) -> Result<i32, String> {
                 .map_err(|e| format!("starting siovmm: {e}"))?
         }
         Placement::Sandbox => {
-            let args: Vec<String> = case
-                .args(Path::new(&format!("/guest/{}", case.kernel.file())), Path::new(&format!("/guest/{}.cpio", case.name)))
-                .into_iter()
-                .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
-                .collect();
             let init = format!(
-                "#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for m in irqbypass ccp kvm; do insmod /modules/$m.ko; done
-insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
-echo '[sandbox] starting siovmm: the guest console follows (exit its shell to power off)'
+                "{SANDBOX_PROLOGUE}echo '[sandbox] starting siovmm: the guest console follows (exit its shell to power off)'
 setsid cttyhack /siovmm {}
 echo \"[sandbox] siovmm exited with status $?\"
 poweroff -f
 ",
-                args.join(" ")
+                sandbox_args(case)
             );
             let initrd = dir.join("sandbox.cpio");
             std::fs::write(&initrd, sandbox_initramfs(&assets, std::slice::from_ref(case), &init))
