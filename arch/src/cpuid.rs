@@ -107,6 +107,36 @@ pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, topo: &VcpuTopology) {
     }
 }
 
+/// Adds siovmm's hypercall discovery leaves (ABI in the `siovmm-hypercall` crate):
+/// `signature_leaf` → EAX = `info_leaf`, EBX:ECX:EDX = `signature`; `info_leaf` → EAX =
+/// `version`, EBX = `flags`, ECX:EDX = `register` address (low, high).
+pub fn add_hypercall_leaves(
+    entries: &mut Vec<kvm_cpuid_entry2>,
+    (signature_leaf, info_leaf): (u32, u32),
+    signature: [u32; 3],
+    version: u32,
+    flags: u32,
+    register: u64,
+) {
+    entries.retain(|e| e.function != signature_leaf && e.function != info_leaf);
+    entries.push(kvm_cpuid_entry2 {
+        function: signature_leaf,
+        eax: info_leaf,
+        ebx: signature[0],
+        ecx: signature[1],
+        edx: signature[2],
+        ..Default::default()
+    });
+    entries.push(kvm_cpuid_entry2 {
+        function: info_leaf,
+        eax: version,
+        ebx: flags,
+        ecx: register as u32,
+        edx: (register >> 32) as u32,
+        ..Default::default()
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +210,18 @@ mod tests {
         assert_eq!(leaf(&e, 0x8000_0001, 0).ecx & EXT1_ECX_TOPOEXT, 0);
         assert!(!e.iter().any(|x| x.function == 0x8000_001e));
         assert!(!e.iter().any(|x| x.function == TIMING_LEAF));
+    }
+
+    #[test]
+    fn hypercall_leaves() {
+        let mut e = sample();
+        add_hypercall_leaves(&mut e, (0x4000_0100, 0x4000_0101), [1, 2, 3], 1, 1, 0x1_feb0_1000);
+        add_hypercall_leaves(&mut e, (0x4000_0100, 0x4000_0101), [1, 2, 3], 1, 0, 0xfeb0_1000);
+        let sig = leaf(&e, 0x4000_0100, 0);
+        assert_eq!((sig.eax, sig.ebx, sig.ecx, sig.edx), (0x4000_0101, 1, 2, 3));
+        let info = leaf(&e, 0x4000_0101, 0);
+        assert_eq!((info.eax, info.ebx, info.ecx, info.edx), (1, 0, 0xfeb0_1000, 0), "replaced, not duplicated");
+        assert_eq!(e.iter().filter(|x| x.function == 0x4000_0101).count(), 1);
     }
 
     #[test]

@@ -149,10 +149,11 @@ pub trait SiovDevice: Send + Sync {
     fn reset_adi(&self, adi: AdiId) -> Result<(), Error>;
     /// Sets up and enables the ADI's queue, or disables it (`None`).
     fn configure_queue(&self, adi: AdiId, queue: Option<QueueConfig>) -> Result<(), Error>;
-    /// Sets the ADI's interrupt-handle table: handle `h` fires IMS entry `handles[h]`. Every
-    /// entry must be assigned to this ADI (the device checks ownership on each interrupt, as
-    /// DSA checks the entry's PASID).
-    fn set_interrupt_handles(&self, adi: AdiId, handles: &[ImsIndex]) -> Result<(), Error>;
+    /// Sets the ADI's interrupt-handle table: handle `h` fires IMS entry `handles[h]`; `None`
+    /// is a revoked handle (descriptors naming it complete with "invalid interrupt handle").
+    /// Every entry must be assigned to this ADI (the device checks ownership on each interrupt,
+    /// as DSA checks the entry's PASID).
+    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<ImsIndex>]) -> Result<(), Error>;
 
     /// Allocates `count` IMS entries (masked, no message).
     fn ims_alloc(&self, count: u32) -> Result<ImsGroup, Error>;

@@ -43,6 +43,9 @@ SIOV (Scalable IOV) options:
     --siov-ims N       IMS entries of that device, at least 16 [default: 16384]
     --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
                        in-memory (in each queue's context) [default: on-device]
+    --ims P            IMS policy for the guest: off (unmodified guests: IMS disallowed, said by
+                       the SIOV ACPI table and the vIOMMU's Caching Mode) or pv (an enlightened
+                       guest may get IMS vectors through the hypercall) [default: off]
     --viommu           give the guest a virtual VT-d DMA-remapping unit (ACPI DMAR, one DRHD
                        with INCLUDE_PCI_ALL at 0xfed90000) that translates ADI DMA as the guest
                        programs it; it reports Caching Mode, telling guests not to use IMS
@@ -75,6 +78,17 @@ pub struct SiovConfig {
     pub max_msi_routes: u32,
     /// Give the guest a virtual VT-d unit.
     pub viommu: bool,
+    /// IMS policy.
+    pub ims: ImsPolicy,
+}
+
+/// What a guest may do with IMS (docs/ims-policy.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImsPolicy {
+    /// Guests must not use IMS; MSI-X only.
+    Off,
+    /// Guests may get IMS vectors through the hypercall.
+    Pv,
 }
 
 impl Default for SiovConfig {
@@ -87,6 +101,7 @@ impl Default for SiovConfig {
             ims_storage: ImsStorage::OnDevice,
             max_msi_routes: crate::vdcm::routes::MAX_MSI_ROUTES,
             viommu: false,
+            ims: ImsPolicy::Off,
         }
     }
 }
@@ -216,7 +231,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 siov_opts.push((flag, String::new()));
                 continue;
             }
-            "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--max-msi-routes" => {
+            "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--max-msi-routes" | "--ims" => {
                 if siov_opts.iter().any(|(f, _)| *f == flag) {
                     return err(format!("{flag} given more than once"));
                 }
@@ -285,6 +300,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--siov-adis" => siov.device_adis = parse_count(flag, v, 1, 1 << 20)?,
             "--siov-ims" => siov.device_ims = parse_count(flag, v, 16, 1 << 24)?,
             "--viommu" => siov.viommu = true,
+            "--ims" => {
+                siov.ims = match v.as_str() {
+                    "off" => ImsPolicy::Off,
+                    "pv" => ImsPolicy::Pv,
+                    _ => return err(format!("--ims {v}: must be off or pv")),
+                }
+            }
             "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, crate::vdcm::routes::MAX_MSI_ROUTES)?,
             _ => {
                 siov.ims_storage = match v.as_str() {
@@ -395,7 +417,7 @@ mod tests {
         };
         assert_eq!(
             c.siov,
-            SiovConfig { adis: 64, vectors: 4, device_adis: 256, device_ims: 20_000, ims_storage: ImsStorage::InMemory, max_msi_routes: 100, viommu: false }
+            SiovConfig { adis: 64, vectors: 4, device_adis: 256, device_ims: 20_000, ims_storage: ImsStorage::InMemory, max_msi_routes: 100, viommu: false, ims: ImsPolicy::Off }
         );
         assert_eq!(parse(args(&["--help"])).unwrap(), Command::Help);
         assert_eq!(parse(args(&["-V"])).unwrap(), Command::Version);
@@ -431,6 +453,7 @@ mod tests {
         assert_eq!(parse_err(&["--kernel", &k, "--ims-storage", "disk"]), "--ims-storage disk: must be on-device or in-memory");
         assert_eq!(parse_err(&["--kernel", &k, "--max-msi-routes", "5000"]), "--max-msi-routes 5000: must be between 0 and 4056");
         assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "0"]), "--adi-vectors 0: must be between 1 and 2048");
+        assert_eq!(parse_err(&["--kernel", &k, "--ims", "trap"]), "--ims trap: must be off or pv");
         assert_eq!(parse_err(&["--kernel", &k, "--siov-ims", "2", "--siov-ims", "3"]), "--siov-ims given more than once");
         for e in [parse_err(&["--kernel", &k, "--cpus", "0"]), parse_err(&["--kernel", "/nonexistent"])] {
             assert!(!e.contains('\n'), "one line: {e}");

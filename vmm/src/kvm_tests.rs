@@ -147,3 +147,73 @@ fn more_vectors_than_kvm_routes_are_all_delivered() {
     let untaken = fds.iter().filter(|fd| fd.read().is_ok()).count();
     assert_eq!(untaken, 0, "every signal was taken by KVM (irqfd) or the overflow injector");
 }
+
+/// The hypercall endpoint against a real VM with two composed ADIs: every call, every refusal,
+/// and the argument-block transport.
+#[test]
+fn hypercalls_manage_only_this_vms_adis() {
+    use crate::vdcm::hypercall::Hypercalls;
+    use crate::vdcm::kvm_routes::KvmRoutes;
+    use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
+    use crate::vdcm::{AdiRequest, Vdcm};
+    use devices::pci::Bdf;
+    use devices::BusDevice;
+    use siovmm_hypercall::{Call, Status, BLOCK_SIZE};
+    use siovmm_vfio::siov::ImsStorage;
+    use siovmm_vfio::soft::SoftSiovDevice;
+
+    let kvm = Kvm::new().unwrap();
+    let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
+    let _vcpu = vm.create_vcpu(0).unwrap();
+    let vm = Arc::new(vm);
+    let device = Arc::new(SoftSiovDevice::new(8, 1024, ImsStorage::InMemory, 1).unwrap());
+    let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
+    let mut root = pci_root();
+    let mmio = Arc::new(devices::Bus::new());
+    let req = AdiRequest { first_adi: 0, count: 2, vectors: 2 };
+    let vdcm = Vdcm::compose(vm, &mem, None, &mut root, mmio, device, router, req).unwrap();
+    let adi0 = Bdf::new(0, 1, 0).0;
+    let adi1 = Bdf::new(0, 1, 1).0;
+    let mut calls = Hypercalls::new(mem.clone(), vdcm.by_requester_id(), 1, true);
+
+    assert_eq!(calls.execute(Call::Query).map(|v| v >> 32), Ok(1));
+    assert_eq!(calls.execute(Call::ImsAlloc { adi: 0x0200, count: 4 }), Err(Status::NoSuchAdi));
+    assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 300 }), Ok(0));
+    assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 2 }), Ok(300));
+    assert_eq!(calls.execute(Call::ImsAlloc { adi: adi1, count: 1000 }), Err(Status::Exhausted), "1024 entries in all");
+    // Handles follow the two MSI-X vectors.
+    assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 0, vector: 0x40, apic_id: 0 }), Ok(2));
+    assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 301, vector: 0x41, apic_id: 0 }), Ok(303));
+    assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 302, vector: 0x41, apic_id: 0 }), Err(Status::NoSuchSlot));
+    assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 0, vector: 0x40, apic_id: 1 }), Err(Status::InvalidArgument), "no vCPU 1");
+    // ADI 1 cannot touch ADI 0's slots.
+    assert_eq!(calls.execute(Call::ImsMask { adi: adi1, slot: 0, masked: false }), Err(Status::NoSuchSlot));
+    assert_eq!(calls.execute(Call::ImsMask { adi: adi0, slot: 0, masked: false }), Ok(0));
+    assert_eq!(calls.execute(Call::ImsFree { adi: adi0, first: 1 }), Err(Status::NoSuchSlot));
+    assert_eq!(calls.execute(Call::ImsFree { adi: adi0, first: 0 }), Ok(0));
+    assert_eq!(calls.execute(Call::ImsFree { adi: adi0, first: 0 }), Err(Status::NoSuchSlot));
+    assert_eq!(calls.execute(Call::ImsMask { adi: adi0, slot: 0, masked: true }), Err(Status::NoSuchSlot), "freed");
+
+    // Transport: block in guest RAM, status and result written back.
+    let block = 0x8000u64;
+    mem.write_slice(&Call::ImsAlloc { adi: adi1, count: 3 }.encode(), GuestAddress(block)).unwrap();
+    calls.write(0, &block.to_le_bytes());
+    let mut out = [0u8; BLOCK_SIZE];
+    mem.read_slice(&mut out, GuestAddress(block)).unwrap();
+    assert_eq!(i64::from_le_bytes(out[48..56].try_into().unwrap()), 0);
+    assert_eq!(u64::from_le_bytes(out[56..64].try_into().unwrap()), 0, "first slot of ADI 1");
+    // Malformed: unknown call; misaligned or out-of-RAM blocks are ignored without writes.
+    let mut bad = [0u8; BLOCK_SIZE];
+    bad[0] = 77;
+    mem.write_slice(&bad, GuestAddress(block)).unwrap();
+    calls.write(0, &block.to_le_bytes());
+    mem.read_slice(&mut out, GuestAddress(block)).unwrap();
+    assert_eq!(i64::from_le_bytes(out[48..56].try_into().unwrap()), Status::NoSuchCall as i64);
+    calls.write(0, &(block + 4).to_le_bytes());
+    calls.write(0, &(1u64 << 40).to_le_bytes());
+    calls.write(0, &block.to_le_bytes()[..4]);
+    // Policy off: only QUERY answers.
+    let off = Hypercalls::new(mem.clone(), vdcm.by_requester_id(), 1, false);
+    assert_eq!(off.execute(Call::ImsAlloc { adi: adi0, count: 1 }), Err(Status::NotAllowed));
+    assert!(off.execute(Call::Query).is_ok());
+}

@@ -70,10 +70,19 @@ impl Exits {
     }
 }
 
-/// Programs CPUID for vCPU `id` of `count`.
-pub fn configure_cpuid(vcpu: &VcpuFd, supported: &CpuId, topo: &VcpuTopology) -> Result<(), Error> {
+/// Programs CPUID for one vCPU: KVM's supported set patched for `topo`, plus siovmm's
+/// hypercall leaves announcing `(flags, register address)`.
+pub fn configure_cpuid(vcpu: &VcpuFd, supported: &CpuId, topo: &VcpuTopology, hypercall: (u32, u64)) -> Result<(), Error> {
     let mut entries = supported.as_slice().to_vec();
     cpuid::patch(&mut entries, topo);
+    cpuid::add_hypercall_leaves(
+        &mut entries,
+        (siovmm_hypercall::CPUID_SIGNATURE_LEAF, siovmm_hypercall::CPUID_INFO_LEAF),
+        siovmm_hypercall::SIGNATURE,
+        siovmm_hypercall::ABI_VERSION,
+        hypercall.0,
+        hypercall.1,
+    );
     let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::Kvm("building CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
     vcpu.set_cpuid2(&cpuid).map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))
 }

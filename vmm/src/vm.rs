@@ -22,7 +22,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cli::VmConfig;
+use crate::cli::{ImsPolicy, VmConfig};
+use crate::vdcm::hypercall::{Hypercalls, HYPERCALL_ADDR};
+use siovmm_hypercall as hc;
 use crate::coalesced::CoalescedRing;
 use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
@@ -185,9 +187,9 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, &config.cmdline).map_err(|e| Error::Boot(format!("--cmdline: {e}")))?;
-    // IMS policy: guests must not use IMS (the only mode today); say so in the SIOV table and,
-    // with a vIOMMU, through Caching Mode (docs/ims-policy.md).
-    let mut extra = vec![dmar::siov(dmar::SIOV_IMS_OPT_OUT)];
+    // IMS policy: with --ims off guests must not use IMS; say so in the SIOV table and, with a
+    // vIOMMU, through Caching Mode (docs/ims-policy.md).
+    let mut extra = vec![dmar::siov(if config.siov.ims == ImsPolicy::Off { dmar::SIOV_IMS_OPT_OUT } else { 0 })];
     if config.siov.viommu {
         extra.push(dmar::dmar(layout::VTD_START, 48));
     }
@@ -300,7 +302,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     trace.mark("VM and memory");
     let platform = build_platform(&vm, &shutdown, start, Box::new(std::io::stdout()))?;
     let iommu = if config.siov.viommu {
-        let unit = Arc::new(VtdUnit::new(mem.clone(), VtdConfig { caching_mode: true }));
+        // Caching Mode is the "no IMS in this VM" hint; with IMS allowed it is clear (the unit
+        // caches nothing, so either value is truthful).
+        let caching_mode = config.siov.ims == ImsPolicy::Off;
+        let unit = Arc::new(VtdUnit::new(mem.clone(), VtdConfig { caching_mode }));
         platform
             .mmio
             .insert(Arc::new(Mutex::new(unit.clone())), layout::VTD_START, vtd::REG_SIZE)
@@ -311,6 +316,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     };
     let mut root = pci_root();
     let vdcm = compose_adis(&vm, &mem, iommu.as_ref(), &mut root, &platform, config)?;
+    if let Some(v) = &vdcm {
+        let calls = Hypercalls::new(mem.clone(), v.by_requester_id(), u32::from(config.cpus), config.siov.ims == ImsPolicy::Pv);
+        platform
+            .mmio
+            .insert(Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)
+            .map_err(|e| Error::Device(e.to_string()))?;
+    }
     attach_pci(&platform, root)?;
     trace.mark("devices");
     let entry = load_guest(&mem, config, &trace)?;
@@ -342,7 +354,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
             tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
             tsc_deadline,
         };
-        vcpu::configure_cpuid(&vcpu, &supported, &topo)?;
+        let ims_flags = if config.siov.ims == ImsPolicy::Pv { hc::FLAG_IMS_ALLOWED } else { 0 };
+        let hypercall = (ims_flags, HYPERCALL_ADDR);
+        vcpu::configure_cpuid(&vcpu, &supported, &topo, hypercall)?;
         if id == 0 {
             vcpu::configure_boot_vcpu(&vcpu, &mem, &entry)?;
         }

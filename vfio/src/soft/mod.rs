@@ -54,7 +54,7 @@ struct AdiState {
     doorbell: Option<Arc<EventFd>>,
     queue: Option<QueueConfig>,
     head: u32,
-    handles: Vec<ImsIndex>,
+    handles: Vec<Option<ImsIndex>>,
 }
 
 struct Shared {
@@ -205,7 +205,7 @@ fn process_queue(adi: AdiId, st: &mut AdiState, shared: &Shared) {
             return;
         }
         let desc = Descriptor::decode(&raw);
-        let handle = (desc.flags & flags::RCI != 0).then(|| st.handles.get(usize::from(desc.int_handle)).copied());
+        let handle = (desc.flags & flags::RCI != 0).then(|| st.handles.get(usize::from(desc.int_handle)).copied().flatten());
         let completion = match (engine::validate(&desc), handle) {
             (Some(bad), _) => bad,
             // DSA checks the handle before running the descriptor.
@@ -293,9 +293,9 @@ impl SiovDevice for SoftSiovDevice {
         Ok(())
     }
 
-    fn set_interrupt_handles(&self, adi: AdiId, handles: &[ImsIndex]) -> Result<(), Error> {
+    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<ImsIndex>]) -> Result<(), Error> {
         let ims = lock(&self.shared.ims);
-        for &h in handles {
+        for &h in handles.iter().flatten() {
             if ims.owner(h)? != Some(adi) {
                 return Err(Error::ImsNotAllocated(h));
             }

@@ -36,7 +36,7 @@ fn rig(storage: ImsStorage) -> Rig {
         dev.ims_bind(i, Some(irq.clone())).unwrap();
         dev.ims_program(i, ImsEntry { message: MsiMessage { address: 0xfee0_0000, data: 0x30 }, masked: false }).unwrap();
     }
-    dev.set_interrupt_handles(AdiId(0), &[group.first, group.first + 1]).unwrap();
+    dev.set_interrupt_handles(AdiId(0), &[Some(group.first), Some(group.first + 1)]).unwrap();
     dev.configure_queue(AdiId(0), Some(QueueConfig { base: QUEUE, size: SIZE })).unwrap();
     Rig { dev, ram, doorbell, irq, group, tail: 0 }
 }
@@ -167,11 +167,18 @@ fn masked_entry_holds_the_interrupt_until_unmasked() {
 
 #[test]
 fn an_adi_cannot_use_another_adis_entries() {
-    let r = rig(ImsStorage::OnDevice);
+    let mut r = rig(ImsStorage::OnDevice);
     let other = r.dev.ims_alloc(1).unwrap();
     r.dev.ims_assign(other, AdiId(1)).unwrap();
-    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[other.first]), Err(Error::ImsNotAllocated(other.first)));
-    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[9999]), Err(Error::ImsNotAllocated(9999)));
+    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[Some(other.first)]), Err(Error::ImsNotAllocated(other.first)));
+    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[Some(9999)]), Err(Error::ImsNotAllocated(9999)));
+    // A revoked handle (None) fails the descriptor like an unknown one.
+    r.dev.set_interrupt_handles(AdiId(0), &[None, Some(r.group.first + 1)]).unwrap();
+    let mut d = with_irq(opcode::NOOP, 0, 0, 0);
+    d.int_handle = 0;
+    assert_eq!(r.run(d).status, status::INVALID_INT_HANDLE);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(r.interrupts(), 0);
 }
 
 #[test]

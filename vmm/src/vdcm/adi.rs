@@ -20,6 +20,8 @@ use std::sync::Arc;
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
 use devices::BusDevice;
+use devices::pci::msix::MsiMessage;
+use siovmm_hypercall::Status;
 use siovmm_vfio::siov::{self, AdiId, ImsEntry, ImsGroup, QueueConfig, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -94,7 +96,23 @@ pub struct AdiFunction {
     status: u32,
     /// Doorbell writes that exited to siovmm instead of completing in KVM's ioeventfd.
     slow_doorbells: u64,
+    /// IMS groups the guest allocated through the hypercall, by first slot.
+    pv_groups: Vec<(u32, ImsGroup)>,
+    /// Hypercall IMS slots: slot s is interrupt handle `msix vectors + s`. `None` once freed.
+    pv_slots: Vec<Option<PvSlot>>,
 }
+
+/// One hypercall-managed IMS slot.
+#[derive(Debug, Clone)]
+struct PvSlot {
+    index: siov::ImsIndex,
+    fd: Option<Arc<EventFd>>,
+}
+
+/// Most hypercall slots one ADI may hold (router keys reserve 15 bits for them).
+pub const MAX_PV_SLOTS: u32 = 0x8000;
+/// Router key offset of hypercall slots (MSI-X vectors use the keys below).
+const PV_KEY: u64 = 0x8000;
 
 impl std::fmt::Debug for AdiFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -154,7 +172,7 @@ impl AdiFunction {
             p.device.ims_program(index, ImsEntry { message: host_token(index), masked: true })?;
         }
         let vector_fds = vec![None; usize::from(vectors)];
-        let handles: Vec<_> = p.ims.indexes().take(usize::from(vectors)).collect();
+        let handles: Vec<_> = p.ims.indexes().take(usize::from(vectors)).map(Some).collect();
         p.device.set_interrupt_handles(p.adi, &handles)?;
         let f = Self {
             adi: p.adi,
@@ -174,6 +192,8 @@ impl AdiFunction {
             control: 0,
             status: 0,
             slow_doorbells: 0,
+            pv_groups: Vec::new(),
+            pv_slots: Vec::new(),
         };
         Ok(f)
     }
@@ -208,6 +228,80 @@ impl AdiFunction {
         let _ = self.device.ims_set_mask(index, change.masked);
     }
 
+    /// Requester ID (bus << 8 | devfn) of the function.
+    pub fn requester_id(&self) -> u16 {
+        self.bdf.0
+    }
+
+    /// Gives the device the handle table: MSI-X vectors first, then hypercall slots.
+    fn publish_handles(&self) -> Result<(), siov::Error> {
+        let mut handles: Vec<Option<siov::ImsIndex>> =
+            self.ims.indexes().take(self.vector_fds.len()).map(Some).collect();
+        handles.extend(self.pv_slots.iter().map(|s| s.as_ref().map(|s| s.index)));
+        self.device.set_interrupt_handles(self.adi, &handles)
+    }
+
+    /// Hypercall IMS_ALLOC: `count` more IMS entries for this ADI; returns the first slot.
+    pub fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
+        let first = self.pv_slots.len() as u32;
+        if first + count > MAX_PV_SLOTS {
+            return Err(Status::Exhausted);
+        }
+        let group = self.device.ims_alloc(count).map_err(|_| Status::Exhausted)?;
+        if self.device.ims_assign(group, self.adi).is_err() {
+            let _ = self.device.ims_free(group);
+            return Err(Status::Exhausted);
+        }
+        for index in group.indexes() {
+            let _ = self.device.ims_program(index, ImsEntry { message: host_token(index), masked: true });
+            self.pv_slots.push(Some(PvSlot { index, fd: None }));
+        }
+        self.pv_groups.push((first, group));
+        self.publish_handles().map_err(|_| Status::Exhausted)?;
+        Ok(first)
+    }
+
+    /// Hypercall IMS_FREE of the group starting at `first`.
+    pub fn pv_free(&mut self, first: u32) -> Result<(), Status> {
+        let at = self.pv_groups.iter().position(|(f, _)| *f == first).ok_or(Status::NoSuchSlot)?;
+        let (_, group) = self.pv_groups.remove(at);
+        for slot in first..first + group.count {
+            self.pv_slots[slot as usize] = None;
+            let _ = self.router.unbind(self.key_base + PV_KEY + u64::from(slot));
+        }
+        // Revoke the handles before the entries go back to the device.
+        let _ = self.publish_handles();
+        self.device.ims_free(group).map_err(|_| Status::NoSuchSlot)
+    }
+
+    fn pv_slot(&mut self, slot: u32) -> Result<&mut PvSlot, Status> {
+        self.pv_slots.get_mut(slot as usize).and_then(Option::as_mut).ok_or(Status::NoSuchSlot)
+    }
+
+    /// Hypercall IMS_COMPOSE: the host composes the message raising `message` (already
+    /// validated against this VM's vCPUs) and programs the slot: its IMS entry signals an
+    /// eventfd routed to that message in this VM only. Returns the slot's interrupt handle.
+    pub fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
+        let key = self.key_base + PV_KEY + u64::from(slot);
+        let handle = self.vector_fds.len() as u64 + u64::from(slot);
+        let device = self.device.clone();
+        let s = self.pv_slot(slot)?;
+        if s.fd.is_none() {
+            let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Status::Exhausted)?);
+            device.ims_bind(s.index, Some(fd.clone())).map_err(|_| Status::NoSuchSlot)?;
+            s.fd = Some(fd);
+        }
+        let fd = s.fd.clone().ok_or(Status::NoSuchSlot)?;
+        self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
+        Ok(handle)
+    }
+
+    /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once.
+    pub fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), Status> {
+        let index = self.pv_slot(slot)?.index;
+        self.device.ims_set_mask(index, masked).map_err(|_| Status::NoSuchSlot)
+    }
+
     /// Doorbell writes that reached siovmm (0 when the ioeventfd fast path took them all).
     pub fn slow_doorbells(&self) -> u64 {
         self.slow_doorbells
@@ -237,8 +331,7 @@ impl AdiFunction {
             reg::CONTROL => {
                 if value & CTRL_RESET != 0 {
                     let _ = self.device.reset_adi(self.adi);
-                    let handles: Vec<_> = self.ims.indexes().take(self.vector_fds.len()).collect();
-                    let _ = self.device.set_interrupt_handles(self.adi, &handles);
+                    let _ = self.publish_handles();
                     self.queue_base = 0;
                     self.queue_size = 0;
                     self.control = 0;

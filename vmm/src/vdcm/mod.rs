@@ -7,6 +7,7 @@
 //! window as firmware would, and map it: BAR0 on the MMIO bus plus an ioeventfd on its doorbell.
 
 pub mod adi;
+pub mod hypercall;
 pub mod iommu_dma;
 pub mod kvm_routes;
 pub mod routes;
@@ -165,6 +166,11 @@ impl Vdcm {
     /// The composed functions.
     pub fn functions(&self) -> &[Arc<Mutex<AdiFunction>>] {
         &self.functions
+    }
+
+    /// The functions by requester ID (bus << 8 | devfn), for the hypercall endpoint.
+    pub fn by_requester_id(&self) -> HashMap<u16, Arc<Mutex<AdiFunction>>> {
+        self.functions.iter().map(|f| (lock(f).requester_id(), f.clone())).collect()
     }
 
     /// How guest vectors are delivered, for the start-up trace.

@@ -1,0 +1,104 @@
+//! The IMS hypercall endpoint (ABI: `siovmm-hypercall`, docs/hypercall.md).
+//!
+//! A guest's 64-bit store of its argument block's address to [`HYPERCALL_ADDR`] exits to siovmm
+//! (one MMIO exit; the call is synchronous on the calling vCPU). The block is read from guest RAM,
+//! decoded with every argument range-checked, executed against **this VM's** ADIs only (looked
+//! up by the requester ID of the function the guest names), and the status and result are
+//! written back into the block.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::pci::msix::MsiMessage;
+use devices::BusDevice;
+use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::adi::{AdiFunction, MAX_PV_SLOTS};
+
+/// Guest-physical address of the hypercall register (next to the boot timer, outside RAM
+/// and the PCI windows; announced through CPUID).
+pub const HYPERCALL_ADDR: u64 = 0xfeb0_1000;
+
+/// The endpoint of one VM.
+pub struct Hypercalls {
+    mem: GuestMemoryMmap,
+    functions: HashMap<u16, Arc<Mutex<AdiFunction>>>,
+    vcpus: u32,
+    ims_allowed: bool,
+    calls: u64,
+}
+
+impl std::fmt::Debug for Hypercalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hypercalls").field("adis", &self.functions.len()).field("calls", &self.calls).finish()
+    }
+}
+
+impl Hypercalls {
+    /// An endpoint for a VM with `vcpus` vCPUs whose ADIs are `functions` (by requester ID).
+    pub fn new(
+        mem: GuestMemoryMmap,
+        functions: HashMap<u16, Arc<Mutex<AdiFunction>>>,
+        vcpus: u32,
+        ims_allowed: bool,
+    ) -> Self {
+        Self { mem, functions, vcpus, ims_allowed, calls: 0 }
+    }
+
+    /// Executes one decoded call.
+    pub fn execute(&self, call: Call) -> Result<u64, Status> {
+        if !self.ims_allowed {
+            return match call {
+                Call::Query => Ok(u64::from(ABI_VERSION) << 32),
+                _ => Err(Status::NotAllowed),
+            };
+        }
+        let adi = |rid: u16| self.functions.get(&rid).ok_or(Status::NoSuchAdi);
+        match call {
+            Call::Query => Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
+            Call::ImsAlloc { adi: rid, count } => lock(adi(rid)?).pv_alloc(count).map(u64::from),
+            Call::ImsFree { adi: rid, first } => lock(adi(rid)?).pv_free(first).map(|_| 0),
+            Call::ImsCompose { adi: rid, slot, vector, apic_id } => {
+                // The message may only name this VM's vCPUs; the route lives in this VM anyway.
+                if apic_id >= self.vcpus {
+                    return Err(Status::InvalidArgument);
+                }
+                let (address, data) = compose_msi(vector, apic_id).ok_or(Status::InvalidArgument)?;
+                lock(adi(rid)?).pv_compose(slot, MsiMessage { address, data })
+            }
+            Call::ImsMask { adi: rid, slot, masked } => lock(adi(rid)?).pv_mask(slot, masked).map(|_| 0),
+        }
+    }
+
+    fn handle(&mut self, block_addr: u64) {
+        self.calls += 1;
+        // The block must be 8-byte aligned and wholly in guest RAM; otherwise nothing is
+        // written anywhere.
+        if !block_addr.is_multiple_of(8) {
+            return;
+        }
+        let mut block = [0u8; BLOCK_SIZE];
+        if self.mem.read_slice(&mut block, GuestAddress(block_addr)).is_err() {
+            return;
+        }
+        let result = Call::decode(&block).and_then(|c| self.execute(c));
+        complete(&mut block, result);
+        let _ = self.mem.write_slice(&block[48..], GuestAddress(block_addr + 48));
+    }
+}
+
+impl BusDevice for Hypercalls {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 0 && data.len() == 8 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(data);
+            self.handle(u64::from_le_bytes(a));
+        }
+    }
+}
