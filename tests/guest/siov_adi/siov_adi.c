@@ -7,8 +7,18 @@
  * MSI-X masking: a masked completion vector raises nothing, shows in the PBA, and its interrupt
  * arrives once when unmasked. The verdict is in sysfs "result".
  *
- * Register map and descriptor format: siovmm docs/siov-device.md.
+ * IMS path: when siovmm's hypercall is present (CPUID 0x40000100) and the VM's policy allows
+ * IMS (CPUID flag, SIOV ACPI table without IMS_OPT_OUT, no remapping unit with Caching Mode),
+ * the driver allocates `ims_vectors` more vectors through IMS, beyond its 2 MSI-X vectors:
+ * Linux IRQs from x86_vector_domain (the guest picks vector and CPU, as Hyper-V's PCI driver
+ * does), each given to siovmm with IMS_COMPOSE, which programs the host side. "run" then also
+ * fires every IMS vector once and checks that handles it was not given raise nothing.
+ * sysfs "mode" says "ims" or "msix".
+ *
+ * Register map and descriptor format: siovmm docs/siov-device.md; hypercalls:
+ * docs/hypercall.md.
  */
+#include <linux/acpi.h>
 #include <linux/completion.h>
 #include <linux/delay.h>
 #include <linux/dma-mapping.h>
@@ -16,6 +26,23 @@
 #include <linux/irq.h>
 #include <linux/module.h>
 #include <linux/pci.h>
+#include <asm/hw_irq.h>
+#include <asm/irqdomain.h>
+
+static int ims_vectors = 256;
+module_param(ims_vectors, int, 0444);
+MODULE_PARM_DESC(ims_vectors, "IMS vectors per ADI when the VM allows IMS (0: MSI-X only)");
+
+#define HC_SIG_LEAF 0x40000100
+#define HC_INFO_LEAF 0x40000101
+#define HC_IMS_ALLOWED 1
+#define HC_QUERY 0
+#define HC_IMS_ALLOC 1
+#define HC_IMS_FREE 2
+#define HC_IMS_COMPOSE 3
+#define HC_IMS_MASK 4
+#define HC_NO_SUCH_ADI (-3)
+#define MSIX_VECTORS 2
 
 #define ADI_VENDOR 0x5356
 #define ADI_DEVICE 0x0002
@@ -72,8 +99,23 @@ struct adi_comp {
 	u8 rest[12];
 } __packed;
 
+struct adi;
+
+struct ims_vec {
+	struct adi *a;
+	int irq;
+	u16 handle;
+	atomic_t count;
+	struct completion done;
+};
+
 struct adi {
 	struct pci_dev *pdev;
+	u64 *hc_block;
+	void __iomem *hc_reg;
+	int n_ims;
+	u32 ims_first;
+	struct ims_vec *ims;
 	void __iomem *bar;
 	u8 *ctx;
 	dma_addr_t ctx_dma;
@@ -116,8 +158,11 @@ static u32 crc32c_sw(u32 crc, const u8 *p, size_t n)
 	return ~crc;
 }
 
-/* Queues one descriptor and rings the doorbell; returns the nanoseconds the doorbell write took. */
-static u64 adi_submit(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 size, u32 seed)
+/*
+ * Queues one descriptor naming interrupt handle `handle` and rings the doorbell; returns the
+ * nanoseconds the doorbell write took.
+ */
+static u64 adi_submit_h(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 size, u32 seed, u16 handle)
 {
 	u64 t0;
 
@@ -130,7 +175,7 @@ static u64 adi_submit(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 siz
 	d->src = src;
 	d->dst = dst;
 	d->size = size;
-	d->int_handle = CQ_VECTOR;
+	d->int_handle = handle;
 	d->crc_seed = seed;
 	a->tail++;
 	dma_wmb();
@@ -139,6 +184,11 @@ static u64 adi_submit(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 siz
 	t0 = ktime_get_ns();
 	writel(1, a->bar + REG_DOORBELL);
 	return ktime_get_ns() - t0;
+}
+
+static u64 adi_submit(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 size, u32 seed)
+{
+	return adi_submit_h(a, op, flags, src, dst, size, seed, CQ_VECTOR);
 }
 
 static int adi_poll(struct adi *a)
@@ -169,6 +219,188 @@ static int adi_run_one(struct adi *a, u8 op, u64 src, u64 dst, u32 size, u32 see
 static bool pba_pending(struct adi *a)
 {
 	return readl(a->bar + REG_PBA) & (1u << CQ_VECTOR);
+}
+
+static irqreturn_t adi_ims_irq(int irq, void *data)
+{
+	struct ims_vec *v = data;
+
+	atomic_inc(&v->count);
+	complete(&v->done);
+	return IRQ_HANDLED;
+}
+
+static u16 adi_rid(struct adi *a)
+{
+	return (a->pdev->bus->number << 8) | a->pdev->devfn;
+}
+
+/* One synchronous hypercall: the 64-bit store of the block's address exits to siovmm. */
+static long adi_hypercall(struct adi *a, u64 nr, u64 a1, u64 a2, u64 a3, u64 a4, u64 *result)
+{
+	u64 *b = a->hc_block;
+
+	memset(b, 0, 64);
+	b[0] = nr;
+	b[1] = a1;
+	b[2] = a2;
+	b[3] = a3;
+	b[4] = a4;
+	writeq(virt_to_phys(b), a->hc_reg);
+	if (result)
+		*result = READ_ONCE(b[7]);
+	return (long)READ_ONCE(b[6]);
+}
+
+/* Whether this VM lets the guest use IMS, and where the hypercall register is. */
+static bool adi_ims_allowed(u64 *reg)
+{
+	unsigned int eax, ebx, ecx, edx;
+	struct acpi_table_header *t;
+	bool ok = true;
+
+	cpuid(HC_SIG_LEAF, &eax, &ebx, &ecx, &edx);
+	if (ebx != 0x766f6953 || ecx != 0x79486d6d || edx != 0x6c614370) /* "SiovmmHypCal" */
+		return false;
+	cpuid(HC_INFO_LEAF, &eax, &ebx, &ecx, &edx);
+	if (!(ebx & HC_IMS_ALLOWED))
+		return false;
+	*reg = ecx | ((u64)edx << 32);
+	/* The SIOV table's IMS_OPT_OUT; no table means opted out. */
+	if (ACPI_FAILURE(acpi_get_table("SIOV", 0, &t)))
+		return false;
+	if (t->length < 40 || (*(u32 *)((u8 *)t + 36) & 1))
+		ok = false;
+	acpi_put_table(t);
+	/* A remapping unit reporting Caching Mode also means "no IMS". */
+	if (ok && ACPI_SUCCESS(acpi_get_table(ACPI_SIG_DMAR, 0, &t))) {
+		u32 off = 48;
+
+		while (ok && off + 16 <= t->length) {
+			u16 type = *(u16 *)((u8 *)t + off), len = *(u16 *)((u8 *)t + off + 2);
+			void __iomem *regs;
+
+			if (len < 4)
+				break;
+			if (type == 0) {
+				regs = ioremap(*(u64 *)((u8 *)t + off + 8), 0x1000);
+				if (!regs || (readq(regs + 8) & (1ULL << 7)))
+					ok = false;
+				if (regs)
+					iounmap(regs);
+			}
+			off += len;
+		}
+		acpi_put_table(t);
+	}
+	return ok;
+}
+
+/* Allocates n IMS vectors: Linux IRQs from the vector domain, composed through siovmm. */
+static int adi_ims_setup(struct adi *a, int n)
+{
+	struct irq_alloc_info info;
+	u64 first, handle;
+	int i, err;
+	long st;
+
+	st = adi_hypercall(a, HC_IMS_ALLOC, adi_rid(a), n, 0, 0, &first);
+	if (st)
+		return -EIO;
+	a->ims_first = first;
+	a->ims = devm_kcalloc(&a->pdev->dev, n, sizeof(*a->ims), GFP_KERNEL);
+	if (!a->ims)
+		return -ENOMEM;
+	for (i = 0; i < n; i++) {
+		struct ims_vec *v = &a->ims[i];
+		struct irq_cfg *cfg;
+
+		memset(&info, 0, sizeof(info));
+		v->a = a;
+		init_completion(&v->done);
+		v->irq = __irq_domain_alloc_irqs(x86_vector_domain, -1, 1, NUMA_NO_NODE, &info, false, NULL);
+		if (v->irq < 0)
+			return v->irq;
+		__irq_set_handler(v->irq, handle_edge_irq, 0, "edge");
+		err = request_irq(v->irq, adi_ims_irq, 0, "siov_adi-ims", v);
+		if (err) {
+			irq_dispose_mapping(v->irq);
+			v->irq = 0;
+			return err;
+		}
+		a->n_ims = i + 1;
+		cfg = irqd_cfg(irq_get_irq_data(v->irq));
+		st = adi_hypercall(a, HC_IMS_COMPOSE, adi_rid(a), first + i, cfg->vector, cfg->dest_apicid, &handle);
+		if (st)
+			return -EIO;
+		v->handle = handle;
+		if (adi_hypercall(a, HC_IMS_MASK, adi_rid(a), first + i, 0, 0, NULL))
+			return -EIO;
+	}
+	return 0;
+}
+
+static void adi_ims_teardown(struct adi *a)
+{
+	int i;
+
+	for (i = 0; i < a->n_ims; i++) {
+		free_irq(a->ims[i].irq, &a->ims[i]);
+		irq_dispose_mapping(a->ims[i].irq);
+	}
+	if (a->n_ims)
+		adi_hypercall(a, HC_IMS_FREE, adi_rid(a), a->ims_first, 0, 0, NULL);
+	a->n_ims = 0;
+}
+
+static int adi_total_ims(struct adi *a)
+{
+	int i, sum = 0;
+
+	for (i = 0; i < a->n_ims; i++)
+		sum += atomic_read(&a->ims[i].count);
+	return sum;
+}
+
+/* Fires every IMS vector once; checks that handles never given raise nothing. */
+static const char *adi_ims_selftest(struct adi *a)
+{
+	int i, before_ims, before_cq;
+	u64 spare;
+
+	for (i = 0; i < a->n_ims; i++) {
+		struct ims_vec *v = &a->ims[i];
+		int c = atomic_read(&v->count);
+
+		reinit_completion(&v->done);
+		adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, v->handle);
+		if (!wait_for_completion_timeout(&v->done, 2 * HZ))
+			return "an IMS vector's interrupt did not arrive";
+		if (adi_poll(a) || a->comp->status != ST_SUCCESS)
+			return "IMS descriptor failed";
+		if (atomic_read(&v->count) != c + 1)
+			return "an IMS vector fired more than once";
+	}
+	before_ims = adi_total_ims(a);
+	before_cq = atomic_read(&a->irqs);
+	/* A handle never given: the device refuses it. */
+	adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, 0xffff);
+	if (adi_poll(a) || a->comp->status != 0x19)
+		return "a handle never given was accepted";
+	/* A slot allocated but never composed: nothing programmed it, so it raises nothing. */
+	if (adi_hypercall(a, HC_IMS_ALLOC, adi_rid(a), 1, 0, 0, &spare))
+		return "IMS_ALLOC of a spare slot failed";
+	adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, MSIX_VECTORS + spare);
+	if (adi_poll(a) || a->comp->status != ST_SUCCESS)
+		return "descriptor on an uncomposed slot failed";
+	msleep(50);
+	adi_hypercall(a, HC_IMS_FREE, adi_rid(a), spare, 0, 0, NULL);
+	if (adi_total_ims(a) != before_ims || atomic_read(&a->irqs) != before_cq)
+		return "an interrupt the guest was not given arrived";
+	/* Hypercalls naming an ADI that is not this VM's fail. */
+	if (adi_hypercall(a, HC_IMS_ALLOC, 0x00ff, 1, 0, 0, NULL) != HC_NO_SUCH_ADI)
+		return "IMS_ALLOC for an unassigned ADI was accepted";
+	return NULL;
 }
 
 static void adi_selftest(struct adi *a)
@@ -252,8 +484,14 @@ static void adi_selftest(struct adi *a)
 			}
 			round += ktime_get_ns() - t0;
 		}
-		snprintf(a->result, sizeof(a->result), "PASS irqs=%d doorbell_ns=%llu roundtrip_ns=%llu",
-			 atomic_read(&a->irqs), bell / 100, round / 100);
+		if (a->n_ims) {
+			const char *why = adi_ims_selftest(a);
+
+			if (why)
+				FAIL("ims: %s", why);
+		}
+		snprintf(a->result, sizeof(a->result), "PASS irqs=%d ims=%d doorbell_ns=%llu roundtrip_ns=%llu",
+			 atomic_read(&a->irqs), adi_total_ims(a), bell / 100, round / 100);
 	}
 }
 
@@ -276,7 +514,15 @@ static ssize_t result_show(struct device *dev, struct device_attribute *attr, ch
 }
 static DEVICE_ATTR_RO(result);
 
-static struct attribute *adi_attrs[] = { &dev_attr_run.attr, &dev_attr_result.attr, NULL };
+static ssize_t mode_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct adi *a = pci_get_drvdata(to_pci_dev(dev));
+
+	return sysfs_emit(buf, "%s %d\n", a->n_ims ? "ims" : "msix", a->n_ims);
+}
+static DEVICE_ATTR_RO(mode);
+
+static struct attribute *adi_attrs[] = { &dev_attr_run.attr, &dev_attr_result.attr, &dev_attr_mode.attr, NULL };
 ATTRIBUTE_GROUPS(adi);
 
 static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
@@ -327,8 +573,23 @@ static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		goto free_vectors;
 	}
 	pci_set_drvdata(pdev, a);
-	dev_info(&pdev->dev, "ADI version %#x, caps %#x, MSI-X ready\n", readl(a->bar + REG_VERSION),
-		 readl(a->bar + REG_CAPS));
+	if (ims_vectors > 0) {
+		u64 reg;
+
+		if (adi_ims_allowed(&reg)) {
+			a->hc_reg = devm_ioremap(&pdev->dev, reg, 8);
+			a->hc_block = devm_kzalloc(&pdev->dev, 64, GFP_KERNEL);
+			err = (a->hc_reg && a->hc_block) ? adi_ims_setup(a, ims_vectors) : -ENOMEM;
+			if (err) {
+				dev_err(&pdev->dev, "IMS setup failed (%d), using MSI-X only\n", err);
+				adi_ims_teardown(a);
+			}
+		} else {
+			dev_info(&pdev->dev, "IMS not allowed in this VM, using MSI-X\n");
+		}
+	}
+	dev_info(&pdev->dev, "ADI version %#x, caps %#x, MSI-X ready, %d IMS vectors\n",
+		 readl(a->bar + REG_VERSION), readl(a->bar + REG_CAPS), a->n_ims);
 	return 0;
 
 free_vectors:
@@ -340,6 +601,7 @@ static void adi_remove(struct pci_dev *pdev)
 {
 	struct adi *a = pci_get_drvdata(pdev);
 
+	adi_ims_teardown(a);
 	writel(2, a->bar + REG_CONTROL);
 	devm_free_irq(&pdev->dev, a->cq_irq, a);
 	devm_free_irq(&pdev->dev, pci_irq_vector(pdev, 0), a);
