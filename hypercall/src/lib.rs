@@ -25,8 +25,10 @@ pub const SIGNATURE: [u32; 3] = [
 ];
 /// ABI version.
 pub const ABI_VERSION: u32 = 1;
-/// Info flag: the VM's IMS policy lets the guest use IMS through this interface.
+/// Info flag: the VM's IMS policy lets the guest use IMS through this interface (pv mode).
 pub const FLAG_IMS_ALLOWED: u32 = 1 << 0;
+/// Info flag: the guest may program IMS slots in each ADI's trapped BAR0 window (trap mode).
+pub const FLAG_IMS_TRAP: u32 = 1 << 1;
 /// Argument block size.
 pub const BLOCK_SIZE: usize = 64;
 

@@ -5,7 +5,11 @@
 //! - the same with `intel_iommu=off`: the unit stays off, ADIs work untranslated;
 //! - `--ims pv` with in-memory IMS: the driver finds the hypercall, allocates 256 IMS vectors
 //!   on one ADI beyond its 2 MSI-X vectors, and every one is delivered; handles it was not
-//!   given raise nothing; hypercalls naming an ADI that is not its own fail.
+//!   given raise nothing, nor does a raw message written to the (inert) IMS window; hypercalls
+//!   naming an ADI that is not its own fail;
+//! - `--ims trap` with on-device IMS: the driver writes its own messages into 256 slots of the
+//!   ADI's IMS window, siovmm traps them, every vector is delivered, a masked slot holds its
+//!   interrupt pending until unmasked, and a message naming no vCPU of the VM is not backed.
 
 use siovmm_tests::{run_cases, Assets, CaseResult, GuestCase, Kernel};
 
@@ -46,7 +50,7 @@ fn common(r: &CaseResult, adis: &str) {
 }
 
 #[test]
-fn ims_off_with_caching_mode_and_ims_through_the_hypercall() {
+fn ims_off_pv_and_trap_in_real_guests() {
     let assets = Assets::locate().unwrap_or_else(|e| panic!("{e}"));
     let mut on = GuestCase::new("viommu-default", Kernel::Vmlinux, 2, CHECKS).with_adi_driver(&assets);
     on.extra_args = vec!["--adi".into(), ADIS.into(), "--viommu".into()];
@@ -56,7 +60,9 @@ fn ims_off_with_caching_mode_and_ims_through_the_hypercall() {
     let mut pv = GuestCase::new("ims-pv", Kernel::Vmlinux, 2, CHECKS).with_adi_driver(&assets);
     pv.extra_args = ["--adi", "1", "--ims", "pv", "--ims-storage", "in-memory", "--viommu"].iter().map(|s| s.to_string()).collect();
     std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
-    let results = run_cases(&[on, off, pv]).unwrap_or_else(|e| panic!("{e}"));
+    let mut trap = GuestCase::new("ims-trap", Kernel::Vmlinux, 2, CHECKS).with_adi_driver(&assets);
+    trap.extra_args = ["--adi", "1", "--ims", "trap"].iter().map(|s| s.to_string()).collect();
+    let results = run_cases(&[on, off, pv, trap]).unwrap_or_else(|e| panic!("{e}"));
     let translations = |r: &CaseResult| -> u64 {
         r.lines
             .iter()
@@ -76,10 +82,21 @@ fn ims_off_with_caching_mode_and_ims_through_the_hypercall() {
     common(p, "1");
     assert_eq!(p.value("GUEST-SIOV-TABLE"), Some("00000000"), "{t_pv}");
     assert_eq!(p.value("GUEST-DMAR-CM"), Some("0"), "no Caching Mode when IMS is allowed:\n{t_pv}");
-    assert_eq!(p.value("GUEST-DRIVER-MODE"), Some("ims 256"), "{t_pv}");
+    assert_eq!(p.value("GUEST-DRIVER-MODE"), Some("ims-pv 256"), "{t_pv}");
     assert!(p.value("GUEST-ADI-RESULT").is_some_and(|r| r.starts_with("PASS") && r.contains(" ims=256 ")), "{t_pv}");
     assert_eq!(p.value("GUEST-IMS-LINES"), Some("256"), "{t_pv}");
     assert_eq!(p.value("GUEST-IMS-IRQS"), Some("256"), "{t_pv}");
+    // Trap mode: 256 trapped slots, each delivered once, plus one delivered on unmask.
+    let tr = &results[3];
+    let t_tr = tr.transcript();
+    assert_eq!(tr.value("GUEST-DMAR-UNIT"), Some(""), "no vIOMMU in this case:\n{t_tr}");
+    assert_eq!(tr.value("GUEST-SIOV-TABLE"), Some("00000000"), "{t_tr}");
+    assert_eq!(tr.value("GUEST-DRIVER-MODE"), Some("ims-trap 256"), "{t_tr}");
+    assert!(tr.value("GUEST-ADI-RESULT").is_some_and(|r| r.starts_with("PASS") && r.contains(" ims=257 ")), "{t_tr}");
+    assert_eq!(tr.value("GUEST-IMS-LINES"), Some("256"), "{t_tr}");
+    assert_eq!(tr.value("GUEST-IMS-IRQS"), Some("257"), "{t_tr}");
+    assert_eq!(tr.value("GUEST-ADI-PASS"), Some("1"), "{t_tr}");
+    assert_eq!(tr.exit_code, Some(0), "{t_tr}");
     let (t_on, t_off) = (results[0].transcript(), results[1].transcript());
     // Remapping on: Caching Mode seen, translation enabled, devices in IOMMU groups; every ADI
     // DMA went through the guest's IOVA tables (the self-tests check the data).

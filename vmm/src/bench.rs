@@ -122,7 +122,7 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
         let mmio = Arc::new(Bus::new());
         let mut root = pci_root();
         let router = MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).map_err(|e| e.to_string())?;
-        let req = AdiRequest { first_adi: first, count, vectors: 1 };
+        let req = AdiRequest { first_adi: first, count, vectors: 1, ims_trap: false, vcpus: 1 };
         let vdcm = Vdcm::compose(vm, &mem, None, &mut root, mmio.clone(), device.clone(), Arc::new(router), req)
             .map_err(|e| e.to_string())?;
         guests.push(Guest { mem, vdcm, _vcpu: vcpu, _mmio: mmio });

@@ -44,8 +44,10 @@ SIOV (Scalable IOV) options:
     --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
                        in-memory (in each queue's context) [default: on-device]
     --ims P            IMS policy for the guest: off (unmodified guests: IMS disallowed, said by
-                       the SIOV ACPI table and the vIOMMU's Caching Mode) or pv (an enlightened
-                       guest may get IMS vectors through the hypercall) [default: off]
+                       the SIOV ACPI table and the vIOMMU's Caching Mode), trap (an enlightened
+                       guest programs IMS slots in each ADI's BAR0 window, trapped by siovmm;
+                       needs on-device IMS) or pv (it gets IMS vectors through the hypercall)
+                       [default: off]
     --viommu           give the guest a virtual VT-d DMA-remapping unit (ACPI DMAR, one DRHD
                        with INCLUDE_PCI_ALL at 0xfed90000) that translates ADI DMA as the guest
                        programs it; it reports Caching Mode, telling guests not to use IMS
@@ -89,6 +91,8 @@ pub enum ImsPolicy {
     Off,
     /// Guests may get IMS vectors through the hypercall.
     Pv,
+    /// Guests may program IMS slots in each ADI's trapped window (on-device IMS).
+    Trap,
 }
 
 impl Default for SiovConfig {
@@ -304,7 +308,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 siov.ims = match v.as_str() {
                     "off" => ImsPolicy::Off,
                     "pv" => ImsPolicy::Pv,
-                    _ => return err(format!("--ims {v}: must be off or pv")),
+                    "trap" => ImsPolicy::Trap,
+                    _ => return err(format!("--ims {v}: must be off, trap or pv")),
                 }
             }
             "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, crate::vdcm::routes::MAX_MSI_ROUTES)?,
@@ -316,6 +321,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 }
             }
         }
+    }
+    if siov.ims == ImsPolicy::Trap && siov.ims_storage != ImsStorage::OnDevice {
+        return err("--ims trap: IMS in memory cannot be trapped; use --ims pv or --ims-storage on-device".into());
     }
     if siov.adis > siov.device_adis {
         return err(format!("--adi {}: the SIOV device has only {} ADIs (--siov-adis)", siov.adis, siov.device_adis));
@@ -453,7 +461,8 @@ mod tests {
         assert_eq!(parse_err(&["--kernel", &k, "--ims-storage", "disk"]), "--ims-storage disk: must be on-device or in-memory");
         assert_eq!(parse_err(&["--kernel", &k, "--max-msi-routes", "5000"]), "--max-msi-routes 5000: must be between 0 and 4056");
         assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "0"]), "--adi-vectors 0: must be between 1 and 2048");
-        assert_eq!(parse_err(&["--kernel", &k, "--ims", "trap"]), "--ims trap: must be off or pv");
+        assert_eq!(parse_err(&["--kernel", &k, "--ims", "posted"]), "--ims posted: must be off, trap or pv");
+        assert!(parse_err(&["--kernel", &k, "--ims", "trap", "--ims-storage", "in-memory"]).starts_with("--ims trap: IMS in memory cannot be trapped"));
         assert_eq!(parse_err(&["--kernel", &k, "--siov-ims", "2", "--siov-ims", "3"]), "--siov-ims given more than once");
         for e in [parse_err(&["--kernel", &k, "--cpus", "0"]), parse_err(&["--kernel", "/nonexistent"])] {
             assert!(!e.contains('\n'), "one line: {e}");

@@ -170,7 +170,7 @@ fn hypercalls_manage_only_this_vms_adis() {
     let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
     let mut root = pci_root();
     let mmio = Arc::new(devices::Bus::new());
-    let req = AdiRequest { first_adi: 0, count: 2, vectors: 2 };
+    let req = AdiRequest { first_adi: 0, count: 2, vectors: 2, ims_trap: false, vcpus: 1 };
     let vdcm = Vdcm::compose(vm, &mem, None, &mut root, mmio, device, router, req).unwrap();
     let adi0 = Bdf::new(0, 1, 0).0;
     let adi1 = Bdf::new(0, 1, 1).0;
@@ -216,4 +216,63 @@ fn hypercalls_manage_only_this_vms_adis() {
     let off = Hypercalls::new(mem.clone(), vdcm.by_requester_id(), 1, false);
     assert_eq!(off.execute(Call::ImsAlloc { adi: adi0, count: 1 }), Err(Status::NotAllowed));
     assert!(off.execute(Call::Query).is_ok());
+}
+
+/// Trap mode: the guest's own messages written into an ADI's IMS window become host IMS
+/// entries; messages naming no vCPU of this VM, or reserved vectors, are not backed; in other
+/// modes the window is inert.
+#[test]
+fn trapped_ims_window() {
+    use crate::vdcm::adi::{ims_ctrl, IMS_WINDOW};
+    use crate::vdcm::kvm_routes::KvmRoutes;
+    use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
+    use crate::vdcm::{AdiRequest, Vdcm};
+    use devices::BusDevice;
+    use siovmm_vfio::siov::ImsStorage;
+    use siovmm_vfio::soft::SoftSiovDevice;
+
+    let kvm = Kvm::new().unwrap();
+    for trap in [true, false] {
+        let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
+        let _vcpu = vm.create_vcpu(0).unwrap();
+        let vm = Arc::new(vm);
+        let device = Arc::new(SoftSiovDevice::new(2, 64, ImsStorage::OnDevice, 1).unwrap());
+        let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
+        let mut root = pci_root();
+        let req = AdiRequest { first_adi: 0, count: 1, vectors: 2, ims_trap: trap, vcpus: 1 };
+        let vdcm = Vdcm::compose(vm, &mem, None, &mut root, Arc::new(devices::Bus::new()), device, router, req).unwrap();
+        let mut f = vdcm.functions()[0].lock().unwrap();
+        let write_slot = |f: &mut crate::vdcm::adi::AdiFunction, slot: u64, addr: u32, data: u32, ctrl: u32| {
+            let base = IMS_WINDOW + slot * 16;
+            f.write(base, &addr.to_le_bytes());
+            f.write(base + 4, &0u32.to_le_bytes());
+            f.write(base + 8, &data.to_le_bytes());
+            f.write(base + 12, &ctrl.to_le_bytes());
+        };
+        let ctrl = |f: &mut crate::vdcm::adi::AdiFunction, slot: u64| {
+            let mut b = [0u8; 4];
+            f.read(IMS_WINDOW + slot * 16 + 12, &mut b);
+            u32::from_le_bytes(b)
+        };
+        write_slot(&mut f, 0, 0xfee0_0000, 0x40, 0); // APIC 0, vector 0x40, unmasked
+        write_slot(&mut f, 1, 0xfee0_1000, 0x41, 0); // APIC 1: not a vCPU of this VM
+        write_slot(&mut f, 2, 0xfee0_0000, 0x05, 0); // reserved vector
+        write_slot(&mut f, 3, 0xfeb0_0000, 0x42, 0); // not an interrupt address
+        if trap {
+            assert_eq!(ctrl(&mut f, 0), ims_ctrl::BACKED | 2 << 16, "backed, handle 2 (after 2 MSI-X vectors)");
+            for slot in 1..4 {
+                assert_eq!(ctrl(&mut f, slot) & ims_ctrl::BACKED, 0, "slot {slot} must not be backed");
+            }
+            write_slot(&mut f, 0, 0xfee0_0000, 0x40, ims_ctrl::MASK);
+            assert_eq!(ctrl(&mut f, 0) & ims_ctrl::MASK, ims_ctrl::MASK);
+            // Beyond the window's slots: ignored.
+            f.write(IMS_WINDOW + 1024 * 16, &1u32.to_le_bytes());
+        } else {
+            for slot in 0..4 {
+                let mut b = [0u8; 4];
+                f.read(IMS_WINDOW + slot * 16, &mut b);
+                assert_eq!((u32::from_le_bytes(b), ctrl(&mut f, slot)), (0, 0), "window inert");
+            }
+        }
+    }
 }

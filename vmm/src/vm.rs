@@ -163,7 +163,13 @@ fn compose_adis(
         .map_err(|e| Error::Io("starting the software SIOV device".into(), e))?;
     let router = MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), s.max_msi_routes)
         .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
-    let req = AdiRequest { first_adi: 0, count: s.adis, vectors: s.vectors };
+    let req = AdiRequest {
+        first_adi: 0,
+        count: s.adis,
+        vectors: s.vectors,
+        ims_trap: s.ims == ImsPolicy::Trap,
+        vcpus: u32::from(config.cpus),
+    };
     Vdcm::compose(vm.clone(), mem, iommu, root, platform.mmio.clone(), Arc::new(device), Arc::new(router), req)
         .map(Some)
         .map_err(|e| Error::Device(e.to_string()))
@@ -354,7 +360,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
             tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
             tsc_deadline,
         };
-        let ims_flags = if config.siov.ims == ImsPolicy::Pv { hc::FLAG_IMS_ALLOWED } else { 0 };
+        let ims_flags = match config.siov.ims {
+            ImsPolicy::Off => 0,
+            ImsPolicy::Pv => hc::FLAG_IMS_ALLOWED,
+            ImsPolicy::Trap => hc::FLAG_IMS_TRAP,
+        };
         let hypercall = (ims_flags, HYPERCALL_ADDR);
         vcpu::configure_cpuid(&vcpu, &supported, &topo, hypercall)?;
         if id == 0 {

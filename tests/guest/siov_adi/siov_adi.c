@@ -7,13 +7,14 @@
  * MSI-X masking: a masked completion vector raises nothing, shows in the PBA, and its interrupt
  * arrives once when unmasked. The verdict is in sysfs "result".
  *
- * IMS path: when siovmm's hypercall is present (CPUID 0x40000100) and the VM's policy allows
- * IMS (CPUID flag, SIOV ACPI table without IMS_OPT_OUT, no remapping unit with Caching Mode),
+ * IMS path: when siovmm's interface is present (CPUID 0x40000100) and the VM's policy allows
+ * IMS (CPUID flags, SIOV ACPI table without IMS_OPT_OUT, no remapping unit with Caching Mode),
  * the driver allocates `ims_vectors` more vectors through IMS, beyond its 2 MSI-X vectors:
  * Linux IRQs from x86_vector_domain (the guest picks vector and CPU, as Hyper-V's PCI driver
- * does), each given to siovmm with IMS_COMPOSE, which programs the host side. "run" then also
- * fires every IMS vector once and checks that handles it was not given raise nothing.
- * sysfs "mode" says "ims" or "msix".
+ * does). In pv mode each is given to siovmm with the IMS_COMPOSE hypercall; in trap mode the
+ * driver writes its own MSI message into the ADI's IMS window slot, which siovmm traps.
+ * "run" then also fires every IMS vector once and checks that handles it was not given raise
+ * nothing. sysfs "mode" says "ims-pv", "ims-trap" or "msix".
  *
  * Register map and descriptor format: siovmm docs/siov-device.md; hypercalls:
  * docs/hypercall.md.
@@ -36,6 +37,12 @@ MODULE_PARM_DESC(ims_vectors, "IMS vectors per ADI when the VM allows IMS (0: MS
 #define HC_SIG_LEAF 0x40000100
 #define HC_INFO_LEAF 0x40000101
 #define HC_IMS_ALLOWED 1
+#define HC_IMS_TRAP 2
+#define IMS_WINDOW 0x4000
+#define IMS_CTRL_MASK 1
+#define IMS_CTRL_PENDING 2
+#define IMS_CTRL_BACKED 4
+enum ims_mode { IMS_NONE, IMS_PV, IMS_TRAP };
 #define HC_QUERY 0
 #define HC_IMS_ALLOC 1
 #define HC_IMS_FREE 2
@@ -114,6 +121,7 @@ struct adi {
 	u64 *hc_block;
 	void __iomem *hc_reg;
 	int n_ims;
+	enum ims_mode ims_mode;
 	u32 ims_first;
 	struct ims_vec *ims;
 	void __iomem *bar;
@@ -252,23 +260,25 @@ static long adi_hypercall(struct adi *a, u64 nr, u64 a1, u64 a2, u64 a3, u64 a4,
 	return (long)READ_ONCE(b[6]);
 }
 
-/* Whether this VM lets the guest use IMS, and where the hypercall register is. */
-static bool adi_ims_allowed(u64 *reg)
+/* Whether and how this VM lets the guest use IMS, and where the hypercall register is. */
+static enum ims_mode adi_ims_allowed(u64 *reg)
 {
+	enum ims_mode mode;
 	unsigned int eax, ebx, ecx, edx;
 	struct acpi_table_header *t;
 	bool ok = true;
 
 	cpuid(HC_SIG_LEAF, &eax, &ebx, &ecx, &edx);
 	if (ebx != 0x766f6953 || ecx != 0x79486d6d || edx != 0x6c614370) /* "SiovmmHypCal" */
-		return false;
+		return IMS_NONE;
 	cpuid(HC_INFO_LEAF, &eax, &ebx, &ecx, &edx);
-	if (!(ebx & HC_IMS_ALLOWED))
-		return false;
+	mode = (ebx & HC_IMS_ALLOWED) ? IMS_PV : (ebx & HC_IMS_TRAP) ? IMS_TRAP : IMS_NONE;
+	if (mode == IMS_NONE)
+		return IMS_NONE;
 	*reg = ecx | ((u64)edx << 32);
 	/* The SIOV table's IMS_OPT_OUT; no table means opted out. */
 	if (ACPI_FAILURE(acpi_get_table("SIOV", 0, &t)))
-		return false;
+		return IMS_NONE;
 	if (t->length < 40 || (*(u32 *)((u8 *)t + 36) & 1))
 		ok = false;
 	acpi_put_table(t);
@@ -293,7 +303,12 @@ static bool adi_ims_allowed(u64 *reg)
 		}
 		acpi_put_table(t);
 	}
-	return ok;
+	return ok ? mode : IMS_NONE;
+}
+
+static void __iomem *adi_slot(struct adi *a, int i)
+{
+	return a->bar + IMS_WINDOW + i * 16;
 }
 
 /* Allocates n IMS vectors: Linux IRQs from the vector domain, composed through siovmm. */
@@ -304,10 +319,14 @@ static int adi_ims_setup(struct adi *a, int n)
 	int i, err;
 	long st;
 
-	st = adi_hypercall(a, HC_IMS_ALLOC, adi_rid(a), n, 0, 0, &first);
-	if (st)
-		return -EIO;
-	a->ims_first = first;
+	if (a->ims_mode == IMS_PV) {
+		st = adi_hypercall(a, HC_IMS_ALLOC, adi_rid(a), n, 0, 0, &first);
+		if (st)
+			return -EIO;
+		a->ims_first = first;
+	} else {
+		first = 0;
+	}
 	a->ims = devm_kcalloc(&a->pdev->dev, n, sizeof(*a->ims), GFP_KERNEL);
 	if (!a->ims)
 		return -ENOMEM;
@@ -330,12 +349,27 @@ static int adi_ims_setup(struct adi *a, int n)
 		}
 		a->n_ims = i + 1;
 		cfg = irqd_cfg(irq_get_irq_data(v->irq));
-		st = adi_hypercall(a, HC_IMS_COMPOSE, adi_rid(a), first + i, cfg->vector, cfg->dest_apicid, &handle);
-		if (st)
-			return -EIO;
+		if (a->ims_mode == IMS_PV) {
+			st = adi_hypercall(a, HC_IMS_COMPOSE, adi_rid(a), first + i, cfg->vector, cfg->dest_apicid,
+					   &handle);
+			if (st)
+				return -EIO;
+			if (adi_hypercall(a, HC_IMS_MASK, adi_rid(a), first + i, 0, 0, NULL))
+				return -EIO;
+		} else {
+			/* Our own message: fixed delivery, physical destination (SDM Vol. 3 §11.11). */
+			u32 ctrl;
+
+			writel(0xfee00000 | ((cfg->dest_apicid & 0xff) << 12), adi_slot(a, i));
+			writel(0, adi_slot(a, i) + 4);
+			writel(cfg->vector, adi_slot(a, i) + 8);
+			writel(0, adi_slot(a, i) + 12);
+			ctrl = readl(adi_slot(a, i) + 12);
+			if (!(ctrl & IMS_CTRL_BACKED))
+				return -ENOSPC;
+			handle = ctrl >> 16;
+		}
 		v->handle = handle;
-		if (adi_hypercall(a, HC_IMS_MASK, adi_rid(a), first + i, 0, 0, NULL))
-			return -EIO;
 	}
 	return 0;
 }
@@ -345,10 +379,12 @@ static void adi_ims_teardown(struct adi *a)
 	int i;
 
 	for (i = 0; i < a->n_ims; i++) {
+		if (a->ims_mode == IMS_TRAP)
+			writel(IMS_CTRL_MASK, adi_slot(a, i) + 12);
 		free_irq(a->ims[i].irq, &a->ims[i]);
 		irq_dispose_mapping(a->ims[i].irq);
 	}
-	if (a->n_ims)
+	if (a->n_ims && a->ims_mode == IMS_PV)
 		adi_hypercall(a, HC_IMS_FREE, adi_rid(a), a->ims_first, 0, 0, NULL);
 	a->n_ims = 0;
 }
@@ -387,6 +423,40 @@ static const char *adi_ims_selftest(struct adi *a)
 	adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, 0xffff);
 	if (adi_poll(a) || a->comp->status != 0x19)
 		return "a handle never given was accepted";
+	if (a->ims_mode == IMS_TRAP) {
+		struct ims_vec *v = &a->ims[0];
+
+		/* A message naming no vCPU of this VM is not backed. */
+		writel(0xfee00000 | (200 << 12), adi_slot(a, a->n_ims));
+		writel(0x40, adi_slot(a, a->n_ims) + 8);
+		writel(0, adi_slot(a, a->n_ims) + 12);
+		if (readl(adi_slot(a, a->n_ims) + 12) & IMS_CTRL_BACKED)
+			return "a message for another APIC was backed";
+		/* Masked slot: nothing raised, pending set; unmask delivers it once. */
+		writel(IMS_CTRL_MASK, adi_slot(a, 0) + 12);
+		reinit_completion(&v->done);
+		adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, v->handle);
+		if (adi_poll(a))
+			return "masked IMS: descriptor never completed";
+		msleep(20);
+		if (adi_total_ims(a) != before_ims)
+			return "a masked IMS slot raised an interrupt";
+		if (!(readl(adi_slot(a, 0) + 12) & IMS_CTRL_PENDING))
+			return "masked IMS slot not pending";
+		writel(0, adi_slot(a, 0) + 12);
+		if (!wait_for_completion_timeout(&v->done, 2 * HZ))
+			return "pending IMS interrupt not delivered on unmask";
+		msleep(20);
+		if (adi_total_ims(a) != before_ims + 1 || atomic_read(&a->irqs) != before_cq)
+			return "unmasking an IMS slot delivered the wrong interrupts";
+		return NULL;
+	}
+	/* pv mode: the window is inert; a raw message written there raises nothing. */
+	writel(0xfee00000, adi_slot(a, 0));
+	writel(0x40, adi_slot(a, 0) + 8);
+	writel(0, adi_slot(a, 0) + 12);
+	if (readl(adi_slot(a, 0) + 12) != 0 || readl(adi_slot(a, 0)) != 0)
+		return "the IMS window took a raw message in pv mode";
 	/* A slot allocated but never composed: nothing programmed it, so it raises nothing. */
 	if (adi_hypercall(a, HC_IMS_ALLOC, adi_rid(a), 1, 0, 0, &spare))
 		return "IMS_ALLOC of a spare slot failed";
@@ -518,7 +588,7 @@ static ssize_t mode_show(struct device *dev, struct device_attribute *attr, char
 {
 	struct adi *a = pci_get_drvdata(to_pci_dev(dev));
 
-	return sysfs_emit(buf, "%s %d\n", a->n_ims ? "ims" : "msix", a->n_ims);
+	return sysfs_emit(buf, "%s %d\n", !a->n_ims ? "msix" : a->ims_mode == IMS_PV ? "ims-pv" : "ims-trap", a->n_ims);
 }
 static DEVICE_ATTR_RO(mode);
 
@@ -576,7 +646,8 @@ static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (ims_vectors > 0) {
 		u64 reg;
 
-		if (adi_ims_allowed(&reg)) {
+		a->ims_mode = adi_ims_allowed(&reg);
+		if (a->ims_mode != IMS_NONE) {
 			a->hc_reg = devm_ioremap(&pdev->dev, reg, 8);
 			a->hc_block = devm_kzalloc(&pdev->dev, 64, GFP_KERNEL);
 			err = (a->hc_reg && a->hc_block) ? adi_ims_setup(a, ims_vectors) : -ENOMEM;

@@ -32,13 +32,27 @@ pub const ADI_DEVICE_ID: u16 = 0x0002;
 /// Class code: system peripheral, other.
 pub const ADI_CLASS: u32 = 0x08_8000;
 /// BAR0 size.
-pub const BAR0_SIZE: u64 = 0x4000;
+pub const BAR0_SIZE: u64 = 0x8000;
 /// Doorbell offset in BAR0.
 pub const DOORBELL: u64 = 0x1000;
 /// MSI-X table offset in BAR0.
 pub const MSIX_TABLE: u64 = 0x2000;
 /// MSI-X PBA offset in BAR0.
 pub const MSIX_PBA: u64 = 0x3000;
+/// The trapped IMS window (`--ims trap`): 16-byte slots `{addr_lo, addr_hi, data, ctrl}`.
+pub const IMS_WINDOW: u64 = 0x4000;
+/// Slots in the IMS window.
+pub const IMS_WINDOW_SLOTS: u32 = 1024;
+/// Window slot ctrl: bit 0 mask (RW), bit 1 pending (RO), bit 2 backed by a host IMS entry
+/// (RO), bits 31:16 the slot's interrupt handle once backed (RO).
+pub mod ims_ctrl {
+    /// Mask.
+    pub const MASK: u32 = 1;
+    /// Pending.
+    pub const PENDING: u32 = 2;
+    /// Backed by a host IMS entry.
+    pub const BACKED: u32 = 4;
+}
 /// Register-file version.
 pub const VERSION: u32 = 0x0001_0000;
 
@@ -100,6 +114,31 @@ pub struct AdiFunction {
     pv_groups: Vec<(u32, ImsGroup)>,
     /// Hypercall IMS slots: slot s is interrupt handle `msix vectors + s`. `None` once freed.
     pv_slots: Vec<Option<PvSlot>>,
+    /// Trap mode: the guest-visible IMS window, by slot, and the hypercall-style slot backing
+    /// each programmed one. `None` when the VM is not in trap mode (the window is inert).
+    trap: Option<Vec<TrapSlot>>,
+    /// vCPUs of the VM (messages may only name these APIC IDs).
+    vcpus: u32,
+}
+
+/// One slot of the trapped IMS window, as the guest wrote it.
+#[derive(Debug, Clone, Copy, Default)]
+struct TrapSlot {
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u32,
+    masked: bool,
+    backing: Option<u32>,
+}
+
+/// The destination APIC ID of a guest MSI message, if it is a plain fixed/lowest-priority
+/// message to the local APIC range (address 0xFEEx_xxxx, extended destination ID honoured).
+pub fn msi_destination(message: MsiMessage) -> Option<u32> {
+    if message.address >> 20 != 0xfee {
+        return None;
+    }
+    let dest = ((message.address >> 12) & 0xff) as u32 | (((message.address >> 5) & 0x7f) as u32) << 8;
+    Some(dest)
 }
 
 /// One hypercall-managed IMS slot.
@@ -142,6 +181,10 @@ pub struct AdiParts {
     pub mapper: Arc<dyn BarMapper>,
     /// BAR0's initial guest address (as firmware would assign it).
     pub bar0: u64,
+    /// Whether the guest may program IMS slots through the trapped window.
+    pub ims_trap: bool,
+    /// vCPUs of the VM.
+    pub vcpus: u32,
 }
 
 impl AdiFunction {
@@ -194,6 +237,8 @@ impl AdiFunction {
             slow_doorbells: 0,
             pv_groups: Vec::new(),
             pv_slots: Vec::new(),
+            trap: p.ims_trap.then(Vec::new),
+            vcpus: p.vcpus,
         };
         Ok(f)
     }
@@ -294,6 +339,73 @@ impl AdiFunction {
         let fd = s.fd.clone().ok_or(Status::NoSuchSlot)?;
         self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
         Ok(handle)
+    }
+
+    /// A guest read of the trapped IMS window.
+    fn read_window(&self, offset: u64) -> u32 {
+        let Some(trap) = &self.trap else { return 0 };
+        let (slot, dword) = ((offset / 16) as usize, (offset % 16) / 4);
+        let Some(t) = trap.get(slot) else { return if dword == 3 { ims_ctrl::MASK } else { 0 } };
+        match dword {
+            0 => t.addr_lo,
+            1 => t.addr_hi,
+            2 => t.data,
+            _ => {
+                let mut ctrl = if t.masked { ims_ctrl::MASK } else { 0 };
+                if let Some(b) = t.backing {
+                    let index = self.pv_slots.get(b as usize).and_then(|s| s.as_ref()).map(|s| s.index);
+                    if index.is_some_and(|i| self.device.ims_pending(i).unwrap_or(false)) {
+                        ctrl |= ims_ctrl::PENDING;
+                    }
+                    ctrl |= ims_ctrl::BACKED | (self.vector_fds.len() as u32 + b) << 16;
+                }
+                ctrl
+            }
+        }
+    }
+
+    /// A guest write to the trapped IMS window: the guest's own message for a slot becomes a
+    /// host IMS entry (allocated on first use) routed to that message, like an MSI-X entry.
+    fn write_window(&mut self, offset: u64, value: u32) {
+        let vcpus = self.vcpus;
+        let Some(trap) = &mut self.trap else { return };
+        let slot = (offset / 16) as usize;
+        if slot >= IMS_WINDOW_SLOTS as usize {
+            return;
+        }
+        if trap.len() <= slot {
+            trap.resize(slot + 1, TrapSlot { masked: true, ..TrapSlot::default() });
+        }
+        let t = &mut trap[slot];
+        match (offset % 16) / 4 {
+            0 => t.addr_lo = value & !3,
+            1 => t.addr_hi = value,
+            2 => t.data = value,
+            _ => t.masked = value & ims_ctrl::MASK != 0,
+        }
+        let t = *t;
+        let message = MsiMessage { address: u64::from(t.addr_hi) << 32 | u64::from(t.addr_lo), data: t.data };
+        let valid = msi_destination(message).is_some_and(|d| d < vcpus) && (t.data & 0xff) >= 32;
+        if t.masked || !valid {
+            // Masked, or a message naming nothing of this VM: the entry raises nothing.
+            if let Some(b) = t.backing {
+                let _ = self.pv_mask(b, true);
+            }
+            return;
+        }
+        let backing = match t.backing {
+            Some(b) => b,
+            None => match self.pv_alloc(1) {
+                Ok(b) => b,
+                Err(_) => return, // IMS exhausted: the slot stays unbacked (ctrl says so)
+            },
+        };
+        if let Some(trap) = &mut self.trap {
+            trap[slot].backing = Some(backing);
+        }
+        if self.pv_compose(backing, message).is_ok() {
+            let _ = self.pv_mask(backing, false);
+        }
     }
 
     /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once.
@@ -421,6 +533,9 @@ impl BusDevice for AdiFunction {
                 let (device, first) = (&self.device, self.ims.first);
                 self.msix.read_pba(o - MSIX_PBA, data, |v| device.ims_pending(first + u32::from(v)).unwrap_or(false));
             }
+            o if (IMS_WINDOW..BAR0_SIZE).contains(&o) && data.len() == 4 && o % 4 == 0 => {
+                data.copy_from_slice(&self.read_window(o - IMS_WINDOW).to_le_bytes());
+            }
             _ => {}
         }
     }
@@ -439,6 +554,9 @@ impl BusDevice for AdiFunction {
                 if let Some(change) = self.msix.write_table(o - MSIX_TABLE, data) {
                     self.apply(change);
                 }
+            }
+            o if (IMS_WINDOW..BAR0_SIZE).contains(&o) && data.len() == 4 && o % 4 == 0 => {
+                self.write_window(o - IMS_WINDOW, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
             }
             _ => {}
         }

@@ -96,6 +96,10 @@ pub struct AdiRequest {
     pub count: u32,
     /// MSI-X vectors per ADI.
     pub vectors: u16,
+    /// Whether the guest may program IMS through each ADI's trapped window.
+    pub ims_trap: bool,
+    /// vCPUs of the VM.
+    pub vcpus: u32,
 }
 
 /// Where an ADI's DMA goes.
@@ -153,6 +157,8 @@ impl Vdcm {
                 key_base: u64::from(adi.0) << 16,
                 mapper: bars.clone(),
                 bar0,
+                ims_trap: req.ims_trap,
+                vcpus: req.vcpus,
             })?;
             let func = Arc::new(Mutex::new(func));
             lock(&bars.functions).insert(bdf, (func.clone(), doorbell));
