@@ -38,7 +38,7 @@ SIOV (Scalable IOV) options:
     --adi N            assign N ADIs of the host SIOV device to the guest, each a PCI function
                        (vendor 5356, device 0002) on bus 0. Repeatable: counts add up. Up to 248.
                        [default: 0]
-    --adi-vectors N    MSI-X vectors per ADI, 1..=2048, each backed by one IMS entry [default: 2]
+    --adi-vectors N    MSI-X vectors per ADI, 1..=256, each backed by one IMS entry [default: 2]
     --siov-adis N      ADIs of the software SIOV device siovmm runs [default: 256]
     --siov-ims N       IMS entries of that device, at least 16 [default: 16384]
     --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
@@ -300,7 +300,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut siov = SiovConfig { adis: adis.unwrap_or(0), ..SiovConfig::default() };
     for (flag, v) in &siov_opts {
         match flag.as_str() {
-            "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, 2048)? as u16,
+            "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, u32::from(crate::vdcm::adi::MAX_MSIX_VECTORS))? as u16,
             "--siov-adis" => siov.device_adis = parse_count(flag, v, 1, 1 << 20)?,
             "--siov-ims" => siov.device_ims = parse_count(flag, v, 16, 1 << 24)?,
             "--viommu" => siov.viommu = true,
@@ -460,7 +460,8 @@ mod tests {
         assert!(parse_err(&["--kernel", &k, "--adi", "100", "--adi-vectors", "200"]).contains("needs 20000 IMS entries"));
         assert_eq!(parse_err(&["--kernel", &k, "--ims-storage", "disk"]), "--ims-storage disk: must be on-device or in-memory");
         assert_eq!(parse_err(&["--kernel", &k, "--max-msi-routes", "5000"]), "--max-msi-routes 5000: must be between 0 and 4056");
-        assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "0"]), "--adi-vectors 0: must be between 1 and 2048");
+        assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "0"]), "--adi-vectors 0: must be between 1 and 256");
+        assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "257"]), "--adi-vectors 257: must be between 1 and 256");
         assert_eq!(parse_err(&["--kernel", &k, "--ims", "posted"]), "--ims posted: must be off, trap or pv");
         assert!(parse_err(&["--kernel", &k, "--ims", "trap", "--ims-storage", "in-memory"]).starts_with("--ims trap: IMS in memory cannot be trapped"));
         assert_eq!(parse_err(&["--kernel", &k, "--siov-ims", "2", "--siov-ims", "3"]), "--siov-ims given more than once");

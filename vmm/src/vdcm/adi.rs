@@ -39,6 +39,8 @@ pub const DOORBELL: u64 = 0x1000;
 pub const MSIX_TABLE: u64 = 0x2000;
 /// MSI-X PBA offset in BAR0.
 pub const MSIX_PBA: u64 = 0x3000;
+/// Most MSI-X vectors: the table must fit between MSIX_TABLE and MSIX_PBA (4 KiB).
+pub const MAX_MSIX_VECTORS: u16 = ((MSIX_PBA - MSIX_TABLE) / 16) as u16;
 /// The trapped IMS window (`--ims trap`): 16-byte slots `{addr_lo, addr_hi, data, ctrl}`.
 pub const IMS_WINDOW: u64 = 0x4000;
 /// Slots in the IMS window.
@@ -191,7 +193,7 @@ impl AdiFunction {
     /// Builds the function; binds one eventfd per vector to its IMS entry and sets the ADI's
     /// interrupt handles.
     pub fn new(p: AdiParts) -> Result<Self, siov::Error> {
-        let vectors = p.ims.count.min(u32::from(devices::pci::msix::MAX_VECTORS)) as u16;
+        let vectors = p.ims.count.min(u32::from(MAX_MSIX_VECTORS)) as u16;
         let msix = Msix::new(vectors);
         let mut config = ConfigSpace::new(SIOVMM_VENDOR_ID, ADI_DEVICE_ID, ADI_CLASS, 1);
         // Status: capability list present. Command: memory decode on (firmware assigned BAR0).
