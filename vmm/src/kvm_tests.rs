@@ -276,3 +276,52 @@ fn trapped_ims_window() {
         }
     }
 }
+
+/// Two VMs sharing one SIOV device: each VM's hypercalls reach only its own ADIs. Both guests
+/// see their first ADI at 00:01.0; VM B naming that requester ID gets its own ADI, never VM A's,
+/// and cannot touch the slots VM A allocated.
+#[test]
+fn hypercalls_cannot_reach_another_vms_adis() {
+    use crate::vdcm::hypercall::Hypercalls;
+    use crate::vdcm::kvm_routes::KvmRoutes;
+    use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
+    use crate::vdcm::{AdiRequest, Vdcm};
+    use devices::pci::Bdf;
+    use siovmm_hypercall::{Call, Status};
+    use siovmm_vfio::siov::{ImsStorage, SiovDevice};
+    use siovmm_vfio::soft::SoftSiovDevice;
+
+    let kvm = Kvm::new().unwrap();
+    let device = Arc::new(SoftSiovDevice::new(4, 256, ImsStorage::InMemory, 1).unwrap());
+    let mut endpoints = Vec::new();
+    let mut keep = Vec::new();
+    for first_adi in [0u32, 1] {
+        let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let vm = Arc::new(vm);
+        let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
+        let mut root = pci_root();
+        let req = AdiRequest { first_adi, count: 1, vectors: 2, ims_trap: false, vcpus: 1 };
+        let vdcm = Vdcm::compose(vm, &mem, None, &mut root, Arc::new(devices::Bus::new()), device.clone(), router, req)
+            .unwrap();
+        endpoints.push(Hypercalls::new(mem, vdcm.by_requester_id(), 1, true));
+        keep.push((vdcm, vcpu));
+    }
+    let rid = Bdf::new(0, 1, 0).0;
+    // VM A allocates 8 slots on its ADI (host ADI 0).
+    assert_eq!(endpoints[0].execute(Call::ImsAlloc { adi: rid, count: 8 }), Ok(0));
+    // VM B names the same requester ID: that is its own ADI (host ADI 1), which has no slots.
+    for slot in 0..8 {
+        assert_eq!(
+            endpoints[1].execute(Call::ImsCompose { adi: rid, slot, vector: 0x40, apic_id: 0 }),
+            Err(Status::NoSuchSlot)
+        );
+        assert_eq!(endpoints[1].execute(Call::ImsMask { adi: rid, slot, masked: false }), Err(Status::NoSuchSlot));
+    }
+    assert_eq!(endpoints[1].execute(Call::ImsFree { adi: rid, first: 0 }), Err(Status::NoSuchSlot));
+    // VM A's slots still work for VM A.
+    assert_eq!(endpoints[0].execute(Call::ImsCompose { adi: rid, slot: 7, vector: 0x40, apic_id: 0 }), Ok(9));
+    // And the device says which ADI owns what: 256 - 2×2 MSI-X - 8 entries are left.
+    assert!(device.ims_alloc(244).is_ok());
+    assert!(device.ims_alloc(1).is_err());
+}
