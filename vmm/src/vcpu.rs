@@ -98,7 +98,15 @@ pub fn configure_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, mode: &EntryMod
 }
 
 fn rip(vcpu: &VcpuFd) -> String {
-    vcpu.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "unknown".into())
+    let regs = vcpu.get_regs();
+    let sregs = vcpu.get_sregs();
+    match (regs, sregs) {
+        // On AMD, KVM reinitializes the vCPU after a shutdown intercept (the VMCB is undefined
+        // then), so the state reads as the reset vector: say so rather than name a bogus RIP.
+        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.base == 0xffff_0000 => "unknown (KVM reset the vCPU)".into(),
+        (Ok(r), _) => format!("{:#x}", r.rip),
+        _ => "unknown".into(),
+    }
 }
 
 /// How a vCPU exit ends the VM. `AtRip` failures get the vCPU's RIP appended once the exit's
