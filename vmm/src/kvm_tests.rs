@@ -60,6 +60,25 @@ fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::G
     (shutdown.reason().expect("a stop reason"), out, mem)
 }
 
+/// A VM with one vCPU and `req`'s ADIs of `device` composed into it (no guest runs).
+fn vm_with_adis(
+    kvm: &Kvm,
+    device: Arc<siovmm_vfio::soft::SoftSiovDevice>,
+    req: crate::vdcm::AdiRequest,
+) -> (crate::vdcm::Vdcm, kvm_ioctls::VcpuFd, vm_memory::GuestMemoryMmap) {
+    use crate::vdcm::kvm_routes::KvmRoutes;
+    use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
+
+    let (vm, mem) = create_vm(kvm, 64 << 20).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let vm = Arc::new(vm);
+    let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
+    let mut root = pci_root();
+    let mmio = Arc::new(devices::Bus::new());
+    let vdcm = crate::vdcm::Vdcm::compose(vm, &mem, None, &mut root, mmio, device, router, req).unwrap();
+    (vdcm, vcpu, mem)
+}
+
 #[test]
 fn pio_mmio_serial_and_poweroff() {
     #[rustfmt::skip]
@@ -153,9 +172,7 @@ fn more_vectors_than_kvm_routes_are_all_delivered() {
 #[test]
 fn hypercalls_manage_only_this_vms_adis() {
     use crate::vdcm::hypercall::Hypercalls;
-    use crate::vdcm::kvm_routes::KvmRoutes;
-    use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
-    use crate::vdcm::{AdiRequest, Vdcm};
+    use crate::vdcm::AdiRequest;
     use devices::pci::Bdf;
     use devices::BusDevice;
     use siovmm_hypercall::{Call, Status, BLOCK_SIZE};
@@ -163,15 +180,9 @@ fn hypercalls_manage_only_this_vms_adis() {
     use siovmm_vfio::soft::SoftSiovDevice;
 
     let kvm = Kvm::new().unwrap();
-    let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
-    let _vcpu = vm.create_vcpu(0).unwrap();
-    let vm = Arc::new(vm);
     let device = Arc::new(SoftSiovDevice::new(8, 1024, ImsStorage::InMemory, 1).unwrap());
-    let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
-    let mut root = pci_root();
-    let mmio = Arc::new(devices::Bus::new());
     let req = AdiRequest { first_adi: 0, count: 2, vectors: 2, ims_trap: false, vcpus: 1 };
-    let vdcm = Vdcm::compose(vm, &mem, None, &mut root, mmio, device, router, req).unwrap();
+    let (vdcm, _vcpu, mem) = vm_with_adis(&kvm, device, req);
     let adi0 = Bdf::new(0, 1, 0).0;
     let adi1 = Bdf::new(0, 1, 1).0;
     let mut calls = Hypercalls::new(mem.clone(), vdcm.by_requester_id(), 1, true);
@@ -224,23 +235,16 @@ fn hypercalls_manage_only_this_vms_adis() {
 #[test]
 fn trapped_ims_window() {
     use crate::vdcm::adi::{ims_ctrl, IMS_WINDOW};
-    use crate::vdcm::kvm_routes::KvmRoutes;
-    use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
-    use crate::vdcm::{AdiRequest, Vdcm};
+    use crate::vdcm::AdiRequest;
     use devices::BusDevice;
     use siovmm_vfio::siov::ImsStorage;
     use siovmm_vfio::soft::SoftSiovDevice;
 
     let kvm = Kvm::new().unwrap();
     for trap in [true, false] {
-        let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
-        let _vcpu = vm.create_vcpu(0).unwrap();
-        let vm = Arc::new(vm);
         let device = Arc::new(SoftSiovDevice::new(2, 64, ImsStorage::OnDevice, 1).unwrap());
-        let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
-        let mut root = pci_root();
         let req = AdiRequest { first_adi: 0, count: 1, vectors: 2, ims_trap: trap, vcpus: 1 };
-        let vdcm = Vdcm::compose(vm, &mem, None, &mut root, Arc::new(devices::Bus::new()), device, router, req).unwrap();
+        let (vdcm, _vcpu, _mem) = vm_with_adis(&kvm, device, req);
         let mut f = vdcm.functions()[0].lock().unwrap();
         let write_slot = |f: &mut crate::vdcm::adi::AdiFunction, slot: u64, addr: u32, data: u32, ctrl: u32| {
             let base = IMS_WINDOW + slot * 16;
@@ -283,9 +287,7 @@ fn trapped_ims_window() {
 #[test]
 fn hypercalls_cannot_reach_another_vms_adis() {
     use crate::vdcm::hypercall::Hypercalls;
-    use crate::vdcm::kvm_routes::KvmRoutes;
-    use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
-    use crate::vdcm::{AdiRequest, Vdcm};
+    use crate::vdcm::AdiRequest;
     use devices::pci::Bdf;
     use siovmm_hypercall::{Call, Status};
     use siovmm_vfio::siov::{ImsStorage, SiovDevice};
@@ -296,14 +298,8 @@ fn hypercalls_cannot_reach_another_vms_adis() {
     let mut endpoints = Vec::new();
     let mut keep = Vec::new();
     for first_adi in [0u32, 1] {
-        let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let vm = Arc::new(vm);
-        let router = Arc::new(MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).unwrap());
-        let mut root = pci_root();
         let req = AdiRequest { first_adi, count: 1, vectors: 2, ims_trap: false, vcpus: 1 };
-        let vdcm = Vdcm::compose(vm, &mem, None, &mut root, Arc::new(devices::Bus::new()), device.clone(), router, req)
-            .unwrap();
+        let (vdcm, vcpu, mem) = vm_with_adis(&kvm, device.clone(), req);
         endpoints.push(Hypercalls::new(mem, vdcm.by_requester_id(), 1, true));
         keep.push((vdcm, vcpu));
     }
