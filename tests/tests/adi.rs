@@ -11,6 +11,9 @@ const ADIS: u32 = 64;
 const SELFTEST: &str = r#"
 insmod /siov_adi.ko || echo GUEST-INSMOD-FAILED=1
 echo GUEST-ADI-BOUND=$(ls -d /sys/bus/pci/drivers/siov_adi/0000:* 2>/dev/null | wc -l)
+# Linux sees a PCI Express function (4 KiB config space) with the PCIe capability at 0x50.
+echo GUEST-ADI-CFGSIZE=$(stat -c %s /sys/bus/pci/devices/0000:00:01.0/config)
+echo GUEST-ADI-PCIECAP=$(od -An -tx1 -j 80 -N 4 /sys/bus/pci/devices/0000:00:01.0/config | tr -d ' ')
 pass=0
 for d in /sys/bus/pci/drivers/siov_adi/0000:*; do
   echo 1 > $d/run
@@ -44,6 +47,8 @@ fn check(r: &CaseResult) {
     assert_eq!(r.value("GUEST-INIT-REACHED"), Some("1"), "{t}");
     assert_eq!(r.value("GUEST-INSMOD-FAILED"), None, "{t}");
     assert_eq!(r.value("GUEST-ADI-BOUND"), Some(ADIS.to_string().as_str()), "driver bound to every ADI:\n{t}");
+    assert_eq!(r.value("GUEST-ADI-CFGSIZE"), Some("4096"), "{t}");
+    assert_eq!(r.value("GUEST-ADI-PCIECAP"), Some("10009200"), "{t}");
     assert_eq!(r.value("GUEST-ADI-PASS"), Some(ADIS.to_string().as_str()), "self-test on every ADI:\n{t}");
     assert_eq!(r.value("GUEST-CQ-LINES"), Some(ADIS.to_string().as_str()), "{t}");
     assert_eq!(r.value("GUEST-ADI-PASS-RETARGETED"), Some(ADIS.to_string().as_str()), "after retargeting:\n{t}");

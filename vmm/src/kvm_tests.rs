@@ -321,3 +321,32 @@ fn hypercalls_cannot_reach_another_vms_adis() {
     assert!(device.ims_alloc(244).is_ok());
     assert!(device.ims_alloc(1).is_err());
 }
+
+/// An ADI's configuration space: capability list MSI-X → PCI Express (RCiEP), BAR0 sizing.
+#[test]
+fn adi_config_space() {
+    use crate::vdcm::adi::BAR0_SIZE;
+    use crate::vdcm::AdiRequest;
+    use devices::pci::PciFunction;
+    use siovmm_vfio::siov::ImsStorage;
+    use siovmm_vfio::soft::SoftSiovDevice;
+
+    let kvm = Kvm::new().unwrap();
+    let device = Arc::new(SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap());
+    let req = AdiRequest { first_adi: 0, count: 1, vectors: 2, ims_trap: false, vcpus: 1 };
+    let (vdcm, _vcpu, _mem) = vm_with_adis(&kvm, device, req);
+    let mut f = vdcm.functions()[0].lock().unwrap();
+    assert_eq!(f.config_read(0), 0x0002_5356);
+    assert_ne!(f.config_read(1) & (1 << 20), 0, "capability list");
+    assert_eq!(f.config_read(0x34 / 4) & 0xff, 0x40);
+    let msix = f.config_read(0x40 / 4);
+    assert_eq!((msix & 0xff, (msix >> 8) & 0xff, (msix >> 16) & 0x7ff), (0x11, 0x50, 1), "MSI-X, 2 vectors");
+    let pcie = f.config_read(0x50 / 4);
+    assert_eq!((pcie & 0xff, (pcie >> 8) & 0xff, pcie >> 16), (0x10, 0, 0x0092), "PCIe v2 RCiEP, end of list");
+    // BAR0 sizing: all-ones reads back the size mask with the 64-bit type bits.
+    let bar = f.config_read(4);
+    f.config_write(4, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(f.config_read(4), !(BAR0_SIZE as u32 - 1) & !0xf | 0x4);
+    f.config_write(4, 0, &bar.to_le_bytes());
+    assert_eq!(f.config_read(4), bar);
+}

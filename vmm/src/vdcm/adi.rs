@@ -82,6 +82,13 @@ const STATUS_ENABLED: u32 = 1;
 const STATUS_ERROR: u32 = 2;
 
 const CAP_OFFSET: usize = 0x40;
+/// The PCI Express capability, chained after MSI-X.
+const PCIE_CAP_OFFSET: usize = 0x50;
+/// PCI Express capability ID.
+const CAP_ID_PCIE: u32 = 0x10;
+/// PCIe Capabilities register: version 2, device/port type 1001b = Root Complex Integrated
+/// Endpoint (PCIe Base 6.0 §7.5.3.2), which is what SIOV devices such as DSA are.
+const PCIE_CAPS_RCIEP: u32 = 0x0092;
 const CMD_MEMORY: u32 = 1 << 1;
 
 /// Moves BAR windows on the guest's MMIO bus (and the doorbell ioeventfd with them).
@@ -208,9 +215,14 @@ impl AdiFunction {
         config.set_writable(5, u32::MAX);
         config.set_reg(0x2c / 4, u32::from(SIOVMM_VENDOR_ID) | u32::from(ADI_DEVICE_ID) << 16);
         config.set_reg(0x34 / 4, CAP_OFFSET as u32);
-        config.set_reg(CAP_OFFSET / 4, u32::from(devices::pci::msix::CAP_ID_MSIX) | u32::from(msix.message_control()) << 16);
         config.set_reg(CAP_OFFSET / 4 + 1, MSIX_TABLE as u32); // BIR 0
         config.set_reg(CAP_OFFSET / 4 + 2, MSIX_PBA as u32); // BIR 0
+        // PCI Express capability (§7.5.3): an RCiEP has no link, slot or root registers.
+        let pcie = PCIE_CAP_OFFSET / 4;
+        config.set_reg(pcie, CAP_ID_PCIE | PCIE_CAPS_RCIEP << 16);
+        config.set_reg(pcie + 1, 1 << 15); // Device Capabilities: role-based error reporting, 128 B payload
+        config.set_reg(pcie + 2, 0x2810); // Device Control reset value: MRRS 512 B, relaxed ordering, no snoop
+        config.set_writable(pcie + 2, 0x0000_7fff); // Device Control is RW; Device Status stays 0
 
         for index in p.ims.indexes().take(usize::from(vectors)) {
             // The host message is a token naming the entry; delivery is the bound eventfd.
@@ -493,7 +505,9 @@ fn host_token(index: u32) -> siov::MsiMessage {
 impl PciFunction for AdiFunction {
     fn config_read(&mut self, reg: usize) -> u32 {
         if reg == CAP_OFFSET / 4 {
-            return u32::from(devices::pci::msix::CAP_ID_MSIX) | u32::from(self.msix.message_control()) << 16;
+            return u32::from(devices::pci::msix::CAP_ID_MSIX)
+                | (PCIE_CAP_OFFSET as u32) << 8
+                | u32::from(self.msix.message_control()) << 16;
         }
         self.config.read_reg(reg)
     }
