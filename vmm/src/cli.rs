@@ -50,7 +50,7 @@ SIOV (Scalable IOV) options:
                        [default: off]
     --viommu           give the guest a virtual VT-d DMA-remapping unit (ACPI DMAR, one DRHD
                        with INCLUDE_PCI_ALL at 0xfed90000) that translates ADI DMA as the guest
-                       programs it; it reports Caching Mode, telling guests not to use IMS
+                       programs it; with --ims off it reports Caching Mode (no IMS in this VM)
     --max-msi-routes N KVM MSI routes siovmm may use, 0..=4056 (KVM's 4096 entries minus the
                        irqchip's 40); vectors beyond the budget are delivered by a VMM thread
                        with KVM_SIGNAL_MSI [default: 4056]
