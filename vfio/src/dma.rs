@@ -28,7 +28,8 @@ pub trait DmaSpace: Send + Sync {
 pub struct GuestRam(pub GuestMemoryMmap);
 
 impl GuestRam {
-    fn check(&self, addr: u64, len: usize) -> Result<(), DmaFault> {
+    /// Whether `[addr, addr + len)` lies wholly in guest RAM.
+    pub fn check(&self, addr: u64, len: usize) -> Result<(), DmaFault> {
         let fault = DmaFault { addr, len: len as u64 };
         if len == 0 {
             return Ok(());

@@ -53,7 +53,7 @@ impl DmaSpace for VtdDma {
         let pieces = self.pieces(addr, buf.len(), true)?;
         // All pieces must be writable RAM before the first byte is written.
         for &(gpa, n) in &pieces {
-            self.ram.read(gpa, &mut vec![0u8; n])?;
+            self.ram.check(gpa, n)?;
         }
         let mut off = 0;
         for (gpa, n) in pieces {
