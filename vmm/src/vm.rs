@@ -92,6 +92,11 @@ pub(crate) struct Platform {
     input_ready: Arc<InputReady>,
 }
 
+/// Puts `dev` on `bus` at `[base, base + len)`.
+fn place(bus: &Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
+    bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
+}
+
 pub(crate) fn build_platform(
     vm: &VmFd,
     shutdown: &Arc<ShutdownSignal>,
@@ -100,26 +105,22 @@ pub(crate) fn build_platform(
 ) -> Result<Platform, Error> {
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
-    let insert = |bus: &Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64| {
-        bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
-    };
-
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?;
     // The UART's interrupt goes eventfd → KVM irqfd → IOAPIC pin, never through a VMM thread.
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
     let input_ready = Arc::new(InputReady(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?));
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, input_ready.clone(), console_out)));
-    insert(&pio, serial.clone(), u64::from(layout::COM1_PORT), 8)?;
-    insert(&pio, Arc::new(Mutex::new(Cmos::new())), u64::from(layout::CMOS_PORT), 2)?;
-    insert(&pio, Arc::new(Mutex::new(I8042Reset::new(shutdown.clone()))), u64::from(layout::I8042_CMD_PORT), 1)?;
-    insert(
+    place(&pio, serial.clone(), u64::from(layout::COM1_PORT), 8)?;
+    place(&pio, Arc::new(Mutex::new(Cmos::new())), u64::from(layout::CMOS_PORT), 2)?;
+    place(&pio, Arc::new(Mutex::new(I8042Reset::new(shutdown.clone()))), u64::from(layout::I8042_CMD_PORT), 1)?;
+    place(
         &pio,
         Arc::new(Mutex::new(AcpiPm::new(shutdown.clone()))),
         u64::from(layout::ACPI_PM_PORT),
         u64::from(siovmm_acpi::pm::SIZE),
     )?;
 
-    insert(&mmio, Arc::new(Mutex::new(BootTimer::new(start))), BOOT_TIMER_ADDR, 1)?;
+    place(&mmio, Arc::new(Mutex::new(BootTimer::new(start))), BOOT_TIMER_ADDR, 1)?;
     Ok(Platform { pio, mmio, serial, input_ready })
 }
 
@@ -133,17 +134,14 @@ pub(crate) fn pci_root() -> PciRoot {
 /// Makes `root` reachable through 0xCF8/0xCFC and ECAM.
 pub(crate) fn attach_pci(platform: &Platform, root: PciRoot) -> Result<(), Error> {
     let root = Arc::new(root);
-    let insert = |bus: &Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64| {
-        bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
-    };
     let (pio, mmio) = (&platform.pio, &platform.mmio);
-    insert(
+    place(
         pio,
         Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
         u64::from(layout::PCI_CONFIG_IO_START),
         u64::from(layout::PCI_CONFIG_IO_SIZE),
     )?;
-    insert(mmio, Arc::new(Mutex::new(PciConfigMmio::new(root, 1))), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
+    place(mmio, Arc::new(Mutex::new(PciConfigMmio::new(root, 1))), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
 }
 
 /// The host SIOV device and the guest's ADIs, when `--adi` asks for any.
@@ -312,10 +310,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
         // caches nothing, so either value is truthful).
         let caching_mode = config.siov.ims == ImsPolicy::Off;
         let unit = Arc::new(VtdUnit::new(mem.clone(), VtdConfig { caching_mode }));
-        platform
-            .mmio
-            .insert(Arc::new(Mutex::new(unit.clone())), layout::VTD_START, vtd::REG_SIZE)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        place(&platform.mmio, Arc::new(Mutex::new(unit.clone())), layout::VTD_START, vtd::REG_SIZE)?;
         Some(unit)
     } else {
         None
@@ -324,10 +319,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     let vdcm = compose_adis(&vm, &mem, iommu.as_ref(), &mut root, &platform, config)?;
     if let Some(v) = &vdcm {
         let calls = Hypercalls::new(mem.clone(), v.by_requester_id(), u32::from(config.cpus), config.siov.ims == ImsPolicy::Pv);
-        platform
-            .mmio
-            .insert(Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
     }
     attach_pci(&platform, root)?;
     trace.mark("devices");
