@@ -345,12 +345,7 @@ impl AdiFunction {
         let handle = self.vector_fds.len() as u64 + u64::from(slot);
         let device = self.device.clone();
         let s = self.pv_slot(slot)?;
-        if s.fd.is_none() {
-            let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Status::Exhausted)?);
-            device.ims_bind(s.index, Some(fd.clone())).map_err(|_| Status::NoSuchSlot)?;
-            s.fd = Some(fd);
-        }
-        let fd = s.fd.clone().ok_or(Status::NoSuchSlot)?;
+        let fd = bound_eventfd(device.as_ref(), &mut s.fd, s.index)?;
         self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
         Ok(handle)
     }
@@ -441,12 +436,7 @@ impl AdiFunction {
     /// The vector's eventfd, made and bound to its IMS entry on first use.
     fn vector_fd(&mut self, vector: u16, index: siov::ImsIndex) -> Option<Arc<EventFd>> {
         let slot = self.vector_fds.get_mut(usize::from(vector))?;
-        if slot.is_none() {
-            let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).ok()?);
-            self.device.ims_bind(index, Some(fd.clone())).ok()?;
-            *slot = Some(fd);
-        }
-        slot.clone()
+        bound_eventfd(self.device.as_ref(), slot, index).ok()
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
@@ -493,6 +483,22 @@ impl AdiFunction {
             _ => 0,
         }
     }
+}
+
+/// The eventfd in `slot`, or a new one bound to IMS entry `index` (kept in `slot`) on first use.
+/// Fails with EXHAUSTED when no eventfd can be made, NO_SUCH_SLOT when the entry refuses it.
+fn bound_eventfd(
+    device: &dyn SiovDevice,
+    slot: &mut Option<Arc<EventFd>>,
+    index: siov::ImsIndex,
+) -> Result<Arc<EventFd>, Status> {
+    if let Some(fd) = slot {
+        return Ok(fd.clone());
+    }
+    let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Status::Exhausted)?);
+    device.ims_bind(index, Some(fd.clone())).map_err(|_| Status::NoSuchSlot)?;
+    *slot = Some(fd.clone());
+    Ok(fd)
 }
 
 /// The host message the VDCM programs into an IMS entry. For the software device it is a token
