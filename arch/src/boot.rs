@@ -14,6 +14,7 @@ use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, PvhBootCap
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use crate::e820::memory_map;
+use crate::image::MappedImage;
 use crate::layout::*;
 use crate::regs::EntryMode;
 
@@ -83,7 +84,7 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
 }
 
 /// Reads enough of `file` to identify it.
-pub fn sniff_format(file: &mut File) -> Result<Option<KernelFormat>, std::io::Error> {
+pub fn sniff_format<R: Read + Seek>(file: &mut R) -> Result<Option<KernelFormat>, std::io::Error> {
     let mut head = [0u8; 1024];
     file.seek(SeekFrom::Start(0))?;
     let mut n = 0;
@@ -115,8 +116,10 @@ pub enum Protocol {
     Linux64(u64, Option<setup_header>),
 }
 
-/// Loads the kernel in `file` into `mem`.
-pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKernel, Error> {
+/// Loads the kernel in `file` into `mem` (through a mapping of the file: crate::image).
+pub fn load_kernel(mem: &GuestMemoryMmap, file: &File) -> Result<LoadedKernel, Error> {
+    let mut image = MappedImage::new(file).map_err(|source| Error::Read { what: "kernel", source })?;
+    let file = &mut image;
     let format = sniff_format(file)
         .map_err(|source| Error::Read { what: "kernel", source })?
         .ok_or(Error::NotAKernel)?;
@@ -293,13 +296,13 @@ mod tests {
         let m = mem(32 << 20);
         let mut f = tempfile();
         f.write_all(&[0x55; 4096]).unwrap();
-        assert!(matches!(load_kernel(&m, &mut f), Err(Error::NotAKernel)));
+        assert!(matches!(load_kernel(&m, &f), Err(Error::NotAKernel)));
         // Right magic, broken body: linux-loader's error, not a panic.
         let mut f = tempfile();
         let mut bz = vec![0u8; 0x1000];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         f.write_all(&bz).unwrap();
-        assert!(load_kernel(&m, &mut f).is_err());
+        assert!(load_kernel(&m, &f).is_err());
     }
 
     #[test]

@@ -6,5 +6,6 @@
 pub mod boot;
 pub mod cpuid;
 pub mod e820;
+pub mod image;
 pub mod layout;
 pub mod regs;

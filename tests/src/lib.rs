@@ -85,6 +85,9 @@ pub struct GuestCase {
     pub files: Vec<(String, u32, Vec<u8>)>,
     /// Further siovmm arguments (e.g. `--adi 64`).
     pub extra_args: Vec<String>,
+    /// The siovmm binary to run (a static build, for the sandbox); `None` is the one
+    /// tests/setup.sh built. Benchmarks set it to compare two builds in the same sandbox.
+    pub vmm: Option<PathBuf>,
 }
 
 /// The common start of every guest /init: busybox applets, /proc, /sys, /dev, and the
@@ -111,6 +114,7 @@ impl GuestCase {
             init: format!("{INIT_PROLOGUE}{init_body}"),
             files: Vec::new(),
             extra_args: Vec::new(),
+            vmm: None,
         }
     }
 
@@ -220,6 +224,40 @@ fn work_dir() -> PathBuf {
     d
 }
 
+/// How long the sandbox's own kernel takes to reach a minimal busybox /init right now, in
+/// seconds of its uptime: a yardstick of this machine's current speed, the condition under which
+/// ../shared/guest-sandbox.md measured 2.5-3 s. `None` where guests run directly.
+pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
+    if placement() == Placement::Direct {
+        return Ok(None);
+    }
+    let assets = Assets::locate()?;
+    let dir = work_dir();
+    let mut root = cpio::busybox_root(&assets.read("busybox"));
+    root.file(
+        "init",
+        0o755,
+        b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"@@YARDSTICK $(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n/bin/busybox poweroff -f\n",
+    );
+    let initrd = dir.join("yardstick.cpio");
+    let run = std::fs::write(&initrd, root.finish()).map_err(|e| e.to_string()).and_then(|_| {
+        let child = sandbox_qemu(&assets, &initrd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting qemu-system-x86_64 (run tests/setup.sh): {e}"))?;
+        collect_output(child, Duration::from_secs(120))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let (lines, _) = run?;
+    lines
+        .iter()
+        .find_map(|l| l.split("@@YARDSTICK ").nth(1)?.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| format!("the sandbox kernel did not report its uptime:\n{}", lines.join("\n")))
+}
+
 /// Runs `cases`, all in one sandbox boot or one after another directly.
 pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
     let assets = Assets::locate()?;
@@ -303,7 +341,7 @@ fn run_direct(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<Ca
         let initrd = dir.join(format!("{}.cpio", case.name));
         std::fs::write(&initrd, case.initramfs(assets)).map_err(|e| e.to_string())?;
         let start = Instant::now();
-        let child = Command::new(assets.path("siovmm"))
+        let child = Command::new(case.vmm.clone().unwrap_or_else(|| assets.path("siovmm")))
             .args(case.args(&assets.path(case.kernel.file()), &initrd))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -341,6 +379,14 @@ fn sandbox_args(case: &GuestCase) -> String {
         .join(" ")
 }
 
+/// Where a case's siovmm binary is inside the sandbox.
+fn sandbox_vmm(case: &GuestCase) -> String {
+    match case.vmm {
+        Some(_) => format!("/vmm/{}", case.name),
+        None => "/siovmm".into(),
+    }
+}
+
 /// The sandbox's own /init: load KVM, run every case, report, power off.
 fn sandbox_init(cases: &[GuestCase]) -> String {
     let mut s = String::from(SANDBOX_PROLOGUE);
@@ -360,8 +406,9 @@ uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
     }
     for case in cases {
         s.push_str(&format!(
-            "echo '@@CASE {name}'\nt0=$(uptime_cs)\n/siovmm {args} </dev/null 2>&1\nrc=$?\nt1=$(uptime_cs)\necho \"@@EXIT {name} $rc $((t1 - t0))\"\necho \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n",
+            "echo '@@CASE {name}'\nt0=$(uptime_cs)\n{vmm} {args} </dev/null 2>&1\nrc=$?\nt1=$(uptime_cs)\necho \"@@EXIT {name} $rc $((t1 - t0))\"\necho \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n",
             name = case.name,
+            vmm = sandbox_vmm(case),
             args = sandbox_args(case)
         ));
     }
@@ -378,6 +425,15 @@ fn sandbox_initramfs(assets: &Assets, cases: &[GuestCase], init: &str) -> Vec<u8
         outer.file(&format!("modules/{m}.ko"), 0o644, &assets.read(&format!("modules/{m}.ko")));
     }
     outer.file("siovmm", 0o755, &assets.read("siovmm"));
+    if cases.iter().any(|c| c.vmm.is_some()) {
+        outer.dir("vmm");
+    }
+    for case in cases {
+        if let Some(path) = &case.vmm {
+            let binary = std::fs::read(path).unwrap_or_else(|e| panic!("reading siovmm binary {}: {e}", path.display()));
+            outer.file(&format!("vmm/{}", case.name), 0o755, &binary);
+        }
+    }
     let mut kernels: Vec<Kernel> = cases.iter().map(|c| c.kernel).collect();
     kernels.dedup();
     kernels.sort_by_key(|k| k.file());

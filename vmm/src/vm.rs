@@ -176,13 +176,14 @@ fn compose_adis(
 /// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.
 fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) -> Result<arch::regs::EntryMode, Error> {
     let kpath = config.kernel.display().to_string();
-    let mut kfile = File::open(&config.kernel).map_err(io_err(format!("--kernel {kpath}")))?;
-    let kernel = boot::load_kernel(mem, &mut kfile).map_err(|e| Error::Boot(format!("--kernel {kpath}: {e}")))?;
+    let kfile = File::open(&config.kernel).map_err(io_err(format!("--kernel {kpath}")))?;
+    let kernel = boot::load_kernel(mem, &kfile).map_err(|e| Error::Boot(format!("--kernel {kpath}: {e}")))?;
     trace.mark("kernel");
     let initramfs = match &config.initramfs {
         Some(path) => {
             let p = path.display().to_string();
-            let mut f = File::open(path).map_err(io_err(format!("--initramfs {p}")))?;
+            let f = File::open(path).map_err(io_err(format!("--initramfs {p}")))?;
+            let mut f = arch::image::MappedImage::new(&f).map_err(io_err(format!("--initramfs {p}")))?;
             Some(
                 boot::load_initramfs(mem, config.memory, &kernel, &mut f)
                     .map_err(|e| Error::Boot(format!("--initramfs {p}: {e}")))?,

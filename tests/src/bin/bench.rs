@@ -1,11 +1,25 @@
 //! `siovmm-bench`: boot-speed benchmark. Boots the stock kernel (vmlinux, PVH) with 2 vCPUs and
-//! 512M to a busybox /init that powers off at once, N times (default 5) in one sandbox (or
-//! directly where the host KVM can run Linux), and prints per-run and median figures:
+//! 512M to a busybox /init that powers off at once, RUNS times (default 5), each in a fresh
+//! sandbox (or directly where the host KVM can run Linux), and prints per-run and median figures:
 //!   start → guest /init   (siovmm's boot-timer line)
 //!   start → exit          (wall clock around the siovmm process)
-//! Usage: siovmm-bench [RUNS]
+//! and, once, how long the sandbox kernel itself takes to reach a minimal /init: a yardstick of how
+//! fast this machine is right now (../shared/guest-sandbox.md measured 2.5-3 s).
+//!
+//! With `--baseline PATH` (another static siovmm build), every sandbox boots the guest once with
+//! each binary and the figures become ratios against the baseline measured in the same sandbox:
+//! the only comparison that survives this machine's drifting speed. The second boot in a sandbox
+//! was measured to be slower than the first whatever the binary, so the binaries take turns going
+//! first, RUNS is rounded up to even, and the ratio is the geometric mean of the per-sandbox
+//! ratios, in which that position effect cancels.
+//!
+//! Usage: siovmm-bench [RUNS] [--baseline PATH]
 
-use siovmm_tests::{placement, run_cases, GuestCase, Kernel};
+use std::path::PathBuf;
+
+use siovmm_tests::{placement, run_cases, CaseResult, GuestCase, Kernel};
+
+const USAGE: &str = "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-SIOVMM]";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -20,50 +34,158 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn main() {
-    let runs: usize = match std::env::args().nth(1).map(|a| a.parse()) {
-        None => 5,
-        Some(Ok(n)) if n > 0 => n,
-        Some(_) => {
-            eprintln!("siovmm-bench: RUNS must be a positive number");
-            std::process::exit(2);
+/// Geometric mean: the right average of ratios (a ratio and its inverse average to 1).
+fn geometric_mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = v.fold((0.0, 0u32), |(s, n), x| (s + x.ln(), n + 1));
+    (sum / f64::from(n)).exp()
+}
+
+#[derive(Debug)]
+struct Options {
+    runs: usize,
+    baseline: Option<PathBuf>,
+}
+
+fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut runs = 5;
+    let mut baseline = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--baseline" => {
+                let p = it.next().ok_or("--baseline needs a path to a siovmm binary")?;
+                let path = PathBuf::from(p);
+                if !path.is_file() {
+                    return Err(format!("--baseline {p}: no such file"));
+                }
+                baseline = Some(path);
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            n => match n.parse::<usize>() {
+                Ok(r) if r > 0 => runs = r,
+                _ => return Err(format!("RUNS must be a positive number, not {n:?} ({USAGE})")),
+            },
         }
-    };
-    let cases: Vec<GuestCase> = (0..runs)
-        .map(|i| GuestCase::new(&format!("boot-{i}"), Kernel::Vmlinux, 2, "echo GUEST-UPTIME=$(cut -d' ' -f1 /proc/uptime)\npoweroff -f\n"))
-        .collect();
+    }
+    Ok(Options { runs, baseline })
+}
+
+/// One guest boot's figures, in seconds.
+struct Boot {
+    to_init: f64,
+    to_exit: f64,
+}
+
+fn figures(r: &CaseResult) -> Result<Boot, String> {
+    let init = r.boot_timer_ms().map(|ms| ms / 1000.0);
+    println!(
+        "{}: start->/init {} s, start->exit {} s, guest uptime at /init {} s, exit status {:?}",
+        r.name,
+        init.map_or("?".into(), |s| format!("{s:.2}")),
+        r.seconds.map_or("?".into(), |s| format!("{s:.2}")),
+        r.value("GUEST-UPTIME").unwrap_or("?"),
+        r.exit_code
+    );
+    match (r.exit_code, init, r.seconds) {
+        (Some(0), Some(to_init), Some(to_exit)) => Ok(Boot { to_init, to_exit }),
+        _ => Err(format!("run {} failed:\n{}", r.name, r.transcript())),
+    }
+}
+
+fn case(name: &str, vmm: Option<PathBuf>) -> GuestCase {
+    let mut c = GuestCase::new(name, Kernel::Vmlinux, 2, "echo GUEST-UPTIME=$(cut -d' ' -f1 /proc/uptime)\npoweroff -f\n");
+    c.vmm = vmm;
+    c
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = parse_args(&args).unwrap_or_else(|e| {
+        eprintln!("siovmm-bench: {e}");
+        std::process::exit(2);
+    });
     println!("placement: {:?}; guest: stock kernel vmlinux (PVH), 2 vCPUs, 512M, busybox /init", placement());
-    // Each run gets its own sandbox: runs sharing one sandbox were measured to slow down one
-    // after another (docs/boot-performance.md), which would make the median depend on RUNS.
-    let mut results = Vec::new();
-    for case in &cases {
-        match run_cases(std::slice::from_ref(case)) {
-            Ok(r) => results.extend(r),
-            Err(e) => {
+    let yardstick = siovmm_tests::sandbox_yardstick().unwrap_or_else(|e| {
+        eprintln!("siovmm-bench: {e}");
+        std::process::exit(1);
+    });
+    let runs = if opts.baseline.is_some() { opts.runs.next_multiple_of(2) } else { opts.runs };
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for i in 0..runs {
+        // A fresh sandbox per run: runs sharing one sandbox were measured to slow down one after
+        // another (docs/boot-performance.md). With a baseline, the two binaries share the sandbox
+        // and take turns going first.
+        let mut cases = vec![case(&format!("run{i}"), None)];
+        if let Some(b) = &opts.baseline {
+            let c = case(&format!("run{i}-baseline"), Some(b.clone()));
+            if i % 2 == 0 {
+                cases.push(c);
+            } else {
+                cases.insert(0, c);
+            }
+        }
+        let results = run_cases(&cases).unwrap_or_else(|e| {
+            eprintln!("siovmm-bench: {e}");
+            std::process::exit(1);
+        });
+        for r in &results {
+            let boot = figures(r).unwrap_or_else(|e| {
                 eprintln!("siovmm-bench: {e}");
                 std::process::exit(1);
+            });
+            if r.name.ends_with("-baseline") {
+                base.push(boot);
+            } else {
+                ours.push(boot);
             }
         }
     }
-    let mut to_init = Vec::new();
-    let mut to_exit = Vec::new();
-    for r in &results {
-        let init = r.boot_timer_ms().map(|ms| ms / 1000.0);
-        println!(
-            "{}: start->/init {} s, start->exit {} s, guest uptime at /init {} s, exit status {:?}",
-            r.name,
-            init.map_or("?".into(), |s| format!("{s:.2}")),
-            r.seconds.map_or("?".into(), |s| format!("{s:.2}")),
-            r.value("GUEST-UPTIME").unwrap_or("?"),
-            r.exit_code
-        );
-        if r.exit_code != Some(0) || init.is_none() {
-            eprintln!("siovmm-bench: run {} failed:\n{}", r.name, r.transcript());
-            std::process::exit(1);
-        }
-        to_init.extend(init);
-        to_exit.extend(r.seconds);
+    let med = |v: &[Boot], f: fn(&Boot) -> f64| median(v.iter().map(f).collect());
+    println!("median start->/init: {:.2} s over {} runs", med(&ours, |b| b.to_init), ours.len());
+    println!("median start->exit:  {:.2} s over {} runs", med(&ours, |b| b.to_exit), ours.len());
+    if let Some(y) = yardstick {
+        println!("yardstick: the sandbox kernel alone reached /init at {y:.2} s (../shared/guest-sandbox.md: 2.5-3 s; above that, this machine is slower now)");
     }
-    println!("median start->/init: {:.2} s over {} runs", median(to_init), runs);
-    println!("median start->exit:  {:.2} s over {} runs", median(to_exit), runs);
+    if !base.is_empty() {
+        println!("baseline median start->/init: {:.2} s, start->exit: {:.2} s", med(&base, |b| b.to_init), med(&base, |b| b.to_exit));
+        let ratios = |f: fn(&Boot) -> f64| geometric_mean(ours.iter().zip(&base).map(|(o, b)| f(o) / f(b)));
+        println!(
+            "ratio this build / baseline (geometric mean of per-sandbox ratios): start->/init {:.3}, start->exit {:.3}",
+            ratios(|b| b.to_init),
+            ratios(|b| b.to_exit)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options() {
+        assert_eq!(parse_args(&args(&[])).unwrap().runs, 5);
+        assert_eq!(parse_args(&args(&["3"])).unwrap().runs, 3);
+        assert!(parse_args(&args(&["0"])).unwrap_err().contains("\"0\""));
+        assert!(parse_args(&args(&["--baseline"])).unwrap_err().contains("needs a path"));
+        assert!(parse_args(&args(&["--baseline", "/nonexistent/siovmm"])).unwrap_err().contains("/nonexistent/siovmm"));
+        let exe = std::env::current_exe().unwrap();
+        let o = parse_args(&args(&["2", "--baseline", exe.to_str().unwrap()])).unwrap();
+        assert_eq!((o.runs, o.baseline), (2, Some(exe)));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+        // A position effect of 1.5x on whichever binary goes second cancels out.
+        let g = geometric_mean([0.8 / 1.5, 0.8 * 1.5].into_iter());
+        assert!((g - 0.8).abs() < 1e-12, "{g}");
+        assert!(geometric_mean(std::iter::empty()).is_nan());
+    }
 }
