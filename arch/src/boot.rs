@@ -70,6 +70,9 @@ pub enum Error {
     /// Writing boot information failed.
     #[error("writing boot information: {0}")]
     BootInfo(#[from] linux_loader::configurator::Error),
+    /// Guest memory could not be written.
+    #[error("{0}")]
+    Memory(String),
 }
 
 /// Identifies the image format from its first bytes, or `None`.
@@ -114,6 +117,23 @@ pub enum Protocol {
     Pvh(u64),
     /// Linux 64-bit entry at this address, with the bzImage setup header if there was one.
     Linux64(u64, Option<setup_header>),
+}
+
+/// Where a guest restarting "through the BIOS" jumps: real-mode F000:FFF0.
+pub const BIOS_RESET_VECTOR: u64 = 0xF_FFF0;
+
+/// What siovmm puts at [`BIOS_RESET_VECTOR`] in place of firmware: ask the i8042 to pulse the
+/// reset line (`mov al, 0xfe; out 0x64, al`), then halt for good (`cli; hlt; jmp $-4`).
+///
+/// Why it is needed: Linux on a hardware-reduced ACPI platform picks the EFI reboot method
+/// (arch/x86/kernel/reboot.c, `efi_reboot_required()`); with no EFI that does nothing and the
+/// next method is BOOT_BIOS, a jump to F000:FFF0. Without code there, `reboot` hangs.
+pub const RESET_STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, I8042_CMD_PORT as u8, 0xfa, 0xf4, 0xeb, 0xfc];
+
+/// Writes [`RESET_STUB`] at [`BIOS_RESET_VECTOR`] (in the reserved legacy BIOS area).
+pub fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), Error> {
+    mem.write_slice(&RESET_STUB, GuestAddress(BIOS_RESET_VECTOR))
+        .map_err(|e| Error::Memory(format!("writing the reset stub: {e}")))
 }
 
 /// Loads the kernel in `file` into `mem` (through a mapping of the file: crate::image).
@@ -336,6 +356,20 @@ mod tests {
         // Does not fit above the kernel.
         let big = LoadedKernel { protocol: Protocol::Pvh(0x100_0000), end: (64 << 20) - 4096 };
         assert!(matches!(load_initramfs(&m, 64 << 20, &big, &mut f), Err(Error::InitramfsTooLarge { .. })));
+    }
+
+    #[test]
+    fn reset_stub_sits_at_the_reset_vector_inside_the_reserved_bios_area() {
+        let m = mem(64 << 20);
+        write_reset_stub(&m).unwrap();
+        let mut b = [0u8; 8];
+        m.read_slice(&mut b, GuestAddress(BIOS_RESET_VECTOR)).unwrap();
+        assert_eq!(b, RESET_STUB);
+        // 0xFFFF0..0xFFFF8 is reserved in the e820 map: the guest never uses it as RAM.
+        let reserved = memory_map(64 << 20).into_iter().any(|e| {
+            e.kind == crate::e820::E820_RESERVED && e.addr <= BIOS_RESET_VECTOR && BIOS_RESET_VECTOR + 8 <= e.addr + e.size
+        });
+        assert!(reserved);
     }
 
     #[test]

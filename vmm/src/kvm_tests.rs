@@ -120,6 +120,35 @@ fn acpi_reset_register_ends_with_reset() {
     assert_eq!(reason.exit_code(), 0);
 }
 
+/// A guest restarting through the BIOS (Linux's BOOT_BIOS method, taken on hardware-reduced
+/// ACPI without EFI) jumps to real-mode F000:FFF0; siovmm's stub there resets through the i8042.
+#[test]
+fn bios_restart_reaches_the_reset_stub() {
+    let kvm = Kvm::new().expect("/dev/kvm is needed for these tests");
+    let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
+    let shutdown = Arc::new(ShutdownSignal::new().unwrap());
+    let platform = build_platform(&vm, &shutdown, Instant::now(), Box::new(Console::default())).unwrap();
+    arch::boot::write_reset_stub(&mem).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    // Where `ljmpw $0xf000, $0xfff0` from real mode lands.
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.selector = 0xf000;
+    sregs.cs.base = 0xf0000;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut r = vcpu.get_regs().unwrap();
+    r.rip = 0xfff0;
+    vcpu.set_regs(&r).unwrap();
+    let exits = Exits {
+        pio: platform.pio.clone(),
+        mmio: platform.mmio.clone(),
+        shutdown: shutdown.clone(),
+        coalesced: None,
+        stats: Default::default(),
+    };
+    vcpu::run(vcpu, 0, exits);
+    assert_eq!(shutdown.reason(), Some(ExitReason::Reset));
+}
+
 #[test]
 fn triple_fault_is_reported_with_rip() {
     // With an empty IDT, #UD from UD2 cannot be delivered: #GP, then #DF, then shutdown

@@ -202,6 +202,7 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
         .map_err(|e| Error::Boot(e.to_string()))?;
     mem.write_slice(&tables.bytes, GuestAddress(tables.base))
         .map_err(|e| Error::Memory(format!("writing ACPI tables: {e}")))?;
+    boot::write_reset_stub(mem).map_err(|e| Error::Boot(e.to_string()))?;
     let info = BootInfo { mem_size: config.memory, initramfs, cmdline_len, rsdp: tables.rsdp_addr() };
     boot::write_boot_info(mem, &kernel, &info).map_err(|e| Error::Boot(e.to_string()))
 }
