@@ -157,11 +157,12 @@ fn main() {
         println!("yardstick: the sandbox kernel alone reached /init at {y:.2} s (../shared/guest-sandbox.md: 2.5-3 s; above that, this machine is slower now)");
     }
     if !base.is_empty() {
+        let seconds = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.2} s") };
         println!(
-            "baseline median start->/init: {:.2} s, start->exit: {:.2} s, guest uptime at /init: {:.2} s",
-            med(&base, |b| b.to_init),
-            med(&base, |b| Some(b.to_exit)),
-            med(&base, |b| b.uptime)
+            "baseline median start->/init: {}, start->exit: {}, guest uptime at /init: {}",
+            seconds(med(&base, |b| b.to_init)),
+            seconds(med(&base, |b| Some(b.to_exit))),
+            seconds(med(&base, |b| b.uptime))
         );
         let ratio = |f: fn(&Boot) -> Option<f64>| {
             let pairs: Vec<f64> = ours.iter().zip(&base).filter_map(|(o, b)| Some(f(o)? / f(b)?)).collect();
