@@ -59,9 +59,10 @@ impl MappedImage {
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives. The file may be
-        // changed underneath by another process; bytes read then are merely stale or new, and
-        // every consumer (linux-loader) validates what it reads.
+        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives. Another process
+        // may rewrite the file meanwhile: bytes read are then stale or new, and linux-loader
+        // validates what it reads. (Truncating it would make reads past the new end raise
+        // SIGBUS, as with any mapped file; images stay mapped only while they are copied.)
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
