@@ -6,6 +6,8 @@
 #   tests/bench.sh [RUNS] --reference        and libkrun (a rust-vmm VMM from crates.io, built
 #                                            here as tests/reference/krun-ref) in the same sandboxes
 #   tests/bench.sh [RUNS] --baseline BINARY  and any static VMM taking siovmm's boot flags
+#   tests/bench.sh --exits [--reference]     instead: what one exit of each kind costs, timed by
+#                                            a program in the guest (tests/guest/exit_cost)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"

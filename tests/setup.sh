@@ -4,7 +4,8 @@
 #     xz-utils, and the guest kernel's linux-headers to build the guest test driver;
 #   - the stock Debian guest kernel that linux-image-amd64 currently depends on: bzImage, the ELF
 #     vmlinux recovered from it, and the KVM modules the sandbox loads;
-#   - a static siovmm binary to drop into the sandbox's initramfs.
+#   - a static siovmm binary to drop into the sandbox's initramfs, and a static guest program
+#     that measures exit costs (tests/guest/exit_cost, for siovmm-bench --exits).
 # Idempotent: reruns only redo what is missing. Everything lands in $SIOVMM_ASSETS
 # (default: <repo>/target/guest-assets).
 set -euo pipefail
@@ -13,7 +14,7 @@ assets=${SIOVMM_ASSETS:-$repo/target/guest-assets}
 mkdir -p "$assets"
 
 need_pkgs=()
-for p in qemu-system-x86 busybox-static acpica-tools xz-utils cpio; do
+for p in qemu-system-x86 busybox-static acpica-tools xz-utils cpio gcc libc6-dev make; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ] || [ ! -f "$assets/.apt-updated" ]; then
@@ -74,6 +75,12 @@ if [ ! -f "$assets/siov_adi.ko" ] || [ "$modsrc/siov_adi.c" -nt "$assets/siov_ad
   fi
   cp "$build/siov_adi.ko" "$assets/siov_adi.ko"
   rm -rf "$build"
+fi
+
+# The guest exit-cost probe (siovmm-bench --exits): a static program for the busybox guest.
+probe_src="$repo/tests/guest/exit_cost/exit_cost.c"
+if [ ! -f "$assets/exit_cost" ] || [ "$probe_src" -nt "$assets/exit_cost" ]; then
+  gcc -O2 -static -Wall -Werror -o "$assets/exit_cost" "$probe_src"
 fi
 
 # Static siovmm for the sandbox initramfs.

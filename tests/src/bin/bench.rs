@@ -14,13 +14,16 @@
 //! first, RUNS is rounded up to even, and the ratio is the geometric mean of the per-sandbox
 //! ratios, in which that position effect cancels.
 //!
-//! Usage: siovmm-bench [RUNS] [--baseline PATH]
+//! With `--exits`, instead: one sandbox boot in which a guest program (tests/guest/exit_cost)
+//! times exits of each kind from guest userspace (twice), under this build and the baseline.
+//!
+//! Usage: siovmm-bench [RUNS] [--baseline PATH] [--exits]
 
 use std::path::PathBuf;
 
 use siovmm_tests::{placement, run_cases, CaseResult, GuestCase, Kernel};
 
-const USAGE: &str = "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-VMM]";
+const USAGE: &str = "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-VMM] [--exits]";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -44,12 +47,14 @@ fn geometric_mean(v: impl Iterator<Item = f64>) -> f64 {
 #[derive(Debug)]
 struct Options {
     runs: usize,
+    exits: bool,
     baseline: Option<PathBuf>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut runs = 5;
     let mut baseline = None;
+    let mut exits = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -61,6 +66,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
                 }
                 baseline = Some(path);
             }
+            "--exits" => exits = true,
             "-h" | "--help" => return Err(USAGE.into()),
             n => match n.parse::<usize>() {
                 Ok(r) if r > 0 => runs = r,
@@ -68,7 +74,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             },
         }
     }
-    Ok(Options { runs, baseline })
+    Ok(Options { runs, exits, baseline })
 }
 
 /// One guest boot's figures, in seconds. A baseline VMM without siovmm's boot timer has no
@@ -106,12 +112,44 @@ fn case(name: &str, vmm: Option<PathBuf>) -> GuestCase {
     c
 }
 
+/// `--exits`: per-exit costs seen from the guest, one sandbox, each VMM in turn.
+fn exit_costs(baseline: Option<PathBuf>) -> Result<(), String> {
+    let assets = siovmm_tests::Assets::locate()?;
+    let probe = assets.read("exit_cost");
+    let case = |name: &str, vmm: Option<PathBuf>| {
+        let mut c = GuestCase::new(name, Kernel::Vmlinux, 2, "/exit_cost\n/exit_cost\nreboot -f\n");
+        c.files.push(("exit_cost".into(), 0o755, probe.clone()));
+        c.vmm = vmm;
+        c
+    };
+    let mut cases = vec![case("exits", None)];
+    cases.extend(baseline.map(|b| case("exits-baseline", Some(b))));
+    for r in run_cases(&cases)? {
+        let costs = r.lines_with("EXIT-COST-");
+        if costs.len() < 10 {
+            return Err(format!("{}: the probe did not report:\n{}", r.name, r.transcript()));
+        }
+        println!("{} (µs per instruction, best batch of 1,000; two passes):", r.name);
+        for l in costs {
+            println!("  {}", l.trim().trim_start_matches("EXIT-COST-").replace("-US=", ": "));
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = parse_args(&args).unwrap_or_else(|e| {
         eprintln!("siovmm-bench: {e}");
         std::process::exit(2);
     });
+    if opts.exits {
+        if let Err(e) = exit_costs(opts.baseline) {
+            eprintln!("siovmm-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     println!("placement: {:?}; guest: stock kernel vmlinux (PVH), 2 vCPUs, 512M, busybox /init", placement());
     let yardstick = siovmm_tests::sandbox_yardstick().unwrap_or_else(|e| {
         eprintln!("siovmm-bench: {e}");
@@ -198,7 +236,8 @@ mod tests {
         assert!(parse_args(&args(&["--baseline", "/nonexistent/siovmm"])).unwrap_err().contains("/nonexistent/siovmm"));
         let exe = std::env::current_exe().unwrap();
         let o = parse_args(&args(&["2", "--baseline", exe.to_str().unwrap()])).unwrap();
-        assert_eq!((o.runs, o.baseline), (2, Some(exe)));
+        assert_eq!((o.runs, o.baseline, o.exits), (2, Some(exe), false));
+        assert!(parse_args(&args(&["--exits"])).unwrap().exits);
     }
 
     #[test]
