@@ -1,18 +1,19 @@
 //! `siovmm-bench`: boot-speed benchmark. Boots the stock kernel (vmlinux, PVH) with 2 vCPUs and
-//! 512M to a busybox /init that powers off at once, RUNS times (default 5), each in a fresh
-//! sandbox (or directly where the host KVM can run Linux), and prints per-run and median figures:
+//! 512M to a busybox /init that reboots at once, RUNS times (default 5), each in a fresh sandbox
+//! (or directly where the host KVM can run Linux), and prints per-run and median figures:
 //!   start → guest /init   (siovmm's boot-timer line)
-//!   start → exit          (wall clock around the siovmm process)
+//!   start → exit          (wall clock around the VMM process)
+//!   guest uptime at /init (the guest kernel's clock)
 //! and, once, how long the sandbox kernel itself takes to reach a minimal /init: a yardstick of how
 //! fast this machine is right now (../shared/guest-sandbox.md measured 2.5-3 s).
 //!
 //! With `--baseline PATH` (another static siovmm build, or any static VMM taking siovmm's
 //! --kernel/--initramfs/--cmdline/--cpus/--memory flags, such as tests/reference/krun-ref),
-//! every sandbox boots the guest once with each binary and the figures become ratios against the baseline measured in the same sandbox:
-//! the only comparison that survives this machine's drifting speed. The second boot in a sandbox
-//! was measured to be slower than the first whatever the binary, so the binaries take turns going
-//! first, RUNS is rounded up to even, and the ratio is the geometric mean of the per-sandbox
-//! ratios, in which that position effect cancels.
+//! every sandbox boots the guest once with each binary, and the figures become ratios against
+//! the baseline measured in the same sandbox: the only comparison that survives this machine's
+//! drifting speed. The second boot in a sandbox was measured to be slower than the first whatever
+//! the binary, so the binaries take turns going first, RUNS is rounded up to even, and the ratio
+//! is the geometric mean of the per-sandbox ratios, in which that position effect cancels.
 //!
 //! With `--exits`, instead: one sandbox boot in which a guest program (tests/guest/exit_cost)
 //! times exits of each kind from guest userspace (twice), under this build and the baseline.
