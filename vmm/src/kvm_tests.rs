@@ -30,24 +30,18 @@ impl Write for Console {
 
 const CODE: u64 = 0x1000;
 
-/// Runs `code` at 0x1000 in 32-bit protected mode with flat segments (the PVH entry state,
-/// set up by the same code that boots kernels) until the VM stops; returns the stop reason,
-/// console output and guest memory.
-fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::GuestMemoryMmap) {
+/// Runs one vCPU on a 64 MiB VM with siovmm's platform devices and PCI root until the VM stops;
+/// `setup` writes guest memory and puts the vCPU where the test starts. Returns the stop
+/// reason, console output and guest memory.
+fn run_vcpu(setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap)) -> (ExitReason, String, vm_memory::GuestMemoryMmap) {
     let kvm = Kvm::new().expect("/dev/kvm is needed for these tests");
     let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
     let shutdown = Arc::new(ShutdownSignal::new().unwrap());
     let console = Console::default();
     let platform = build_platform(&vm, &shutdown, Instant::now(), Box::new(console.clone())).unwrap();
     attach_pci(&platform, pci_root()).unwrap();
-    mem.write_slice(code, GuestAddress(CODE)).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    let mode = EntryMode::Pvh { entry: CODE, start_info: 0 };
-    let mut sregs = vcpu.get_sregs().unwrap();
-    regs::setup_sregs(&mem, &mode, &mut sregs).unwrap();
-    sregs.idt.limit = idt_limit;
-    vcpu.set_sregs(&sregs).unwrap();
-    vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
+    setup(&vcpu, &mem);
     let exits = Exits {
         pio: platform.pio.clone(),
         mmio: platform.mmio.clone(),
@@ -58,6 +52,21 @@ fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::G
     vcpu::run(vcpu, 0, exits);
     let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
     (shutdown.reason().expect("a stop reason"), out, mem)
+}
+
+/// Runs `code` at 0x1000 in 32-bit protected mode with flat segments (the PVH entry state,
+/// set up by the same code that boots kernels) until the VM stops; returns the stop reason,
+/// console output and guest memory.
+fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::GuestMemoryMmap) {
+    run_vcpu(|vcpu, mem| {
+        mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        let mode = EntryMode::Pvh { entry: CODE, start_info: 0 };
+        let mut sregs = vcpu.get_sregs().unwrap();
+        regs::setup_sregs(mem, &mode, &mut sregs).unwrap();
+        sregs.idt.limit = idt_limit;
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
+    })
 }
 
 /// A VM with one vCPU and `req`'s ADIs of `device` composed into it (no guest runs).
@@ -124,29 +133,18 @@ fn acpi_reset_register_ends_with_reset() {
 /// ACPI without EFI) jumps to real-mode F000:FFF0; siovmm's stub there resets through the i8042.
 #[test]
 fn bios_restart_reaches_the_reset_stub() {
-    let kvm = Kvm::new().expect("/dev/kvm is needed for these tests");
-    let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
-    let shutdown = Arc::new(ShutdownSignal::new().unwrap());
-    let platform = build_platform(&vm, &shutdown, Instant::now(), Box::new(Console::default())).unwrap();
-    arch::boot::write_reset_stub(&mem).unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    // Where `ljmpw $0xf000, $0xfff0` from real mode lands.
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.selector = 0xf000;
-    sregs.cs.base = 0xf0000;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut r = vcpu.get_regs().unwrap();
-    r.rip = 0xfff0;
-    vcpu.set_regs(&r).unwrap();
-    let exits = Exits {
-        pio: platform.pio.clone(),
-        mmio: platform.mmio.clone(),
-        shutdown: shutdown.clone(),
-        coalesced: None,
-        stats: Default::default(),
-    };
-    vcpu::run(vcpu, 0, exits);
-    assert_eq!(shutdown.reason(), Some(ExitReason::Reset));
+    let (reason, _, _) = run_vcpu(|vcpu, mem| {
+        arch::boot::write_reset_stub(mem).unwrap();
+        // Where `ljmpw $0xf000, $0xfff0` from real mode lands (a new vCPU is in real mode).
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.selector = 0xf000;
+        sregs.cs.base = 0xf0000;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut r = vcpu.get_regs().unwrap();
+        r.rip = 0xfff0;
+        vcpu.set_regs(&r).unwrap();
+    });
+    assert_eq!(reason, ExitReason::Reset);
 }
 
 #[test]
