@@ -240,17 +240,11 @@ pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
         b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"@@YARDSTICK $(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n/bin/busybox poweroff -f\n",
     );
     let initrd = dir.join("yardstick.cpio");
-    let run = std::fs::write(&initrd, root.finish()).map_err(|e| e.to_string()).and_then(|_| {
-        let child = sandbox_qemu(&assets, &initrd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting qemu-system-x86_64 (run tests/setup.sh): {e}"))?;
-        collect_output(child, Duration::from_secs(120))
-    });
+    let run = std::fs::write(&initrd, root.finish())
+        .map_err(|e| e.to_string())
+        .and_then(|_| sandbox_output(&assets, &initrd, Duration::from_secs(120)));
     let _ = std::fs::remove_dir_all(&dir);
-    let (lines, _) = run?;
+    let lines = run?;
     lines
         .iter()
         .find_map(|l| l.split("@@YARDSTICK ").nth(1)?.trim().parse().ok())
@@ -498,17 +492,21 @@ fn retry_reason(run: &Result<Vec<CaseResult>, String>) -> Option<String> {
     }
 }
 
-fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    let initrd = dir.join("sandbox.cpio");
-    std::fs::write(&initrd, sandbox_initramfs(assets, cases, &sandbox_init(cases))).map_err(|e| e.to_string())?;
-    let child = sandbox_qemu(assets, &initrd)
+/// Boots the sandbox on `initrd` without a terminal and returns its console lines.
+fn sandbox_output(assets: &Assets, initrd: &Path, timeout: Duration) -> Result<Vec<String>, String> {
+    let child = sandbox_qemu(assets, initrd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting qemu-system-x86_64 (run tests/setup.sh): {e}"))?;
-    let timeout = Duration::from_secs(90 + 60 * cases.len() as u64);
-    let (lines, _) = collect_output(child, timeout)?;
+    collect_output(child, timeout).map(|(lines, _)| lines)
+}
+
+fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    let initrd = dir.join("sandbox.cpio");
+    std::fs::write(&initrd, sandbox_initramfs(assets, cases, &sandbox_init(cases))).map_err(|e| e.to_string())?;
+    let lines = sandbox_output(assets, &initrd, Duration::from_secs(90 + 60 * cases.len() as u64))?;
     if let Some(e) = lines.iter().find(|l| l.contains("@@SANDBOX-ERROR")) {
         return Err(format!("sandbox setup failed: {e}\n{}", lines.join("\n")));
     }
