@@ -86,7 +86,9 @@ struct Boot {
     uptime: Option<f64>,
 }
 
-fn figures(r: &CaseResult) -> Result<Boot, String> {
+/// `r`'s figures, printed; a run that failed, or lacks a figure its VMM must give (only a
+/// `baseline` may lack the boot timer), is an error.
+fn figures(r: &CaseResult, baseline: bool) -> Result<Boot, String> {
     let init = r.boot_timer_ms().map(|ms| ms / 1000.0);
     println!(
         "{}: start->/init {} s, start->exit {} s, guest uptime at /init {} s, exit status {:?}",
@@ -98,33 +100,36 @@ fn figures(r: &CaseResult) -> Result<Boot, String> {
     );
     let uptime = r.value("GUEST-UPTIME").and_then(|v| v.parse().ok());
     match (r.exit_code, r.seconds) {
-        (Some(0), Some(to_exit)) if uptime.is_some() && (init.is_some() || r.name.ends_with("-baseline")) => {
+        (Some(0), Some(to_exit)) if uptime.is_some() && (init.is_some() || baseline) => {
             Ok(Boot { to_init: init, to_exit, uptime })
         }
         _ => Err(format!("run {} failed:\n{}", r.name, r.transcript())),
     }
 }
 
-fn case(name: &str, vmm: Option<PathBuf>) -> GuestCase {
-    // `reboot -f` rather than poweroff: a baseline VMM without ACPI (libkrun) can only end on a
-    // reset, and siovmm ends with status 0 on either.
-    let mut c = GuestCase::new(name, Kernel::Vmlinux, 2, "echo GUEST-UPTIME=$(cut -d' ' -f1 /proc/uptime)\nreboot -f\n");
+/// The benchmark's guest (vmlinux, 2 vCPUs, 512M) running `body`, then `reboot -f` rather than
+/// poweroff: a baseline VMM without ACPI (libkrun) can only end on a reset, and siovmm ends with
+/// status 0 on either. `vmm` is the baseline's binary, `None` for this build.
+fn case(name: &str, vmm: Option<PathBuf>, body: &str) -> GuestCase {
+    let mut c = GuestCase::new(name, Kernel::Vmlinux, 2, &format!("{body}reboot -f\n"));
     c.vmm = vmm;
     c
 }
+
+/// The boot-speed guest: reports its uptime at /init.
+const BOOT_BODY: &str = "echo GUEST-UPTIME=$(cut -d' ' -f1 /proc/uptime)\n";
 
 /// `--exits`: per-exit costs seen from the guest, one sandbox, each VMM in turn.
 fn exit_costs(baseline: Option<PathBuf>) -> Result<(), String> {
     let assets = siovmm_tests::Assets::locate()?;
     let probe = assets.read("exit_cost");
-    let case = |name: &str, vmm: Option<PathBuf>| {
-        let mut c = GuestCase::new(name, Kernel::Vmlinux, 2, "/exit_cost\n/exit_cost\nreboot -f\n");
+    let probed = |name: &str, vmm: Option<PathBuf>| {
+        let mut c = case(name, vmm, "/exit_cost\n/exit_cost\n");
         c.files.push(("exit_cost".into(), 0o755, probe.clone()));
-        c.vmm = vmm;
         c
     };
-    let mut cases = vec![case("exits", None)];
-    cases.extend(baseline.map(|b| case("exits-baseline", Some(b))));
+    let mut cases = vec![probed("exits", None)];
+    cases.extend(baseline.map(|b| probed("exits-baseline", Some(b))));
     for r in run_cases(&cases)? {
         let costs = r.lines_with("EXIT-COST-");
         if costs.len() < 10 {
@@ -144,18 +149,17 @@ fn main() {
         eprintln!("siovmm-bench: {e}");
         std::process::exit(2);
     });
-    if opts.exits {
-        if let Err(e) = exit_costs(opts.baseline) {
-            eprintln!("siovmm-bench: {e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    println!("placement: {:?}; guest: stock kernel vmlinux (PVH), 2 vCPUs, 512M, busybox /init", placement());
-    let yardstick = siovmm_tests::sandbox_yardstick().unwrap_or_else(|e| {
+    let result = if opts.exits { exit_costs(opts.baseline) } else { boot_speed(&opts) };
+    if let Err(e) = result {
         eprintln!("siovmm-bench: {e}");
         std::process::exit(1);
-    });
+    }
+}
+
+/// The boot-speed benchmark proper.
+fn boot_speed(opts: &Options) -> Result<(), String> {
+    println!("placement: {:?}; guest: stock kernel vmlinux (PVH), 2 vCPUs, 512M, busybox /init", placement());
+    let yardstick = siovmm_tests::sandbox_yardstick()?;
     let runs = if opts.baseline.is_some() { opts.runs.next_multiple_of(2) } else { opts.runs };
     let mut ours = Vec::new();
     let mut base = Vec::new();
@@ -163,25 +167,19 @@ fn main() {
         // A fresh sandbox per run: runs sharing one sandbox were measured to slow down one after
         // another (docs/boot-performance.md). With a baseline, the two binaries share the sandbox
         // and take turns going first.
-        let mut cases = vec![case(&format!("run{i}"), None)];
+        let mut cases = vec![case(&format!("run{i}"), None, BOOT_BODY)];
         if let Some(b) = &opts.baseline {
-            let c = case(&format!("run{i}-baseline"), Some(b.clone()));
+            let c = case(&format!("run{i}-baseline"), Some(b.clone()), BOOT_BODY);
             if i % 2 == 0 {
                 cases.push(c);
             } else {
                 cases.insert(0, c);
             }
         }
-        let results = run_cases(&cases).unwrap_or_else(|e| {
-            eprintln!("siovmm-bench: {e}");
-            std::process::exit(1);
-        });
-        for r in &results {
-            let boot = figures(r).unwrap_or_else(|e| {
-                eprintln!("siovmm-bench: {e}");
-                std::process::exit(1);
-            });
-            if r.name.ends_with("-baseline") {
+        for (r, c) in run_cases(&cases)?.iter().zip(&cases) {
+            let baseline = c.vmm.is_some();
+            let boot = figures(r, baseline)?;
+            if baseline {
                 base.push(boot);
             } else {
                 ours.push(boot);
@@ -218,6 +216,7 @@ fn main() {
             ratio(|b| b.uptime)
         );
     }
+    Ok(())
 }
 
 #[cfg(test)]
