@@ -87,8 +87,9 @@ impl Drop for MappedImage {
 
 impl Read for MappedImage {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.rest().len().min(buf.len());
-        buf[..n].copy_from_slice(&self.rest()[..n]);
+        let rest = self.rest();
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
         self.pos += n as u64;
         Ok(n)
     }
@@ -157,15 +158,17 @@ unsafe fn copy_split(dst: *mut u8, src: &[u8], threads: usize) {
 
 impl ReadVolatile for MappedImage {
     fn read_volatile<B: BitmapSlice>(&mut self, buf: &mut VolatileSlice<B>) -> Result<usize, VolatileError> {
-        let n = self.rest().len().min(buf.len());
+        let rest = self.rest();
+        let src = &rest[..rest.len().min(buf.len())];
+        let n = src.len();
         if n == 0 {
             return Ok(0);
         }
-        populate(&self.rest()[..n]);
+        populate(src);
         let dst = buf.ptr_guard_mut().as_ptr();
         // SAFETY: `dst` covers `buf.len() >= n` writable bytes of guest memory, which cannot
         // overlap our read-only file mapping; the guest is not running while images load.
-        unsafe { copy_split(dst, &self.rest()[..n], threads_for(n)) };
+        unsafe { copy_split(dst, src, threads_for(n)) };
         buf.bitmap().mark_dirty(0, n);
         self.pos += n as u64;
         Ok(n)
