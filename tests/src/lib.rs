@@ -1,51 +1,31 @@
 //! Harness for tests that boot real Linux guests under siovmm.
 //!
 //! Where a guest runs is decided here, once: **directly** on the host's /dev/kvm when it can
-//! run an unmodified Linux kernel, otherwise inside a **nested QEMU-TCG sandbox** (a stock
-//! Debian kernel whose own KVM, nested SVM, runs siovmm; see ../shared/guest-sandbox.md). All
-//! guest cases of one call share one sandbox boot. Override with `SIOVMM_GUEST_MODE=direct` or
-//! `=sandbox`.
+//! run an unmodified Linux kernel, otherwise inside the **nested QEMU-TCG sandbox** (a stock
+//! Debian kernel whose own KVM, nested SVM, runs siovmm; the `siovmm-sandbox` crate and
+//! ../shared/guest-sandbox.md). All guest cases of one call share one sandbox boot. Override
+//! with `SIOVMM_GUEST_MODE=direct` or `=sandbox`; `SIOVMM_HIDE_KVM=1` also means the sandbox.
+//!
+//! Every case runs under a time budget derived from its work (boot, ADIs, declared extra;
+//! `siovmm_sandbox::budget`), and so does the sandbox as a whole.
 //!
 //! A case's guest prints `KEY=value` lines from its /init; results are parsed from the console.
 
-pub mod cpio;
-pub mod probe;
-
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Guest kernel, modules, busybox and the static siovmm prepared by tests/setup.sh.
-#[derive(Debug, Clone)]
-pub struct Assets {
-    /// Folder holding them.
-    pub dir: PathBuf,
-}
+use siovmm_sandbox::machine::{self, shell_quote, SandboxImage, WorkDir, ENVIRONMENT_FAILURE};
+use siovmm_sandbox::{budget, cpio, host_kvm};
 
-impl Assets {
-    /// Finds the assets (`$SIOVMM_ASSETS`, else `<workspace>/target/guest-assets`).
-    pub fn locate() -> Result<Self, String> {
-        let dir = std::env::var_os("SIOVMM_ASSETS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-assets"));
-        for f in ["bzImage", "vmlinux", "busybox", "siovmm", "modules/kvm.ko", "siov_adi.ko"] {
-            if !dir.join(f).exists() {
-                return Err(format!("{} is missing: run tests/setup.sh first", dir.join(f).display()));
-            }
-        }
-        Ok(Self { dir })
-    }
+pub use siovmm_sandbox::Assets;
 
-    /// Path of one asset.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
+/// What guest boots need beyond the sandbox itself (all made by tests/setup.sh).
+pub const GUEST_FILES: &[&str] = &["vmlinux", "siovmm", "siov_adi.ko"];
 
-    /// Contents of one asset.
-    pub fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.path(name)).unwrap_or_else(|e| panic!("reading {}: {e}", self.path(name).display()))
-    }
+/// Finds the assets guest boots need.
+pub fn guest_assets() -> Result<Assets, String> {
+    Assets::locate(GUEST_FILES)
 }
 
 /// Which image of the guest kernel to boot.
@@ -88,6 +68,9 @@ pub struct GuestCase {
     /// The siovmm binary to run (a static build, for the sandbox); `None` is the one
     /// tests/setup.sh built. Benchmarks set it to compare two builds in the same sandbox.
     pub vmm: Option<PathBuf>,
+    /// Seconds of work an idle machine spends in this case beyond booting and working on its
+    /// ADIs (see [`GuestCase::budget`]).
+    pub extra_idle: Duration,
 }
 
 /// The common start of every guest /init: busybox applets, /proc, /sys, /dev, and the
@@ -115,16 +98,27 @@ impl GuestCase {
             files: Vec::new(),
             extra_args: Vec::new(),
             vmm: None,
+            extra_idle: Duration::ZERO,
         }
     }
 
-    fn initramfs(&self, assets: &Assets) -> Vec<u8> {
-        let mut c = cpio::busybox_root(&assets.read("busybox"));
+    /// ADIs given to the guest: the sum of its `--adi N` arguments.
+    pub fn adis(&self) -> u32 {
+        self.extra_args.windows(2).filter(|w| w[0] == "--adi").filter_map(|w| w[1].parse::<u32>().ok()).sum()
+    }
+
+    /// How long this case may take: [`budget::guest`] of its ADIs and declared extra work.
+    pub fn budget(&self) -> Duration {
+        budget::guest(self.adis(), self.extra_idle)
+    }
+
+    fn initramfs(&self, assets: &Assets) -> Result<Vec<u8>, String> {
+        let mut c = cpio::busybox_root(&assets.read("busybox")?);
         c.file("init", 0o755, self.init.as_bytes());
         for (path, mode, data) in &self.files {
             c.file(path, *mode, data);
         }
-        c.finish()
+        Ok(c.finish())
     }
 
     fn args(&self, kernel: &Path, initramfs: &Path) -> Vec<String> {
@@ -147,7 +141,8 @@ impl GuestCase {
 
     /// Adds the guest test driver (siov_adi.ko, built by tests/setup.sh) at /siov_adi.ko.
     pub fn with_adi_driver(mut self, assets: &Assets) -> Self {
-        self.files.push(("siov_adi.ko".into(), 0o644, assets.read("siov_adi.ko")));
+        let driver = assets.read("siov_adi.ko").unwrap_or_else(|e| panic!("{e}"));
+        self.files.push(("siov_adi.ko".into(), 0o644, driver));
         self
     }
 }
@@ -204,24 +199,14 @@ pub enum Placement {
     Sandbox,
 }
 
-/// Decides where guests run: `SIOVMM_GUEST_MODE`, else a probe of the host's KVM.
+/// Decides where guests run: `SIOVMM_GUEST_MODE`, else what the host's KVM can do.
 pub fn placement() -> Placement {
     match std::env::var("SIOVMM_GUEST_MODE").as_deref() {
         Ok("direct") => Placement::Direct,
         Ok("sandbox") => Placement::Sandbox,
-        _ if probe::host_kvm_runs_linux() => Placement::Direct,
+        _ if host_kvm::runs_linux() => Placement::Direct,
         _ => Placement::Sandbox,
     }
-}
-
-fn work_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "siovmm-guest-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).expect("creating a work folder");
-    d
 }
 
 /// How long the sandbox's own kernel takes to reach a minimal busybox /init right now, in
@@ -231,109 +216,32 @@ pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
     if placement() == Placement::Direct {
         return Ok(None);
     }
-    let assets = Assets::locate()?;
-    let dir = work_dir();
-    let mut root = cpio::busybox_root(&assets.read("busybox"));
-    root.file(
-        "init",
-        0o755,
-        b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"@@YARDSTICK $(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n/bin/busybox poweroff -f\n",
-    );
-    let initrd = dir.join("yardstick.cpio");
-    let run = std::fs::write(&initrd, root.finish())
-        .map_err(|e| e.to_string())
-        .and_then(|_| sandbox_output(&assets, &initrd, Duration::from_secs(120)));
-    let _ = std::fs::remove_dir_all(&dir);
-    let lines = run?;
-    lines
-        .iter()
-        .find_map(|l| l.split("@@YARDSTICK ").nth(1)?.trim().parse().ok())
-        .map(Some)
-        .ok_or_else(|| format!("the sandbox kernel did not report its uptime:\n{}", lines.join("\n")))
+    let assets = Assets::locate(&[])?;
+    let image = SandboxImage::new(&assets)?;
+    let lines = machine::run(&assets, image.finish(""), budget::sandbox_boot())?;
+    machine::up_at(&lines).map(Some).ok_or_else(|| format!("the sandbox kernel did not report its uptime:\n{}", lines.join("\n")))
 }
 
 /// Runs `cases`, all in one sandbox boot or one after another directly.
 pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    let assets = Assets::locate()?;
+    let assets = guest_assets()?;
     for c in cases {
         if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') {
             return Err(format!("bad case name {:?}", c.name));
         }
     }
-    let dir = work_dir();
-    let result = match placement() {
-        Placement::Direct => run_direct(&assets, &dir, cases),
-        Placement::Sandbox => run_sandbox_retrying(&assets, &dir, cases),
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-/// Reads a child's output line by line until it exits or `timeout` passes (then kills it).
-fn collect_output(mut child: std::process::Child, timeout: Duration) -> Result<(Vec<String>, Option<i32>), String> {
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let spawn_reader = |r: Box<dyn Read + Send>, tx: std::sync::mpsc::Sender<String>| {
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(r);
-            let mut buf = Vec::new();
-            while let Ok(n) = r.read_until(b'\n', &mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let line = String::from_utf8_lossy(&buf).replace('\r', "").trim_end_matches('\n').to_string();
-                if tx.send(line).is_err() {
-                    break;
-                }
-                buf.clear();
-            }
-        })
-    };
-    let t1 = spawn_reader(Box::new(stdout), tx.clone());
-    let t2 = spawn_reader(Box::new(stderr), tx);
-    let deadline = Instant::now() + timeout;
-    let mut lines = Vec::new();
-    let verbose = std::env::var_os("SIOVMM_TEST_VERBOSE").is_some();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => {
-                if verbose {
-                    eprintln!("| {l}");
-                }
-                // The sandbox's own kernel reporting a CPU stuck (inside KVM_RUN) does not recover;
-                // stop now instead of waiting for the timeout.
-                let stuck = l.contains("watchdog: BUG: soft lockup");
-                lines.push(l);
-                if stuck {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("{ENVIRONMENT_FAILURE}: the sandbox kernel reports a soft lockup; output:\n{}", lines.join("\n")));
-                }
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{ENVIRONMENT_FAILURE}: guest run timed out after {}s; last output:\n{}",
-                timeout.as_secs(),
-                lines.iter().rev().take(40).rev().cloned().collect::<Vec<_>>().join("\n")
-            ));
-        }
+    match placement() {
+        Placement::Direct => run_direct(&assets, cases),
+        Placement::Sandbox => run_sandbox_retrying(&assets, cases),
     }
-    let _ = (t1.join(), t2.join());
-    let status = child.wait().map_err(|e| e.to_string())?;
-    Ok((lines, status.code()))
 }
 
-fn run_direct(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+fn run_direct(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    let dir = WorkDir::new("guest")?;
     let mut results = Vec::new();
     for case in cases {
-        let initrd = dir.join(format!("{}.cpio", case.name));
-        std::fs::write(&initrd, case.initramfs(assets)).map_err(|e| e.to_string())?;
+        let initrd = dir.0.join(format!("{}.cpio", case.name));
+        std::fs::write(&initrd, case.initramfs(assets)?).map_err(|e| e.to_string())?;
         let start = Instant::now();
         let child = Command::new(case.vmm.clone().unwrap_or_else(|| assets.path("siovmm")))
             .args(case.args(&assets.path(case.kernel.file()), &initrd))
@@ -342,33 +250,19 @@ fn run_direct(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<Ca
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("starting siovmm: {e}"))?;
-        let (lines, code) = collect_output(child, Duration::from_secs(120))?;
-        results.push(CaseResult {
-            name: case.name.clone(),
-            exit_code: code,
-            lines,
-            seconds: Some(start.elapsed().as_secs_f64()),
-        });
+        let verbose = std::env::var_os("SIOVMM_TEST_VERBOSE").is_some();
+        let (lines, exit_code) =
+            machine::collect_output(child, case.budget(), verbose).map_err(|f| format!("case {}: {}", case.name, f.message))?;
+        results.push(CaseResult { name: case.name.clone(), exit_code, lines, seconds: Some(start.elapsed().as_secs_f64()) });
     }
     Ok(results)
 }
 
-/// The start of the sandbox's /init: busybox, /proc, /sys, /dev and KVM (nested SVM; VMX where
-/// the emulated CPU has it).
-const SANDBOX_PROLOGUE: &str = "#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for m in irqbypass ccp kvm; do insmod /modules/$m.ko || echo \"@@SANDBOX-ERROR insmod $m\"; done
-insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
-";
-
 /// A case's siovmm arguments inside the sandbox, quoted for the shell.
 fn sandbox_args(case: &GuestCase) -> String {
     case.args(Path::new(&format!("/guest/{}", case.kernel.file())), Path::new(&format!("/guest/{}.cpio", case.name)))
-        .into_iter()
-        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .iter()
+        .map(|a| shell_quote(a))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -381,12 +275,11 @@ fn sandbox_vmm(case: &GuestCase) -> String {
     }
 }
 
-/// The sandbox's own /init: load KVM, run every case, report, power off.
-fn sandbox_init(cases: &[GuestCase]) -> String {
-    let mut s = String::from(SANDBOX_PROLOGUE);
-    s.push_str(
-        "[ -c /dev/kvm ] || echo '@@SANDBOX-ERROR no /dev/kvm in the sandbox'
-echo \"@@SANDBOX-INFO thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag=$(cat /sys/kernel/mm/transparent_hugepage/defrag)\"
+/// The sandbox script: run every case under its budget (`timeout -s KILL`: status 137 when it
+/// runs out), report each one's status and time.
+fn sandbox_script(cases: &[GuestCase]) -> String {
+    let mut s = String::from(
+        "echo \"@@SANDBOX-INFO thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag=$(cat /sys/kernel/mm/transparent_hugepage/defrag)\"
 uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
 ",
     );
@@ -400,84 +293,53 @@ uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
     }
     for case in cases {
         s.push_str(&format!(
-            "echo '@@CASE {name}'\nt0=$(uptime_cs)\n{vmm} {args} </dev/null 2>&1\nrc=$?\nt1=$(uptime_cs)\necho \"@@EXIT {name} $rc $((t1 - t0))\"\necho \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n",
+            "echo '@@CASE {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {budget} {vmm} {args} </dev/null 2>&1\nrc=$?\nt1=$(uptime_cs)\necho \"@@EXIT {name} $rc $((t1 - t0))\"\necho \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n",
             name = case.name,
+            budget = case.budget().as_secs(),
             vmm = sandbox_vmm(case),
             args = sandbox_args(case)
         ));
     }
-    s.push_str("echo '@@SANDBOX-DONE'\npoweroff -f\n");
     s
 }
 
-/// The sandbox's initramfs: KVM modules, the static siovmm, the guest kernels the cases use,
-/// each case's initramfs, and `init`.
-fn sandbox_initramfs(assets: &Assets, cases: &[GuestCase], init: &str) -> Vec<u8> {
-    let mut outer = cpio::busybox_root(&assets.read("busybox"));
-    outer.dir("modules").dir("guest");
-    for m in ["irqbypass", "ccp", "kvm", "kvm-amd", "kvm-intel"] {
-        outer.file(&format!("modules/{m}.ko"), 0o644, &assets.read(&format!("modules/{m}.ko")));
-    }
-    outer.file("siovmm", 0o755, &assets.read("siovmm"));
-    if cases.iter().any(|c| c.vmm.is_some()) {
-        outer.dir("vmm");
-    }
+/// The sandbox's initramfs: the static siovmm (and any other build a case names), the guest
+/// kernels the cases use, and each case's initramfs.
+fn sandbox_image(assets: &Assets, cases: &[GuestCase]) -> Result<SandboxImage, String> {
+    let mut image = SandboxImage::new(assets)?;
+    image.file("siovmm", 0o755, &assets.read("siovmm")?);
     for case in cases {
         if let Some(path) = &case.vmm {
-            let binary = std::fs::read(path).unwrap_or_else(|e| panic!("reading siovmm binary {}: {e}", path.display()));
-            outer.file(&format!("vmm/{}", case.name), 0o755, &binary);
+            let binary = std::fs::read(path).map_err(|e| format!("reading siovmm binary {}: {e}", path.display()))?;
+            image.file(&format!("vmm/{}", case.name), 0o755, &binary);
         }
     }
     let mut kernels: Vec<Kernel> = cases.iter().map(|c| c.kernel).collect();
-    kernels.dedup();
     kernels.sort_by_key(|k| k.file());
     kernels.dedup();
     for k in kernels {
-        outer.file(&format!("guest/{}", k.file()), 0o644, &assets.read(k.file()));
+        image.file(&format!("guest/{}", k.file()), 0o644, &assets.read(k.file())?);
     }
     for case in cases {
-        outer.file(&format!("guest/{}.cpio", case.name), 0o644, &case.initramfs(assets));
+        image.file(&format!("guest/{}.cpio", case.name), 0o644, &case.initramfs(assets)?);
     }
-    outer.file("init", 0o755, init.as_bytes());
-    outer.finish()
+    Ok(image)
 }
-
-/// The QEMU-TCG command line of the sandbox.
-fn sandbox_qemu(assets: &Assets, initrd: &Path) -> Command {
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "3G"]);
-    // Benchmarks ask for the sandbox's RAM to be touched up front: first touches of fresh host
-    // memory were measured to vary by seconds on these machines, which is noise to a boot-time
-    // figure (docs/boot-performance.md).
-    if std::env::var_os("SIOVMM_SANDBOX_PREALLOC").is_some() {
-        qemu.arg("-mem-prealloc");
-    }
-    qemu.args(["-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(assets.path("bzImage"))
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"]);
-    qemu
-}
-
-/// Marks failures of the nested sandbox itself rather than of a guest check.
-const ENVIRONMENT_FAILURE: &str = "sandbox environment failure";
 
 /// What a triple fault looks like when KVM has reset the vCPU (AMD): no state to blame.
 const RESET_TRIPLE_FAULT: &str = "triple fault on vCPU";
 
 /// Runs the sandbox, and once more if the first attempt failed in a way this nested QEMU-TCG
-/// environment was seen to fail on its own (docs/boot-performance.md and the session notes):
-/// the sandbox kernel stuck in KVM_RUN (soft lockup), a run that never finished, or a guest
-/// triple fault. Each retry is announced on stderr with its reason; a second failure is final,
-/// and every guest check still has to pass.
-fn run_sandbox_retrying(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    let first = run_sandbox(assets, dir, cases);
+/// environment was seen to fail on its own (docs/testing.md): the sandbox kernel stuck in
+/// KVM_RUN (soft lockup), a run that never finished, or a guest triple fault. Each retry is
+/// announced on stderr with its reason; a second failure is final, and every guest check still
+/// has to pass.
+fn run_sandbox_retrying(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    let first = run_sandbox(assets, cases);
     match retry_reason(&first) {
         Some(reason) => {
             eprintln!("siovmm-tests: retrying the sandbox once after: {reason}");
-            run_sandbox(assets, dir, cases)
+            run_sandbox(assets, cases)
         }
         None => first,
     }
@@ -492,27 +354,10 @@ fn retry_reason(run: &Result<Vec<CaseResult>, String>) -> Option<String> {
     }
 }
 
-/// Boots the sandbox on `initrd` without a terminal and returns its console lines.
-fn sandbox_output(assets: &Assets, initrd: &Path, timeout: Duration) -> Result<Vec<String>, String> {
-    let child = sandbox_qemu(assets, initrd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting qemu-system-x86_64 (run tests/setup.sh): {e}"))?;
-    collect_output(child, timeout).map(|(lines, _)| lines)
-}
-
-fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    let initrd = dir.join("sandbox.cpio");
-    std::fs::write(&initrd, sandbox_initramfs(assets, cases, &sandbox_init(cases))).map_err(|e| e.to_string())?;
-    let lines = sandbox_output(assets, &initrd, Duration::from_secs(90 + 60 * cases.len() as u64))?;
-    if let Some(e) = lines.iter().find(|l| l.contains("@@SANDBOX-ERROR")) {
-        return Err(format!("sandbox setup failed: {e}\n{}", lines.join("\n")));
-    }
-    if !lines.iter().any(|l| l.contains("@@SANDBOX-DONE")) {
-        return Err(format!("{ENVIRONMENT_FAILURE}: the sandbox did not finish:\n{}", lines.join("\n")));
-    }
+fn run_sandbox(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    let image = sandbox_image(assets, cases)?.finish(&sandbox_script(cases));
+    let total = budget::sandbox_boot() + cases.iter().map(GuestCase::budget).sum::<Duration>();
+    let lines = machine::run(assets, image, total)?;
     let mut results = Vec::new();
     let mut current: Option<CaseResult> = None;
     for line in lines {
@@ -542,38 +387,37 @@ fn run_sandbox(assets: &Assets, dir: &Path, cases: &[GuestCase]) -> Result<Vec<C
 /// sandbox, where siovmm runs on the sandbox's console with a controlling terminal so Ctrl-C
 /// reaches it. Returns siovmm's exit status (in the sandbox: the sandbox's).
 pub fn run_interactive(case: &GuestCase) -> Result<i32, String> {
-    let assets = Assets::locate()?;
-    let dir = work_dir();
+    let assets = guest_assets()?;
+    let dir = WorkDir::new("guest")?;
     let status = match placement() {
         Placement::Direct => {
-            let initrd = dir.join("guest.cpio");
-            std::fs::write(&initrd, case.initramfs(&assets)).map_err(|e| e.to_string())?;
+            let initrd = dir.0.join("guest.cpio");
+            std::fs::write(&initrd, case.initramfs(&assets)?).map_err(|e| e.to_string())?;
             Command::new(assets.path("siovmm"))
                 .args(case.args(&assets.path(case.kernel.file()), &initrd))
                 .status()
                 .map_err(|e| format!("starting siovmm: {e}"))?
         }
         Placement::Sandbox => {
-            let init = format!(
-                "{SANDBOX_PROLOGUE}echo '[sandbox] starting siovmm: the guest console follows (exit its shell to power off)'
+            let script = format!(
+                "echo '[sandbox] starting siovmm: the guest console follows (exit its shell to power off)'
 setsid cttyhack /siovmm {}
 echo \"[sandbox] siovmm exited with status $?\"
 poweroff -f
 ",
                 sandbox_args(case)
             );
-            let initrd = dir.join("sandbox.cpio");
-            std::fs::write(&initrd, sandbox_initramfs(&assets, std::slice::from_ref(case), &init))
-                .map_err(|e| e.to_string())?;
-            sandbox_qemu(&assets, &initrd).status().map_err(|e| format!("starting qemu-system-x86_64: {e}"))?
+            let initrd = dir.0.join("sandbox.cpio");
+            let image = sandbox_image(&assets, std::slice::from_ref(case))?.finish_raw(&script);
+            std::fs::write(&initrd, image).map_err(|e| e.to_string())?;
+            machine::qemu_command(&assets, &initrd).status().map_err(|e| format!("starting qemu-system-x86_64: {e}"))?
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(status.code().unwrap_or(1))
 }
 
 #[cfg(test)]
-mod retry_tests {
+mod tests {
     use super::*;
 
     fn case(lines: &[&str]) -> CaseResult {
@@ -588,5 +432,15 @@ mod retry_tests {
         assert_eq!(retry_reason(&Err(e)).as_deref(), Some("sandbox environment failure: the sandbox kernel reports a soft lockup; output:"));
         let tf = case(&["GUEST-X=1", "siovmm: triple fault on vCPU 0 at RIP unknown (KVM reset the vCPU)"]);
         assert!(retry_reason(&Ok(vec![case(&[]), tf])).is_some_and(|r| r.contains("triple fault")));
+    }
+
+    #[test]
+    fn budgets_follow_the_adis() {
+        let mut c = GuestCase::new("b", Kernel::Vmlinux, 1, "");
+        let plain = c.budget();
+        c.extra_args = ["--adi", "32", "--ims", "pv", "--adi", "32"].map(String::from).to_vec();
+        assert_eq!(c.adis(), 64);
+        assert_eq!(c.budget(), budget::guest(64, Duration::ZERO));
+        assert!(c.budget() > plain);
     }
 }

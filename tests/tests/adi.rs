@@ -4,7 +4,7 @@
 //! descriptor outside guest memory completing with an error, and a masked vector that raises
 //! nothing, shows pending in the PBA, and delivers exactly once when unmasked.
 
-use siovmm_tests::{run_cases, Assets, CaseResult, GuestCase, Kernel};
+use siovmm_tests::{run_cases, CaseResult, GuestCase, Kernel};
 
 const ADIS: u32 = 64;
 
@@ -71,7 +71,7 @@ fn check(r: &CaseResult) {
 /// path (what a guest beyond KVM's 4096 routes gets). Both must see every interrupt.
 #[test]
 fn sixty_four_adis_run_every_opcode_with_interrupts() {
-    let assets = Assets::locate().unwrap_or_else(|e| panic!("{e}"));
+    let assets = siovmm_tests::guest_assets().unwrap_or_else(|e| panic!("{e}"));
     std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
     let mut routed = GuestCase::new("adi64-routed", Kernel::Vmlinux, 2, SELFTEST).with_adi_driver(&assets);
     routed.extra_args = vec!["--adi".into(), ADIS.to_string()];

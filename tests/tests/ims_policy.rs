@@ -11,7 +11,7 @@
 //!   ADI's IMS window, siovmm traps them, every vector is delivered, a masked slot holds its
 //!   interrupt pending until unmasked, and a message naming no vCPU of the VM is not backed.
 
-use siovmm_tests::{run_cases, Assets, CaseResult, GuestCase, Kernel};
+use siovmm_tests::{run_cases, CaseResult, GuestCase, Kernel};
 
 const CHECKS: &str = r#"
 echo GUEST-DMAR-UNIT="$(dmesg | grep -o 'dmar0: reg_base_addr fed90000.*')"
@@ -51,7 +51,7 @@ fn common(r: &CaseResult, adis: &str) {
 
 #[test]
 fn ims_off_pv_and_trap_in_real_guests() {
-    let assets = Assets::locate().unwrap_or_else(|e| panic!("{e}"));
+    let assets = siovmm_tests::guest_assets().unwrap_or_else(|e| panic!("{e}"));
     let mut on = GuestCase::new("viommu-default", Kernel::Vmlinux, 2, CHECKS).with_adi_driver(&assets);
     on.extra_args = vec!["--adi".into(), ADIS.into(), "--viommu".into()];
     let mut off = on.clone();

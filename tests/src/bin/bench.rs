@@ -121,8 +121,8 @@ const BOOT_BODY: &str = "echo GUEST-UPTIME=$(cut -d' ' -f1 /proc/uptime)\n";
 
 /// `--exits`: per-exit costs seen from the guest, one sandbox, each VMM in turn.
 fn exit_costs(baseline: Option<PathBuf>) -> Result<(), String> {
-    let assets = siovmm_tests::Assets::locate()?;
-    let probe = assets.read("exit_cost");
+    let assets = siovmm_tests::guest_assets()?;
+    let probe = assets.read("exit_cost")?;
     let probed = |name: &str, vmm: Option<PathBuf>| {
         let mut c = case(name, vmm, "/exit_cost\n/exit_cost\n");
         c.files.push(("exit_cost".into(), 0o755, probe.clone()));

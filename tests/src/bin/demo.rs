@@ -3,7 +3,7 @@
 //! sandbox where the host's KVM cannot run Linux directly).
 //! Usage: siovmm-demo [--cpus N] [--memory SIZE] [--adi N] [--bzimage]
 
-use siovmm_tests::{placement, run_interactive, Assets, GuestCase, Kernel};
+use siovmm_tests::{placement, run_interactive, GuestCase, Kernel};
 
 const SHELL_INIT: &str = "[ -e /siov_adi.ko ] && insmod /siov_adi.ko
 echo
@@ -44,7 +44,7 @@ fn main() {
             other => fail(&format!("unknown argument '{other}'")),
         }
     }
-    let assets = match Assets::locate() {
+    let assets = match siovmm_tests::guest_assets() {
         Ok(a) => a,
         Err(e) => fail(&e),
     };

@@ -1,13 +1,16 @@
 //! A writer for the "newc" cpio format the Linux kernel unpacks as an initramfs
 //! (Documentation/driver-api/early-userspace/buffer-format.rst).
 
-/// Builds an archive in memory.
+/// Builds an archive in memory. Parent folders of every entry are created on first use, so a
+/// host file can be placed at its own absolute path (see `ship`).
 #[derive(Debug, Default)]
 pub struct Cpio {
     out: Vec<u8>,
     ino: u32,
+    dirs: std::collections::BTreeSet<String>,
 }
 
+const S_IFMT: u32 = 0o170000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
@@ -19,6 +22,23 @@ impl Cpio {
     }
 
     fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+        let name = name.trim_start_matches('/');
+        // The kernel does not create missing parents when it unpacks (init/initramfs.c).
+        let mut parent = 0;
+        while let Some(i) = name[parent..].find('/') {
+            let dir = &name[..parent + i];
+            if self.dirs.insert(dir.to_string()) {
+                self.raw_entry(dir, S_IFDIR | 0o755, &[], (0, 0));
+            }
+            parent += i + 1;
+        }
+        if mode & S_IFMT == S_IFDIR && !self.dirs.insert(name.to_string()) {
+            return;
+        }
+        self.raw_entry(name, mode, data, rdev);
+    }
+
+    fn raw_entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
         self.ino += 1;
         let namesize = name.len() + 1;
         let fields = [
@@ -73,7 +93,7 @@ impl Cpio {
 
     /// Finishes the archive.
     pub fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, &[], (0, 0));
+        self.raw_entry("TRAILER!!!", 0, &[], (0, 0));
         while !self.out.len().is_multiple_of(512) {
             self.out.push(0);
         }
@@ -111,6 +131,34 @@ mod tests {
         assert_eq!(out.len() % 512, 0);
         let trailer = out.windows(10).position(|w| w == b"TRAILER!!!");
         assert!(trailer.is_some());
+    }
+
+    /// Names of the entries, in archive order.
+    fn names(archive: &[u8]) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut at = 0;
+        let field = |at: usize, i: usize| usize::from_str_radix(std::str::from_utf8(&archive[at + 6 + 8 * i..at + 14 + 8 * i]).unwrap(), 16).unwrap();
+        while at + 110 <= archive.len() && &archive[at..at + 6] == b"070701" {
+            let (size, namesize) = (field(at, 6), field(at, 11));
+            names.push(String::from_utf8_lossy(&archive[at + 110..at + 110 + namesize - 1]).into_owned());
+            at = (at + 110 + namesize).next_multiple_of(4);
+            at = (at + size).next_multiple_of(4);
+        }
+        names
+    }
+
+    #[test]
+    fn parents_are_created_once_and_before_their_files() {
+        let mut c = Cpio::new();
+        c.dir("lib");
+        c.file("/lib/x86_64-linux-gnu/libc.so.6", 0o755, b"elf");
+        c.file("lib/x86_64-linux-gnu/libgcc_s.so.1", 0o755, b"elf");
+        c.dir("lib/x86_64-linux-gnu");
+        let names = names(&c.finish());
+        assert_eq!(
+            names,
+            ["lib", "lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/libgcc_s.so.1", "TRAILER!!!"]
+        );
     }
 
     /// Round trip through the system's cpio when it is installed (tests/setup.sh installs it).

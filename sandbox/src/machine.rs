@@ -1,0 +1,272 @@
+//! The sandbox machine: QEMU-TCG (`-cpu max`, which emulates AMD SVM) booting the stock Debian
+//! kernel on an initramfs we build, whose /init loads that kernel's KVM modules and runs a
+//! script of ours. Whatever needs KVM runs there when the host's cannot
+//! (../shared/guest-sandbox.md §2).
+//!
+//! A script reports through its console: `@@SANDBOX-ERROR` when the sandbox itself could not
+//! be set up, `@@SANDBOX-DONE` when the script ran to its end.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::assets::Assets;
+use crate::cpio::{busybox_root, Cpio};
+
+/// The start of every sandbox /init: busybox, /proc, /sys, /dev, /tmp, and KVM (nested SVM;
+/// VMX where the emulated CPU has it).
+const PROLOGUE: &str = "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+for m in irqbypass ccp kvm; do insmod /modules/$m.ko || echo \"@@SANDBOX-ERROR insmod $m\"; done
+insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
+[ -c /dev/kvm ] || echo '@@SANDBOX-ERROR no /dev/kvm in the sandbox'
+echo \"@@SANDBOX-UP $(cut -d' ' -f1 /proc/uptime)\"
+";
+
+/// Marks a run that did not finish for a reason outside the checks it ran (a timeout, a stuck
+/// sandbox kernel); the caller decides what that means.
+pub const ENVIRONMENT_FAILURE: &str = "sandbox environment failure";
+
+/// A run that failed, with the console lines it printed before it did.
+#[derive(Debug, Clone)]
+pub struct RunFailure {
+    /// What went wrong, one line first.
+    pub message: String,
+    /// Console lines up to the failure.
+    pub lines: Vec<String>,
+}
+
+impl RunFailure {
+    fn new(message: String, lines: Vec<String>) -> Self {
+        Self { message, lines }
+    }
+}
+
+/// An initramfs for the sandbox under construction.
+#[derive(Debug)]
+pub struct SandboxImage {
+    cpio: Cpio,
+}
+
+impl SandboxImage {
+    /// busybox, the KVM modules under /modules, nothing else yet.
+    pub fn new(assets: &Assets) -> Result<Self, String> {
+        let mut cpio = busybox_root(&assets.read("busybox")?);
+        for m in ["irqbypass", "ccp", "kvm", "kvm-amd", "kvm-intel"] {
+            cpio.file(&format!("modules/{m}.ko"), 0o644, &assets.read(&format!("modules/{m}.ko"))?);
+        }
+        Ok(Self { cpio })
+    }
+
+    /// Adds a file (parents created as needed).
+    pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.cpio.file(path, mode, data);
+        self
+    }
+
+    /// Adds a folder.
+    pub fn dir(&mut self, path: &str) -> &mut Self {
+        self.cpio.dir(path);
+        self
+    }
+
+    /// Finishes the image with /init = prologue, `script`, then `@@SANDBOX-DONE` and power-off.
+    pub fn finish(mut self, script: &str) -> Vec<u8> {
+        let init = format!("{PROLOGUE}{script}\necho '@@SANDBOX-DONE'\npoweroff -f\n");
+        self.cpio.file("init", 0o755, init.as_bytes());
+        self.cpio.finish()
+    }
+
+    /// Finishes the image with /init = prologue then `script`, which powers off itself.
+    pub fn finish_raw(mut self, script: &str) -> Vec<u8> {
+        let init = format!("{PROLOGUE}{script}");
+        self.cpio.file("init", 0o755, init.as_bytes());
+        self.cpio.finish()
+    }
+}
+
+/// The QEMU-TCG command line that boots the sandbox on `initrd`.
+pub fn qemu_command(assets: &Assets, initrd: &Path) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "3G"]);
+    // Benchmarks ask for the sandbox's RAM to be touched up front: first touches of fresh host
+    // memory were measured to vary by seconds on these machines, which is noise to a boot-time
+    // figure (docs/boot-performance.md).
+    if std::env::var_os("SIOVMM_SANDBOX_PREALLOC").is_some() {
+        qemu.arg("-mem-prealloc");
+    }
+    qemu.args(["-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(assets.path("bzImage"))
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"]);
+    qemu
+}
+
+/// A folder of this process's own, removed when dropped.
+#[derive(Debug)]
+pub struct WorkDir(pub PathBuf);
+
+impl WorkDir {
+    /// Creates `$TMPDIR/siovmm-<what>-<pid>-<nanos>`.
+    pub fn new(what: &str) -> Result<Self, String> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let d = std::env::temp_dir().join(format!("siovmm-{what}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+        Ok(Self(d))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Boots the sandbox on `image` with no terminal, and returns its console lines once the
+/// script has finished. Fails on `@@SANDBOX-ERROR`, on a run that does not reach
+/// `@@SANDBOX-DONE`, and when `budget` passes (then QEMU is killed).
+pub fn run(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, String> {
+    run_with(assets, image, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some())
+}
+
+/// [`run`], echoing each console line to stderr as it arrives when `echo`.
+pub fn run_with(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool) -> Result<Vec<String>, String> {
+    run_inner(assets, image, budget, echo).map_err(|f| f.message)
+}
+
+/// [`run`], but a failed run also returns the console lines it had printed.
+pub fn run_keeping_output(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, RunFailure> {
+    run_inner(assets, image, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some())
+}
+
+fn run_inner(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool) -> Result<Vec<String>, RunFailure> {
+    let dir = WorkDir::new("sandbox").map_err(|e| RunFailure::new(e, Vec::new()))?;
+    let initrd = dir.0.join("sandbox.cpio");
+    std::fs::write(&initrd, image).map_err(|e| RunFailure::new(format!("writing {}: {e}", initrd.display()), Vec::new()))?;
+    let child = qemu_command(assets, &initrd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| RunFailure::new(format!("starting qemu-system-x86_64 (run tests/setup.sh): {e}"), Vec::new()))?;
+    let (lines, _) = collect_output(child, budget, echo)?;
+    if let Some(e) = lines.iter().find(|l| l.contains("@@SANDBOX-ERROR")) {
+        return Err(RunFailure::new(format!("sandbox setup failed: {e}\n{}", lines.join("\n")), lines));
+    }
+    if !lines.iter().any(|l| l.contains("@@SANDBOX-DONE")) {
+        return Err(RunFailure::new(format!("{ENVIRONMENT_FAILURE}: the sandbox did not finish:\n{}", lines.join("\n")), lines));
+    }
+    Ok(lines)
+}
+
+/// Seconds of sandbox uptime at which its /init started the script, from the console.
+pub fn up_at(lines: &[String]) -> Option<f64> {
+    lines.iter().find_map(|l| l.split("@@SANDBOX-UP ").nth(1)?.trim().parse().ok())
+}
+
+/// Reads a child's output line by line until it exits or `budget` passes (then kills it),
+/// echoing every line to stderr as it arrives when `echo`. Returns the lines and the child's
+/// exit status (`None` when a signal ended it).
+pub fn collect_output(mut child: Child, budget: Duration, echo: bool) -> Result<(Vec<String>, Option<i32>), RunFailure> {
+    let no_pipe = || RunFailure::new("the child has no output pipes".into(), Vec::new());
+    let stdout = child.stdout.take().ok_or_else(no_pipe)?;
+    let stderr = child.stderr.take().ok_or_else(no_pipe)?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let spawn_reader = |r: Box<dyn Read + Send>, tx: std::sync::mpsc::Sender<String>| {
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(r);
+            let mut buf = Vec::new();
+            while let Ok(n) = r.read_until(b'\n', &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&buf).replace('\r', "").trim_end_matches('\n').to_string();
+                if tx.send(line).is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+        })
+    };
+    let readers = [spawn_reader(Box::new(stdout), tx.clone()), spawn_reader(Box::new(stderr), tx)];
+    let deadline = Instant::now() + budget;
+    let mut lines = Vec::new();
+    let end = |child: &mut Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+    };
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => {
+                if echo {
+                    eprintln!("| {l}");
+                }
+                // The sandbox's own kernel reporting a CPU stuck does not recover; stop now
+                // instead of waiting for the budget to pass.
+                let stuck = l.contains("watchdog: BUG: soft lockup");
+                lines.push(l);
+                if stuck {
+                    end(&mut child);
+                    let e = format!("{ENVIRONMENT_FAILURE}: the sandbox kernel reports a soft lockup; output:\n{}", lines.join("\n"));
+                    return Err(RunFailure::new(e, lines));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() > deadline {
+            end(&mut child);
+            let e = format!(
+                "{ENVIRONMENT_FAILURE}: no end within the budget of {}s; last output:\n{}",
+                budget.as_secs(),
+                lines.iter().rev().take(60).rev().cloned().collect::<Vec<_>>().join("\n")
+            );
+            return Err(RunFailure::new(e, lines));
+        }
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    match child.wait() {
+        Ok(status) => Ok((lines, status.code())),
+        Err(e) => Err(RunFailure::new(format!("waiting for the child: {e}"), lines)),
+    }
+}
+
+/// Quotes `arg` for the sandbox's shell.
+pub fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn output_past_the_budget_is_an_environment_failure() {
+        let child = Command::new("sh")
+            .args(["-c", "echo first; sleep 5; echo never"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let RunFailure { message: e, lines } = collect_output(child, Duration::from_millis(500), false).unwrap_err();
+        assert_eq!(lines, ["first"]);
+        assert!(start.elapsed() < Duration::from_secs(3));
+        assert!(e.starts_with(ENVIRONMENT_FAILURE) && e.contains("first") && !e.contains("never"), "{e}");
+    }
+}
