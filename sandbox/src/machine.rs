@@ -105,7 +105,7 @@ pub fn qemu_command(assets: &Assets, initrd: &Path) -> Command {
         .arg(assets.path("bzImage"))
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"]);
+        .args(["-append", "console=ttyS0 panic=-1"]);
     qemu
 }
 

@@ -224,6 +224,16 @@ pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
 
 /// Runs `cases`, all in one sandbox boot or one after another directly.
 pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    run_cases_with(cases, true)
+}
+
+/// [`run_cases`] without the one retry after an environment failure: for measuring how often
+/// boots fail (`siovmm-bench --reliability`).
+pub fn run_cases_once(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    run_cases_with(cases, false)
+}
+
+fn run_cases_with(cases: &[GuestCase], retry: bool) -> Result<Vec<CaseResult>, String> {
     let assets = guest_assets()?;
     for c in cases {
         if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') {
@@ -232,7 +242,8 @@ pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
     }
     match placement() {
         Placement::Direct => run_direct(&assets, cases),
-        Placement::Sandbox => run_sandbox_retrying(&assets, cases),
+        Placement::Sandbox if retry => run_sandbox_retrying(&assets, cases),
+        Placement::Sandbox => run_sandbox(&assets, cases),
     }
 }
 

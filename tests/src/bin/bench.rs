@@ -18,13 +18,18 @@
 //! With `--exits`, instead: one sandbox boot in which a guest program (tests/guest/exit_cost)
 //! times exits of each kind from guest userspace (twice), under this build and the baseline.
 //!
-//! Usage: siovmm-bench [RUNS] [--baseline PATH] [--exits]
+//! With `--reliability`, instead: RUNS boots (default 24) of the same guest, six per sandbox,
+//! alternating with the baseline's when one is given, with no retry; prints how many finished
+//! and how each failure looked (docs/testing.md has the table). `--adi N` gives siovmm's guests
+//! N ADIs (not the baseline's: it has no such device).
+//!
+//! Usage: siovmm-bench [RUNS] [--baseline PATH] [--exits | --reliability [--adi N]]
 
 use std::path::PathBuf;
 
-use siovmm_tests::{placement, run_cases, CaseResult, GuestCase, Kernel};
+use siovmm_tests::{placement, run_cases, run_cases_once, CaseResult, GuestCase, Kernel};
 
-const USAGE: &str = "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-VMM] [--exits]";
+const USAGE: &str = "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-VMM] [--exits | --reliability [--adi N]]";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -47,15 +52,19 @@ fn geometric_mean(v: impl Iterator<Item = f64>) -> f64 {
 
 #[derive(Debug)]
 struct Options {
-    runs: usize,
+    runs: Option<usize>,
     exits: bool,
+    reliability: bool,
+    adis: u32,
     baseline: Option<PathBuf>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, String> {
-    let mut runs = 5;
+    let mut runs = None;
     let mut baseline = None;
     let mut exits = false;
+    let mut reliability = false;
+    let mut adis = 0;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -68,14 +77,25 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
                 baseline = Some(path);
             }
             "--exits" => exits = true,
+            "--reliability" => reliability = true,
+            "--adi" => {
+                let v = it.next().ok_or("--adi needs a number")?;
+                adis = v.parse().map_err(|_| format!("--adi {v}: not a number"))?;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             n => match n.parse::<usize>() {
-                Ok(r) if r > 0 => runs = r,
+                Ok(r) if r > 0 => runs = Some(r),
                 _ => return Err(format!("RUNS must be a positive number, not {n:?} ({USAGE})")),
             },
         }
     }
-    Ok(Options { runs, exits, baseline })
+    if exits && reliability {
+        return Err(format!("--exits and --reliability are different runs ({USAGE})"));
+    }
+    if adis > 0 && !reliability {
+        return Err(format!("--adi goes with --reliability ({USAGE})"));
+    }
+    Ok(Options { runs, exits, reliability, adis, baseline })
 }
 
 /// One guest boot's figures, in seconds. A baseline VMM without siovmm's boot timer has no
@@ -149,18 +169,111 @@ fn main() {
         eprintln!("siovmm-bench: {e}");
         std::process::exit(2);
     });
-    let result = if opts.exits { exit_costs(opts.baseline) } else { boot_speed(&opts) };
+    let result = if opts.exits {
+        exit_costs(opts.baseline)
+    } else if opts.reliability {
+        reliability(&opts)
+    } else {
+        boot_speed(&opts)
+    };
     if let Err(e) = result {
         eprintln!("siovmm-bench: {e}");
         std::process::exit(1);
     }
 }
 
+/// Boots per sandbox in `--reliability`: enough to amortize the sandbox's own boot, few
+/// enough that a sandbox-level failure (a stuck sandbox kernel) costs a handful of boots.
+const BOOTS_PER_SANDBOX: usize = 6;
+
+/// How one boot ended, for the reliability table.
+fn outcome(r: &CaseResult) -> String {
+    if r.exit_code == Some(0) && r.value("GUEST-UPTIME").is_some() {
+        return "finished".into();
+    }
+    match r.exit_code {
+        Some(137) => "killed at its time budget (no end)".into(),
+        code => {
+            let why = r.lines.iter().rev().find(|l| l.starts_with("siovmm: ") || l.contains("triple fault") || l.contains("Kernel panic"));
+            format!("exit {code:?}: {}", why.map_or("no message", |l| l.as_str()))
+        }
+    }
+}
+
+/// `--reliability`: how often a boot finishes, siovmm and the baseline in the same sandboxes.
+fn reliability(opts: &Options) -> Result<(), String> {
+    let boots = opts.runs.unwrap_or(24);
+    println!(
+        "placement: {:?}; guest: stock kernel vmlinux, 2 vCPUs, 512M, siovmm with {} ADIs; {BOOTS_PER_SANDBOX} boots per sandbox, no retries",
+        placement(),
+        opts.adis
+    );
+    let mut tallies: Vec<(String, std::collections::BTreeMap<String, usize>)> = Vec::new();
+    let mut tally = |vmm: &str, what: String| {
+        let i = tallies.iter().position(|(v, _)| v == vmm).unwrap_or_else(|| {
+            tallies.push((vmm.to_string(), Default::default()));
+            tallies.len() - 1
+        });
+        *tallies[i].1.entry(what).or_default() += 1;
+    };
+    let mut made = 0;
+    let mut sandbox = 0;
+    while made < boots {
+        let mut cases = Vec::new();
+        for i in 0..BOOTS_PER_SANDBOX.min(boots - made) {
+            let mut ours = case(&format!("s{sandbox}-boot{i}"), None, BOOT_BODY);
+            if opts.adis > 0 {
+                ours.extra_args = vec!["--adi".into(), opts.adis.to_string()];
+            }
+            cases.push(ours);
+            if let Some(b) = &opts.baseline {
+                let theirs = case(&format!("s{sandbox}-boot{i}-baseline"), Some(b.clone()), BOOT_BODY);
+                if (sandbox + i) % 2 == 0 {
+                    cases.push(theirs);
+                } else {
+                    cases.insert(cases.len() - 1, theirs);
+                }
+            }
+        }
+        made += BOOTS_PER_SANDBOX.min(boots - made);
+        match run_cases_once(&cases) {
+            Ok(results) => {
+                for (r, c) in results.iter().zip(&cases) {
+                    let vmm = if c.vmm.is_some() { "baseline" } else { "siovmm" };
+                    let o = outcome(r);
+                    println!("sandbox {sandbox} {}: {o}", r.name);
+                    if o != "finished" {
+                        println!("{}", r.lines.iter().rev().take(30).rev().cloned().collect::<Vec<_>>().join("\n"));
+                    }
+                    tally(vmm, o);
+                }
+            }
+            Err(e) => {
+                println!("sandbox {sandbox}: failed as a whole: {}", e.lines().next().unwrap_or(""));
+                println!("{}", e.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+                for c in &cases {
+                    tally(if c.vmm.is_some() { "baseline" } else { "siovmm" }, "sandbox failed as a whole".into());
+                }
+            }
+        }
+        sandbox += 1;
+    }
+    for (vmm, t) in &tallies {
+        let total: usize = t.values().sum();
+        println!("{vmm}: {} of {total} boots finished", t.get("finished").copied().unwrap_or(0));
+        for (what, n) in t.iter().filter(|(w, _)| *w != "finished") {
+            println!("  {n} x {what}");
+        }
+    }
+    Ok(())
+}
+
 /// The boot-speed benchmark proper.
 fn boot_speed(opts: &Options) -> Result<(), String> {
     println!("placement: {:?}; guest: stock kernel vmlinux (PVH), 2 vCPUs, 512M, busybox /init", placement());
     let yardstick = siovmm_tests::sandbox_yardstick()?;
-    let runs = if opts.baseline.is_some() { opts.runs.next_multiple_of(2) } else { opts.runs };
+    let runs = opts.runs.unwrap_or(5);
+    let runs = if opts.baseline.is_some() { runs.next_multiple_of(2) } else { runs };
     let mut ours = Vec::new();
     let mut base = Vec::new();
     for i in 0..runs {
@@ -229,14 +342,16 @@ mod tests {
 
     #[test]
     fn options() {
-        assert_eq!(parse_args(&args(&[])).unwrap().runs, 5);
-        assert_eq!(parse_args(&args(&["3"])).unwrap().runs, 3);
+        assert_eq!(parse_args(&args(&[])).unwrap().runs, None);
+        assert_eq!(parse_args(&args(&["3"])).unwrap().runs, Some(3));
+        assert!(parse_args(&args(&["--adi", "8"])).is_err(), "--adi only with --reliability");
+        assert_eq!(parse_args(&args(&["--reliability", "--adi", "8"])).unwrap().adis, 8);
         assert!(parse_args(&args(&["0"])).unwrap_err().contains("\"0\""));
         assert!(parse_args(&args(&["--baseline"])).unwrap_err().contains("needs a path"));
         assert!(parse_args(&args(&["--baseline", "/nonexistent/siovmm"])).unwrap_err().contains("/nonexistent/siovmm"));
         let exe = std::env::current_exe().unwrap();
         let o = parse_args(&args(&["2", "--baseline", exe.to_str().unwrap()])).unwrap();
-        assert_eq!((o.runs, o.baseline, o.exits), (2, Some(exe), false));
+        assert_eq!((o.runs, o.baseline, o.exits), (Some(2), Some(exe), false));
         assert!(parse_args(&args(&["--exits"])).unwrap().exits);
     }
 
