@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use siovmm_sandbox::machine::{self, shell_quote, SandboxImage, WorkDir, ENVIRONMENT_FAILURE};
+use siovmm_sandbox::machine::{self, shell_quote, SandboxImage, WorkDir};
 use siovmm_sandbox::{budget, cpio, host_kvm};
 
 pub use siovmm_sandbox::Assets;
@@ -223,17 +223,11 @@ pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
 }
 
 /// Runs `cases`, all in one sandbox boot or one after another directly.
+///
+/// No failure of a guest is retried: a guest triple fault, a hang or a stuck sandbox kernel
+/// may be ours (docs/testing.md, boot reliability). Only a sandbox that never reached its
+/// script is booted once more (`siovmm_sandbox::machine::run`).
 pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    run_cases_with(cases, true)
-}
-
-/// [`run_cases`] without the one retry after an environment failure: for measuring how often
-/// boots fail (`siovmm-bench --reliability`).
-pub fn run_cases_once(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    run_cases_with(cases, false)
-}
-
-fn run_cases_with(cases: &[GuestCase], retry: bool) -> Result<Vec<CaseResult>, String> {
     let assets = guest_assets()?;
     for c in cases {
         if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') {
@@ -242,7 +236,6 @@ fn run_cases_with(cases: &[GuestCase], retry: bool) -> Result<Vec<CaseResult>, S
     }
     match placement() {
         Placement::Direct => run_direct(&assets, cases),
-        Placement::Sandbox if retry => run_sandbox_retrying(&assets, cases),
         Placement::Sandbox => run_sandbox(&assets, cases),
     }
 }
@@ -337,34 +330,6 @@ fn sandbox_image(assets: &Assets, cases: &[GuestCase]) -> Result<SandboxImage, S
     Ok(image)
 }
 
-/// What a triple fault looks like when KVM has reset the vCPU (AMD): no state to blame.
-const RESET_TRIPLE_FAULT: &str = "triple fault on vCPU";
-
-/// Runs the sandbox, and once more if the first attempt failed in a way this nested QEMU-TCG
-/// environment was seen to fail on its own (docs/testing.md): the sandbox kernel stuck in
-/// KVM_RUN (soft lockup), a run that never finished, or a guest triple fault. Each retry is
-/// announced on stderr with its reason; a second failure is final, and every guest check still
-/// has to pass.
-fn run_sandbox_retrying(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    let first = run_sandbox(assets, cases);
-    match retry_reason(&first) {
-        Some(reason) => {
-            eprintln!("siovmm-tests: retrying the sandbox once after: {reason}");
-            run_sandbox(assets, cases)
-        }
-        None => first,
-    }
-}
-
-/// Why a sandbox run deserves one more attempt, if it does.
-fn retry_reason(run: &Result<Vec<CaseResult>, String>) -> Option<String> {
-    match run {
-        Err(e) if e.starts_with(ENVIRONMENT_FAILURE) => e.lines().next().map(str::to_string),
-        Ok(results) => results.iter().find_map(|r| r.lines_with(RESET_TRIPLE_FAULT).first().map(|l| l.to_string())),
-        Err(_) => None,
-    }
-}
-
 fn run_sandbox(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
     let image = sandbox_image(assets, cases)?.finish(&sandbox_script(cases));
     let total = budget::sandbox_boot() + cases.iter().map(GuestCase::budget).sum::<Duration>();
@@ -430,20 +395,6 @@ poweroff -f
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn case(lines: &[&str]) -> CaseResult {
-        CaseResult { name: "c".into(), exit_code: Some(0), lines: lines.iter().map(|l| l.to_string()).collect(), seconds: None }
-    }
-
-    #[test]
-    fn only_environment_failures_are_retried() {
-        assert!(retry_reason(&Ok(vec![case(&["GUEST-X=1"])])).is_none(), "a passing or check-failing run is final");
-        assert!(retry_reason(&Err("bad case name".into())).is_none());
-        let e = format!("{ENVIRONMENT_FAILURE}: the sandbox kernel reports a soft lockup; output:\nmore");
-        assert_eq!(retry_reason(&Err(e)).as_deref(), Some("sandbox environment failure: the sandbox kernel reports a soft lockup; output:"));
-        let tf = case(&["GUEST-X=1", "siovmm: triple fault on vCPU 0 at RIP unknown (KVM reset the vCPU)"]);
-        assert!(retry_reason(&Ok(vec![case(&[]), tf])).is_some_and(|r| r.contains("triple fault")));
-    }
 
     #[test]
     fn budgets_follow_the_adis() {
