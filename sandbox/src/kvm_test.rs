@@ -233,21 +233,9 @@ fn run_in_sandbox(why: &str, asking: &str) -> Batch {
     }
 }
 
-/// `ulimit` commands giving the sandbox's tests this process's open-file limits: a test
-/// written against the host's limits (20,000 here; the sandbox's init has 1,024) must meet
-/// the same ones there.
-fn same_fd_limits() -> String {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit fills the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return String::new();
-    }
-    format!("ulimit -Hn {}\nulimit -Sn {}\n", r.rlim_max, r.rlim_cur)
-}
-
 /// The sandbox script: each test in its own process, bounded by its budget.
 fn script(exe: &std::path::Path, tests: &[&KvmTest]) -> String {
-    let mut s = format!("export {INSIDE}=1\ncd /tmp\n{}", same_fd_limits());
+    let mut s = format!("export {INSIDE}=1\ncd /tmp\n{}", machine::same_fd_limits());
     if let Ok(bt) = std::env::var("RUST_BACKTRACE") {
         s.push_str(&format!("export RUST_BACKTRACE={}\n", shell_quote(&bt)));
     }

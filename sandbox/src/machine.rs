@@ -265,6 +265,18 @@ pub fn collect_output(mut child: Child, budget: Duration, echo: bool) -> Result<
     }
 }
 
+/// `ulimit` commands giving what the sandbox's script runs next this process's open-file
+/// limits: a program written against the host's (20,000 on our machines; the sandbox's init
+/// has 1,024 soft, 4,096 hard) meets the same ones there.
+pub fn same_fd_limits() -> String {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return String::new();
+    }
+    format!("ulimit -Hn {}\nulimit -Sn {}\n", r.rlim_max, r.rlim_cur)
+}
+
 /// Quotes `arg` for the sandbox's shell.
 pub fn shell_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', "'\\''"))

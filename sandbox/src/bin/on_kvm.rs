@@ -59,7 +59,7 @@ fn in_sandbox(program: &PathBuf, args: &[String], program_budget: Duration) -> R
         command.push(' ');
         command.push_str(&shell_quote(a));
     }
-    let script = format!("cd /tmp\n{command} </dev/null 2>&1\necho \"@@ON-KVM-STATUS $?\"");
+    let script = format!("cd /tmp\n{}{command} </dev/null 2>&1\necho \"@@ON-KVM-STATUS $?\"", machine::same_fd_limits());
     let lines = machine::run_with(&assets, image.finish(&script), budget::sandbox_boot() + program_budget, true)?;
     lines
         .iter()
