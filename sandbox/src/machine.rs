@@ -104,8 +104,15 @@ pub fn qemu_command(assets: &Assets, initrd: &Path) -> Command {
         .arg("-kernel")
         .arg(assets.path("bzImage"))
         .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1"]);
+        .arg(initrd);
+    // Debugging hooks: more sandbox kernel parameters (e.g. `nokaslr`, so that addresses read
+    // from the QEMU monitor match the vmlinux symbols), more QEMU arguments (e.g. `-monitor
+    // unix:/tmp/m.sock,server,nowait`, to read a stuck sandbox's registers).
+    let append = std::env::var("SIOVMM_SANDBOX_APPEND").unwrap_or_default();
+    qemu.args(["-append", format!("console=ttyS0 panic=-1 {append}").trim_end()]);
+    if let Ok(extra) = std::env::var("SIOVMM_SANDBOX_QEMU_ARGS") {
+        qemu.args(extra.split_whitespace());
+    }
     qemu
 }
 

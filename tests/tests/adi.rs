@@ -25,11 +25,15 @@ echo "GUEST-ADI-LAST=$last"
 # destination, same vector), then run everything again.
 for n in $(grep siov_adi-cq /proc/interrupts | cut -d: -f1); do echo 2 > /proc/irq/$n/smp_affinity; done
 pass=0
+handled=0
 for d in /sys/bus/pci/drivers/siov_adi/0000:*; do
   echo 1 > $d/run
-  case "$(cat $d/result)" in PASS*) pass=$((pass+1));; *) echo "GUEST-ADI-FAIL2 ${d##*/}: $(cat $d/result)";; esac
+  r=$(cat $d/result)
+  # The driver's own count of completion interrupts its handler took since probe.
+  case "$r" in PASS*) pass=$((pass+1)); n=${r#*irqs=}; handled=$((handled + ${n%% *}));; *) echo "GUEST-ADI-FAIL2 ${d##*/}: $r";; esac
 done
 echo GUEST-ADI-PASS-RETARGETED=$pass
+echo GUEST-CQ-HANDLED=$handled
 echo GUEST-CQ-ON-CPU1=$(grep siov_adi-cq /proc/interrupts | awk '{s+=$3} END {print s}')
 
 echo GUEST-ADI-PASS=$pass
@@ -52,13 +56,23 @@ fn check(r: &CaseResult) {
     assert_eq!(r.value("GUEST-ADI-PASS"), Some(ADIS.to_string().as_str()), "self-test on every ADI:\n{t}");
     assert_eq!(r.value("GUEST-CQ-LINES"), Some(ADIS.to_string().as_str()), "{t}");
     assert_eq!(r.value("GUEST-ADI-PASS-RETARGETED"), Some(ADIS.to_string().as_str()), "after retargeting:\n{t}");
-    // Two self-tests per ADI, each 7 descriptors with interrupts + 1 delivered on unmask.
-    assert_eq!(r.value("GUEST-CQ-IRQS"), Some((ADIS * 16).to_string().as_str()), "{t}");
+    // Two self-tests per ADI, each 7 descriptors with interrupts + 1 delivered on unmask: the
+    // driver's handlers took exactly that many.
+    let number = |key: &str| -> u32 { r.value(key).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    assert_eq!(number("GUEST-CQ-HANDLED"), ADIS * 16, "interrupts the driver handled:\n{t}");
+    // /proc/interrupts may count fewer: an edge that arrives while the same IRQ's handler runs
+    // on the other CPU (an affinity move makes that possible) is run again by that CPU's loop
+    // but counted once (kernel/irq/chip.c, handle_edge_irq: IRQS_PENDING). Seen once in a loaded
+    // run (1,023 of 1,024). Every such coalesced edge is accounted for below.
+    let counted = number("GUEST-CQ-IRQS");
+    assert!(counted <= ADIS * 16, "more interrupts counted than handled: {counted}\n{t}");
+    let coalesced = ADIS * 16 - counted;
+    assert!(coalesced <= ADIS, "{coalesced} edges coalesced: more than one per ADI\n{t}");
     // x86 Linux moves an MSI when its next interrupt arrives (the first one after the affinity
     // write still lands on the old CPU), then rewrites the live entry: the other 7 of the second
-    // run land on CPU 1 through the rewritten route.
-    let on_cpu1: u32 = r.value("GUEST-CQ-ON-CPU1").and_then(|v| v.parse().ok()).unwrap_or(0);
-    assert!(on_cpu1 >= ADIS * 7, "retargeted interrupts on CPU 1: {on_cpu1}\n{t}");
+    // run land on CPU 1 through the rewritten route (less any coalesced there).
+    let on_cpu1 = number("GUEST-CQ-ON-CPU1");
+    assert!(on_cpu1 + coalesced >= ADIS * 7, "retargeted interrupts on CPU 1: {on_cpu1} ({coalesced} coalesced)\n{t}");
     assert_eq!(r.value("GUEST-DMESG-ERRORS"), Some("0"), "{t}");
     // The fast path: every doorbell write completed in KVM (ioeventfd), none reached siovmm.
     let summary = r.lines_with("doorbell writes exited to siovmm");
