@@ -28,8 +28,8 @@ insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/nu
 echo \"@@SANDBOX-UP $(cut -d' ' -f1 /proc/uptime)\"
 ";
 
-/// Starts the message of a run that did not finish (its budget ran out, the sandbox kernel
-/// reported a stuck CPU, or it ended before `@@SANDBOX-DONE`).
+/// Starts the message of a run that did not finish (its budget ran out, or it ended before
+/// `@@SANDBOX-DONE`).
 pub const UNFINISHED: &str = "the sandbox run did not finish";
 
 /// A run that failed, with the console lines it printed before it did.
@@ -240,15 +240,12 @@ pub fn collect_output(mut child: Child, budget: Duration, echo: bool) -> Result<
                 if echo {
                     eprintln!("| {l}");
                 }
-                // The sandbox's own kernel reporting a CPU stuck does not recover; stop now
-                // instead of waiting for the budget to pass.
-                let stuck = l.contains("watchdog: BUG: soft lockup");
+                // A soft-lockup or RCU-stall report from the sandbox kernel is not a verdict:
+                // when the host is oversubscribed, QEMU's vCPU threads go unscheduled while
+                // the sandbox's clock runs on, and its watchdog then reports an idle CPU
+                // (swapper, do_idle) "stuck" for tens of seconds, after which the run goes on
+                // (docs/testing.md, "Under load"). Budgets decide whether a run is stuck.
                 lines.push(l);
-                if stuck {
-                    end(&mut child);
-                    let e = format!("{UNFINISHED}: the sandbox kernel reports a soft lockup; output:\n{}", lines.join("\n"));
-                    return Err(RunFailure::new(e, lines));
-                }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
