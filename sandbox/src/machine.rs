@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 use crate::assets::Assets;
 use crate::cpio::{busybox_root, Cpio};
 
-/// The start of every sandbox /init: busybox, /proc, /sys, /dev, /tmp, and KVM (nested SVM;
-/// VMX where the emulated CPU has it).
+/// The start of every sandbox /init: busybox, /proc, /sys, /dev, and KVM (nested SVM; VMX
+/// where the emulated CPU has it). Nothing is mounted over /tmp: host programs are carried in
+/// at their own paths (`ship`), which may lie under /tmp (a clone in /tmp was caught by a
+/// clean-clone run); the initramfs root is writable as it is.
 const PROLOGUE: &str = "#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
 for m in irqbypass ccp kvm; do insmod /modules/$m.ko || echo \"@@SANDBOX-ERROR insmod $m\"; done
 insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
 [ -c /dev/kvm ] || echo '@@SANDBOX-ERROR no /dev/kvm in the sandbox'
