@@ -33,6 +33,9 @@ echo \"@@SANDBOX-UP $(cut -d' ' -f1 /proc/uptime)\"
 /// `@@SANDBOX-DONE`).
 pub const UNFINISHED: &str = "the sandbox run did not finish";
 
+/// Starts the message of a run in which QEMU ended before the script did.
+const ENDED_EARLY: &str = "the sandbox run did not finish: it ended before its script did";
+
 /// Starts the message of a run whose budget ran out.
 const OUT_OF_BUDGET: &str = "the sandbox run did not finish: no end within its budget of";
 
@@ -144,8 +147,9 @@ impl Drop for WorkDir {
 /// script has finished. Fails on `@@SANDBOX-ERROR`, on a run that does not reach
 /// `@@SANDBOX-DONE`, and when `budget` passes (then QEMU is killed).
 ///
-/// Two failures are retried once, announced on stderr: a sandbox that never started the script
-/// (no `@@SANDBOX-UP`: QEMU or the sandbox kernel failed before any of our code ran), and,
+/// Three failures are retried once, announced on stderr: a sandbox that never started the
+/// script (no `@@SANDBOX-UP`: QEMU or the sandbox kernel failed before any of our code ran), a
+/// sandbox whose own kernel crashed (panic, oops, `BUG:`: never a correct outcome), and,
 /// marked UNEXPLAINED with its console, a run whose budget ran out (the silent whole-sandbox
 /// stalls of docs/testing.md, not yet shown to be the environment's). Anything else is final.
 pub fn run(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, String> {
@@ -172,6 +176,20 @@ fn run_retrying_unstarted(assets: &Assets, image: Vec<u8>, budget: Duration, ech
             eprintln!("siovmm-sandbox: retrying once: the sandbox never started its script ({}; last console line: {last})", first_line(&f.message));
             run_inner(assets, &initrd, budget, echo)
         }
+        // Only when QEMU itself ended early: a guest kernel's crash report reaches the same
+        // console, but ends only siovmm, never the sandbox.
+        Err(f) if f.message.starts_with(ENDED_EARLY) && sandbox_kernel_crashed(&f.lines).is_some() => {
+            // The sandbox's own kernel crashed (seen: "BUG: TASK stack guard page was hit" in
+            // exc_page_fault on siovmm's vcpu1 thread inside KVM_RUN, then a panic). No
+            // userspace program may crash the kernel; that is a bug of the sandbox's kernel or
+            // of the emulation under it, whatever the workload.
+            eprintln!(
+                "siovmm-sandbox: retrying once: the sandbox's kernel crashed ({}); its console:\n{}",
+                sandbox_kernel_crashed(&f.lines).unwrap_or_default(),
+                f.lines.join("\n")
+            );
+            run_inner(assets, &initrd, budget, echo)
+        }
         Err(f) if f.message.starts_with(OUT_OF_BUDGET) => {
             // NOT proven to be the environment's (issue 8, item 5; docs/testing.md, Retries):
             // the whole sandbox kernel went silent (no timer fired, no watchdog report) while a
@@ -186,6 +204,16 @@ fn run_retrying_unstarted(assets: &Assets, image: Vec<u8>, budget: Duration, ech
 /// True when a run's console shows that the sandbox never reached our script.
 pub fn never_started(lines: &[String]) -> bool {
     up_at(lines).is_none()
+}
+
+/// The sandbox kernel's own crash report in a run's console, if any: a panic, an oops or a
+/// `BUG:` line printed by the kernel (timestamped), not by a guest or a test.
+pub fn sandbox_kernel_crashed(lines: &[String]) -> Option<String> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with('['))
+        .find(|l| l.contains("] Kernel panic - not syncing") || l.contains("] BUG: ") || l.contains("] Oops: "))
+        .map(|l| l.trim().to_string())
 }
 
 fn first_line(s: &str) -> &str {
@@ -204,7 +232,7 @@ fn run_inner(assets: &Assets, initrd: &Path, budget: Duration, echo: bool) -> Re
         return Err(RunFailure::new(format!("sandbox setup failed: {e}\n{}", lines.join("\n")), lines));
     }
     if !lines.iter().any(|l| l.contains("@@SANDBOX-DONE")) {
-        return Err(RunFailure::new(format!("{UNFINISHED}: it ended before its script did:\n{}", lines.join("\n")), lines));
+        return Err(RunFailure::new(format!("{ENDED_EARLY}:\n{}", lines.join("\n")), lines));
     }
     Ok(lines)
 }
@@ -313,6 +341,16 @@ mod tests {
         assert!(never_started(&lines(&[])));
         assert!(never_started(&lines(&["[    1.0] Linux version 6.1", "[    2.0] Freeing initrd memory"])));
         assert!(!never_started(&lines(&["@@SANDBOX-UP 3.74", "siovmm: triple fault on vCPU 1"])));
+    }
+
+    #[test]
+    fn sandbox_kernel_crashes_are_recognised() {
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let crash = lines(&["@@SANDBOX-UP 3.4", "[  113.776929] BUG: TASK stack guard page was hit at 000000009ee0a561", "[  116.3] Kernel panic - not syncing: corrupted stack end"]);
+        assert_eq!(sandbox_kernel_crashed(&crash).as_deref(), Some("[  113.776929] BUG: TASK stack guard page was hit at 000000009ee0a561"));
+        // A guest's or a test's words are not the sandbox kernel's.
+        assert!(sandbox_kernel_crashed(&lines(&["GUEST-DMESG: BUG: something", "siovmm: Kernel panic - not syncing"])).is_none());
+        assert!(sandbox_kernel_crashed(&lines(&["[   26.4] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"])).is_none());
     }
 
     #[test]
