@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use crate::assets::Assets;
 use crate::budget;
-use crate::machine::{self, shell_quote, RunFailure, SandboxImage};
+use crate::machine::{self, shell_quote, RunFailure, SandboxImage, StepResult};
 
 /// One KVM test, registered by [`kvm_test!`](crate::kvm_test!).
 #[derive(Debug)]
@@ -110,15 +110,15 @@ pub fn run(path: &str, body: impl FnOnce()) {
             static BATCH: OnceLock<Batch> = OnceLock::new();
             let batch = BATCH.get_or_init(|| run_in_sandbox(&why, name));
             match batch.outcomes.get(name) {
-                Some(o) if o.passed() => note(&format!(
+                Some(o) if passed(o) => note(&format!(
                     "kvm-test {name}: passed inside the QEMU-TCG sandbox ({:.1} s; host KVM not used: {why})",
-                    o.seconds
+                    o.seconds.unwrap_or(0.0)
                 )),
                 Some(o) => panic!(
-                    "kvm-test {name} failed inside the QEMU-TCG sandbox (status {}{}, {:.1} s; host KVM not used: {why}); its output there:\n{}",
+                    "kvm-test {name} failed inside the QEMU-TCG sandbox (status {:?}{}, {:.1} s; host KVM not used: {why}); its output there:\n{}",
                     o.status,
-                    if o.status == 137 { ": killed when its time budget ran out" } else { "" },
-                    o.seconds,
+                    if o.status == Some(137) { ": killed when its time budget ran out" } else { "" },
+                    o.seconds.unwrap_or(0.0),
                     o.output.join("\n")
                 ),
                 None => panic!(
@@ -139,27 +139,13 @@ fn note(line: &str) {
 /// failed, if it did (tests that finished before that keep their own outcome).
 #[derive(Debug)]
 struct Batch {
-    outcomes: BTreeMap<String, Outcome>,
+    outcomes: BTreeMap<String, StepResult>,
     failure: Option<String>,
 }
 
-/// What one test's process did in the sandbox.
-#[derive(Debug, Clone)]
-struct Outcome {
-    /// Exit status (124/137 when its budget ran out: busybox `timeout -s KILL`).
-    status: i32,
-    /// Its console output.
-    output: Vec<String>,
-    /// Seconds it took, by the sandbox's clock.
-    seconds: f64,
-}
-
-impl Outcome {
-    /// Passed: status 0 and libtest ran exactly one test (a name that matches nothing also
-    /// exits 0).
-    fn passed(&self) -> bool {
-        self.status == 0 && self.output.iter().any(|l| l.contains("test result: ok. 1 passed"))
-    }
+/// Passed: status 0 and libtest ran exactly one test (a name that matches nothing also exits 0).
+fn passed(o: &StepResult) -> bool {
+    o.status == Some(0) && o.output.iter().any(|l| l.contains("test result: ok. 1 passed"))
 }
 
 /// The KVM tests of this binary that the current libtest arguments select, always
@@ -233,44 +219,23 @@ fn run_in_sandbox(why: &str, asking: &str) -> Batch {
     }
 }
 
-/// The sandbox script: each test in its own process, bounded by its budget.
+/// The sandbox script: each test in its own process, a [`machine::step`] under its budget.
 fn script(exe: &std::path::Path, tests: &[&KvmTest]) -> String {
     let mut s = format!("export {INSIDE}=1\ncd /tmp\n{}", machine::same_fd_limits());
     if let Ok(bt) = std::env::var("RUST_BACKTRACE") {
         s.push_str(&format!("export RUST_BACKTRACE={}\n", shell_quote(&bt)));
     }
-    s.push_str("uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }\n");
+    let exe = shell_quote(&exe.display().to_string());
     for test in tests {
-        let (name, budget) = (libtest_name(test.path), test.budget().as_secs());
-        s.push_str(&format!(
-            "echo '@@KVM-TEST {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {budget} {exe} --exact {q} --nocapture --test-threads=1 </dev/null 2>&1\nrc=$?\necho \"@@KVM-TEST-END {name} $rc $(( $(uptime_cs) - t0 ))\"\n",
-            exe = shell_quote(&exe.display().to_string()),
-            q = shell_quote(name),
-        ));
+        let name = libtest_name(test.path);
+        s.push_str(&machine::step(name, test.budget(), &format!("{exe} --exact {} --nocapture --test-threads=1", shell_quote(name))));
     }
     s
 }
 
 /// Per-test outcomes from the sandbox console.
-fn parse(lines: &[String]) -> BTreeMap<String, Outcome> {
-    let mut outcomes = BTreeMap::new();
-    let mut current: Option<(String, Vec<String>)> = None;
-    for line in lines {
-        if let Some(name) = line.strip_prefix("@@KVM-TEST ") {
-            current = Some((name.trim().to_string(), Vec::new()));
-        } else if let Some(rest) = line.strip_prefix("@@KVM-TEST-END ") {
-            let mut parts = rest.split_whitespace();
-            let (Some(name), Some(status), Some(cs)) = (parts.next(), parts.next(), parts.next()) else { continue };
-            if let Some((n, output)) = current.take().filter(|(n, _)| n == name) {
-                let status = status.parse().unwrap_or(-1);
-                let seconds = cs.parse::<f64>().unwrap_or(0.0) / 100.0;
-                outcomes.insert(n, Outcome { status, output, seconds });
-            }
-        } else if let Some((_, output)) = current.as_mut() {
-            output.push(line.clone());
-        }
-    }
-    outcomes
+fn parse(lines: &[String]) -> BTreeMap<String, StepResult> {
+    machine::steps(lines).into_iter().map(|r| (r.name.clone(), r)).collect()
 }
 
 #[cfg(test)]
@@ -299,27 +264,27 @@ mod tests {
     fn outcomes_are_read_per_test() {
         let console: Vec<String> = [
             "noise",
-            "@@KVM-TEST kvm_tests::a",
+            "@@STEP kvm_tests::a",
             "running 1 test",
             "test kvm_tests::a ... ok",
             "test result: ok. 1 passed; 0 failed",
-            "@@KVM-TEST-END kvm_tests::a 0 123",
-            "@@KVM-TEST kvm_tests::b",
+            "@@STEP-END kvm_tests::a 0 123",
+            "@@STEP kvm_tests::b",
             "thread panicked at boom",
-            "@@KVM-TEST-END kvm_tests::b 101 7",
-            "@@KVM-TEST kvm_tests::c",
+            "@@STEP-END kvm_tests::b 101 7",
+            "@@STEP kvm_tests::c",
             "test result: ok. 0 passed; 0 failed",
-            "@@KVM-TEST-END kvm_tests::c 0 1",
-            "@@KVM-TEST kvm_tests::d",
-            "@@KVM-TEST-END kvm_tests::d 137 6000",
+            "@@STEP-END kvm_tests::c 0 1",
+            "@@STEP kvm_tests::d",
+            "@@STEP-END kvm_tests::d 137 6000",
         ]
         .map(String::from)
         .to_vec();
         let o = parse(&console);
-        assert!(o["kvm_tests::a"].passed());
-        assert!((o["kvm_tests::a"].seconds - 1.23).abs() < 1e-9);
-        assert!(!o["kvm_tests::b"].passed() && o["kvm_tests::b"].output == ["thread panicked at boom"]);
-        assert!(!o["kvm_tests::c"].passed(), "a filter that ran nothing is not a pass");
-        assert!(!o["kvm_tests::d"].passed(), "killed at its budget");
+        assert!(passed(&o["kvm_tests::a"]));
+        assert!((o["kvm_tests::a"].seconds.unwrap() - 1.23).abs() < 1e-9);
+        assert!(!passed(&o["kvm_tests::b"]) && o["kvm_tests::b"].output == ["thread panicked at boom"]);
+        assert!(!passed(&o["kvm_tests::c"]), "a filter that ran nothing is not a pass");
+        assert!(!passed(&o["kvm_tests::d"]), "killed at its budget");
     }
 }

@@ -26,6 +26,7 @@ mount -t devtmpfs devtmpfs /dev
 for m in irqbypass ccp kvm; do insmod /modules/$m.ko || echo \"@@SANDBOX-ERROR insmod $m\"; done
 insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
 [ -c /dev/kvm ] || echo '@@SANDBOX-ERROR no /dev/kvm in the sandbox'
+uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
 echo \"@@SANDBOX-UP $(cut -d' ' -f1 /proc/uptime)\"
 ";
 
@@ -73,12 +74,6 @@ impl SandboxImage {
     /// Adds a file (parents created as needed).
     pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
         self.cpio.file(path, mode, data);
-        self
-    }
-
-    /// Adds a folder.
-    pub fn dir(&mut self, path: &str) -> &mut Self {
-        self.cpio.dir(path);
         self
     }
 
@@ -158,47 +153,61 @@ pub fn run(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<Stri
 
 /// [`run`], echoing each console line to stderr as it arrives when `echo`.
 pub fn run_with(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool) -> Result<Vec<String>, String> {
-    run_retrying_unstarted(assets, image, budget, echo).map_err(|f| f.message)
+    run_retrying(assets, image, budget, echo).map_err(|f| f.message)
 }
 
 /// [`run`], but a failed run also returns the console lines it had printed.
 pub fn run_keeping_output(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, RunFailure> {
-    run_retrying_unstarted(assets, image, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some())
+    run_retrying(assets, image, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some())
 }
 
-fn run_retrying_unstarted(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool) -> Result<Vec<String>, RunFailure> {
-    let dir = WorkDir::new("sandbox").map_err(|e| RunFailure::new(e, Vec::new()))?;
+/// [`run`] without its retries: for measuring how often runs fail (`siovmm-bench --reliability`).
+pub fn run_once(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, String> {
+    let (_dir, initrd) = write_image(image)?;
+    run_inner(assets, &initrd, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some()).map_err(|f| f.message)
+}
+
+/// Writes `image` into a work folder of its own (removed when the returned guard drops).
+fn write_image(image: Vec<u8>) -> Result<(WorkDir, PathBuf), String> {
+    let dir = WorkDir::new("sandbox")?;
     let initrd = dir.0.join("sandbox.cpio");
-    std::fs::write(&initrd, image).map_err(|e| RunFailure::new(format!("writing {}: {e}", initrd.display()), Vec::new()))?;
+    std::fs::write(&initrd, image).map_err(|e| format!("writing {}: {e}", initrd.display()))?;
+    Ok((dir, initrd))
+}
+
+fn run_retrying(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool) -> Result<Vec<String>, RunFailure> {
+    let (_dir, initrd) = write_image(image).map_err(|e| RunFailure::new(e, Vec::new()))?;
     match run_inner(assets, &initrd, budget, echo) {
-        Err(f) if never_started(&f.lines) => {
-            let last = f.lines.iter().rev().find(|l| !l.trim().is_empty()).map_or("(no output)", |l| l.as_str());
-            eprintln!("siovmm-sandbox: retrying once: the sandbox never started its script ({}; last console line: {last})", first_line(&f.message));
-            run_inner(assets, &initrd, budget, echo)
-        }
-        // Only when QEMU itself ended early: a guest kernel's crash report reaches the same
-        // console, but ends only siovmm, never the sandbox.
-        Err(f) if f.message.starts_with(ENDED_EARLY) && sandbox_kernel_crashed(&f.lines).is_some() => {
-            // The sandbox's own kernel crashed (seen: "BUG: TASK stack guard page was hit" in
-            // exc_page_fault on siovmm's vcpu1 thread inside KVM_RUN, then a panic). No
-            // userspace program may crash the kernel; that is a bug of the sandbox's kernel or
-            // of the emulation under it, whatever the workload.
-            eprintln!(
-                "siovmm-sandbox: retrying once: the sandbox's kernel crashed ({}); its console:\n{}",
-                sandbox_kernel_crashed(&f.lines).unwrap_or_default(),
-                f.lines.join("\n")
-            );
-            run_inner(assets, &initrd, budget, echo)
-        }
-        Err(f) if f.message.starts_with(OUT_OF_BUDGET) => {
-            // NOT proven to be the environment's (issue 8, item 5; docs/testing.md, Retries):
-            // the whole sandbox kernel went silent (no timer fired, no watchdog report) while a
-            // siovmm run had just started. Every occurrence leaves its console in the log.
-            eprintln!("siovmm-sandbox: UNEXPLAINED sandbox stall (issue 8, item 5), running once more; its console:\n{}", f.lines.join("\n"));
-            run_inner(assets, &initrd, budget, echo)
-        }
-        other => other,
+        Err(f) => match rerun_reason(&f) {
+            Some(why) => {
+                eprintln!("siovmm-sandbox: {why}; its console:\n{}", f.lines.join("\n"));
+                run_inner(assets, &initrd, budget, echo)
+            }
+            None => Err(f),
+        },
+        ok => ok,
     }
+}
+
+/// Why a failed run is run once more, if it is (see [`run`]).
+fn rerun_reason(f: &RunFailure) -> Option<String> {
+    if never_started(&f.lines) {
+        return Some(format!("retrying once: the sandbox never started its script ({})", first_line(&f.message)));
+    }
+    // The sandbox's own kernel crashed (seen: "BUG: TASK stack guard page was hit" in
+    // exc_page_fault on siovmm's vcpu1 thread inside KVM_RUN, then a panic). No userspace
+    // program may crash the kernel; that is a bug of the sandbox's kernel or of the emulation
+    // under it, whatever the workload. Only when QEMU itself ended early: a guest kernel's
+    // crash report reaches the same console, but ends only siovmm, never the sandbox.
+    if f.message.starts_with(ENDED_EARLY) {
+        return sandbox_kernel_crashed(&f.lines).map(|crash| format!("retrying once: the sandbox's kernel crashed ({crash})"));
+    }
+    // NOT proven to be the environment's (issue 8, item 5; docs/testing.md, Retries): the
+    // whole sandbox kernel went silent (no timer fired, no watchdog report) while a siovmm run
+    // had just started. Every occurrence leaves its console in the log.
+    f.message
+        .starts_with(OUT_OF_BUDGET)
+        .then(|| "UNEXPLAINED sandbox stall (issue 8, item 5), running once more".to_string())
 }
 
 /// True when a run's console shows that the sandbox never reached our script.
@@ -320,6 +329,51 @@ pub fn same_fd_limits() -> String {
     format!("ulimit -Hn {}\nulimit -Sn {}\n", r.rlim_max, r.rlim_cur)
 }
 
+/// Script lines that run `command` (already quoted for the shell) as the step `name`, killed
+/// when `budget` runs out (busybox `timeout -s KILL`: status 137), its output on the console
+/// between `@@STEP name` and `@@STEP-END name STATUS CENTISECONDS` (see [`steps`]).
+pub fn step(name: &str, budget: Duration, command: &str) -> String {
+    format!(
+        "echo '@@STEP {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {} {command} </dev/null 2>&1\nrc=$?\necho \"@@STEP-END {name} $rc $(( $(uptime_cs) - t0 ))\"\n",
+        budget.as_secs()
+    )
+}
+
+/// What one [`step`] did, read back from the console.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepResult {
+    /// The step's name.
+    pub name: String,
+    /// Its exit status (137 when its budget ran out).
+    pub status: Option<i32>,
+    /// Seconds it took, by the sandbox's clock.
+    pub seconds: Option<f64>,
+    /// Console lines it printed.
+    pub output: Vec<String>,
+}
+
+/// The steps that finished, in order, from a sandbox console.
+pub fn steps(lines: &[String]) -> Vec<StepResult> {
+    let mut done = Vec::new();
+    let mut current: Option<StepResult> = None;
+    for line in lines {
+        if let Some(name) = line.strip_prefix("@@STEP ") {
+            current = Some(StepResult { name: name.trim().to_string(), ..Default::default() });
+        } else if let Some(rest) = line.strip_prefix("@@STEP-END ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(status), Some(cs)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            if let Some(mut r) = current.take().filter(|r| r.name == name) {
+                r.status = status.parse().ok();
+                r.seconds = cs.parse::<f64>().ok().map(|c| c / 100.0);
+                done.push(r);
+            }
+        } else if let Some(r) = current.as_mut() {
+            r.output.push(line.clone());
+        }
+    }
+    done
+}
+
 /// Quotes `arg` for the sandbox's shell.
 pub fn shell_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', "'\\''"))
@@ -328,6 +382,31 @@ pub fn shell_quote(arg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_are_read_back_one_by_one() {
+        let script = step("a", Duration::from_secs(20), "/bin/true");
+        assert!(script.contains("timeout -s KILL 20 /bin/true </dev/null 2>&1"), "{script}");
+        let console: Vec<String> = [
+            "noise",
+            "@@STEP a",
+            "running 1 test",
+            "@@STEP-END a 0 123",
+            "between steps",
+            "@@STEP b",
+            "thread panicked at boom",
+            "@@STEP-END b 137 6000",
+            "@@STEP c",
+            "never ended",
+        ]
+        .map(String::from)
+        .to_vec();
+        let r = steps(&console);
+        assert_eq!(r.len(), 2, "a step without its end is not reported");
+        assert_eq!((r[0].name.as_str(), r[0].status, r[0].output.as_slice()), ("a", Some(0), ["running 1 test".to_string()].as_slice()));
+        assert!((r[0].seconds.unwrap() - 1.23).abs() < 1e-9);
+        assert_eq!((r[1].name.as_str(), r[1].status), ("b", Some(137)));
+    }
 
     #[test]
     fn quoting_survives_quotes() {
@@ -351,6 +430,20 @@ mod tests {
         // A guest's or a test's words are not the sandbox kernel's.
         assert!(sandbox_kernel_crashed(&lines(&["GUEST-DMESG: BUG: something", "siovmm: Kernel panic - not syncing"])).is_none());
         assert!(sandbox_kernel_crashed(&lines(&["[   26.4] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"])).is_none());
+    }
+
+    #[test]
+    fn what_is_run_once_more() {
+        let failure = |message: &str, l: &[&str]| RunFailure::new(message.into(), l.iter().map(|s| s.to_string()).collect());
+        let up = "@@SANDBOX-UP 3.4";
+        let crash = "[  113.7] BUG: TASK stack guard page was hit";
+        assert!(rerun_reason(&failure(ENDED_EARLY, &["[ 1.0] Linux version"])).is_some_and(|r| r.contains("never started")));
+        assert!(rerun_reason(&failure(ENDED_EARLY, &[up, crash])).is_some_and(|r| r.contains("kernel crashed")));
+        assert!(rerun_reason(&failure(OUT_OF_BUDGET, &[up])).is_some_and(|r| r.starts_with("UNEXPLAINED")));
+        // A guest's crash inside a sandbox that ran on is not the sandbox's.
+        assert!(rerun_reason(&failure(OUT_OF_BUDGET, &[up, crash])).is_some_and(|r| r.starts_with("UNEXPLAINED")));
+        assert!(rerun_reason(&failure(ENDED_EARLY, &[up, "GUEST-X=1"])).is_none());
+        assert!(rerun_reason(&failure("sandbox setup failed: @@SANDBOX-ERROR insmod kvm", &[up])).is_none());
     }
 
     #[test]

@@ -224,11 +224,28 @@ pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
 
 /// Runs `cases`, all in one sandbox boot or one after another directly.
 ///
-/// A sandbox that never reached its script is booted once more (`siovmm_sandbox::machine::run`:
-/// none of our code ran). A hang or a stuck sandbox kernel is final. One exception is not
-/// proven to be the environment's and says so loudly: see
-/// [`run_sandbox_once_more_after_reset_triple_fault`].
+/// A sandbox run is retried once in the cases `siovmm_sandbox::machine::run` names (a sandbox
+/// that never reached its script, a crash of the sandbox's own kernel, and, marked
+/// UNEXPLAINED, a run out of budget), and once when a guest triple-faulted with its vCPU reset:
+/// see [`run_sandbox_once_more_after_reset_triple_fault`]. Other failures are final.
 pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    run_cases_with(cases, Retry::AsDocumented)
+}
+
+/// [`run_cases`] with no retry at all: for measuring how often boots fail
+/// (`siovmm-bench --reliability`).
+pub fn run_cases_once(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+    run_cases_with(cases, Retry::Never)
+}
+
+/// Whether a failed sandbox run is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    AsDocumented,
+    Never,
+}
+
+fn run_cases_with(cases: &[GuestCase], retry: Retry) -> Result<Vec<CaseResult>, String> {
     let assets = guest_assets()?;
     for c in cases {
         if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') {
@@ -237,6 +254,7 @@ pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
     }
     match placement() {
         Placement::Direct => run_direct(&assets, cases),
+        Placement::Sandbox if retry == Retry::Never => run_sandbox(&assets, cases, retry),
         Placement::Sandbox => run_sandbox_once_more_after_reset_triple_fault(&assets, cases),
     }
 }
@@ -254,7 +272,7 @@ const RESET_TRIPLE_FAULT: &str = "(KVM reset the vCPU)";
 /// printed to stderr, so that every occurrence in CI leaves its evidence, and the rerun must
 /// pass every check.
 fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    let first = run_sandbox(assets, cases)?;
+    let first = run_sandbox(assets, cases, Retry::AsDocumented)?;
     let Some(failed) = reset_triple_fault(&first) else {
         return Ok(first);
     };
@@ -263,7 +281,7 @@ fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[Gues
         failed.name,
         failed.transcript()
     );
-    run_sandbox(assets, cases)
+    run_sandbox(assets, cases, Retry::AsDocumented)
 }
 
 fn run_direct(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
@@ -305,12 +323,11 @@ fn sandbox_vmm(case: &GuestCase) -> String {
     }
 }
 
-/// The sandbox script: run every case under its budget (`timeout -s KILL`: status 137 when it
-/// runs out), report each one's status and time.
+/// The sandbox script: every case a [`machine::step`] under its own budget (status 137 when it
+/// runs out).
 fn sandbox_script(cases: &[GuestCase]) -> String {
     let mut s = String::from(
         "echo \"@@SANDBOX-INFO thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag=$(cat /sys/kernel/mm/transparent_hugepage/defrag)\"
-uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
 ",
     );
     // Debugging hook: shell commands to run in the sandbox before the cases.
@@ -322,13 +339,8 @@ uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
         s.push_str("export SIOVMM_TRACE_STARTUP=1\n");
     }
     for case in cases {
-        s.push_str(&format!(
-            "echo '@@CASE {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {budget} {vmm} {args} </dev/null 2>&1\nrc=$?\nt1=$(uptime_cs)\necho \"@@EXIT {name} $rc $((t1 - t0))\"\necho \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n",
-            name = case.name,
-            budget = case.budget().as_secs(),
-            vmm = sandbox_vmm(case),
-            args = sandbox_args(case)
-        ));
+        s.push_str(&machine::step(&case.name, case.budget(), &format!("{} {}", sandbox_vmm(case), sandbox_args(case))));
+        s.push_str("echo \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n");
     }
     s
 }
@@ -361,29 +373,17 @@ fn reset_triple_fault(results: &[CaseResult]) -> Option<&CaseResult> {
     results.iter().find(|r| r.lines.iter().any(|l| l.contains("siovmm: triple fault on vCPU") && l.contains(RESET_TRIPLE_FAULT)))
 }
 
-fn run_sandbox(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
+fn run_sandbox(assets: &Assets, cases: &[GuestCase], retry: Retry) -> Result<Vec<CaseResult>, String> {
     let image = sandbox_image(assets, cases)?.finish(&sandbox_script(cases));
     let total = budget::sandbox_boot() + cases.iter().map(GuestCase::budget).sum::<Duration>();
-    let lines = machine::run(assets, image, total)?;
-    let mut results = Vec::new();
-    let mut current: Option<CaseResult> = None;
-    for line in lines {
-        if let Some(name) = line.strip_prefix("@@CASE ") {
-            current = Some(CaseResult { name: name.trim().to_string(), ..Default::default() });
-        } else if let Some(rest) = line.strip_prefix("@@EXIT ") {
-            let mut parts = rest.split_whitespace();
-            let (Some(name), Some(code), Some(cs)) = (parts.next(), parts.next(), parts.next()) else { continue };
-            if let Some(mut r) = current.take() {
-                if r.name == name {
-                    r.exit_code = code.parse().ok();
-                    r.seconds = cs.parse::<f64>().ok().map(|c| c / 100.0);
-                    results.push(r);
-                }
-            }
-        } else if let Some(r) = current.as_mut() {
-            r.lines.push(line);
-        }
-    }
+    let lines = match retry {
+        Retry::AsDocumented => machine::run(assets, image, total)?,
+        Retry::Never => machine::run_once(assets, image, total)?,
+    };
+    let results: Vec<CaseResult> = machine::steps(&lines)
+        .into_iter()
+        .map(|r| CaseResult { name: r.name, exit_code: r.status, lines: r.output, seconds: r.seconds })
+        .collect();
     if results.len() != cases.len() {
         return Err(format!("sandbox reported {} of {} cases", results.len(), cases.len()));
     }

@@ -1,6 +1,7 @@
 //! `on-kvm`: runs a program where KVM is. On the host when its `/dev/kvm` can create VMs,
 //! otherwise inside the QEMU-TCG sandbox (the program and its shared libraries carried in at
-//! their own paths, its output streamed here). Exits with the program's status.
+//! their own paths, its output streamed here, killed when `--budget` runs out: status 137).
+//! Exits with the program's status.
 //!
 //! Usage: on-kvm [--budget SECONDS] PROGRAM [ARGS...]
 //! (`SIOVMM_HIDE_KVM=1` forces the sandbox; assets from tests/setup.sh.)
@@ -59,10 +60,11 @@ fn in_sandbox(program: &PathBuf, args: &[String], program_budget: Duration) -> R
         command.push(' ');
         command.push_str(&shell_quote(a));
     }
-    let script = format!("cd /tmp\n{}{command} </dev/null 2>&1\necho \"@@ON-KVM-STATUS $?\"", machine::same_fd_limits());
+    let script = format!("cd /tmp\n{}{}", machine::same_fd_limits(), machine::step("program", program_budget, &command));
     let lines = machine::run_with(&assets, image.finish(&script), budget::sandbox_boot() + program_budget, true)?;
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix("@@ON-KVM-STATUS ")?.trim().parse::<u8>().ok())
+    machine::steps(&lines)
+        .first()
+        .and_then(|r| r.status)
+        .map(|s| s.clamp(0, 255) as u8)
         .ok_or_else(|| "the sandbox did not report the program's status".into())
 }

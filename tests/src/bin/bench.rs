@@ -27,7 +27,7 @@
 
 use std::path::PathBuf;
 
-use siovmm_tests::{placement, run_cases, CaseResult, GuestCase, Kernel};
+use siovmm_tests::{placement, run_cases, run_cases_once, CaseResult, GuestCase, Kernel};
 
 const USAGE: &str = "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-VMM] [--exits | --reliability [--adi N]]";
 
@@ -236,7 +236,7 @@ fn reliability(opts: &Options) -> Result<(), String> {
             }
         }
         made += BOOTS_PER_SANDBOX.min(boots - made);
-        match run_cases(&cases) {
+        match run_cases_once(&cases) {
             Ok(results) => {
                 for (r, c) in results.iter().zip(&cases) {
                     let vmm = if c.vmm.is_some() { "baseline" } else { "siovmm" };
