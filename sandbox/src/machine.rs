@@ -27,6 +27,32 @@ for m in irqbypass ccp kvm; do insmod /modules/$m.ko || echo \"@@SANDBOX-ERROR i
 insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/null
 [ -c /dev/kvm ] || echo '@@SANDBOX-ERROR no /dev/kvm in the sandbox'
 uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
+# Flight recorder (docs/testing.md, Diagnosing failures): KVM's record of every guest shutdown
+# (triple fault: SVM exit 0x7f, VMX exit 2) with the guest RIP before KVM resets the vCPU, and
+# of every exception KVM injected; kvm_flight_record prints and clears it after each step.
+t=/sys/kernel/tracing
+if mount -t tracefs tracefs $t 2>/dev/null && [ -d $t/events/kvm ]; then
+  echo 64 > $t/buffer_size_kb
+  if [ -d /sys/module/kvm_amd ]; then echo 'exit_reason == 127' > $t/events/kvm/kvm_exit/filter
+  else echo 'exit_reason == 2' > $t/events/kvm/kvm_exit/filter; fi
+  echo 1 > $t/events/kvm/kvm_exit/enable
+  echo 1 > $t/events/kvm/kvm_inj_exception/enable
+fi
+kvm_flight_record() {
+  [ -r $t/trace ] || return 0
+  grep -v '^#' $t/trace | while read -r l; do
+    rip=${l##* rip 0x}; rip=${rip%% *}
+    sym=''
+    case $rip in ffffffff8*) sym=$(awk -v a=$rip '$1 <= a && $1 > b && ($2 == \"T\" || $2 == \"t\") { b = $1; n = $3 } END { if (n != \"\") print \" (sandbox kernel symbol: \" n \")\" }' /proc/kallsyms);; esac
+    echo \"@@KVM-TRACE $l$sym\"
+  done
+  echo > $t/trace
+}
+# A stalled sandbox is asked for every CPU's backtrace by an NMI from the QEMU monitor
+# (machine::diagnose_stall): unknown NMIs panic, and the panic prints all CPUs' backtraces
+# and the flight recorder.
+echo 1 > /proc/sys/kernel/unknown_nmi_panic
+echo 80 > /proc/sys/kernel/panic_print
 echo \"@@SANDBOX-UP $(cut -d' ' -f1 /proc/uptime)\"
 ";
 
@@ -110,8 +136,11 @@ pub fn qemu_command(assets: &Assets, initrd: &Path) -> Command {
     // Debugging hooks: more sandbox kernel parameters (e.g. `nokaslr`, so that addresses read
     // from the QEMU monitor match the vmlinux symbols), more QEMU arguments (e.g. `-monitor
     // unix:/tmp/m.sock,server,nowait`, to read a stuck sandbox's registers).
+    // `nokaslr`: the sandbox kernel's symbols sit at the vmlinux's link addresses, as a
+    // vmlinux (PVH) guest's do, so the flight recorder can name guest RIPs from the sandbox's
+    // /proc/kallsyms, and RIPs read through the monitor can be named too.
     let append = std::env::var("SIOVMM_SANDBOX_APPEND").unwrap_or_default();
-    qemu.args(["-append", format!("console=ttyS0 panic=-1 {append}").trim_end()]);
+    qemu.args(["-append", format!("console=ttyS0 panic=-1 nokaslr {append}").trim_end()]);
     if let Ok(extra) = std::env::var("SIOVMM_SANDBOX_QEMU_ARGS") {
         qemu.args(extra.split_whitespace());
     }
@@ -230,13 +259,17 @@ fn first_line(s: &str) -> &str {
 }
 
 fn run_inner(assets: &Assets, initrd: &Path, budget: Duration, echo: bool) -> Result<Vec<String>, RunFailure> {
+    let monitor = initrd.with_file_name("monitor.sock");
+    let _ = std::fs::remove_file(&monitor);
     let child = qemu_command(assets, initrd)
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| RunFailure::new(format!("starting qemu-system-x86_64 (run tests/setup.sh): {e}"), Vec::new()))?;
-    let (lines, _) = collect_output(child, budget, echo)?;
+    let (lines, _) = collect(child, budget, echo, Some(&monitor))?;
     if let Some(e) = lines.iter().find(|l| l.contains("@@SANDBOX-ERROR")) {
         return Err(RunFailure::new(format!("sandbox setup failed: {e}\n{}", lines.join("\n")), lines));
     }
@@ -254,7 +287,17 @@ pub fn up_at(lines: &[String]) -> Option<f64> {
 /// Reads a child's output line by line until it exits or `budget` passes (then kills it),
 /// echoing every line to stderr as it arrives when `echo`. Returns the lines and the child's
 /// exit status (`None` when a signal ended it).
-pub fn collect_output(mut child: Child, budget: Duration, echo: bool) -> Result<(Vec<String>, Option<i32>), RunFailure> {
+pub fn collect_output(child: Child, budget: Duration, echo: bool) -> Result<(Vec<String>, Option<i32>), RunFailure> {
+    collect(child, budget, echo, None)
+}
+
+/// How long a stalled sandbox is given, after [`diagnose_stall`], to print its backtraces.
+const STALL_REPORT_GRACE: Duration = Duration::from_secs(30);
+
+/// [`collect_output`]; when `monitor` (a QEMU sandbox's monitor socket) is given and the budget
+/// runs out, the stall is diagnosed first and the sandbox given [`STALL_REPORT_GRACE`] to
+/// print its report. The run still fails as out of budget, whatever it prints then.
+fn collect(mut child: Child, budget: Duration, echo: bool, mut monitor: Option<&Path>) -> Result<(Vec<String>, Option<i32>), RunFailure> {
     let no_pipe = || RunFailure::new("the child has no output pipes".into(), Vec::new());
     let stdout = child.stdout.take().ok_or_else(no_pipe)?;
     let stderr = child.stderr.take().ok_or_else(no_pipe)?;
@@ -276,12 +319,22 @@ pub fn collect_output(mut child: Child, budget: Duration, echo: bool) -> Result<
         })
     };
     let readers = [spawn_reader(Box::new(stdout), tx.clone()), spawn_reader(Box::new(stderr), tx)];
-    let deadline = Instant::now() + budget;
+    let mut deadline = Instant::now() + budget;
     let mut lines = Vec::new();
     let end = |child: &mut Child| {
         let _ = child.kill();
         let _ = child.wait();
     };
+    let out_of_budget = |lines: &[String]| {
+        // The last 60 lines; after a stall diagnosis, everything from 30 lines before it.
+        let from = lines
+            .iter()
+            .position(|l| l.starts_with("@@STALL-MONITOR"))
+            .map_or(lines.len().saturating_sub(60), |p| p.saturating_sub(30));
+        let last = lines[from..].join("\n");
+        RunFailure::new(format!("{OUT_OF_BUDGET} {} s; last output:\n{last}", budget.as_secs()), lines.to_vec())
+    };
+    let mut stalled = false;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(l) => {
@@ -299,22 +352,69 @@ pub fn collect_output(mut child: Child, budget: Duration, echo: bool) -> Result<
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
         if Instant::now() > deadline {
+            if let Some(socket) = monitor.take() {
+                stalled = true;
+                for l in diagnose_stall(socket) {
+                    if echo {
+                        eprintln!("| {l}");
+                    }
+                    lines.push(l);
+                }
+                deadline = Instant::now() + STALL_REPORT_GRACE;
+                continue;
+            }
             end(&mut child);
-            let e = format!(
-                "{OUT_OF_BUDGET} {} s; last output:\n{}",
-                budget.as_secs(),
-                lines.iter().rev().take(60).rev().cloned().collect::<Vec<_>>().join("\n")
-            );
-            return Err(RunFailure::new(e, lines));
+            return Err(out_of_budget(&lines));
         }
     }
     for r in readers {
         let _ = r.join();
     }
+    if stalled {
+        end(&mut child);
+        return Err(out_of_budget(&lines));
+    }
     match child.wait() {
         Ok(status) => Ok((lines, status.code())),
         Err(e) => Err(RunFailure::new(format!("waiting for the child: {e}"), lines)),
     }
+}
+
+/// Asks a sandbox whose budget ran out what it is doing, through its QEMU monitor: every
+/// CPU's registers (`info registers -a`: RIP, and HLT=1 for a CPU that is halted), then an
+/// NMI to every CPU, which the prologue turns into a panic printing all CPUs' backtraces and
+/// the flight recorder on the console. Returns the register lines, each prefixed
+/// `@@STALL-MONITOR`; a monitor that does not answer (QEMU itself stuck) is said so.
+pub fn diagnose_stall(socket: &Path) -> Vec<String> {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let mut report = vec![format!("@@STALL-MONITOR out of budget: asking the sandbox through {}", socket.display())];
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = UnixStream::connect(socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"info registers -a\n")?;
+        let mut text = Vec::new();
+        let mut buf = [0u8; 8192];
+        // The answer ends when the monitor goes quiet (no end marker in the protocol).
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || text.len() > 1 << 20 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"nmi\n")?;
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    })();
+    match answer {
+        Ok(text) => report.extend(
+            text.lines()
+                .map(|l| l.chars().filter(|c| !c.is_control()).collect::<String>())
+                .filter(|l| l.starts_with("CPU#") || l.starts_with("RIP=") || l.starts_with("CR0="))
+                .map(|l| format!("@@STALL-MONITOR {l}")),
+        ),
+        Err(e) => report.push(format!("@@STALL-MONITOR the QEMU monitor did not answer: {e}")),
+    }
+    report
 }
 
 /// `ulimit` commands giving what the sandbox's script runs next this process's open-file
@@ -334,7 +434,7 @@ pub fn same_fd_limits() -> String {
 /// between `@@STEP name` and `@@STEP-END name STATUS CENTISECONDS` (see [`steps`]).
 pub fn step(name: &str, budget: Duration, command: &str) -> String {
     format!(
-        "echo '@@STEP {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {} {command} </dev/null 2>&1\nrc=$?\necho \"@@STEP-END {name} $rc $(( $(uptime_cs) - t0 ))\"\n",
+        "echo '@@STEP {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {} {command} </dev/null 2>&1\nrc=$?\nkvm_flight_record\necho \"@@STEP-END {name} $rc $(( $(uptime_cs) - t0 ))\"\n",
         budget.as_secs()
     )
 }
@@ -444,6 +544,36 @@ mod tests {
         assert!(rerun_reason(&failure(OUT_OF_BUDGET, &[up, crash])).is_some_and(|r| r.starts_with("UNEXPLAINED")));
         assert!(rerun_reason(&failure(ENDED_EARLY, &[up, "GUEST-X=1"])).is_none());
         assert!(rerun_reason(&failure("sandbox setup failed: @@SANDBOX-ERROR insmod kvm", &[up])).is_none());
+    }
+
+    #[test]
+    fn a_stall_is_diagnosed_through_the_monitor() {
+        use std::io::Write;
+        let dir = WorkDir::new("stall-test").unwrap();
+        let socket = dir.0.join("monitor.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // A fake QEMU monitor: the banner, the registers of two CPUs, then whatever is asked next.
+        let monitor = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut asked = vec![0u8; 18];
+            s.write_all(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ").unwrap();
+            s.read_exact(&mut asked).unwrap();
+            assert_eq!(&asked, b"info registers -a\n");
+            for cpu in 0..2 {
+                write!(s, "\r\nCPU#{cpu}\r\nRAX=0 RBX=0\r\nRIP=ffffffff81a592eb RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\nCR0=80050033 CR2=0\r\n").unwrap();
+            }
+            let mut next = Vec::new();
+            s.read_to_end(&mut next).unwrap();
+            String::from_utf8(next).unwrap()
+        });
+        let report = diagnose_stall(&socket);
+        assert_eq!(monitor.join().unwrap(), "nmi\n");
+        assert_eq!(report.iter().filter(|l| l.starts_with("@@STALL-MONITOR RIP=ffffffff81a592eb") && l.ends_with("HLT=1")).count(), 2, "{report:?}");
+        assert_eq!(report.iter().filter(|l| l.starts_with("@@STALL-MONITOR CPU#")).count(), 2, "{report:?}");
+        assert!(!report.iter().any(|l| l.contains("RAX")), "{report:?}");
+
+        let silent = diagnose_stall(&dir.0.join("absent.sock"));
+        assert!(silent.iter().any(|l| l.contains("the QEMU monitor did not answer")), "{silent:?}");
     }
 
     #[test]

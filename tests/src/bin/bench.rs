@@ -250,7 +250,8 @@ fn reliability(opts: &Options) -> Result<(), String> {
             }
             Err(e) => {
                 println!("sandbox {sandbox}: failed as a whole: {}", e.lines().next().unwrap_or(""));
-                println!("{}", e.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+                // The message holds the console's end (with a stall's diagnosis: machine::diagnose_stall).
+                println!("{e}");
                 for c in &cases {
                     tally(if c.vmm.is_some() { "baseline" } else { "siovmm" }, "sandbox failed as a whole".into());
                 }
