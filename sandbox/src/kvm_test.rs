@@ -53,16 +53,22 @@ inventory::collect!(KvmTestFile);
 /// Declares a test that needs KVM (see the module documentation). Attributes and doc
 /// comments before `fn` are kept. A test that takes longer than
 /// [`budget::KVM_TEST_IDLE`] in the sandbox starts with `sandbox_idle_secs: N;` (its measured
-/// idle time there), from which its budget is derived.
+/// idle time there), from which its budget is derived. A test that measures its own process
+/// (open files, threads) starts with `alone;`: on the host it then runs in a process of its
+/// own, as every KVM test does in the sandbox, so that tests running beside it on other
+/// threads cannot disturb its counts.
 #[macro_export]
 macro_rules! kvm_test {
     (sandbox_idle_secs: $idle:literal; $(#[$attr:meta])* fn $name:ident() $body:block) => {
-        $crate::kvm_test!(@define $idle; $(#[$attr])* fn $name() $body);
+        $crate::kvm_test!(@define $idle, false; $(#[$attr])* fn $name() $body);
+    };
+    (alone; $(#[$attr:meta])* fn $name:ident() $body:block) => {
+        $crate::kvm_test!(@define 0, true; $(#[$attr])* fn $name() $body);
     };
     ($(#[$attr:meta])* fn $name:ident() $body:block) => {
-        $crate::kvm_test!(@define 0; $(#[$attr])* fn $name() $body);
+        $crate::kvm_test!(@define 0, false; $(#[$attr])* fn $name() $body);
     };
-    (@define $idle:literal; $(#[$attr:meta])* fn $name:ident() $body:block) => {
+    (@define $idle:literal, $alone:literal; $(#[$attr:meta])* fn $name:ident() $body:block) => {
         $crate::inventory::submit! {
             $crate::kvm_test::KvmTest {
                 path: concat!(module_path!(), "::", stringify!($name)),
@@ -72,7 +78,7 @@ macro_rules! kvm_test {
         $(#[$attr])*
         #[test]
         fn $name() {
-            $crate::kvm_test::run(concat!(module_path!(), "::", stringify!($name)), || $body)
+            $crate::kvm_test::run(concat!(module_path!(), "::", stringify!($name)), $alone, || $body)
         }
     };
 }
@@ -93,8 +99,9 @@ fn libtest_name(path: &str) -> &str {
     path.split_once("::").map_or(path, |(_, rest)| rest)
 }
 
-/// Runs one KVM test (called by the code [`kvm_test!`](crate::kvm_test!) generates).
-pub fn run(path: &str, body: impl FnOnce()) {
+/// Runs one KVM test (called by the code [`kvm_test!`](crate::kvm_test!) generates); `alone`
+/// runs it on the host in a process of its own.
+pub fn run(path: &str, alone: bool, body: impl FnOnce()) {
     let name = libtest_name(path);
     if std::env::var_os(INSIDE).is_some() {
         body();
@@ -103,7 +110,11 @@ pub fn run(path: &str, body: impl FnOnce()) {
     match crate::host_kvm::usable() {
         Ok(()) => {
             let start = Instant::now();
-            body();
+            if alone {
+                run_alone(name);
+            } else {
+                body();
+            }
             note(&format!("kvm-test {name}: ran on the host's /dev/kvm ({:.1} s)", start.elapsed().as_secs_f64()));
         }
         Err(why) => {
@@ -128,6 +139,22 @@ pub fn run(path: &str, body: impl FnOnce()) {
             }
         }
     }
+}
+
+/// Runs the test `name` of this test binary in a child process of its own, where it runs
+/// directly (as inside the sandbox); panics with its output when it fails.
+fn run_alone(name: &str) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--test-threads", "1", "--nocapture"])
+        .env(INSIDE, "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("starting the test binary again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // libtest exits 0 also when its filter matched nothing: require the test's own line.
+    let ran = text.contains(&format!("test {name} ... ok"));
+    assert!(out.status.success() && ran, "kvm-test {name} failed in its own process ({}):\n{text}", out.status);
 }
 
 /// A line on the real stderr, past libtest's capture.

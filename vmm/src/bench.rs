@@ -25,70 +25,17 @@ use siovmm_vfio::soft::descriptor::{flags, opcode, Descriptor};
 use siovmm_vfio::soft::{SoftSiovDevice, RING_OFFSET};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::cli::{parse_count, CliError};
+use crate::config::BenchOptions;
 use crate::vdcm::adi::{reg, MSIX_TABLE};
 use crate::vdcm::kvm_routes::KvmRoutes;
 use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
 use crate::vdcm::{AdiRequest, Vdcm, MAX_ADIS_PER_GUEST};
-use crate::vm::{create_vm, pci_root};
-
-/// Options of `bench-siov`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BenchOptions {
-    /// ADIs of the device, all composed.
-    pub adis: u32,
-    /// IMS entries of the device.
-    pub ims: u32,
-    /// ADIs used for the delivery figure.
-    pub rate_adis: u32,
-    /// Descriptors per ADI in the delivery figure.
-    pub per_adi: u32,
-}
-
-impl Default for BenchOptions {
-    fn default() -> Self {
-        Self { adis: 10_000, ims: 16_384, rate_adis: 64, per_adi: 4000 }
-    }
-}
-
-/// Parses `bench-siov` options.
-pub fn parse(args: &[String]) -> Result<BenchOptions, CliError> {
-    let mut o = BenchOptions::default();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let v = it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?;
-        match flag.as_str() {
-            "--adis" => o.adis = parse_count(flag, v, 1, 1 << 20)?,
-            "--ims" => o.ims = parse_count(flag, v, 16, 1 << 24)?,
-            "--rate-adis" => o.rate_adis = parse_count(flag, v, 1, 4096)?,
-            "--per-adi" => o.per_adi = parse_count(flag, v, 1, 4000)?,
-            _ => return Err(CliError(format!("bench-siov: unknown argument '{flag}'"))),
-        }
-    }
-    if o.ims < o.adis {
-        return Err(CliError(format!("--ims {}: fewer IMS entries than --adis {} (one vector each)", o.ims, o.adis)));
-    }
-    o.rate_adis = o.rate_adis.min(o.adis);
-    Ok(o)
-}
+use crate::vm::{create_vm, pci_root, raise_fd_limit};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     pages * 4096
-}
-
-/// Raises the open-file soft limit to the hard limit: every ADI holds a doorbell eventfd, and
-/// every programmed vector another.
-pub fn raise_fd_limit() {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
 }
 
 struct Guest {

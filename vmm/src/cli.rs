@@ -2,19 +2,12 @@
 //! everything is checked before any VM exists.
 
 use std::fs::File;
-use std::path::PathBuf;
 
 use arch::boot::sniff_format;
 use siovmm_vfio::siov::ImsStorage;
 
+use crate::config::{BenchOptions, ImsPolicy, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
 use crate::vdcm::MAX_ADIS_PER_GUEST;
-
-/// Fewest MiB a Linux guest can boot in with its kernel and initramfs.
-pub const MIN_MEMORY: u64 = 32 << 20;
-/// Most vCPUs: APIC IDs are 8-bit in our MADT and xAPIC mode.
-pub const MAX_CPUS: u8 = 254;
-/// Default kernel command line.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 
 /// The usage text (`--help`).
 pub const USAGE: &str = "\
@@ -63,70 +56,6 @@ reboots, 1 when the VM fails (triple fault, KVM error; one line on stderr says w
 2 on bad arguments, 128+N when stopped by signal N (Ctrl-C: 130).
 ";
 
-/// The software SIOV device and the guest's share of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SiovConfig {
-    /// ADIs assigned to the guest.
-    pub adis: u32,
-    /// MSI-X vectors per ADI.
-    pub vectors: u16,
-    /// ADIs of the device.
-    pub device_adis: u32,
-    /// IMS entries of the device.
-    pub device_ims: u32,
-    /// IMS storage.
-    pub ims_storage: ImsStorage,
-    /// KVM routes siovmm may use.
-    pub max_msi_routes: u32,
-    /// Give the guest a virtual VT-d unit.
-    pub viommu: bool,
-    /// IMS policy.
-    pub ims: ImsPolicy,
-}
-
-/// What a guest may do with IMS (docs/ims-policy.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImsPolicy {
-    /// Guests must not use IMS; MSI-X only.
-    Off,
-    /// Guests may get IMS vectors through the hypercall.
-    Pv,
-    /// Guests may program IMS slots in each ADI's trapped window (on-device IMS).
-    Trap,
-}
-
-impl Default for SiovConfig {
-    fn default() -> Self {
-        Self {
-            adis: 0,
-            vectors: 2,
-            device_adis: 256,
-            device_ims: 16_384,
-            ims_storage: ImsStorage::OnDevice,
-            max_msi_routes: crate::vdcm::routes::MAX_MSI_ROUTES,
-            viommu: false,
-            ims: ImsPolicy::Off,
-        }
-    }
-}
-
-/// A validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmConfig {
-    /// Kernel image.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// vCPU count.
-    pub cpus: u8,
-    /// RAM in bytes.
-    pub memory: u64,
-    /// SIOV device and ADIs.
-    pub siov: SiovConfig,
-}
-
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -137,7 +66,7 @@ pub enum Command {
     /// Print the version.
     Version,
     /// Run the SIOV scale and delivery benchmark.
-    BenchSiov(crate::bench::BenchOptions),
+    BenchSiov(BenchOptions),
 }
 
 /// A bad command line; the message is the whole error line.
@@ -189,7 +118,7 @@ fn check_file(flag: &str, path: &str) -> Result<File, CliError> {
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
     let args: Vec<String> = args.into_iter().collect();
     if args.first().map(String::as_str) == Some("bench-siov") {
-        return crate::bench::parse(&args[1..]).map(Command::BenchSiov);
+        return parse_bench(&args[1..]).map(Command::BenchSiov);
     }
     let mut kernel = None;
     let mut initramfs = None;
@@ -353,6 +282,27 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         memory,
         siov,
     }))
+}
+
+/// Parses `bench-siov` options.
+pub fn parse_bench(args: &[String]) -> Result<BenchOptions, CliError> {
+    let mut o = BenchOptions::default();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?;
+        match flag.as_str() {
+            "--adis" => o.adis = parse_count(flag, v, 1, 1 << 20)?,
+            "--ims" => o.ims = parse_count(flag, v, 16, 1 << 24)?,
+            "--rate-adis" => o.rate_adis = parse_count(flag, v, 1, 4096)?,
+            "--per-adi" => o.per_adi = parse_count(flag, v, 1, 4000)?,
+            _ => return Err(CliError(format!("bench-siov: unknown argument '{flag}'"))),
+        }
+    }
+    if o.ims < o.adis {
+        return Err(CliError(format!("--ims {}: fewer IMS entries than --adis {} (one vector each)", o.ims, o.adis)));
+    }
+    o.rate_adis = o.rate_adis.min(o.adis);
+    Ok(o)
 }
 
 /// A decimal count in `min..=max`.

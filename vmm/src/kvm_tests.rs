@@ -15,7 +15,9 @@ use kvm_ioctls::Kvm;
 use siovmm_sandbox::kvm_test;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::config::{SiovConfig, VmConfig};
 use crate::vcpu::{self, Exits};
+use crate::vm::Vm;
 use crate::vm::{attach_pci, build_platform, create_vm, pci_root};
 
 #[derive(Clone, Default)]
@@ -394,5 +396,68 @@ kvm_test! {
         assert_eq!(f.config_read(4), !(BAR0_SIZE as u32 - 1) & !0xf | 0x4);
         f.config_write(4, 0, &bar.to_le_bytes());
         assert_eq!(f.config_read(4), bar);
+    }
+}
+
+#[path = "../tests/support/tiny_kernel.rs"]
+mod tiny_kernel;
+
+/// Open files and threads of this process, by kind (an fd's link target with any numeric
+/// suffix cut, e.g. "anon_inode:kvm-vcpu"; a thread's name with its digits cut).
+fn process_resources() -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else { continue };
+        let kind = target.to_string_lossy().split(':').take(2).collect::<Vec<_>>().join(":");
+        *counts.entry(format!("fd {kind}")).or_default() += 1;
+    }
+    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        *counts.entry(format!("thread {}", name.trim().trim_end_matches(|c: char| c.is_ascii_digit()))).or_default() += 1;
+    }
+    counts
+}
+
+kvm_test! {
+    alone;
+    /// A VM with ADIs, built, run (2 vCPUs spinning in the guest), stopped from another thread
+    /// and dropped, three times in one process: every vCPU thread, device worker, overflow
+    /// thread, eventfd, KVM fd and mapping goes with it.
+    fn a_released_vm_leaves_nothing_behind() {
+        let dir = std::env::temp_dir().join(format!("siovmm-release-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("spin");
+        std::fs::write(&kernel, tiny_kernel::elf(&[0xeb, 0xfe])).unwrap(); // jmp $
+        let config = VmConfig {
+            kernel: kernel.clone(),
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            cpus: 2,
+            memory: 64 << 20,
+            siov: SiovConfig { adis: 8, device_adis: 8, device_ims: 64, ..SiovConfig::default() },
+        };
+        let cycle = || {
+            let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
+            let stopper = vm.stopper();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                stopper.stop(ExitReason::Interrupted(libc::SIGTERM));
+            });
+            let reason = vm.run().unwrap();
+            t.join().unwrap();
+            assert_eq!(reason, ExitReason::Interrupted(libc::SIGTERM));
+            drop(vm);
+        };
+        cycle();
+        let before = process_resources();
+        cycle();
+        cycle();
+        let after = process_resources();
+        std::fs::remove_dir_all(&dir).unwrap();
+        eprintln!("resources after the first cycle and after two more: {after:?}");
+        assert_eq!(before, after, "a released VM left something behind");
+        let kvm_fds = |r: &std::collections::BTreeMap<String, usize>| r.iter().filter(|(k, _)| k.contains("kvm-")).map(|(_, n)| n).sum::<usize>();
+        assert_eq!(kvm_fds(&after), 0, "VM or vCPU fds still open: {after:?}");
+        assert!(!after.keys().any(|k| k.starts_with("thread vcpu")), "{after:?}");
     }
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod coalesced;
+mod config;
 mod console;
 #[cfg(test)]
 mod kvm_tests;
@@ -68,7 +69,8 @@ fn main() -> ExitCode {
         cli::Command::Run(c) => c,
     };
     let terminal = console::TerminalGuard::new();
-    let result = vm::run(&config);
+    // The VM is released (vCPUs joined, ADIs closed, memory unmapped) before siovmm exits.
+    let result = vm::Vm::build(&config, Box::new(std::io::stdout())).and_then(|mut vm| vm.run());
     drop(terminal);
     let code = match result {
         Ok(reason) => {
@@ -86,6 +88,5 @@ fn main() -> ExitCode {
     };
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    // Exit without unwinding the vCPU threads, which may still be inside KVM_RUN.
-    std::process::exit(code)
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -22,9 +22,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cli::{ImsPolicy, VmConfig};
+use crate::config::VmConfig;
 use crate::vdcm::hypercall::{Hypercalls, HYPERCALL_ADDR};
-use siovmm_hypercall as hc;
 use crate::coalesced::CoalescedRing;
 use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
@@ -165,7 +164,7 @@ fn compose_adis(
         first_adi: 0,
         count: s.adis,
         vectors: s.vectors,
-        ims_trap: s.ims == ImsPolicy::Trap,
+        ims_trap: s.ims.traps_ims_window(),
         vcpus: u32::from(config.cpus),
     };
     Vdcm::compose(vm.clone(), mem, iommu, root, platform.mmio.clone(), Arc::new(device), Arc::new(router), req)
@@ -194,7 +193,7 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
     let cmdline_len = boot::write_cmdline(mem, &config.cmdline).map_err(|e| Error::Boot(format!("--cmdline: {e}")))?;
     // IMS policy: with --ims off guests must not use IMS; say so in the SIOV table and, with a
     // vIOMMU, through Caching Mode (docs/ims-policy.md).
-    let mut extra = vec![dmar::siov(if config.siov.ims == ImsPolicy::Off { dmar::SIOV_IMS_OPT_OUT } else { 0 })];
+    let mut extra = vec![dmar::siov(if config.siov.ims.forbids_ims() { dmar::SIOV_IMS_OPT_OUT } else { 0 })];
     if config.siov.viommu {
         extra.push(dmar::dmar(layout::VTD_START, 48));
     }
@@ -292,110 +291,255 @@ impl StartupTrace {
     }
 }
 
-/// Boots the VM described by `config` and runs it to the end.
-pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
-    let start = Instant::now();
-    let trace = StartupTrace { start, enabled: std::env::var_os("SIOVMM_TRACE_STARTUP").is_some() };
-    let shutdown = Arc::new(ShutdownSignal::new().map_err(io_err("eventfd".into()))?);
-    let signals = SignalWatch::new(shutdown.clone())?;
+/// One VM and everything it owns: guest memory, the KVM VM, its devices, vCPU threads and
+/// the event loop.
+///
+/// Lifecycle: [`Vm::build`] creates and configures everything (no vCPU runs yet);
+/// [`Vm::run`] starts the vCPUs and serves the event loop until a stop is requested (by the
+/// guest, a signal, or [`VmStopper::stop`] from another thread); dropping the `Vm` releases it
+/// all: vCPU threads are stopped and joined, ADIs are closed, then the VM fd and guest memory
+/// go. Adding and removing devices at run time comes with the device manager.
+pub struct Vm {
+    // Field order is drop order (after `Drop::drop` has joined the vCPUs): the event loop and
+    // devices first, then the VM fd, guest memory last.
+    vcpus: VcpuThreads,
+    pending_vcpus: Vec<kvm_ioctls::VcpuFd>,
+    event_loop: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    vdcm: Option<Vdcm>,
+    iommu: Option<Arc<VtdUnit>>,
+    exits: Exits,
+    // Owned so that they live exactly as long as the VM: buses and devices, the KVM VM, and
+    // the guest memory its slots point at.
+    #[allow(dead_code)]
+    platform: Platform,
+    #[allow(dead_code)]
+    fd: Arc<VmFd>,
+    #[allow(dead_code)]
+    memory: GuestMemoryMmap,
+    shutdown: Arc<ShutdownSignal>,
+    coalesce: bool,
+    trace: StartupTrace,
+}
 
-    if config.siov.adis > 0 {
-        crate::bench::raise_fd_limit();
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("vcpus", &self.pending_vcpus.len().max(self.vcpus.0.len())).finish_non_exhaustive()
     }
-    let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
-    let (vm, mem) = create_vm(&kvm, config.memory)?;
-    let vm = Arc::new(vm);
-    trace.mark("VM and memory");
-    let platform = build_platform(&vm, &shutdown, start, Box::new(std::io::stdout()))?;
-    let iommu = if config.siov.viommu {
-        // Caching Mode is the "no IMS in this VM" hint; with IMS allowed it is clear (the unit
-        // caches nothing, so either value is truthful).
-        let caching_mode = config.siov.ims == ImsPolicy::Off;
-        let unit = Arc::new(VtdUnit::new(mem.clone(), VtdConfig { caching_mode }));
-        place(&platform.mmio, Arc::new(Mutex::new(unit.clone())), layout::VTD_START, vtd::REG_SIZE)?;
-        Some(unit)
-    } else {
-        None
-    };
-    let mut root = pci_root();
-    let vdcm = compose_adis(&vm, &mem, iommu.as_ref(), &mut root, &platform, config)?;
-    if let Some(v) = &vdcm {
-        let calls = Hypercalls::new(mem.clone(), v.by_requester_id(), u32::from(config.cpus), config.siov.ims == ImsPolicy::Pv);
-        place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
-    }
-    attach_pci(&platform, root)?;
-    trace.mark("devices");
-    let entry = load_guest(&mem, config, &trace)?;
-    trace.mark("kernel, initramfs and ACPI tables loaded");
+}
 
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-    let coalesce = kvm.check_extension(Cap::CoalescedMmio) && kvm.check_extension(Cap::CoalescedPio);
-    let mut exits = Exits {
-        pio: platform.pio.clone(),
-        mmio: platform.mmio.clone(),
-        shutdown: shutdown.clone(),
-        coalesced: None,
-        stats: Default::default(),
-    };
-    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-    for id in 0..config.cpus {
-        let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        if id == 0 && coalesce {
-            // The ring page is per VM; mapping it through the first vCPU serves all of them.
-            let ring = CoalescedRing::map(&vcpu).map_err(io_err("mapping the coalesced I/O ring".into()))?;
-            vm.register_coalesced_mmio(IoEventAddress::Pio(u64::from(layout::PCI_CONFIG_IO_START)), 4)
-                .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO (0xCF8)"))?;
-            exits.coalesced = Some(Arc::new(Mutex::new(ring)));
+/// Asks a running [`Vm`] to stop, from any thread. (Only tests stop a VM from outside yet; the
+/// API will.)
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Clone, Debug)]
+pub struct VmStopper(Arc<ShutdownSignal>);
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl VmStopper {
+    /// Requests the stop; [`Vm::run`] returns `reason` (unless the VM stopped first).
+    pub fn stop(&self, reason: ExitReason) {
+        self.0.request(reason);
+    }
+}
+
+impl Vm {
+    /// Builds the VM described by `config`: memory, devices, ADIs, guest images and ACPI tables
+    /// in memory, vCPUs configured. Nothing runs until [`Vm::run`].
+    pub fn build(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Result<Self, Error> {
+        let start = Instant::now();
+        let trace = StartupTrace { start, enabled: std::env::var_os("SIOVMM_TRACE_STARTUP").is_some() };
+        let shutdown = Arc::new(ShutdownSignal::new().map_err(io_err("eventfd".into()))?);
+        let signals = SignalWatch::new(shutdown.clone())?;
+
+        if config.siov.adis > 0 {
+            raise_fd_limit();
         }
-        let topo = VcpuTopology {
-            vcpu_id: id,
-            vcpu_count: config.cpus,
-            tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
-            tsc_deadline,
+        let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
+        let (fd, memory) = create_vm(&kvm, config.memory)?;
+        let fd = Arc::new(fd);
+        trace.mark("VM and memory");
+        let platform = build_platform(&fd, &shutdown, start, console_out)?;
+        let ims = config.siov.ims;
+        let iommu = if config.siov.viommu {
+            // Caching Mode is the "no IMS in this VM" hint; with IMS allowed it is clear (the
+            // unit caches nothing, so either value is truthful).
+            let unit = Arc::new(VtdUnit::new(memory.clone(), VtdConfig { caching_mode: ims.forbids_ims() }));
+            place(&platform.mmio, Arc::new(Mutex::new(unit.clone())), layout::VTD_START, vtd::REG_SIZE)?;
+            Some(unit)
+        } else {
+            None
         };
-        let ims_flags = match config.siov.ims {
-            ImsPolicy::Off => 0,
-            ImsPolicy::Pv => hc::FLAG_IMS_ALLOWED,
-            ImsPolicy::Trap => hc::FLAG_IMS_TRAP,
-        };
-        let hypercall = (ims_flags, HYPERCALL_ADDR);
-        vcpu::configure_cpuid(&vcpu, &supported, &topo, hypercall)?;
-        if id == 0 {
-            vcpu::configure_boot_vcpu(&vcpu, &mem, &entry)?;
+        let mut root = pci_root();
+        let vdcm = compose_adis(&fd, &memory, iommu.as_ref(), &mut root, &platform, config)?;
+        if let Some(v) = &vdcm {
+            let calls = Hypercalls::new(memory.clone(), v.by_requester_id(), u32::from(config.cpus), ims.offers_pv_ims());
+            place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
         }
-        vcpus.push(vcpu);
+        attach_pci(&platform, root)?;
+        trace.mark("devices");
+        let entry = load_guest(&memory, config, &trace)?;
+        trace.mark("kernel, initramfs and ACPI tables loaded");
+
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let coalesce = kvm.check_extension(Cap::CoalescedMmio) && kvm.check_extension(Cap::CoalescedPio);
+        let mut exits = Exits {
+            pio: platform.pio.clone(),
+            mmio: platform.mmio.clone(),
+            shutdown: shutdown.clone(),
+            coalesced: None,
+            stats: Default::default(),
+        };
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for id in 0..config.cpus {
+            let vcpu = fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            if id == 0 && coalesce {
+                // The ring page is per VM; mapping it through the first vCPU serves all of them.
+                let ring = CoalescedRing::map(&vcpu).map_err(io_err("mapping the coalesced I/O ring".into()))?;
+                fd.register_coalesced_mmio(IoEventAddress::Pio(u64::from(layout::PCI_CONFIG_IO_START)), 4)
+                    .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO (0xCF8)"))?;
+                exits.coalesced = Some(Arc::new(Mutex::new(ring)));
+            }
+            let topo = VcpuTopology {
+                vcpu_id: id,
+                vcpu_count: config.cpus,
+                tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
+                tsc_deadline,
+            };
+            vcpu::configure_cpuid(&vcpu, &supported, &topo, (ims.hypercall_flags(), HYPERCALL_ADDR))?;
+            if id == 0 {
+                vcpu::configure_boot_vcpu(&vcpu, &memory, &entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        trace.mark("vCPUs configured");
+
+        let mut event_loop: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(|e| Error::Io("event manager".into(), std::io::Error::other(format!("{e:?}"))))?;
+        event_loop.add_subscriber(Arc::new(Mutex::new(ShutdownWatch { shutdown: shutdown.clone() })));
+        event_loop.add_subscriber(Arc::new(Mutex::new(signals)));
+        event_loop
+            .add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(platform.serial.clone(), platform.input_ready.clone()))));
+        Ok(Self {
+            vcpus: VcpuThreads(Vec::new()),
+            pending_vcpus: vcpus,
+            event_loop,
+            vdcm,
+            iommu,
+            exits,
+            platform,
+            fd,
+            memory,
+            shutdown,
+            coalesce,
+            trace,
+        })
     }
 
-    trace.mark("vCPUs configured");
-    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| Error::Io("event manager".into(), std::io::Error::other(format!("{e:?}"))))?;
-    em.add_subscriber(Arc::new(Mutex::new(ShutdownWatch { shutdown: shutdown.clone() })));
-    em.add_subscriber(Arc::new(Mutex::new(signals)));
-    em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(platform.serial.clone(), platform.input_ready.clone()))));
-
-    for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let exits = exits.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(vcpu, id as u8, exits))
-            .map_err(io_err("spawning a vCPU thread".into()))?;
+    /// A handle that stops this VM from another thread.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.shutdown.clone())
     }
 
-    while shutdown.reason().is_none() {
-        em.run().map_err(|e| Error::Io("event loop".into(), std::io::Error::other(format!("{e:?}"))))?;
+    /// Starts the vCPUs and serves the event loop until the VM stops; returns why it stopped.
+    /// The vCPU threads are stopped and joined before it returns.
+    pub fn run(&mut self) -> Result<ExitReason, Error> {
+        for (id, vcpu) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
+            let exits = self.exits.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(vcpu, id as u8, exits))
+                .map_err(io_err("spawning a vCPU thread".into()));
+            match thread {
+                Ok(t) => self.vcpus.0.push(t),
+                Err(e) => {
+                    self.shutdown.request(ExitReason::Failed(e.to_string()));
+                    self.vcpus.stop_and_join();
+                    return Err(e);
+                }
+            }
+        }
+        let served = self.serve();
+        // Whatever ended the loop, no vCPU runs past this point.
+        if self.shutdown.reason().is_none() {
+            self.shutdown.request(ExitReason::Failed("the event loop failed".into()));
+        }
+        self.vcpus.stop_and_join();
+        served?;
+        let trace = &self.trace;
+        trace.mark(&format!("run ({}, coalesced 0xCF8 {})", self.exits.stats, if self.coalesce { "on" } else { "off" }));
+        if let Some(v) = &self.vdcm {
+            trace.mark(&format!("run ({})", v.delivery_summary()));
+        }
+        if let Some(unit) = &self.iommu {
+            trace.mark(&format!("run (vIOMMU: {} DMA page translations)", unit.translations()));
+        }
+        Ok(self.shutdown.reason().unwrap_or(ExitReason::Failed("VM stopped without a reason".into())))
     }
-    trace.mark(&format!("run ({}, coalesced 0xCF8 {})", exits.stats, if coalesce { "on" } else { "off" }));
-    if let Some(v) = &vdcm {
-        trace.mark(&format!("run ({})", v.delivery_summary()));
+
+    fn serve(&mut self) -> Result<(), Error> {
+        while self.shutdown.reason().is_none() {
+            self.event_loop.run().map_err(|e| Error::Io("event loop".into(), std::io::Error::other(format!("{e:?}"))))?;
+        }
+        Ok(())
     }
-    if let Some(unit) = &iommu {
-        trace.mark(&format!("run (vIOMMU: {} DMA page translations)", unit.translations()));
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.shutdown.reason().is_none() {
+            self.shutdown.request(ExitReason::Failed("VM released".into()));
+        }
+        self.vcpus.stop_and_join();
     }
-    // vCPU threads are not joined: a vCPU may sit in KVM_RUN until the process exits, which
-    // the caller does next. Guest memory and the VM fd stay alive until then.
-    std::mem::forget(mem);
-    std::mem::forget(vm);
-    std::mem::forget(vdcm);
-    Ok(shutdown.reason().unwrap_or(ExitReason::Failed("VM stopped without a reason".into())))
+}
+
+/// The running vCPU threads.
+struct VcpuThreads(Vec<std::thread::JoinHandle<()>>);
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (EINTR); its handler does nothing.
+fn vcpu_kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + VCPU_KICK_OFFSET
+}
+
+/// Offset of [`vcpu_kick_signal`] from SIGRTMIN.
+const VCPU_KICK_OFFSET: i32 = 0;
+
+extern "C" fn on_vcpu_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl VcpuThreads {
+    /// Stops every vCPU thread and waits for it. The shutdown request is already set, and a
+    /// vCPU thread checks it after each exit; a vCPU inside KVM_RUN (a guest spinning, or
+    /// halted) is kicked out by a signal, sent again until the thread ends, since one sent
+    /// just before it enters KVM_RUN would be missed.
+    fn stop_and_join(&mut self) {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            // Failure leaves the default action (terminate) for a signal we then never send.
+            if vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), on_vcpu_kick).is_err() {
+                eprintln!("siovmm: cannot install the vCPU kick handler; vCPUs are left to finish");
+            }
+        });
+        for t in self.0.drain(..) {
+            while !t.is_finished() {
+                use vmm_sys_util::signal::Killable;
+                let _ = t.kill(vcpu_kick_signal());
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: every ADI holds a doorbell eventfd, and
+/// every programmed vector another.
+pub(crate) fn raise_fd_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
 }

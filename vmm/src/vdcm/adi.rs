@@ -15,7 +15,7 @@
 //! entry signals; the guest's masks (vector, function, enable) become the IMS entry's mask,
 //! so the device keeps the pending bit, and the PBA reads it back.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
@@ -110,7 +110,9 @@ pub struct AdiFunction {
     vector_fds: Vec<Option<Arc<EventFd>>>,
     router: Arc<MsiRouter>,
     key_base: VectorKey,
-    mapper: Arc<dyn BarMapper>,
+    /// Weak: the mapper's bus holds this function while its BAR is mapped, so a strong
+    /// reference would be a cycle that keeps the VM alive after release.
+    mapper: Weak<dyn BarMapper>,
     doorbell: Arc<EventFd>,
     mapped: Option<u64>,
     queue_base: u64,
@@ -186,8 +188,8 @@ pub struct AdiParts {
     pub router: Arc<MsiRouter>,
     /// First router key of this function's vectors.
     pub key_base: VectorKey,
-    /// BAR mover.
-    pub mapper: Arc<dyn BarMapper>,
+    /// BAR mover (owned by the VDCM).
+    pub mapper: Weak<dyn BarMapper>,
     /// BAR0's initial guest address (as firmware would assign it).
     pub bar0: u64,
     /// Whether the guest may program IMS slots through the trapped window.
@@ -267,7 +269,10 @@ impl AdiFunction {
         let sizing = lo & !0xf == !(BAR0_SIZE as u32 - 1) & !0xf && hi == u32::MAX;
         let new = (decode && addr != 0 && !sizing && addr.checked_add(BAR0_SIZE).is_some()).then_some(addr);
         if new != self.mapped {
-            self.mapper.remap(self.bdf, self.mapped, new);
+            // Once the VDCM is gone (the VM is being released) nothing moves any more.
+            if let Some(mapper) = self.mapper.upgrade() {
+                mapper.remap(self.bdf, self.mapped, new);
+            }
             self.mapped = new;
         }
     }

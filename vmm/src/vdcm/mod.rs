@@ -13,7 +13,7 @@ pub mod kvm_routes;
 pub mod routes;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arch::layout;
 use devices::bus::lock;
@@ -76,6 +76,9 @@ impl BarMapper for GuestBars {
 /// The ADIs of one guest.
 pub struct Vdcm {
     device: Arc<dyn SiovDevice>,
+    /// Moves BARs. Held only to own it: the functions refer to it weakly.
+    #[allow(dead_code)]
+    bars: Arc<GuestBars>,
     router: Arc<MsiRouter>,
     functions: Vec<Arc<Mutex<AdiFunction>>>,
     adis: Vec<AdiId>,
@@ -132,13 +135,13 @@ impl Vdcm {
             return Err(Error::TooMany(req.count));
         }
         let bars = Arc::new(GuestBars { vm, mmio, functions: Mutex::new(HashMap::new()) });
-        let mut functions = Vec::new();
-        let mut adis = Vec::new();
+        // Built up in place, so that a failure part-way releases what was composed (Drop).
+        let mut vdcm = Self { device: device.clone(), bars: bars.clone(), router: router.clone(), functions: Vec::new(), adis: Vec::new() };
         for i in 0..req.count {
             let adi = AdiId(req.first_adi + i);
             let bdf = Bdf::new(0, 1 + (i / 8) as u8, (i % 8) as u8);
             let Portal::Doorbell(doorbell) = device.open_adi(adi, dma_space(mem, iommu, bdf))?;
-            adis.push(adi);
+            vdcm.adis.push(adi);
             let ims = device.ims_alloc(u32::from(req.vectors))?;
             device.ims_assign(ims, adi)?;
             let multifunction = i % 8 == 0 && i + 1 < req.count;
@@ -155,7 +158,7 @@ impl Vdcm {
                 doorbell: doorbell.clone(),
                 router: router.clone(),
                 key_base: u64::from(adi.0) << 16,
-                mapper: bars.clone(),
+                mapper: Arc::downgrade(&bars) as Weak<dyn BarMapper>,
                 bar0,
                 ims_trap: req.ims_trap,
                 vcpus: req.vcpus,
@@ -164,9 +167,9 @@ impl Vdcm {
             lock(&bars.functions).insert(bdf, (func.clone(), doorbell));
             root.add(bdf, func.clone());
             lock(&func).update_bar_mapping();
-            functions.push(func);
+            vdcm.functions.push(func);
         }
-        Ok(Self { device, router, functions, adis })
+        Ok(vdcm)
     }
 
     /// The composed functions.
@@ -194,8 +197,8 @@ impl Vdcm {
 
 impl Drop for Vdcm {
     fn drop(&mut self) {
-        // Release the ADIs so another guest can take them (DSA spec §7.5.4: the VDCM disables
-        // a destroyed VM's interrupt entries).
+        // Close the ADIs so another guest can take them. Their IMS entries are not freed yet
+        // (issue "Foundations", item 4).
         for adi in &self.adis {
             let _ = self.device.close_adi(*adi);
         }

@@ -1,0 +1,125 @@
+//! What siovmm is asked to do, validated: the VM's configuration and the benchmark's options.
+//! The command line parses into these types (`cli`); everything else reads them.
+
+use std::path::PathBuf;
+
+use siovmm_vfio::siov::ImsStorage;
+
+/// Fewest MiB a Linux guest can boot in with its kernel and initramfs.
+pub const MIN_MEMORY: u64 = 32 << 20;
+/// Most vCPUs: APIC IDs are 8-bit in our MADT and xAPIC mode.
+pub const MAX_CPUS: u8 = 254;
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+/// The software SIOV device and the guest's share of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiovConfig {
+    /// ADIs assigned to the guest.
+    pub adis: u32,
+    /// MSI-X vectors per ADI.
+    pub vectors: u16,
+    /// ADIs of the device.
+    pub device_adis: u32,
+    /// IMS entries of the device.
+    pub device_ims: u32,
+    /// IMS storage.
+    pub ims_storage: ImsStorage,
+    /// KVM routes siovmm may use.
+    pub max_msi_routes: u32,
+    /// Give the guest a virtual VT-d unit.
+    pub viommu: bool,
+    /// IMS policy.
+    pub ims: ImsPolicy,
+}
+
+/// What a guest may do with IMS (docs/ims-policy.md). Read only through its methods, so that
+/// each consequence of the policy is decided here once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImsPolicy {
+    /// Guests must not use IMS; MSI-X only.
+    Off,
+    /// Guests may get IMS vectors through the hypercall.
+    Pv,
+    /// Guests may program IMS slots in each ADI's trapped window (on-device IMS).
+    Trap,
+}
+
+impl ImsPolicy {
+    /// Whether the platform tells the guest not to use IMS: the SIOV table's opt-out flag and,
+    /// with a vIOMMU, Caching Mode.
+    pub fn forbids_ims(self) -> bool {
+        self == Self::Off
+    }
+
+    /// Whether each ADI's BAR0 carries the trapped IMS window.
+    pub fn traps_ims_window(self) -> bool {
+        self == Self::Trap
+    }
+
+    /// Whether the hypercall hands out IMS vectors.
+    pub fn offers_pv_ims(self) -> bool {
+        self == Self::Pv
+    }
+
+    /// The IMS flags the hypercall CPUID leaf announces (siovmm-hypercall ABI).
+    pub fn hypercall_flags(self) -> u32 {
+        match self {
+            Self::Off => 0,
+            Self::Pv => siovmm_hypercall::FLAG_IMS_ALLOWED,
+            Self::Trap => siovmm_hypercall::FLAG_IMS_TRAP,
+        }
+    }
+}
+
+impl Default for SiovConfig {
+    fn default() -> Self {
+        Self {
+            adis: 0,
+            vectors: 2,
+            device_adis: 256,
+            device_ims: 16_384,
+            ims_storage: ImsStorage::OnDevice,
+            max_msi_routes: crate::vdcm::routes::MAX_MSI_ROUTES,
+            viommu: false,
+            ims: ImsPolicy::Off,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPU count.
+    pub cpus: u8,
+    /// RAM in bytes.
+    pub memory: u64,
+    /// SIOV device and ADIs.
+    pub siov: SiovConfig,
+}
+
+/// Options of `bench-siov`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// ADIs of the device, all composed.
+    pub adis: u32,
+    /// IMS entries of the device.
+    pub ims: u32,
+    /// ADIs used for the delivery figure.
+    pub rate_adis: u32,
+    /// Descriptors per ADI in the delivery figure.
+    pub per_adi: u32,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self { adis: 10_000, ims: 16_384, rate_adis: 64, per_adi: 4000 }
+    }
+}
+
