@@ -51,13 +51,7 @@ pub struct DeviceInfo {
 }
 
 /// An interrupt message: what an MSI-X or IMS entry holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MsiMessage {
-    /// Message address.
-    pub address: u64,
-    /// Message data.
-    pub data: u32,
-}
+pub use siovmm_interrupts::MsiMessage;
 
 /// One IMS entry as software sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

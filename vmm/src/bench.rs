@@ -27,9 +27,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::BenchOptions;
 use crate::vdcm::adi::{reg, MSIX_TABLE};
-use crate::vdcm::kvm_routes::KvmRoutes;
-use crate::vdcm::routes::{MsiRouter, MAX_MSI_ROUTES};
-use crate::vdcm::{AdiRequest, Vdcm, MAX_ADIS_PER_GUEST};
+use crate::kvm_irq::KvmIrq;
+use siovmm_interrupts::router::{MsiRouter, MAX_MSI_ROUTES};
+use crate::vdcm::{AdiRequest, GuestSide, Vdcm, MAX_ADIS_PER_GUEST};
 use crate::vm::{create_vm, pci_root, raise_fd_limit};
 
 fn rss_bytes() -> u64 {
@@ -68,10 +68,11 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
         let vm = Arc::new(vm);
         let mmio = Arc::new(Bus::new());
         let mut root = pci_root();
-        let router = MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), MAX_MSI_ROUTES).map_err(|e| e.to_string())?;
+        let irq = Arc::new(KvmIrq(vm));
+        let router = MsiRouter::new(irq.clone(), MAX_MSI_ROUTES).map_err(|e| e.to_string())?;
         let req = AdiRequest { first_adi: first, count, vectors: 1, ims_trap: false, vcpus: 1 };
-        let vdcm = Vdcm::compose(vm, &mem, None, &mut root, mmio.clone(), device.clone(), Arc::new(router), req)
-            .map_err(|e| e.to_string())?;
+        let guest = GuestSide { mem: &mem, iommu: None, mmio: mmio.clone(), doorbells: irq, router: Arc::new(router) };
+        let vdcm = Vdcm::compose(guest, &mut root, device.clone(), req).map_err(|e| e.to_string())?;
         guests.push(Guest { mem, vdcm, _vcpu: vcpu, _mmio: mmio });
         first += count;
     }

@@ -241,7 +241,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                     _ => return err(format!("--ims {v}: must be off, trap or pv")),
                 }
             }
-            "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, crate::vdcm::routes::MAX_MSI_ROUTES)?,
+            "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, siovmm_interrupts::router::MAX_MSI_ROUTES)?,
             _ => {
                 siov.ims_storage = match v.as_str() {
                     "on-device" => ImsStorage::OnDevice,

@@ -80,7 +80,7 @@ impl Default for SiovConfig {
             device_adis: 256,
             device_ims: 16_384,
             ims_storage: ImsStorage::OnDevice,
-            max_msi_routes: crate::vdcm::routes::MAX_MSI_ROUTES,
+            max_msi_routes: siovmm_interrupts::router::MAX_MSI_ROUTES,
             viommu: false,
             ims: ImsPolicy::Off,
         }

@@ -8,6 +8,7 @@ mod config;
 mod console;
 #[cfg(test)]
 mod kvm_tests;
+mod kvm_irq;
 mod memory;
 mod vcpu;
 mod vdcm;
@@ -40,7 +41,38 @@ pub enum Error {
     Io(String, std::io::Error),
 }
 
+/// Log lines go to stderr as `siovmm: LEVEL: message`.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("siovmm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Turns on the `log` facade at the level `SIOVMM_LOG` names (off, error, warn, info, debug,
+/// trace; default warn).
+fn init_logging() -> Result<(), String> {
+    let level = match std::env::var("SIOVMM_LOG") {
+        Ok(v) => v.parse::<log::LevelFilter>().map_err(|_| format!("SIOVMM_LOG={v}: not a log level (off, error, warn, info, debug, trace)"))?,
+        Err(_) => log::LevelFilter::Warn,
+    };
+    log::set_logger(&StderrLog).map_err(|e| e.to_string())?;
+    log::set_max_level(level);
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    if let Err(e) = init_logging() {
+        eprintln!("siovmm: {e}");
+        return ExitCode::from(2);
+    }
     let command = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {

@@ -27,9 +27,10 @@ use crate::vdcm::hypercall::{Hypercalls, HYPERCALL_ADDR};
 use crate::coalesced::CoalescedRing;
 use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
-use crate::vdcm::kvm_routes::KvmRoutes;
-use crate::vdcm::routes::MsiRouter;
-use crate::vdcm::{AdiRequest, Vdcm};
+use crate::kvm_irq::KvmIrq;
+use siovmm_interrupts::RouteBackend;
+use siovmm_interrupts::router::MsiRouter;
+use crate::vdcm::{AdiRequest, GuestSide, Vdcm};
 use siovmm_vfio::soft::SoftSiovDevice;
 use crate::Error;
 
@@ -97,7 +98,7 @@ fn place(bus: &Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64
 }
 
 pub(crate) fn build_platform(
-    vm: &VmFd,
+    irq: &dyn RouteBackend,
     shutdown: &Arc<ShutdownSignal>,
     start: Instant,
     console_out: Box<dyn std::io::Write + Send>,
@@ -106,7 +107,7 @@ pub(crate) fn build_platform(
     let mmio = Arc::new(Bus::new());
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?;
     // The UART's interrupt goes eventfd → KVM irqfd → IOAPIC pin, never through a VMM thread.
-    vm.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+    irq.irqfd(&serial_irq, layout::COM1_IRQ, true).map_err(io_err("KVM_IRQFD (COM1)".into()))?;
     let input_ready = Arc::new(InputReady(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd".into()))?));
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, input_ready.clone(), console_out)));
     place(&pio, serial.clone(), u64::from(layout::COM1_PORT), 8)?;
@@ -145,7 +146,7 @@ pub(crate) fn attach_pci(platform: &Platform, root: PciRoot) -> Result<(), Error
 
 /// The host SIOV device and the guest's ADIs, when `--adi` asks for any.
 fn compose_adis(
-    vm: &Arc<VmFd>,
+    irq: &Arc<KvmIrq>,
     mem: &GuestMemoryMmap,
     iommu: Option<&Arc<VtdUnit>>,
     root: &mut PciRoot,
@@ -158,8 +159,7 @@ fn compose_adis(
     }
     let device = SoftSiovDevice::new(s.device_adis, s.device_ims, s.ims_storage, 2)
         .map_err(|e| Error::Io("starting the software SIOV device".into(), e))?;
-    let router = MsiRouter::new(Arc::new(KvmRoutes(vm.clone())), s.max_msi_routes)
-        .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
+    let router = MsiRouter::new(irq.clone(), s.max_msi_routes).map_err(|e| Error::Io("starting the MSI router".into(), e))?;
     let req = AdiRequest {
         first_adi: 0,
         count: s.adis,
@@ -167,7 +167,8 @@ fn compose_adis(
         ims_trap: s.ims.traps_ims_window(),
         vcpus: u32::from(config.cpus),
     };
-    Vdcm::compose(vm.clone(), mem, iommu, root, platform.mmio.clone(), Arc::new(device), Arc::new(router), req)
+    let guest = GuestSide { mem, iommu, mmio: platform.mmio.clone(), doorbells: irq.clone(), router: Arc::new(router) };
+    Vdcm::compose(guest, root, Arc::new(device), req)
         .map(Some)
         .map_err(|e| Error::Device(e.to_string()))
 }
@@ -357,7 +358,9 @@ impl Vm {
         let (fd, memory) = create_vm(&kvm, config.memory)?;
         let fd = Arc::new(fd);
         trace.mark("VM and memory");
-        let platform = build_platform(&fd, &shutdown, start, console_out)?;
+        // The VM's one way to KVM's interrupt plumbing: pins, MSI routes, irqfds, ioeventfds.
+        let irq = Arc::new(KvmIrq(fd.clone()));
+        let platform = build_platform(irq.as_ref(), &shutdown, start, console_out)?;
         let ims = config.siov.ims;
         let iommu = if config.siov.viommu {
             // Caching Mode is the "no IMS in this VM" hint; with IMS allowed it is clear (the
@@ -369,7 +372,7 @@ impl Vm {
             None
         };
         let mut root = pci_root();
-        let vdcm = compose_adis(&fd, &memory, iommu.as_ref(), &mut root, &platform, config)?;
+        let vdcm = compose_adis(&irq, &memory, iommu.as_ref(), &mut root, &platform, config)?;
         if let Some(v) = &vdcm {
             let calls = Hypercalls::new(memory.clone(), v.by_requester_id(), u32::from(config.cpus), ims.offers_pv_ims());
             place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;

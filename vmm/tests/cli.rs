@@ -63,6 +63,16 @@ fn bad_arguments_exit_2_with_one_line() {
 }
 
 #[test]
+fn a_bad_log_level_exits_2_naming_it() {
+    let out = siovmm().arg("--version").env("SIOVMM_LOG", "loud").output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim(), "siovmm: SIOVMM_LOG=loud: not a log level (off, error, warn, info, debug, trace)");
+    let out = siovmm().arg("--version").env("SIOVMM_LOG", "debug").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+}
+
+#[test]
 fn help_and_version() {
     let out = siovmm().arg("--help").output().unwrap();
     assert_eq!(out.status.code(), Some(0));

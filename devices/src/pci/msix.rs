@@ -22,14 +22,8 @@ pub const VECTOR_MASKED: u32 = 1;
 /// Most vectors a function may have.
 pub const MAX_VECTORS: u16 = 2048;
 
-/// An MSI message.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MsiMessage {
-    /// Address.
-    pub address: u64,
-    /// Data.
-    pub data: u32,
-}
+pub use siovmm_interrupts::MsiMessage;
+use siovmm_interrupts::MsiEntry;
 
 /// A vector whose message or effective mask changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,20 +36,8 @@ pub struct VectorChange {
     pub masked: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Entry {
-    addr_lo: u32,
-    addr_hi: u32,
-    data: u32,
-    ctrl: u32,
-}
-
-impl Default for Entry {
-    fn default() -> Self {
-        // Reset state: every vector masked (§6.8.2.9).
-        Self { addr_lo: 0, addr_hi: 0, data: 0, ctrl: VECTOR_MASKED }
-    }
-}
+/// Reset state: every vector masked (§6.8.2.9).
+type Entry = MsiEntry;
 
 /// One function's MSI-X state.
 #[derive(Clone, Debug)]
@@ -100,14 +82,14 @@ impl Msix {
     }
 
     fn masked(&self, e: &Entry) -> bool {
-        !self.enabled || self.function_mask || e.ctrl & VECTOR_MASKED != 0
+        !self.enabled || self.function_mask || e.is_masked()
     }
 
     fn change(&self, vector: usize) -> VectorChange {
         let e = &self.entries[vector];
         VectorChange {
             vector: vector as u16,
-            message: MsiMessage { address: u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), data: e.data },
+            message: e.message(),
             masked: self.masked(e),
         }
     }
@@ -138,9 +120,8 @@ impl Msix {
         data.fill(0);
         let Some((v, dword)) = self.decode(offset, data.len()) else { return };
         let e = self.entries[v];
-        let words = [e.addr_lo, e.addr_hi, e.data, e.ctrl];
         for (i, chunk) in data.chunks_mut(4).enumerate() {
-            chunk.copy_from_slice(&words[dword + i].to_le_bytes());
+            chunk.copy_from_slice(&e.dword(dword + i).to_le_bytes());
         }
     }
 
@@ -150,13 +131,12 @@ impl Msix {
         let old = self.change(v);
         for (i, chunk) in data.chunks(4).enumerate() {
             let w = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            let e = &mut self.entries[v];
-            match dword + i {
-                0 => e.addr_lo = w & !0x3, // dword aligned (§6.8.2.4)
-                1 => e.addr_hi = w,
-                2 => e.data = w,
-                _ => e.ctrl = w & VECTOR_MASKED, // other bits reserved
-            }
+            let w = match dword + i {
+                0 => w & !0x3,           // dword aligned (§6.8.2.4)
+                3 => w & VECTOR_MASKED, // other bits reserved
+                _ => w,
+            };
+            self.entries[v].set_dword(dword + i, w);
         }
         let new = self.change(v);
         (new != old).then_some(new)

@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use siovmm_interrupts::MsiEntry;
+
 use crate::siov::{AdiId, Error, ImsEntry, ImsGroup, ImsIndex, ImsStorage, MsiMessage};
 
-/// Bytes per entry in the MMIO layout.
-pub const ENTRY_SIZE: usize = 16;
-/// ctrl bit 0: masked.
-pub const CTRL_MASK: u32 = 1;
+/// Bytes per entry in the MMIO layout; ctrl bit 0 masks it.
+pub use siovmm_interrupts::msi::{CTRL_MASK, ENTRY_SIZE};
 
 /// Per-entry state that is not part of the message.
 #[derive(Debug, Default)]
@@ -56,21 +56,14 @@ pub struct ImsTable {
     groups: HashMap<u32, u32>,
 }
 
+/// An entry in its stored form: the MSI-X entry layout (`siovmm_interrupts::msi`).
 fn encode(e: &ImsEntry) -> [u8; ENTRY_SIZE] {
-    let mut b = [0u8; ENTRY_SIZE];
-    b[0..8].copy_from_slice(&e.message.address.to_le_bytes());
-    b[8..12].copy_from_slice(&e.message.data.to_le_bytes());
-    b[12..16].copy_from_slice(&(if e.masked { CTRL_MASK } else { 0 }).to_le_bytes());
-    b
+    MsiEntry::new(e.message, e.masked).to_bytes()
 }
 
 fn decode(b: &[u8; ENTRY_SIZE]) -> ImsEntry {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[0..8]);
-    ImsEntry {
-        message: MsiMessage { address: u64::from_le_bytes(a), data: u32::from_le_bytes([b[8], b[9], b[10], b[11]]) },
-        masked: u32::from_le_bytes([b[12], b[13], b[14], b[15]]) & CTRL_MASK != 0,
-    }
+    let e = MsiEntry::from_bytes(b);
+    ImsEntry { message: e.message(), masked: e.is_masked() }
 }
 
 const MASKED: ImsEntry = ImsEntry { message: MsiMessage { address: 0, data: 0 }, masked: true };

@@ -20,12 +20,12 @@ use std::sync::{Arc, Weak};
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
 use devices::BusDevice;
-use devices::pci::msix::MsiMessage;
+use siovmm_interrupts::MsiMessage;
 use siovmm_hypercall::Status;
 use siovmm_vfio::siov::{self, AdiId, ImsEntry, ImsGroup, QueueConfig, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::routes::{MsiRouter, VectorKey};
+use siovmm_interrupts::{MsiRouter, VectorKey};
 
 /// Device ID of an ADI function.
 pub const ADI_DEVICE_ID: u16 = 0x0002;
@@ -109,7 +109,6 @@ pub struct AdiFunction {
     /// vector, so idle ADIs hold no file descriptors for interrupts.
     vector_fds: Vec<Option<Arc<EventFd>>>,
     router: Arc<MsiRouter>,
-    key_base: VectorKey,
     /// Weak: the mapper's bus holds this function while its BAR is mapped, so a strong
     /// reference would be a cycle that keeps the VM alive after release.
     mapper: Weak<dyn BarMapper>,
@@ -159,10 +158,8 @@ struct PvSlot {
     fd: Option<Arc<EventFd>>,
 }
 
-/// Most hypercall slots one ADI may hold (router keys reserve 15 bits for them).
+/// Most hypercall slots one ADI may hold.
 pub const MAX_PV_SLOTS: u32 = 0x8000;
-/// Router key offset of hypercall slots (MSI-X vectors use the keys below).
-const PV_KEY: u64 = 0x8000;
 
 impl std::fmt::Debug for AdiFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,8 +183,6 @@ pub struct AdiParts {
     pub doorbell: Arc<EventFd>,
     /// Guest MSI routing.
     pub router: Arc<MsiRouter>,
-    /// First router key of this function's vectors.
-    pub key_base: VectorKey,
     /// BAR mover (owned by the VDCM).
     pub mapper: Weak<dyn BarMapper>,
     /// BAR0's initial guest address (as firmware would assign it).
@@ -242,7 +237,6 @@ impl AdiFunction {
             ims: p.ims,
             vector_fds,
             router: p.router,
-            key_base: p.key_base,
             mapper: p.mapper,
             doorbell: p.doorbell,
             mapped: None,
@@ -279,7 +273,7 @@ impl AdiFunction {
 
     fn apply(&mut self, change: VectorChange) {
         let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
-        let key = self.key_base + u64::from(change.vector);
+        let key = VectorKey::msix(self.adi.0, u32::from(change.vector));
         if !self.msix.enabled() {
             let _ = self.router.unbind(key);
         } else if !change.masked || change.message.address != 0 {
@@ -331,7 +325,7 @@ impl AdiFunction {
         let (_, group) = self.pv_groups.remove(at);
         for slot in first..first + group.count {
             self.pv_slots[slot as usize] = None;
-            let _ = self.router.unbind(self.key_base + PV_KEY + u64::from(slot));
+            let _ = self.router.unbind(VectorKey::ims(self.adi.0, slot));
         }
         // Revoke the handles before the entries go back to the device.
         let _ = self.publish_handles();
@@ -346,7 +340,7 @@ impl AdiFunction {
     /// validated against this VM's vCPUs) and programs the slot: its IMS entry signals an
     /// eventfd routed to that message in this VM only. Returns the slot's interrupt handle.
     pub fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
-        let key = self.key_base + PV_KEY + u64::from(slot);
+        let key = VectorKey::ims(self.adi.0, slot);
         let handle = self.vector_fds.len() as u64 + u64::from(slot);
         let device = self.device.clone();
         let s = self.pv_slot(slot)?;

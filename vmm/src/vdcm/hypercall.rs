@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
-use devices::pci::msix::MsiMessage;
+use siovmm_interrupts::MsiMessage;
 use devices::BusDevice;
 use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

@@ -9,8 +9,6 @@
 pub mod adi;
 pub mod hypercall;
 pub mod iommu_dma;
-pub mod kvm_routes;
-pub mod routes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -20,14 +18,13 @@ use devices::bus::lock;
 use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciRoot};
 use devices::Bus;
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use siovmm_vfio::dma::GuestRam;
 use siovmm_vfio::siov::{self, AdiId, Portal, SiovDevice};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use adi::{AdiFunction, AdiParts, BarMapper, BAR0_SIZE, DOORBELL};
-use routes::MsiRouter;
+use siovmm_interrupts::{IoEvents, MsiRouter};
 
 /// Most ADIs one guest gets today: bus 0, slots 1..=31, 8 functions each.
 pub const MAX_ADIS_PER_GUEST: u32 = 31 * 8;
@@ -51,7 +48,7 @@ type Placed = (Arc<Mutex<AdiFunction>>, Arc<EventFd>);
 
 /// Moves BAR0 windows on the MMIO bus and their doorbell ioeventfds.
 struct GuestBars {
-    vm: Arc<VmFd>,
+    doorbells: Arc<dyn IoEvents>,
     mmio: Arc<Bus>,
     functions: Mutex<HashMap<Bdf, Placed>>,
 }
@@ -62,12 +59,17 @@ impl BarMapper for GuestBars {
         let Some((func, doorbell)) = functions.get(&bdf) else { return };
         if let Some(base) = old {
             self.mmio.remove(base);
-            let _ = self.vm.unregister_ioevent(doorbell, &IoEventAddress::Mmio(base + DOORBELL), NoDatamatch);
+            if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, false) {
+                log::warn!("{bdf}: removing the doorbell ioeventfd at {:#x}: {e}", base + DOORBELL);
+            }
         }
         if let Some(base) = new {
             // A guest placing the BAR over another device gets no mapping: the insert fails.
             if self.mmio.insert(func.clone(), base, BAR0_SIZE).is_ok() {
-                let _ = self.vm.register_ioevent(doorbell, &IoEventAddress::Mmio(base + DOORBELL), NoDatamatch);
+                // Without it, doorbell writes still arrive, as exits (counted as slow doorbells).
+                if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true) {
+                    log::warn!("{bdf}: doorbell ioeventfd at {:#x}: {e}; doorbells exit to siovmm", base + DOORBELL);
+                }
             }
         }
     }
@@ -117,24 +119,28 @@ pub fn dma_space(
     }
 }
 
+/// The guest side ADIs are composed into.
+pub struct GuestSide<'a> {
+    /// Guest memory (DMA without a vIOMMU).
+    pub mem: &'a GuestMemoryMmap,
+    /// The guest's vIOMMU, through which ADI DMA is translated, if it has one.
+    pub iommu: Option<&'a Arc<VtdUnit>>,
+    /// The MMIO bus BARs are mapped on.
+    pub mmio: Arc<Bus>,
+    /// Where doorbell ioeventfds are registered.
+    pub doorbells: Arc<dyn IoEvents>,
+    /// Delivers the ADIs' vectors.
+    pub router: Arc<MsiRouter>,
+}
+
 impl Vdcm {
-    /// Composes `req.count` ADIs into the guest whose VM is `vm`, memory `mem`, PCI segment
-    /// `root` and MMIO bus `mmio`; their DMA goes through `iommu` when the guest has one.
-    #[allow(clippy::too_many_arguments)]
-    pub fn compose(
-        vm: Arc<VmFd>,
-        mem: &GuestMemoryMmap,
-        iommu: Option<&Arc<VtdUnit>>,
-        root: &mut PciRoot,
-        mmio: Arc<Bus>,
-        device: Arc<dyn SiovDevice>,
-        router: Arc<MsiRouter>,
-        req: AdiRequest,
-    ) -> Result<Self, Error> {
+    /// Composes `req.count` ADIs of `device` into `guest`, on the PCI segment `root`.
+    pub fn compose(guest: GuestSide<'_>, root: &mut PciRoot, device: Arc<dyn SiovDevice>, req: AdiRequest) -> Result<Self, Error> {
         if req.count > MAX_ADIS_PER_GUEST {
             return Err(Error::TooMany(req.count));
         }
-        let bars = Arc::new(GuestBars { vm, mmio, functions: Mutex::new(HashMap::new()) });
+        let GuestSide { mem, iommu, mmio, doorbells, router } = guest;
+        let bars = Arc::new(GuestBars { doorbells, mmio, functions: Mutex::new(HashMap::new()) });
         // Built up in place, so that a failure part-way releases what was composed (Drop).
         let mut vdcm = Self { device: device.clone(), bars: bars.clone(), router: router.clone(), functions: Vec::new(), adis: Vec::new() };
         for i in 0..req.count {
@@ -157,7 +163,6 @@ impl Vdcm {
                 device: device.clone(),
                 doorbell: doorbell.clone(),
                 router: router.clone(),
-                key_base: u64::from(adi.0) << 16,
                 mapper: Arc::downgrade(&bars) as Weak<dyn BarMapper>,
                 bar0,
                 ims_trap: req.ims_trap,

@@ -1,20 +1,20 @@
-//! The KVM side of [`super::routes::RouteBackend`].
+//! The KVM side of the interrupt plumbing (`siovmm_interrupts`): MSI routes, irqfds and
+//! KVM_SIGNAL_MSI for the router, ioeventfds for doorbells.
 
 use std::sync::Arc;
 
-use devices::pci::msix::MsiMessage;
+use siovmm_interrupts::router::{RouteBackend, IOAPIC_GSIS};
+use siovmm_interrupts::{IoEvents, MsiMessage};
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::routes::{RouteBackend, IOAPIC_GSIS};
-
-/// Routes through a KVM VM.
+/// Interrupts and doorbells of one KVM VM.
 #[derive(Debug)]
-pub struct KvmRoutes(pub Arc<VmFd>);
+pub struct KvmIrq(pub Arc<VmFd>);
 
 fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
@@ -27,7 +27,7 @@ fn io(e: kvm_ioctls::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
 }
 
-impl RouteBackend for KvmRoutes {
+impl RouteBackend for KvmIrq {
     fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
         // KVM_SET_GSI_ROUTING replaces the whole table, so the default irqchip routes KVM set
         // up (kvm_setup_default_irq_routing: GSI n → IOAPIC pin n, and PIC pins for 0..15)
@@ -68,5 +68,15 @@ impl RouteBackend for KvmRoutes {
             ..Default::default()
         };
         self.0.signal_msi(m).map(|_| ()).map_err(io)
+    }
+}
+
+impl IoEvents for KvmIrq {
+    fn ioeventfd(&self, fd: &EventFd, addr: u64, assign: bool) -> std::io::Result<()> {
+        if assign {
+            self.0.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(io)
+        } else {
+            self.0.unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(io)
+        }
     }
 }

@@ -13,16 +13,26 @@
 //!
 //! Ordering: a GSI's route is committed before its irqfd is registered, and the irqfd is
 //! removed before the GSI is freed (an irqfd on a GSI without a route fires nothing).
+//!
+//! KVM_SET_GSI_ROUTING replaces the whole table, so each commit costs O(routes):
+//! [`MsiRouter::bind_all`] binds many vectors with one commit. GSIs come from the rust-vmm
+//! `vm-allocator` `IdAllocator`, which hands freed ones out again, lowest first.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use devices::bus::lock;
-use devices::pci::msix::MsiMessage;
+use vm_allocator::IdAllocator;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::msi::MsiMessage;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data behind; keep delivering.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// KVM's per-VM limit on routing entries.
 pub const KVM_MAX_IRQ_ROUTES: u32 = 4096;
@@ -33,8 +43,37 @@ pub const IRQCHIP_ENTRIES: u32 = 40;
 /// Most MSI routes a VM can have.
 pub const MAX_MSI_ROUTES: u32 = KVM_MAX_IRQ_ROUTES - IRQCHIP_ENTRIES;
 
-/// Identifies one guest vector (chosen by the caller, unique per router).
-pub type VectorKey = u64;
+/// Which of a function's vector spaces a vector is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VectorSource {
+    /// An MSI-X table entry, by index.
+    MsiX,
+    /// A guest-programmed IMS slot (through the hypercall or the trapped window), by slot.
+    Ims,
+}
+
+/// Identifies one guest vector of one function (an ADI, a VFIO device), unique per router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VectorKey {
+    /// The function, as its owner numbers it (an ADI's ID).
+    pub function: u32,
+    /// The vector space.
+    pub source: VectorSource,
+    /// The vector's index in it.
+    pub index: u32,
+}
+
+impl VectorKey {
+    /// MSI-X vector `index` of `function`.
+    pub fn msix(function: u32, index: u32) -> Self {
+        Self { function, source: VectorSource::MsiX, index }
+    }
+
+    /// IMS slot `index` of `function`.
+    pub fn ims(function: u32, index: u32) -> Self {
+        Self { function, source: VectorSource::Ims, index }
+    }
+}
 
 /// What the router needs from KVM; a fake implements it in tests.
 pub trait RouteBackend: Send + Sync {
@@ -54,7 +93,24 @@ enum Binding {
 struct State {
     routes: HashMap<u32, MsiMessage>,
     bindings: HashMap<VectorKey, Binding>,
-    free_gsis: Vec<u32>,
+    /// `None` when the route budget is 0.
+    gsis: Option<IdAllocator>,
+    /// Epoll tokens of overflow vectors (an epoll event carries one u64).
+    tokens: HashMap<VectorKey, u64>,
+    next_token: u64,
+}
+
+impl State {
+    fn allocate_gsi(&mut self) -> Option<u32> {
+        self.gsis.as_mut()?.allocate_id().ok()
+    }
+
+    fn free_gsi(&mut self, gsi: u32) {
+        if let Some(a) = self.gsis.as_mut() {
+            // Only GSIs this allocator handed out are ever freed here.
+            let _ = a.free_id(gsi);
+        }
+    }
 }
 
 /// How many vectors take each path.
@@ -80,7 +136,8 @@ impl std::fmt::Debug for MsiRouter {
 
 struct Overflow {
     epoll: Epoll,
-    vectors: Mutex<HashMap<VectorKey, (Arc<EventFd>, MsiMessage)>>,
+    /// By epoll token.
+    vectors: Mutex<HashMap<u64, (Arc<EventFd>, MsiMessage)>>,
     stats: RouteStats,
     stop: AtomicBool,
     wake: EventFd,
@@ -102,11 +159,16 @@ impl MsiRouter {
         overflow.epoll.ctl(ControlOperation::Add, overflow.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE))?;
         let (o, b) = (overflow.clone(), backend.clone());
         let thread = std::thread::Builder::new().name("msi-overflow".into()).spawn(move || overflow_loop(&o, b.as_ref()))?;
-        // Lowest GSIs first: pop from the end.
-        let free_gsis = (IOAPIC_GSIS..max).rev().collect();
+        let gsis = (max > IOAPIC_GSIS).then(|| IdAllocator::new(IOAPIC_GSIS, max - 1)).transpose().map_err(std::io::Error::other)?;
         Ok(Self {
             backend,
-            state: Mutex::new(State { routes: HashMap::new(), bindings: HashMap::new(), free_gsis }),
+            state: Mutex::new(State {
+                routes: HashMap::new(),
+                bindings: HashMap::new(),
+                gsis,
+                tokens: HashMap::new(),
+                next_token: 0,
+            }),
             overflow,
             thread: Some(thread),
         })
@@ -132,42 +194,73 @@ impl MsiRouter {
 
     /// Delivers `fd`'s signals to the guest as `msg`; rebinding an existing key updates it.
     pub fn bind(&self, key: VectorKey, fd: Arc<EventFd>, msg: MsiMessage) -> std::io::Result<()> {
+        self.bind_all([(key, fd, msg)])
+    }
+
+    /// [`MsiRouter::bind`] for many vectors, with one routing-table commit for them all.
+    pub fn bind_all(&self, vectors: impl IntoIterator<Item = (VectorKey, Arc<EventFd>, MsiMessage)>) -> std::io::Result<()> {
         let mut st = lock(&self.state);
-        match st.bindings.get(&key) {
-            Some(Binding::Routed { gsi, fd: bound }) if Arc::ptr_eq(bound, &fd) => {
-                let gsi = *gsi;
-                st.routes.insert(gsi, msg);
-                return self.commit(&st);
-            }
-            Some(Binding::Overflow) => {
-                if let Some(v) = lock(&self.overflow.vectors).get_mut(&key) {
-                    if Arc::ptr_eq(&v.0, &fd) {
-                        v.1 = msg;
-                        return Ok(());
+        let mut dirty = false;
+        let mut new_routes: Vec<(VectorKey, u32, Arc<EventFd>)> = Vec::new();
+        for (key, fd, msg) in vectors {
+            match st.bindings.get(&key) {
+                Some(Binding::Routed { gsi, fd: bound }) if Arc::ptr_eq(bound, &fd) => {
+                    let gsi = *gsi;
+                    st.routes.insert(gsi, msg);
+                    dirty = true;
+                    continue;
+                }
+                Some(Binding::Overflow) => {
+                    let token = st.tokens.get(&key).copied();
+                    let retargeted = token.is_some_and(|t| match lock(&self.overflow.vectors).get_mut(&t) {
+                        Some(v) if Arc::ptr_eq(&v.0, &fd) => {
+                            v.1 = msg;
+                            true
+                        }
+                        _ => false,
+                    });
+                    if retargeted {
+                        continue;
                     }
+                    self.unbind_locked(&mut st, key)?;
                 }
+                Some(Binding::Routed { .. }) => self.unbind_locked(&mut st, key)?,
+                None => {}
             }
-            _ => {}
-        }
-        drop(st);
-        self.unbind(key)?;
-        let mut st = lock(&self.state);
-        match st.free_gsis.pop() {
-            Some(gsi) => {
+            if let Some(gsi) = st.allocate_gsi() {
                 st.routes.insert(gsi, msg);
-                if let Err(e) = self.commit(&st) {
-                    st.routes.remove(&gsi);
-                    st.free_gsis.push(gsi);
-                    return Err(e);
-                }
-                self.backend.irqfd(&fd, gsi, true)?;
-                st.bindings.insert(key, Binding::Routed { gsi, fd });
-            }
-            None => {
-                self.overflow.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, key))?;
-                lock(&self.overflow.vectors).insert(key, (fd, msg));
+                dirty = true;
+                new_routes.push((key, gsi, fd));
+            } else {
+                let token = st.next_token;
+                st.next_token += 1;
+                self.overflow.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+                lock(&self.overflow.vectors).insert(token, (fd, msg));
+                st.tokens.insert(key, token);
                 st.bindings.insert(key, Binding::Overflow);
             }
+        }
+        if dirty {
+            if let Err(e) = self.commit(&st) {
+                for (_, gsi, _) in &new_routes {
+                    st.routes.remove(gsi);
+                    st.free_gsi(*gsi);
+                }
+                return Err(e);
+            }
+        }
+        let mut pending = new_routes.into_iter();
+        while let Some((key, gsi, fd)) = pending.next() {
+            if let Err(e) = self.backend.irqfd(&fd, gsi, true) {
+                // This vector and the ones not yet bound lose their routes again.
+                for (_, gsi, _) in std::iter::once((key, gsi, fd)).chain(pending) {
+                    st.routes.remove(&gsi);
+                    st.free_gsi(gsi);
+                }
+                let _ = self.commit(&st);
+                return Err(e);
+            }
+            st.bindings.insert(key, Binding::Routed { gsi, fd });
         }
         Ok(())
     }
@@ -175,15 +268,21 @@ impl MsiRouter {
     /// Stops delivering `key`'s interrupts.
     pub fn unbind(&self, key: VectorKey) -> std::io::Result<()> {
         let mut st = lock(&self.state);
+        self.unbind_locked(&mut st, key)
+    }
+
+    fn unbind_locked(&self, st: &mut State, key: VectorKey) -> std::io::Result<()> {
         match st.bindings.remove(&key) {
             Some(Binding::Routed { gsi, fd }) => {
                 self.backend.irqfd(&fd, gsi, false)?;
                 st.routes.remove(&gsi);
-                st.free_gsis.push(gsi);
-                self.commit(&st)?;
+                st.free_gsi(gsi);
+                self.commit(st)?;
             }
             Some(Binding::Overflow) => {
-                if let Some((fd, _)) = lock(&self.overflow.vectors).remove(&key) {
+                let token = st.tokens.remove(&key);
+                if let Some((fd, _)) = token.and_then(|t| lock(&self.overflow.vectors).remove(&t)) {
+                    // The fd is being forgotten; failing to remove it from epoll changes nothing.
                     let _ = self.overflow.epoll.ctl(ControlOperation::Delete, fd.as_raw_fd(), EpollEvent::default());
                 }
             }
@@ -212,11 +311,11 @@ fn overflow_loop(o: &Overflow, backend: &dyn RouteBackend) {
             Err(_) => return,
         };
         for ev in &events[..n] {
-            let key = ev.data();
-            if key == WAKE {
+            let token = ev.data();
+            if token == WAKE {
                 continue;
             }
-            let target = lock(&o.vectors).get(&key).map(|(fd, msg)| (fd.clone(), *msg));
+            let target = lock(&o.vectors).get(&token).map(|(fd, msg)| (fd.clone(), *msg));
             if let Some((fd, msg)) = target {
                 // One injection per signal: the counter says how many arrived.
                 let count = fd.read().unwrap_or(0);
@@ -281,7 +380,7 @@ mod tests {
         let router = MsiRouter::new(fake.clone(), 2).unwrap();
         let fds: Vec<_> = (0..5).map(|_| evt()).collect();
         for (i, fd) in fds.iter().enumerate() {
-            router.bind(i as u64, fd.clone(), msg(i as u32)).unwrap();
+            router.bind(VectorKey::msix(7, i as u32), fd.clone(), msg(i as u32)).unwrap();
         }
         assert_eq!(router.counts(), (2, 3));
         assert_eq!(fake.irqfds.lock().unwrap().len(), 2);
@@ -306,28 +405,62 @@ mod tests {
         let fake = Arc::new(Fake::default());
         let router = MsiRouter::new(fake.clone(), 1).unwrap();
         let (a, b) = (evt(), evt());
-        router.bind(1, a.clone(), msg(1)).unwrap();
-        router.bind(2, b.clone(), msg(2)).unwrap();
+        let (k1, k2, k3) = (VectorKey::msix(1, 0), VectorKey::ims(1, 0), VectorKey::msix(2, 0));
+        router.bind(k1, a.clone(), msg(1)).unwrap();
+        router.bind(k2, b.clone(), msg(2)).unwrap();
         assert_eq!(router.counts(), (1, 1));
         // Retarget the routed vector: same GSI, new message.
-        router.bind(1, a.clone(), msg(9)).unwrap();
+        router.bind(k1, a.clone(), msg(9)).unwrap();
         assert_eq!(*fake.routes.lock().unwrap(), vec![(IOAPIC_GSIS, msg(9))]);
+        // Retarget the overflow vector: it stays there, with the new message.
+        router.bind(k2, b.clone(), msg(8)).unwrap();
+        b.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake.injected.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "overflow injection missing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(*fake.injected.lock().unwrap(), vec![msg(8)]);
         // Free the route; the next vector bound gets it.
-        router.unbind(1).unwrap();
+        router.unbind(k1).unwrap();
         assert!(fake.routes.lock().unwrap().is_empty());
         assert!(fake.irqfds.lock().unwrap().is_empty());
         let c = evt();
-        router.bind(3, c, msg(3)).unwrap();
+        router.bind(k3, c, msg(3)).unwrap();
         assert_eq!(router.counts(), (1, 1));
-        router.unbind(2).unwrap();
-        router.unbind(2).unwrap();
+        router.unbind(k2).unwrap();
+        router.unbind(k2).unwrap();
         assert_eq!(router.counts(), (1, 0));
     }
 
     #[test]
-    fn limits_are_clamped() {
+    fn limits_are_clamped_and_a_batch_commits_once() {
         let fake = Arc::new(Fake::default());
-        let router = MsiRouter::new(fake, 1_000_000).unwrap();
-        assert_eq!(lock(&router.state).free_gsis.len() as u32, MAX_MSI_ROUTES);
+        let router = MsiRouter::new(fake.clone(), 1_000_000).unwrap();
+        let n = MAX_MSI_ROUTES + 2;
+        let fds: Vec<_> = (0..n).map(|_| evt()).collect();
+        router.bind_all((0..n).map(|i| (VectorKey::msix(i / 256, i % 256), fds[i as usize].clone(), msg(i)))).unwrap();
+        assert_eq!(router.counts(), (MAX_MSI_ROUTES as usize, 2));
+        assert_eq!(*fake.log.lock().unwrap(), vec![format!("routes {MAX_MSI_ROUTES}")]);
+        let routes = fake.routes.lock().unwrap().clone();
+        assert_eq!((routes[0].0, routes.last().unwrap().0), (IOAPIC_GSIS, IOAPIC_GSIS + MAX_MSI_ROUTES - 1));
+    }
+
+    #[test]
+    fn freed_gsis_are_reused_lowest_first_and_no_budget_means_overflow() {
+        let fake = Arc::new(Fake::default());
+        let router = MsiRouter::new(fake.clone(), 4).unwrap();
+        let fds: Vec<_> = (0..4).map(|_| evt()).collect();
+        for (i, fd) in fds.iter().enumerate() {
+            router.bind(VectorKey::msix(0, i as u32), fd.clone(), msg(i as u32)).unwrap();
+        }
+        router.unbind(VectorKey::msix(0, 2)).unwrap();
+        router.unbind(VectorKey::msix(0, 1)).unwrap();
+        router.bind(VectorKey::msix(1, 0), evt(), msg(10)).unwrap();
+        assert!(fake.routes.lock().unwrap().contains(&(IOAPIC_GSIS + 1, msg(10))));
+
+        let none = MsiRouter::new(Arc::new(Fake::default()), 0).unwrap();
+        none.bind(VectorKey::msix(0, 0), evt(), msg(1)).unwrap();
+        assert_eq!(none.counts(), (0, 1));
     }
 }

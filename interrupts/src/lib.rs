@@ -1,0 +1,18 @@
+//! Interrupts, free of KVM: what an interrupt message is ([`msi`]), and how a guest vector
+//! backed by an eventfd reaches the guest ([`router`]). The KVM side implements
+//! [`router::RouteBackend`] and [`IoEvents`] in the `vmm` crate (`kvm_irq`); tests use fakes.
+
+pub mod msi;
+pub mod router;
+
+pub use msi::{MsiEntry, MsiMessage};
+pub use router::{MsiRouter, RouteBackend, VectorKey, VectorSource};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest writes that signal an eventfd without an exit (KVM ioeventfd): doorbells.
+pub trait IoEvents: Send + Sync {
+    /// `fd` is signalled by every guest write to the MMIO address `addr` (`assign`), or no
+    /// longer (`!assign`).
+    fn ioeventfd(&self, fd: &EventFd, addr: u64, assign: bool) -> std::io::Result<()>;
+}
