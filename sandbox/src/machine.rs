@@ -121,7 +121,20 @@ impl SandboxImage {
 /// The QEMU-TCG command line that boots the sandbox on `initrd`.
 pub fn qemu_command(assets: &Assets, initrd: &Path) -> Command {
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "3G"]);
+    // A sandbox never outlives the thread that started it: a harness killed (a `timeout`
+    // around a test, Ctrl-C) would otherwise leave QEMU running on both cores.
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut qemu, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // `SIOVMM_SANDBOX_ACCEL` (e.g. `tcg,thread=single`) is for experiments on the emulation.
+    let accel = std::env::var("SIOVMM_SANDBOX_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
+    qemu.args(["-accel", &accel, "-cpu", "max", "-smp", "2", "-m", "3G"]);
     // Benchmarks ask for the sandbox's RAM to be touched up front: first touches of fresh host
     // memory were measured to vary by seconds on these machines, which is noise to a boot-time
     // figure (docs/boot-performance.md).
@@ -474,6 +487,48 @@ pub fn steps(lines: &[String]) -> Vec<StepResult> {
     done
 }
 
+/// A guest shutdown (triple fault) as the flight recorder saw it (`@@KVM-TRACE` lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestShutdown {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// The guest RIP at the shutdown, before KVM reset the vCPU.
+    pub rip: u64,
+    /// The event the CPU was delivering when it shut down (SVM EXITINTINFO / VMX IDT-vectoring
+    /// information: bit 31 valid, bits 10:8 type, bits 7:0 vector).
+    pub delivering: u32,
+    /// The sandbox kernel's symbol at `rip` (the guest's too when it runs the same vmlinux).
+    pub symbol: Option<String>,
+}
+
+impl GuestShutdown {
+    /// Whether the CPU shut down while delivering an external interrupt (type 0) to the
+    /// guest: the signature of the nested-virtualization failure docs/testing.md describes.
+    pub fn while_delivering_external_interrupt(&self) -> Option<u8> {
+        (self.delivering & 0x8000_0000 != 0 && (self.delivering >> 8) & 7 == 0).then_some(self.delivering as u8)
+    }
+}
+
+/// The guest shutdowns the flight recorder reported in `lines`.
+pub fn guest_shutdowns(lines: &[String]) -> Vec<GuestShutdown> {
+    let hex = |l: &str, key: &str| -> Option<u64> {
+        let v = l.split(key).nth(1)?.split_whitespace().next()?;
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+    };
+    lines
+        .iter()
+        .filter(|l| l.starts_with("@@KVM-TRACE") && l.contains(" kvm_exit: ") && l.contains(" reason shutdown "))
+        .filter_map(|l| {
+            Some(GuestShutdown {
+                vcpu: l.split(" kvm_exit: vcpu ").nth(1)?.split_whitespace().next()?.parse().ok()?,
+                rip: hex(l, " rip ")?,
+                delivering: hex(l, " intr_info ")? as u32,
+                symbol: l.split("(sandbox kernel symbol: ").nth(1).map(|s| s.trim_end_matches(')').to_string()),
+            })
+        })
+        .collect()
+}
+
 /// Quotes `arg` for the sandbox's shell.
 pub fn shell_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', "'\\''"))
@@ -544,6 +599,25 @@ mod tests {
         assert!(rerun_reason(&failure(OUT_OF_BUDGET, &[up, crash])).is_some_and(|r| r.starts_with("UNEXPLAINED")));
         assert!(rerun_reason(&failure(ENDED_EARLY, &[up, "GUEST-X=1"])).is_none());
         assert!(rerun_reason(&failure("sandbox setup failed: @@SANDBOX-ERROR insmod kvm", &[up])).is_none());
+    }
+
+    #[test]
+    fn guest_shutdowns_are_read_from_the_flight_recorder() {
+        let lines: Vec<String> = [
+            "@@KVM-TRACE vcpu0-161     [000] .....    50.506991: kvm_inj_exception: #UD",
+            "@@KVM-TRACE vcpu0-161     [000] .....    52.356979: kvm_exit: vcpu 0 reason shutdown rip 0xffffffff81a592eb info1 0x0000000000000000 info2 0x0000000000000000 intr_info 0x800000ec error_code 0x00000000 (sandbox kernel symbol: native_safe_halt)",
+            "@@KVM-TRACE kvm_tests::trip-101     [001] .....     5.341016: kvm_exit: vcpu 1 reason shutdown rip 0x1000 info1 0x0000000000000000 info2 0x0000000000000000 intr_info 0x80000306 error_code 0x00000000",
+            "guest output mentioning reason shutdown rip 0x1",
+        ]
+        .map(String::from)
+        .to_vec();
+        let s = guest_shutdowns(&lines);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].vcpu, s[0].rip, s[0].symbol.as_deref()), (0, 0xffff_ffff_81a5_92eb, Some("native_safe_halt")));
+        assert_eq!(s[0].while_delivering_external_interrupt(), Some(0xec));
+        // A #UD (type 3, exception) being delivered: a guest's own exception cascade.
+        assert_eq!((s[1].vcpu, s[1].rip, s[1].symbol.as_deref()), (1, 0x1000, None));
+        assert_eq!(s[1].while_delivering_external_interrupt(), None);
     }
 
     #[test]
