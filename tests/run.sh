@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Command 2 of the README: set up a bare machine and run every test (docs/testing.md).
-#   1. clippy, then every test: unit tests, KVM tests (on this host's /dev/kvm when it can
+#   1. clippy, the docs check (every path the docs name exists: tests/check-docs.py), then
+#      every test: unit tests, KVM tests (on this host's /dev/kvm when it can
 #      create VMs, else inside the QEMU-TCG sandbox), CLI tests of the binary, and the
 #      integration tests that boot the stock Debian kernel (in the sandbox where this host's
 #      KVM cannot run Linux);
@@ -13,6 +14,7 @@ cd "$repo"
 start=$(date +%s)
 "$repo/tests/setup.sh"
 cargo clippy --workspace --all-targets -- -D warnings
+python3 "$repo/tests/check-docs.py"
 cargo test --workspace
 if [ -e /dev/kvm ]; then
   echo "run.sh: the KVM tests again with the host's KVM hidden (SIOVMM_HIDE_KVM=1)"

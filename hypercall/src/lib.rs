@@ -64,8 +64,8 @@ pub enum Status {
     Exhausted = -5,
     /// The VM's IMS policy does not allow guest IMS.
     NotAllowed = -6,
-    /// The argument block is not in guest RAM or not aligned.
-    BadBlock = -7,
+    // No status for a bad block: a block that is misaligned or not in RAM has nowhere to
+    // receive one, so such a call is ignored (docs/hypercall.md, Transport).
 }
 
 /// A decoded, range-checked call.

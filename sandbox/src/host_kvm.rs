@@ -1,6 +1,6 @@
 //! What this host's `/dev/kvm` can do, decided once per process.
 //!
-//! Machines of our kind differ (../shared/guest-sandbox.md §1): some have no `/dev/kvm` at all,
+//! Machines of our kind differ (docs/sandbox.md): some have no `/dev/kvm` at all,
 //! some have one served by `kvm_pvm` that runs small payloads but executes guest ring-0 code
 //! through an instruction emulator (no FXSAVE, so no Linux kernel), and a real server runs
 //! everything. Two questions follow, asked by different users:

@@ -1,7 +1,7 @@
 //! The nested QEMU-TCG sandbox, and running what needs KVM wherever KVM is.
 //!
 //! Machines of our kind may have no `/dev/kvm`, or one that cannot run Linux
-//! (../shared/guest-sandbox.md §1). Everything here exists so that every test, benchmark and
+//! (docs/sandbox.md). Everything here exists so that every test, benchmark and
 //! demo runs on any of them: [`host_kvm`] decides what the host's KVM can do (and honours
 //! `SIOVMM_HIDE_KVM=1`), [`machine`] boots the sandbox on an initramfs built with [`cpio`],
 //! [`ship`] carries host programs into it, [`kvm_test`] runs KVM tests there when it must, and

@@ -1,7 +1,7 @@
 //! The sandbox machine: QEMU-TCG (`-cpu max`, which emulates AMD SVM) booting the stock Debian
 //! kernel on an initramfs we build, whose /init loads that kernel's KVM modules and runs a
 //! script of ours. Whatever needs KVM runs there when the host's cannot
-//! (../shared/guest-sandbox.md §2).
+//! (docs/sandbox.md).
 //!
 //! A script reports through its console: `@@SANDBOX-ERROR` when the sandbox itself could not
 //! be set up, `@@SANDBOX-DONE` when the script ran to its end.

@@ -3,7 +3,7 @@
 //! Where a guest runs is decided here, once: **directly** on the host's /dev/kvm when it can
 //! run an unmodified Linux kernel, otherwise inside the **nested QEMU-TCG sandbox** (a stock
 //! Debian kernel whose own KVM, nested SVM, runs siovmm; the `siovmm-sandbox` crate and
-//! ../shared/guest-sandbox.md). All guest cases of one call share one sandbox boot. Override
+//! docs/sandbox.md). All guest cases of one call share one sandbox boot. Override
 //! with `SIOVMM_GUEST_MODE=direct` or `=sandbox`; `SIOVMM_HIDE_KVM=1` also means the sandbox.
 //!
 //! Every case runs under a time budget derived from its work (boot, ADIs, declared extra;
@@ -211,7 +211,7 @@ pub fn placement() -> Placement {
 
 /// How long the sandbox's own kernel takes to reach a minimal busybox /init right now, in
 /// seconds of its uptime: a yardstick of this machine's current speed, the condition under which
-/// ../shared/guest-sandbox.md measured 2.5-3 s. `None` where guests run directly.
+/// docs/sandbox.md: 2.5-3 s. `None` where guests run directly.
 pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
     if placement() == Placement::Direct {
         return Ok(None);

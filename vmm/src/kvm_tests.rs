@@ -1,7 +1,7 @@
 //! Tests on KVM with tiny real-mode payloads: memory slots, port-I/O and MMIO
 //! exits reaching siovmm's devices, the serial console, power-off and triple-fault handling.
 //! They avoid FPU/SSE and anything else an instruction-emulating KVM cannot run
-//! (../shared/guest-sandbox.md §1), so they pass both there and on hardware virtualization.
+//! (docs/sandbox.md), so they pass both there and on hardware virtualization.
 //! Each is a `kvm_test!`: on the host's /dev/kvm when it can create VMs, else inside the
 //! QEMU-TCG sandbox (siovmm_sandbox::kvm_test).
 

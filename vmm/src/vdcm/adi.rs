@@ -1,6 +1,6 @@
 //! One ADI composed into a guest as a PCI function (the VDCM's per-ADI device model).
 //!
-//! Config space: vendor 0x5356, device 0x0002, class 08/80/00; BAR0 64-bit, 16 KiB; an MSI-X
+//! Config space: vendor 0x5356, device 0x0002, class 08/80/00; BAR0 64-bit, 32 KiB; an MSI-X
 //! capability at 0x40 whose table and PBA live in BAR0.
 //!
 //! BAR0 (docs/siov-device.md has the full register map):
