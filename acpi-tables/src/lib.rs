@@ -32,27 +32,8 @@ pub const OEM_TABLE_ID: [u8; 8] = *b"SIOVMM  ";
 /// OEM revision in every table header.
 pub const OEM_REVISION: u32 = 1;
 
-/// Offsets within our ACPI PM register block (`layout::ACPI_PM_PORT`).
-pub mod pm {
-    /// Sleep control register (ACPI 6.5 §4.8.3.7): SLP_TYP in bits 4:2, SLP_EN bit 5.
-    pub const SLEEP_CONTROL: u16 = 0;
-    /// Sleep status register (§4.8.3.8): WAK_STS bit 7.
-    pub const SLEEP_STATUS: u16 = 1;
-    /// Reset register (§4.8.3.6).
-    pub const RESET: u16 = 2;
-    /// Number of ports the block decodes.
-    pub const SIZE: u16 = 4;
-    /// Value the guest writes to `RESET` to reset the platform.
-    pub const RESET_VALUE: u8 = 0x1;
-    /// SLP_TYP of S5 (soft-off), as the DSDT's `\_S5_` package says.
-    pub const S5_SLEEP_TYPE: u8 = 5;
-    /// SLP_EN bit in the sleep control register.
-    pub const SLEEP_ENABLE: u8 = 1 << 5;
-    /// Position of SLP_TYP in the sleep control register.
-    pub const SLEEP_TYPE_SHIFT: u8 = 2;
-    /// Mask of SLP_TYP (after shifting down).
-    pub const SLEEP_TYPE_MASK: u8 = 0x7;
-}
+/// The ACPI PM register block the FADT describes: the device's own layout.
+pub use devices::acpi_pm::regs as pm;
 
 /// What the tables describe.
 #[derive(Clone, Debug)]
@@ -120,8 +101,8 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     b.reset_value = pm::RESET_VALUE;
     // IA-PC boot architecture flags (§5.2.9.3): VGA not present (bit 2), ASPM controls off (bit 4).
     b.iapc_boot_arch = ((1u16 << 2) | (1 << 4)).into();
-    // CMOS index of the century byte; devices::cmos keeps it there.
-    b.century = 0x32;
+    // CMOS index of the century byte, where devices::cmos keeps it.
+    b.century = devices::cmos::REG_CENTURY;
     aml_bytes(&b.finalize())
 }
 

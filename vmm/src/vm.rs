@@ -117,7 +117,7 @@ pub(crate) fn build_platform(
         &pio,
         Arc::new(Mutex::new(AcpiPm::new(shutdown.clone()))),
         u64::from(layout::ACPI_PM_PORT),
-        u64::from(siovmm_acpi::pm::SIZE),
+        u64::from(devices::acpi_pm::regs::SIZE),
     )?;
 
     place(&mmio, Arc::new(Mutex::new(BootTimer::new(start))), BOOT_TIMER_ADDR, 1)?;
