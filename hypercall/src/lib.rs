@@ -68,6 +68,21 @@ pub enum Status {
     // receive one, so such a call is ignored (docs/hypercall.md, Transport).
 }
 
+impl std::fmt::Display for Status {
+    /// The status's name in docs/hypercall.md.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Ok => "OK",
+            Status::NoSuchCall => "NO_SUCH_CALL",
+            Status::InvalidArgument => "INVALID_ARGUMENT",
+            Status::NoSuchAdi => "NO_SUCH_ADI",
+            Status::NoSuchSlot => "NO_SUCH_SLOT",
+            Status::Exhausted => "EXHAUSTED",
+            Status::NotAllowed => "NOT_ALLOWED",
+        })
+    }
+}
+
 /// A decoded, range-checked call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Call {

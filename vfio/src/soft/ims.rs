@@ -321,7 +321,10 @@ impl ImsTable {
         let mut ctrl = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         ctrl &= CTRL_MASK;
         bytes[12..16].copy_from_slice(&ctrl.to_le_bytes());
-        let _ = self.program(idx, decode(&bytes));
+        // `slot(idx)` was checked above, so programming it cannot fail.
+        if let Err(e) = self.program(idx, decode(&bytes)) {
+            debug_assert!(false, "IMS entry {idx} checked, then refused: {e}");
+        }
     }
 }
 

@@ -222,7 +222,11 @@ fn process_queue(adi: AdiId, st: &mut AdiState, shared: &Shared) {
             }
         }
         st.head = st.head.wrapping_add(1);
-        let _ = dma.write(q.base + 4, &st.head.to_le_bytes());
+        // The ring header was readable a moment ago; a write refused now (the guest unmapped
+        // it) is the guest's queue error, counted like the others.
+        if dma.write(q.base + 4, &st.head.to_le_bytes()).is_err() {
+            shared.stats.queue_errors.fetch_add(1, Ordering::Relaxed);
+        }
         shared.stats.completed.fetch_add(1, Ordering::Relaxed);
         if let Some(Some(index)) = handle {
             if completion.status != status::INVALID_INT_HANDLE {

@@ -120,6 +120,8 @@ pub struct AdiFunction {
     status: u32,
     /// Doorbell writes that exited to siovmm instead of completing in KVM's ioeventfd.
     slow_doorbells: u64,
+    /// Operations a guest access triggered that failed (see [`AdiFunction::failed`]).
+    failures: u64,
     /// IMS groups the guest allocated through the hypercall, by first slot.
     pv_groups: Vec<(u32, ImsGroup)>,
     /// Hypercall IMS slots: slot s is interrupt handle `msix vectors + s`. `None` once freed.
@@ -157,6 +159,9 @@ struct PvSlot {
     index: siov::ImsIndex,
     fd: Option<Arc<EventFd>>,
 }
+
+/// Failures of guest-triggered operations logged per function; later ones are only counted.
+const LOGGED_FAILURES: u64 = 8;
 
 /// Most hypercall slots one ADI may hold.
 pub const MAX_PV_SLOTS: u32 = 0x8000;
@@ -245,6 +250,7 @@ impl AdiFunction {
             control: 0,
             status: 0,
             slow_doorbells: 0,
+            failures: 0,
             pv_groups: Vec::new(),
             pv_slots: Vec::new(),
             trap: p.ims_trap.then(Vec::new),
@@ -271,19 +277,43 @@ impl AdiFunction {
         }
     }
 
+    /// Records an operation a guest access triggered that failed: counted always, logged
+    /// for the first few per function (a hostile guest must not be able to flood the log).
+    /// Nothing on a guest path is discarded silently.
+    fn failed<T, E: std::fmt::Display>(&mut self, what: &str, result: Result<T, E>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.failures += 1;
+                if self.failures <= LOGGED_FAILURES {
+                    log::warn!("ADI {} ({}): {what}: {e}", self.adi.0, self.bdf);
+                }
+                None
+            }
+        }
+    }
+
+    /// Guest-triggered operations that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
     fn apply(&mut self, change: VectorChange) {
         let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
         let key = VectorKey::msix(self.adi.0, u32::from(change.vector));
         if !self.msix.enabled() {
-            let _ = self.router.unbind(key);
+            let r = self.router.unbind(key);
+            self.failed("unbinding an MSI-X vector", r);
         } else if !change.masked || change.message.address != 0 {
             let Some(fd) = self.vector_fd(change.vector, index) else { return };
             // A route for the guest's message: the guest can only name its own APICs, since the
             // route lives in its own VM.
-            let _ = self.router.bind(key, fd, change.message);
+            let r = self.router.bind(key, fd, change.message);
+            self.failed("binding an MSI-X vector", r);
         }
         // Mask (or unmask: the device then delivers a pending interrupt, once).
-        let _ = self.device.ims_set_mask(index, change.masked);
+        let r = self.device.ims_set_mask(index, change.masked);
+        self.failed("masking an IMS entry", r);
     }
 
     /// Requester ID (bus << 8 | devfn) of the function.
@@ -307,11 +337,13 @@ impl AdiFunction {
         }
         let group = self.device.ims_alloc(count).map_err(|_| Status::Exhausted)?;
         if self.device.ims_assign(group, self.adi).is_err() {
-            let _ = self.device.ims_free(group);
+            let r = self.device.ims_free(group);
+            self.failed("returning an IMS group", r);
             return Err(Status::Exhausted);
         }
         for index in group.indexes() {
-            let _ = self.device.ims_program(index, ImsEntry { message: host_token(index), masked: true });
+            let r = self.device.ims_program(index, ImsEntry { message: host_token(index), masked: true });
+            self.failed("programming a new IMS entry", r);
             self.pv_slots.push(Some(PvSlot { index, fd: None }));
         }
         self.pv_groups.push((first, group));
@@ -325,10 +357,12 @@ impl AdiFunction {
         let (_, group) = self.pv_groups.remove(at);
         for slot in first..first + group.count {
             self.pv_slots[slot as usize] = None;
-            let _ = self.router.unbind(VectorKey::ims(self.adi.0, slot));
+            let r = self.router.unbind(VectorKey::ims(self.adi.0, slot));
+            self.failed("unbinding an IMS slot", r);
         }
         // Revoke the handles before the entries go back to the device.
-        let _ = self.publish_handles();
+        let r = self.publish_handles();
+        self.failed("publishing interrupt handles", r);
         self.device.ims_free(group).map_err(|_| Status::NoSuchSlot)
     }
 
@@ -397,7 +431,8 @@ impl AdiFunction {
         if t.masked || !valid {
             // Masked, or a message naming nothing of this VM: the entry raises nothing.
             if let Some(b) = t.backing {
-                let _ = self.pv_mask(b, true);
+                let r = self.pv_mask(b, true);
+                self.failed("masking a trapped IMS slot", r);
             }
             return;
         }
@@ -411,8 +446,10 @@ impl AdiFunction {
         if let Some(trap) = &mut self.trap {
             trap[slot].backing = Some(backing);
         }
-        if self.pv_compose(backing, message).is_ok() {
-            let _ = self.pv_mask(backing, false);
+        let composed = self.pv_compose(backing, message);
+        if self.failed("composing a trapped IMS slot", composed).is_some() {
+            let r = self.pv_mask(backing, false);
+            self.failed("unmasking a trapped IMS slot", r);
         }
     }
 
@@ -445,8 +482,10 @@ impl AdiFunction {
             reg::QUEUE_SIZE => self.queue_size = value,
             reg::CONTROL => {
                 if value & CTRL_RESET != 0 {
-                    let _ = self.device.reset_adi(self.adi);
-                    let _ = self.publish_handles();
+                    let r = self.device.reset_adi(self.adi);
+                    self.failed("resetting the ADI", r);
+                    let r = self.publish_handles();
+                    self.failed("publishing interrupt handles", r);
                     self.queue_base = 0;
                     self.queue_size = 0;
                     self.control = 0;
@@ -569,7 +608,8 @@ impl BusDevice for AdiFunction {
             // Reached only when the ioeventfd did not take the write (e.g. before it exists).
             o if (DOORBELL..DOORBELL + 8).contains(&o) => {
                 self.slow_doorbells += 1;
-                let _ = self.doorbell.write(1);
+                let r = self.doorbell.write(1);
+                self.failed("ringing the doorbell", r);
             }
             o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {
                 if let Some(change) = self.msix.write_table(o - MSIX_TABLE, data) {
@@ -581,5 +621,97 @@ impl BusDevice for AdiFunction {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The function against the software device and a fake route backend: no KVM.
+    use super::*;
+    use siovmm_interrupts::RouteBackend;
+    use siovmm_vfio::dma::GuestRam;
+    use siovmm_vfio::siov::{ImsStorage, Portal};
+    use siovmm_vfio::soft::SoftSiovDevice;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    /// Routes as KVM would hold them; refuses every change while `refuse` is set.
+    #[derive(Default)]
+    struct FakeRoutes {
+        routes: Mutex<Vec<(u32, MsiMessage)>>,
+        refuse: AtomicBool,
+    }
+
+    impl RouteBackend for FakeRoutes {
+        fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
+            if self.refuse.load(Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            *self.routes.lock().unwrap() = routes.to_vec();
+            Ok(())
+        }
+        fn irqfd(&self, _: &EventFd, _: u32, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn signal_msi(&self, _: MsiMessage) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct NoBars;
+    impl BarMapper for NoBars {
+        fn remap(&self, _: Bdf, _: Option<u64>, _: Option<u64>) {}
+    }
+
+    fn function(routes: Arc<FakeRoutes>) -> AdiFunction {
+        let device = Arc::new(SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap());
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let Portal::Doorbell(doorbell) = device.open_adi(AdiId(0), Arc::new(GuestRam(mem))).unwrap();
+        let ims = device.ims_alloc(2).unwrap();
+        device.ims_assign(ims, AdiId(0)).unwrap();
+        let mapper: Arc<dyn BarMapper> = Arc::new(NoBars);
+        AdiFunction::new(AdiParts {
+            adi: AdiId(0),
+            bdf: Bdf::new(0, 1, 0),
+            multifunction: false,
+            ims,
+            device,
+            doorbell,
+            router: Arc::new(MsiRouter::new(routes, 16).unwrap()),
+            // Dropped at once: the test never moves the BAR.
+            mapper: Arc::downgrade(&mapper),
+            bar0: 0xc000_0000,
+            ims_trap: false,
+            vcpus: 1,
+        })
+        .unwrap()
+    }
+
+    /// The guest enables MSI-X and programs vector 0 with `message`, unmasked.
+    fn program_vector0(f: &mut AdiFunction, data: u32) {
+        f.config_write(CAP_OFFSET / 4, 2, &(devices::pci::msix::CTRL_ENABLE).to_le_bytes());
+        f.write(MSIX_TABLE, &0xfee0_0000u32.to_le_bytes());
+        f.write(MSIX_TABLE + 8, &data.to_le_bytes());
+        f.write(MSIX_TABLE + 12, &0u32.to_le_bytes());
+    }
+
+    #[test]
+    fn a_programmed_vector_gets_the_guests_route() {
+        let routes = Arc::new(FakeRoutes::default());
+        let mut f = function(routes.clone());
+        program_vector0(&mut f, 0x41);
+        let msg = MsiMessage { address: 0xfee0_0000, data: 0x41 };
+        assert_eq!(routes.routes.lock().unwrap().iter().map(|r| r.1).collect::<Vec<_>>(), vec![msg]);
+        assert_eq!(f.failures(), 0);
+    }
+
+    #[test]
+    fn a_failed_route_is_counted_not_dropped() {
+        let routes = Arc::new(FakeRoutes::default());
+        let mut f = function(routes.clone());
+        routes.refuse.store(true, Ordering::Relaxed);
+        program_vector0(&mut f, 0x41);
+        assert!(routes.routes.lock().unwrap().is_empty());
+        assert!(f.failures() >= 1, "the refused bind was not recorded");
     }
 }

@@ -85,7 +85,11 @@ impl Hypercalls {
         }
         let result = Call::decode(&block).and_then(|c| self.execute(c));
         complete(&mut block, result);
-        let _ = self.mem.write_slice(&block[48..], GuestAddress(block_addr + 48));
+        // Read from the same guest RAM a moment ago; a failure here means the guest's memory
+        // went away under it, and the call's result is then lost to the guest alone.
+        if let Err(e) = self.mem.write_slice(&block[48..], GuestAddress(block_addr + 48)) {
+            log::warn!("hypercall: writing the result block at {block_addr:#x}: {e}");
+        }
     }
 }
 

@@ -191,9 +191,10 @@ impl Vdcm {
     pub fn delivery_summary(&self) -> String {
         let (routed, overflow) = self.router.counts();
         let slow: u64 = self.functions.iter().map(|f| lock(f).slow_doorbells()).sum();
+        let failures: u64 = self.functions.iter().map(|f| lock(f).failures()).sum();
         format!(
             "{} ADIs; {routed} vectors on KVM routes, {overflow} on the overflow path ({} injections); \
-             {slow} doorbell writes exited to siovmm",
+             {slow} doorbell writes exited to siovmm; {failures} guest-triggered operations failed",
             self.functions.len(),
             self.router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed)
         )
@@ -205,7 +206,9 @@ impl Drop for Vdcm {
         // Close the ADIs so another guest can take them. Their IMS entries are not freed yet
         // (issue "Foundations", item 4).
         for adi in &self.adis {
-            let _ = self.device.close_adi(*adi);
+            if let Err(e) = self.device.close_adi(*adi) {
+                log::warn!("closing ADI {}: {e}", adi.0);
+            }
         }
     }
 }
