@@ -26,10 +26,10 @@ use siovmm_vfio::soft::{SoftSiovDevice, RING_OFFSET};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::BenchOptions;
-use crate::vdcm::adi::{reg, MSIX_TABLE};
+use siovmm_vdcm::adi::{reg, MSIX_TABLE};
 use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::router::{MsiRouter, MAX_MSI_ROUTES};
-use crate::vdcm::{AdiRequest, GuestSide, Vdcm, MAX_ADIS_PER_GUEST};
+use siovmm_vdcm::{AdiRequest, GuestSide, Vdcm, MAX_ADIS_PER_GUEST};
 use crate::vm::{create_vm, pci_root, raise_fd_limit};
 
 fn rss_bytes() -> u64 {
@@ -90,7 +90,7 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
 
     // Delivery: act as the guest on the first `rate_adis` ADIs.
     let mut fds = Vec::new();
-    let mut doorbells: Vec<(Arc<Mutex<crate::vdcm::adi::AdiFunction>>, vm_memory::GuestMemoryMmap, u64)> = Vec::new();
+    let mut doorbells: Vec<(Arc<Mutex<siovmm_vdcm::adi::AdiFunction>>, vm_memory::GuestMemoryMmap, u64)> = Vec::new();
     'outer: for g in &guests {
         for (i, f) in g.vdcm.functions().iter().enumerate() {
             if fds.len() as u32 == o.rate_adis {
@@ -122,7 +122,7 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
     let t1 = Instant::now();
     for (f, mem, queue) in &doorbells {
         mem.write_obj(o.per_adi, GuestAddress(*queue)).map_err(|e| e.to_string())?; // publish the tail
-        lock(f).write(crate::vdcm::adi::DOORBELL, &1u32.to_le_bytes());
+        lock(f).write(siovmm_vdcm::adi::DOORBELL, &1u32.to_le_bytes());
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while device.stats().interrupts.load(Ordering::Relaxed) - delivered0 < total {

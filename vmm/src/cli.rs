@@ -7,7 +7,7 @@ use arch::boot::sniff_format;
 use siovmm_vfio::siov::ImsStorage;
 
 use crate::config::{BenchOptions, ImsPolicy, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
-use crate::vdcm::MAX_ADIS_PER_GUEST;
+use siovmm_vdcm::MAX_ADIS_PER_GUEST;
 
 /// The usage text (`--help`).
 pub const USAGE: &str = "\
@@ -229,7 +229,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut siov = SiovConfig { adis: adis.unwrap_or(0), ..SiovConfig::default() };
     for (flag, v) in &siov_opts {
         match flag.as_str() {
-            "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, u32::from(crate::vdcm::adi::MAX_MSIX_VECTORS))? as u16,
+            "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, u32::from(siovmm_vdcm::adi::MAX_MSIX_VECTORS))? as u16,
             "--siov-adis" => siov.device_adis = parse_count(flag, v, 1, 1 << 20)?,
             "--siov-ims" => siov.device_ims = parse_count(flag, v, 16, 1 << 24)?,
             "--viommu" => siov.viommu = true,

@@ -79,8 +79,8 @@ fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::G
 fn vm_with_adis(
     kvm: &Kvm,
     device: Arc<siovmm_vfio::soft::SoftSiovDevice>,
-    req: crate::vdcm::AdiRequest,
-) -> (crate::vdcm::Vdcm, kvm_ioctls::VcpuFd, vm_memory::GuestMemoryMmap) {
+    req: siovmm_vdcm::AdiRequest,
+) -> (siovmm_vdcm::Vdcm, kvm_ioctls::VcpuFd, vm_memory::GuestMemoryMmap) {
     use crate::kvm_irq::KvmIrq;
     use siovmm_interrupts::router::{MsiRouter, MAX_MSI_ROUTES};
 
@@ -91,8 +91,8 @@ fn vm_with_adis(
     let router = Arc::new(MsiRouter::new(irq.clone(), MAX_MSI_ROUTES).unwrap());
     let mut root = pci_root();
     let mmio = Arc::new(devices::Bus::new());
-    let guest = crate::vdcm::GuestSide { mem: &mem, iommu: None, mmio, doorbells: irq, router };
-    let vdcm = crate::vdcm::Vdcm::compose(guest, &mut root, device, req).unwrap();
+    let guest = siovmm_vdcm::GuestSide { mem: &mem, iommu: None, mmio, doorbells: irq, router };
+    let vdcm = siovmm_vdcm::Vdcm::compose(guest, &mut root, device, req).unwrap();
     (vdcm, vcpu, mem)
 }
 
@@ -222,8 +222,8 @@ kvm_test! {
     /// The hypercall endpoint against a real VM with two composed ADIs: every call, every refusal,
     /// and the argument-block transport.
     fn hypercalls_manage_only_this_vms_adis() {
-        use crate::vdcm::hypercall::Hypercalls;
-        use crate::vdcm::AdiRequest;
+        use siovmm_vdcm::hypercall::Hypercalls;
+        use siovmm_vdcm::AdiRequest;
         use devices::pci::Bdf;
         use devices::BusDevice;
         use siovmm_hypercall::{Call, Status, BLOCK_SIZE};
@@ -286,8 +286,8 @@ kvm_test! {
     /// entries; messages naming no vCPU of this VM, or reserved vectors, are not backed; in other
     /// modes the window is inert.
     fn trapped_ims_window() {
-        use crate::vdcm::adi::{ims_ctrl, IMS_WINDOW};
-        use crate::vdcm::AdiRequest;
+        use siovmm_vdcm::adi::{ims_ctrl, IMS_WINDOW};
+        use siovmm_vdcm::AdiRequest;
         use devices::BusDevice;
         use siovmm_vfio::siov::ImsStorage;
         use siovmm_vfio::soft::SoftSiovDevice;
@@ -298,14 +298,14 @@ kvm_test! {
             let req = AdiRequest { first_adi: 0, count: 1, vectors: 2, ims_trap: trap, vcpus: 1 };
             let (vdcm, _vcpu, _mem) = vm_with_adis(&kvm, device, req);
             let mut f = vdcm.functions()[0].lock().unwrap();
-            let write_slot = |f: &mut crate::vdcm::adi::AdiFunction, slot: u64, addr: u32, data: u32, ctrl: u32| {
+            let write_slot = |f: &mut siovmm_vdcm::adi::AdiFunction, slot: u64, addr: u32, data: u32, ctrl: u32| {
                 let base = IMS_WINDOW + slot * 16;
                 f.write(base, &addr.to_le_bytes());
                 f.write(base + 4, &0u32.to_le_bytes());
                 f.write(base + 8, &data.to_le_bytes());
                 f.write(base + 12, &ctrl.to_le_bytes());
             };
-            let ctrl = |f: &mut crate::vdcm::adi::AdiFunction, slot: u64| {
+            let ctrl = |f: &mut siovmm_vdcm::adi::AdiFunction, slot: u64| {
                 let mut b = [0u8; 4];
                 f.read(IMS_WINDOW + slot * 16 + 12, &mut b);
                 u32::from_le_bytes(b)
@@ -339,8 +339,8 @@ kvm_test! {
     /// see their first ADI at 00:01.0; VM B naming that requester ID gets its own ADI, never VM A's,
     /// and cannot touch the slots VM A allocated.
     fn hypercalls_cannot_reach_another_vms_adis() {
-        use crate::vdcm::hypercall::Hypercalls;
-        use crate::vdcm::AdiRequest;
+        use siovmm_vdcm::hypercall::Hypercalls;
+        use siovmm_vdcm::AdiRequest;
         use devices::pci::Bdf;
         use siovmm_hypercall::{Call, Status};
         use siovmm_vfio::siov::{ImsStorage, SiovDevice};
@@ -379,8 +379,8 @@ kvm_test! {
 kvm_test! {
     /// An ADI's configuration space: capability list MSI-X → PCI Express (RCiEP), BAR0 sizing.
     fn adi_config_space() {
-        use crate::vdcm::adi::BAR0_SIZE;
-        use crate::vdcm::AdiRequest;
+        use siovmm_vdcm::adi::BAR0_SIZE;
+        use siovmm_vdcm::AdiRequest;
         use devices::pci::PciFunction;
         use siovmm_vfio::siov::ImsStorage;
         use siovmm_vfio::soft::SoftSiovDevice;

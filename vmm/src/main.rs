@@ -11,7 +11,6 @@ mod kvm_tests;
 mod kvm_irq;
 mod memory;
 mod vcpu;
-mod vdcm;
 mod vm;
 
 use std::process::ExitCode;

@@ -23,14 +23,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
-use crate::vdcm::hypercall::{Hypercalls, HYPERCALL_ADDR};
+use siovmm_vdcm::hypercall::{Hypercalls, HYPERCALL_ADDR};
 use crate::coalesced::CoalescedRing;
 use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
 use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::RouteBackend;
 use siovmm_interrupts::router::MsiRouter;
-use crate::vdcm::{AdiRequest, GuestSide, Vdcm};
+use siovmm_vdcm::{AdiRequest, GuestSide, Vdcm};
 use siovmm_vfio::soft::SoftSiovDevice;
 use crate::Error;
 

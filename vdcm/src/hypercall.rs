@@ -15,7 +15,7 @@ use devices::BusDevice;
 use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::adi::{AdiFunction, MAX_PV_SLOTS};
+use crate::adi::{AdiFunction, MAX_PV_SLOTS};
 
 /// Guest-physical address of the hypercall register (next to the boot timer, outside RAM
 /// and the PCI windows; announced through CPUID).

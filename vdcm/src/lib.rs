@@ -1,5 +1,7 @@
 //! The VDCM (Virtual Device Composition Module): composes ADIs of a host SIOV device into a
-//! guest as PCI functions, and routes their interrupts.
+//! guest as PCI functions. Free of KVM: interrupts go through `siovmm_interrupts` (a router
+//! and an ioeventfd trait the VMM implements with KVM), so everything here is unit-tested with
+//! fakes.
 //!
 //! Per ADI: open it for this guest (DMA bound to the guest's RAM), allocate and assign one IMS
 //! entry per MSI-X vector, build the [`adi::AdiFunction`], place it on bus 0 (8 functions per
@@ -131,6 +133,12 @@ pub struct GuestSide<'a> {
     pub doorbells: Arc<dyn IoEvents>,
     /// Delivers the ADIs' vectors.
     pub router: Arc<MsiRouter>,
+}
+
+impl std::fmt::Debug for GuestSide<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestSide").field("iommu", &self.iommu.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl Vdcm {

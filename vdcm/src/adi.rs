@@ -198,6 +198,12 @@ pub struct AdiParts {
     pub vcpus: u32,
 }
 
+impl std::fmt::Debug for AdiParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdiParts").field("adi", &self.adi).field("bdf", &self.bdf).finish_non_exhaustive()
+    }
+}
+
 impl AdiFunction {
     /// Builds the function; binds one eventfd per vector to its IMS entry and sets the ADI's
     /// interrupt handles.
