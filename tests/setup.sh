@@ -83,6 +83,13 @@ if [ ! -f "$assets/exit_cost" ] || [ "$probe_src" -nt "$assets/exit_cost" ]; the
   gcc -O2 -static -Wall -Werror -o "$assets/exit_cost" "$probe_src"
 fi
 
+# The sandbox's KVM ballast (sandbox/ballast/kvm_ballast.c: no kernel code patching while
+# tests run; docs/testing.md).
+ballast_src="$repo/sandbox/ballast/kvm_ballast.c"
+if [ ! -f "$assets/kvm_ballast" ] || [ "$ballast_src" -nt "$assets/kvm_ballast" ]; then
+  gcc -O2 -static -Wall -Werror -o "$assets/kvm_ballast" "$ballast_src"
+fi
+
 # Static siovmm for the sandbox initramfs.
 if [ "${SIOVMM_SKIP_BUILD:-0}" != 1 ]; then
   (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \

@@ -1,4 +1,4 @@
-//! DSDT: the PCI host bridge, the ECAM reservation, COM1 and the S5 sleep state.
+//! DSDT: a PCI host bridge per root bus, the ECAM reservation, COM1 and the S5 sleep state.
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path,
@@ -12,19 +12,22 @@ use crate::{aml_bytes, pm, Platform, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 /// DSDT revision 2: integers are 64-bit.
 const DSDT_REVISION: u8 = 2;
 
-/// The PCI root bridge `\_SB_.PCI0` (PNP0A08, PCI Express), segment 0, bus 0, with the I/O and
-/// memory windows the guest may assign BARs from.
-fn pci_host_bridge(platform: &Platform) -> Vec<u8> {
-    let (mmio64_start, mmio64_size) = layout::pci_mmio64_window(platform.mem_size);
-    let bus = AddressSpace::new_bus_number(0u16, 0u16);
+/// Root bus `bus`'s host bridge `\_SB_.PCIn` (PNP0A08, PCI Express), segment 0, decoding
+/// bus `bus` alone, with its share of the BAR windows (`arch::pci::PciTopology`). Bus 0's
+/// bridge also owns the configuration ports and the legacy I/O ranges.
+fn pci_host_bridge(platform: &Platform, bus: u8) -> Vec<u8> {
+    let pci = &platform.pci;
+    let (mmio32_start, mmio32_size) = pci.mmio32_window(bus);
+    let (mmio64_start, mmio64_size) = pci.mmio64_window(bus, platform.mem_size);
+    let bus_range = AddressSpace::new_bus_number(u16::from(bus), u16::from(bus));
     let cfg_ports = IO::new(layout::PCI_CONFIG_IO_START, layout::PCI_CONFIG_IO_START, 1, layout::PCI_CONFIG_IO_SIZE as u8);
     let io_low = AddressSpace::new_io(0u16, layout::PCI_CONFIG_IO_START - 1, None);
     let io_high = AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
     let mmio32 = AddressSpace::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
-        layout::PCI_MMIO32_START as u32,
-        (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
+        mmio32_start as u32,
+        (mmio32_start + mmio32_size - 1) as u32,
         None,
     );
     let mmio64 = AddressSpace::new_memory(
@@ -34,15 +37,21 @@ fn pci_host_bridge(platform: &Platform) -> Vec<u8> {
         mmio64_start + mmio64_size - 1,
         None,
     );
-    let crs = ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, &mmio32, &mmio64]);
+    let resources: Vec<&dyn acpi_tables::Aml> = if bus == 0 {
+        vec![&bus_range, &cfg_ports, &io_low, &io_high, &mmio32, &mmio64]
+    } else {
+        vec![&bus_range, &mmio32, &mmio64]
+    };
+    let crs = ResourceTemplate::new(resources);
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &0u8);
     let seg = Name::new("_SEG".into(), &0u8);
-    let uid = Name::new("_UID".into(), &0u8);
-    let bbn = Name::new("_BBN".into(), &0u8);
+    let uid = Name::new("_UID".into(), &bus);
+    let bbn = Name::new("_BBN".into(), &bus);
     let crs = Name::new("_CRS".into(), &crs);
-    aml_bytes(&Device::new("_SB_.PCI0".into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]))
+    let path = format!("_SB_.PCI{bus:X}");
+    aml_bytes(&Device::new(path.as_str().into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]))
 }
 
 /// A motherboard-resources device (PNP0C02) reserving the ECAM window, which Linux requires
@@ -88,7 +97,10 @@ fn s5() -> Vec<u8> {
 /// The complete DSDT.
 pub fn dsdt(platform: &Platform) -> Vec<u8> {
     let mut t = Sdt::new(*b"DSDT", 36, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for body in [pci_host_bridge(platform), ecam_reservation(), com1(), rtc(), s5()] {
+    for bus in 0..platform.pci.root_buses() {
+        t.append_slice(&pci_host_bridge(platform, bus));
+    }
+    for body in [ecam_reservation(), com1(), rtc(), s5()] {
         t.append_slice(&body);
     }
     t.as_slice().to_vec()

@@ -42,6 +42,8 @@ pub struct Platform {
     pub vcpus: u8,
     /// Guest RAM (places the 64-bit PCI window).
     pub mem_size: u64,
+    /// PCI root buses and their windows (MCFG, the DSDT's host bridges).
+    pub pci: arch::pci::PciTopology,
 }
 
 /// Errors building the tables.
@@ -106,10 +108,10 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     aml_bytes(&b.finalize())
 }
 
-/// MCFG: ECAM for segment 0, bus 0.
-pub fn mcfg() -> Vec<u8> {
+/// MCFG: ECAM for segment 0, buses 0..root_buses.
+pub fn mcfg(pci: &arch::pci::PciTopology) -> Vec<u8> {
     let mut t = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    t.add_ecam(layout::PCI_ECAM_START, 0, 0, 0);
+    t.add_ecam(pci.ecam().0, 0, 0, pci.root_buses() - 1);
     aml_bytes(&t)
 }
 
@@ -135,7 +137,7 @@ pub fn build(platform: &Platform, extra: &[Vec<u8>]) -> Result<Tables, Error> {
     let dsdt_off = push_aligned(&mut bytes, &dsdt);
     index.push((*b"DSDT", dsdt_off, dsdt.len()));
 
-    let mut listed: Vec<Vec<u8>> = vec![fadt(base + dsdt_off as u64), madt(platform), mcfg()];
+    let mut listed: Vec<Vec<u8>> = vec![fadt(base + dsdt_off as u64), madt(platform), mcfg(&platform.pci)];
     listed.extend(extra.iter().cloned());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for t in &listed {
@@ -175,7 +177,7 @@ mod tests {
     }
 
     fn platform() -> Platform {
-        Platform { vcpus: 2, mem_size: 512 << 20 }
+        Platform { vcpus: 2, mem_size: 512 << 20, pci: Default::default() }
     }
 
     #[test]
@@ -238,12 +240,16 @@ mod tests {
     }
 
     #[test]
-    fn mcfg_describes_bus0_ecam() {
+    fn mcfg_describes_the_root_buses_ecam() {
         let t = build(&platform(), &[]).unwrap();
         let m = t.table(b"MCFG").unwrap();
         assert_eq!(m.len(), 44 + 16);
         assert_eq!(u64_at(m, 44), layout::PCI_ECAM_START);
         assert_eq!((m[54], m[55]), (0, 0), "bus range 0..0");
+        let pci = arch::pci::PciTopology::new(5).unwrap();
+        let t = build(&Platform { pci, ..platform() }, &[]).unwrap();
+        let m = t.table(b"MCFG").unwrap();
+        assert_eq!((m[54], m[55]), (0, 4), "bus range 0..4");
     }
 
     #[test]
@@ -257,7 +263,7 @@ mod tests {
 
     #[test]
     fn max_vcpus_fit() {
-        let t = build(&Platform { vcpus: 255, mem_size: 64 << 30 }, &[]).unwrap();
+        let t = build(&Platform { vcpus: 255, mem_size: 64 << 30, pci: Default::default() }, &[]).unwrap();
         assert!(t.bytes.len() <= (layout::ACPI_END - layout::ACPI_START) as usize);
     }
 
@@ -268,7 +274,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("siovmm-iasl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let extra = [dmar::dmar(0xfed9_0000, 48), dmar::siov(dmar::SIOV_IMS_OPT_OUT)];
-        let t = build(&Platform { vcpus: 4, mem_size: 6 << 30 }, &extra).unwrap();
+        // Three root buses: three host bridges in the DSDT, buses 0..2 in MCFG.
+        let pci = arch::pci::PciTopology::new(3).unwrap();
+        let t = build(&Platform { vcpus: 4, mem_size: 6 << 30, pci }, &extra).unwrap();
         for (sig, off, len) in &t.index {
             if sig == b"RSDP" {
                 continue;
@@ -300,7 +308,7 @@ mod tests {
             assert!(dmar.contains(needle), "DMAR lacks {needle}:\n{dmar}");
         }
         let dsdt = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
-        for needle in ["PNP0A08", "PNP0C02", "PNP0501", "PNP0B00", "_S5_", "0xE0000000"] {
+        for needle in ["PNP0A08", "PNP0C02", "PNP0501", "PNP0B00", "_S5_", "0xE0000000", "Device (_SB.PCI1)", "Device (_SB.PCI2)"] {
             assert!(dsdt.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -40,7 +40,7 @@ mod tests {
 
     #[test]
     fn one_lapic_per_vcpu_and_an_ioapic() {
-        let t = madt(&Platform { vcpus: 3, mem_size: 1 << 30 });
+        let t = madt(&Platform { vcpus: 3, mem_size: 1 << 30, pci: Default::default() });
         assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
         assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         let mut off = 44;

@@ -9,7 +9,7 @@
 //! 0x000E_0000  ACPI tables (RSDP first, so the legacy BIOS-area scan finds it too)
 //! 0x0010_0000  start of high RAM (kernel, initramfs at the top of low RAM)
 //! 0xC000_0000  32-bit PCI MMIO window (BARs), 512 MiB
-//! 0xE000_0000  PCI ECAM, bus 0 only
+//! 0xE000_0000  PCI ECAM, one MiB per root bus (up to 16)
 //! 0xFEC0_0000  IOAPIC
 //! 0xFEE0_0000  local APICs
 //! 4 GiB        RAM above the 32-bit hole, then the 64-bit PCI MMIO window
@@ -54,8 +54,9 @@ pub const PCI_MMIO32_START: u64 = 0xC000_0000;
 pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
 /// PCI Express enhanced configuration access (ECAM) base.
 pub const PCI_ECAM_START: u64 = 0xE000_0000;
-/// ECAM for bus 0 only: 32 devices × 8 functions × 4 KiB.
-pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The ECAM window reserved for the most root buses (`pci::MAX_ROOT_BUSES` × 1 MiB); a VM's
+/// MCFG announces the buses it has (`pci::PciTopology::ecam`).
+pub const PCI_ECAM_SIZE: u64 = crate::pci::MAX_ROOT_BUSES as u64 * crate::pci::ECAM_BUS_SIZE;
 /// IOAPIC register window.
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// The virtual VT-d remapping unit's registers (where QEMU puts its unit too).

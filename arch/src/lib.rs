@@ -8,4 +8,5 @@ pub mod cpuid;
 pub mod e820;
 pub mod image;
 pub mod layout;
+pub mod pci;
 pub mod regs;

@@ -10,10 +10,12 @@ pub struct Assets {
     pub dir: PathBuf,
 }
 
-/// What the sandbox itself needs: its kernel, busybox and the KVM modules it loads.
+/// What the sandbox itself needs: its kernel, busybox, the KVM modules it loads and the KVM
+/// ballast it starts (sandbox/ballast/kvm_ballast.c).
 pub const SANDBOX_FILES: &[&str] = &[
     "bzImage",
     "busybox",
+    "kvm_ballast",
     "modules/irqbypass.ko",
     "modules/ccp.ko",
     "modules/kvm.ko",

@@ -4,9 +4,10 @@
 //! fakes.
 //!
 //! Per ADI: open it for this guest (DMA bound to the guest's RAM), allocate and assign one IMS
-//! entry per MSI-X vector, build the [`adi::AdiFunction`], place it on bus 0 (8 functions per
-//! slot from slot 1, so up to 248 ADIs per guest today), give BAR0 an address in the 32-bit PCI
-//! window as firmware would, and map it: BAR0 on the MMIO bus plus an ioeventfd on its doorbell.
+//! entry per MSI-X vector, build the [`adi::AdiFunction`], place it where the guest's
+//! `PciAllocator` says (8 functions per device, devices filling root bus 0, then 1, ...), give
+//! BAR0 an address in its root bus's 32-bit window as firmware would, and map it: BAR0 on the
+//! MMIO bus plus an ioeventfd on its doorbell.
 
 pub mod adi;
 pub mod hypercall;
@@ -15,10 +16,9 @@ pub mod iommu_dma;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use arch::layout;
 use devices::bus::lock;
 use devices::iommu::vtd::VtdUnit;
-use devices::pci::{Bdf, PciRoot};
+use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_vfio::dma::GuestRam;
 use siovmm_vfio::siov::{self, AdiId, Portal, SiovDevice};
@@ -28,8 +28,8 @@ use vmm_sys_util::eventfd::EventFd;
 use adi::{AdiFunction, AdiParts, BarMapper, BAR0_SIZE, DOORBELL};
 use siovmm_interrupts::{IoEvents, MsiRouter};
 
-/// Most ADIs one guest gets today: bus 0, slots 1..=31, 8 functions each.
-pub const MAX_ADIS_PER_GUEST: u32 = 31 * 8;
+/// Most ADIs one guest gets: every function of every root bus (`arch::pci`).
+pub const MAX_ADIS_PER_GUEST: u32 = arch::pci::PciTopology::max_functions();
 
 /// Errors composing ADIs.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +40,9 @@ pub enum Error {
     /// Too many ADIs for one guest.
     #[error("{0} ADIs requested; a guest takes at most {MAX_ADIS_PER_GUEST}")]
     TooMany(u32),
-    /// The 32-bit PCI window is full.
-    #[error("no room for BAR0 of ADI {0} in the PCI window")]
-    NoBarSpace(u32),
+    /// No device number or BAR space left on the guest's PCI topology.
+    #[error("placing ADI {0}: {1}")]
+    Placement(u32, devices::pci::AllocError),
 }
 
 /// A composed function and its doorbell.
@@ -142,8 +142,15 @@ impl std::fmt::Debug for GuestSide<'_> {
 }
 
 impl Vdcm {
-    /// Composes `req.count` ADIs of `device` into `guest`, on the PCI segment `root`.
-    pub fn compose(guest: GuestSide<'_>, root: &mut PciRoot, device: Arc<dyn SiovDevice>, req: AdiRequest) -> Result<Self, Error> {
+    /// Composes `req.count` ADIs of `device` into `guest`, on the PCI segment `root`, where
+    /// `slots` gives them device numbers (eight ADIs per device, as functions) and BARs.
+    pub fn compose(
+        guest: GuestSide<'_>,
+        root: &mut PciRoot,
+        slots: &mut PciAllocator,
+        device: Arc<dyn SiovDevice>,
+        req: AdiRequest,
+    ) -> Result<Self, Error> {
         if req.count > MAX_ADIS_PER_GUEST {
             return Err(Error::TooMany(req.count));
         }
@@ -151,18 +158,20 @@ impl Vdcm {
         let bars = Arc::new(GuestBars { doorbells, mmio, functions: Mutex::new(HashMap::new()) });
         // Built up in place, so that a failure part-way releases what was composed (Drop).
         let mut vdcm = Self { device: device.clone(), bars: bars.clone(), router: router.clone(), functions: Vec::new(), adis: Vec::new() };
+        let mut slot = Bdf::new(0, 0, 0);
         for i in 0..req.count {
             let adi = AdiId(req.first_adi + i);
-            let bdf = Bdf::new(0, 1 + (i / 8) as u8, (i % 8) as u8);
+            let placement = |e| Error::Placement(adi.0, e);
+            if i % 8 == 0 {
+                slot = slots.allocate_device().map_err(placement)?;
+            }
+            let bdf = Bdf::new(slot.bus(), slot.device(), (i % 8) as u8);
             let Portal::Doorbell(doorbell) = device.open_adi(adi, dma_space(mem, iommu, bdf))?;
             vdcm.adis.push(adi);
             let ims = device.ims_alloc(u32::from(req.vectors))?;
             device.ims_assign(ims, adi)?;
             let multifunction = i % 8 == 0 && i + 1 < req.count;
-            let bar0 = layout::PCI_MMIO32_START + u64::from(i) * BAR0_SIZE;
-            if bar0 + BAR0_SIZE > layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE {
-                return Err(Error::NoBarSpace(adi.0));
-            }
+            let bar0 = slots.allocate_bar(bdf.bus(), BAR0_SIZE).map_err(placement)?;
             let func = AdiFunction::new(AdiParts {
                 adi,
                 bdf,

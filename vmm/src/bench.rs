@@ -29,7 +29,9 @@ use crate::config::BenchOptions;
 use siovmm_vdcm::adi::{reg, MSIX_TABLE};
 use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::router::{MsiRouter, MAX_MSI_ROUTES};
-use siovmm_vdcm::{AdiRequest, GuestSide, Vdcm, MAX_ADIS_PER_GUEST};
+use arch::pci::FUNCTIONS_PER_BUS;
+use devices::pci::PciAllocator;
+use siovmm_vdcm::{AdiRequest, GuestSide, Vdcm};
 use crate::vm::{create_vm, pci_root, raise_fd_limit};
 
 fn rss_bytes() -> u64 {
@@ -61,8 +63,9 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
     let mut guests = Vec::new();
     let mut first = 0;
     while first < o.adis {
-        let count = MAX_ADIS_PER_GUEST.min(o.adis - first);
-        let mem_size = QUEUE_AREA + u64::from(MAX_ADIS_PER_GUEST) * QUEUE_STRIDE + (1 << 20);
+        // One root bus's worth per VM: the bench measures composition, not topology.
+        let count = FUNCTIONS_PER_BUS.min(o.adis - first);
+        let mem_size = QUEUE_AREA + u64::from(FUNCTIONS_PER_BUS) * QUEUE_STRIDE + (1 << 20);
         let (vm, mem) = create_vm(&kvm, mem_size.next_multiple_of(2 << 20)).map_err(|e| e.to_string())?;
         let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
         let vm = Arc::new(vm);
@@ -72,7 +75,8 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
         let router = MsiRouter::new(irq.clone(), MAX_MSI_ROUTES).map_err(|e| e.to_string())?;
         let req = AdiRequest { first_adi: first, count, vectors: 1, ims_trap: false, vcpus: 1 };
         let guest = GuestSide { mem: &mem, iommu: None, mmio: mmio.clone(), doorbells: irq, router: Arc::new(router) };
-        let vdcm = Vdcm::compose(guest, &mut root, device.clone(), req).map_err(|e| e.to_string())?;
+        let mut slots = PciAllocator::new(Default::default());
+        let vdcm = Vdcm::compose(guest, &mut root, &mut slots, device.clone(), req).map_err(|e| e.to_string())?;
         guests.push(Guest { mem, vdcm, _vcpu: vcpu, _mmio: mmio });
         first += count;
     }

@@ -29,7 +29,8 @@ OPTIONS:
 
 SIOV (Scalable IOV) options:
     --adi N            assign N ADIs of the host SIOV device to the guest, each a PCI function
-                       (vendor 5356, device 0002) on bus 0. Repeatable: counts add up. Up to 248.
+                       (vendor 5356, device 0002); 248 per PCI root bus, buses added as needed.
+                       Repeatable: counts add up. Up to 3968.
                        [default: 0]
     --adi-vectors N    MSI-X vectors per ADI, 1..=256, each backed by one IMS entry [default: 2]
     --siov-adis N      ADIs of the software SIOV device siovmm runs [default: 256]
@@ -405,7 +406,9 @@ mod tests {
         assert!(parse_err(&["--kernel", &k, "--cmdline", "a\tb"]).contains("not printable ASCII"));
         assert!(parse_err(&["--kernel", &k, "--cmdline", &"x".repeat(3000)]).contains("at most 2047"));
         assert_eq!(parse_err(&["--kernel", &k, "--adi", "x"]), "--adi x: not a number");
-        assert!(parse_err(&["--kernel", &k, "--adi", "200", "--adi", "100"]).contains("300 ADIs in all"));
+        assert!(parse_err(&["--kernel", &k, "--adi", "3000", "--adi", "1000"]).contains("4000 ADIs in all, a guest takes at most 3968"));
+        // 300 ADIs fit the guest (two root buses) but not the default device.
+        assert!(parse_err(&["--kernel", &k, "--adi", "200", "--adi", "100"]).contains("the SIOV device has only 256 ADIs"));
         assert!(parse_err(&["--kernel", &k, "--adi", "10", "--siov-adis", "5"]).contains("only 5 ADIs"));
         assert!(parse_err(&["--kernel", &k, "--adi", "100", "--adi-vectors", "200"]).contains("needs 20000 IMS entries"));
         assert_eq!(parse_err(&["--kernel", &k, "--ims-storage", "disk"]), "--ims-storage disk: must be on-device or in-memory");

@@ -104,6 +104,13 @@ pub struct VmConfig {
     pub siov: SiovConfig,
 }
 
+impl VmConfig {
+    /// The PCI root buses the VM needs: enough for its ADIs (the CLI checked the count).
+    pub fn pci_topology(&self) -> arch::pci::PciTopology {
+        arch::pci::PciTopology::for_functions(self.siov.adis).unwrap_or_default()
+    }
+}
+
 /// Options of `bench-siov`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BenchOptions {

@@ -45,7 +45,7 @@ fn run_vcpu(setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap)
     let console = Console::default();
     let vm = Arc::new(vm);
     let platform = build_platform(&crate::kvm_irq::KvmIrq(vm.clone()), &shutdown, Instant::now(), Box::new(console.clone())).unwrap();
-    attach_pci(&platform, pci_root()).unwrap();
+    attach_pci(&platform, pci_root(), &Default::default()).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     setup(&vcpu, &mem);
     let exits = Exits {
@@ -92,7 +92,8 @@ fn vm_with_adis(
     let mut root = pci_root();
     let mmio = Arc::new(devices::Bus::new());
     let guest = siovmm_vdcm::GuestSide { mem: &mem, iommu: None, mmio, doorbells: irq, router };
-    let vdcm = siovmm_vdcm::Vdcm::compose(guest, &mut root, device, req).unwrap();
+    let mut slots = devices::pci::PciAllocator::new(arch::pci::PciTopology::for_functions(req.count).unwrap());
+    let vdcm = siovmm_vdcm::Vdcm::compose(guest, &mut root, &mut slots, device, req).unwrap();
     (vdcm, vcpu, mem)
 }
 

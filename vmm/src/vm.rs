@@ -11,7 +11,8 @@ use arch::cpuid::VcpuTopology;
 use arch::layout;
 use devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR};
 use devices::iommu::vtd::{self, VtdConfig, VtdUnit};
-use devices::pci::{Bdf, HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
+use arch::pci::PciTopology;
+use devices::pci::{Bdf, HostBridge, PciAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use siovmm_acpi::dmar;
 use devices::serial::{InputReady, SerialDevice};
 use devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042Reset, Bus, ExitReason, ShutdownSignal};
@@ -132,7 +133,7 @@ pub(crate) fn pci_root() -> PciRoot {
 }
 
 /// Makes `root` reachable through 0xCF8/0xCFC and ECAM.
-pub(crate) fn attach_pci(platform: &Platform, root: PciRoot) -> Result<(), Error> {
+pub(crate) fn attach_pci(platform: &Platform, root: PciRoot, topology: &PciTopology) -> Result<(), Error> {
     let root = Arc::new(root);
     let (pio, mmio) = (&platform.pio, &platform.mmio);
     place(
@@ -141,7 +142,9 @@ pub(crate) fn attach_pci(platform: &Platform, root: PciRoot) -> Result<(), Error
         u64::from(layout::PCI_CONFIG_IO_START),
         u64::from(layout::PCI_CONFIG_IO_SIZE),
     )?;
-    place(mmio, Arc::new(Mutex::new(PciConfigMmio::new(root, 1))), layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE)
+    let (ecam, ecam_size) = topology.ecam();
+    let config_mmio = PciConfigMmio::new(root, u16::from(topology.root_buses()));
+    place(mmio, Arc::new(Mutex::new(config_mmio)), ecam, ecam_size)
 }
 
 /// The host SIOV device and the guest's ADIs, when `--adi` asks for any.
@@ -150,6 +153,7 @@ fn compose_adis(
     mem: &GuestMemoryMmap,
     iommu: Option<&Arc<VtdUnit>>,
     root: &mut PciRoot,
+    slots: &mut PciAllocator,
     platform: &Platform,
     config: &VmConfig,
 ) -> Result<Option<Vdcm>, Error> {
@@ -168,7 +172,7 @@ fn compose_adis(
         vcpus: u32::from(config.cpus),
     };
     let guest = GuestSide { mem, iommu, mmio: platform.mmio.clone(), doorbells: irq.clone(), router: Arc::new(router) };
-    Vdcm::compose(guest, root, Arc::new(device), req)
+    Vdcm::compose(guest, root, slots, Arc::new(device), req)
         .map(Some)
         .map_err(|e| Error::Device(e.to_string()))
 }
@@ -198,7 +202,8 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
     if config.siov.viommu {
         extra.push(dmar::dmar(layout::VTD_START, 48));
     }
-    let tables = siovmm_acpi::build(&siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory }, &extra)
+    let platform = siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory, pci: config.pci_topology() };
+    let tables = siovmm_acpi::build(&platform, &extra)
         .map_err(|e| Error::Boot(e.to_string()))?;
     mem.write_slice(&tables.bytes, GuestAddress(tables.base))
         .map_err(|e| Error::Memory(format!("writing ACPI tables: {e}")))?;
@@ -371,13 +376,15 @@ impl Vm {
         } else {
             None
         };
+        let topology = config.pci_topology();
         let mut root = pci_root();
-        let vdcm = compose_adis(&irq, &memory, iommu.as_ref(), &mut root, &platform, config)?;
+        let mut slots = PciAllocator::new(topology);
+        let vdcm = compose_adis(&irq, &memory, iommu.as_ref(), &mut root, &mut slots, &platform, config)?;
         if let Some(v) = &vdcm {
             let calls = Hypercalls::new(memory.clone(), v.by_requester_id(), u32::from(config.cpus), ims.offers_pv_ims());
             place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
         }
-        attach_pci(&platform, root)?;
+        attach_pci(&platform, root, &topology)?;
         trace.mark("devices");
         let entry = load_guest(&memory, config, &trace)?;
         trace.mark("kernel, initramfs and ACPI tables loaded");

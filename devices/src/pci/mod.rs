@@ -1,13 +1,15 @@
 //! The guest's PCI Express root complex: segment 0, reachable through configuration
 //! mechanism #1 (ports 0xCF8/0xCFC) and ECAM (MCFG). Functions are addressed by
-//! bus/device/function so the same root can later carry thousands of assigned functions over
-//! several buses; today the MCFG and host bridge announce bus 0.
+//! bus/device/function on any of the root buses of `arch::pci::PciTopology`, where
+//! [`PciAllocator`] places functions and their BARs.
 
+mod allocator;
 mod config;
 mod host_bridge;
 pub mod msix;
 mod root;
 
+pub use allocator::{AllocError, PciAllocator};
 pub use config::{ConfigSpace, CONFIG_SPACE_SIZE};
 pub use host_bridge::HostBridge;
 pub use root::{decode_cf8, decode_ecam, Bdf, PciConfigIo, PciConfigMmio, PciFunction, PciRoot};
