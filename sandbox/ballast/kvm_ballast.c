@@ -1,6 +1,6 @@
 /*
  * kvm_ballast: holds one idle KVM VM for the whole life of a sandbox, so that the sandbox
- * kernel never rewrites its own code while tests run (docs/testing.md, "The sandbox stall").
+ * kernel never rewrites its own code while tests run (docs/testing.md, "What the failures were": the sandbox stall).
  *
  * Creating the first VM, and the first vCPU's local APIC changing state, flip static keys in
  * the sandbox kernel (preempt_notifier_key in __schedule; KVM's apic_hw_disabled and

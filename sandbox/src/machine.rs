@@ -262,8 +262,8 @@ fn rerun_reason(f: &RunFailure) -> Option<String> {
     if f.message.starts_with(OUT_OF_BUDGET) {
         // The stall diagnosis (diagnose_stall) found the sandbox kernel's CPUs executing a
         // breakpoint: live patching of the kernel's own code (static keys flipped by KVM)
-        // left a stale INT3 running under QEMU's multi-threaded TCG (docs/testing.md, "The
-        // sandbox stall"). The kernel's code, not ours; the KVM ballast makes it rare.
+        // left a stale INT3 running under QEMU's multi-threaded TCG (docs/testing.md, "What
+        // the failures were"). The kernel's code, not ours; the KVM ballast makes it rare.
         if stuck_on_stale_breakpoint(&f.lines) {
             return Some("retrying once: the sandbox kernel was stuck on a breakpoint left by live code patching (QEMU-TCG)".into());
         }

@@ -267,7 +267,7 @@ const RESET_TRIPLE_FAULT: &str = "(KVM reset the vCPU)";
 /// external interrupt to it, as the sandbox's flight recorder shows.
 ///
 /// **This retry is not proven to be the environment's.** The one such triple fault recorded
-/// (docs/testing.md, "Retries") happened early in boot, before the guest touched any ADI,
+/// (docs/testing.md, "What the failures were, and the retries") happened early in boot, before the guest touched any ADI,
 /// while the emulated CPU delivered the guest's local APIC timer interrupt (vector 0xec) to
 /// a vCPU halted in `native_safe_halt`: a path of KVM's in-kernel LAPIC and nested SVM under
 /// QEMU-TCG that no siovmm code is on. Any other triple fault (another event, or none being
