@@ -41,6 +41,7 @@ const CODE: u64 = 0x1000;
 fn run_vcpu(setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap)) -> (ExitReason, String, vm_memory::GuestMemoryMmap) {
     let kvm = Kvm::new().expect("opening /dev/kvm");
     let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
+    let mem = mem.leak();
     let shutdown = Arc::new(ShutdownSignal::new().unwrap());
     let console = Console::default();
     let vm = Arc::new(vm);
@@ -85,6 +86,8 @@ fn vm_with_adis(
     use siovmm_interrupts::router::{MsiRouter, MAX_MSI_ROUTES};
 
     let (vm, mem) = create_vm(kvm, 64 << 20).unwrap();
+    // The caller's device keeps DMA handles on this memory past this VM: never unmap it.
+    let mem = mem.leak();
     let vcpu = vm.create_vcpu(0).unwrap();
     let vm = Arc::new(vm);
     let irq = Arc::new(KvmIrq(vm));
@@ -430,7 +433,7 @@ kvm_test! {
     alone;
     /// A VM with ADIs, built, run (2 vCPUs spinning in the guest), stopped from another thread
     /// and dropped, three times in one process: every vCPU thread, device worker, overflow
-    /// thread, eventfd, KVM fd and mapping goes with it.
+    /// thread, eventfd, KVM fd and guest RAM mapping goes with it.
     fn a_released_vm_leaves_nothing_behind() {
         let dir = std::env::temp_dir().join(format!("siovmm-release-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -456,11 +459,19 @@ kvm_test! {
             assert_eq!(reason, ExitReason::Interrupted(libc::SIGTERM));
             drop(vm);
         };
+        let vm_size_kib = || -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            status.lines().find_map(|l| l.strip_prefix("VmSize:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
+        };
         cycle();
         let before = process_resources();
+        let size_before = vm_size_kib();
         cycle();
         cycle();
         let after = process_resources();
+        let size_after = vm_size_kib();
+        // Each VM maps 64 MiB of guest RAM (plus KVM's and the device's mappings).
+        assert!(size_after < size_before + (16 << 10), "VmSize grew from {size_before} KiB to {size_after} KiB over two VMs");
         std::fs::remove_dir_all(&dir).unwrap();
         eprintln!("resources after the first cycle and after two more: {after:?}");
         assert_eq!(before, after, "a released VM left something behind");

@@ -17,27 +17,52 @@ use std::process::ExitCode;
 
 use devices::ExitReason;
 
-/// Why siovmm could not run the VM. Each is one line for the user.
+/// Why siovmm could not run the VM. Each prints as one line for the user: the message, then
+/// each underlying cause after ": " ([`one_line`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A KVM ioctl failed.
-    #[error("{0}: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("{0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// KVM lacks a capability siovmm needs.
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
     /// Guest memory could not be set up.
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// The kernel, initramfs or boot information could not be loaded.
+    #[error("guest memory")]
+    Memory(#[source] memory::Error),
+    /// The kernel, initramfs, command line or boot information could not be loaded.
     #[error("{0}")]
-    Boot(String),
-    /// A device could not be set up.
-    #[error("device setup: {0}")]
-    Device(String),
+    Boot(String, #[source] arch::boot::Error),
+    /// The boot vCPU's registers could not be set up.
+    #[error("boot registers")]
+    Registers(#[source] arch::regs::Error),
+    /// A device could not be placed on its bus.
+    #[error("placing a device at {0:#x}")]
+    Place(u64, #[source] devices::bus::Error),
+    /// ADIs could not be composed into the guest.
+    #[error("composing ADIs")]
+    Adis(#[from] siovmm_vdcm::Error),
+    /// The ACPI tables could not be built.
+    #[error("ACPI tables")]
+    Acpi(#[from] siovmm_acpi::Error),
+    /// The event loop failed.
+    #[error("{0}")]
+    Events(&'static str, #[source] event_manager::Error),
     /// An OS call failed.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// An error and its causes as one line: "what: why: deeper why".
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
 }
 
 /// Log lines go to stderr as `siovmm: LEVEL: message`.
@@ -113,7 +138,7 @@ fn main() -> ExitCode {
             reason.exit_code()
         }
         Err(e) => {
-            eprintln!("siovmm: {e}");
+            eprintln!("siovmm: {}", one_line(&e));
             1
         }
     };

@@ -90,7 +90,7 @@ pub fn configure_cpuid(vcpu: &VcpuFd, supported: &CpuId, topo: &VcpuTopology, hy
 /// Puts the boot vCPU at the kernel's entry.
 pub fn configure_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, mode: &EntryMode) -> Result<(), Error> {
     let mut sregs = vcpu.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
-    regs::setup_sregs(mem, mode, &mut sregs).map_err(|e| Error::Boot(e.to_string()))?;
+    regs::setup_sregs(mem, mode, &mut sregs).map_err(Error::Registers)?;
     vcpu.set_sregs(&sregs).map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
     vcpu.set_regs(&regs::boot_regs(mode)).map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
     vcpu.set_fpu(&regs::boot_fpu()).map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;

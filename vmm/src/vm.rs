@@ -20,6 +20,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use crate::memory::GuestRam;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,7 +50,7 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Creates the VM and its memory; KVM capabilities siovmm relies on are checked first.
-pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap), Error> {
+pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestRam), Error> {
     for (cap, name) in [
         (Cap::Irqchip, "in-kernel irqchip"),
         (Cap::Irqfd, "irqfd"),
@@ -70,7 +71,7 @@ pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
-            .map_err(|e| Error::Memory(e.to_string()))?;
+            .map_err(|e| Error::Memory(crate::memory::Error::Regions(e.to_string())))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -78,8 +79,8 @@ pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestMemoryMmap
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the mapping is owned by `mem`, which lives as long as the VM (both are kept
-        // until the process exits), and slots do not overlap.
+        // SAFETY: the mapping is owned by `mem`, which the caller keeps at least as long as any
+        // vCPU of this VM runs (the `Vm` drops its VM fd before its memory); slots do not overlap.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok((vm, mem))
@@ -95,7 +96,7 @@ pub(crate) struct Platform {
 
 /// Puts `dev` on `bus` at `[base, base + len)`.
 fn place(bus: &Bus, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u64, len: u64) -> Result<(), Error> {
-    bus.insert(dev, base, len).map_err(|e| Error::Device(e.to_string()))
+    bus.insert(dev, base, len).map_err(|e| Error::Place(base, e))
 }
 
 pub(crate) fn build_platform(
@@ -172,16 +173,14 @@ fn compose_adis(
         vcpus: u32::from(config.cpus),
     };
     let guest = GuestSide { mem, iommu, mmio: platform.mmio.clone(), doorbells: irq.clone(), router: Arc::new(router) };
-    Vdcm::compose(guest, root, slots, Arc::new(device), req)
-        .map(Some)
-        .map_err(|e| Error::Device(e.to_string()))
+    Ok(Some(Vdcm::compose(guest, root, slots, Arc::new(device), req)?))
 }
 
 /// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.
 fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) -> Result<arch::regs::EntryMode, Error> {
     let kpath = config.kernel.display().to_string();
     let kfile = File::open(&config.kernel).map_err(io_err(format!("--kernel {kpath}")))?;
-    let kernel = boot::load_kernel(mem, &kfile).map_err(|e| Error::Boot(format!("--kernel {kpath}: {e}")))?;
+    let kernel = boot::load_kernel(mem, &kfile).map_err(|e| Error::Boot(format!("--kernel {kpath}"), e))?;
     trace.mark("kernel");
     let initramfs = match &config.initramfs {
         Some(path) => {
@@ -190,12 +189,12 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
             let mut f = arch::image::MappedImage::new(&f).map_err(io_err(format!("--initramfs {p}")))?;
             Some(
                 boot::load_initramfs(mem, config.memory, &kernel, &mut f)
-                    .map_err(|e| Error::Boot(format!("--initramfs {p}: {e}")))?,
+                    .map_err(|e| Error::Boot(format!("--initramfs {p}"), e))?,
             )
         }
         None => None,
     };
-    let cmdline_len = boot::write_cmdline(mem, &config.cmdline).map_err(|e| Error::Boot(format!("--cmdline: {e}")))?;
+    let cmdline_len = boot::write_cmdline(mem, &config.cmdline).map_err(|e| Error::Boot("--cmdline".into(), e))?;
     // IMS policy: with --ims off guests must not use IMS; say so in the SIOV table and, with a
     // vIOMMU, through Caching Mode (docs/ims-policy.md).
     let mut extra = vec![dmar::siov(if config.siov.ims.forbids_ims() { dmar::SIOV_IMS_OPT_OUT } else { 0 })];
@@ -204,12 +203,12 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
     }
     let platform = siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory, pci: config.pci_topology() };
     let tables = siovmm_acpi::build(&platform, &extra)
-        .map_err(|e| Error::Boot(e.to_string()))?;
+?;
     mem.write_slice(&tables.bytes, GuestAddress(tables.base))
-        .map_err(|e| Error::Memory(format!("writing ACPI tables: {e}")))?;
-    boot::write_reset_stub(mem).map_err(|e| Error::Boot(e.to_string()))?;
+        .map_err(|e| Error::Memory(crate::memory::Error::Regions(format!("writing ACPI tables: {e}"))))?;
+    boot::write_reset_stub(mem).map_err(|e| Error::Boot("the reset stub".into(), e))?;
     let info = BootInfo { mem_size: config.memory, initramfs, cmdline_len, rsdp: tables.rsdp_addr() };
-    boot::write_boot_info(mem, &kernel, &info).map_err(|e| Error::Boot(e.to_string()))
+    boot::write_boot_info(mem, &kernel, &info).map_err(|e| Error::Boot("boot information".into(), e))
 }
 
 /// Ends the event loop once a stop is requested.
@@ -321,7 +320,7 @@ pub struct Vm {
     #[allow(dead_code)]
     fd: Arc<VmFd>,
     #[allow(dead_code)]
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     shutdown: Arc<ShutdownSignal>,
     coalesce: bool,
     trace: StartupTrace,
@@ -424,7 +423,7 @@ impl Vm {
         trace.mark("vCPUs configured");
 
         let mut event_loop: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(|e| Error::Io("event manager".into(), std::io::Error::other(format!("{e:?}"))))?;
+            EventManager::new().map_err(|e| Error::Events("starting the event manager", e))?;
         event_loop.add_subscriber(Arc::new(Mutex::new(ShutdownWatch { shutdown: shutdown.clone() })));
         event_loop.add_subscriber(Arc::new(Mutex::new(signals)));
         event_loop
@@ -489,7 +488,7 @@ impl Vm {
 
     fn serve(&mut self) -> Result<(), Error> {
         while self.shutdown.reason().is_none() {
-            self.event_loop.run().map_err(|e| Error::Io("event loop".into(), std::io::Error::other(format!("{e:?}"))))?;
+            self.event_loop.run().map_err(|e| Error::Events("the event loop", e))?;
         }
         Ok(())
     }
