@@ -17,6 +17,8 @@
 
 use std::sync::{Arc, Weak};
 
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
+
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
 use devices::BusDevice;
@@ -124,6 +126,9 @@ pub struct AdiFunction {
     failures: u64,
     /// IMS groups the guest allocated through the hypercall, by first slot.
     pv_groups: Vec<(u32, ImsGroup)>,
+    /// Free hypercall slot numbers: groups take the lowest range that fits, freed ranges are
+    /// reused (vm-allocator over 0..MAX_PV_SLOTS).
+    pv_space: AddressAllocator,
     /// Hypercall IMS slots: slot s is interrupt handle `msix vectors + s`. `None` once freed.
     pv_slots: Vec<Option<PvSlot>>,
     /// Trap mode: the guest-visible IMS window, by slot, and the hypercall-style slot backing
@@ -258,6 +263,7 @@ impl AdiFunction {
             slow_doorbells: 0,
             failures: 0,
             pv_groups: Vec::new(),
+            pv_space: AddressAllocator::new(0, u64::from(MAX_PV_SLOTS)).expect("a non-empty slot space"),
             pv_slots: Vec::new(),
             trap: p.ims_trap.then(Vec::new),
             vcpus: p.vcpus,
@@ -337,20 +343,31 @@ impl AdiFunction {
 
     /// Hypercall IMS_ALLOC: `count` more IMS entries for this ADI; returns the first slot.
     pub fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
-        let first = self.pv_slots.len() as u32;
-        if first + count > MAX_PV_SLOTS {
-            return Err(Status::Exhausted);
+        let range = self.pv_space.allocate(u64::from(count.max(1)), 1, AllocPolicy::FirstMatch).map_err(|_| Status::Exhausted)?;
+        let first = range.start() as u32;
+        let group = match self.device.ims_alloc(count) {
+            Ok(g) if self.device.ims_assign(g, self.adi).is_ok() => g,
+            Ok(g) => {
+                let r = self.device.ims_free(g);
+                self.failed("returning an IMS group", r);
+                let r = self.pv_space.free(&range);
+                self.failed("returning hypercall slots", r);
+                return Err(Status::Exhausted);
+            }
+            Err(_) => {
+                let r = self.pv_space.free(&range);
+                self.failed("returning hypercall slots", r);
+                return Err(Status::Exhausted);
+            }
+        };
+        let end = (first + count) as usize;
+        if self.pv_slots.len() < end {
+            self.pv_slots.resize_with(end, || None);
         }
-        let group = self.device.ims_alloc(count).map_err(|_| Status::Exhausted)?;
-        if self.device.ims_assign(group, self.adi).is_err() {
-            let r = self.device.ims_free(group);
-            self.failed("returning an IMS group", r);
-            return Err(Status::Exhausted);
-        }
-        for index in group.indexes() {
+        for (slot, index) in (first..).zip(group.indexes()) {
             let r = self.device.ims_program(index, ImsEntry { message: host_token(index), masked: true });
             self.failed("programming a new IMS entry", r);
-            self.pv_slots.push(Some(PvSlot { index, fd: None }));
+            self.pv_slots[slot as usize] = Some(PvSlot { index, fd: None });
         }
         self.pv_groups.push((first, group));
         self.publish_handles().map_err(|_| Status::Exhausted)?;
@@ -369,6 +386,12 @@ impl AdiFunction {
         // Revoke the handles before the entries go back to the device.
         let r = self.publish_handles();
         self.failed("publishing interrupt handles", r);
+        // The slot numbers are free for the next IMS_ALLOC.
+        let range = RangeInclusive::new(u64::from(first), u64::from(first + group.count - 1));
+        if let Ok(range) = range {
+            let r = self.pv_space.free(&range);
+            self.failed("returning hypercall slots", r);
+        }
         self.device.ims_free(group).map_err(|_| Status::NoSuchSlot)
     }
 
@@ -708,6 +731,25 @@ mod tests {
         program_vector0(&mut f, 0x41);
         let msg = MsiMessage { address: 0xfee0_0000, data: 0x41 };
         assert_eq!(routes.routes.lock().unwrap().iter().map(|r| r.1).collect::<Vec<_>>(), vec![msg]);
+        assert_eq!(f.failures(), 0);
+    }
+
+    #[test]
+    fn freed_hypercall_slots_are_reused() {
+        let mut f = function(Arc::new(FakeRoutes::default()));
+        assert_eq!(f.pv_alloc(10), Ok(0));
+        assert_eq!(f.pv_alloc(10), Ok(10));
+        f.pv_free(0).unwrap();
+        assert_eq!(f.pv_alloc(5), Ok(0), "the lowest free range");
+        assert_eq!(f.pv_alloc(5), Ok(5));
+        assert_eq!(f.pv_alloc(10), Ok(20));
+        assert_eq!(f.pv_free(3), Err(Status::NoSuchSlot), "not the first slot of a group");
+        // Allocating and freeing forever never runs out of slot numbers (it did at 32,768).
+        for _ in 0..4000 {
+            let first = f.pv_alloc(10).unwrap();
+            assert_eq!(first, 30);
+            f.pv_free(first).unwrap();
+        }
         assert_eq!(f.failures(), 0);
     }
 
