@@ -203,6 +203,19 @@ pub struct AdiParts {
     pub vcpus: u32,
 }
 
+impl Drop for AdiFunction {
+    /// The ADI's IMS entries go back to the device (MSI-X group and hypercall groups), so a
+    /// device shared by many VMs gets them back when one VM's ADIs go away.
+    fn drop(&mut self) {
+        let groups: Vec<ImsGroup> = self.pv_groups.drain(..).map(|(_, g)| g).chain(std::iter::once(self.ims)).collect();
+        for g in groups {
+            if let Err(e) = self.device.ims_free(g) {
+                log::warn!("ADI {}: returning IMS entries {}..+{}: {e}", self.adi.0, g.first, g.count);
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for AdiParts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdiParts").field("adi", &self.adi).field("bdf", &self.bdf).finish_non_exhaustive()

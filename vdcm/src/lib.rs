@@ -220,12 +220,64 @@ impl Vdcm {
 
 impl Drop for Vdcm {
     fn drop(&mut self) {
-        // Close the ADIs so another guest can take them. Their IMS entries are not freed yet
-        // (issue "Foundations", item 4).
+        // Close the ADIs so another guest can take them; each function returns its IMS
+        // entries when it drops (`AdiFunction`'s Drop), once the guest's buses let it go.
         for adi in &self.adis {
             if let Err(e) = self.device.close_adi(*adi) {
                 log::warn!("closing ADI {}: {e}", adi.0);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Composition on a shared software device with fakes for KVM: no /dev/kvm.
+    use super::*;
+    use siovmm_interrupts::{MsiMessage, RouteBackend};
+    use siovmm_vfio::siov::ImsStorage;
+    use siovmm_vfio::soft::SoftSiovDevice;
+
+    struct NoKvm;
+    impl RouteBackend for NoKvm {
+        fn set_msi_routes(&self, _: &[(u32, MsiMessage)]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn irqfd(&self, _: &EventFd, _: u32, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn signal_msi(&self, _: MsiMessage) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl IoEvents for NoKvm {
+        fn ioeventfd(&self, _: &EventFd, _: u64, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn compose(device: &Arc<SoftSiovDevice>, mem: &GuestMemoryMmap, count: u32) -> Result<(Vdcm, PciRoot, Arc<Bus>), Error> {
+        let mmio = Arc::new(Bus::new());
+        let router = Arc::new(MsiRouter::new(Arc::new(NoKvm), 64).unwrap());
+        let guest = GuestSide { mem, iommu: None, mmio: mmio.clone(), doorbells: Arc::new(NoKvm), router };
+        let mut root = PciRoot::new();
+        let mut slots = PciAllocator::new(arch::pci::PciTopology::for_functions(count).unwrap());
+        let req = AdiRequest { first_adi: 0, count, vectors: 2, ims_trap: false, vcpus: 1 };
+        let vdcm = Vdcm::compose(guest, &mut root, &mut slots, device.clone(), req)?;
+        Ok((vdcm, root, mmio))
+    }
+
+    #[test]
+    fn a_released_guests_adis_and_ims_entries_go_back_to_the_device() {
+        // Exactly enough IMS entries for one guest's 8 ADIs × 2 vectors.
+        let device = Arc::new(SoftSiovDevice::new(8, 16, ImsStorage::OnDevice, 1).unwrap());
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        for round in 0..3 {
+            let (vdcm, root, mmio) = compose(&device, &mem, 8).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(vdcm.functions().len(), 8);
+            assert!(matches!(compose(&device, &mem, 1), Err(Error::Device(_))), "the device is full while the guest lives");
+            // The guest goes: its VDCM, PCI segment and buses.
+            drop((vdcm, root, mmio));
         }
     }
 }
