@@ -137,7 +137,8 @@ pub trait SiovDevice: Send + Sync {
 
     /// Takes ADI `adi` for one guest, binding its DMA to `dma` (the PASID binding).
     fn open_adi(&self, adi: AdiId, dma: Arc<dyn DmaSpace>) -> Result<Portal, Error>;
-    /// Resets and releases the ADI; its IMS entries stay allocated to the caller.
+    /// Resets and releases the ADI; its IMS entries stay allocated to the caller, who returns
+    /// them with `ims_free` (the VDCM does when the ADI's function goes).
     fn close_adi(&self, adi: AdiId) -> Result<(), Error>;
     /// Resets the ADI: queue disabled, counters cleared, interrupt handles dropped.
     fn reset_adi(&self, adi: AdiId) -> Result<(), Error>;
