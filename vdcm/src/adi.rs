@@ -17,7 +17,7 @@
 
 use std::sync::{Arc, Weak};
 
-use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
+use crate::ims_slots::{ImsSlots, PvSlot};
 
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
@@ -45,8 +45,7 @@ pub const MSIX_PBA: u64 = 0x3000;
 pub const MAX_MSIX_VECTORS: u16 = ((MSIX_PBA - MSIX_TABLE) / 16) as u16;
 /// The trapped IMS window (`--ims trap`): 16-byte slots `{addr_lo, addr_hi, data, ctrl}`.
 pub const IMS_WINDOW: u64 = 0x4000;
-/// Slots in the IMS window.
-pub const IMS_WINDOW_SLOTS: u32 = 1024;
+pub use crate::ims_slots::{IMS_WINDOW_SLOTS, MAX_PV_SLOTS};
 /// Window slot ctrl: bit 0 mask (RW), bit 1 pending (RO), bit 2 backed by a host IMS entry
 /// (RO), bits 31:16 the slot's interrupt handle once backed (RO).
 pub mod ims_ctrl {
@@ -124,29 +123,13 @@ pub struct AdiFunction {
     slow_doorbells: u64,
     /// Operations a guest access triggered that failed (see [`AdiFunction::failed`]).
     failures: u64,
-    /// IMS groups the guest allocated through the hypercall, by first slot.
-    pv_groups: Vec<(u32, ImsGroup)>,
-    /// Free hypercall slot numbers: groups take the lowest range that fits, freed ranges are
-    /// reused (vm-allocator over 0..MAX_PV_SLOTS).
-    pv_space: AddressAllocator,
-    /// Hypercall IMS slots: slot s is interrupt handle `msix vectors + s`. `None` once freed.
-    pv_slots: Vec<Option<PvSlot>>,
-    /// Trap mode: the guest-visible IMS window, by slot, and the hypercall-style slot backing
-    /// each programmed one. `None` when the VM is not in trap mode (the window is inert).
-    trap: Option<Vec<TrapSlot>>,
+    /// Hypercall IMS slots (slot s is interrupt handle `msix vectors + s`) and, in trap mode,
+    /// the guest-visible IMS window backed by them.
+    slots: ImsSlots,
     /// vCPUs of the VM (messages may only name these APIC IDs).
     vcpus: u32,
 }
 
-/// One slot of the trapped IMS window, as the guest wrote it.
-#[derive(Debug, Clone, Copy, Default)]
-struct TrapSlot {
-    addr_lo: u32,
-    addr_hi: u32,
-    data: u32,
-    masked: bool,
-    backing: Option<u32>,
-}
 
 /// The destination APIC ID of a guest MSI message, if it is a plain fixed/lowest-priority
 /// message to the local APIC range (address 0xFEEx_xxxx, extended destination ID honoured).
@@ -158,18 +141,10 @@ pub fn msi_destination(message: MsiMessage) -> Option<u32> {
     Some(dest)
 }
 
-/// One hypercall-managed IMS slot.
-#[derive(Debug, Clone)]
-struct PvSlot {
-    index: siov::ImsIndex,
-    fd: Option<Arc<EventFd>>,
-}
 
 /// Failures of guest-triggered operations logged per function; later ones are only counted.
 const LOGGED_FAILURES: u64 = 8;
 
-/// Most hypercall slots one ADI may hold.
-pub const MAX_PV_SLOTS: u32 = 0x8000;
 
 impl std::fmt::Debug for AdiFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,7 +182,7 @@ impl Drop for AdiFunction {
     /// The ADI's IMS entries go back to the device (MSI-X group and hypercall groups), so a
     /// device shared by many VMs gets them back when one VM's ADIs go away.
     fn drop(&mut self) {
-        let groups: Vec<ImsGroup> = self.pv_groups.drain(..).map(|(_, g)| g).chain(std::iter::once(self.ims)).collect();
+        let groups: Vec<ImsGroup> = self.slots.take_groups().into_iter().chain(std::iter::once(self.ims)).collect();
         for g in groups {
             if let Err(e) = self.device.ims_free(g) {
                 log::warn!("ADI {}: returning IMS entries {}..+{}: {e}", self.adi.0, g.first, g.count);
@@ -275,10 +250,7 @@ impl AdiFunction {
             status: 0,
             slow_doorbells: 0,
             failures: 0,
-            pv_groups: Vec::new(),
-            pv_space: AddressAllocator::new(0, u64::from(MAX_PV_SLOTS)).expect("a non-empty slot space"),
-            pv_slots: Vec::new(),
-            trap: p.ims_trap.then(Vec::new),
+            slots: ImsSlots::new(p.ims_trap),
             vcpus: p.vcpus,
         };
         Ok(f)
@@ -350,66 +322,48 @@ impl AdiFunction {
     fn publish_handles(&self) -> Result<(), siov::Error> {
         let mut handles: Vec<Option<siov::ImsIndex>> =
             self.ims.indexes().take(self.vector_fds.len()).map(Some).collect();
-        handles.extend(self.pv_slots.iter().map(|s| s.as_ref().map(|s| s.index)));
+        handles.extend(self.slots.handles());
         self.device.set_interrupt_handles(self.adi, &handles)
     }
 
     /// Hypercall IMS_ALLOC: `count` more IMS entries for this ADI; returns the first slot.
     pub fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
-        let range = self.pv_space.allocate(u64::from(count.max(1)), 1, AllocPolicy::FirstMatch).map_err(|_| Status::Exhausted)?;
-        let first = range.start() as u32;
+        let first = self.slots.reserve(count).ok_or(Status::Exhausted)?;
         let group = match self.device.ims_alloc(count) {
             Ok(g) if self.device.ims_assign(g, self.adi).is_ok() => g,
-            Ok(g) => {
-                let r = self.device.ims_free(g);
-                self.failed("returning an IMS group", r);
-                let r = self.pv_space.free(&range);
-                self.failed("returning hypercall slots", r);
-                return Err(Status::Exhausted);
-            }
-            Err(_) => {
-                let r = self.pv_space.free(&range);
-                self.failed("returning hypercall slots", r);
+            other => {
+                if let Ok(g) = other {
+                    let r = self.device.ims_free(g);
+                    self.failed("returning an IMS group", r);
+                }
+                self.slots.unreserve(first, count);
                 return Err(Status::Exhausted);
             }
         };
-        let end = (first + count) as usize;
-        if self.pv_slots.len() < end {
-            self.pv_slots.resize_with(end, || None);
-        }
-        for (slot, index) in (first..).zip(group.indexes()) {
+        for index in group.indexes() {
             let r = self.device.ims_program(index, ImsEntry { message: host_token(index), masked: true });
             self.failed("programming a new IMS entry", r);
-            self.pv_slots[slot as usize] = Some(PvSlot { index, fd: None });
         }
-        self.pv_groups.push((first, group));
+        self.slots.fill(first, group);
         self.publish_handles().map_err(|_| Status::Exhausted)?;
         Ok(first)
     }
 
     /// Hypercall IMS_FREE of the group starting at `first`.
     pub fn pv_free(&mut self, first: u32) -> Result<(), Status> {
-        let at = self.pv_groups.iter().position(|(f, _)| *f == first).ok_or(Status::NoSuchSlot)?;
-        let (_, group) = self.pv_groups.remove(at);
+        let group = self.slots.release(first).ok_or(Status::NoSuchSlot)?;
         for slot in first..first + group.count {
-            self.pv_slots[slot as usize] = None;
             let r = self.router.unbind(VectorKey::ims(self.adi.0, slot));
             self.failed("unbinding an IMS slot", r);
         }
         // Revoke the handles before the entries go back to the device.
         let r = self.publish_handles();
         self.failed("publishing interrupt handles", r);
-        // The slot numbers are free for the next IMS_ALLOC.
-        let range = RangeInclusive::new(u64::from(first), u64::from(first + group.count - 1));
-        if let Ok(range) = range {
-            let r = self.pv_space.free(&range);
-            self.failed("returning hypercall slots", r);
-        }
         self.device.ims_free(group).map_err(|_| Status::NoSuchSlot)
     }
 
     fn pv_slot(&mut self, slot: u32) -> Result<&mut PvSlot, Status> {
-        self.pv_slots.get_mut(slot as usize).and_then(Option::as_mut).ok_or(Status::NoSuchSlot)
+        self.slots.slot_mut(slot).ok_or(Status::NoSuchSlot)
     }
 
     /// Hypercall IMS_COMPOSE: the host composes the message raising `message` (already
@@ -425,69 +379,44 @@ impl AdiFunction {
         Ok(handle)
     }
 
-    /// A guest read of the trapped IMS window.
+    /// A guest read of the trapped IMS window; inert (zeros) outside trap mode.
     fn read_window(&self, offset: u64) -> u32 {
-        let Some(trap) = &self.trap else { return 0 };
-        let (slot, dword) = ((offset / 16) as usize, (offset % 16) / 4);
-        let Some(t) = trap.get(slot) else { return if dword == 3 { ims_ctrl::MASK } else { 0 } };
-        match dword {
-            0 => t.addr_lo,
-            1 => t.addr_hi,
-            2 => t.data,
-            _ => {
-                let mut ctrl = if t.masked { ims_ctrl::MASK } else { 0 };
-                if let Some(b) = t.backing {
-                    let index = self.pv_slots.get(b as usize).and_then(|s| s.as_ref()).map(|s| s.index);
-                    if index.is_some_and(|i| self.device.ims_pending(i).unwrap_or(false)) {
-                        ctrl |= ims_ctrl::PENDING;
-                    }
-                    ctrl |= ims_ctrl::BACKED | (self.vector_fds.len() as u32 + b) << 16;
-                }
-                ctrl
-            }
+        let Some((dword, backing)) = self.slots.window_read(offset) else { return 0 };
+        if offset % 16 != 12 {
+            return dword;
         }
+        let mut ctrl = dword & ims_ctrl::MASK;
+        if let Some(b) = backing {
+            if self.slots.index(b).is_some_and(|i| self.device.ims_pending(i).unwrap_or(false)) {
+                ctrl |= ims_ctrl::PENDING;
+            }
+            ctrl |= ims_ctrl::BACKED | (self.vector_fds.len() as u32 + b) << 16;
+        }
+        ctrl
     }
 
     /// A guest write to the trapped IMS window: the guest's own message for a slot becomes a
     /// host IMS entry (allocated on first use) routed to that message, like an MSI-X entry.
     fn write_window(&mut self, offset: u64, value: u32) {
-        let vcpus = self.vcpus;
-        let Some(trap) = &mut self.trap else { return };
-        let slot = (offset / 16) as usize;
-        if slot >= IMS_WINDOW_SLOTS as usize {
-            return;
-        }
-        if trap.len() <= slot {
-            trap.resize(slot + 1, TrapSlot { masked: true, ..TrapSlot::default() });
-        }
-        let t = &mut trap[slot];
-        match (offset % 16) / 4 {
-            0 => t.addr_lo = value & !3,
-            1 => t.addr_hi = value,
-            2 => t.data = value,
-            _ => t.masked = value & ims_ctrl::MASK != 0,
-        }
-        let t = *t;
-        let message = MsiMessage { address: u64::from(t.addr_hi) << 32 | u64::from(t.addr_lo), data: t.data };
-        let valid = msi_destination(message).is_some_and(|d| d < vcpus) && (t.data & 0xff) >= 32;
-        if t.masked || !valid {
+        let Some((slot, entry, backing)) = self.slots.window_write(offset, value) else { return };
+        let message = entry.message();
+        let valid = msi_destination(message).is_some_and(|d| d < self.vcpus) && (message.data & 0xff) >= 32;
+        if entry.is_masked() || !valid {
             // Masked, or a message naming nothing of this VM: the entry raises nothing.
-            if let Some(b) = t.backing {
+            if let Some(b) = backing {
                 let r = self.pv_mask(b, true);
                 self.failed("masking a trapped IMS slot", r);
             }
             return;
         }
-        let backing = match t.backing {
+        let backing = match backing {
             Some(b) => b,
             None => match self.pv_alloc(1) {
                 Ok(b) => b,
                 Err(_) => return, // IMS exhausted: the slot stays unbacked (ctrl says so)
             },
         };
-        if let Some(trap) = &mut self.trap {
-            trap[slot].backing = Some(backing);
-        }
+        self.slots.set_backing(slot, backing);
         let composed = self.pv_compose(backing, message);
         if self.failed("composing a trapped IMS slot", composed).is_some() {
             let r = self.pv_mask(backing, false);

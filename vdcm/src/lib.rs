@@ -11,6 +11,7 @@
 
 pub mod adi;
 pub mod hypercall;
+pub mod ims_slots;
 pub mod iommu_dma;
 
 use std::collections::HashMap;
