@@ -323,13 +323,34 @@ mod tests {
         s.iter().map(|x| x.to_string()).collect()
     }
 
-    /// A file with an ELF magic, unique per call: tests run in parallel.
-    fn fake_kernel() -> String {
+    /// A temporary file, removed when dropped; its path derefs as `&str`.
+    struct TempPath(String);
+
+    impl std::ops::Deref for TempPath {
+        type Target = str;
+        fn deref(&self) -> &str {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A file holding `bytes`, unique per call: tests run in parallel.
+    fn temp_file(bytes: &[u8]) -> TempPath {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("siovmm-cli-kernel-{}-{n}", std::process::id()));
-        std::fs::write(&p, b"\x7fELF\x02\x01\x01").unwrap();
-        p.to_string_lossy().into_owned()
+        let p = std::env::temp_dir().join(format!("siovmm-cli-test-{}-{n}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        TempPath(p.to_string_lossy().into_owned())
+    }
+
+    /// A file with an ELF magic.
+    fn fake_kernel() -> TempPath {
+        temp_file(b"\x7fELF\x02\x01\x01")
     }
 
     fn parse_err(a: &[&str]) -> String {
@@ -364,7 +385,7 @@ mod tests {
             panic!()
         };
         assert_eq!((c.cpus, c.memory, c.cmdline.as_str()), (2, 256 << 20, "quiet x=1"));
-        let Command::Run(c) = parse(args(&[&format!("--kernel={k}"), "--cpus=3"])).unwrap() else { panic!() };
+        let Command::Run(c) = parse(args(&[&format!("--kernel={}", &*k), "--cpus=3"])).unwrap() else { panic!() };
         assert_eq!(c.cpus, 3);
         assert_eq!(c.siov, SiovConfig::default());
         let Command::Run(c) = parse(args(&[
@@ -394,9 +415,8 @@ mod tests {
         assert!(parse_err(&["--kernel", &k, "--memory", "33555455K"]).contains("multiple of 4K"));
         assert!(parse_err(&["--kernel", "/nonexistent/vmlinux"]).starts_with("--kernel /nonexistent/vmlinux: "));
         assert_eq!(parse_err(&["--kernel", "/"]), "--kernel /: not a regular file");
-        let not_kernel = std::env::temp_dir().join(format!("siovmm-cli-notk-{}", std::process::id()));
-        std::fs::write(&not_kernel, b"hello").unwrap();
-        let nk = not_kernel.to_string_lossy().into_owned();
+        let nk = temp_file(b"hello");
+        let nk: &str = &nk;
         assert_eq!(parse_err(&["--kernel", &nk]), format!("--kernel {nk}: not an ELF vmlinux or bzImage kernel"));
         assert!(parse_err(&["--kernel", &k, "--initramfs", "/nope"]).starts_with("--initramfs /nope: "));
         assert_eq!(parse_err(&["--kernel"]), "--kernel needs a value");
