@@ -417,7 +417,7 @@ mod tests {
         assert_eq!(parse_err(&["--kernel", "/"]), "--kernel /: not a regular file");
         let nk = temp_file(b"hello");
         let nk: &str = &nk;
-        assert_eq!(parse_err(&["--kernel", &nk]), format!("--kernel {nk}: not an ELF vmlinux or bzImage kernel"));
+        assert_eq!(parse_err(&["--kernel", nk]), format!("--kernel {nk}: not an ELF vmlinux or bzImage kernel"));
         assert!(parse_err(&["--kernel", &k, "--initramfs", "/nope"]).starts_with("--initramfs /nope: "));
         assert_eq!(parse_err(&["--kernel"]), "--kernel needs a value");
         assert_eq!(parse_err(&["--cpus", "1"]), "--kernel PATH is required (see --help)");
