@@ -18,13 +18,14 @@
 use std::sync::{Arc, Weak};
 
 use crate::ims_slots::{ImsSlots, PvSlot};
+use crate::registers::{Action, QueueRegisters};
 
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
 use devices::BusDevice;
 use siovmm_interrupts::MsiMessage;
 use siovmm_hypercall::Status;
-use siovmm_vfio::siov::{self, AdiId, ImsEntry, ImsGroup, QueueConfig, SiovDevice};
+use siovmm_vfio::siov::{self, AdiId, ImsEntry, ImsGroup, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use siovmm_interrupts::{MsiRouter, VectorKey};
@@ -56,31 +57,9 @@ pub mod ims_ctrl {
     /// Backed by a host IMS entry.
     pub const BACKED: u32 = 4;
 }
-/// Register-file version.
-pub const VERSION: u32 = 0x0001_0000;
+pub use crate::registers::VERSION;
 
-/// Register offsets in BAR0.
-pub mod reg {
-    /// Version (RO).
-    pub const VERSION: u64 = 0x00;
-    /// Capabilities (RO): 15:0 largest queue, 31:16 MSI-X vectors (= interrupt handles).
-    pub const CAPS: u64 = 0x04;
-    /// Queue context DMA address, low half (RW).
-    pub const QUEUE_BASE_LO: u64 = 0x08;
-    /// Queue context DMA address, high half (RW).
-    pub const QUEUE_BASE_HI: u64 = 0x0c;
-    /// Queue size in descriptors, a power of two (RW).
-    pub const QUEUE_SIZE: u64 = 0x10;
-    /// Control (RW): bit 0 enable the queue, bit 1 reset the ADI (self-clearing).
-    pub const CONTROL: u64 = 0x14;
-    /// Status (RO): bit 0 queue enabled, bit 1 last enable failed (bad base/size).
-    pub const STATUS: u64 = 0x18;
-}
-
-const CTRL_ENABLE: u32 = 1;
-const CTRL_RESET: u32 = 2;
-const STATUS_ENABLED: u32 = 1;
-const STATUS_ERROR: u32 = 2;
+pub use crate::registers::reg;
 
 const CAP_OFFSET: usize = 0x40;
 /// The PCI Express capability, chained after MSI-X.
@@ -115,10 +94,8 @@ pub struct AdiFunction {
     mapper: Weak<dyn BarMapper>,
     doorbell: Arc<EventFd>,
     mapped: Option<u64>,
-    queue_base: u64,
-    queue_size: u32,
-    control: u32,
-    status: u32,
+    /// BAR0's queue registers.
+    regs: QueueRegisters,
     /// Doorbell writes that exited to siovmm instead of completing in KVM's ioeventfd.
     slow_doorbells: u64,
     /// Operations a guest access triggered that failed (see [`AdiFunction::failed`]).
@@ -244,10 +221,7 @@ impl AdiFunction {
             mapper: p.mapper,
             doorbell: p.doorbell,
             mapped: None,
-            queue_base: 0,
-            queue_size: 0,
-            control: 0,
-            status: 0,
+            regs: QueueRegisters::default(),
             slow_doorbells: 0,
             failures: 0,
             slots: ImsSlots::new(p.ims_trap),
@@ -447,50 +421,24 @@ impl AdiFunction {
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
-        match offset {
-            reg::QUEUE_BASE_LO => self.queue_base = (self.queue_base & !0xffff_ffff) | u64::from(value),
-            reg::QUEUE_BASE_HI => self.queue_base = (self.queue_base & 0xffff_ffff) | u64::from(value) << 32,
-            reg::QUEUE_SIZE => self.queue_size = value,
-            reg::CONTROL => {
-                if value & CTRL_RESET != 0 {
-                    let r = self.device.reset_adi(self.adi);
-                    self.failed("resetting the ADI", r);
-                    let r = self.publish_handles();
-                    self.failed("publishing interrupt handles", r);
-                    self.queue_base = 0;
-                    self.queue_size = 0;
-                    self.control = 0;
-                    self.status = 0;
-                    return;
-                }
-                let enable = value & CTRL_ENABLE != 0;
-                let queue = enable.then_some(QueueConfig { base: self.queue_base, size: self.queue_size });
-                match self.device.configure_queue(self.adi, queue) {
-                    Ok(()) => {
-                        self.control = value & CTRL_ENABLE;
-                        self.status = if enable { STATUS_ENABLED } else { 0 };
-                    }
-                    Err(_) => {
-                        self.control = 0;
-                        self.status = STATUS_ERROR;
-                    }
-                }
+        match self.regs.write(offset, value) {
+            None => {}
+            Some(Action::Reset) => {
+                let r = self.device.reset_adi(self.adi);
+                self.failed("resetting the ADI", r);
+                let r = self.publish_handles();
+                self.failed("publishing interrupt handles", r);
             }
-            _ => {}
+            Some(Action::Queue(queue)) => {
+                let accepted = self.device.configure_queue(self.adi, queue).is_ok();
+                self.regs.enabled(queue.is_some(), accepted);
+            }
         }
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        match offset {
-            reg::VERSION => VERSION,
-            reg::CAPS => self.device.info().max_queue_size.min(0xffff) | u32::from(self.msix.vectors()) << 16,
-            reg::QUEUE_BASE_LO => self.queue_base as u32,
-            reg::QUEUE_BASE_HI => (self.queue_base >> 32) as u32,
-            reg::QUEUE_SIZE => self.queue_size,
-            reg::CONTROL => self.control,
-            reg::STATUS => self.status,
-            _ => 0,
-        }
+        let caps = self.device.info().max_queue_size.min(0xffff) | u32::from(self.msix.vectors()) << 16;
+        self.regs.read(offset, caps)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod adi;
 pub mod hypercall;
 pub mod ims_slots;
 pub mod iommu_dma;
+pub mod registers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

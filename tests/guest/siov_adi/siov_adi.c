@@ -199,16 +199,21 @@ static u64 adi_submit(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 siz
 	return adi_submit_h(a, op, flags, src, dst, size, seed, CQ_VECTOR);
 }
 
+/*
+ * Waits for the completion record, up to 5 s of guest time like the interrupt waits: the
+ * device's workers are host threads, which a loaded host (or a nested sandbox under load) may
+ * leave unscheduled for well over the 0.5-1 s a count of 5000 short sleeps used to allow.
+ */
 static int adi_poll(struct adi *a)
 {
-	int i;
+	unsigned long deadline = jiffies + 5 * HZ;
 
-	for (i = 0; i < 5000; i++) {
+	do {
 		if (READ_ONCE(a->comp->status))
 			return 0;
 		usleep_range(100, 200);
-	}
-	return -ETIMEDOUT;
+	} while (time_before(jiffies, deadline));
+	return READ_ONCE(a->comp->status) ? 0 : -ETIMEDOUT;
 }
 
 /* Submits with a completion interrupt and waits for the interrupt. */
