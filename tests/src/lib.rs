@@ -186,7 +186,17 @@ impl CaseResult {
 
     /// The whole transcript, for assertion messages.
     pub fn transcript(&self) -> String {
-        self.lines.join("\n")
+        let mut t = self.lines.join("\n");
+        // Status 137: `timeout -s KILL` ended the case at its budget (sandbox) or the harness
+        // did (directly). Say so first thing, so a missing value is not mistaken for a wrong one.
+        if self.exit_code == Some(137) {
+            t.push_str(&format!(
+                "\n@@CASE {}: KILLED when its time budget ran out, after {:.0} s (docs/testing.md, Time budgets)",
+                self.name,
+                self.seconds.unwrap_or(0.0)
+            ));
+        }
+        t
     }
 }
 
