@@ -33,8 +33,9 @@ insmod /modules/kvm-amd.ko 2>/dev/null || insmod /modules/kvm-intel.ko 2>/dev/nu
 sleep 1.2
 uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
 # Flight recorder (docs/testing.md, Diagnosing failures): KVM's record of every guest shutdown
-# (triple fault: SVM exit 0x7f, VMX exit 2) with the guest RIP before KVM resets the vCPU, and
-# of every exception KVM injected; kvm_flight_record prints and clears it after each step.
+# (triple fault: SVM exit 0x7f, VMX exit 2) with the guest RIP before KVM resets the vCPU, of
+# every exception KVM injected, and of the interrupts it injected (kept in a ring, printed only
+# around a shutdown); kvm_flight_record prints and clears it after each step.
 t=/sys/kernel/tracing
 if mount -t tracefs tracefs $t 2>/dev/null && [ -d $t/events/kvm ]; then
   echo 64 > $t/buffer_size_kb
@@ -42,10 +43,17 @@ if mount -t tracefs tracefs $t 2>/dev/null && [ -d $t/events/kvm ]; then
   else echo 'exit_reason == 2' > $t/events/kvm/kvm_exit/filter; fi
   echo 1 > $t/events/kvm/kvm_exit/enable
   echo 1 > $t/events/kvm/kvm_inj_exception/enable
+  echo 1 > $t/events/kvm/kvm_inj_virq/enable
 fi
+# Every record after a guest shutdown's (the interrupts injected just before it, per CPU's
+# ring); otherwise only the rare kinds.
+kvm_flight_records() {
+  if grep -q 'reason shutdown' $t/trace; then grep -v '^#' $t/trace | tail -n 80
+  else grep -v '^#' $t/trace | grep -v ' kvm_inj_virq: '; fi
+}
 kvm_flight_record() {
   [ -r $t/trace ] || return 0
-  grep -v '^#' $t/trace | while read -r l; do
+  kvm_flight_records | while read -r l; do
     rip=${l##* rip 0x}; rip=${rip%% *}
     sym=''
     case $rip in ffffffff8*) sym=$(awk -v a=$rip '$1 <= a && $1 > b && ($2 == \"T\" || $2 == \"t\") { b = $1; n = $3 } END { if (n != \"\") print \" (sandbox kernel symbol: \" n \")\" }' /proc/kallsyms);; esac
