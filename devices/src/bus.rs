@@ -107,11 +107,8 @@ impl Bus {
     }
 }
 
-/// Locks a device even if another vCPU thread panicked while holding it: device state stays
-/// usable and the VM keeps running (or shuts down cleanly) instead of cascading panics.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+/// Locks a device even if another vCPU thread panicked while holding it.
+pub use siovmm_interrupts::lock;
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,14 @@ pub use router::{MsiRouter, RouteBackend, VectorKey, VectorSource};
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// Locks `m` even if a thread panicked while holding it: the state stays usable and the VM
+/// keeps running (or shuts down cleanly) instead of cascading panics. The workspace's one
+/// lock helper: it lives here, in the lowest crate that devices, the device models and the
+/// VMM all depend on (`devices::bus::lock` re-exports it).
+pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Guest writes that signal an eventfd without an exit (KVM ioeventfd): doorbells.
 pub trait IoEvents: Send + Sync {
     /// `fd` is signalled by every guest write to the MMIO address `addr` (`assign`), or no

@@ -27,12 +27,8 @@ use vm_allocator::IdAllocator;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::lock;
 use crate::msi::MsiMessage;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic elsewhere while holding the lock leaves plain data behind; keep delivering.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// KVM's per-VM limit on routing entries.
 pub const KVM_MAX_IRQ_ROUTES: u32 = 4096;
