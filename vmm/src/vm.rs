@@ -177,7 +177,13 @@ fn compose_adis(
 }
 
 /// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.
-fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) -> Result<arch::regs::EntryMode, Error> {
+/// `topology` is the one the VM's PCI devices were placed on: the ACPI tables describe it.
+fn load_guest(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    topology: PciTopology,
+    trace: &StartupTrace,
+) -> Result<arch::regs::EntryMode, Error> {
     let kpath = config.kernel.display().to_string();
     let kfile = File::open(&config.kernel).map_err(io_err(format!("--kernel {kpath}")))?;
     let kernel = boot::load_kernel(mem, &kfile).map_err(|e| Error::Boot(format!("--kernel {kpath}"), e))?;
@@ -201,7 +207,7 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, trace: &StartupTrace) ->
     if config.siov.viommu {
         extra.push(dmar::dmar(layout::VTD_START, 48));
     }
-    let platform = siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory, pci: config.pci_topology() };
+    let platform = siovmm_acpi::Platform { vcpus: config.cpus, mem_size: config.memory, pci: topology };
     let tables = siovmm_acpi::build(&platform, &extra)
 ?;
     mem.write_slice(&tables.bytes, GuestAddress(tables.base))
@@ -385,7 +391,7 @@ impl Vm {
         }
         attach_pci(&platform, root, &topology)?;
         trace.mark("devices");
-        let entry = load_guest(&memory, config, &trace)?;
+        let entry = load_guest(&memory, config, topology, &trace)?;
         trace.mark("kernel, initramfs and ACPI tables loaded");
 
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
