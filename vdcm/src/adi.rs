@@ -17,18 +17,19 @@
 
 use std::sync::{Arc, Weak};
 
-use crate::ims_slots::{ImsSlots, PvSlot};
-use crate::registers::{Action, QueueRegisters};
-
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
 use devices::BusDevice;
-use siovmm_interrupts::MsiMessage;
 use siovmm_hypercall::Status;
+use siovmm_interrupts::{MsiMessage, MsiRouter, VectorKey};
 use siovmm_vfio::siov::{self, AdiId, ImsEntry, ImsGroup, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
-use siovmm_interrupts::{MsiRouter, VectorKey};
+use crate::ims_slots::{ImsSlots, PvSlot};
+use crate::registers::{Action, QueueRegisters};
+
+pub use crate::ims_slots::{IMS_WINDOW_SLOTS, MAX_PV_SLOTS};
+pub use crate::registers::{reg, VERSION};
 
 /// Device ID of an ADI function.
 pub const ADI_DEVICE_ID: u16 = 0x0002;
@@ -46,7 +47,6 @@ pub const MSIX_PBA: u64 = 0x3000;
 pub const MAX_MSIX_VECTORS: u16 = ((MSIX_PBA - MSIX_TABLE) / 16) as u16;
 /// The trapped IMS window (`--ims trap`): 16-byte slots `{addr_lo, addr_hi, data, ctrl}`.
 pub const IMS_WINDOW: u64 = 0x4000;
-pub use crate::ims_slots::{IMS_WINDOW_SLOTS, MAX_PV_SLOTS};
 /// Window slot ctrl: bit 0 mask (RW), bit 1 pending (RO), bit 2 backed by a host IMS entry
 /// (RO), bits 31:16 the slot's interrupt handle once backed (RO).
 pub mod ims_ctrl {
@@ -57,9 +57,6 @@ pub mod ims_ctrl {
     /// Backed by a host IMS entry.
     pub const BACKED: u32 = 4;
 }
-pub use crate::registers::VERSION;
-
-pub use crate::registers::reg;
 
 const CAP_OFFSET: usize = 0x40;
 /// The PCI Express capability, chained after MSI-X.
@@ -107,7 +104,6 @@ pub struct AdiFunction {
     vcpus: u32,
 }
 
-
 /// The destination APIC ID of a guest MSI message, if it is a plain fixed/lowest-priority
 /// message to the local APIC range (address 0xFEEx_xxxx, extended destination ID honoured).
 pub fn msi_destination(message: MsiMessage) -> Option<u32> {
@@ -118,10 +114,8 @@ pub fn msi_destination(message: MsiMessage) -> Option<u32> {
     Some(dest)
 }
 
-
 /// Failures of guest-triggered operations logged per function; later ones are only counted.
 const LOGGED_FAILURES: u64 = 8;
-
 
 impl std::fmt::Debug for AdiFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
