@@ -22,7 +22,7 @@ use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
 use devices::BusDevice;
 use siovmm_hypercall::Status;
 use siovmm_interrupts::{MsiMessage, MsiRouter, VectorKey};
-use siovmm_vfio::siov::{self, AdiId, ImsEntry, ImsGroup, SiovDevice};
+use siovmm_vfio::siov::{self, AdiId, ImsGroup, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::ims_slots::{ImsSlots, PvSlot};
@@ -131,7 +131,7 @@ pub struct AdiParts {
     pub bdf: Bdf,
     /// Whether it is function 0 of a multi-function slot.
     pub multifunction: bool,
-    /// Its IMS entries, one per vector, assigned to the ADI.
+    /// Its IMS entries, one per vector, allocated to the ADI.
     pub ims: ImsGroup,
     /// The host device.
     pub device: Arc<dyn SiovDevice>,
@@ -147,19 +147,6 @@ pub struct AdiParts {
     pub ims_trap: bool,
     /// vCPUs of the VM.
     pub vcpus: u32,
-}
-
-impl Drop for AdiFunction {
-    /// The ADI's IMS entries go back to the device (MSI-X group and hypercall groups), so a
-    /// device shared by many VMs gets them back when one VM's ADIs go away.
-    fn drop(&mut self) {
-        let groups: Vec<ImsGroup> = self.slots.take_groups().into_iter().chain(std::iter::once(self.ims)).collect();
-        for g in groups {
-            if let Err(e) = self.device.ims_free(g) {
-                log::warn!("ADI {}: returning IMS entries {}..+{}: {e}", self.adi.0, g.first, g.count);
-            }
-        }
-    }
 }
 
 impl std::fmt::Debug for AdiParts {
@@ -196,10 +183,6 @@ impl AdiFunction {
         config.set_reg(pcie + 2, 0x2810); // Device Control reset value: MRRS 512 B, relaxed ordering, no snoop
         config.set_writable(pcie + 2, 0x0000_7fff); // Device Control is RW; Device Status stays 0
 
-        for index in p.ims.indexes().take(usize::from(vectors)) {
-            // The host message is a token naming the entry; delivery is the bound eventfd.
-            p.device.ims_program(index, ImsEntry { message: host_token(index), masked: true })?;
-        }
         let vector_fds = vec![None; usize::from(vectors)];
         let handles: Vec<_> = p.ims.indexes().take(usize::from(vectors)).map(Some).collect();
         p.device.set_interrupt_handles(p.adi, &handles)?;
@@ -277,7 +260,7 @@ impl AdiFunction {
             self.failed("binding an MSI-X vector", r);
         }
         // Mask (or unmask: the device then delivers a pending interrupt, once).
-        let r = self.device.ims_set_mask(index, change.masked);
+        let r = self.device.ims_set_mask(self.adi, index, change.masked);
         self.failed("masking an IMS entry", r);
     }
 
@@ -297,21 +280,10 @@ impl AdiFunction {
     /// Hypercall IMS_ALLOC: `count` more IMS entries for this ADI; returns the first slot.
     pub fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
         let first = self.slots.reserve(count).ok_or(Status::Exhausted)?;
-        let group = match self.device.ims_alloc(count) {
-            Ok(g) if self.device.ims_assign(g, self.adi).is_ok() => g,
-            other => {
-                if let Ok(g) = other {
-                    let r = self.device.ims_free(g);
-                    self.failed("returning an IMS group", r);
-                }
-                self.slots.unreserve(first, count);
-                return Err(Status::Exhausted);
-            }
+        let Ok(group) = self.device.ims_alloc(self.adi, count) else {
+            self.slots.unreserve(first, count);
+            return Err(Status::Exhausted);
         };
-        for index in group.indexes() {
-            let r = self.device.ims_program(index, ImsEntry { message: host_token(index), masked: true });
-            self.failed("programming a new IMS entry", r);
-        }
         self.slots.fill(first, group);
         self.publish_handles().map_err(|_| Status::Exhausted)?;
         Ok(first)
@@ -327,7 +299,7 @@ impl AdiFunction {
         // Revoke the handles before the entries go back to the device.
         let r = self.publish_handles();
         self.failed("publishing interrupt handles", r);
-        self.device.ims_free(group).map_err(|_| Status::NoSuchSlot)
+        self.device.ims_free(self.adi, group).map_err(|_| Status::NoSuchSlot)
     }
 
     fn pv_slot(&mut self, slot: u32) -> Result<&mut PvSlot, Status> {
@@ -340,9 +312,9 @@ impl AdiFunction {
     pub fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
         let key = VectorKey::ims(self.adi.0, slot);
         let handle = self.vector_fds.len() as u64 + u64::from(slot);
-        let device = self.device.clone();
+        let (device, adi) = (self.device.clone(), self.adi);
         let s = self.pv_slot(slot)?;
-        let fd = bound_eventfd(device.as_ref(), &mut s.fd, s.index)?;
+        let fd = bound_eventfd(device.as_ref(), adi, &mut s.fd, s.index)?;
         self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
         Ok(handle)
     }
@@ -355,7 +327,7 @@ impl AdiFunction {
         }
         let mut ctrl = dword & ims_ctrl::MASK;
         if let Some(b) = backing {
-            if self.slots.index(b).is_some_and(|i| self.device.ims_pending(i).unwrap_or(false)) {
+            if self.slots.index(b).is_some_and(|i| self.device.ims_pending(self.adi, i).unwrap_or(false)) {
                 ctrl |= ims_ctrl::PENDING;
             }
             ctrl |= ims_ctrl::BACKED | (self.vector_fds.len() as u32 + b) << 16;
@@ -395,7 +367,7 @@ impl AdiFunction {
     /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once.
     pub fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), Status> {
         let index = self.pv_slot(slot)?.index;
-        self.device.ims_set_mask(index, masked).map_err(|_| Status::NoSuchSlot)
+        self.device.ims_set_mask(self.adi, index, masked).map_err(|_| Status::NoSuchSlot)
     }
 
     /// Doorbell writes that reached siovmm (0 when the ioeventfd fast path took them all).
@@ -411,7 +383,7 @@ impl AdiFunction {
     /// The vector's eventfd, made and bound to its IMS entry on first use.
     fn vector_fd(&mut self, vector: u16, index: siov::ImsIndex) -> Option<Arc<EventFd>> {
         let slot = self.vector_fds.get_mut(usize::from(vector))?;
-        bound_eventfd(self.device.as_ref(), slot, index).ok()
+        bound_eventfd(self.device.as_ref(), self.adi, slot, index).ok()
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
@@ -440,6 +412,7 @@ impl AdiFunction {
 /// Fails with EXHAUSTED when no eventfd can be made, NO_SUCH_SLOT when the entry refuses it.
 fn bound_eventfd(
     device: &dyn SiovDevice,
+    adi: AdiId,
     slot: &mut Option<Arc<EventFd>>,
     index: siov::ImsIndex,
 ) -> Result<Arc<EventFd>, Status> {
@@ -447,16 +420,9 @@ fn bound_eventfd(
         return Ok(fd.clone());
     }
     let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Status::Exhausted)?);
-    device.ims_bind(index, Some(fd.clone())).map_err(|_| Status::NoSuchSlot)?;
+    device.ims_bind(adi, index, Some(fd.clone())).map_err(|_| Status::NoSuchSlot)?;
     *slot = Some(fd.clone());
     Ok(fd)
-}
-
-/// The host message the VDCM programs into an IMS entry. For the software device it is a token
-/// naming the entry (delivery is the bound eventfd); a hardware backend gets a host-allocated
-/// (posted) message from its host driver instead.
-fn host_token(index: u32) -> siov::MsiMessage {
-    siov::MsiMessage { address: 0xfee0_0000, data: index }
 }
 
 impl PciFunction for AdiFunction {
@@ -503,8 +469,8 @@ impl BusDevice for AdiFunction {
                 self.msix.read_table(o - MSIX_TABLE, data)
             }
             o if (MSIX_PBA..MSIX_PBA + self.msix.pba_size()).contains(&o) => {
-                let (device, first) = (&self.device, self.ims.first);
-                self.msix.read_pba(o - MSIX_PBA, data, |v| device.ims_pending(first + u32::from(v)).unwrap_or(false));
+                let (device, adi, first) = (&self.device, self.adi, self.ims.first);
+                self.msix.read_pba(o - MSIX_PBA, data, |v| device.ims_pending(adi, first + u32::from(v)).unwrap_or(false));
             }
             o if (IMS_WINDOW..BAR0_SIZE).contains(&o) && data.len() == 4 && o % 4 == 0 => {
                 data.copy_from_slice(&self.read_window(o - IMS_WINDOW).to_le_bytes());
@@ -579,9 +545,9 @@ mod tests {
     fn function(routes: Arc<FakeRoutes>) -> AdiFunction {
         let device = Arc::new(SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap());
         let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
-        let Portal::Doorbell(doorbell) = device.open_adi(AdiId(0), Arc::new(GuestRam(mem))).unwrap();
-        let ims = device.ims_alloc(2).unwrap();
-        device.ims_assign(ims, AdiId(0)).unwrap();
+        let dma = device.dma_bind(Arc::new(GuestRam(mem))).unwrap();
+        let Portal::Doorbell(doorbell) = device.open_adi(AdiId(0), dma).unwrap();
+        let ims = device.ims_alloc(AdiId(0), 2).unwrap();
         let mapper: Arc<dyn BarMapper> = Arc::new(NoBars);
         AdiFunction::new(AdiParts {
             adi: AdiId(0),

@@ -98,12 +98,6 @@ impl ImsSlots {
         Some(group)
     }
 
-    /// Every group, removed (the ADI is going).
-    pub fn take_groups(&mut self) -> Vec<ImsGroup> {
-        self.slots.clear();
-        self.groups.drain(..).map(|(_, g)| g).collect()
-    }
-
     /// A live slot.
     pub fn slot_mut(&mut self, slot: u32) -> Option<&mut PvSlot> {
         self.slots.get_mut(slot as usize).and_then(Option::as_mut)
@@ -192,7 +186,7 @@ mod tests {
         // Freed neighbours merge again (vm-allocator merges with free neighbours of two or
         // more slots; a single free slot beside a freed range stays apart).
         assert_eq!(s.reserve(4), Some(0));
-        assert_eq!(s.take_groups(), vec![group(200, 2)]);
+        assert_eq!(s.release(4), Some(group(200, 2)));
     }
 
     #[test]

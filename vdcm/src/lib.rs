@@ -3,7 +3,8 @@
 //! and an ioeventfd trait the VMM implements with KVM), so everything here is unit-tested with
 //! fakes.
 //!
-//! Per ADI: open it for this guest (DMA bound to the guest's RAM), allocate and assign one IMS
+//! Per ADI: open it for this guest on the guest's DMA binding (one for the guest's RAM, or one
+//! per function behind a vIOMMU, as each function has its own source ID), allocate one IMS
 //! entry per MSI-X vector, build the [`adi::AdiFunction`], place it where the guest's
 //! `PciAllocator` says (8 functions per device, devices filling root bus 0, then 1, ...), give
 //! BAR0 an address in its root bus's 32-bit window as firmware would, and map it: BAR0 on the
@@ -23,7 +24,7 @@ use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_vfio::dma::GuestRam;
-use siovmm_vfio::siov::{self, AdiId, Portal, SiovDevice};
+use siovmm_vfio::siov::{self, AdiId, DmaHandle, Portal, SiovDevice};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -88,6 +89,8 @@ pub struct Vdcm {
     router: Arc<MsiRouter>,
     functions: Vec<Arc<Mutex<AdiFunction>>>,
     adis: Vec<AdiId>,
+    /// DMA bindings on the device, unbound once the ADIs using them are closed.
+    dma: Vec<DmaHandle>,
 }
 
 impl std::fmt::Debug for Vdcm {
@@ -111,7 +114,8 @@ pub struct AdiRequest {
     pub vcpus: u32,
 }
 
-/// Where an ADI's DMA goes.
+/// Where the DMA of the function at `bdf` goes: the vIOMMU's view for its source ID, or
+/// guest RAM.
 pub fn dma_space(
     mem: &GuestMemoryMmap,
     iommu: Option<&Arc<VtdUnit>>,
@@ -159,7 +163,23 @@ impl Vdcm {
         let GuestSide { mem, iommu, mmio, doorbells, router } = guest;
         let bars = Arc::new(GuestBars { doorbells, mmio, functions: Mutex::new(HashMap::new()) });
         // Built up in place, so that a failure part-way releases what was composed (Drop).
-        let mut vdcm = Self { device: device.clone(), bars: bars.clone(), router: router.clone(), functions: Vec::new(), adis: Vec::new() };
+        let mut vdcm = Self {
+            device: device.clone(),
+            bars: bars.clone(),
+            router: router.clone(),
+            functions: Vec::new(),
+            adis: Vec::new(),
+            dma: Vec::new(),
+        };
+        // Without a vIOMMU every ADI of the guest DMAs into the same space: one binding.
+        let shared_dma = match iommu {
+            None => {
+                let h = device.dma_bind(dma_space(mem, None, Bdf::new(0, 0, 0)))?;
+                vdcm.dma.push(h);
+                Some(h)
+            }
+            Some(_) => None,
+        };
         let mut slot = Bdf::new(0, 0, 0);
         for i in 0..req.count {
             let adi = AdiId(req.first_adi + i);
@@ -168,10 +188,17 @@ impl Vdcm {
                 slot = slots.allocate_device().map_err(placement)?;
             }
             let bdf = Bdf::new(slot.bus(), slot.device(), (i % 8) as u8);
-            let Portal::Doorbell(doorbell) = device.open_adi(adi, dma_space(mem, iommu, bdf))?;
+            let dma = match shared_dma {
+                Some(h) => h,
+                None => {
+                    let h = device.dma_bind(dma_space(mem, iommu, bdf))?;
+                    vdcm.dma.push(h);
+                    h
+                }
+            };
+            let Portal::Doorbell(doorbell) = device.open_adi(adi, dma)?;
             vdcm.adis.push(adi);
-            let ims = device.ims_alloc(u32::from(req.vectors))?;
-            device.ims_assign(ims, adi)?;
+            let ims = device.ims_alloc(adi, u32::from(req.vectors))?;
             let multifunction = i % 8 == 0 && i + 1 < req.count;
             let bar0 = slots.allocate_bar(bdf.bus(), BAR0_SIZE).map_err(placement)?;
             let func = AdiFunction::new(AdiParts {
@@ -222,11 +249,16 @@ impl Vdcm {
 
 impl Drop for Vdcm {
     fn drop(&mut self) {
-        // Close the ADIs so another guest can take them; each function returns its IMS
-        // entries when it drops (`AdiFunction`'s Drop), once the guest's buses let it go.
+        // Close the ADIs so another guest can take them (the device frees their IMS entries),
+        // then drop the DMA bindings nothing uses any more.
         for adi in &self.adis {
             if let Err(e) = self.device.close_adi(*adi) {
                 log::warn!("closing ADI {}: {e}", adi.0);
+            }
+        }
+        for h in &self.dma {
+            if let Err(e) = self.device.dma_unbind(*h) {
+                log::warn!("unbinding DMA handle {}: {e}", h.0);
             }
         }
     }
@@ -277,9 +309,13 @@ mod tests {
         for round in 0..3 {
             let (vdcm, root, mmio) = compose(&device, &mem, 8).unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert_eq!(vdcm.functions().len(), 8);
+            assert_eq!(device.ims_free_entries(), 0);
+            assert_eq!(device.dma_bindings(), 1, "one binding for the guest's RAM");
             assert!(matches!(compose(&device, &mem, 1), Err(Error::Device(_))), "the device is full while the guest lives");
             // The guest goes: its VDCM, PCI segment and buses.
             drop((vdcm, root, mmio));
+            assert_eq!(device.ims_free_entries(), 16);
+            assert_eq!(device.dma_bindings(), 0);
         }
     }
 }

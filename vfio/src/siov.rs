@@ -10,6 +10,17 @@
 //! - an **interrupt handle** is what a descriptor names to request a completion interrupt: an
 //!   index into the table of IMS entries the VDCM gave the ADI.
 //!
+//! Division of labour (the split a host VDCM driver and a device daemon keep alike):
+//! - the **device side** owns its IMS: it allocates entries to an ADI, composes the host
+//!   message each entry writes (the VMM only reads it back), checks on every operation that
+//!   the entry belongs to the ADI named, and frees an ADI's entries when the ADI is closed;
+//! - **DMA** is bound by handle: the VMM registers an address space once ([`SiovDevice::dma_bind`],
+//!   the PASID binding of real hardware) and opens ADIs on the handle; the device refuses an
+//!   unknown handle and keeps a handle bound while an ADI uses it;
+//! - the **portal** is what the device offers for submissions ([`Portal`]): today a doorbell
+//!   eventfd; a portal page the VMM maps into the guest comes with the first backend that has
+//!   one (the device daemon's shared page, issue 11).
+//!
 //! Delivery: a fired IMS entry signals the eventfd bound to it (VFIO's SET_IRQS model); siovmm
 //! binds that eventfd to a KVM MSI route with irqfd, so no VMM thread sits on the path.
 
@@ -61,6 +72,10 @@ pub struct ImsEntry {
     /// Mask bit.
     pub masked: bool,
 }
+
+/// A DMA address space bound to the device (on hardware: a PASID with its page tables).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DmaHandle(pub u32);
 
 /// A group of IMS entries from one `ims_alloc`: `count` consecutive indexes from `first`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,17 +143,34 @@ pub enum Error {
     /// A zero-sized request.
     #[error("an IMS group needs at least one entry")]
     EmptyGroup,
+    /// The DMA handle is not bound to this device.
+    #[error("DMA handle {0} is not bound")]
+    NoSuchDma(u32),
+    /// The DMA handle is still used by an open ADI.
+    #[error("DMA handle {0} is still used by an open ADI")]
+    DmaInUse(u32),
+    /// The device cannot take more of something (eventfds, threads, DMA bindings).
+    #[error("the device is out of resources: {0}")]
+    Resources(&'static str),
 }
 
 /// One host SIOV device.
+///
+/// Every ADI-scoped call names the ADI; the device checks that an IMS entry or group named
+/// with it is that ADI's, so one guest's VMM can never reach another guest's interrupts.
 pub trait SiovDevice: Send + Sync {
     /// What the device offers.
     fn info(&self) -> DeviceInfo;
 
-    /// Takes ADI `adi` for one guest, binding its DMA to `dma` (the PASID binding).
-    fn open_adi(&self, adi: AdiId, dma: Arc<dyn DmaSpace>) -> Result<Portal, Error>;
-    /// Resets and releases the ADI; its IMS entries stay allocated to the caller, who returns
-    /// them with `ims_free` (the VDCM does when the ADI's function goes).
+    /// Binds a DMA address space (the guest's memory, or its vIOMMU's view for one function);
+    /// ADIs opened on the handle DMA into it.
+    fn dma_bind(&self, space: Arc<dyn DmaSpace>) -> Result<DmaHandle, Error>;
+    /// Unbinds a handle; refused while an open ADI uses it.
+    fn dma_unbind(&self, handle: DmaHandle) -> Result<(), Error>;
+
+    /// Takes ADI `adi` for one guest, its DMA going to the space bound as `dma`.
+    fn open_adi(&self, adi: AdiId, dma: DmaHandle) -> Result<Portal, Error>;
+    /// Resets and releases the ADI and frees every IMS entry allocated to it.
     fn close_adi(&self, adi: AdiId) -> Result<(), Error>;
     /// Resets the ADI: queue disabled, counters cleared, interrupt handles dropped.
     fn reset_adi(&self, adi: AdiId) -> Result<(), Error>;
@@ -146,25 +178,22 @@ pub trait SiovDevice: Send + Sync {
     fn configure_queue(&self, adi: AdiId, queue: Option<QueueConfig>) -> Result<(), Error>;
     /// Sets the ADI's interrupt-handle table: handle `h` fires IMS entry `handles[h]`; `None`
     /// is a revoked handle (descriptors naming it complete with "invalid interrupt handle").
-    /// Every entry must be assigned to this ADI (the device checks ownership on each interrupt,
-    /// as DSA checks the entry's PASID).
+    /// Every entry must be this ADI's (the device checks ownership on each interrupt too, as
+    /// DSA checks the entry's PASID).
     fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<ImsIndex>]) -> Result<(), Error>;
 
-    /// Allocates `count` IMS entries (masked, no message).
-    fn ims_alloc(&self, count: u32) -> Result<ImsGroup, Error>;
-    /// Frees a group from `ims_alloc`; its entries are masked and unbound first.
-    fn ims_free(&self, group: ImsGroup) -> Result<(), Error>;
-    /// Gives the entries of `group` to `adi` (for in-memory IMS: moves them into its queue
-    /// context).
-    fn ims_assign(&self, group: ImsGroup, adi: AdiId) -> Result<(), Error>;
-    /// Programs an entry's message and mask. Unmasking delivers a pending interrupt.
-    fn ims_program(&self, index: ImsIndex, entry: ImsEntry) -> Result<(), Error>;
-    /// Reads an entry back.
-    fn ims_read(&self, index: ImsIndex) -> Result<ImsEntry, Error>;
-    /// Sets only the mask bit. Unmasking delivers a pending interrupt, once.
-    fn ims_set_mask(&self, index: ImsIndex, masked: bool) -> Result<(), Error>;
+    /// Allocates `count` IMS entries to the open ADI `adi` (for in-memory IMS: in its queue
+    /// context), each masked and holding the message the device composed for it.
+    fn ims_alloc(&self, adi: AdiId, count: u32) -> Result<ImsGroup, Error>;
+    /// Frees a group `ims_alloc` gave `adi`; its entries are masked and unbound first.
+    fn ims_free(&self, adi: AdiId, group: ImsGroup) -> Result<(), Error>;
+    /// The host message entry `index` writes when it fires (composed by the device side, as
+    /// a host's interrupt domain would; the VMM never chooses it).
+    fn ims_message(&self, adi: AdiId, index: ImsIndex) -> Result<MsiMessage, Error>;
+    /// Sets the mask bit. Unmasking delivers a pending interrupt, once.
+    fn ims_set_mask(&self, adi: AdiId, index: ImsIndex, masked: bool) -> Result<(), Error>;
     /// Whether an interrupt arrived while the entry was masked and is not yet delivered.
-    fn ims_pending(&self, index: ImsIndex) -> Result<bool, Error>;
+    fn ims_pending(&self, adi: AdiId, index: ImsIndex) -> Result<bool, Error>;
     /// Binds the eventfd the entry signals (`None` unbinds: interrupts are then dropped).
-    fn ims_bind(&self, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error>;
+    fn ims_bind(&self, adi: AdiId, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error>;
 }

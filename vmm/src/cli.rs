@@ -6,7 +6,7 @@ use std::fs::File;
 use arch::boot::sniff_format;
 use siovmm_vfio::siov::ImsStorage;
 
-use crate::config::{BenchOptions, ImsPolicy, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
+use crate::config::{BenchOptions, ImsPolicy, SiovBackend, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
 use siovmm_vdcm::MAX_ADIS_PER_GUEST;
 
 /// The usage text (`--help`).
@@ -34,7 +34,7 @@ SIOV (Scalable IOV) options:
                        [default: 0]
     --adi-vectors N    MSI-X vectors per ADI, 1..=256, each backed by one IMS entry [default: 2]
     --siov-adis N      ADIs of the software SIOV device siovmm runs [default: 256]
-    --siov-ims N       IMS entries of that device, at least 16 [default: 16384]
+    --siov-ims N       IMS entries of that device, 16..=65536 [default: 16384]
     --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
                        in-memory (in each queue's context) [default: on-device]
     --ims P            IMS policy for the guest: off (unmodified guests: IMS disallowed, said by
@@ -228,11 +228,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     }
 
     let mut siov = SiovConfig { adis: adis.unwrap_or(0), ..SiovConfig::default() };
+    let SiovBackend::Software { adis: mut device_adis, ims_entries: mut device_ims, mut storage } = siov.device;
     for (flag, v) in &siov_opts {
         match flag.as_str() {
             "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, u32::from(siovmm_vdcm::adi::MAX_MSIX_VECTORS))? as u16,
-            "--siov-adis" => siov.device_adis = parse_count(flag, v, 1, 1 << 20)?,
-            "--siov-ims" => siov.device_ims = parse_count(flag, v, 16, 1 << 24)?,
+            "--siov-adis" => device_adis = parse_count(flag, v, 1, 1 << 20)?,
+            "--siov-ims" => device_ims = parse_count(flag, v, 16, siovmm_vfio::soft::ims::MAX_ENTRIES)?,
             "--viommu" => siov.viommu = true,
             "--ims" => {
                 siov.ims = match v.as_str() {
@@ -244,7 +245,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             }
             "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, siovmm_interrupts::router::MAX_MSI_ROUTES)?,
             _ => {
-                siov.ims_storage = match v.as_str() {
+                storage = match v.as_str() {
                     "on-device" => ImsStorage::OnDevice,
                     "in-memory" => ImsStorage::InMemory,
                     _ => return err(format!("--ims-storage {v}: must be on-device or in-memory")),
@@ -252,17 +253,18 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             }
         }
     }
-    if siov.ims == ImsPolicy::Trap && siov.ims_storage != ImsStorage::OnDevice {
+    siov.device = SiovBackend::Software { adis: device_adis, ims_entries: device_ims, storage };
+    if siov.ims == ImsPolicy::Trap && storage != ImsStorage::OnDevice {
         return err("--ims trap: IMS in memory cannot be trapped; use --ims pv or --ims-storage on-device".into());
     }
-    if siov.adis > siov.device_adis {
-        return err(format!("--adi {}: the SIOV device has only {} ADIs (--siov-adis)", siov.adis, siov.device_adis));
+    if siov.adis > device_adis {
+        return err(format!("--adi {}: the SIOV device has only {device_adis} ADIs (--siov-adis)", siov.adis));
     }
     let ims_needed = u64::from(siov.adis) * u64::from(siov.vectors);
-    if ims_needed > u64::from(siov.device_ims) {
+    if ims_needed > u64::from(device_ims) {
         return err(format!(
             "--adi {} × --adi-vectors {} needs {ims_needed} IMS entries; the device has {} (--siov-ims)",
-            siov.adis, siov.vectors, siov.device_ims
+            siov.adis, siov.vectors, device_ims
         ));
     }
 
@@ -293,7 +295,7 @@ pub fn parse_bench(args: &[String]) -> Result<BenchOptions, CliError> {
         let v = it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?;
         match flag.as_str() {
             "--adis" => o.adis = parse_count(flag, v, 1, 1 << 20)?,
-            "--ims" => o.ims = parse_count(flag, v, 16, 1 << 24)?,
+            "--ims" => o.ims = parse_count(flag, v, 16, siovmm_vfio::soft::ims::MAX_ENTRIES)?,
             "--rate-adis" => o.rate_adis = parse_count(flag, v, 1, 4096)?,
             "--per-adi" => o.per_adi = parse_count(flag, v, 1, 4000)?,
             _ => return Err(CliError(format!("bench-siov: unknown argument '{flag}'"))),
@@ -397,7 +399,14 @@ mod tests {
         };
         assert_eq!(
             c.siov,
-            SiovConfig { adis: 64, vectors: 4, device_adis: 256, device_ims: 20_000, ims_storage: ImsStorage::InMemory, max_msi_routes: 100, viommu: false, ims: ImsPolicy::Off }
+            SiovConfig {
+                adis: 64,
+                vectors: 4,
+                device: SiovBackend::Software { adis: 256, ims_entries: 20_000, storage: ImsStorage::InMemory },
+                max_msi_routes: 100,
+                viommu: false,
+                ims: ImsPolicy::Off
+            }
         );
         assert_eq!(parse(args(&["--help"])).unwrap(), Command::Help);
         assert_eq!(parse(args(&["-V"])).unwrap(), Command::Version);

@@ -2,8 +2,10 @@
 //! The command line parses into these types (`cli`); everything else reads them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use siovmm_vfio::siov::ImsStorage;
+use siovmm_vfio::siov::{ImsStorage, SiovDevice};
+use siovmm_vfio::soft::SoftSiovDevice;
 
 /// Fewest MiB a Linux guest can boot in with its kernel and initramfs.
 pub const MIN_MEMORY: u64 = 32 << 20;
@@ -12,19 +14,44 @@ pub const MAX_CPUS: u8 = 254;
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 
-/// The software SIOV device and the guest's share of it.
+/// Which host SIOV device the guest's ADIs come from (the device daemon over vfio-user joins
+/// this list with issue 11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiovBackend {
+    /// The software DSA-like device, created inside siovmm's process for this VM.
+    Software {
+        /// ADIs of the device.
+        adis: u32,
+        /// IMS entries of the device.
+        ims_entries: u32,
+        /// Where it keeps them.
+        storage: ImsStorage,
+    },
+}
+
+/// Worker threads of an in-process software device.
+const SOFTWARE_DEVICE_WORKERS: usize = 2;
+
+impl SiovBackend {
+    /// Opens (for the software device: creates) the device.
+    pub fn open(&self) -> std::io::Result<Arc<dyn SiovDevice>> {
+        match *self {
+            Self::Software { adis, ims_entries, storage } => {
+                Ok(Arc::new(SoftSiovDevice::new(adis, ims_entries, storage, SOFTWARE_DEVICE_WORKERS)?))
+            }
+        }
+    }
+}
+
+/// The host SIOV device and the guest's share of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiovConfig {
     /// ADIs assigned to the guest.
     pub adis: u32,
     /// MSI-X vectors per ADI.
     pub vectors: u16,
-    /// ADIs of the device.
-    pub device_adis: u32,
-    /// IMS entries of the device.
-    pub device_ims: u32,
-    /// IMS storage.
-    pub ims_storage: ImsStorage,
+    /// The device they come from.
+    pub device: SiovBackend,
     /// KVM routes siovmm may use.
     pub max_msi_routes: u32,
     /// Give the guest a virtual VT-d unit.
@@ -77,9 +104,7 @@ impl Default for SiovConfig {
         Self {
             adis: 0,
             vectors: 2,
-            device_adis: 256,
-            device_ims: 16_384,
-            ims_storage: ImsStorage::OnDevice,
+            device: SiovBackend::Software { adis: 256, ims_entries: 16_384, storage: ImsStorage::OnDevice },
             max_msi_routes: siovmm_interrupts::router::MAX_MSI_ROUTES,
             viommu: false,
             ims: ImsPolicy::Off,

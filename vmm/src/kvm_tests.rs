@@ -15,7 +15,8 @@ use kvm_ioctls::Kvm;
 use siovmm_sandbox::kvm_test;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::config::{SiovConfig, VmConfig};
+use crate::config::{SiovBackend, SiovConfig, VmConfig};
+use siovmm_vfio::siov::ImsStorage;
 use crate::vcpu::{self, Exits};
 use crate::vm::Vm;
 use crate::vm::{attach_pci, build_platform, create_vm, pci_root};
@@ -347,7 +348,7 @@ kvm_test! {
         use siovmm_vdcm::AdiRequest;
         use devices::pci::Bdf;
         use siovmm_hypercall::{Call, Status};
-        use siovmm_vfio::siov::{ImsStorage, SiovDevice};
+        use siovmm_vfio::siov::ImsStorage;
         use siovmm_vfio::soft::SoftSiovDevice;
 
         let kvm = Kvm::new().unwrap();
@@ -375,8 +376,7 @@ kvm_test! {
         // VM A's slots still work for VM A.
         assert_eq!(endpoints[0].execute(Call::ImsCompose { adi: rid, slot: 7, vector: 0x40, apic_id: 0 }), Ok(9));
         // And the device says which ADI owns what: 256 - 2×2 MSI-X - 8 entries are left.
-        assert!(device.ims_alloc(244).is_ok());
-        assert!(device.ims_alloc(1).is_err());
+        assert_eq!(device.ims_free_entries(), 244);
     }
 }
 
@@ -445,7 +445,11 @@ kvm_test! {
             cmdline: "console=ttyS0".into(),
             cpus: 2,
             memory: 64 << 20,
-            siov: SiovConfig { adis: 8, device_adis: 8, device_ims: 64, ..SiovConfig::default() },
+            siov: SiovConfig {
+                adis: 8,
+                device: SiovBackend::Software { adis: 8, ims_entries: 64, storage: ImsStorage::OnDevice },
+                ..SiovConfig::default()
+            },
         };
         let cycle = || {
             let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();

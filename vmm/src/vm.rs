@@ -33,7 +33,6 @@ use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::RouteBackend;
 use siovmm_interrupts::router::MsiRouter;
 use siovmm_vdcm::{AdiRequest, GuestSide, Vdcm};
-use siovmm_vfio::soft::SoftSiovDevice;
 use crate::Error;
 
 /// KVM_SET_TSS_ADDR: three pages just below the BIOS area, outside RAM and our MMIO.
@@ -162,8 +161,7 @@ fn compose_adis(
     if s.adis == 0 {
         return Ok(None);
     }
-    let device = SoftSiovDevice::new(s.device_adis, s.device_ims, s.ims_storage, 2)
-        .map_err(|e| Error::Io("starting the software SIOV device".into(), e))?;
+    let device = s.device.open().map_err(|e| Error::Io("opening the SIOV device".into(), e))?;
     let router = MsiRouter::new(irq.clone(), s.max_msi_routes).map_err(|e| Error::Io("starting the MSI router".into(), e))?;
     let req = AdiRequest {
         first_adi: 0,
@@ -173,7 +171,7 @@ fn compose_adis(
         vcpus: u32::from(config.cpus),
     };
     let guest = GuestSide { mem, iommu, mmio: platform.mmio.clone(), doorbells: irq.clone(), router: Arc::new(router) };
-    Ok(Some(Vdcm::compose(guest, root, slots, Arc::new(device), req)?))
+    Ok(Some(Vdcm::compose(guest, root, slots, device, req)?))
 }
 
 /// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.

@@ -1,7 +1,11 @@
 //! The software device's Interrupt Message Store.
 //!
-//! - **Allocation**: entries are handed out in groups of consecutive indexes, first fit, from a
-//!   free-range map; frees merge neighbours. Any number of groups, any time after start-up.
+//! - **Allocation**: entries are handed out to one ADI in groups of consecutive indexes, first
+//!   fit, from a free-range map; frees merge neighbours. Any number of groups, any time after
+//!   start-up; closing an ADI frees all of its groups. Every operation names the ADI and is
+//!   refused for an entry that is not that ADI's.
+//! - **Messages**: the device composes each entry's host message at allocation
+//!   ([`host_message`]); the VMM reads it, masks and unmasks, and binds the eventfd.
 //! - **Storage**: `OnDevice` keeps every entry in one table laid out like a device MMIO region
 //!   (16 bytes: addr_lo, addr_hi, data, ctrl; ctrl bit 0 = mask), reachable through
 //!   [`ImsTable::mmio_read`]/[`ImsTable::mmio_write`] so a VMM can trap it. `InMemory` keeps each
@@ -25,7 +29,7 @@ pub use siovmm_interrupts::msi::{CTRL_MASK, ENTRY_SIZE};
 /// Per-entry state that is not part of the message.
 #[derive(Debug, Default)]
 struct Slot {
-    allocated: bool,
+    /// The ADI the entry is allocated to; `None` when free.
     owner: Option<AdiId>,
     pending: bool,
     target: Option<Arc<EventFd>>,
@@ -42,6 +46,18 @@ pub enum Fired {
     Dropped,
 }
 
+/// Most entries: each host message names its entry by a 16-bit interrupt-remapping handle.
+pub const MAX_ENTRIES: u32 = 1 << 16;
+
+/// The host message entry `index` writes: VT-d's remappable format (VT-d 4.1 §5.1.5.2), whose
+/// 16-bit handle names the host interrupt-remapping entry set up for this IMS entry. A
+/// hardware device's host driver gets such a message from the host's interrupt domain; the
+/// software device delivers through the bound eventfd, so the message only identifies.
+pub fn host_message(index: ImsIndex) -> MsiMessage {
+    let handle = index & 0xffff;
+    MsiMessage { address: u64::from(0xfee0_0000 | (handle & 0x7fff) << 5 | 1 << 4 | (handle >> 15) << 2), data: 0 }
+}
+
 /// The IMS.
 #[derive(Debug)]
 pub struct ImsTable {
@@ -53,7 +69,8 @@ pub struct ImsTable {
     contexts: HashMap<AdiId, Vec<Option<[u8; ENTRY_SIZE]>>>,
     placement: HashMap<ImsIndex, (AdiId, usize)>,
     free: BTreeMap<u32, u32>,
-    groups: HashMap<u32, u32>,
+    /// Allocated groups: first index → (count, owner).
+    groups: HashMap<u32, (u32, AdiId)>,
 }
 
 /// An entry in its stored form: the MSI-X entry layout (`siovmm_interrupts::msi`).
@@ -69,8 +86,9 @@ fn decode(b: &[u8; ENTRY_SIZE]) -> ImsEntry {
 const MASKED: ImsEntry = ImsEntry { message: MsiMessage { address: 0, data: 0 }, masked: true };
 
 impl ImsTable {
-    /// `entries` entries of `storage`.
+    /// `entries` entries of `storage` (at most [`MAX_ENTRIES`]; more are not made).
     pub fn new(storage: ImsStorage, entries: u32) -> Self {
+        let entries = entries.min(MAX_ENTRIES);
         let mut free = BTreeMap::new();
         if entries > 0 {
             free.insert(0, entries);
@@ -105,8 +123,9 @@ impl ImsTable {
         self.free.values().sum()
     }
 
-    /// Allocates `count` consecutive entries, masked.
-    pub fn alloc(&mut self, count: u32) -> Result<ImsGroup, Error> {
+    /// Allocates `count` consecutive entries to `adi`, each masked with its host message; for
+    /// in-memory storage they are placed in the ADI's queue context.
+    pub fn alloc(&mut self, adi: AdiId, count: u32) -> Result<ImsGroup, Error> {
         if count == 0 {
             return Err(Error::EmptyGroup);
         }
@@ -118,26 +137,39 @@ impl ImsTable {
         if len > count {
             self.free.insert(start + count, len - count);
         }
-        self.groups.insert(start, count);
+        self.groups.insert(start, (count, adi));
         for i in start..start + count {
-            self.slots[i as usize] = Slot { allocated: true, ..Slot::default() };
-            if let Some(e) = self.table.get_mut(i as usize) {
-                *e = encode(&MASKED);
+            self.slots[i as usize] = Slot { owner: Some(adi), ..Slot::default() };
+            let entry = encode(&ImsEntry { message: host_message(i), masked: true });
+            match self.storage {
+                ImsStorage::OnDevice => self.table[i as usize] = entry,
+                ImsStorage::InMemory => {
+                    let ctx = self.contexts.entry(adi).or_default();
+                    let pos = match ctx.iter().position(Option::is_none) {
+                        Some(p) => p,
+                        None => {
+                            ctx.push(None);
+                            ctx.len() - 1
+                        }
+                    };
+                    ctx[pos] = Some(entry);
+                    self.placement.insert(i, (adi, pos));
+                }
             }
         }
         Ok(ImsGroup { first: start, count })
     }
 
-    /// Frees a group returned by `alloc` (exactly that group).
-    pub fn free(&mut self, group: ImsGroup) -> Result<(), Error> {
-        if self.groups.get(&group.first) != Some(&group.count) {
+    /// Frees a group `alloc` gave `adi` (exactly that group).
+    pub fn free(&mut self, adi: AdiId, group: ImsGroup) -> Result<(), Error> {
+        if self.groups.get(&group.first) != Some(&(group.count, adi)) {
             return Err(Error::ImsNotAllocated(group.first));
         }
         self.groups.remove(&group.first);
         for i in group.indexes() {
             self.slots[i as usize] = Slot::default();
-            if let Some((adi, pos)) = self.placement.remove(&i) {
-                if let Some(ctx) = self.contexts.get_mut(&adi) {
+            if let Some((owner, pos)) = self.placement.remove(&i) {
+                if let Some(ctx) = self.contexts.get_mut(&owner) {
                     ctx[pos] = None;
                 }
             }
@@ -163,96 +195,89 @@ impl ImsTable {
         Ok(())
     }
 
-    fn slot(&self, index: ImsIndex) -> Result<&Slot, Error> {
-        self.slots.get(index as usize).filter(|s| s.allocated).ok_or(Error::ImsNotAllocated(index))
-    }
-
-    fn slot_mut(&mut self, index: ImsIndex) -> Result<&mut Slot, Error> {
-        self.slots.get_mut(index as usize).filter(|s| s.allocated).ok_or(Error::ImsNotAllocated(index))
-    }
-
-    /// Gives every entry of `group` to `adi`; for in-memory storage, places them in its context.
-    pub fn assign(&mut self, group: ImsGroup, adi: AdiId) -> Result<(), Error> {
-        if self.groups.get(&group.first) != Some(&group.count) {
-            return Err(Error::ImsNotAllocated(group.first));
-        }
-        for i in group.indexes() {
-            let old = self.read(i)?;
-            if let Some((prev, pos)) = self.placement.remove(&i) {
-                if let Some(ctx) = self.contexts.get_mut(&prev) {
-                    ctx[pos] = None;
-                }
-            }
-            self.slot_mut(i)?.owner = Some(adi);
-            if self.storage == ImsStorage::InMemory {
-                let ctx = self.contexts.entry(adi).or_default();
-                let pos = match ctx.iter().position(Option::is_none) {
-                    Some(p) => p,
-                    None => {
-                        ctx.push(None);
-                        ctx.len() - 1
-                    }
-                };
-                ctx[pos] = Some(encode(&old));
-                self.placement.insert(i, (adi, pos));
+    /// Frees every group of `adi` (its ADI is closed); returns how many entries went back.
+    pub fn free_all(&mut self, adi: AdiId) -> u32 {
+        let groups: Vec<ImsGroup> = self
+            .groups
+            .iter()
+            .filter(|(_, (_, owner))| *owner == adi)
+            .map(|(&first, &(count, _))| ImsGroup { first, count })
+            .collect();
+        let mut freed = 0;
+        for g in groups {
+            if self.free(adi, g).is_ok() {
+                freed += g.count;
             }
         }
-        Ok(())
+        self.contexts.remove(&adi);
+        freed
     }
 
-    /// The entry's owner.
-    pub fn owner(&self, index: ImsIndex) -> Result<Option<AdiId>, Error> {
-        Ok(self.slot(index)?.owner)
+    /// The entry, if it is allocated to `adi`.
+    fn slot(&self, adi: AdiId, index: ImsIndex) -> Result<&Slot, Error> {
+        self.slots.get(index as usize).filter(|s| s.owner == Some(adi)).ok_or(Error::ImsNotAllocated(index))
     }
 
-    /// Reads an entry.
-    pub fn read(&self, index: ImsIndex) -> Result<ImsEntry, Error> {
-        self.slot(index)?;
-        Ok(match self.storage {
+    fn slot_mut(&mut self, adi: AdiId, index: ImsIndex) -> Result<&mut Slot, Error> {
+        self.slots.get_mut(index as usize).filter(|s| s.owner == Some(adi)).ok_or(Error::ImsNotAllocated(index))
+    }
+
+    /// The entry's owner, if it is allocated.
+    pub fn owner(&self, index: ImsIndex) -> Option<AdiId> {
+        self.slots.get(index as usize).and_then(|s| s.owner)
+    }
+
+    /// Reads an entry of `adi`.
+    pub fn read(&self, adi: AdiId, index: ImsIndex) -> Result<ImsEntry, Error> {
+        self.slot(adi, index)?;
+        Ok(self.stored(index))
+    }
+
+    /// An allocated entry as stored.
+    fn stored(&self, index: ImsIndex) -> ImsEntry {
+        match self.storage {
             ImsStorage::OnDevice => decode(&self.table[index as usize]),
             ImsStorage::InMemory => match self.placement.get(&index) {
                 Some((adi, pos)) => self.contexts[adi][*pos].as_ref().map_or(MASKED, decode),
-                // Not yet in any queue context: reads as masked and empty.
                 None => MASKED,
             },
-        })
+        }
     }
 
-    /// Writes an entry; unmasking delivers a pending interrupt.
-    pub fn program(&mut self, index: ImsIndex, entry: ImsEntry) -> Result<(), Error> {
-        self.slot(index)?;
+    /// Stores an allocated entry; unmasking delivers a pending interrupt.
+    fn store(&mut self, index: ImsIndex, entry: ImsEntry) {
         let bytes = encode(&entry);
         match self.storage {
             ImsStorage::OnDevice => self.table[index as usize] = bytes,
             ImsStorage::InMemory => {
-                // In-memory entries exist only inside an ADI's queue context.
-                let (adi, pos) = *self.placement.get(&index).ok_or(Error::ImsNotAllocated(index))?;
-                if let Some(ctx) = self.contexts.get_mut(&adi) {
-                    ctx[pos] = Some(bytes);
+                if let Some(&(adi, pos)) = self.placement.get(&index) {
+                    if let Some(ctx) = self.contexts.get_mut(&adi) {
+                        ctx[pos] = Some(bytes);
+                    }
                 }
             }
         }
         if !entry.masked {
             self.deliver_pending(index);
         }
+    }
+
+    /// Sets the mask bit of an entry of `adi`.
+    pub fn set_mask(&mut self, adi: AdiId, index: ImsIndex, masked: bool) -> Result<(), Error> {
+        let mut e = self.read(adi, index)?;
+        e.masked = masked;
+        self.store(index, e);
         Ok(())
     }
 
-    /// Sets the mask bit only.
-    pub fn set_mask(&mut self, index: ImsIndex, masked: bool) -> Result<(), Error> {
-        let mut e = self.read(index)?;
-        e.masked = masked;
-        self.program(index, e)
-    }
-
     /// Pending bit.
-    pub fn pending(&self, index: ImsIndex) -> Result<bool, Error> {
-        Ok(self.slot(index)?.pending)
+    pub fn pending(&self, adi: AdiId, index: ImsIndex) -> Result<bool, Error> {
+        Ok(self.slot(adi, index)?.pending)
     }
 
-    /// Binds the eventfd an entry signals.
-    pub fn bind(&mut self, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error> {
-        self.slot_mut(index)?.target = target;
+    /// Binds the eventfd an entry of `adi` signals.
+    pub fn bind(&mut self, adi: AdiId, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error> {
+        self.slot_mut(adi, index)?.target = target;
         Ok(())
     }
 
@@ -269,14 +294,11 @@ impl ImsTable {
 
     /// Fires entry `index` on behalf of `adi`.
     pub fn fire(&mut self, index: ImsIndex, adi: AdiId) -> Fired {
-        let masked = match self.read(index) {
+        let masked = match self.read(adi, index) {
             Ok(e) => e.masked,
             Err(_) => return Fired::Dropped,
         };
         let Some(slot) = self.slots.get_mut(index as usize) else { return Fired::Dropped };
-        if slot.owner != Some(adi) {
-            return Fired::Dropped;
-        }
         if masked {
             slot.pending = true;
             return Fired::Pending;
@@ -313,7 +335,7 @@ impl ImsTable {
         else {
             return;
         };
-        if self.slot(idx).is_err() {
+        if self.owner(idx).is_none() {
             return;
         }
         let mut bytes = self.table[idx as usize];
@@ -321,10 +343,7 @@ impl ImsTable {
         let mut ctrl = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         ctrl &= CTRL_MASK;
         bytes[12..16].copy_from_slice(&ctrl.to_le_bytes());
-        // `slot(idx)` was checked above, so programming it cannot fail.
-        if let Err(e) = self.program(idx, decode(&bytes)) {
-            debug_assert!(false, "IMS entry {idx} checked, then refused: {e}");
-        }
+        self.store(idx, decode(&bytes));
     }
 }
 
@@ -336,52 +355,89 @@ mod tests {
         Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
     }
 
+    const A: AdiId = AdiId(1);
+    const B: AdiId = AdiId(2);
+
     #[test]
     fn groups_allocate_free_and_merge() {
         let mut t = ImsTable::new(ImsStorage::OnDevice, 16_384);
-        let a = t.alloc(2048).unwrap();
-        let b = t.alloc(10_000).unwrap();
-        let c = t.alloc(4336).unwrap();
+        let a = t.alloc(A, 2048).unwrap();
+        let b = t.alloc(A, 10_000).unwrap();
+        let c = t.alloc(B, 4336).unwrap();
         assert_eq!((a.first, b.first, c.first), (0, 2048, 12_048));
         assert_eq!(t.free_entries(), 0);
-        assert_eq!(t.alloc(1), Err(Error::ImsExhausted { requested: 1, free: 0 }));
-        t.free(b).unwrap();
-        assert_eq!(t.alloc(10_001), Err(Error::ImsExhausted { requested: 10_001, free: 10_000 }));
-        t.free(a).unwrap();
+        assert_eq!(t.alloc(A, 1), Err(Error::ImsExhausted { requested: 1, free: 0 }));
+        t.free(A, b).unwrap();
+        assert_eq!(t.alloc(A, 10_001), Err(Error::ImsExhausted { requested: 10_001, free: 10_000 }));
+        t.free(A, a).unwrap();
         // a and b merged: one run of 12048.
-        assert_eq!(t.alloc(12_048).unwrap().first, 0);
-        assert_eq!(t.free(ImsGroup { first: 5, count: 1 }), Err(Error::ImsNotAllocated(5)));
-        assert_eq!(t.free(c), Ok(()));
-        assert_eq!(t.free(c), Err(Error::ImsNotAllocated(c.first)));
-        assert_eq!(t.alloc(0), Err(Error::EmptyGroup));
+        assert_eq!(t.alloc(A, 12_048).unwrap().first, 0);
+        assert_eq!(t.free(A, ImsGroup { first: 5, count: 1 }), Err(Error::ImsNotAllocated(5)));
+        assert_eq!(t.free(A, c), Err(Error::ImsNotAllocated(c.first)), "another ADI's group");
+        assert_eq!(t.free(B, c), Ok(()));
+        assert_eq!(t.free(B, c), Err(Error::ImsNotAllocated(c.first)));
+        assert_eq!(t.alloc(A, 0), Err(Error::EmptyGroup));
+    }
+
+    #[test]
+    fn closing_an_adi_frees_all_its_groups_and_only_its() {
+        for storage in [ImsStorage::OnDevice, ImsStorage::InMemory] {
+            let mut t = ImsTable::new(storage, 64);
+            let a1 = t.alloc(A, 4).unwrap();
+            let b1 = t.alloc(B, 8).unwrap();
+            let a2 = t.alloc(A, 16).unwrap();
+            assert_eq!(t.free_all(A), 20, "{storage:?}");
+            assert_eq!(t.free_entries(), 56);
+            assert!(t.read(A, a1.first).is_err() && t.read(A, a2.first).is_err());
+            assert!(t.read(B, b1.first).unwrap().masked, "{storage:?}: B's entries stay");
+            assert_eq!(t.free_all(A), 0);
+        }
+    }
+
+    #[test]
+    fn the_device_composes_each_entrys_host_message() {
+        for storage in [ImsStorage::OnDevice, ImsStorage::InMemory] {
+            let mut t = ImsTable::new(storage, 1 << 16);
+            let g = t.alloc(A, 1 << 16).unwrap();
+            for i in [0, 1, 0x7fff, 0x8000, 0xffff] {
+                let e = t.read(A, i).unwrap();
+                assert!(e.masked);
+                assert_eq!(e.message, host_message(i));
+            }
+            // Remappable format: bit 4 set, handle[14:0] in bits 19:5, handle[15] in bit 2.
+            assert_eq!(host_message(0x8001).address, 0xfee0_0000 | 1 << 5 | 1 << 4 | 1 << 2);
+            let distinct: std::collections::HashSet<_> = g.indexes().map(host_message).collect();
+            assert_eq!(distinct.len(), 1 << 16, "every entry has its own handle");
+        }
+        assert_eq!(ImsTable::new(ImsStorage::OnDevice, u32::MAX).len(), MAX_ENTRIES);
     }
 
     #[test]
     fn mask_pending_and_single_delivery() {
         for storage in [ImsStorage::OnDevice, ImsStorage::InMemory] {
             let mut t = ImsTable::new(storage, 64);
-            let g = t.alloc(4).unwrap();
-            t.assign(g, AdiId(1)).unwrap();
+            let g = t.alloc(A, 4).unwrap();
             let e = evt();
-            t.bind(g.first, Some(e.clone())).unwrap();
-            assert!(t.read(g.first).unwrap().masked, "{storage:?}: new entries are masked");
-            assert_eq!(t.fire(g.first, AdiId(1)), Fired::Pending);
-            assert_eq!(t.fire(g.first, AdiId(1)), Fired::Pending);
-            assert!(t.pending(g.first).unwrap());
+            t.bind(A, g.first, Some(e.clone())).unwrap();
+            assert!(t.read(A, g.first).unwrap().masked, "{storage:?}: new entries are masked");
+            assert_eq!(t.fire(g.first, A), Fired::Pending);
+            assert_eq!(t.fire(g.first, A), Fired::Pending);
+            assert!(t.pending(A, g.first).unwrap());
             assert!(e.read().is_err(), "{storage:?}: nothing delivered while masked");
-            let msg = ImsEntry { message: MsiMessage { address: 0xfee0_0000, data: 0x41 }, masked: false };
-            t.program(g.first, msg).unwrap();
+            t.set_mask(A, g.first, false).unwrap();
             assert_eq!(e.read().unwrap(), 1, "{storage:?}: pending delivered once on unmask");
-            assert!(!t.pending(g.first).unwrap());
-            assert_eq!(t.read(g.first).unwrap(), msg);
-            assert_eq!(t.fire(g.first, AdiId(1)), Fired::Delivered);
+            assert!(!t.pending(A, g.first).unwrap());
+            assert_eq!(t.fire(g.first, A), Fired::Delivered);
             assert_eq!(e.read().unwrap(), 1);
-            // Another ADI cannot fire it.
-            assert_eq!(t.fire(g.first, AdiId(2)), Fired::Dropped);
+            // Another ADI can neither fire it nor touch it.
+            assert_eq!(t.fire(g.first, B), Fired::Dropped);
             assert!(e.read().is_err());
-            t.set_mask(g.first, true).unwrap();
-            assert_eq!(t.fire(g.first, AdiId(1)), Fired::Pending);
-            t.set_mask(g.first, false).unwrap();
+            assert_eq!(t.set_mask(B, g.first, true), Err(Error::ImsNotAllocated(g.first)));
+            assert_eq!(t.bind(B, g.first, None), Err(Error::ImsNotAllocated(g.first)));
+            assert_eq!(t.pending(B, g.first), Err(Error::ImsNotAllocated(g.first)));
+            t.set_mask(A, g.first, true).unwrap();
+            assert_eq!(t.fire(g.first, A), Fired::Pending);
+            t.set_mask(A, g.first, false).unwrap();
             assert_eq!(e.read().unwrap(), 1);
         }
     }
@@ -389,36 +445,33 @@ mod tests {
     #[test]
     fn in_memory_entries_live_in_queue_contexts() {
         let mut t = ImsTable::new(ImsStorage::InMemory, 32);
-        let g = t.alloc(2).unwrap();
-        let unmasked = ImsEntry { message: MsiMessage { address: 1, data: 2 }, masked: false };
-        // Not placed in any queue context yet: nothing to program.
-        assert_eq!(t.program(g.first, unmasked), Err(Error::ImsNotAllocated(g.first)));
-        t.assign(g, AdiId(7)).unwrap();
-        t.program(g.first, unmasked).unwrap();
+        let g = t.alloc(AdiId(7), 2).unwrap();
         assert_eq!(t.contexts[&AdiId(7)].len(), 2);
+        t.set_mask(AdiId(7), g.first, false).unwrap();
+        assert_eq!(
+            t.contexts[&AdiId(7)][0].map(|b| decode(&b)),
+            Some(ImsEntry { message: host_message(g.first), masked: false })
+        );
         // No MMIO view.
         let mut b = [0u8; 4];
         t.mmio_read(0, &mut b);
         assert_eq!(b, [0xff; 4]);
-        t.mmio_write(12, &0u32.to_le_bytes());
-        // Moving the group to another ADI moves the entries.
-        t.assign(g, AdiId(8)).unwrap();
-        assert_eq!(t.read(g.first).unwrap(), unmasked);
-        assert_eq!(t.owner(g.first).unwrap(), Some(AdiId(8)));
-        t.free(g).unwrap();
-        assert!(t.read(g.first).is_err());
+        t.mmio_write(12, &1u32.to_le_bytes());
+        assert!(!t.read(AdiId(7), g.first).unwrap().masked);
+        t.free(AdiId(7), g).unwrap();
+        assert!(t.read(AdiId(7), g.first).is_err());
+        assert!(t.contexts[&AdiId(7)].iter().all(Option::is_none), "freed entries leave the context");
     }
 
     #[test]
     fn on_device_mmio_view() {
         let mut t = ImsTable::new(ImsStorage::OnDevice, 32);
-        let g = t.alloc(1).unwrap();
-        t.assign(g, AdiId(0)).unwrap();
+        let g = t.alloc(AdiId(0), 1).unwrap();
         let base = u64::from(g.first) * ENTRY_SIZE as u64;
         t.mmio_write(base, &0xfee0_1000u32.to_le_bytes());
         t.mmio_write(base + 8, &0x55u32.to_le_bytes());
         t.mmio_write(base + 12, &0xffff_fffeu32.to_le_bytes()); // only the mask bit is writable
-        let e = t.read(g.first).unwrap();
+        let e = t.read(AdiId(0), g.first).unwrap();
         assert_eq!(e, ImsEntry { message: MsiMessage { address: 0xfee0_1000, data: 0x55 }, masked: false });
         let mut b = [0u8; 8];
         t.mmio_read(base, &mut b);
@@ -431,7 +484,8 @@ mod tests {
         let mut b = [0u8; 4];
         t.mmio_read(1 << 40, &mut b);
         assert_eq!(b, [0xff; 4]);
-        assert_eq!(t.read(g.first).unwrap().message.address, 0xfee0_1000);
-        assert!(t.read(31).is_err());
+        assert_eq!(t.read(AdiId(0), g.first).unwrap().message.address, 0xfee0_1000);
+        assert!(t.read(AdiId(0), 31).is_err());
+        assert_eq!(t.owner(31), None);
     }
 }

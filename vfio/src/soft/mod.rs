@@ -13,6 +13,7 @@ pub mod descriptor;
 pub mod engine;
 pub mod ims;
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaSpace;
 use crate::siov::{
-    AdiId, DeviceInfo, Error, ImsEntry, ImsGroup, ImsIndex, ImsStorage, Portal, QueueConfig, SiovDevice,
+    AdiId, DeviceInfo, DmaHandle, Error, ImsGroup, ImsIndex, ImsStorage, MsiMessage, Portal, QueueConfig, SiovDevice,
 };
 use descriptor::{flags, status, Completion, Descriptor, COMPLETION_SIZE, DESC_SIZE};
 use ims::{Fired, ImsTable};
@@ -51,6 +52,8 @@ pub struct Stats {
 
 #[derive(Default)]
 struct AdiState {
+    /// The DMA binding the ADI was opened on, and its space.
+    binding: Option<DmaHandle>,
     dma: Option<Arc<dyn DmaSpace>>,
     doorbell: Option<Arc<EventFd>>,
     queue: Option<QueueConfig>,
@@ -58,8 +61,21 @@ struct AdiState {
     handles: Vec<Option<ImsIndex>>,
 }
 
+/// A bound DMA space and how many open ADIs use it.
+struct Binding {
+    space: Arc<dyn DmaSpace>,
+    users: u32,
+}
+
+#[derive(Default)]
+struct Bindings {
+    next: u32,
+    bound: HashMap<u32, Binding>,
+}
+
 struct Shared {
     adis: Vec<Mutex<AdiState>>,
+    dma: Mutex<Bindings>,
     ims: Mutex<ImsTable>,
     stats: Stats,
     stop: AtomicBool,
@@ -88,11 +104,13 @@ impl std::fmt::Debug for SoftSiovDevice {
 const WAKE_TOKEN: u64 = u64::MAX;
 
 impl SoftSiovDevice {
-    /// A device with `adis` ADIs, `ims_entries` IMS entries in `storage`, served by `workers`
-    /// threads (at least one).
+    /// A device with `adis` ADIs, `ims_entries` IMS entries in `storage` (at most
+    /// [`ims::MAX_ENTRIES`]), served by `workers` threads (at least one).
     pub fn new(adis: u32, ims_entries: u32, storage: ImsStorage, workers: usize) -> std::io::Result<Self> {
+        let ims_entries = ims_entries.min(ims::MAX_ENTRIES);
         let shared = Arc::new(Shared {
             adis: (0..adis).map(|_| Mutex::new(AdiState::default())).collect(),
+            dma: Mutex::new(Bindings::default()),
             ims: Mutex::new(ImsTable::new(storage, ims_entries)),
             stats: Stats::default(),
             stop: AtomicBool::new(false),
@@ -118,6 +136,16 @@ impl SoftSiovDevice {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// IMS entries not allocated to any ADI.
+    pub fn ims_free_entries(&self) -> u32 {
+        lock(&self.shared.ims).free_entries()
+    }
+
+    /// DMA bindings held.
+    pub fn dma_bindings(&self) -> usize {
+        lock(&self.shared.dma).bound.len()
     }
 
     /// MMIO view of an on-device IMS (see [`ImsTable::mmio_read`]).
@@ -243,25 +271,66 @@ impl SiovDevice for SoftSiovDevice {
         self.info
     }
 
-    fn open_adi(&self, adi: AdiId, dma: Arc<dyn DmaSpace>) -> Result<Portal, Error> {
+    fn dma_bind(&self, space: Arc<dyn DmaSpace>) -> Result<DmaHandle, Error> {
+        let mut b = lock(&self.shared.dma);
+        // Handles are never reused while the device lives, so a stale one cannot name a newer
+        // binding of another guest.
+        let id = b.next;
+        b.next = id.checked_add(1).ok_or(Error::Resources("DMA handles"))?;
+        b.bound.insert(id, Binding { space, users: 0 });
+        Ok(DmaHandle(id))
+    }
+
+    fn dma_unbind(&self, handle: DmaHandle) -> Result<(), Error> {
+        let mut b = lock(&self.shared.dma);
+        match b.bound.get(&handle.0) {
+            None => Err(Error::NoSuchDma(handle.0)),
+            Some(binding) if binding.users > 0 => Err(Error::DmaInUse(handle.0)),
+            Some(_) => {
+                b.bound.remove(&handle.0);
+                Ok(())
+            }
+        }
+    }
+
+    fn open_adi(&self, adi: AdiId, dma: DmaHandle) -> Result<Portal, Error> {
         let mut st = lock(self.adi(adi)?);
         if st.dma.is_some() {
             return Err(Error::AdiBusy(adi.0));
         }
-        let doorbell = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Error::AdiBusy(adi.0))?);
+        let mut bindings = lock(&self.shared.dma);
+        let binding = bindings.bound.get_mut(&dma.0).ok_or(Error::NoSuchDma(dma.0))?;
+        let doorbell = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Error::Resources("eventfds"))?);
         self.worker_for(adi)
             .epoll
             .ctl(ControlOperation::Add, doorbell.as_raw_fd(), EpollEvent::new(EventSet::IN, u64::from(adi.0)))
-            .map_err(|_| Error::AdiBusy(adi.0))?;
-        *st = AdiState { dma: Some(dma), doorbell: Some(doorbell.clone()), ..AdiState::default() };
+            .map_err(|_| Error::Resources("epoll registrations"))?;
+        binding.users += 1;
+        *st = AdiState {
+            binding: Some(dma),
+            dma: Some(binding.space.clone()),
+            doorbell: Some(doorbell.clone()),
+            ..AdiState::default()
+        };
         Ok(Portal::Doorbell(doorbell))
     }
 
     fn close_adi(&self, adi: AdiId) -> Result<(), Error> {
         let mut st = lock(self.adi(adi)?);
         let Some(db) = st.doorbell.take() else { return Err(Error::AdiNotOpen(adi.0)) };
-        let _ = self.worker_for(adi).epoll.ctl(ControlOperation::Delete, db.as_raw_fd(), EpollEvent::default());
+        // Deleting a registered fd from our own epoll fails only if it was never added, which
+        // open_adi rules out; the fd closes with the last Arc either way.
+        if let Err(e) = self.worker_for(adi).epoll.ctl(ControlOperation::Delete, db.as_raw_fd(), EpollEvent::default()) {
+            log::warn!("ADI {}: removing its doorbell from the worker: {e}", adi.0);
+        }
+        if let Some(h) = st.binding {
+            if let Some(b) = lock(&self.shared.dma).bound.get_mut(&h.0) {
+                b.users = b.users.saturating_sub(1);
+            }
+        }
         *st = AdiState::default();
+        drop(st);
+        lock(&self.shared.ims).free_all(adi);
         Ok(())
     }
 
@@ -297,7 +366,7 @@ impl SiovDevice for SoftSiovDevice {
     fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<ImsIndex>]) -> Result<(), Error> {
         let ims = lock(&self.shared.ims);
         for &h in handles.iter().flatten() {
-            if ims.owner(h)? != Some(adi) {
+            if ims.owner(h) != Some(adi) {
                 return Err(Error::ImsNotAllocated(h));
             }
         }
@@ -307,37 +376,33 @@ impl SiovDevice for SoftSiovDevice {
         Ok(())
     }
 
-    fn ims_alloc(&self, count: u32) -> Result<ImsGroup, Error> {
-        lock(&self.shared.ims).alloc(count)
+    fn ims_alloc(&self, adi: AdiId, count: u32) -> Result<ImsGroup, Error> {
+        // Hold the ADI's state so it cannot close between the check and the allocation.
+        let st = lock(self.adi(adi)?);
+        if st.dma.is_none() {
+            return Err(Error::AdiNotOpen(adi.0));
+        }
+        lock(&self.shared.ims).alloc(adi, count)
     }
 
-    fn ims_free(&self, group: ImsGroup) -> Result<(), Error> {
-        lock(&self.shared.ims).free(group)
+    fn ims_free(&self, adi: AdiId, group: ImsGroup) -> Result<(), Error> {
+        lock(&self.shared.ims).free(adi, group)
     }
 
-    fn ims_assign(&self, group: ImsGroup, adi: AdiId) -> Result<(), Error> {
-        self.adi(adi)?;
-        lock(&self.shared.ims).assign(group, adi)
+    fn ims_message(&self, adi: AdiId, index: ImsIndex) -> Result<MsiMessage, Error> {
+        lock(&self.shared.ims).read(adi, index).map(|e| e.message)
     }
 
-    fn ims_program(&self, index: ImsIndex, entry: ImsEntry) -> Result<(), Error> {
-        lock(&self.shared.ims).program(index, entry)
+    fn ims_set_mask(&self, adi: AdiId, index: ImsIndex, masked: bool) -> Result<(), Error> {
+        lock(&self.shared.ims).set_mask(adi, index, masked)
     }
 
-    fn ims_read(&self, index: ImsIndex) -> Result<ImsEntry, Error> {
-        lock(&self.shared.ims).read(index)
+    fn ims_pending(&self, adi: AdiId, index: ImsIndex) -> Result<bool, Error> {
+        lock(&self.shared.ims).pending(adi, index)
     }
 
-    fn ims_set_mask(&self, index: ImsIndex, masked: bool) -> Result<(), Error> {
-        lock(&self.shared.ims).set_mask(index, masked)
-    }
-
-    fn ims_pending(&self, index: ImsIndex) -> Result<bool, Error> {
-        lock(&self.shared.ims).pending(index)
-    }
-
-    fn ims_bind(&self, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error> {
-        lock(&self.shared.ims).bind(index, target)
+    fn ims_bind(&self, adi: AdiId, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error> {
+        lock(&self.shared.ims).bind(adi, index, target)
     }
 }
 

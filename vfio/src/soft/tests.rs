@@ -28,13 +28,13 @@ struct Rig {
 fn rig(storage: ImsStorage) -> Rig {
     let dev = SoftSiovDevice::new(4, 64, storage, 2).unwrap();
     let ram = GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
-    let Portal::Doorbell(doorbell) = dev.open_adi(AdiId(0), Arc::new(ram.clone())).unwrap();
-    let group = dev.ims_alloc(2).unwrap();
-    dev.ims_assign(group, AdiId(0)).unwrap();
+    let dma = dev.dma_bind(Arc::new(ram.clone())).unwrap();
+    let Ok(Portal::Doorbell(doorbell)) = dev.open_adi(AdiId(0), dma) else { panic!("no doorbell") };
+    let group = dev.ims_alloc(AdiId(0), 2).unwrap();
     let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     for i in group.indexes() {
-        dev.ims_bind(i, Some(irq.clone())).unwrap();
-        dev.ims_program(i, ImsEntry { message: MsiMessage { address: 0xfee0_0000, data: 0x30 }, masked: false }).unwrap();
+        dev.ims_bind(AdiId(0), i, Some(irq.clone())).unwrap();
+        dev.ims_set_mask(AdiId(0), i, false).unwrap();
     }
     dev.set_interrupt_handles(AdiId(0), &[Some(group.first), Some(group.first + 1)]).unwrap();
     dev.configure_queue(AdiId(0), Some(QueueConfig { base: QUEUE, size: SIZE })).unwrap();
@@ -154,22 +154,26 @@ fn tail_beyond_the_ring_runs_nothing() {
 fn masked_entry_holds_the_interrupt_until_unmasked() {
     let mut r = rig(ImsStorage::InMemory);
     let entry = r.group.first + 1;
-    r.dev.ims_set_mask(entry, true).unwrap();
+    r.dev.ims_set_mask(AdiId(0), entry, true).unwrap();
     r.run(with_irq(opcode::NOOP, 0, 0, 0));
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(r.interrupts(), 0);
-    assert!(r.dev.ims_pending(entry).unwrap());
-    r.dev.ims_set_mask(entry, false).unwrap();
+    assert!(r.dev.ims_pending(AdiId(0), entry).unwrap());
+    r.dev.ims_set_mask(AdiId(0), entry, false).unwrap();
     assert_eq!(r.interrupts(), 1);
-    assert!(!r.dev.ims_pending(entry).unwrap());
+    assert!(!r.dev.ims_pending(AdiId(0), entry).unwrap());
     assert_eq!(r.interrupts(), 0, "delivered once");
 }
 
 #[test]
 fn an_adi_cannot_use_another_adis_entries() {
     let mut r = rig(ImsStorage::OnDevice);
-    let other = r.dev.ims_alloc(1).unwrap();
-    r.dev.ims_assign(other, AdiId(1)).unwrap();
+    let other_dma = r.dev.dma_bind(Arc::new(r.ram.clone())).unwrap();
+    r.dev.open_adi(AdiId(1), other_dma).unwrap();
+    let other = r.dev.ims_alloc(AdiId(1), 1).unwrap();
+    assert_eq!(r.dev.ims_set_mask(AdiId(0), other.first, false), Err(Error::ImsNotAllocated(other.first)));
+    assert_eq!(r.dev.ims_bind(AdiId(0), other.first, None), Err(Error::ImsNotAllocated(other.first)));
+    assert_eq!(r.dev.ims_free(AdiId(0), other), Err(Error::ImsNotAllocated(other.first)));
     assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[Some(other.first)]), Err(Error::ImsNotAllocated(other.first)));
     assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[Some(9999)]), Err(Error::ImsNotAllocated(9999)));
     // A revoked handle (None) fails the descriptor like an unknown one.
@@ -184,29 +188,73 @@ fn an_adi_cannot_use_another_adis_entries() {
 #[test]
 fn adi_lifecycle_errors() {
     let r = rig(ImsStorage::OnDevice);
-    let ram: Arc<dyn DmaSpace> = Arc::new(r.ram.clone());
-    assert!(matches!(r.dev.open_adi(AdiId(0), ram.clone()), Err(Error::AdiBusy(0))));
-    assert!(matches!(r.dev.open_adi(AdiId(9), ram.clone()), Err(Error::NoSuchAdi(9))));
+    let dma = r.dev.dma_bind(Arc::new(r.ram.clone())).unwrap();
+    assert!(matches!(r.dev.open_adi(AdiId(0), dma), Err(Error::AdiBusy(0))));
+    assert!(matches!(r.dev.open_adi(AdiId(9), dma), Err(Error::NoSuchAdi(9))));
+    assert!(matches!(r.dev.open_adi(AdiId(1), DmaHandle(999)), Err(Error::NoSuchDma(999))));
     assert_eq!(r.dev.configure_queue(AdiId(1), None), Err(Error::AdiNotOpen(1)));
+    assert_eq!(r.dev.ims_alloc(AdiId(1), 1), Err(Error::AdiNotOpen(1)));
     assert!(matches!(r.dev.configure_queue(AdiId(0), Some(QueueConfig { base: 0, size: 3 })), Err(Error::BadQueue(_))));
     assert!(matches!(r.dev.configure_queue(AdiId(0), Some(QueueConfig { base: 8, size: 4 })), Err(Error::BadQueue(_))));
     r.dev.reset_adi(AdiId(0)).unwrap();
     r.dev.close_adi(AdiId(0)).unwrap();
     assert_eq!(r.dev.close_adi(AdiId(0)), Err(Error::AdiNotOpen(0)));
-    assert!(r.dev.open_adi(AdiId(0), ram).is_ok());
+    assert!(r.dev.open_adi(AdiId(0), dma).is_ok());
+}
+
+#[test]
+fn a_dma_binding_stays_while_an_adi_uses_it() {
+    let dev = SoftSiovDevice::new(2, 64, ImsStorage::OnDevice, 1).unwrap();
+    let ram = GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let dma = dev.dma_bind(Arc::new(ram)).unwrap();
+    dev.open_adi(AdiId(0), dma).unwrap();
+    dev.open_adi(AdiId(1), dma).unwrap();
+    assert_eq!(dev.dma_unbind(dma), Err(Error::DmaInUse(dma.0)));
+    dev.close_adi(AdiId(0)).unwrap();
+    assert_eq!(dev.dma_unbind(dma), Err(Error::DmaInUse(dma.0)), "ADI 1 still uses it");
+    dev.close_adi(AdiId(1)).unwrap();
+    dev.dma_unbind(dma).unwrap();
+    assert_eq!(dev.dma_unbind(dma), Err(Error::NoSuchDma(dma.0)));
+    assert!(matches!(dev.open_adi(AdiId(0), dma), Err(Error::NoSuchDma(_))), "an unbound handle opens nothing");
+    let again = dev.dma_bind(Arc::new(GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap()))).unwrap();
+    assert_ne!(again, dma, "handles are not reused");
+    assert_eq!(dev.dma_bindings(), 1);
+}
+
+#[test]
+fn closing_an_adi_returns_its_ims_entries() {
+    let dev = SoftSiovDevice::new(2, 64, ImsStorage::InMemory, 1).unwrap();
+    let ram = GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let dma = dev.dma_bind(Arc::new(ram)).unwrap();
+    for _ in 0..3 {
+        dev.open_adi(AdiId(0), dma).unwrap();
+        dev.open_adi(AdiId(1), dma).unwrap();
+        dev.ims_alloc(AdiId(0), 30).unwrap();
+        let kept = dev.ims_alloc(AdiId(1), 4).unwrap();
+        dev.ims_alloc(AdiId(0), 30).unwrap();
+        assert_eq!(dev.ims_free_entries(), 0);
+        dev.close_adi(AdiId(0)).unwrap();
+        assert_eq!(dev.ims_free_entries(), 60, "ADI 0's 60 entries back");
+        assert_eq!(dev.ims_message(AdiId(1), kept.first), Ok(super::ims::host_message(kept.first)));
+        dev.close_adi(AdiId(1)).unwrap();
+        assert_eq!(dev.ims_free_entries(), 64);
+    }
 }
 
 #[test]
 fn sixteen_thousand_entries_and_ten_thousand_adis() {
     let dev = SoftSiovDevice::new(10_000, 16_384, ImsStorage::OnDevice, 2).unwrap();
     assert_eq!(dev.info().adis, 10_000);
+    let ram = GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+    let dma = dev.dma_bind(Arc::new(ram)).unwrap();
     let mut groups = Vec::new();
-    for _ in 0..8192 {
-        groups.push(dev.ims_alloc(2).unwrap());
+    for adi in 0..8192 {
+        dev.open_adi(AdiId(adi), dma).unwrap();
+        groups.push((AdiId(adi), dev.ims_alloc(AdiId(adi), 2).unwrap()));
     }
-    assert!(matches!(dev.ims_alloc(1), Err(Error::ImsExhausted { .. })));
-    for g in groups.drain(..4096) {
-        dev.ims_free(g).unwrap();
+    assert!(matches!(dev.ims_alloc(AdiId(0), 1), Err(Error::ImsExhausted { .. })));
+    for (adi, g) in groups.drain(..4096) {
+        dev.ims_free(adi, g).unwrap();
     }
-    assert_eq!(dev.ims_alloc(8192).unwrap().count, 8192);
+    assert_eq!(dev.ims_alloc(AdiId(0), 8192).unwrap().count, 8192);
 }
