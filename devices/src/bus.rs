@@ -68,6 +68,16 @@ impl Bus {
         Ok(())
     }
 
+    /// Ranges on the bus.
+    pub fn len(&self) -> usize {
+        self.ranges.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when no device is on the bus.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Removes the device whose range starts at `base`.
     pub fn remove(&self, base: u64) -> bool {
         self.ranges.write().unwrap_or_else(|p| p.into_inner()).remove(&base).is_some()

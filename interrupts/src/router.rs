@@ -267,13 +267,46 @@ impl MsiRouter {
         self.unbind_locked(&mut st, key)
     }
 
+    /// Stops delivering every vector of `function` (its device is going), with one
+    /// routing-table commit; returns how many vectors were bound.
+    pub fn unbind_function(&self, function: u32) -> std::io::Result<usize> {
+        let mut st = lock(&self.state);
+        let keys: Vec<VectorKey> = st.bindings.keys().filter(|k| k.function == function).copied().collect();
+        let mut routed = false;
+        let mut first_error = None;
+        for key in &keys {
+            // Every vector is detached even if one irqfd refuses: the function is going.
+            match self.detach_locked(&mut st, *key) {
+                Ok(r) => routed |= r,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if routed {
+            self.commit(&st)?;
+        }
+        first_error.map_or(Ok(keys.len()), Err)
+    }
+
     fn unbind_locked(&self, st: &mut State, key: VectorKey) -> std::io::Result<()> {
+        if self.detach_locked(st, key)? {
+            self.commit(st)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `key`'s binding without committing the routing table; true when it had a route
+    /// (so the table needs a commit).
+    fn detach_locked(&self, st: &mut State, key: VectorKey) -> std::io::Result<bool> {
         match st.bindings.remove(&key) {
             Some(Binding::Routed { gsi, fd }) => {
+                // Detach first: if KVM refuses, the GSI stays taken (leaked, never reused with
+                // a stale irqfd still on it).
                 self.backend.irqfd(&fd, gsi, false)?;
                 st.routes.remove(&gsi);
                 st.free_gsi(gsi);
-                self.commit(st)?;
+                Ok(true)
             }
             Some(Binding::Overflow) => {
                 let token = st.tokens.remove(&key);
@@ -281,10 +314,10 @@ impl MsiRouter {
                     // The fd is being forgotten; failing to remove it from epoll changes nothing.
                     let _ = self.overflow.epoll.ctl(ControlOperation::Delete, fd.as_raw_fd(), EpollEvent::default());
                 }
+                Ok(false)
             }
-            None => {}
+            None => Ok(false),
         }
-        Ok(())
     }
 }
 
@@ -367,6 +400,31 @@ mod tests {
 
     fn evt() -> Arc<EventFd> {
         Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+    }
+
+    #[test]
+    fn a_functions_vectors_go_together_in_one_commit() {
+        let fake = Arc::new(Fake::default());
+        // 3 routes: function 1's three vectors take them, function 2's two overflow.
+        let router = MsiRouter::new(fake.clone(), 3).unwrap();
+        for (f, n) in [(1, 3), (2, 2)] {
+            for i in 0..n {
+                router.bind(VectorKey::msix(f, i), evt(), msg(i)).unwrap();
+            }
+        }
+        router.bind(VectorKey::ims(2, 0), evt(), msg(9)).unwrap();
+        assert_eq!(router.counts(), (3, 3));
+        fake.log.lock().unwrap().clear();
+        assert_eq!(router.unbind_function(1).unwrap(), 3);
+        assert_eq!(*fake.log.lock().unwrap(), vec!["routes 0".to_string()], "one commit");
+        assert!(fake.irqfds.lock().unwrap().is_empty());
+        assert_eq!(router.counts(), (0, 3));
+        assert_eq!(router.unbind_function(2).unwrap(), 3, "overflow and IMS vectors too");
+        assert_eq!(router.counts(), (0, 0));
+        assert_eq!(router.unbind_function(2).unwrap(), 0);
+        // The freed routes serve the next function.
+        router.bind(VectorKey::msix(3, 0), evt(), msg(0)).unwrap();
+        assert_eq!(router.counts(), (1, 0));
     }
 
     #[test]

@@ -225,6 +225,14 @@ impl AdiFunction {
         }
     }
 
+    /// Takes BAR0 off the guest's bus (the function is being removed).
+    pub fn unmap_bar(&mut self) {
+        if let (Some(old), Some(mapper)) = (self.mapped, self.mapper.upgrade()) {
+            mapper.remap(self.bdf, Some(old), None);
+        }
+        self.mapped = None;
+    }
+
     /// Records an operation a guest access triggered that failed: counted always, logged
     /// for the first few per function (a hostile guest must not be able to flood the log).
     /// Nothing on a guest path is discarded silently.

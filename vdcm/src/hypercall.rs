@@ -6,7 +6,6 @@
 //! up by the requester ID of the function the guest names), and the status and result are
 //! written back into the block.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
@@ -16,6 +15,7 @@ use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_S
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::adi::{AdiFunction, MAX_PV_SLOTS};
+use crate::AdiTable;
 
 /// Guest-physical address of the hypercall register (next to the boot timer, outside RAM
 /// and the PCI windows; announced through CPUID).
@@ -24,7 +24,7 @@ pub const HYPERCALL_ADDR: u64 = 0xfeb0_1000;
 /// The endpoint of one VM.
 pub struct Hypercalls {
     mem: GuestMemoryMmap,
-    functions: HashMap<u16, Arc<Mutex<AdiFunction>>>,
+    functions: AdiTable,
     vcpus: u32,
     ims_allowed: bool,
     calls: u64,
@@ -32,15 +32,16 @@ pub struct Hypercalls {
 
 impl std::fmt::Debug for Hypercalls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hypercalls").field("adis", &self.functions.len()).field("calls", &self.calls).finish()
+        f.debug_struct("Hypercalls").field("calls", &self.calls).finish_non_exhaustive()
     }
 }
 
 impl Hypercalls {
-    /// An endpoint for a VM with `vcpus` vCPUs whose ADIs are `functions` (by requester ID).
+    /// An endpoint for a VM with `vcpus` vCPUs whose ADIs are `functions` (by requester ID;
+    /// the VDCM keeps the table current as ADIs come and go).
     pub fn new(
         mem: GuestMemoryMmap,
-        functions: HashMap<u16, Arc<Mutex<AdiFunction>>>,
+        functions: AdiTable,
         vcpus: u32,
         ims_allowed: bool,
     ) -> Self {
@@ -55,20 +56,23 @@ impl Hypercalls {
                 _ => Err(Status::NotAllowed),
             };
         }
-        let adi = |rid: u16| self.functions.get(&rid).ok_or(Status::NoSuchAdi);
+        let adi = |rid: u16| -> Result<Arc<Mutex<AdiFunction>>, Status> {
+            let table = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            table.get(&rid).cloned().ok_or(Status::NoSuchAdi)
+        };
         match call {
             Call::Query => Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
-            Call::ImsAlloc { adi: rid, count } => lock(adi(rid)?).pv_alloc(count).map(u64::from),
-            Call::ImsFree { adi: rid, first } => lock(adi(rid)?).pv_free(first).map(|_| 0),
+            Call::ImsAlloc { adi: rid, count } => lock(adi(rid)?.as_ref()).pv_alloc(count).map(u64::from),
+            Call::ImsFree { adi: rid, first } => lock(adi(rid)?.as_ref()).pv_free(first).map(|_| 0),
             Call::ImsCompose { adi: rid, slot, vector, apic_id } => {
                 // The message may only name this VM's vCPUs; the route lives in this VM anyway.
                 if apic_id >= self.vcpus {
                     return Err(Status::InvalidArgument);
                 }
                 let (address, data) = compose_msi(vector, apic_id).ok_or(Status::InvalidArgument)?;
-                lock(adi(rid)?).pv_compose(slot, MsiMessage { address, data })
+                lock(adi(rid)?.as_ref()).pv_compose(slot, MsiMessage { address, data })
             }
-            Call::ImsMask { adi: rid, slot, masked } => lock(adi(rid)?).pv_mask(slot, masked).map(|_| 0),
+            Call::ImsMask { adi: rid, slot, masked } => lock(adi(rid)?.as_ref()).pv_mask(slot, masked).map(|_| 0),
         }
     }
 

@@ -1,14 +1,17 @@
 //! The VDCM (Virtual Device Composition Module): composes ADIs of a host SIOV device into a
-//! guest as PCI functions. Free of KVM: interrupts go through `siovmm_interrupts` (a router
-//! and an ioeventfd trait the VMM implements with KVM), so everything here is unit-tested with
-//! fakes.
+//! guest as PCI functions, and takes them out again, while the guest runs. Free of KVM:
+//! interrupts go through `siovmm_interrupts` (a router and an ioeventfd trait the VMM
+//! implements with KVM), so everything here is unit-tested with fakes.
 //!
-//! Per ADI: open it for this guest on the guest's DMA binding (one for the guest's RAM, or one
-//! per function behind a vIOMMU, as each function has its own source ID), allocate one IMS
-//! entry per MSI-X vector, build the [`adi::AdiFunction`], place it where the guest's
-//! `PciAllocator` says (8 functions per device, devices filling root bus 0, then 1, ...), give
+//! Adding an ADI: open it for this guest on the guest's DMA binding (one for the guest's RAM,
+//! or one per function behind a vIOMMU, as each function has its own source ID), allocate one
+//! IMS entry per MSI-X vector, build the [`adi::AdiFunction`], place it where the guest's
+//! `PciAllocator` says (up to 8 ADIs added together share a device number, as functions), give
 //! BAR0 an address in its root bus's 32-bit window as firmware would, and map it: BAR0 on the
-//! MMIO bus plus an ioeventfd on its doorbell.
+//! MMIO bus plus an ioeventfd on its doorbell. Removing one undoes each step in reverse:
+//! config space first (the guest reads all-ones from then on), BAR and doorbell, KVM routes,
+//! the ADI (the device frees its IMS entries), its DMA binding, its BAR and device number.
+//! Telling the guest (hotplug) is the VMM's business, not the VDCM's.
 
 pub mod adi;
 pub mod hypercall;
@@ -16,8 +19,8 @@ pub mod ims_slots;
 pub mod iommu_dma;
 pub mod registers;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use devices::bus::lock;
 use devices::iommu::vtd::VtdUnit;
@@ -34,6 +37,9 @@ use siovmm_interrupts::{IoEvents, MsiRouter};
 /// Most ADIs one guest gets: every function of every root bus (`arch::pci`).
 pub const MAX_ADIS_PER_GUEST: u32 = arch::pci::PciTopology::max_functions();
 
+/// Functions sharing one device number.
+const FUNCTIONS_PER_DEVICE: usize = 8;
+
 /// Errors composing ADIs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,16 +52,26 @@ pub enum Error {
     /// No device number or BAR space left on the guest's PCI topology.
     #[error("placing ADI {0}: {1}")]
     Placement(u32, devices::pci::AllocError),
+    /// No ADI of this guest at that address.
+    #[error("no ADI at {0}")]
+    NoSuchFunction(Bdf),
+    /// The ADI is already in this guest.
+    #[error("ADI {0} is already in this guest")]
+    AlreadyPresent(u32),
 }
 
+/// The guest's ADIs by requester ID (bus << 8 | devfn), shared with the hypercall endpoint so
+/// that added and removed ADIs are seen at once.
+pub type AdiTable = Arc<RwLock<HashMap<u16, Arc<Mutex<AdiFunction>>>>>;
+
 /// A composed function and its doorbell.
-type Placed = (Arc<Mutex<AdiFunction>>, Arc<EventFd>);
+type Mapped = (Arc<Mutex<AdiFunction>>, Arc<EventFd>);
 
 /// Moves BAR0 windows on the MMIO bus and their doorbell ioeventfds.
 struct GuestBars {
     doorbells: Arc<dyn IoEvents>,
     mmio: Arc<Bus>,
-    functions: Mutex<HashMap<Bdf, Placed>>,
+    functions: Mutex<HashMap<Bdf, Mapped>>,
 }
 
 impl BarMapper for GuestBars {
@@ -80,38 +96,78 @@ impl BarMapper for GuestBars {
     }
 }
 
-/// The ADIs of one guest.
-pub struct Vdcm {
-    device: Arc<dyn SiovDevice>,
-    /// Moves BARs. Held only to own it: the functions refer to it weakly.
-    #[allow(dead_code)]
-    bars: Arc<GuestBars>,
-    router: Arc<MsiRouter>,
-    functions: Vec<Arc<Mutex<AdiFunction>>>,
-    adis: Vec<AdiId>,
-    /// DMA bindings on the device, unbound once the ADIs using them are closed.
-    dma: Vec<DmaHandle>,
+/// The guest side ADIs are composed into.
+pub struct GuestSide {
+    /// Guest memory (DMA without a vIOMMU).
+    pub mem: GuestMemoryMmap,
+    /// The guest's vIOMMU, through which ADI DMA is translated, if it has one.
+    pub iommu: Option<Arc<VtdUnit>>,
+    /// The MMIO bus BARs are mapped on.
+    pub mmio: Arc<Bus>,
+    /// Where doorbell ioeventfds are registered.
+    pub doorbells: Arc<dyn IoEvents>,
+    /// Delivers the ADIs' vectors.
+    pub router: Arc<MsiRouter>,
+    /// The PCI segment the functions appear on.
+    pub pci: Arc<PciRoot>,
+    /// The table the guest's hypercall endpoint looks ADIs up in.
+    pub adis: AdiTable,
 }
 
-impl std::fmt::Debug for Vdcm {
+impl std::fmt::Debug for GuestSide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vdcm").field("adis", &self.adis.len()).finish_non_exhaustive()
+        f.debug_struct("GuestSide").field("iommu", &self.iommu.is_some()).finish_non_exhaustive()
     }
 }
 
-/// What a guest asks for.
+/// How every ADI of one guest is composed.
 #[derive(Clone, Copy, Debug)]
-pub struct AdiRequest {
-    /// First ADI of the host device to use.
-    pub first_adi: u32,
-    /// How many.
-    pub count: u32,
+pub struct AdiOptions {
     /// MSI-X vectors per ADI.
     pub vectors: u16,
     /// Whether the guest may program IMS through each ADI's trapped window.
     pub ims_trap: bool,
     /// vCPUs of the VM.
     pub vcpus: u32,
+}
+
+/// What a guest asks for at start-up: `count` ADIs from `first_adi`.
+#[derive(Clone, Copy, Debug)]
+pub struct AdiRequest {
+    /// First ADI of the host device to use.
+    pub first_adi: u32,
+    /// How many.
+    pub count: u32,
+    /// How each is composed.
+    pub options: AdiOptions,
+}
+
+/// One ADI in the guest.
+struct Placed {
+    adi: AdiId,
+    function: Arc<Mutex<AdiFunction>>,
+    /// BAR0's firmware-assigned address, reserved in the allocator until removal.
+    bar0: u64,
+    /// The function's own DMA binding (behind a vIOMMU).
+    dma: Option<DmaHandle>,
+}
+
+/// The ADIs of one guest.
+pub struct Vdcm {
+    device: Arc<dyn SiovDevice>,
+    guest: GuestSide,
+    options: AdiOptions,
+    /// Moves BARs. The functions refer to it weakly.
+    bars: Arc<GuestBars>,
+    placed: BTreeMap<Bdf, Placed>,
+    /// The binding of the guest's RAM all ADIs share when there is no vIOMMU.
+    shared_dma: Option<DmaHandle>,
+}
+
+impl std::fmt::Debug for Vdcm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vdcm").field("adis", &self.placed.len()).finish_non_exhaustive()
+    }
 }
 
 /// Where the DMA of the function at `bdf` goes: the vIOMMU's view for its source ID, or
@@ -127,32 +183,32 @@ pub fn dma_space(
     }
 }
 
-/// The guest side ADIs are composed into.
-pub struct GuestSide<'a> {
-    /// Guest memory (DMA without a vIOMMU).
-    pub mem: &'a GuestMemoryMmap,
-    /// The guest's vIOMMU, through which ADI DMA is translated, if it has one.
-    pub iommu: Option<&'a Arc<VtdUnit>>,
-    /// The MMIO bus BARs are mapped on.
-    pub mmio: Arc<Bus>,
-    /// Where doorbell ioeventfds are registered.
-    pub doorbells: Arc<dyn IoEvents>,
-    /// Delivers the ADIs' vectors.
-    pub router: Arc<MsiRouter>,
-}
-
-impl std::fmt::Debug for GuestSide<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestSide").field("iommu", &self.iommu.is_some()).finish_non_exhaustive()
-    }
-}
-
 impl Vdcm {
-    /// Composes `req.count` ADIs of `device` into `guest`, on the PCI segment `root`, where
-    /// `slots` gives them device numbers (eight ADIs per device, as functions) and BARs.
+    /// A VDCM for `guest` with no ADIs yet.
+    pub fn new(guest: GuestSide, device: Arc<dyn SiovDevice>, options: AdiOptions) -> Result<Self, Error> {
+        // Without a vIOMMU every ADI of the guest DMAs into the same space: one binding.
+        let shared_dma = match guest.iommu {
+            None => Some(device.dma_bind(dma_space(&guest.mem, None, Bdf::new(0, 0, 0)))?),
+            Some(_) => None,
+        };
+        let bars = Arc::new(GuestBars {
+            doorbells: guest.doorbells.clone(),
+            mmio: guest.mmio.clone(),
+            functions: Mutex::new(HashMap::new()),
+        });
+        Ok(Self {
+            device,
+            guest,
+            options,
+            bars,
+            placed: BTreeMap::new(),
+            shared_dma,
+        })
+    }
+
+    /// Composes `req.count` ADIs of `device` into `guest`, placed by `slots`.
     pub fn compose(
-        guest: GuestSide<'_>,
-        root: &mut PciRoot,
+        guest: GuestSide,
         slots: &mut PciAllocator,
         device: Arc<dyn SiovDevice>,
         req: AdiRequest,
@@ -160,89 +216,203 @@ impl Vdcm {
         if req.count > MAX_ADIS_PER_GUEST {
             return Err(Error::TooMany(req.count));
         }
-        let GuestSide { mem, iommu, mmio, doorbells, router } = guest;
-        let bars = Arc::new(GuestBars { doorbells, mmio, functions: Mutex::new(HashMap::new()) });
-        // Built up in place, so that a failure part-way releases what was composed (Drop).
-        let mut vdcm = Self {
-            device: device.clone(),
-            bars: bars.clone(),
-            router: router.clone(),
-            functions: Vec::new(),
-            adis: Vec::new(),
-            dma: Vec::new(),
-        };
-        // Without a vIOMMU every ADI of the guest DMAs into the same space: one binding.
-        let shared_dma = match iommu {
-            None => {
-                let h = device.dma_bind(dma_space(mem, None, Bdf::new(0, 0, 0)))?;
-                vdcm.dma.push(h);
-                Some(h)
-            }
-            Some(_) => None,
-        };
-        let mut slot = Bdf::new(0, 0, 0);
-        for i in 0..req.count {
-            let adi = AdiId(req.first_adi + i);
-            let placement = |e| Error::Placement(adi.0, e);
-            if i % 8 == 0 {
-                slot = slots.allocate_device().map_err(placement)?;
-            }
-            let bdf = Bdf::new(slot.bus(), slot.device(), (i % 8) as u8);
-            let dma = match shared_dma {
-                Some(h) => h,
-                None => {
-                    let h = device.dma_bind(dma_space(mem, iommu, bdf))?;
-                    vdcm.dma.push(h);
-                    h
-                }
-            };
-            let Portal::Doorbell(doorbell) = device.open_adi(adi, dma)?;
-            vdcm.adis.push(adi);
-            let ims = device.ims_alloc(adi, u32::from(req.vectors))?;
-            let multifunction = i % 8 == 0 && i + 1 < req.count;
-            let bar0 = slots.allocate_bar(bdf.bus(), BAR0_SIZE).map_err(placement)?;
-            let func = AdiFunction::new(AdiParts {
-                adi,
-                bdf,
-                multifunction,
-                ims,
-                device: device.clone(),
-                doorbell: doorbell.clone(),
-                router: router.clone(),
-                mapper: Arc::downgrade(&bars) as Weak<dyn BarMapper>,
-                bar0,
-                ims_trap: req.ims_trap,
-                vcpus: req.vcpus,
-            })?;
-            let func = Arc::new(Mutex::new(func));
-            lock(&bars.functions).insert(bdf, (func.clone(), doorbell));
-            root.add(bdf, func.clone());
-            lock(&func).update_bar_mapping();
-            vdcm.functions.push(func);
-        }
+        let mut vdcm = Self::new(guest, device, req.options)?;
+        let adis: Vec<AdiId> = (0..req.count).map(|i| AdiId(req.first_adi + i)).collect();
+        vdcm.add(&adis, slots)?;
         Ok(vdcm)
     }
 
-    /// The composed functions.
-    pub fn functions(&self) -> &[Arc<Mutex<AdiFunction>>] {
-        &self.functions
+    /// Adds `adis` to the guest, up to 8 per device number; all or nothing. Returns where
+    /// each landed.
+    pub fn add(&mut self, adis: &[AdiId], slots: &mut PciAllocator) -> Result<Vec<Bdf>, Error> {
+        let total = self.placed.len() as u64 + adis.len() as u64;
+        if total > u64::from(MAX_ADIS_PER_GUEST) {
+            return Err(Error::TooMany(total.min(u64::from(u32::MAX)) as u32));
+        }
+        let mut added = Vec::with_capacity(adis.len());
+        for chunk in adis.chunks(FUNCTIONS_PER_DEVICE) {
+            let result = slots.allocate_device().map_err(|e| Error::Placement(chunk[0].0, e)).and_then(|slot| {
+                for (i, &adi) in chunk.iter().enumerate() {
+                    let bdf = Bdf::new(slot.bus(), slot.device(), i as u8);
+                    let multifunction = i == 0 && chunk.len() > 1;
+                    if let Err(e) = self.add_one(adi, bdf, multifunction, slots) {
+                        if i == 0 {
+                            Self::free_device_number(slots, slot);
+                        }
+                        return Err(e);
+                    }
+                    added.push(bdf);
+                }
+                Ok(())
+            });
+            if let Err(e) = result {
+                // Undo this call's additions, newest first.
+                for bdf in added.iter().rev() {
+                    if let Err(undo) = self.remove(*bdf, slots) {
+                        log::warn!("undoing the addition of {bdf}: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(added)
     }
 
-    /// The functions by requester ID (bus << 8 | devfn), for the hypercall endpoint.
-    pub fn by_requester_id(&self) -> HashMap<u16, Arc<Mutex<AdiFunction>>> {
-        self.functions.iter().map(|f| (lock(f).requester_id(), f.clone())).collect()
+    fn free_device_number(slots: &mut PciAllocator, slot: Bdf) {
+        if let Err(e) = slots.free_device(slot) {
+            log::warn!("freeing device number {slot}: {e}");
+        }
+    }
+
+    /// One ADI at `bdf`; on failure everything this call took is given back.
+    fn add_one(&mut self, adi: AdiId, bdf: Bdf, multifunction: bool, slots: &mut PciAllocator) -> Result<(), Error> {
+        if self.placed.values().any(|p| p.adi == adi) {
+            return Err(Error::AlreadyPresent(adi.0));
+        }
+        let (dma, own_dma) = match self.shared_dma {
+            Some(h) => (h, None),
+            None => {
+                let h = self.device.dma_bind(dma_space(&self.guest.mem, self.guest.iommu.as_ref(), bdf))?;
+                (h, Some(h))
+            }
+        };
+        let undo_dma = |device: &Arc<dyn SiovDevice>| {
+            if let Some(h) = own_dma {
+                if let Err(e) = device.dma_unbind(h) {
+                    log::warn!("unbinding DMA handle {}: {e}", h.0);
+                }
+            }
+        };
+        let doorbell = match self.device.open_adi(adi, dma) {
+            Ok(Portal::Doorbell(d)) => d,
+            Err(e) => {
+                undo_dma(&self.device);
+                return Err(e.into());
+            }
+        };
+        let composed = self.compose_function(adi, bdf, multifunction, doorbell.clone(), slots);
+        let (function, bar0) = match composed {
+            Ok(f) => f,
+            Err(e) => {
+                // Closing frees the IMS entries the ADI was given.
+                if let Err(close) = self.device.close_adi(adi) {
+                    log::warn!("closing ADI {}: {close}", adi.0);
+                }
+                undo_dma(&self.device);
+                return Err(e);
+            }
+        };
+        lock(&self.bars.functions).insert(bdf, (function.clone(), doorbell));
+        self.guest.pci.add(bdf, function.clone());
+        self.guest.adis.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(bdf.0, function.clone());
+        lock(&function).update_bar_mapping();
+        self.placed.insert(bdf, Placed { adi, function, bar0, dma: own_dma });
+        Ok(())
+    }
+
+    /// IMS entries, BAR0 and the function model of an opened ADI.
+    fn compose_function(
+        &self,
+        adi: AdiId,
+        bdf: Bdf,
+        multifunction: bool,
+        doorbell: Arc<EventFd>,
+        slots: &mut PciAllocator,
+    ) -> Result<(Arc<Mutex<AdiFunction>>, u64), Error> {
+        let ims = self.device.ims_alloc(adi, u32::from(self.options.vectors))?;
+        let bar0 = slots.allocate_bar(bdf.bus(), BAR0_SIZE).map_err(|e| Error::Placement(adi.0, e))?;
+        let function = AdiFunction::new(AdiParts {
+            adi,
+            bdf,
+            multifunction,
+            ims,
+            device: self.device.clone(),
+            doorbell,
+            router: self.guest.router.clone(),
+            mapper: Arc::downgrade(&self.bars) as Weak<dyn BarMapper>,
+            bar0,
+            ims_trap: self.options.ims_trap,
+            vcpus: self.options.vcpus,
+        });
+        match function {
+            Ok(f) => Ok((Arc::new(Mutex::new(f)), bar0)),
+            Err(e) => {
+                if let Err(free) = slots.free_bar(bdf.bus(), bar0, BAR0_SIZE) {
+                    log::warn!("freeing BAR0 {bar0:#x} of {bdf}: {free}");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes the ADI at `bdf` out of the guest and gives back everything it held. Returns
+    /// the ADI, which another guest may now open.
+    pub fn remove(&mut self, bdf: Bdf, slots: &mut PciAllocator) -> Result<AdiId, Error> {
+        let placed = self.placed.remove(&bdf).ok_or(Error::NoSuchFunction(bdf))?;
+        // The guest stops seeing it: config space, hypercalls, BAR and doorbell.
+        self.guest.pci.remove(bdf);
+        self.guest.adis.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&bdf.0);
+        lock(&placed.function).unmap_bar();
+        lock(&self.bars.functions).remove(&bdf);
+        // Then its interrupts, the ADI itself (the device frees its IMS entries) and its DMA.
+        if let Err(e) = self.guest.router.unbind_function(placed.adi.0) {
+            log::warn!("{bdf}: removing the routes of ADI {}: {e}", placed.adi.0);
+        }
+        if let Err(e) = self.device.close_adi(placed.adi) {
+            log::warn!("{bdf}: closing ADI {}: {e}", placed.adi.0);
+        }
+        if let Some(h) = placed.dma {
+            if let Err(e) = self.device.dma_unbind(h) {
+                log::warn!("{bdf}: unbinding DMA handle {}: {e}", h.0);
+            }
+        }
+        if let Err(e) = slots.free_bar(bdf.bus(), placed.bar0, BAR0_SIZE) {
+            log::warn!("{bdf}: freeing BAR0 {:#x}: {e}", placed.bar0);
+        }
+        let slot = Bdf::new(bdf.bus(), bdf.device(), 0);
+        if !self.placed.keys().any(|b| b.bus() == bdf.bus() && b.device() == bdf.device()) {
+            Self::free_device_number(slots, slot);
+        }
+        Ok(placed.adi)
+    }
+
+    /// The composed functions, by address.
+    pub fn functions(&self) -> Vec<Arc<Mutex<AdiFunction>>> {
+        self.placed.values().map(|p| p.function.clone()).collect()
+    }
+
+    /// Where the guest's ADIs are, with the host ADI each is.
+    pub fn placement(&self) -> Vec<(Bdf, AdiId)> {
+        self.placed.iter().map(|(bdf, p)| (*bdf, p.adi)).collect()
+    }
+
+    /// ADIs in the guest.
+    pub fn len(&self) -> usize {
+        self.placed.len()
+    }
+
+    /// True when the guest has no ADIs.
+    pub fn is_empty(&self) -> bool {
+        self.placed.is_empty()
+    }
+
+    /// The functions by requester ID, kept current, for the hypercall endpoint.
+    pub fn table(&self) -> AdiTable {
+        self.guest.adis.clone()
     }
 
     /// How guest vectors are delivered, for the start-up trace.
     pub fn delivery_summary(&self) -> String {
-        let (routed, overflow) = self.router.counts();
-        let slow: u64 = self.functions.iter().map(|f| lock(f).slow_doorbells()).sum();
-        let failures: u64 = self.functions.iter().map(|f| lock(f).failures()).sum();
+        let router = &self.guest.router;
+        let (routed, overflow) = router.counts();
+        let functions = self.functions();
+        let slow: u64 = functions.iter().map(|f| lock(f).slow_doorbells()).sum();
+        let failures: u64 = functions.iter().map(|f| lock(f).failures()).sum();
         format!(
             "{} ADIs; {routed} vectors on KVM routes, {overflow} on the overflow path ({} injections); \
              {slow} doorbell writes exited to siovmm; {failures} guest-triggered operations failed",
-            self.functions.len(),
-            self.router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed)
+            functions.len(),
+            router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed)
         )
     }
 }
@@ -250,14 +420,15 @@ impl Vdcm {
 impl Drop for Vdcm {
     fn drop(&mut self) {
         // Close the ADIs so another guest can take them (the device frees their IMS entries),
-        // then drop the DMA bindings nothing uses any more.
-        for adi in &self.adis {
-            if let Err(e) = self.device.close_adi(*adi) {
-                log::warn!("closing ADI {}: {e}", adi.0);
+        // then drop the DMA bindings nothing uses any more. The VM is going: its buses and
+        // routes go with it.
+        for p in self.placed.values() {
+            if let Err(e) = self.device.close_adi(p.adi) {
+                log::warn!("closing ADI {}: {e}", p.adi.0);
             }
         }
-        for h in &self.dma {
-            if let Err(e) = self.device.dma_unbind(*h) {
+        for h in self.placed.values().filter_map(|p| p.dma).chain(self.shared_dma) {
+            if let Err(e) = self.device.dma_unbind(h) {
                 log::warn!("unbinding DMA handle {}: {e}", h.0);
             }
         }
@@ -290,32 +461,129 @@ mod tests {
         }
     }
 
-    fn compose(device: &Arc<SoftSiovDevice>, mem: &GuestMemoryMmap, count: u32) -> Result<(Vdcm, PciRoot, Arc<Bus>), Error> {
+    struct Guest {
+        vdcm: Vdcm,
+        pci: Arc<PciRoot>,
+        mmio: Arc<Bus>,
+        router: Arc<MsiRouter>,
+        slots: PciAllocator,
+    }
+
+    fn guest(device: &Arc<SoftSiovDevice>, mem: &GuestMemoryMmap, buses: u32) -> Guest {
         let mmio = Arc::new(Bus::new());
         let router = Arc::new(MsiRouter::new(Arc::new(NoKvm), 64).unwrap());
-        let guest = GuestSide { mem, iommu: None, mmio: mmio.clone(), doorbells: Arc::new(NoKvm), router };
-        let mut root = PciRoot::new();
-        let mut slots = PciAllocator::new(arch::pci::PciTopology::for_functions(count).unwrap());
-        let req = AdiRequest { first_adi: 0, count, vectors: 2, ims_trap: false, vcpus: 1 };
-        let vdcm = Vdcm::compose(guest, &mut root, &mut slots, device.clone(), req)?;
-        Ok((vdcm, root, mmio))
+        let pci = Arc::new(PciRoot::new());
+        let side = GuestSide {
+            mem: mem.clone(),
+            iommu: None,
+            mmio: mmio.clone(),
+            doorbells: Arc::new(NoKvm),
+            router: router.clone(),
+            pci: pci.clone(),
+            adis: AdiTable::default(),
+        };
+        let options = AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 };
+        let vdcm = Vdcm::new(side, device.clone(), options).unwrap();
+        let slots = PciAllocator::new(arch::pci::PciTopology::for_functions(buses * 248).unwrap());
+        Guest { vdcm, pci, mmio, router, slots }
+    }
+
+    fn compose(device: &Arc<SoftSiovDevice>, mem: &GuestMemoryMmap, count: u32) -> Result<Guest, Error> {
+        let mut g = guest(device, mem, 1);
+        let adis: Vec<AdiId> = (0..count).map(AdiId).collect();
+        g.vdcm.add(&adis, &mut g.slots)?;
+        Ok(g)
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    /// The guest enables MSI-X on `f` and programs and unmasks both vectors.
+    fn program_vectors(f: &Arc<Mutex<AdiFunction>>) {
+        use devices::pci::PciFunction;
+        use devices::BusDevice;
+        let mut f = lock(f);
+        f.config_write(0x40 / 4, 2, &devices::pci::msix::CTRL_ENABLE.to_le_bytes());
+        for v in 0..2u64 {
+            f.write(adi::MSIX_TABLE + v * 16, &0xfee0_0000u32.to_le_bytes());
+            f.write(adi::MSIX_TABLE + v * 16 + 8, &(0x40 + v as u32).to_le_bytes());
+            f.write(adi::MSIX_TABLE + v * 16 + 12, &0u32.to_le_bytes());
+        }
     }
 
     #[test]
     fn a_released_guests_adis_and_ims_entries_go_back_to_the_device() {
         // Exactly enough IMS entries for one guest's 8 ADIs × 2 vectors.
         let device = Arc::new(SoftSiovDevice::new(8, 16, ImsStorage::OnDevice, 1).unwrap());
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = memory();
         for round in 0..3 {
-            let (vdcm, root, mmio) = compose(&device, &mem, 8).unwrap_or_else(|e| panic!("round {round}: {e}"));
-            assert_eq!(vdcm.functions().len(), 8);
+            let g = compose(&device, &mem, 8).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(g.vdcm.functions().len(), 8);
             assert_eq!(device.ims_free_entries(), 0);
             assert_eq!(device.dma_bindings(), 1, "one binding for the guest's RAM");
             assert!(matches!(compose(&device, &mem, 1), Err(Error::Device(_))), "the device is full while the guest lives");
             // The guest goes: its VDCM, PCI segment and buses.
-            drop((vdcm, root, mmio));
+            drop(g);
             assert_eq!(device.ims_free_entries(), 16);
             assert_eq!(device.dma_bindings(), 0);
         }
+    }
+
+    #[test]
+    fn removed_adis_give_everything_back_and_serve_another_guest() {
+        let device = Arc::new(SoftSiovDevice::new(16, 64, ImsStorage::OnDevice, 1).unwrap());
+        let mem = memory();
+        let mut a = compose(&device, &mem, 8).unwrap();
+        let placement = a.vdcm.placement();
+        assert_eq!(placement.len(), 8);
+        for f in a.vdcm.functions() {
+            program_vectors(&f);
+        }
+        assert_eq!(a.router.counts(), (16, 0));
+        assert_eq!((a.pci.len(), a.mmio.len(), device.ims_free_entries()), (8, 8, 48));
+        // Take three away, function 0 of the slot among them.
+        let mut freed = Vec::new();
+        for (bdf, adi) in [placement[0], placement[3], placement[7]] {
+            assert_eq!(a.vdcm.remove(bdf, &mut a.slots).unwrap(), adi);
+            freed.push(adi);
+            let mut data = [0u8; 4];
+            a.pci.read(bdf, 0, 0, &mut data);
+            assert_eq!(data, [0xff; 4], "{bdf} is gone from config space");
+            assert!(!a.vdcm.table().read().unwrap().contains_key(&bdf.0), "and from the hypercall table");
+        }
+        assert!(matches!(a.vdcm.remove(placement[0].0, &mut a.slots), Err(Error::NoSuchFunction(_))));
+        assert_eq!(a.router.counts(), (10, 0), "their routes are gone");
+        assert_eq!((a.pci.len(), a.mmio.len(), device.ims_free_entries()), (5, 5, 54));
+        // Another guest takes them.
+        let mut b = guest(&device, &mem, 1);
+        let placed = b.vdcm.add(&freed, &mut b.slots).unwrap();
+        assert_eq!(placed.len(), 3);
+        assert_eq!(device.ims_free_entries(), 48);
+        // An ADI already in the guest, or open elsewhere, is refused and changes nothing.
+        assert!(matches!(b.vdcm.add(&[freed[0]], &mut b.slots), Err(Error::AlreadyPresent(_))));
+        assert!(matches!(b.vdcm.add(&[placement[1].1], &mut b.slots), Err(Error::Device(siov::Error::AdiBusy(_)))));
+        assert_eq!((b.pci.len(), device.ims_free_entries(), device.dma_bindings()), (3, 48, 2));
+        // Everything out of A, then A adds them back into the device numbers it freed.
+        for (bdf, _) in a.vdcm.placement() {
+            a.vdcm.remove(bdf, &mut a.slots).unwrap();
+        }
+        assert_eq!((a.pci.len(), a.mmio.len(), a.router.counts()), (0, 0, (0, 0)));
+        let again = a.vdcm.add(&[AdiId(8), AdiId(9)], &mut a.slots).unwrap();
+        assert_eq!(again[0], placement[0].0, "the lowest device number again");
+    }
+
+    #[test]
+    fn a_failed_addition_leaves_the_guest_and_the_device_as_they_were() {
+        // 16 IMS entries: 8 ADIs × 2 fit, the 9th does not.
+        let device = Arc::new(SoftSiovDevice::new(16, 16, ImsStorage::OnDevice, 1).unwrap());
+        let mem = memory();
+        let mut g = compose(&device, &mem, 3).unwrap();
+        let before = (g.pci.len(), g.mmio.len(), device.ims_free_entries(), g.vdcm.len());
+        let adis: Vec<AdiId> = (3..9).map(AdiId).collect();
+        assert!(matches!(g.vdcm.add(&adis, &mut g.slots), Err(Error::Device(siov::Error::ImsExhausted { .. }))));
+        assert_eq!((g.pci.len(), g.mmio.len(), device.ims_free_entries(), g.vdcm.len()), before);
+        // The ADIs the failed call opened were closed again: another call can take them.
+        assert_eq!(g.vdcm.add(&adis[..5], &mut g.slots).unwrap().len(), 5);
     }
 }

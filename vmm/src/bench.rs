@@ -31,7 +31,7 @@ use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::router::{MsiRouter, MAX_MSI_ROUTES};
 use arch::pci::FUNCTIONS_PER_BUS;
 use devices::pci::PciAllocator;
-use siovmm_vdcm::{AdiRequest, GuestSide, Vdcm};
+use siovmm_vdcm::{AdiOptions, AdiRequest, GuestSide, Vdcm};
 use crate::vm::{create_vm, pci_root, raise_fd_limit};
 
 fn rss_bytes() -> u64 {
@@ -72,13 +72,22 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
         let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
         let vm = Arc::new(vm);
         let mmio = Arc::new(Bus::new());
-        let mut root = pci_root();
+        let root = pci_root();
         let irq = Arc::new(KvmIrq(vm));
         let router = MsiRouter::new(irq.clone(), MAX_MSI_ROUTES).map_err(|e| e.to_string())?;
-        let req = AdiRequest { first_adi: first, count, vectors: 1, ims_trap: false, vcpus: 1 };
-        let guest = GuestSide { mem: &mem, iommu: None, mmio: mmio.clone(), doorbells: irq, router: Arc::new(router) };
+        let options = AdiOptions { vectors: 1, ims_trap: false, vcpus: 1 };
+        let req = AdiRequest { first_adi: first, count, options };
+        let guest = GuestSide {
+            mem: mem.clone(),
+            iommu: None,
+            mmio: mmio.clone(),
+            doorbells: irq,
+            router: Arc::new(router),
+            pci: root,
+            adis: Default::default(),
+        };
         let mut slots = PciAllocator::new(Default::default());
-        let vdcm = Vdcm::compose(guest, &mut root, &mut slots, device.clone(), req).map_err(|e| e.to_string())?;
+        let vdcm = Vdcm::compose(guest, &mut slots, device.clone(), req).map_err(|e| e.to_string())?;
         guests.push(Guest { mem, vdcm, _vcpu: vcpu, _mmio: mmio });
         first += count;
     }

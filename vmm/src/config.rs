@@ -33,6 +33,13 @@ pub enum SiovBackend {
 const SOFTWARE_DEVICE_WORKERS: usize = 2;
 
 impl SiovBackend {
+    /// ADIs the device has.
+    pub fn adis(&self) -> u32 {
+        match self {
+            Self::Software { adis, .. } => *adis,
+        }
+    }
+
     /// Opens (for the software device: creates) the device.
     pub fn open(&self) -> std::io::Result<Arc<dyn SiovDevice>> {
         match *self {

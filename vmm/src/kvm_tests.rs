@@ -16,6 +16,7 @@ use siovmm_sandbox::kvm_test;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{SiovBackend, SiovConfig, VmConfig};
+use crate::Error;
 use siovmm_vfio::siov::ImsStorage;
 use crate::vcpu::{self, Exits};
 use crate::vm::Vm;
@@ -47,7 +48,7 @@ fn run_vcpu(setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap)
     let console = Console::default();
     let vm = Arc::new(vm);
     let platform = build_platform(&crate::kvm_irq::KvmIrq(vm.clone()), &shutdown, Instant::now(), Box::new(console.clone())).unwrap();
-    attach_pci(&platform, pci_root(), &Default::default()).unwrap();
+    attach_pci(&platform, &pci_root(), &Default::default()).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     setup(&vcpu, &mem);
     let exits = Exits {
@@ -93,11 +94,18 @@ fn vm_with_adis(
     let vm = Arc::new(vm);
     let irq = Arc::new(KvmIrq(vm));
     let router = Arc::new(MsiRouter::new(irq.clone(), MAX_MSI_ROUTES).unwrap());
-    let mut root = pci_root();
     let mmio = Arc::new(devices::Bus::new());
-    let guest = siovmm_vdcm::GuestSide { mem: &mem, iommu: None, mmio, doorbells: irq, router };
+    let guest = siovmm_vdcm::GuestSide {
+        mem: mem.clone(),
+        iommu: None,
+        mmio,
+        doorbells: irq,
+        router,
+        pci: pci_root(),
+        adis: Default::default(),
+    };
     let mut slots = devices::pci::PciAllocator::new(arch::pci::PciTopology::for_functions(req.count).unwrap());
-    let vdcm = siovmm_vdcm::Vdcm::compose(guest, &mut root, &mut slots, device, req).unwrap();
+    let vdcm = siovmm_vdcm::Vdcm::compose(guest, &mut slots, device, req).unwrap();
     (vdcm, vcpu, mem)
 }
 
@@ -237,11 +245,11 @@ kvm_test! {
 
         let kvm = Kvm::new().unwrap();
         let device = Arc::new(SoftSiovDevice::new(8, 1024, ImsStorage::InMemory, 1).unwrap());
-        let req = AdiRequest { first_adi: 0, count: 2, vectors: 2, ims_trap: false, vcpus: 1 };
+        let req = AdiRequest { first_adi: 0, count: 2, options: siovmm_vdcm::AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 } };
         let (vdcm, _vcpu, mem) = vm_with_adis(&kvm, device, req);
         let adi0 = Bdf::new(0, 1, 0).0;
         let adi1 = Bdf::new(0, 1, 1).0;
-        let mut calls = Hypercalls::new(mem.clone(), vdcm.by_requester_id(), 1, true);
+        let mut calls = Hypercalls::new(mem.clone(), vdcm.table(), 1, true);
 
         assert_eq!(calls.execute(Call::Query).map(|v| v >> 32), Ok(1));
         assert_eq!(calls.execute(Call::ImsAlloc { adi: 0x0200, count: 4 }), Err(Status::NoSuchAdi));
@@ -280,7 +288,7 @@ kvm_test! {
         calls.write(0, &(1u64 << 40).to_le_bytes());
         calls.write(0, &block.to_le_bytes()[..4]);
         // Policy off: only QUERY answers.
-        let off = Hypercalls::new(mem.clone(), vdcm.by_requester_id(), 1, false);
+        let off = Hypercalls::new(mem.clone(), vdcm.table(), 1, false);
         assert_eq!(off.execute(Call::ImsAlloc { adi: adi0, count: 1 }), Err(Status::NotAllowed));
         assert!(off.execute(Call::Query).is_ok());
     }
@@ -300,9 +308,10 @@ kvm_test! {
         let kvm = Kvm::new().unwrap();
         for trap in [true, false] {
             let device = Arc::new(SoftSiovDevice::new(2, 64, ImsStorage::OnDevice, 1).unwrap());
-            let req = AdiRequest { first_adi: 0, count: 1, vectors: 2, ims_trap: trap, vcpus: 1 };
+            let req = AdiRequest { first_adi: 0, count: 1, options: siovmm_vdcm::AdiOptions { vectors: 2, ims_trap: trap, vcpus: 1 } };
             let (vdcm, _vcpu, _mem) = vm_with_adis(&kvm, device, req);
-            let mut f = vdcm.functions()[0].lock().unwrap();
+            let function = vdcm.functions()[0].clone();
+            let mut f = function.lock().unwrap();
             let write_slot = |f: &mut siovmm_vdcm::adi::AdiFunction, slot: u64, addr: u32, data: u32, ctrl: u32| {
                 let base = IMS_WINDOW + slot * 16;
                 f.write(base, &addr.to_le_bytes());
@@ -356,9 +365,9 @@ kvm_test! {
         let mut endpoints = Vec::new();
         let mut keep = Vec::new();
         for first_adi in [0u32, 1] {
-            let req = AdiRequest { first_adi, count: 1, vectors: 2, ims_trap: false, vcpus: 1 };
+            let req = AdiRequest { first_adi, count: 1, options: siovmm_vdcm::AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 } };
             let (vdcm, vcpu, mem) = vm_with_adis(&kvm, device.clone(), req);
-            endpoints.push(Hypercalls::new(mem, vdcm.by_requester_id(), 1, true));
+            endpoints.push(Hypercalls::new(mem, vdcm.table(), 1, true));
             keep.push((vdcm, vcpu));
         }
         let rid = Bdf::new(0, 1, 0).0;
@@ -391,9 +400,10 @@ kvm_test! {
 
         let kvm = Kvm::new().unwrap();
         let device = Arc::new(SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap());
-        let req = AdiRequest { first_adi: 0, count: 1, vectors: 2, ims_trap: false, vcpus: 1 };
+        let req = AdiRequest { first_adi: 0, count: 1, options: siovmm_vdcm::AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 } };
         let (vdcm, _vcpu, _mem) = vm_with_adis(&kvm, device, req);
-        let mut f = vdcm.functions()[0].lock().unwrap();
+        let function = vdcm.functions()[0].clone();
+        let mut f = function.lock().unwrap();
         assert_eq!(f.config_read(0), 0x0002_5356);
         assert_ne!(f.config_read(1) & (1 << 20), 0, "capability list");
         assert_eq!(f.config_read(0x34 / 4) & 0xff, 0x40);
@@ -453,7 +463,7 @@ kvm_test! {
         };
         let cycle = || {
             let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
-            let stopper = vm.stopper();
+            let stopper = vm.handle();
             let t = std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(300));
                 stopper.stop(ExitReason::Interrupted(libc::SIGTERM));
@@ -482,5 +492,83 @@ kvm_test! {
         let kvm_fds = |r: &std::collections::BTreeMap<String, usize>| r.iter().filter(|(k, _)| k.contains("kvm-")).map(|(_, n)| n).sum::<usize>();
         assert_eq!(kvm_fds(&after), 0, "VM or vCPU fds still open: {after:?}");
         assert!(!after.keys().any(|k| k.starts_with("thread vcpu")), "{after:?}");
+    }
+}
+
+kvm_test! {
+    alone;
+    /// ADIs added to and removed from a running VM (2 vCPUs spinning in the guest) through its
+    /// handle, 50 times over: the device's ADIs are handed out and back, a request beyond
+    /// them changes nothing, the process's file descriptors and threads end where they
+    /// started, and once the VM is released the handle refuses.
+    fn adis_come_and_go_while_the_guest_runs() {
+        let dir = std::env::temp_dir().join(format!("siovmm-hotplug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("spin");
+        std::fs::write(&kernel, tiny_kernel::elf(&[0xeb, 0xfe])).unwrap(); // jmp $
+        let config = VmConfig {
+            kernel,
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            cpus: 2,
+            memory: 64 << 20,
+            siov: SiovConfig {
+                adis: 8,
+                device: SiovBackend::Software { adis: 20, ims_entries: 64, storage: ImsStorage::OnDevice },
+                ..SiovConfig::default()
+            },
+        };
+        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
+        let handle = vm.handle();
+        let control = std::thread::spawn(move || {
+            // Stops the VM even if an assertion below fails, so the failure is reported.
+            struct StopOnDrop(crate::vm::VmHandle);
+            impl Drop for StopOnDrop {
+                fn drop(&mut self) {
+                    self.0.stop(ExitReason::Interrupted(libc::SIGTERM));
+                }
+            }
+            let guard = StopOnDrop(handle.clone());
+            let at_boot = handle.adis().unwrap();
+            assert_eq!(at_boot.len(), 8);
+            // Counted once both vCPU threads run (Vm::run starts them beside this thread).
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while process_resources().get("thread vcpu") != Some(&2) {
+                assert!(Instant::now() < deadline, "vCPU threads never started");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let before = process_resources();
+            for round in 0..50 {
+                let added = handle.add_adis(12).unwrap_or_else(|e| panic!("round {round}: {}", crate::one_line(&e)));
+                assert_eq!(added.len(), 12);
+                assert_eq!(handle.adis().unwrap().len(), 20);
+                // The device has 20 ADIs: a 21st is refused, and nothing changes.
+                assert!(matches!(handle.add_adis(1), Err(Error::NoFreeAdis { requested: 1, free: 0 })));
+                assert_eq!(handle.adis().unwrap().len(), 20);
+                for bdf in &added {
+                    handle.remove_adi(*bdf).unwrap();
+                }
+                assert!(matches!(handle.remove_adi(added[0]), Err(Error::Adis(siovmm_vdcm::Error::NoSuchFunction(_)))));
+            }
+            assert_eq!(handle.adis().unwrap(), at_boot, "the boot-time ADIs stay where they were");
+            let after = process_resources();
+            assert_eq!(before, after, "add/remove cycles left something behind");
+            // One of the boot-time ADIs goes; an ADI added now is alone in a slot of its own
+            // (function 0), as a hotplugged device is.
+            let (bdf, adi) = at_boot[3];
+            assert_eq!(handle.remove_adi(bdf).unwrap(), adi);
+            let added = handle.add_adis(1).unwrap();
+            assert_eq!(added[0].function(), 0);
+            assert!(!at_boot.iter().any(|(b, _)| b.device() == added[0].device()), "{added:?} in a boot-time slot");
+            assert_eq!(handle.adis().unwrap().len(), 8);
+            drop(guard);
+            handle
+        });
+        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
+        let handle = control.join().unwrap();
+        drop(vm);
+        assert!(matches!(handle.add_adis(1), Err(Error::Released)));
+        assert!(matches!(handle.adis(), Err(Error::Released)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod coalesced;
 mod config;
 mod console;
+mod device_manager;
 #[cfg(test)]
 mod kvm_tests;
 mod kvm_irq;
@@ -51,6 +52,17 @@ pub enum Error {
     /// An OS call failed.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
+    /// The VM has been released; nothing can be added to it.
+    #[error("the VM has been released")]
+    Released,
+    /// The SIOV device has fewer ADIs this VM does not already hold than asked for.
+    #[error("{requested} ADIs requested; the SIOV device has {free} this VM does not already hold")]
+    NoFreeAdis {
+        /// Asked for.
+        requested: u32,
+        /// Available.
+        free: u32,
+    },
 }
 
 /// An error and its causes as one line: "what: why: deeper why".

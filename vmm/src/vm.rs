@@ -31,8 +31,8 @@ use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
 use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::RouteBackend;
-use siovmm_interrupts::router::MsiRouter;
-use siovmm_vdcm::{AdiRequest, GuestSide, Vdcm};
+use crate::device_manager::{DeviceManager, GuestParts};
+use devices::bus::lock;
 use crate::Error;
 
 /// KVM_SET_TSS_ADDR: three pages just below the BIOS area, outside RAM and our MMIO.
@@ -126,15 +126,15 @@ pub(crate) fn build_platform(
 }
 
 /// A PCI segment with its host bridge, before functions are added.
-pub(crate) fn pci_root() -> PciRoot {
-    let mut root = PciRoot::new();
+pub(crate) fn pci_root() -> Arc<PciRoot> {
+    let root = PciRoot::new();
     root.add(Bdf::new(0, 0, 0), Arc::new(Mutex::new(HostBridge::new())));
-    root
+    Arc::new(root)
 }
 
 /// Makes `root` reachable through 0xCF8/0xCFC and ECAM.
-pub(crate) fn attach_pci(platform: &Platform, root: PciRoot, topology: &PciTopology) -> Result<(), Error> {
-    let root = Arc::new(root);
+pub(crate) fn attach_pci(platform: &Platform, root: &Arc<PciRoot>, topology: &PciTopology) -> Result<(), Error> {
+    let root = root.clone();
     let (pio, mmio) = (&platform.pio, &platform.mmio);
     place(
         pio,
@@ -145,33 +145,6 @@ pub(crate) fn attach_pci(platform: &Platform, root: PciRoot, topology: &PciTopol
     let (ecam, ecam_size) = topology.ecam();
     let config_mmio = PciConfigMmio::new(root, u16::from(topology.root_buses()));
     place(mmio, Arc::new(Mutex::new(config_mmio)), ecam, ecam_size)
-}
-
-/// The host SIOV device and the guest's ADIs, when `--adi` asks for any.
-fn compose_adis(
-    irq: &Arc<KvmIrq>,
-    mem: &GuestMemoryMmap,
-    iommu: Option<&Arc<VtdUnit>>,
-    root: &mut PciRoot,
-    slots: &mut PciAllocator,
-    platform: &Platform,
-    config: &VmConfig,
-) -> Result<Option<Vdcm>, Error> {
-    let s = &config.siov;
-    if s.adis == 0 {
-        return Ok(None);
-    }
-    let device = s.device.open().map_err(|e| Error::Io("opening the SIOV device".into(), e))?;
-    let router = MsiRouter::new(irq.clone(), s.max_msi_routes).map_err(|e| Error::Io("starting the MSI router".into(), e))?;
-    let req = AdiRequest {
-        first_adi: 0,
-        count: s.adis,
-        vectors: s.vectors,
-        ims_trap: s.ims.traps_ims_window(),
-        vcpus: u32::from(config.cpus),
-    };
-    let guest = GuestSide { mem, iommu, mmio: platform.mmio.clone(), doorbells: irq.clone(), router: Arc::new(router) };
-    Ok(Some(Vdcm::compose(guest, root, slots, device, req)?))
 }
 
 /// Kernel, initramfs, command line, ACPI tables and boot information into guest memory.
@@ -314,7 +287,7 @@ pub struct Vm {
     vcpus: VcpuThreads,
     pending_vcpus: Vec<kvm_ioctls::VcpuFd>,
     event_loop: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-    vdcm: Option<Vdcm>,
+    devices: Arc<Mutex<DeviceManager>>,
     iommu: Option<Arc<VtdUnit>>,
     exits: Exits,
     // Owned so that they live exactly as long as the VM: buses and devices, the KVM VM, and
@@ -336,17 +309,47 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-/// Asks a running [`Vm`] to stop, from any thread. (Only tests stop a VM from outside yet; the
-/// API will.)
+/// Controls a [`Vm`] from any thread, while it runs: stop it, add and remove ADIs. (Only
+/// tests use it yet; the API will.) It does not keep the VM alive: once the VM is released,
+/// every call fails with [`Error::Released`].
 #[cfg_attr(not(test), allow(dead_code))]
-#[derive(Clone, Debug)]
-pub struct VmStopper(Arc<ShutdownSignal>);
+#[derive(Clone)]
+pub struct VmHandle {
+    shutdown: Arc<ShutdownSignal>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    devices: std::sync::Weak<Mutex<DeviceManager>>,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmHandle").finish_non_exhaustive()
+    }
+}
 
 #[cfg_attr(not(test), allow(dead_code))]
-impl VmStopper {
+impl VmHandle {
     /// Requests the stop; [`Vm::run`] returns `reason` (unless the VM stopped first).
     pub fn stop(&self, reason: ExitReason) {
-        self.0.request(reason);
+        self.shutdown.request(reason);
+    }
+
+    fn devices(&self) -> Result<Arc<Mutex<DeviceManager>>, Error> {
+        self.devices.upgrade().ok_or(Error::Released)
+    }
+
+    /// Adds `count` ADIs to the VM; all or nothing. Returns their addresses.
+    pub fn add_adis(&self, count: u32) -> Result<Vec<Bdf>, Error> {
+        lock(self.devices()?.as_ref()).add_adis(count)
+    }
+
+    /// Removes the ADI at `bdf`; its IMS entries, routes, DMA binding and addresses go back.
+    pub fn remove_adi(&self, bdf: Bdf) -> Result<siovmm_vfio::siov::AdiId, Error> {
+        lock(self.devices()?.as_ref()).remove_adi(bdf)
+    }
+
+    /// The VM's ADIs: address and host ADI.
+    pub fn adis(&self) -> Result<Vec<(Bdf, siovmm_vfio::siov::AdiId)>, Error> {
+        Ok(lock(self.devices()?.as_ref()).adis())
     }
 }
 
@@ -359,9 +362,6 @@ impl Vm {
         let shutdown = Arc::new(ShutdownSignal::new().map_err(io_err("eventfd".into()))?);
         let signals = SignalWatch::new(shutdown.clone())?;
 
-        if config.siov.adis > 0 {
-            raise_fd_limit();
-        }
         let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
         let (fd, memory) = create_vm(&kvm, config.memory)?;
         let fd = Arc::new(fd);
@@ -380,14 +380,18 @@ impl Vm {
             None
         };
         let topology = config.pci_topology();
-        let mut root = pci_root();
-        let mut slots = PciAllocator::new(topology);
-        let vdcm = compose_adis(&irq, &memory, iommu.as_ref(), &mut root, &mut slots, &platform, config)?;
-        if let Some(v) = &vdcm {
-            let calls = Hypercalls::new(memory.clone(), v.by_requester_id(), u32::from(config.cpus), ims.offers_pv_ims());
-            place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
+        let root = pci_root();
+        let parts = GuestParts { mem: memory.clone(), iommu: iommu.clone(), mmio: platform.mmio.clone(), irq: irq.clone() };
+        let vcpu_count = u32::from(config.cpus);
+        let mut devices = DeviceManager::new(parts, config.siov.clone(), vcpu_count, root.clone(), PciAllocator::new(topology));
+        if config.siov.adis > 0 {
+            raise_fd_limit();
+            devices.add_adis(config.siov.adis)?;
         }
-        attach_pci(&platform, root, &topology)?;
+        // Always there, as CPUID announces it: a VM's ADIs may come later.
+        let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims.offers_pv_ims());
+        place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
+        attach_pci(&platform, &root, &topology)?;
         trace.mark("devices");
         let entry = load_guest(&memory, config, topology, &trace)?;
         trace.mark("kernel, initramfs and ACPI tables loaded");
@@ -436,7 +440,7 @@ impl Vm {
             vcpus: VcpuThreads(Vec::new()),
             pending_vcpus: vcpus,
             event_loop,
-            vdcm,
+            devices: Arc::new(Mutex::new(devices)),
             iommu,
             exits,
             platform,
@@ -448,10 +452,10 @@ impl Vm {
         })
     }
 
-    /// A handle that stops this VM from another thread.
+    /// A handle that controls this VM from another thread.
     #[cfg_attr(not(test), allow(dead_code))]
-    pub fn stopper(&self) -> VmStopper {
-        VmStopper(self.shutdown.clone())
+    pub fn handle(&self) -> VmHandle {
+        VmHandle { shutdown: self.shutdown.clone(), devices: Arc::downgrade(&self.devices) }
     }
 
     /// Starts the vCPUs and serves the event loop until the VM stops; returns why it stopped.
@@ -481,7 +485,7 @@ impl Vm {
         served?;
         let trace = &self.trace;
         trace.mark(&format!("run ({}, coalesced 0xCF8 {})", self.exits.stats, if self.coalesce { "on" } else { "off" }));
-        if let Some(v) = &self.vdcm {
+        if let Some(v) = lock(&self.devices).vdcm_ref() {
             trace.mark(&format!("run ({})", v.delivery_summary()));
         }
         if let Some(unit) = &self.iommu {
@@ -504,6 +508,9 @@ impl Drop for Vm {
             self.shutdown.request(ExitReason::Failed("VM released".into()));
         }
         self.vcpus.stop_and_join();
+        // ADIs closed now, while guest memory is certainly mapped: a handle in another thread
+        // may hold the device manager a moment longer, but finds it released.
+        lock(&self.devices).release();
     }
 }
 

@@ -1,7 +1,7 @@
 //! Routing configuration accesses to functions, through 0xCF8/0xCFC and through ECAM.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::bus::lock;
 use crate::BusDevice;
@@ -63,15 +63,18 @@ pub fn decode_ecam(offset: u64) -> (Bdf, usize, u64) {
     (bdf, (byte >> 2) as usize, byte & 3)
 }
 
-/// All functions of the segment.
+type Functions = BTreeMap<Bdf, Arc<Mutex<dyn PciFunction>>>;
+
+/// All functions of the segment. Functions come and go while the guest runs (configuration
+/// accesses take a read lock; adding and removing, rare, a write lock).
 #[derive(Default)]
 pub struct PciRoot {
-    functions: BTreeMap<Bdf, Arc<Mutex<dyn PciFunction>>>,
+    functions: RwLock<Functions>,
 }
 
 impl std::fmt::Debug for PciRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.functions.keys()).finish()
+        f.debug_list().entries(self.read_functions().keys()).finish()
     }
 }
 
@@ -81,30 +84,47 @@ impl PciRoot {
         Self::default()
     }
 
+    // A panic while holding the lock cannot leave the map half-updated (every update is one
+    // insert or remove), so a poisoned lock is used as is.
+    fn read_functions(&self) -> RwLockReadGuard<'_, Functions> {
+        self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_functions(&self) -> RwLockWriteGuard<'_, Functions> {
+        self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Places `function` at `bdf`; false if taken.
-    pub fn add(&mut self, bdf: Bdf, function: Arc<Mutex<dyn PciFunction>>) -> bool {
-        if self.functions.contains_key(&bdf) {
+    pub fn add(&self, bdf: Bdf, function: Arc<Mutex<dyn PciFunction>>) -> bool {
+        let mut functions = self.write_functions();
+        if functions.contains_key(&bdf) {
             return false;
         }
-        self.functions.insert(bdf, function);
+        functions.insert(bdf, function);
         true
+    }
+
+    /// Takes the function at `bdf` away; from now on the guest reads all-ones there.
+    pub fn remove(&self, bdf: Bdf) -> Option<Arc<Mutex<dyn PciFunction>>> {
+        self.write_functions().remove(&bdf)
     }
 
     /// Functions present.
     pub fn len(&self) -> usize {
-        self.functions.len()
+        self.read_functions().len()
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.functions.is_empty()
+        self.read_functions().is_empty()
     }
 
     /// Reads `data.len()` bytes at byte `offset` of register `reg` of `bdf`; absent functions
     /// read all-ones, which is how the guest learns they are absent.
     pub fn read(&self, bdf: Bdf, reg: usize, offset: u64, data: &mut [u8]) {
-        let value = match self.functions.get(&bdf) {
-            Some(f) if reg < 1024 => lock(f).config_read(reg),
+        let function = self.read_functions().get(&bdf).cloned();
+        let value = match function {
+            Some(f) if reg < 1024 => lock(&f).config_read(reg),
             _ => u32::MAX,
         };
         let bytes = value.to_le_bytes();
@@ -116,9 +136,12 @@ impl PciRoot {
 
     /// Writes to `bdf`; ignored for absent functions.
     pub fn write(&self, bdf: Bdf, reg: usize, offset: u64, data: &[u8]) {
-        if let Some(f) = self.functions.get(&bdf) {
+        // The map lock is not held while the function runs: a write may move its BAR, which
+        // takes other locks.
+        let function = self.read_functions().get(&bdf).cloned();
+        if let Some(f) = function {
             if reg < 1024 && offset as usize + data.len() <= 4 {
-                lock(f).config_write(reg, offset, data);
+                lock(&f).config_write(reg, offset, data);
             }
         }
     }
@@ -207,7 +230,7 @@ mod tests {
     use super::*;
 
     fn root() -> Arc<PciRoot> {
-        let mut r = PciRoot::new();
+        let r = PciRoot::new();
         assert!(r.add(Bdf::new(0, 0, 0), Arc::new(Mutex::new(HostBridge::new()))));
         assert!(!r.add(Bdf::new(0, 0, 0), Arc::new(Mutex::new(HostBridge::new()))));
         Arc::new(r)

@@ -1,0 +1,119 @@
+//! The VM's device manager: its PCI segment, the allocator that places functions on it, and
+//! its ADIs (through the VDCM), which can be added and removed while the guest runs.
+//!
+//! What it does not do yet: tell the guest. A function added at run time is in config space
+//! and on the buses, so a guest rescan (`echo 1 > /sys/bus/pci/rescan`) finds it; a function
+//! removed is simply gone. Hotplug notification (ACPI or PCIe native) is issue 12.
+
+use std::sync::Arc;
+
+use devices::iommu::vtd::VtdUnit;
+use devices::pci::{Bdf, PciAllocator, PciRoot};
+use devices::Bus;
+use siovmm_interrupts::router::MsiRouter;
+use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, Vdcm};
+use siovmm_vfio::siov::AdiId;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::SiovConfig;
+use crate::kvm_irq::KvmIrq;
+use crate::Error;
+
+/// What ADIs are composed into: the VM's memory, buses and interrupt plumbing.
+pub(crate) struct GuestParts {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) iommu: Option<Arc<VtdUnit>>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) irq: Arc<KvmIrq>,
+}
+
+/// The VM's devices that come and go.
+pub(crate) struct DeviceManager {
+    guest: GuestParts,
+    siov: SiovConfig,
+    vcpus: u32,
+    pci: Arc<PciRoot>,
+    slots: PciAllocator,
+    adis: AdiTable,
+    /// Created with the first ADI, so a VM without ADIs has no SIOV device threads.
+    vdcm: Option<Vdcm>,
+    /// Set when the VM is released: nothing is added after that.
+    released: bool,
+}
+
+impl DeviceManager {
+    pub(crate) fn new(guest: GuestParts, siov: SiovConfig, vcpus: u32, pci: Arc<PciRoot>, slots: PciAllocator) -> Self {
+        Self { guest, siov, vcpus, pci, slots, adis: AdiTable::default(), vdcm: None, released: false }
+    }
+
+    /// The table the hypercall endpoint reads; it follows every addition and removal.
+    pub(crate) fn adi_table(&self) -> AdiTable {
+        self.adis.clone()
+    }
+
+    fn vdcm(&mut self) -> Result<&mut Vdcm, Error> {
+        if self.released {
+            return Err(Error::Released);
+        }
+        if self.vdcm.is_none() {
+            let device = self.siov.device.open().map_err(|e| Error::Io("opening the SIOV device".into(), e))?;
+            let router = MsiRouter::new(self.guest.irq.clone(), self.siov.max_msi_routes)
+                .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
+            let side = GuestSide {
+                mem: self.guest.mem.clone(),
+                iommu: self.guest.iommu.clone(),
+                mmio: self.guest.mmio.clone(),
+                doorbells: self.guest.irq.clone(),
+                router: Arc::new(router),
+                pci: self.pci.clone(),
+                adis: self.adis.clone(),
+            };
+            let options =
+                AdiOptions { vectors: self.siov.vectors, ims_trap: self.siov.ims.traps_ims_window(), vcpus: self.vcpus };
+            self.vdcm = Some(Vdcm::new(side, device, options)?);
+        }
+        self.vdcm.as_mut().ok_or(Error::Released)
+    }
+
+    /// Adds `count` ADIs of the VM's SIOV device (the lowest this VM does not hold); all or
+    /// nothing. Returns where they are.
+    pub(crate) fn add_adis(&mut self, count: u32) -> Result<Vec<Bdf>, Error> {
+        let device_adis = self.siov.device.adis();
+        self.vdcm()?;
+        let (Some(vdcm), slots) = (self.vdcm.as_mut(), &mut self.slots) else { return Err(Error::Released) };
+        let held: std::collections::BTreeSet<u32> = vdcm.placement().iter().map(|(_, a)| a.0).collect();
+        let adis: Vec<AdiId> = (0..device_adis).filter(|a| !held.contains(a)).take(count as usize).map(AdiId).collect();
+        if adis.len() < count as usize {
+            return Err(Error::NoFreeAdis { requested: count, free: adis.len() as u32 });
+        }
+        Ok(vdcm.add(&adis, slots)?)
+    }
+
+    /// Removes the ADI at `bdf` and gives back everything it held.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn remove_adi(&mut self, bdf: Bdf) -> Result<AdiId, Error> {
+        let slots = &mut self.slots;
+        match self.vdcm.as_mut() {
+            Some(v) if !self.released => Ok(v.remove(bdf, slots)?),
+            _ if self.released => Err(Error::Released),
+            _ => Err(Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf))),
+        }
+    }
+
+    /// The VM's ADIs: where each is and which host ADI it is.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn adis(&self) -> Vec<(Bdf, AdiId)> {
+        self.vdcm.as_ref().map(Vdcm::placement).unwrap_or_default()
+    }
+
+    /// The VDCM, if the VM has had ADIs.
+    pub(crate) fn vdcm_ref(&self) -> Option<&Vdcm> {
+        self.vdcm.as_ref()
+    }
+
+    /// Closes every ADI (the VM is going); later calls fail with [`Error::Released`].
+    pub(crate) fn release(&mut self) {
+        self.released = true;
+        self.vdcm = None;
+    }
+}
