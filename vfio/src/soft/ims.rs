@@ -66,11 +66,41 @@ pub struct ImsTable {
     /// OnDevice: the MMIO table (all entries). InMemory: unused.
     table: Vec<[u8; ENTRY_SIZE]>,
     /// InMemory: each ADI's queue-context IMS area, and where each entry sits in it.
-    contexts: HashMap<AdiId, Vec<Option<[u8; ENTRY_SIZE]>>>,
+    contexts: HashMap<AdiId, QueueContext>,
     placement: HashMap<ImsIndex, (AdiId, usize)>,
     free: BTreeMap<u32, u32>,
     /// Allocated groups: first index → (count, owner).
     groups: HashMap<u32, (u32, AdiId)>,
+}
+
+/// The IMS area of one ADI's queue context: entry slots, and the free ones among them (so
+/// placing an entry is O(1) however many the ADI holds).
+#[derive(Debug, Default)]
+struct QueueContext {
+    entries: Vec<Option<[u8; ENTRY_SIZE]>>,
+    holes: Vec<usize>,
+}
+
+impl QueueContext {
+    fn place(&mut self, entry: [u8; ENTRY_SIZE]) -> usize {
+        match self.holes.pop() {
+            Some(pos) => {
+                self.entries[pos] = Some(entry);
+                pos
+            }
+            None => {
+                self.entries.push(Some(entry));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn clear(&mut self, pos: usize) {
+        if let Some(slot @ Some(_)) = self.entries.get_mut(pos) {
+            *slot = None;
+            self.holes.push(pos);
+        }
+    }
 }
 
 /// An entry in its stored form: the MSI-X entry layout (`siovmm_interrupts::msi`).
@@ -144,15 +174,7 @@ impl ImsTable {
             match self.storage {
                 ImsStorage::OnDevice => self.table[i as usize] = entry,
                 ImsStorage::InMemory => {
-                    let ctx = self.contexts.entry(adi).or_default();
-                    let pos = match ctx.iter().position(Option::is_none) {
-                        Some(p) => p,
-                        None => {
-                            ctx.push(None);
-                            ctx.len() - 1
-                        }
-                    };
-                    ctx[pos] = Some(entry);
+                    let pos = self.contexts.entry(adi).or_default().place(entry);
                     self.placement.insert(i, (adi, pos));
                 }
             }
@@ -170,7 +192,7 @@ impl ImsTable {
             self.slots[i as usize] = Slot::default();
             if let Some((owner, pos)) = self.placement.remove(&i) {
                 if let Some(ctx) = self.contexts.get_mut(&owner) {
-                    ctx[pos] = None;
+                    ctx.clear(pos);
                 }
             }
             if let Some(e) = self.table.get_mut(i as usize) {
@@ -238,7 +260,9 @@ impl ImsTable {
         match self.storage {
             ImsStorage::OnDevice => decode(&self.table[index as usize]),
             ImsStorage::InMemory => match self.placement.get(&index) {
-                Some((adi, pos)) => self.contexts[adi][*pos].as_ref().map_or(MASKED, decode),
+                Some((adi, pos)) => {
+                    self.contexts.get(adi).and_then(|c| c.entries.get(*pos).copied().flatten()).map_or(MASKED, |b| decode(&b))
+                }
                 None => MASKED,
             },
         }
@@ -251,8 +275,8 @@ impl ImsTable {
             ImsStorage::OnDevice => self.table[index as usize] = bytes,
             ImsStorage::InMemory => {
                 if let Some(&(adi, pos)) = self.placement.get(&index) {
-                    if let Some(ctx) = self.contexts.get_mut(&adi) {
-                        ctx[pos] = Some(bytes);
+                    if let Some(slot) = self.contexts.get_mut(&adi).and_then(|c| c.entries.get_mut(pos)) {
+                        *slot = Some(bytes);
                     }
                 }
             }
@@ -446,10 +470,10 @@ mod tests {
     fn in_memory_entries_live_in_queue_contexts() {
         let mut t = ImsTable::new(ImsStorage::InMemory, 32);
         let g = t.alloc(AdiId(7), 2).unwrap();
-        assert_eq!(t.contexts[&AdiId(7)].len(), 2);
+        assert_eq!(t.contexts[&AdiId(7)].entries.len(), 2);
         t.set_mask(AdiId(7), g.first, false).unwrap();
         assert_eq!(
-            t.contexts[&AdiId(7)][0].map(|b| decode(&b)),
+            t.contexts[&AdiId(7)].entries[0].map(|b| decode(&b)),
             Some(ImsEntry { message: host_message(g.first), masked: false })
         );
         // No MMIO view.
@@ -460,7 +484,10 @@ mod tests {
         assert!(!t.read(AdiId(7), g.first).unwrap().masked);
         t.free(AdiId(7), g).unwrap();
         assert!(t.read(AdiId(7), g.first).is_err());
-        assert!(t.contexts[&AdiId(7)].iter().all(Option::is_none), "freed entries leave the context");
+        assert!(t.contexts[&AdiId(7)].entries.iter().all(Option::is_none), "freed entries leave the context");
+        // Their places are taken again before the context grows.
+        t.alloc(AdiId(7), 2).unwrap();
+        assert_eq!(t.contexts[&AdiId(7)].entries.len(), 2);
     }
 
     #[test]
