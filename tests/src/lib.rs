@@ -236,8 +236,8 @@ pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
 ///
 /// A sandbox run is retried once in the cases `siovmm_sandbox::machine::run` names (a sandbox
 /// that never reached its script, a crash of the sandbox's own kernel, and, marked
-/// UNEXPLAINED, a run out of budget), and once when a guest triple-faulted while the CPU
-/// delivered an interrupt to it: see [`run_sandbox_once_more_after_reset_triple_fault`].
+/// UNEXPLAINED, a run out of budget), and once when a guest triple-faulted with one of the
+/// recorded emulator signatures: see [`run_sandbox_once_more_after_reset_triple_fault`].
 /// Other failures are final.
 pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
     run_cases_with(cases, Retry::AsDocumented)
@@ -273,25 +273,28 @@ fn run_cases_with(cases: &[GuestCase], retry: Retry) -> Result<Vec<CaseResult>, 
 /// What siovmm prints when a vCPU triple-faulted and AMD's KVM reset it (no RIP survives).
 const RESET_TRIPLE_FAULT: &str = "(KVM reset the vCPU)";
 
-/// Runs the sandbox, and once more when a guest triple-faulted while the CPU delivered an
-/// external interrupt to it, as the sandbox's flight recorder shows.
+/// Runs the sandbox, and once more when a guest triple-faulted with one of two signatures the
+/// sandbox's flight recorder shows (docs/testing.md, "What the failures were, and the
+/// retries"):
+/// - the CPU was delivering an external interrupt: recorded while the emulated CPU delivered
+///   the guest's local APIC timer (vector 0xec) to a vCPU halted in `native_safe_halt`, a path
+///   of KVM's in-kernel LAPIC and nested SVM under QEMU-TCG that no siovmm code is on. **Not
+///   proven to be the environment's**: marked UNEXPLAINED;
+/// - the CPU was delivering a page fault whose error code no x86 CPU produces (RSVD without
+///   P): raised by QEMU-TCG's own page walker, so the emulated CPU broke the architecture
+///   ([`machine::GuestShutdown::while_delivering_impossible_page_fault`]).
 ///
-/// **This retry is not proven to be the environment's.** The one such triple fault recorded
-/// (docs/testing.md, "What the failures were, and the retries") happened early in boot, before the guest touched any ADI,
-/// while the emulated CPU delivered the guest's local APIC timer interrupt (vector 0xec) to
-/// a vCPU halted in `native_safe_halt`: a path of KVM's in-kernel LAPIC and nested SVM under
-/// QEMU-TCG that no siovmm code is on. Any other triple fault (another event, or none being
-/// delivered, or no flight record) fails the test at once. The failed attempt's whole
-/// transcript goes to stderr, so every occurrence in CI leaves its evidence, and the rerun must
-/// pass every check.
+/// Any other triple fault (another event, or none being delivered, or no flight record) fails
+/// the test at once. The failed attempt's whole transcript goes to stderr, so every occurrence
+/// in CI leaves its evidence, and the rerun must pass every check.
 fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
     let first = run_sandbox(assets, cases, Retry::AsDocumented)?;
-    let Some((failed, vector)) = triple_fault_delivering_interrupt(&first) else {
+    let Some((failed, signature)) = triple_fault_with_emulator_signature(&first) else {
         return Ok(first);
     };
     eprintln!(
-        "siovmm-tests: UNEXPLAINED guest triple fault in case {} while the CPU delivered interrupt vector {vector:#x} \
-         (issue 8, item 5); its transcript follows, then the sandbox runs once more\n{}",
+        "siovmm-tests: guest triple fault in case {} {signature} (issue 8, item 5); its transcript follows, \
+         then the sandbox runs once more\n{}",
         failed.name,
         failed.transcript()
     );
@@ -382,16 +385,27 @@ fn sandbox_image(assets: &Assets, cases: &[GuestCase]) -> Result<SandboxImage, S
     Ok(image)
 }
 
-/// The first case whose guest triple-faulted with its vCPU reset by KVM.
-/// The first case whose guest triple-faulted (KVM reset the vCPU) while the CPU delivered an
-/// external interrupt, with that interrupt's vector, from the flight record.
-fn triple_fault_delivering_interrupt(results: &[CaseResult]) -> Option<(&CaseResult, u8)> {
+/// The first case whose guest triple-faulted (KVM reset the vCPU) with a signature of the
+/// emulator in the flight record, and that signature in words.
+fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&CaseResult, String)> {
     results.iter().find_map(|r| {
         if !r.lines.iter().any(|l| l.contains("siovmm: triple fault on vCPU") && l.contains(RESET_TRIPLE_FAULT)) {
             return None;
         }
-        let vector = machine::guest_shutdowns(&r.lines).iter().find_map(machine::GuestShutdown::while_delivering_external_interrupt)?;
-        Some((r, vector))
+        let signature = machine::guest_shutdowns(&r.lines).iter().find_map(|s| {
+            if let Some(vector) = s.while_delivering_external_interrupt() {
+                Some(format!("UNEXPLAINED: the CPU was delivering interrupt vector {vector:#x}"))
+            } else if s.while_delivering_impossible_page_fault() {
+                Some(format!(
+                    "while the emulated CPU delivered a page fault with error code {:#x}, which no x86 CPU produces \
+                     (RSVD without P: QEMU-TCG's page walker)",
+                    s.error_code
+                ))
+            } else {
+                None
+            }
+        })?;
+        Some((r, signature))
     })
 }
 
@@ -450,23 +464,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_triple_fault_while_delivering_an_interrupt_reruns() {
+    fn only_triple_faults_with_an_emulator_signature_rerun() {
         let case = |lines: &[&str]| CaseResult { name: "c".into(), lines: lines.iter().map(|l| l.to_string()).collect(), ..Default::default() };
         let fine = case(&["GUEST-X=1"]);
         let check_failed = case(&["GUEST-ADI-FAIL 0000:00:01.0: FAIL 6 completion interrupts"]);
         let other_stop = case(&["siovmm: KVM internal error (suberror 1) on vCPU 0 at RIP 0x1000"]);
         let reset = "siovmm: triple fault on vCPU 0 at RIP unknown (KVM reset the vCPU)";
-        let record = |intr_info: &str| {
-            format!("@@KVM-TRACE vcpu0-161 [000] ..... 52.356979: kvm_exit: vcpu 0 reason shutdown rip 0xffffffff81a592eb info1 0x0 info2 0x0 intr_info {intr_info} error_code 0x00000000")
+        let record = |intr_info: &str, error_code: &str| {
+            format!("@@KVM-TRACE vcpu0-161 [000] ..... 52.356979: kvm_exit: vcpu 0 reason shutdown rip 0xffffffff81a592eb info1 0x0 info2 0x0 intr_info {intr_info} error_code {error_code}")
         };
         let unrecorded = case(&[reset]);
-        let own_exception = case(&[reset, &record("0x80000b0e")]);
-        let interrupted = case(&[reset, &record("0x800000ec")]);
-        assert!(triple_fault_delivering_interrupt(&[fine.clone(), check_failed, other_stop, unrecorded, own_exception]).is_none());
-        assert_eq!(
-            triple_fault_delivering_interrupt(&[fine, interrupted.clone()]).map(|(r, v)| (r.lines.clone(), v)),
-            Some((interrupted.lines, 0xec))
-        );
+        let own_exception = case(&[reset, &record("0x80000b0e", "0x00000010")]);
+        let rsvd_present = case(&[reset, &record("0x80000b0e", "0x00000019")]);
+        let interrupted = case(&[reset, &record("0x800000ec", "0x00000000")]);
+        let impossible = case(&[reset, &record("0x80000b0e", "0x00000018")]);
+        let none = [fine.clone(), check_failed, other_stop, unrecorded, own_exception, rsvd_present];
+        assert!(triple_fault_with_emulator_signature(&none).is_none());
+        let first = [fine.clone(), interrupted.clone()];
+        let found = triple_fault_with_emulator_signature(&first).unwrap();
+        assert_eq!(found.0.lines, interrupted.lines);
+        assert!(found.1.starts_with("UNEXPLAINED") && found.1.contains("0xec"), "{}", found.1);
+        let second = [fine, impossible.clone()];
+        let found = triple_fault_with_emulator_signature(&second).unwrap();
+        assert_eq!(found.0.lines, impossible.lines);
+        assert!(found.1.contains("0x18") && found.1.contains("no x86 CPU"), "{}", found.1);
     }
 
     #[test]

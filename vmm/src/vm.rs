@@ -278,9 +278,9 @@ impl StartupTrace {
 ///
 /// Lifecycle: [`Vm::build`] creates and configures everything (no vCPU runs yet);
 /// [`Vm::run`] starts the vCPUs and serves the event loop until a stop is requested (by the
-/// guest, a signal, or [`VmStopper::stop`] from another thread); dropping the `Vm` releases it
-/// all: vCPU threads are stopped and joined, ADIs are closed, then the VM fd and guest memory
-/// go. Adding and removing devices at run time comes with the device manager.
+/// guest, a signal, or [`VmHandle::stop`] from another thread); meanwhile a [`VmHandle`] adds
+/// and removes ADIs; dropping the `Vm` releases it all: vCPU threads are stopped and joined,
+/// ADIs are closed, then the VM fd and guest memory go.
 pub struct Vm {
     // Field order is drop order (after `Drop::drop` has joined the vCPUs): the event loop and
     // devices first, then the VM fd, guest memory last.
