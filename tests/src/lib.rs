@@ -282,7 +282,8 @@ const RESET_TRIPLE_FAULT: &str = "(KVM reset the vCPU)";
 ///   proven to be the environment's**: marked UNEXPLAINED;
 /// - the CPU was delivering a page fault whose error code no x86 CPU produces (RSVD without
 ///   P): raised by QEMU-TCG's own page walker, so the emulated CPU broke the architecture
-///   ([`machine::GuestShutdown::while_delivering_impossible_page_fault`]).
+///   ([`machine::GuestShutdown::while_delivering_impossible_page_fault`]); why its walk met
+///   reserved bits is not proven either, so it is marked UNEXPLAINED too.
 ///
 /// Any other triple fault (another event, or none being delivered, or no flight record) fails
 /// the test at once. The failed attempt's whole transcript goes to stderr, so every occurrence
@@ -397,8 +398,8 @@ fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&Case
                 Some(format!("UNEXPLAINED: the CPU was delivering interrupt vector {vector:#x}"))
             } else if s.while_delivering_impossible_page_fault() {
                 Some(format!(
-                    "while the emulated CPU delivered a page fault with error code {:#x}, which no x86 CPU produces \
-                     (RSVD without P: QEMU-TCG's page walker)",
+                    "UNEXPLAINED: the emulated CPU was delivering a page fault with error code {:#x}, which no x86 \
+                     CPU produces (RSVD without P: QEMU-TCG's page walker)",
                     s.error_code
                 ))
             } else {
