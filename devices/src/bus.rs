@@ -44,7 +44,7 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        let ranges = read_lock(&self.ranges);
         f.debug_list().entries(ranges.iter().map(|(b, e)| (*b, e.len))).finish()
     }
 }
@@ -58,7 +58,7 @@ impl Bus {
     /// Places `device` at `[base, base + len)`.
     pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), Error> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::InvalidRange(base, len))?;
-        let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        let mut ranges = write_lock(&self.ranges);
         if let Some((b, e)) = ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(Error::Overlap(base, len));
@@ -70,7 +70,7 @@ impl Bus {
 
     /// Ranges on the bus.
     pub fn len(&self) -> usize {
-        self.ranges.read().unwrap_or_else(|p| p.into_inner()).len()
+        read_lock(&self.ranges).len()
     }
 
     /// True when no device is on the bus.
@@ -80,11 +80,11 @@ impl Bus {
 
     /// Removes the device whose range starts at `base`.
     pub fn remove(&self, base: u64) -> bool {
-        self.ranges.write().unwrap_or_else(|p| p.into_inner()).remove(&base).is_some()
+        write_lock(&self.ranges).remove(&base).is_some()
     }
 
     fn resolve(&self, addr: u64, size: usize) -> Option<(u64, SharedDevice)> {
-        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        let ranges = read_lock(&self.ranges);
         let (base, e) = ranges.range(..=addr).next_back()?;
         let offset = addr - base;
         // The whole access must fall inside the range.
@@ -117,8 +117,8 @@ impl Bus {
     }
 }
 
-/// Locks a device even if another vCPU thread panicked while holding it.
-pub use siovmm_interrupts::lock;
+/// Locks a device (or a map of them) even if another vCPU thread panicked while holding it.
+pub use siovmm_interrupts::{lock, read_lock, write_lock};
 
 #[cfg(test)]
 mod tests {

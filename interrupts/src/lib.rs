@@ -18,6 +18,16 @@ pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> 
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// [`lock`] for the readers of an `RwLock`.
+pub fn read_lock<T: ?Sized>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// [`lock`] for the writer of an `RwLock`.
+pub fn write_lock<T: ?Sized>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Guest writes that signal an eventfd without an exit (KVM ioeventfd): doorbells.
 pub trait IoEvents: Send + Sync {
     /// `fd` is signalled by every guest write to the MMIO address `addr` (`assign`), or no

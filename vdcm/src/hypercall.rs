@@ -6,15 +6,13 @@
 //! up by the requester ID of the function the guest names), and the status and result are
 //! written back into the block.
 
-use std::sync::{Arc, Mutex};
-
-use devices::bus::lock;
+use devices::bus::{lock, read_lock};
 use siovmm_interrupts::MsiMessage;
 use devices::BusDevice;
 use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::adi::{AdiFunction, MAX_PV_SLOTS};
+use crate::adi::MAX_PV_SLOTS;
 use crate::AdiTable;
 
 /// Guest-physical address of the hypercall register (next to the boot timer, outside RAM
@@ -56,10 +54,7 @@ impl Hypercalls {
                 _ => Err(Status::NotAllowed),
             };
         }
-        let adi = |rid: u16| -> Result<Arc<Mutex<AdiFunction>>, Status> {
-            let table = self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            table.get(&rid).cloned().ok_or(Status::NoSuchAdi)
-        };
+        let adi = |rid: u16| read_lock(&self.functions).get(&rid).cloned().ok_or(Status::NoSuchAdi);
         match call {
             Call::Query => Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
             Call::ImsAlloc { adi: rid, count } => lock(adi(rid)?.as_ref()).pv_alloc(count).map(u64::from),

@@ -22,7 +22,7 @@ pub mod registers;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use devices::bus::lock;
+use devices::bus::{lock, write_lock};
 use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
@@ -304,7 +304,7 @@ impl Vdcm {
         };
         lock(&self.bars.functions).insert(bdf, (function.clone(), doorbell));
         self.guest.pci.add(bdf, function.clone());
-        self.guest.adis.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(bdf.0, function.clone());
+        write_lock(&self.guest.adis).insert(bdf.0, function.clone());
         lock(&function).update_bar_mapping();
         self.placed.insert(bdf, Placed { adi, function, bar0, dma: own_dma });
         Ok(())
@@ -351,7 +351,7 @@ impl Vdcm {
         let placed = self.placed.remove(&bdf).ok_or(Error::NoSuchFunction(bdf))?;
         // The guest stops seeing it: config space, hypercalls, BAR and doorbell.
         self.guest.pci.remove(bdf);
-        self.guest.adis.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&bdf.0);
+        write_lock(&self.guest.adis).remove(&bdf.0);
         lock(&placed.function).unmap_bar();
         lock(&self.bars.functions).remove(&bdf);
         // Then its interrupts, the ADI itself (the device frees its IMS entries) and its DMA.

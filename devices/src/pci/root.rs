@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::bus::lock;
+use crate::bus::{lock, read_lock, write_lock};
 use crate::BusDevice;
 
 /// A function's configuration-space behaviour.
@@ -87,11 +87,11 @@ impl PciRoot {
     // A panic while holding the lock cannot leave the map half-updated (every update is one
     // insert or remove), so a poisoned lock is used as is.
     fn read_functions(&self) -> RwLockReadGuard<'_, Functions> {
-        self.functions.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        read_lock(&self.functions)
     }
 
     fn write_functions(&self) -> RwLockWriteGuard<'_, Functions> {
-        self.functions.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        write_lock(&self.functions)
     }
 
     /// Places `function` at `bdf`; false if taken.
