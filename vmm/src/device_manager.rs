@@ -51,36 +51,37 @@ impl DeviceManager {
         self.adis.clone()
     }
 
-    fn vdcm(&mut self) -> Result<&mut Vdcm, Error> {
-        if self.released {
-            return Err(Error::Released);
-        }
-        if self.vdcm.is_none() {
-            let device = self.siov.device.open().map_err(|e| Error::Io("opening the SIOV device".into(), e))?;
-            let router = MsiRouter::new(self.guest.irq.clone(), self.siov.max_msi_routes)
-                .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
-            let side = GuestSide {
-                mem: self.guest.mem.clone(),
-                iommu: self.guest.iommu.clone(),
-                mmio: self.guest.mmio.clone(),
-                doorbells: self.guest.irq.clone(),
-                router: Arc::new(router),
-                pci: self.pci.clone(),
-                adis: self.adis.clone(),
-            };
-            let options =
-                AdiOptions { vectors: self.siov.vectors, ims_trap: self.siov.ims.traps_ims_window(), vcpus: self.vcpus };
-            self.vdcm = Some(Vdcm::new(side, device, options)?);
-        }
-        self.vdcm.as_mut().ok_or(Error::Released)
+    /// The VDCM for this VM's first ADIs: the SIOV device opened, a router started.
+    fn new_vdcm(&self) -> Result<Vdcm, Error> {
+        // Every ADI holds a doorbell eventfd, and every programmed vector another.
+        crate::vm::raise_fd_limit();
+        let device = self.siov.device.open().map_err(|e| Error::Io("opening the SIOV device".into(), e))?;
+        let router = MsiRouter::new(self.guest.irq.clone(), self.siov.max_msi_routes)
+            .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
+        let side = GuestSide {
+            mem: self.guest.mem.clone(),
+            iommu: self.guest.iommu.clone(),
+            mmio: self.guest.mmio.clone(),
+            doorbells: self.guest.irq.clone(),
+            router: Arc::new(router),
+            pci: self.pci.clone(),
+            adis: self.adis.clone(),
+        };
+        let options = AdiOptions { vectors: self.siov.vectors, ims_trap: self.siov.ims.traps_ims_window(), vcpus: self.vcpus };
+        Ok(Vdcm::new(side, device, options)?)
     }
 
     /// Adds `count` ADIs of the VM's SIOV device (the lowest this VM does not hold); all or
     /// nothing. Returns where they are.
     pub(crate) fn add_adis(&mut self, count: u32) -> Result<Vec<Bdf>, Error> {
+        if self.released {
+            return Err(Error::Released);
+        }
+        if self.vdcm.is_none() {
+            self.vdcm = Some(self.new_vdcm()?);
+        }
         let device_adis = self.siov.device.adis();
-        self.vdcm()?;
-        let (Some(vdcm), slots) = (self.vdcm.as_mut(), &mut self.slots) else { return Err(Error::Released) };
+        let Self { vdcm: Some(vdcm), slots, .. } = self else { return Err(Error::Released) };
         let held: std::collections::BTreeSet<u32> = vdcm.placement().iter().map(|(_, a)| a.0).collect();
         let adis: Vec<AdiId> = (0..device_adis).filter(|a| !held.contains(a)).take(count as usize).map(AdiId).collect();
         if adis.len() < count as usize {
@@ -92,12 +93,13 @@ impl DeviceManager {
     /// Removes the ADI at `bdf` and gives back everything it held.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn remove_adi(&mut self, bdf: Bdf) -> Result<AdiId, Error> {
-        let slots = &mut self.slots;
-        match self.vdcm.as_mut() {
-            Some(v) if !self.released => Ok(v.remove(bdf, slots)?),
-            _ if self.released => Err(Error::Released),
-            _ => Err(Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf))),
+        if self.released {
+            return Err(Error::Released);
         }
+        let Self { vdcm: Some(vdcm), slots, .. } = self else {
+            return Err(Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf)));
+        };
+        Ok(vdcm.remove(bdf, slots)?)
     }
 
     /// The VM's ADIs: where each is and which host ADI it is.

@@ -385,7 +385,6 @@ impl Vm {
         let vcpu_count = u32::from(config.cpus);
         let mut devices = DeviceManager::new(parts, config.siov.clone(), vcpu_count, root.clone(), PciAllocator::new(topology));
         if config.siov.adis > 0 {
-            raise_fd_limit();
             devices.add_adis(config.siov.adis)?;
         }
         // Always there, as CPUID announces it: a VM's ADIs may come later.
