@@ -439,28 +439,36 @@ fn process_resources() -> std::collections::BTreeMap<String, usize> {
     counts
 }
 
+/// A 2-vCPU VM whose guest spins (`jmp $`), with 8 ADIs of a software device of
+/// `device_adis` ADIs and 64 IMS entries; the kernel is written to a fresh temporary directory
+/// `dir`, which the caller removes.
+fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
+    let dir = std::env::temp_dir().join(format!("siovmm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("spin");
+    std::fs::write(&kernel, tiny_kernel::elf(&[0xeb, 0xfe])).unwrap(); // jmp $
+    let config = VmConfig {
+        kernel,
+        initramfs: None,
+        cmdline: "console=ttyS0".into(),
+        cpus: 2,
+        memory: 64 << 20,
+        siov: SiovConfig {
+            adis: 8,
+            device: SiovBackend::Software { adis: device_adis, ims_entries: 64, storage: ImsStorage::OnDevice },
+            ..SiovConfig::default()
+        },
+    };
+    (dir, config)
+}
+
 kvm_test! {
     alone;
     /// A VM with ADIs, built, run (2 vCPUs spinning in the guest), stopped from another thread
     /// and dropped, three times in one process: every vCPU thread, device worker, overflow
     /// thread, eventfd, KVM fd and guest RAM mapping goes with it.
     fn a_released_vm_leaves_nothing_behind() {
-        let dir = std::env::temp_dir().join(format!("siovmm-release-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let kernel = dir.join("spin");
-        std::fs::write(&kernel, tiny_kernel::elf(&[0xeb, 0xfe])).unwrap(); // jmp $
-        let config = VmConfig {
-            kernel: kernel.clone(),
-            initramfs: None,
-            cmdline: "console=ttyS0".into(),
-            cpus: 2,
-            memory: 64 << 20,
-            siov: SiovConfig {
-                adis: 8,
-                device: SiovBackend::Software { adis: 8, ims_entries: 64, storage: ImsStorage::OnDevice },
-                ..SiovConfig::default()
-            },
-        };
+        let (dir, config) = spinning_vm("release", 8);
         let cycle = || {
             let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
             let stopper = vm.handle();
@@ -502,22 +510,7 @@ kvm_test! {
     /// them changes nothing, the process's file descriptors and threads end where they
     /// started, and once the VM is released the handle refuses.
     fn adis_come_and_go_while_the_guest_runs() {
-        let dir = std::env::temp_dir().join(format!("siovmm-hotplug-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let kernel = dir.join("spin");
-        std::fs::write(&kernel, tiny_kernel::elf(&[0xeb, 0xfe])).unwrap(); // jmp $
-        let config = VmConfig {
-            kernel,
-            initramfs: None,
-            cmdline: "console=ttyS0".into(),
-            cpus: 2,
-            memory: 64 << 20,
-            siov: SiovConfig {
-                adis: 8,
-                device: SiovBackend::Software { adis: 20, ims_entries: 64, storage: ImsStorage::OnDevice },
-                ..SiovConfig::default()
-            },
-        };
+        let (dir, config) = spinning_vm("hotplug", 20);
         let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
         let handle = vm.handle();
         let control = std::thread::spawn(move || {
