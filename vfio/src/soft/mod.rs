@@ -107,11 +107,13 @@ impl SoftSiovDevice {
     /// A device with `adis` ADIs, `ims_entries` IMS entries in `storage` (at most
     /// [`ims::MAX_ENTRIES`]), served by `workers` threads (at least one).
     pub fn new(adis: u32, ims_entries: u32, storage: ImsStorage, workers: usize) -> std::io::Result<Self> {
-        let ims_entries = ims_entries.min(ims::MAX_ENTRIES);
+        let table = ImsTable::new(storage, ims_entries);
+        // What the table made (it caps the count), so `info` tells the truth.
+        let ims_entries = table.len();
         let shared = Arc::new(Shared {
             adis: (0..adis).map(|_| Mutex::new(AdiState::default())).collect(),
             dma: Mutex::new(Bindings::default()),
-            ims: Mutex::new(ImsTable::new(storage, ims_entries)),
+            ims: Mutex::new(table),
             stats: Stats::default(),
             stop: AtomicBool::new(false),
         });
