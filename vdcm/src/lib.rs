@@ -14,10 +14,10 @@
 //! Telling the guest (hotplug) is the VMM's business, not the VDCM's.
 
 pub mod adi;
+#[cfg(test)]
+mod fakes;
 pub mod hypercall;
-pub mod ims_slots;
 pub mod iommu_dma;
-pub mod registers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};

@@ -1,6 +1,6 @@
 //! An ADI's BAR0 register file (docs/siov-device.md has the map): the queue's base and size,
 //! control and status. Plain state: a guest write returns what the device must do
-//! ([`Action`]); the function (`adi.rs`) does it and reports back ([`QueueRegisters::enabled`]).
+//! ([`Action`]); the function (`adi/mod.rs`) does it and reports back ([`QueueRegisters::enabled`]).
 
 use siovmm_vfio::siov::QueueConfig;
 

@@ -1,35 +1,44 @@
-//! One ADI composed into a guest as a PCI function (the VDCM's per-ADI device model).
+//! One ADI composed into a guest as a PCI function (the VDCM's per-ADI device model), split by
+//! concept:
+//! - [`config`]: config space (identity, BAR0, the MSI-X and PCIe capabilities) and where
+//!   BAR0 sits on the guest's bus;
+//! - [`registers`]: BAR0's register file, the slow path (queue base and size, control, status);
+//! - [`vectors`]: the MSI-X vectors and the host IMS entries behind them;
+//! - [`ims_slots`]: the IMS slots an enlightened guest programs, by hypercall or through the
+//!   trapped window.
 //!
-//! Config space: vendor 0x5356, device 0x0002, class 08/80/00; BAR0 64-bit, 32 KiB; an MSI-X
-//! capability at 0x40 whose table and PBA live in BAR0.
+//! This module ties them to the device and the guest's bus: it decodes BAR0 accesses, turns
+//! register and window writes into device operations, and answers the hypercalls.
 //!
-//! BAR0 (docs/siov-device.md has the full register map):
-//! - 0x0000 registers, the slow path, emulated here: version, capabilities, queue base and
-//!   size, control (enable, reset), status;
+//! BAR0, 32 KiB (docs/siov-device.md has the full register map):
+//! - 0x0000 registers, emulated here;
 //! - 0x1000 doorbell, the fast path: a KVM ioeventfd signals the device's doorbell eventfd, so a
 //!   submission never exits to siovmm (writes that do exit are forwarded the same way);
-//! - 0x2000 MSI-X table, 0x3000 PBA, emulated here.
-//!
-//! Interrupts: MSI-X vector v is backed by IMS entry `ims.first + v`, and interrupt handle v
-//! names it. The guest's message for v becomes a KVM MSI route fed by an eventfd that the IMS
-//! entry signals; the guest's masks (vector, function, enable) become the IMS entry's mask,
-//! so the device keeps the pending bit, and the PBA reads it back.
+//! - 0x2000 MSI-X table, 0x3000 PBA, emulated here;
+//! - 0x4000 the trapped IMS window (`--ims trap`; inert otherwise).
+
+pub mod config;
+pub mod ims_slots;
+pub mod registers;
+mod vectors;
 
 use std::sync::{Arc, Weak};
 
-use devices::pci::msix::{Msix, VectorChange};
-use devices::pci::{Bdf, ConfigSpace, PciFunction, SIOVMM_VENDOR_ID};
+use devices::pci::{Bdf, PciFunction};
 use devices::BusDevice;
 use siovmm_hypercall::Status;
 use siovmm_interrupts::{MsiMessage, MsiRouter, VectorKey};
 use siovmm_vfio::siov::{self, AdiId, ImsGroup, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::ims_slots::{ImsSlots, PvSlot};
-use crate::registers::{Action, QueueRegisters};
+use config::{AdiConfig, Bar0Window, ConfigWrite};
+use ims_slots::{ImsSlots, PvSlot};
+use registers::{Action, QueueRegisters};
+use vectors::{bound_eventfd, MsixVectors};
 
-pub use crate::ims_slots::{IMS_WINDOW_SLOTS, MAX_PV_SLOTS};
-pub use crate::registers::{reg, VERSION};
+pub use config::BarMapper;
+pub use ims_slots::{IMS_WINDOW_SLOTS, MAX_PV_SLOTS};
+pub use registers::{reg, VERSION};
 
 /// Device ID of an ADI function.
 pub const ADI_DEVICE_ID: u16 = 0x0002;
@@ -58,45 +67,21 @@ pub mod ims_ctrl {
     pub const BACKED: u32 = 4;
 }
 
-const CAP_OFFSET: usize = 0x40;
-/// The PCI Express capability, chained after MSI-X.
-const PCIE_CAP_OFFSET: usize = 0x50;
-/// PCI Express capability ID.
-const CAP_ID_PCIE: u32 = 0x10;
-/// PCIe Capabilities register: version 2, device/port type 1001b = Root Complex Integrated
-/// Endpoint (PCIe Base 6.0 §7.5.3.2), which is what SIOV devices such as DSA are.
-const PCIE_CAPS_RCIEP: u32 = 0x0092;
-const CMD_MEMORY: u32 = 1 << 1;
-
-/// Moves BAR windows on the guest's MMIO bus (and the doorbell ioeventfd with them).
-pub trait BarMapper: Send + Sync {
-    /// BAR0 of `bdf` moves from `old` to `new` (either may be "not mapped").
-    fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>);
-}
-
 /// The function.
 pub struct AdiFunction {
     adi: AdiId,
     bdf: Bdf,
-    config: ConfigSpace,
-    msix: Msix,
+    config: AdiConfig,
+    bar0: Bar0Window,
+    vectors: MsixVectors,
     device: Arc<dyn SiovDevice>,
-    ims: ImsGroup,
-    /// Per vector, the eventfd its IMS entry signals; made when the guest first programs the
-    /// vector, so idle ADIs hold no file descriptors for interrupts.
-    vector_fds: Vec<Option<Arc<EventFd>>>,
     router: Arc<MsiRouter>,
-    /// Weak: the mapper's bus holds this function while its BAR is mapped, so a strong
-    /// reference would be a cycle that keeps the VM alive after release.
-    mapper: Weak<dyn BarMapper>,
     doorbell: Arc<EventFd>,
-    mapped: Option<u64>,
     /// BAR0's queue registers.
     regs: QueueRegisters,
     /// Doorbell writes that exited to siovmm instead of completing in KVM's ioeventfd.
     slow_doorbells: u64,
-    /// Operations a guest access triggered that failed (see [`AdiFunction::failed`]).
-    failures: u64,
+    faults: Faults,
     /// Hypercall IMS slots (slot s is interrupt handle `msix vectors + s`) and, in trap mode,
     /// the guest-visible IMS window backed by them.
     slots: ImsSlots,
@@ -114,8 +99,33 @@ pub fn msi_destination(message: MsiMessage) -> Option<u32> {
     Some(dest)
 }
 
-/// Failures of guest-triggered operations logged per function; later ones are only counted.
-const LOGGED_FAILURES: u64 = 8;
+/// Operations a guest access triggered that failed: counted always, logged for the first
+/// [`Faults::LOGGED`] per function (a hostile guest must not be able to flood the log).
+/// Nothing on a guest path is discarded silently.
+pub(crate) struct Faults {
+    adi: AdiId,
+    bdf: Bdf,
+    count: u64,
+}
+
+impl Faults {
+    /// Failures logged per function; later ones are only counted.
+    const LOGGED: u64 = 8;
+
+    /// `result` of doing `what`: its value, or `None` once the failure is recorded.
+    pub(crate) fn record<T, E: std::fmt::Display>(&mut self, what: &str, result: Result<T, E>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.count += 1;
+                if self.count <= Self::LOGGED {
+                    log::warn!("ADI {} ({}): {what}: {e}", self.adi.0, self.bdf);
+                }
+                None
+            }
+        }
+    }
+}
 
 impl std::fmt::Debug for AdiFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -156,120 +166,42 @@ impl std::fmt::Debug for AdiParts {
 }
 
 impl AdiFunction {
-    /// Builds the function; binds one eventfd per vector to its IMS entry and sets the ADI's
-    /// interrupt handles.
+    /// Builds the function and gives the device the ADI's interrupt handles (one per vector).
+    /// BAR0 is not on the bus until [`AdiFunction::update_bar_mapping`].
     pub fn new(p: AdiParts) -> Result<Self, siov::Error> {
-        let vectors = p.ims.count.min(u32::from(MAX_MSIX_VECTORS)) as u16;
-        let msix = Msix::new(vectors);
-        let mut config = ConfigSpace::new(SIOVMM_VENDOR_ID, ADI_DEVICE_ID, ADI_CLASS, 1);
-        // Status: capability list present. Command: memory decode on (firmware assigned BAR0).
-        config.set_reg(1, 1 << 20 | CMD_MEMORY);
-        if p.multifunction {
-            config.set_reg(3, 0x80 << 16);
-        }
-        // BAR0: 64-bit memory, size BAR0_SIZE; BAR1 is its upper half.
-        config.set_reg(4, (p.bar0 as u32 & !0xf) | 0x4);
-        config.set_reg(5, (p.bar0 >> 32) as u32);
-        config.set_writable(4, !(BAR0_SIZE as u32 - 1) & !0xf);
-        config.set_writable(5, u32::MAX);
-        config.set_reg(0x2c / 4, u32::from(SIOVMM_VENDOR_ID) | u32::from(ADI_DEVICE_ID) << 16);
-        config.set_reg(0x34 / 4, CAP_OFFSET as u32);
-        config.set_reg(CAP_OFFSET / 4 + 1, MSIX_TABLE as u32); // BIR 0
-        config.set_reg(CAP_OFFSET / 4 + 2, MSIX_PBA as u32); // BIR 0
-        // PCI Express capability (§7.5.3): an RCiEP has no link, slot or root registers.
-        let pcie = PCIE_CAP_OFFSET / 4;
-        config.set_reg(pcie, CAP_ID_PCIE | PCIE_CAPS_RCIEP << 16);
-        config.set_reg(pcie + 1, 1 << 15); // Device Capabilities: role-based error reporting, 128 B payload
-        config.set_reg(pcie + 2, 0x2810); // Device Control reset value: MRRS 512 B, relaxed ordering, no snoop
-        config.set_writable(pcie + 2, 0x0000_7fff); // Device Control is RW; Device Status stays 0
-
-        let vector_fds = vec![None; usize::from(vectors)];
-        let handles: Vec<_> = p.ims.indexes().take(usize::from(vectors)).map(Some).collect();
+        let vectors = MsixVectors::new(p.adi, p.ims, p.device.clone(), p.router.clone());
+        let handles: Vec<_> = vectors.handles().collect();
         p.device.set_interrupt_handles(p.adi, &handles)?;
-        let f = Self {
+        Ok(Self {
             adi: p.adi,
             bdf: p.bdf,
-            config,
-            msix,
+            config: AdiConfig::new(p.bar0, p.multifunction),
+            bar0: Bar0Window::new(p.bdf, p.mapper),
+            vectors,
             device: p.device,
-            ims: p.ims,
-            vector_fds,
             router: p.router,
-            mapper: p.mapper,
             doorbell: p.doorbell,
-            mapped: None,
             regs: QueueRegisters::default(),
             slow_doorbells: 0,
-            failures: 0,
+            faults: Faults { adi: p.adi, bdf: p.bdf, count: 0 },
             slots: ImsSlots::new(p.ims_trap),
             vcpus: p.vcpus,
-        };
-        Ok(f)
+        })
     }
 
     /// Maps BAR0 where config space says, if memory decode is on. Call after construction.
     pub fn update_bar_mapping(&mut self) {
-        let lo = self.config.read_reg(4);
-        let hi = self.config.read_reg(5);
-        let addr = u64::from(hi) << 32 | u64::from(lo & !0xf);
-        let decode = self.config.read_reg(1) & CMD_MEMORY != 0;
-        // While the guest sizes the BAR (all-ones written) or has not placed it, leave it unmapped.
-        let sizing = lo & !0xf == !(BAR0_SIZE as u32 - 1) & !0xf && hi == u32::MAX;
-        let new = (decode && addr != 0 && !sizing && addr.checked_add(BAR0_SIZE).is_some()).then_some(addr);
-        if new != self.mapped {
-            // Once the VDCM is gone (the VM is being released) nothing moves any more.
-            if let Some(mapper) = self.mapper.upgrade() {
-                mapper.remap(self.bdf, self.mapped, new);
-            }
-            self.mapped = new;
-        }
+        self.bar0.place(self.config.bar0());
     }
 
     /// Takes BAR0 off the guest's bus (the function is being removed).
     pub fn unmap_bar(&mut self) {
-        if let (Some(old), Some(mapper)) = (self.mapped, self.mapper.upgrade()) {
-            mapper.remap(self.bdf, Some(old), None);
-        }
-        self.mapped = None;
-    }
-
-    /// Records an operation a guest access triggered that failed: counted always, logged
-    /// for the first few per function (a hostile guest must not be able to flood the log).
-    /// Nothing on a guest path is discarded silently.
-    fn failed<T, E: std::fmt::Display>(&mut self, what: &str, result: Result<T, E>) -> Option<T> {
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.failures += 1;
-                if self.failures <= LOGGED_FAILURES {
-                    log::warn!("ADI {} ({}): {what}: {e}", self.adi.0, self.bdf);
-                }
-                None
-            }
-        }
+        self.bar0.place(None);
     }
 
     /// Guest-triggered operations that failed so far.
     pub fn failures(&self) -> u64 {
-        self.failures
-    }
-
-    fn apply(&mut self, change: VectorChange) {
-        let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
-        let key = VectorKey::msix(self.adi.0, u32::from(change.vector));
-        if !self.msix.enabled() {
-            let r = self.router.unbind(key);
-            self.failed("unbinding an MSI-X vector", r);
-        } else if !change.masked || change.message.address != 0 {
-            let Some(fd) = self.vector_fd(change.vector, index) else { return };
-            // A route for the guest's message: the guest can only name its own APICs, since the
-            // route lives in its own VM.
-            let r = self.router.bind(key, fd, change.message);
-            self.failed("binding an MSI-X vector", r);
-        }
-        // Mask (or unmask: the device then delivers a pending interrupt, once).
-        let r = self.device.ims_set_mask(self.adi, index, change.masked);
-        self.failed("masking an IMS entry", r);
+        self.faults.count
     }
 
     /// Requester ID (bus << 8 | devfn) of the function.
@@ -279,8 +211,7 @@ impl AdiFunction {
 
     /// Gives the device the handle table: MSI-X vectors first, then hypercall slots.
     fn publish_handles(&self) -> Result<(), siov::Error> {
-        let mut handles: Vec<Option<siov::ImsIndex>> =
-            self.ims.indexes().take(self.vector_fds.len()).map(Some).collect();
+        let mut handles: Vec<Option<siov::ImsIndex>> = self.vectors.handles().collect();
         handles.extend(self.slots.handles());
         self.device.set_interrupt_handles(self.adi, &handles)
     }
@@ -301,12 +232,11 @@ impl AdiFunction {
     pub fn pv_free(&mut self, first: u32) -> Result<(), Status> {
         let group = self.slots.release(first).ok_or(Status::NoSuchSlot)?;
         for slot in first..first + group.count {
-            let r = self.router.unbind(VectorKey::ims(self.adi.0, slot));
-            self.failed("unbinding an IMS slot", r);
+            self.faults.record("unbinding an IMS slot", self.router.unbind(VectorKey::ims(self.adi.0, slot)));
         }
         // Revoke the handles before the entries go back to the device.
         let r = self.publish_handles();
-        self.failed("publishing interrupt handles", r);
+        self.faults.record("publishing interrupt handles", r);
         self.device.ims_free(self.adi, group).map_err(|_| Status::NoSuchSlot)
     }
 
@@ -319,12 +249,18 @@ impl AdiFunction {
     /// eventfd routed to that message in this VM only. Returns the slot's interrupt handle.
     pub fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
         let key = VectorKey::ims(self.adi.0, slot);
-        let handle = self.vector_fds.len() as u64 + u64::from(slot);
+        let handle = u64::from(self.vectors.count()) + u64::from(slot);
         let (device, adi) = (self.device.clone(), self.adi);
         let s = self.pv_slot(slot)?;
         let fd = bound_eventfd(device.as_ref(), adi, &mut s.fd, s.index)?;
         self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
         Ok(handle)
+    }
+
+    /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once.
+    pub fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), Status> {
+        let index = self.pv_slot(slot)?.index;
+        self.device.ims_set_mask(self.adi, index, masked).map_err(|_| Status::NoSuchSlot)
     }
 
     /// A guest read of the trapped IMS window; inert (zeros) outside trap mode.
@@ -338,7 +274,7 @@ impl AdiFunction {
             if self.slots.index(b).is_some_and(|i| self.device.ims_pending(self.adi, i).unwrap_or(false)) {
                 ctrl |= ims_ctrl::PENDING;
             }
-            ctrl |= ims_ctrl::BACKED | (self.vector_fds.len() as u32 + b) << 16;
+            ctrl |= ims_ctrl::BACKED | (u32::from(self.vectors.count()) + b) << 16;
         }
         ctrl
     }
@@ -353,7 +289,7 @@ impl AdiFunction {
             // Masked, or a message naming nothing of this VM: the entry raises nothing.
             if let Some(b) = backing {
                 let r = self.pv_mask(b, true);
-                self.failed("masking a trapped IMS slot", r);
+                self.faults.record("masking a trapped IMS slot", r);
             }
             return;
         }
@@ -366,16 +302,10 @@ impl AdiFunction {
         };
         self.slots.set_backing(slot, backing);
         let composed = self.pv_compose(backing, message);
-        if self.failed("composing a trapped IMS slot", composed).is_some() {
+        if self.faults.record("composing a trapped IMS slot", composed).is_some() {
             let r = self.pv_mask(backing, false);
-            self.failed("unmasking a trapped IMS slot", r);
+            self.faults.record("unmasking a trapped IMS slot", r);
         }
-    }
-
-    /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once.
-    pub fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), Status> {
-        let index = self.pv_slot(slot)?.index;
-        self.device.ims_set_mask(self.adi, index, masked).map_err(|_| Status::NoSuchSlot)
     }
 
     /// Doorbell writes that reached siovmm (0 when the ioeventfd fast path took them all).
@@ -385,23 +315,16 @@ impl AdiFunction {
 
     /// The eventfd behind `vector`, once the guest has programmed it.
     pub fn vector_eventfd(&self, vector: u16) -> Option<Arc<EventFd>> {
-        self.vector_fds.get(usize::from(vector)).cloned().flatten()
-    }
-
-    /// The vector's eventfd, made and bound to its IMS entry on first use.
-    fn vector_fd(&mut self, vector: u16, index: siov::ImsIndex) -> Option<Arc<EventFd>> {
-        let slot = self.vector_fds.get_mut(usize::from(vector))?;
-        bound_eventfd(self.device.as_ref(), self.adi, slot, index).ok()
+        self.vectors.eventfd(vector)
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
         match self.regs.write(offset, value) {
             None => {}
             Some(Action::Reset) => {
-                let r = self.device.reset_adi(self.adi);
-                self.failed("resetting the ADI", r);
+                self.faults.record("resetting the ADI", self.device.reset_adi(self.adi));
                 let r = self.publish_handles();
-                self.failed("publishing interrupt handles", r);
+                self.faults.record("publishing interrupt handles", r);
             }
             Some(Action::Queue(queue)) => {
                 let accepted = self.device.configure_queue(self.adi, queue).is_ok();
@@ -411,76 +334,39 @@ impl AdiFunction {
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        let caps = self.device.info().max_queue_size.min(0xffff) | u32::from(self.msix.vectors()) << 16;
+        let caps = self.device.info().max_queue_size.min(0xffff) | u32::from(self.vectors.count()) << 16;
         self.regs.read(offset, caps)
     }
 }
 
-/// The eventfd in `slot`, or a new one bound to IMS entry `index` (kept in `slot`) on first use.
-/// Fails with EXHAUSTED when no eventfd can be made, NO_SUCH_SLOT when the entry refuses it.
-fn bound_eventfd(
-    device: &dyn SiovDevice,
-    adi: AdiId,
-    slot: &mut Option<Arc<EventFd>>,
-    index: siov::ImsIndex,
-) -> Result<Arc<EventFd>, Status> {
-    if let Some(fd) = slot {
-        return Ok(fd.clone());
-    }
-    let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Status::Exhausted)?);
-    device.ims_bind(adi, index, Some(fd.clone())).map_err(|_| Status::NoSuchSlot)?;
-    *slot = Some(fd.clone());
-    Ok(fd)
-}
-
 impl PciFunction for AdiFunction {
     fn config_read(&mut self, reg: usize) -> u32 {
-        if reg == CAP_OFFSET / 4 {
-            return u32::from(devices::pci::msix::CAP_ID_MSIX)
-                | (PCIE_CAP_OFFSET as u32) << 8
-                | u32::from(self.msix.message_control()) << 16;
-        }
-        self.config.read_reg(reg)
+        self.config.read(reg, self.vectors.message_control())
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
-        if reg == CAP_OFFSET / 4 {
-            // Message control is the upper half of the capability's first dword.
-            let mut dword = (u32::from(self.msix.message_control()) << 16).to_le_bytes();
-            let start = offset as usize;
-            if start + data.len() <= 4 {
-                dword[start..start + data.len()].copy_from_slice(data);
-                let control = u16::from_le_bytes([dword[2], dword[3]]);
-                if start + data.len() > 2 {
-                    for change in self.msix.write_message_control(control) {
-                        self.apply(change);
-                    }
-                }
-            }
-            return;
-        }
-        self.config.write_reg(reg, offset, data);
-        if reg == 1 || reg == 4 || reg == 5 {
-            self.update_bar_mapping();
+        match self.config.write(reg, offset, data, self.vectors.message_control()) {
+            ConfigWrite::Stored => {}
+            ConfigWrite::Placement => self.update_bar_mapping(),
+            ConfigWrite::MsixControl(control) => self.vectors.write_control(control, &mut self.faults),
         }
     }
+}
+
+/// A dword-aligned 4-byte access below `end`.
+fn dword_access(offset: u64, len: usize, end: u64) -> bool {
+    offset < end && len == 4 && offset.is_multiple_of(4)
 }
 
 impl BusDevice for AdiFunction {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        let (table, pba) = (self.vectors.table_size(), self.vectors.pba_size());
         match offset {
-            o if o < DOORBELL && data.len() == 4 && o % 4 == 0 => {
-                data.copy_from_slice(&self.read_register(o).to_le_bytes());
-            }
-            o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {
-                self.msix.read_table(o - MSIX_TABLE, data)
-            }
-            o if (MSIX_PBA..MSIX_PBA + self.msix.pba_size()).contains(&o) => {
-                let (device, adi, first) = (&self.device, self.adi, self.ims.first);
-                self.msix.read_pba(o - MSIX_PBA, data, |v| device.ims_pending(adi, first + u32::from(v)).unwrap_or(false));
-            }
-            o if (IMS_WINDOW..BAR0_SIZE).contains(&o) && data.len() == 4 && o % 4 == 0 => {
+            o if dword_access(o, data.len(), DOORBELL) => data.copy_from_slice(&self.read_register(o).to_le_bytes()),
+            o if (MSIX_TABLE..MSIX_TABLE + table).contains(&o) => self.vectors.read_table(o - MSIX_TABLE, data),
+            o if (MSIX_PBA..MSIX_PBA + pba).contains(&o) => self.vectors.read_pba(o - MSIX_PBA, data),
+            o if o >= IMS_WINDOW && dword_access(o, data.len(), BAR0_SIZE) => {
                 data.copy_from_slice(&self.read_window(o - IMS_WINDOW).to_le_bytes());
             }
             _ => {}
@@ -488,24 +374,18 @@ impl BusDevice for AdiFunction {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        let dword = || data.get(..4).map_or(0, |d| u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
         match offset {
-            o if o < DOORBELL && data.len() == 4 && o % 4 == 0 => {
-                self.write_register(o, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
-            }
+            o if dword_access(o, data.len(), DOORBELL) => self.write_register(o, dword()),
             // Reached only when the ioeventfd did not take the write (e.g. before it exists).
             o if (DOORBELL..DOORBELL + 8).contains(&o) => {
                 self.slow_doorbells += 1;
-                let r = self.doorbell.write(1);
-                self.failed("ringing the doorbell", r);
+                self.faults.record("ringing the doorbell", self.doorbell.write(1));
             }
-            o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_size()).contains(&o) => {
-                if let Some(change) = self.msix.write_table(o - MSIX_TABLE, data) {
-                    self.apply(change);
-                }
+            o if (MSIX_TABLE..MSIX_TABLE + self.vectors.table_size()).contains(&o) => {
+                self.vectors.write_table(o - MSIX_TABLE, data, &mut self.faults);
             }
-            o if (IMS_WINDOW..BAR0_SIZE).contains(&o) && data.len() == 4 && o % 4 == 0 => {
-                self.write_window(o - IMS_WINDOW, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
-            }
+            o if o >= IMS_WINDOW && dword_access(o, data.len(), BAR0_SIZE) => self.write_window(o - IMS_WINDOW, dword()),
             _ => {}
         }
     }
@@ -515,35 +395,11 @@ impl BusDevice for AdiFunction {
 mod tests {
     //! The function against the software device and a fake route backend: no KVM.
     use super::*;
-    use siovmm_interrupts::RouteBackend;
+    use crate::fakes::FakeRoutes;
     use siovmm_vfio::dma::GuestRam;
     use siovmm_vfio::siov::{ImsStorage, Portal};
     use siovmm_vfio::soft::SoftSiovDevice;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
-
-    /// Routes as KVM would hold them; refuses every change while `refuse` is set.
-    #[derive(Default)]
-    struct FakeRoutes {
-        routes: Mutex<Vec<(u32, MsiMessage)>>,
-        refuse: AtomicBool,
-    }
-
-    impl RouteBackend for FakeRoutes {
-        fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
-            if self.refuse.load(Ordering::Relaxed) {
-                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-            }
-            *self.routes.lock().unwrap() = routes.to_vec();
-            Ok(())
-        }
-        fn irqfd(&self, _: &EventFd, _: u32, _: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn signal_msi(&self, _: MsiMessage) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use std::sync::atomic::Ordering;
 
     struct NoBars;
     impl BarMapper for NoBars {
@@ -576,7 +432,7 @@ mod tests {
 
     /// The guest enables MSI-X and programs vector 0 with `message`, unmasked.
     fn program_vector0(f: &mut AdiFunction, data: u32) {
-        f.config_write(CAP_OFFSET / 4, 2, &(devices::pci::msix::CTRL_ENABLE).to_le_bytes());
+        f.config_write(config::MSIX_CAP_OFFSET / 4, 2, &(devices::pci::msix::CTRL_ENABLE).to_le_bytes());
         f.write(MSIX_TABLE, &0xfee0_0000u32.to_le_bytes());
         f.write(MSIX_TABLE + 8, &data.to_le_bytes());
         f.write(MSIX_TABLE + 12, &0u32.to_le_bytes());

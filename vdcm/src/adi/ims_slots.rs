@@ -2,7 +2,7 @@
 //! out (groups of consecutive slots, each backed by a host IMS entry; freed numbers reused,
 //! lowest first), and, in trap mode, the guest-visible IMS window whose programmed slots are
 //! backed by such slots. What programming a slot *does* (device entries, routes) is the
-//! function's (`adi.rs`); this module only keeps the books, so it is tested alone.
+//! function's (`adi/mod.rs`); this module only keeps the books, so it is tested alone.
 
 use std::sync::Arc;
 
