@@ -6,7 +6,7 @@ pub mod msi;
 pub mod router;
 
 pub use msi::{MsiEntry, MsiMessage};
-pub use router::{MsiRouter, RouteBackend, VectorKey, VectorSource};
+pub use router::{FunctionId, MsiRouter, RouteBackend, VectorKey, VectorSource};
 
 use vmm_sys_util::eventfd::EventFd;
 

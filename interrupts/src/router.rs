@@ -44,15 +44,28 @@ pub const MAX_MSI_ROUTES: u32 = KVM_MAX_IRQ_ROUTES - IRQCHIP_ENTRIES;
 pub enum VectorSource {
     /// An MSI-X table entry, by index.
     MsiX,
+    /// A vector of the MSI capability, by index (multiple-message MSI).
+    Msi,
     /// A guest-programmed IMS slot (through the hypercall or the trapped window), by slot.
     Ims,
 }
 
-/// Identifies one guest vector of one function (an ADI, a VFIO device), unique per router.
+/// The function a vector belongs to. ADIs and passed-through devices are numbered apart, so
+/// an ADI's ID can never name a VFIO device's vectors or the reverse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FunctionId {
+    /// An ADI, by its ID on the host device.
+    Adi(u32),
+    /// A VFIO device (kernel VFIO or vfio-user), by its requester ID in the guest
+    /// (bus << 8 | devfn).
+    Vfio(u16),
+}
+
+/// Identifies one guest vector of one function, unique per router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VectorKey {
-    /// The function, as its owner numbers it (an ADI's ID).
-    pub function: u32,
+    /// The function.
+    pub function: FunctionId,
     /// The vector space.
     pub source: VectorSource,
     /// The vector's index in it.
@@ -61,12 +74,17 @@ pub struct VectorKey {
 
 impl VectorKey {
     /// MSI-X vector `index` of `function`.
-    pub fn msix(function: u32, index: u32) -> Self {
+    pub fn msix(function: FunctionId, index: u32) -> Self {
         Self { function, source: VectorSource::MsiX, index }
     }
 
+    /// MSI vector `index` of `function`.
+    pub fn msi(function: FunctionId, index: u32) -> Self {
+        Self { function, source: VectorSource::Msi, index }
+    }
+
     /// IMS slot `index` of `function`.
-    pub fn ims(function: u32, index: u32) -> Self {
+    pub fn ims(function: FunctionId, index: u32) -> Self {
         Self { function, source: VectorSource::Ims, index }
     }
 }
@@ -269,7 +287,7 @@ impl MsiRouter {
 
     /// Stops delivering every vector of `function` (its device is going), with one
     /// routing-table commit; returns how many vectors were bound.
-    pub fn unbind_function(&self, function: u32) -> std::io::Result<usize> {
+    pub fn unbind_function(&self, function: FunctionId) -> std::io::Result<usize> {
         let mut st = lock(&self.state);
         let keys: Vec<VectorKey> = st.bindings.keys().filter(|k| k.function == function).copied().collect();
         let mut routed = false;
@@ -409,21 +427,21 @@ mod tests {
         let router = MsiRouter::new(fake.clone(), 3).unwrap();
         for (f, n) in [(1, 3), (2, 2)] {
             for i in 0..n {
-                router.bind(VectorKey::msix(f, i), evt(), msg(i)).unwrap();
+                router.bind(VectorKey::msix(FunctionId::Adi(f), i), evt(), msg(i)).unwrap();
             }
         }
-        router.bind(VectorKey::ims(2, 0), evt(), msg(9)).unwrap();
+        router.bind(VectorKey::ims(FunctionId::Adi(2), 0), evt(), msg(9)).unwrap();
         assert_eq!(router.counts(), (3, 3));
         fake.log.lock().unwrap().clear();
-        assert_eq!(router.unbind_function(1).unwrap(), 3);
+        assert_eq!(router.unbind_function(FunctionId::Adi(1)).unwrap(), 3);
         assert_eq!(*fake.log.lock().unwrap(), vec!["routes 0".to_string()], "one commit");
         assert!(fake.irqfds.lock().unwrap().is_empty());
         assert_eq!(router.counts(), (0, 3));
-        assert_eq!(router.unbind_function(2).unwrap(), 3, "overflow and IMS vectors too");
+        assert_eq!(router.unbind_function(FunctionId::Adi(2)).unwrap(), 3, "overflow and IMS vectors too");
         assert_eq!(router.counts(), (0, 0));
-        assert_eq!(router.unbind_function(2).unwrap(), 0);
+        assert_eq!(router.unbind_function(FunctionId::Adi(2)).unwrap(), 0);
         // The freed routes serve the next function.
-        router.bind(VectorKey::msix(3, 0), evt(), msg(0)).unwrap();
+        router.bind(VectorKey::msix(FunctionId::Adi(3), 0), evt(), msg(0)).unwrap();
         assert_eq!(router.counts(), (1, 0));
     }
 
@@ -434,7 +452,7 @@ mod tests {
         let router = MsiRouter::new(fake.clone(), 2).unwrap();
         let fds: Vec<_> = (0..5).map(|_| evt()).collect();
         for (i, fd) in fds.iter().enumerate() {
-            router.bind(VectorKey::msix(7, i as u32), fd.clone(), msg(i as u32)).unwrap();
+            router.bind(VectorKey::msix(FunctionId::Adi(7), i as u32), fd.clone(), msg(i as u32)).unwrap();
         }
         assert_eq!(router.counts(), (2, 3));
         assert_eq!(fake.irqfds.lock().unwrap().len(), 2);
@@ -459,7 +477,7 @@ mod tests {
         let fake = Arc::new(Fake::default());
         let router = MsiRouter::new(fake.clone(), 1).unwrap();
         let (a, b) = (evt(), evt());
-        let (k1, k2, k3) = (VectorKey::msix(1, 0), VectorKey::ims(1, 0), VectorKey::msix(2, 0));
+        let (k1, k2, k3) = (VectorKey::msix(FunctionId::Adi(1), 0), VectorKey::ims(FunctionId::Adi(1), 0), VectorKey::msix(FunctionId::Adi(2), 0));
         router.bind(k1, a.clone(), msg(1)).unwrap();
         router.bind(k2, b.clone(), msg(2)).unwrap();
         assert_eq!(router.counts(), (1, 1));
@@ -493,7 +511,7 @@ mod tests {
         let router = MsiRouter::new(fake.clone(), 1_000_000).unwrap();
         let n = MAX_MSI_ROUTES + 2;
         let fds: Vec<_> = (0..n).map(|_| evt()).collect();
-        router.bind_all((0..n).map(|i| (VectorKey::msix(i / 256, i % 256), fds[i as usize].clone(), msg(i)))).unwrap();
+        router.bind_all((0..n).map(|i| (VectorKey::msix(FunctionId::Adi(i / 256), i % 256), fds[i as usize].clone(), msg(i)))).unwrap();
         assert_eq!(router.counts(), (MAX_MSI_ROUTES as usize, 2));
         assert_eq!(*fake.log.lock().unwrap(), vec![format!("routes {MAX_MSI_ROUTES}")]);
         let routes = fake.routes.lock().unwrap().clone();
@@ -506,15 +524,15 @@ mod tests {
         let router = MsiRouter::new(fake.clone(), 4).unwrap();
         let fds: Vec<_> = (0..4).map(|_| evt()).collect();
         for (i, fd) in fds.iter().enumerate() {
-            router.bind(VectorKey::msix(0, i as u32), fd.clone(), msg(i as u32)).unwrap();
+            router.bind(VectorKey::msix(FunctionId::Adi(0), i as u32), fd.clone(), msg(i as u32)).unwrap();
         }
-        router.unbind(VectorKey::msix(0, 2)).unwrap();
-        router.unbind(VectorKey::msix(0, 1)).unwrap();
-        router.bind(VectorKey::msix(1, 0), evt(), msg(10)).unwrap();
+        router.unbind(VectorKey::msix(FunctionId::Adi(0), 2)).unwrap();
+        router.unbind(VectorKey::msix(FunctionId::Adi(0), 1)).unwrap();
+        router.bind(VectorKey::msix(FunctionId::Adi(1), 0), evt(), msg(10)).unwrap();
         assert!(fake.routes.lock().unwrap().contains(&(IOAPIC_GSIS + 1, msg(10))));
 
         let none = MsiRouter::new(Arc::new(Fake::default()), 0).unwrap();
-        none.bind(VectorKey::msix(0, 0), evt(), msg(1)).unwrap();
+        none.bind(VectorKey::msix(FunctionId::Adi(0), 0), evt(), msg(1)).unwrap();
         assert_eq!(none.counts(), (0, 1));
     }
 }

@@ -355,7 +355,7 @@ impl Vdcm {
         lock(&placed.function).unmap_bar();
         lock(&self.bars.functions).remove(&bdf);
         // Then its interrupts, the ADI itself (the device frees its IMS entries) and its DMA.
-        if let Err(e) = self.guest.router.unbind_function(placed.adi.0) {
+        if let Err(e) = self.guest.router.unbind_function(siovmm_interrupts::FunctionId::Adi(placed.adi.0)) {
             log::warn!("{bdf}: removing the routes of ADI {}: {e}", placed.adi.0);
         }
         if let Err(e) = self.device.close_adi(placed.adi) {

@@ -210,7 +210,7 @@ kvm_test! {
         // Fixed delivery to APIC 0, vector 0x30 + i % 200.
         let vector = |i: usize| {
             let msg = MsiMessage { address: 0xfee0_0000, data: 0x30 + (i as u32 % 200) };
-            (VectorKey::msix(i as u32 / 2048, i as u32 % 2048), fds[i].clone(), msg)
+            (VectorKey::msix(siovmm_interrupts::FunctionId::Adi(i as u32 / 2048), i as u32 % 2048), fds[i].clone(), msg)
         };
         for i in 0..100 {
             let (key, fd, msg) = vector(i);

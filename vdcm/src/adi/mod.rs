@@ -27,7 +27,7 @@ use std::sync::{Arc, Weak};
 use devices::pci::{Bdf, PciFunction};
 use devices::BusDevice;
 use siovmm_hypercall::Status;
-use siovmm_interrupts::{MsiMessage, MsiRouter, VectorKey};
+use siovmm_interrupts::{FunctionId, MsiMessage, MsiRouter, VectorKey};
 use siovmm_vfio::siov::{self, AdiId, ImsGroup, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -232,7 +232,7 @@ impl AdiFunction {
     pub fn pv_free(&mut self, first: u32) -> Result<(), Status> {
         let group = self.slots.release(first).ok_or(Status::NoSuchSlot)?;
         for slot in first..first + group.count {
-            self.faults.record("unbinding an IMS slot", self.router.unbind(VectorKey::ims(self.adi.0, slot)));
+            self.faults.record("unbinding an IMS slot", self.router.unbind(VectorKey::ims(FunctionId::Adi(self.adi.0), slot)));
         }
         // Revoke the handles before the entries go back to the device.
         let r = self.publish_handles();
@@ -248,7 +248,7 @@ impl AdiFunction {
     /// validated against this VM's vCPUs) and programs the slot: its IMS entry signals an
     /// eventfd routed to that message in this VM only. Returns the slot's interrupt handle.
     pub fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
-        let key = VectorKey::ims(self.adi.0, slot);
+        let key = VectorKey::ims(FunctionId::Adi(self.adi.0), slot);
         let handle = u64::from(self.vectors.count()) + u64::from(slot);
         let (device, adi) = (self.device.clone(), self.adi);
         let s = self.pv_slot(slot)?;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use devices::pci::msix::{Msix, VectorChange};
 use siovmm_hypercall::Status;
-use siovmm_interrupts::{MsiRouter, VectorKey};
+use siovmm_interrupts::{FunctionId, MsiRouter, VectorKey};
 use siovmm_vfio::siov::{self, AdiId, ImsGroup, ImsIndex, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -96,7 +96,7 @@ impl MsixVectors {
 
     fn apply(&mut self, change: VectorChange, faults: &mut Faults) {
         let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
-        let key = VectorKey::msix(self.adi.0, u32::from(change.vector));
+        let key = VectorKey::msix(FunctionId::Adi(self.adi.0), u32::from(change.vector));
         if !self.msix.enabled() {
             faults.record("unbinding an MSI-X vector", self.router.unbind(key));
         } else if !change.masked || change.message.address != 0 {
