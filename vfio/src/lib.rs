@@ -11,5 +11,6 @@
 //!   for machines without SIOV hardware.
 
 pub mod dma;
+pub mod pci;
 pub mod siov;
 pub mod soft;

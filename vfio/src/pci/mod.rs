@@ -1,0 +1,461 @@
+//! A VFIO PCI function as the guest sees it: the device's own config space and BARs, with
+//! the parts a VMM must own virtualized. Generic over [`VfioBackend`], the regions and
+//! interrupt indexes of a VFIO device, so the same model serves kernel VFIO
+//! ([`crate::kernel`]) and, later, a vfio-user client.
+//!
+//! Virtualized (everything else is the device's, read and written through its config region):
+//! - BARs 0-5: guest addresses kept here (the device's are the host's), sized from the
+//!   regions, with the sizing protocol of PCI Local Bus 3.0 §6.2.5.1; a move is reported to the
+//!   VMM's [`VfioBarMapper`], which maps the BAR's mmap-able pages as guest memory and traps
+//!   the rest;
+//! - the expansion ROM BAR: hidden (reads 0, writes ignored), so no guest runs option ROM code;
+//! - interrupt pin: 0 (INTx is not offered; MSI-X and MSI are);
+//! - the MSI-X capability's message control, and its table and PBA (trapped, even where the
+//!   rest of their BAR is mapped), through `devices::pci::msix`;
+//! - the MSI capability: all of it, since the guest's address and data never reach the device
+//!   (the host programs the device's vectors, [`vectors`]).
+
+mod caps;
+mod vectors;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Weak};
+
+use devices::pci::msix::{Msix, VectorChange};
+use devices::pci::{Bdf, PciFunction};
+use siovmm_interrupts::{FunctionId, MsiRouter, VectorSource};
+use vfio_bindings::bindings::vfio::{VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX};
+use vmm_sys_util::eventfd::EventFd;
+
+use caps::{Capabilities, MsiCap, MsixCap};
+use vectors::Vectors;
+
+/// VFIO region index of PCI config space (`VFIO_PCI_CONFIG_REGION_INDEX`).
+pub const CONFIG_REGION: u32 = vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
+/// BARs of a type-0 header.
+pub const BARS: usize = 6;
+/// Dword index of BAR0.
+const REG_BAR0: usize = 4;
+/// Dword index of the expansion ROM BAR.
+const REG_ROM: usize = 0x30 / 4;
+/// Dword index of interrupt line/pin.
+const REG_INTERRUPT: usize = 0x3c / 4;
+/// Dword index of command/status.
+const REG_COMMAND: usize = 1;
+const CMD_IO: u32 = 1;
+const CMD_MEMORY: u32 = 2;
+
+/// What a VFIO region offers (from `VFIO_DEVICE_GET_REGION_INFO`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Bytes; 0 for a region the device does not have.
+    pub size: u64,
+    /// Can be mmapped (`VFIO_REGION_INFO_FLAG_MMAP`).
+    pub mmap: bool,
+}
+
+/// The device side: what a VFIO device (kernel or vfio-user) offers.
+pub trait VfioBackend: Send + Sync {
+    /// Region `index`'s size and capabilities.
+    fn region(&self, index: u32) -> RegionInfo;
+    /// Reads `data.len()` bytes at `offset` of region `index`; failures read as all ones.
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]);
+    /// Writes `data` at `offset` of region `index`.
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]);
+    /// Vectors the device has at interrupt `index`.
+    fn irq_count(&self, index: u32) -> u32;
+    /// Triggers `fds[i]` for vector `start + i` of interrupt `index` (`VFIO_DEVICE_SET_IRQS`,
+    /// DATA_EVENTFD | ACTION_TRIGGER).
+    fn set_irqs(&self, index: u32, start: u32, fds: &[&EventFd]) -> std::io::Result<()>;
+    /// Disables interrupt `index` (DATA_NONE | ACTION_TRIGGER, count 0).
+    fn disable_irqs(&self, index: u32) -> std::io::Result<()>;
+}
+
+/// A BAR of the device, as its config space and region describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bar {
+    /// BAR number (0-5); a 64-bit BAR also takes the next.
+    pub index: u8,
+    /// Bytes (a power of two).
+    pub size: u64,
+    /// I/O space rather than memory.
+    pub io: bool,
+    /// 64-bit memory BAR.
+    pub wide: bool,
+    /// Prefetchable memory.
+    pub prefetchable: bool,
+    /// The region can be mmapped.
+    pub mmap: bool,
+}
+
+impl Bar {
+    /// The low bits of the BAR register that say its type.
+    fn type_bits(&self) -> u32 {
+        if self.io {
+            1
+        } else {
+            u32::from(self.wide) << 2 | u32::from(self.prefetchable) << 3
+        }
+    }
+}
+
+/// The device's BARs: sizes from its regions, types from its config space. A BAR whose region
+/// is empty, or whose size is not a power of two, is left out (the guest sees it unimplemented).
+pub fn bars(backend: &dyn VfioBackend) -> Vec<Bar> {
+    let mut bars = Vec::new();
+    let mut index = 0;
+    while index < BARS {
+        let raw = read_config_dword(backend, REG_BAR0 + index);
+        let io = raw & 1 != 0;
+        let wide = !io && (raw >> 1) & 3 == 2;
+        let region = backend.region(index as u32);
+        if region.size != 0 && region.size.is_power_of_two() && !(io && region.size > 1 << 16) {
+            bars.push(Bar { index: index as u8, size: region.size, io, wide, prefetchable: !io && raw & 8 != 0, mmap: region.mmap });
+        }
+        index += if wide { 2 } else { 1 };
+    }
+    bars
+}
+
+fn read_config_dword(backend: &dyn VfioBackend, reg: usize) -> u32 {
+    let mut b = [0u8; 4];
+    backend.region_read(CONFIG_REGION, reg as u64 * 4, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Where the VMM puts a BAR: told when one moves, so it maps (or unmaps) the BAR's pages.
+pub trait VfioBarMapper: Send + Sync {
+    /// BAR `bar` of `bdf` moves from `old` to `new` (either may be "not mapped").
+    fn remap(&self, bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>);
+}
+
+/// A guest-visible BAR: the device's BAR and the guest address the guest gave it.
+#[derive(Debug, Clone, Copy)]
+struct GuestBar {
+    bar: Bar,
+    /// The register value(s) as the guest wrote them (low dword, and the high one if wide).
+    address: u64,
+    /// Where it is mapped now.
+    mapped: Option<u64>,
+}
+
+/// The function.
+pub struct VfioPciFunction {
+    bdf: Bdf,
+    backend: Arc<dyn VfioBackend>,
+    bars: Vec<GuestBar>,
+    msix: Option<(MsixCap, Msix, Vectors)>,
+    msi: Option<(MsiCap, Vectors)>,
+    router: Arc<MsiRouter>,
+    mapper: Weak<dyn VfioBarMapper>,
+    /// The command register's decode bits as the guest last wrote them.
+    command: u32,
+    /// Interrupt line (scratch for the guest; no INTx is offered).
+    interrupt_line: u8,
+    /// Failed operations a guest access triggered (counted, the first few logged).
+    failures: u64,
+}
+
+impl std::fmt::Debug for VfioPciFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioPciFunction").field("bdf", &self.bdf.to_string()).field("bars", &self.bars).finish_non_exhaustive()
+    }
+}
+
+/// Failures logged per function; later ones are only counted.
+const LOGGED_FAILURES: u64 = 8;
+
+impl VfioPciFunction {
+    /// The function at `bdf` with its BARs at `placement` (one address per entry of [`bars`],
+    /// as firmware assigned them; memory decode stays off until the guest turns it on, so
+    /// nothing is mapped yet).
+    pub fn new(
+        bdf: Bdf,
+        backend: Arc<dyn VfioBackend>,
+        placement: &[(Bar, u64)],
+        router: Arc<MsiRouter>,
+        mapper: Weak<dyn VfioBarMapper>,
+    ) -> Self {
+        let caps = Capabilities::discover(|reg| read_config_dword(backend.as_ref(), reg));
+        let function = FunctionId::Vfio(bdf.0);
+        let msix = caps.msix.map(|cap| {
+            let count = cap.vectors.min(backend.irq_count(VFIO_PCI_MSIX_IRQ_INDEX) as u16);
+            (cap, Msix::new(count), Vectors::new(function, VectorSource::MsiX, VFIO_PCI_MSIX_IRQ_INDEX))
+        });
+        let msi = caps.msi.filter(|_| backend.irq_count(VFIO_PCI_MSI_IRQ_INDEX) > 0).map(|cap| {
+            (cap, Vectors::new(function, VectorSource::Msi, VFIO_PCI_MSI_IRQ_INDEX))
+        });
+        let bars = placement.iter().map(|&(bar, address)| GuestBar { bar, address, mapped: None }).collect();
+        Self { bdf, backend, bars, msix, msi, router, mapper, command: 0, interrupt_line: 0, failures: 0 }
+    }
+
+    /// Failed operations so far (routes refused, eventfds not made, SET_IRQS refused).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// The guest BDF.
+    pub fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+
+    fn failed<T>(&mut self, what: &str, r: std::io::Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.failures += 1;
+                if self.failures <= LOGGED_FAILURES {
+                    log::warn!("VFIO device {}: {what}: {e}", self.bdf);
+                }
+                None
+            }
+        }
+    }
+
+    /// Byte ranges of BAR `bar` that must trap (the MSI-X table and PBA, widened to whole
+    /// pages of `page` bytes), so the VMM maps only the rest.
+    pub fn trapped_pages(&self, bar: u8, page: u64) -> Vec<(u64, u64)> {
+        let Some((cap, msix, _)) = &self.msix else { return Vec::new() };
+        let mut ranges = Vec::new();
+        let mut add = |bir: u8, offset: u64, size: u64| {
+            if bir == bar && size > 0 {
+                let start = offset / page * page;
+                let end = (offset + size).div_ceil(page) * page;
+                ranges.push((start, end - start));
+            }
+        };
+        add(cap.table_bir, cap.table_offset, msix.table_size());
+        add(cap.pba_bir, cap.pba_offset, msix.pba_size());
+        ranges.sort_unstable();
+        ranges.dedup();
+        ranges
+    }
+
+    fn guest_bar_at_reg(&self, reg: usize) -> Option<(usize, bool)> {
+        let index = reg.checked_sub(REG_BAR0)?;
+        self.bars.iter().enumerate().find_map(|(i, b)| {
+            let first = usize::from(b.bar.index);
+            if index == first {
+                Some((i, false))
+            } else if b.bar.wide && index == first + 1 {
+                Some((i, true))
+            } else {
+                None
+            }
+        })
+    }
+
+    fn read_bar_reg(&self, reg: usize) -> u32 {
+        match self.guest_bar_at_reg(reg) {
+            None => 0, // unimplemented BAR (or the device's, hidden)
+            Some((i, high)) => {
+                let b = &self.bars[i];
+                if high {
+                    (b.address >> 32) as u32
+                } else {
+                    (b.address as u32 & !(b.bar.type_bits() | if b.bar.io { 2 } else { 0xf } as u32)) | b.bar.type_bits()
+                }
+            }
+        }
+    }
+
+    fn write_bar_reg(&mut self, reg: usize, value: u32) {
+        let Some((i, high)) = self.guest_bar_at_reg(reg) else { return };
+        let b = &mut self.bars[i];
+        let mask = !(b.bar.size - 1);
+        let mut address = b.address;
+        if high {
+            address = (address & 0xffff_ffff) | (u64::from(value) << 32 & mask);
+        } else {
+            let low_mask = mask as u32 & if b.bar.io { !3 } else { !0xf };
+            address = (address & !0xffff_ffff) | u64::from(value & low_mask);
+        }
+        b.address = address;
+        self.place_bars();
+    }
+
+    /// Where BAR `i` should be mapped now: decode on, placed, not being sized, in range.
+    fn placement(&self, i: usize) -> Option<u64> {
+        let b = &self.bars[i];
+        let decode = if b.bar.io { self.command & CMD_IO != 0 } else { self.command & CMD_MEMORY != 0 };
+        let size_mask = !(b.bar.size - 1);
+        let limit = if b.bar.io { 0x1_0000 } else if b.bar.wide { u64::MAX } else { 1 << 32 };
+        let sizing = if b.bar.wide { b.address == size_mask } else { b.address == size_mask & (limit - 1) };
+        let fits = b.address.checked_add(b.bar.size).is_some_and(|end| end <= limit || b.bar.wide);
+        (decode && b.address != 0 && !sizing && fits).then_some(b.address)
+    }
+
+    /// Moves every BAR whose placement changed.
+    fn place_bars(&mut self) {
+        let mapper = self.mapper.upgrade();
+        for i in 0..self.bars.len() {
+            let new = self.placement(i);
+            let b = &mut self.bars[i];
+            if new != b.mapped {
+                if let Some(m) = &mapper {
+                    m.remap(self.bdf, b.bar, b.mapped, new);
+                }
+                b.mapped = new;
+            }
+        }
+    }
+
+    /// Takes every BAR off the guest's buses (the device is being removed).
+    pub fn unmap_bars(&mut self) {
+        let mapper = self.mapper.upgrade();
+        for b in &mut self.bars {
+            if let (Some(old), Some(m)) = (b.mapped.take(), &mapper) {
+                m.remap(self.bdf, b.bar, Some(old), None);
+            }
+        }
+    }
+
+    /// Applies an MSI-X vector change: enable/disable of the index, route and mask.
+    fn apply_msix(&mut self, changes: Vec<VectorChange>) {
+        let Some((_, msix, vectors)) = &mut self.msix else { return };
+        let (enabled, count) = (msix.enabled(), u32::from(msix.vectors()));
+        let mut results = Vec::new();
+        if enabled && !vectors.enabled() {
+            results.push(("enabling MSI-X on the device", vectors.enable(self.backend.as_ref(), count)));
+        } else if !enabled && vectors.enabled() {
+            results.push(("disabling MSI-X on the device", vectors.disable(self.backend.as_ref(), &self.router)));
+        }
+        for c in changes {
+            results.push(("routing an MSI-X vector", vectors.update(&self.router, usize::from(c.vector), c.message, c.masked)));
+        }
+        for (what, r) in results {
+            self.failed(what, r);
+        }
+    }
+
+    /// Applies the MSI capability's state to the device and routes.
+    fn apply_msi(&mut self) {
+        let Some((cap, vectors)) = &mut self.msi else { return };
+        let mut results = Vec::new();
+        if cap.enabled() && !vectors.enabled() {
+            results.push(("enabling MSI on the device", vectors.enable(self.backend.as_ref(), cap.vectors_enabled())));
+        } else if !cap.enabled() && vectors.enabled() {
+            results.push(("disabling MSI on the device", vectors.disable(self.backend.as_ref(), &self.router)));
+        }
+        if cap.enabled() {
+            for v in 0..cap.vectors_enabled() {
+                let (message, masked) = cap.vector(v);
+                results.push(("routing an MSI vector", vectors.update(&self.router, v as usize, message, masked)));
+            }
+        }
+        for (what, r) in results {
+            self.failed(what, r);
+        }
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` of BAR `bar` (trapped accesses only).
+    pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        if let Some((cap, msix, vectors)) = &mut self.msix {
+            if cap.table_bir == bar && (cap.table_offset..cap.table_offset + msix.table_size()).contains(&offset) {
+                msix.read_table(offset - cap.table_offset, data);
+                return;
+            }
+            if cap.pba_bir == bar && (cap.pba_offset..cap.pba_offset + msix.pba_size()).contains(&offset) {
+                let pending: Vec<bool> = (0..usize::from(msix.vectors())).map(|v| vectors.pending(v)).collect();
+                msix.read_pba(offset - cap.pba_offset, data, |v| pending[usize::from(v)]);
+                return;
+            }
+        }
+        self.backend.region_read(u32::from(bar), offset, data);
+    }
+
+    /// A guest write of `data` at `offset` of BAR `bar` (trapped accesses only).
+    pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if let Some((cap, msix, _)) = &mut self.msix {
+            if cap.table_bir == bar && (cap.table_offset..cap.table_offset + msix.table_size()).contains(&offset) {
+                let change = msix.write_table(offset - cap.table_offset, data);
+                self.apply_msix(change.into_iter().collect());
+                return;
+            }
+            if cap.pba_bir == bar && (cap.pba_offset..cap.pba_offset + msix.pba_size()).contains(&offset) {
+                return; // the PBA is read-only
+            }
+        }
+        self.backend.region_write(u32::from(bar), offset, data);
+    }
+}
+
+impl PciFunction for VfioPciFunction {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        match reg {
+            r if (REG_BAR0..REG_BAR0 + BARS).contains(&r) => self.read_bar_reg(r),
+            REG_ROM => 0,
+            REG_INTERRUPT => u32::from(self.interrupt_line),
+            r => {
+                let device = read_config_dword(self.backend.as_ref(), r);
+                if let Some((cap, msix, _)) = &self.msix {
+                    if r == cap.offset / 4 {
+                        return device & 0xffff | u32::from(msix.message_control()) << 16;
+                    }
+                }
+                if let Some((cap, vectors)) = &mut self.msi {
+                    if cap.is_pending_reg(r) {
+                        return (0..cap.vectors_enabled()).filter(|&v| vectors.pending(v as usize)).fold(0, |p, v| p | 1 << v);
+                    }
+                    if let Some(v) = cap.read(r) {
+                        return v;
+                    }
+                }
+                device
+            }
+        }
+    }
+
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        if end > 4 {
+            return;
+        }
+        // The dword as it would be after the write (for registers kept here).
+        let merge = |current: u32| {
+            let mut bytes = current.to_le_bytes();
+            bytes[start..end].copy_from_slice(data);
+            u32::from_le_bytes(bytes)
+        };
+        match reg {
+            r if (REG_BAR0..REG_BAR0 + BARS).contains(&r) => {
+                let value = merge(self.read_bar_reg(r));
+                self.write_bar_reg(r, value);
+            }
+            REG_ROM => {}
+            REG_INTERRUPT => {
+                if start == 0 {
+                    self.interrupt_line = data[0];
+                }
+            }
+            r => {
+                if let Some((cap, msix, _)) = &mut self.msix {
+                    if r == cap.offset / 4 {
+                        if end > 2 {
+                            let control = (merge(u32::from(msix.message_control()) << 16) >> 16) as u16;
+                            let changes = msix.write_message_control(control);
+                            self.apply_msix(changes);
+                        }
+                        return;
+                    }
+                }
+                if let Some((cap, _)) = &mut self.msi {
+                    if cap.contains(r) {
+                        let current = cap.read(r).unwrap_or(0);
+                        if cap.write(r, merge(current)) {
+                            self.apply_msi();
+                        }
+                        return;
+                    }
+                }
+                self.backend.region_write(CONFIG_REGION, r as u64 * 4 + offset, data);
+                if r == REG_COMMAND && start < 2 {
+                    self.command = merge(self.command) & (CMD_IO | CMD_MEMORY);
+                    self.place_bars();
+                }
+            }
+        }
+    }
+}

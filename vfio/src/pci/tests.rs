@@ -1,0 +1,323 @@
+//! The function model against a fake VFIO device and a fake routing table: no /dev/vfio, no KVM.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use siovmm_interrupts::{MsiMessage, RouteBackend};
+
+use super::*;
+
+/// A device like QEMU's NVMe controller as vfio-pci shows it: BAR0 16 KiB 64-bit memory with
+/// the MSI-X table at 0x2000 and PBA at 0x3000 (4 vectors), an MSI capability (64-bit,
+/// per-vector mask, 4 vectors capable), BAR2 an I/O BAR of 256 bytes, ROM present.
+struct FakeDevice {
+    config: Mutex<Vec<u8>>,
+    bar0: Mutex<Vec<u8>>,
+    /// (index, start, count) per SET_IRQS; count 0 = disable.
+    irq_sets: Mutex<Vec<(u32, u32, usize)>>,
+}
+
+const MSIX_CAP: usize = 0x40;
+const MSI_CAP: usize = 0x50;
+
+impl FakeDevice {
+    fn new() -> Self {
+        let mut c = vec![0u8; 4096];
+        let mut put = |off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        put(0x00, 0x0010_1b36);
+        put(0x04, 0x0010_0000); // status: capability list
+        put(0x10, 0x0000_0004); // BAR0: 64-bit memory (the host's address bits are irrelevant)
+        put(0x18, 0x0000_0001); // BAR2: I/O
+        put(0x30, 0xfffe_0000); // ROM, present on the device
+        put(0x34, MSIX_CAP as u32);
+        put(0x3c, 0x0000_0100); // interrupt pin A on the device
+        put(MSIX_CAP, 0x11 | (MSI_CAP as u32) << 8 | 3 << 16); // 4 vectors
+        put(MSIX_CAP + 4, 0x2000); // table in BAR0
+        put(MSIX_CAP + 8, 0x3000); // PBA in BAR0
+        put(MSI_CAP, 0x05 | (2 << 1 | 1 << 7 | 1 << 8) << 16); // 4 capable (MMC 2), 64-bit, PVM
+        put(0x68, 0xdead_beef); // a vendor register past the capabilities
+        Self { config: Mutex::new(c), bar0: Mutex::new(vec![0; 0x4000]), irq_sets: Mutex::new(Vec::new()) }
+    }
+}
+
+impl VfioBackend for FakeDevice {
+    fn region(&self, index: u32) -> RegionInfo {
+        match index {
+            0 => RegionInfo { size: 0x4000, mmap: true },
+            2 => RegionInfo { size: 0x100, mmap: false },
+            6 => RegionInfo { size: 0x2_0000, mmap: false },
+            CONFIG_REGION => RegionInfo { size: 4096, mmap: false },
+            _ => RegionInfo::default(),
+        }
+    }
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) {
+        let src = match index {
+            CONFIG_REGION => self.config.lock().unwrap(),
+            0 => self.bar0.lock().unwrap(),
+            _ => return data.fill(0xff),
+        };
+        let o = offset as usize;
+        data.copy_from_slice(&src[o..o + data.len()]);
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) {
+        let mut dst = match index {
+            CONFIG_REGION => self.config.lock().unwrap(),
+            0 => self.bar0.lock().unwrap(),
+            _ => return,
+        };
+        let o = offset as usize;
+        dst[o..o + data.len()].copy_from_slice(data);
+    }
+    fn irq_count(&self, index: u32) -> u32 {
+        match index {
+            VFIO_PCI_MSI_IRQ_INDEX => 1,
+            VFIO_PCI_MSIX_IRQ_INDEX => 4,
+            _ => 0,
+        }
+    }
+    fn set_irqs(&self, index: u32, start: u32, fds: &[&EventFd]) -> std::io::Result<()> {
+        self.irq_sets.lock().unwrap().push((index, start, fds.len()));
+        Ok(())
+    }
+    fn disable_irqs(&self, index: u32) -> std::io::Result<()> {
+        self.irq_sets.lock().unwrap().push((index, 0, 0));
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Routes {
+    table: Mutex<Vec<(u32, MsiMessage)>>,
+    irqfds: Mutex<HashMap<u32, i32>>,
+}
+
+impl RouteBackend for Routes {
+    fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
+        *self.table.lock().unwrap() = routes.to_vec();
+        Ok(())
+    }
+    fn irqfd(&self, fd: &EventFd, gsi: u32, assign: bool) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if assign {
+            self.irqfds.lock().unwrap().insert(gsi, fd.as_raw_fd());
+        } else {
+            self.irqfds.lock().unwrap().remove(&gsi);
+        }
+        Ok(())
+    }
+    fn signal_msi(&self, _: MsiMessage) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// (BAR, from, to) per move.
+type MoveLog = Mutex<Vec<(u8, Option<u64>, Option<u64>)>>;
+
+#[derive(Default)]
+struct Moves(MoveLog);
+impl VfioBarMapper for Moves {
+    fn remap(&self, _: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) {
+        self.0.lock().unwrap().push((bar.index, old, new));
+    }
+}
+
+struct Setup {
+    f: VfioPciFunction,
+    device: Arc<FakeDevice>,
+    routes: Arc<Routes>,
+    moves: Arc<Moves>,
+    _mapper: Arc<dyn VfioBarMapper>,
+}
+
+fn setup() -> Setup {
+    let device = Arc::new(FakeDevice::new());
+    let routes = Arc::new(Routes::default());
+    let router = Arc::new(MsiRouter::new(routes.clone(), 64).unwrap());
+    let moves = Arc::new(Moves::default());
+    let mapper: Arc<dyn VfioBarMapper> = moves.clone();
+    let bars = bars(device.as_ref());
+    let placement: Vec<(Bar, u64)> =
+        bars.iter().map(|b| (*b, if b.io { 0xc000 } else { 0x1_0000_0000 })).collect();
+    let f = VfioPciFunction::new(Bdf::new(0, 3, 0), device.clone(), &placement, router, Arc::downgrade(&mapper));
+    Setup { f, device, routes, moves, _mapper: mapper }
+}
+
+fn enable_memory_and_io(f: &mut VfioPciFunction) {
+    f.config_write(REG_COMMAND, 0, &[(CMD_MEMORY | CMD_IO) as u8, 0]);
+}
+
+#[test]
+fn bars_come_from_regions_and_config_types() {
+    let device = FakeDevice::new();
+    let b = bars(&device);
+    assert_eq!(b.len(), 2);
+    assert_eq!(b[0], Bar { index: 0, size: 0x4000, io: false, wide: true, prefetchable: false, mmap: true });
+    assert_eq!(b[1], Bar { index: 2, size: 0x100, io: true, wide: false, prefetchable: false, mmap: false });
+}
+
+#[test]
+fn guest_bars_are_virtual_sized_and_moved() {
+    let mut s = setup();
+    // Firmware's placement, not the host's, and BAR1 is BAR0's high half.
+    assert_eq!(s.f.config_read(4), 0x4);
+    assert_eq!(s.f.config_read(5), 1);
+    assert_eq!(s.f.config_read(6), 0xc001);
+    assert_eq!(s.f.config_read(7), 0, "unimplemented");
+    // Nothing is mapped until decode is on; then both.
+    assert!(s.moves.0.lock().unwrap().is_empty());
+    enable_memory_and_io(&mut s.f);
+    assert_eq!(*s.moves.0.lock().unwrap(), vec![(0, None, Some(0x1_0000_0000)), (2, None, Some(0xc000))]);
+    // Sizing BAR0 as Linux does (decode off meanwhile): all ones reads back the size; placed
+    // again at the new address when decode comes back.
+    s.f.config_write(REG_COMMAND, 0, &[0, 0]);
+    assert_eq!(s.moves.0.lock().unwrap().len(), 4, "both BARs off the bus");
+    s.f.config_write(4, 0, &u32::MAX.to_le_bytes());
+    s.f.config_write(5, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(s.f.config_read(4), 0xffff_c004);
+    assert_eq!(s.f.config_read(5), u32::MAX);
+    s.f.config_write(4, 0, &0xe000_0000u32.to_le_bytes());
+    s.f.config_write(5, 0, &0u32.to_le_bytes());
+    assert_eq!(s.moves.0.lock().unwrap().len(), 4, "nothing moves with decode off");
+    enable_memory_and_io(&mut s.f);
+    assert_eq!(s.moves.0.lock().unwrap()[4], (0, None, Some(0xe000_0000)));
+    // Sized with decode on, the BAR is off the bus while it holds the size pattern.
+    s.f.config_write(4, 0, &u32::MAX.to_le_bytes());
+    s.f.config_write(5, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(s.moves.0.lock().unwrap().last().map(|m| (m.0, m.2)), Some((0, None)));
+    s.f.config_write(4, 0, &0xe000_0000u32.to_le_bytes());
+    s.f.config_write(5, 0, &0u32.to_le_bytes());
+    assert_eq!(s.moves.0.lock().unwrap().last().map(|m| (m.0, m.2)), Some((0, Some(0xe000_0000))));
+    // The I/O BAR sizes to 256 bytes.
+    s.f.config_write(6, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(s.f.config_read(6), 0xffff_ff01);
+    // BAR writes never reach the device.
+    assert_eq!(&s.device.config.lock().unwrap()[0x10..0x14], &4u32.to_le_bytes());
+    // Removal takes every mapped BAR off the bus.
+    s.f.unmap_bars();
+    assert_eq!(s.moves.0.lock().unwrap().last(), Some(&(0, Some(0xe000_0000), None)));
+}
+
+#[test]
+fn rom_and_interrupt_pin_are_hidden_the_rest_is_the_devices() {
+    let mut s = setup();
+    assert_eq!(s.f.config_read(REG_ROM), 0);
+    s.f.config_write(REG_ROM, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(s.f.config_read(REG_ROM), 0);
+    assert_eq!(s.f.config_read(REG_INTERRUPT), 0, "no INTx pin");
+    s.f.config_write(REG_INTERRUPT, 0, &[11]);
+    assert_eq!(s.f.config_read(REG_INTERRUPT), 11, "the line is scratch");
+    assert_eq!(s.f.config_read(0), 0x0010_1b36);
+    assert_eq!(s.f.config_read(0x68 / 4), 0xdead_beef);
+    // A write the model does not own goes to the device.
+    s.f.config_write(0x68 / 4, 0, &[0x11]);
+    assert_eq!(s.device.config.lock().unwrap()[0x68], 0x11);
+    // Writes spilling past the dword are dropped.
+    s.f.config_write(0x68 / 4, 3, &[1, 2]);
+    assert_eq!(s.device.config.lock().unwrap()[0x6b], 0xde);
+}
+
+/// The guest programs MSI-X vector `v` in the trapped table.
+fn program_msix(f: &mut VfioPciFunction, v: u64, data: u32, masked: bool) {
+    f.bar_write(0, 0x2000 + v * 16, &0xfee0_0000u32.to_le_bytes());
+    f.bar_write(0, 0x2000 + v * 16 + 4, &0u32.to_le_bytes());
+    f.bar_write(0, 0x2000 + v * 16 + 8, &data.to_le_bytes());
+    f.bar_write(0, 0x2000 + v * 16 + 12, &u32::from(masked).to_le_bytes());
+}
+
+#[test]
+fn msix_vectors_are_routed_and_masking_is_emulated_with_the_pending_bit() {
+    let mut s = setup();
+    enable_memory_and_io(&mut s.f);
+    let ctrl = |f: &mut VfioPciFunction| f.config_read(MSIX_CAP / 4) >> 16;
+    assert_eq!(ctrl(&mut s.f), 3, "4 vectors, disabled");
+    // Enable: all 4 vectors get eventfds on the device at once.
+    s.f.config_write(MSIX_CAP / 4, 2, &0x8000u16.to_le_bytes());
+    assert_eq!(ctrl(&mut s.f), 0x8003);
+    assert_eq!(*s.device.irq_sets.lock().unwrap(), vec![(VFIO_PCI_MSIX_IRQ_INDEX, 0, 4)]);
+    assert_eq!(s.device.config.lock().unwrap()[MSIX_CAP + 3], 0, "message control never reaches the device");
+    // Vector 1 unmasked: one route with the guest's message, and its irqfd.
+    program_msix(&mut s.f, 1, 0x45, false);
+    assert_eq!(s.routes.table.lock().unwrap().iter().map(|r| r.1).collect::<Vec<_>>(), vec![MsiMessage { address: 0xfee0_0000, data: 0x45 }]);
+    assert_eq!(s.routes.irqfds.lock().unwrap().len(), 1);
+    // The table is trapped: it reads back what the guest wrote, and the device's BAR0 there
+    // is untouched.
+    let mut d = [0u8; 4];
+    s.f.bar_read(0, 0x2018, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0x45);
+    assert!(s.device.bar0.lock().unwrap()[0x2000..0x3000].iter().all(|b| *b == 0));
+    // Masked: the irqfd goes; the device signals while masked; the PBA says pending.
+    program_msix(&mut s.f, 1, 0x45, true);
+    assert!(s.routes.irqfds.lock().unwrap().is_empty());
+    let fd = s.f.msix.as_ref().unwrap().2.eventfd(1).unwrap();
+    fd.write(1).unwrap();
+    let mut pba = [0u8; 8];
+    s.f.bar_read(0, 0x3000, &mut pba);
+    assert_eq!(u64::from_le_bytes(pba), 0b10);
+    // Unmasked: routed again and the pending interrupt delivered once (the eventfd is
+    // signalled for KVM's irqfd); the PBA clears.
+    program_msix(&mut s.f, 1, 0x45, false);
+    assert_eq!(s.routes.irqfds.lock().unwrap().len(), 1);
+    assert_eq!(fd.read().unwrap(), 1, "one delivery");
+    s.f.bar_read(0, 0x3000, &mut pba);
+    assert_eq!(u64::from_le_bytes(pba), 0);
+    // A write to the PBA is ignored; other BAR0 offsets reach the device.
+    s.f.bar_write(0, 0x3000, &u64::MAX.to_le_bytes());
+    s.f.bar_write(0, 0x14, &7u32.to_le_bytes());
+    assert_eq!(s.device.bar0.lock().unwrap()[0x14], 7);
+    assert_eq!(s.device.bar0.lock().unwrap()[0x3000], 0);
+    // Disable: routes gone, the device's MSI-X off.
+    s.f.config_write(MSIX_CAP / 4, 2, &0u16.to_le_bytes());
+    assert!(s.routes.irqfds.lock().unwrap().is_empty());
+    assert_eq!(s.device.irq_sets.lock().unwrap().last(), Some(&(VFIO_PCI_MSIX_IRQ_INDEX, 0, 0)));
+    assert_eq!(s.f.failures(), 0);
+}
+
+#[test]
+fn the_msix_pages_trap_the_rest_of_bar0_can_be_mapped() {
+    let s = setup();
+    assert_eq!(s.f.trapped_pages(0, 4096), vec![(0x2000, 0x1000), (0x3000, 0x1000)]);
+    assert_eq!(s.f.trapped_pages(0, 0x10000), vec![(0, 0x10000)]);
+    assert!(s.f.trapped_pages(2, 4096).is_empty());
+}
+
+#[test]
+fn msi_is_emulated_and_multiple_messages_get_consecutive_data() {
+    let mut s = setup();
+    let base = MSI_CAP / 4;
+    // 64-bit with per-vector mask: control, address lo/hi, data, mask, pending.
+    let control = s.f.config_read(base) >> 16;
+    assert_eq!(control & 0x1ff, 0x184, "64-bit, PVM, 4 capable (MMC=2), disabled");
+    s.f.config_write(base + 1, 0, &0xfee0_1000u32.to_le_bytes());
+    s.f.config_write(base + 2, 0, &0u32.to_le_bytes());
+    s.f.config_write(base + 3, 0, &0x60u32.to_le_bytes());
+    s.f.config_write(base + 4, 0, &0b0010u32.to_le_bytes()); // vector 1 masked
+    // Enable with 4 messages (MME = 2).
+    s.f.config_write(base, 2, &(1u16 | 2 << 4).to_le_bytes());
+    assert_eq!(s.f.config_read(base) >> 16 & 0x71, 0x21);
+    assert_eq!(*s.device.irq_sets.lock().unwrap(), vec![(VFIO_PCI_MSI_IRQ_INDEX, 0, 4)]);
+    let datas: Vec<u32> = s.routes.table.lock().unwrap().iter().map(|r| r.1.data).collect();
+    assert_eq!(datas, vec![0x60, 0x62, 0x63], "vector 1 masked");
+    assert_eq!(s.f.config_read(base + 1), 0xfee0_1000);
+    assert!(s.device.config.lock().unwrap()[MSI_CAP + 4..MSI_CAP + 24].iter().all(|b| *b == 0), "the guest's MSI registers never reach the device");
+    // Vector 1 signalled while masked: pending reads 1 << 1; unmasking delivers it.
+    s.f.msi.as_ref().unwrap().1.eventfd(1).unwrap().write(1).unwrap();
+    assert_eq!(s.f.config_read(base + 5), 0b10);
+    s.f.config_write(base + 4, 0, &0u32.to_le_bytes());
+    assert_eq!(s.f.config_read(base + 5), 0);
+    assert_eq!(s.routes.table.lock().unwrap().len(), 4);
+    // More messages than capable are clamped.
+    s.f.config_write(base, 2, &(1u16 | 7 << 4).to_le_bytes());
+    assert_eq!(s.f.config_read(base) >> 20 & 7, 2);
+    s.f.config_write(base, 2, &0u16.to_le_bytes());
+    assert!(s.routes.table.lock().unwrap().is_empty());
+    assert_eq!(s.f.failures(), 0);
+}
+
+#[test]
+fn a_looping_capability_list_ends() {
+    let device = FakeDevice::new();
+    // MSI's next pointer back to MSI-X.
+    device.config.lock().unwrap()[MSI_CAP + 1] = MSIX_CAP as u8;
+    let caps = caps::Capabilities::discover(|reg| read_config_dword(&device, reg));
+    assert!(caps.msix.is_some() && caps.msi.is_some());
+}

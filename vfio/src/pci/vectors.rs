@@ -1,0 +1,120 @@
+//! A passed-through function's interrupt vectors (MSI-X or MSI): one eventfd per vector that
+//! the device signals through `VFIO_DEVICE_SET_IRQS`, bound to a KVM route while the guest
+//! has the vector unmasked, so a device interrupt reaches the guest without entering siovmm.
+//!
+//! Masking is emulated. vfio-pci has no per-vector MSI-X mask (linux drivers/vfio/pci/
+//! vfio_pci_intrs.c: the host vector stays enabled), so a masked vector's eventfd is detached
+//! from its route instead: the device's signals then accumulate in the eventfd's counter,
+//! which is the vector's pending bit (read by the PBA, consumed on unmask, which delivers one
+//! interrupt by signalling the eventfd once it is routed again). Nothing watches a masked
+//! eventfd: the counter keeps the state until the guest looks or unmasks.
+
+use std::sync::Arc;
+
+use siovmm_interrupts::{FunctionId, MsiMessage, MsiRouter, VectorKey, VectorSource};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VfioBackend;
+
+/// One vector's state.
+struct Vector {
+    fd: Arc<EventFd>,
+    /// Routed to the guest (unmasked, with a message).
+    routed: bool,
+    /// Signalled while masked, and not yet delivered.
+    pending: bool,
+}
+
+/// The vectors of one interrupt index (MSI-X or MSI) of one function.
+pub(crate) struct Vectors {
+    function: FunctionId,
+    source: VectorSource,
+    /// The VFIO interrupt index (`VFIO_PCI_MSIX_IRQ_INDEX` or `VFIO_PCI_MSI_IRQ_INDEX`).
+    irq_index: u32,
+    /// Empty while the index is disabled.
+    vectors: Vec<Vector>,
+}
+
+impl Vectors {
+    pub(crate) fn new(function: FunctionId, source: VectorSource, irq_index: u32) -> Self {
+        Self { function, source, irq_index, vectors: Vec::new() }
+    }
+
+    fn key(&self, v: usize) -> VectorKey {
+        VectorKey { function: self.function, source: self.source, index: v as u32 }
+    }
+
+    /// Whether the index is enabled on the device.
+    pub(crate) fn enabled(&self) -> bool {
+        !self.vectors.is_empty()
+    }
+
+    /// Enables `count` vectors on the device, each with its own eventfd, all masked.
+    pub(crate) fn enable(&mut self, backend: &dyn VfioBackend, count: u32) -> std::io::Result<()> {
+        let mut vectors = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            vectors.push(Vector { fd: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?), routed: false, pending: false });
+        }
+        let fds: Vec<&EventFd> = vectors.iter().map(|v| v.fd.as_ref()).collect();
+        backend.set_irqs(self.irq_index, 0, &fds)?;
+        self.vectors = vectors;
+        Ok(())
+    }
+
+    /// Detaches every route and disables the index on the device.
+    pub(crate) fn disable(&mut self, backend: &dyn VfioBackend, router: &MsiRouter) -> std::io::Result<()> {
+        let mut first_error = None;
+        for v in 0..self.vectors.len() {
+            if self.vectors[v].routed {
+                if let Err(e) = router.unbind(self.key(v)) {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.vectors.clear();
+        if let Err(e) = backend.disable_irqs(self.irq_index) {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Vector `v` now carries `message`, masked or not (no-op for a vector that does not exist
+    /// or while the index is disabled). Unmasking delivers a pending interrupt once.
+    pub(crate) fn update(&mut self, router: &MsiRouter, v: usize, message: MsiMessage, masked: bool) -> std::io::Result<()> {
+        let key = self.key(v);
+        let Some(vector) = self.vectors.get_mut(v) else { return Ok(()) };
+        if masked || message.address == 0 {
+            if vector.routed {
+                router.unbind(key)?;
+                vector.routed = false;
+            }
+            return Ok(());
+        }
+        router.bind(key, vector.fd.clone(), message)?;
+        let was_routed = std::mem::replace(&mut vector.routed, true);
+        if !was_routed {
+            // Signals that arrived while detached, or a pending bit seen by the PBA earlier.
+            let arrived = vector.fd.read().is_ok_and(|n| n > 0);
+            if std::mem::take(&mut vector.pending) || arrived {
+                vector.fd.write(1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether vector `v` has an interrupt the guest has not received (only a masked
+    /// vector can).
+    pub(crate) fn pending(&mut self, v: usize) -> bool {
+        let Some(vector) = self.vectors.get_mut(v) else { return false };
+        if !vector.routed && vector.fd.read().is_ok_and(|n| n > 0) {
+            vector.pending = true;
+        }
+        vector.pending
+    }
+
+    /// Vector `v`'s eventfd (tests signal it as the device would).
+    #[cfg(test)]
+    pub(crate) fn eventfd(&self, v: usize) -> Option<Arc<EventFd>> {
+        self.vectors.get(v).map(|v| v.fd.clone())
+    }
+}
