@@ -582,3 +582,70 @@ kvm_test! {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+kvm_test! {
+    /// A host page mapped into a memory slot above RAM is guest memory: the guest's store
+    /// lands in it without an exit. KVM refuses an overlapping slot, a bad range is refused
+    /// before KVM sees it, and an unmapped slot's number is handed out again.
+    fn a_host_page_in_a_memory_slot_is_guest_memory() {
+        const GPA: u64 = 0x2000_0000; // above the 64 MiB of RAM, inside the boot identity map
+        const MAGIC: u32 = 0x1234_5678;
+        let dir = std::env::temp_dir().join(format!("siovmm-memslot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("store");
+        // mov dword [GPA], MAGIC; jmp $
+        let mut code = vec![0xc7, 0x04, 0x25];
+        code.extend_from_slice(&(GPA as u32).to_le_bytes());
+        code.extend_from_slice(&MAGIC.to_le_bytes());
+        code.extend_from_slice(&[0xeb, 0xfe]);
+        std::fs::write(&kernel, tiny_kernel::elf(&code)).unwrap();
+        let config = VmConfig {
+            kernel,
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            cpus: 1,
+            memory: 64 << 20,
+            siov: SiovConfig::default(),
+        };
+        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
+        let slots = vm.memory_slots();
+        // SAFETY: a fresh anonymous shared page, unmapped at the end of the test after the VM
+        // (and so its slot) is gone.
+        let page = unsafe {
+            libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        let host = page.cast::<u8>();
+        // SAFETY: `page` outlives the VM and every slot made here.
+        let map = |gpa: u64| unsafe { slots.map(gpa, 4096, host) };
+        let mapped = map(GPA).unwrap();
+        assert_eq!(mapped.gpa(), GPA);
+        assert!(matches!(map(GPA), Err(crate::memslots::Error::Kvm { .. })), "overlap");
+        assert!(matches!(map(GPA + 1), Err(crate::memslots::Error::Unaligned { .. })));
+        assert!(matches!(map(!4095) /* the last page: it would wrap */, Err(crate::memslots::Error::Unaligned { .. })));
+        let handle = vm.handle();
+        let address = host as usize;
+        let watcher = std::thread::spawn(move || {
+            let deadline = Instant::now() + std::time::Duration::from_secs(20);
+            // SAFETY: the page stays mapped until after this thread is joined.
+            let read = || unsafe { std::ptr::read_volatile(address as *const u32) };
+            while read() != MAGIC && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            handle.stop(ExitReason::Interrupted(libc::SIGTERM));
+            read()
+        });
+        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
+        assert_eq!(watcher.join().unwrap(), MAGIC, "the guest's store did not reach the host page");
+        // Unmapped, the slot number is free: the next map takes it again.
+        let first = format!("{mapped:?}");
+        slots.unmap(mapped).unwrap();
+        let again = map(GPA).unwrap();
+        assert_eq!(format!("{again:?}"), first);
+        slots.unmap(again).unwrap();
+        drop(vm);
+        // SAFETY: mapped above, no slot refers to it any more.
+        unsafe { libc::munmap(page, 4096) };
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

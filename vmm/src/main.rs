@@ -11,6 +11,7 @@ mod device_manager;
 mod kvm_tests;
 mod kvm_irq;
 mod memory;
+mod memslots;
 mod vcpu;
 mod vm;
 

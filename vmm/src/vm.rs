@@ -21,6 +21,7 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use crate::memory::GuestRam;
+use crate::memslots::MemorySlots;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -298,6 +299,8 @@ pub struct Vm {
     fd: Arc<VmFd>,
     #[allow(dead_code)]
     memory: GuestRam,
+    /// KVM memory slots above RAM's, for host mappings placed in the guest.
+    slots: Arc<MemorySlots>,
     shutdown: Arc<ShutdownSignal>,
     coalesce: bool,
     trace: StartupTrace,
@@ -365,6 +368,10 @@ impl Vm {
         let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
         let (fd, memory) = create_vm(&kvm, config.memory)?;
         let fd = Arc::new(fd);
+        let ram_slots = memory.iter().count() as u32;
+        let slots = MemorySlots::new(fd.clone(), ram_slots, kvm.get_nr_memslots() as u32)
+            .map(Arc::new)
+            .ok_or(Error::MissingCap("KVM_CAP_NR_MEMSLOTS beyond guest RAM's slots"))?;
         trace.mark("VM and memory");
         // The VM's one way to KVM's interrupt plumbing: pins, MSI routes, irqfds, ioeventfds.
         let irq = Arc::new(KvmIrq(fd.clone()));
@@ -445,10 +452,17 @@ impl Vm {
             platform,
             fd,
             memory,
+            slots,
             shutdown,
             coalesce,
             trace,
         })
+    }
+
+    /// The VM's memory slots above RAM.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn memory_slots(&self) -> Arc<MemorySlots> {
+        self.slots.clone()
     }
 
     /// A handle that controls this VM from another thread.
