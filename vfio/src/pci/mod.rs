@@ -91,7 +91,16 @@ pub struct Bar {
 }
 
 impl Bar {
-    /// The low bits of the BAR register that say its type.
+    /// The low bits of the BAR register that are flags, not address (§6.2.5.1).
+    fn flag_bits(&self) -> u32 {
+        if self.io {
+            0x3
+        } else {
+            0xf
+        }
+    }
+
+    /// The flag bits' values: the BAR's type.
     fn type_bits(&self) -> u32 {
         if self.io {
             1
@@ -255,7 +264,7 @@ impl VfioPciFunction {
                 if high {
                     (b.address >> 32) as u32
                 } else {
-                    (b.address as u32 & !(b.bar.type_bits() | if b.bar.io { 2 } else { 0xf } as u32)) | b.bar.type_bits()
+                    (b.address as u32 & !b.bar.flag_bits()) | b.bar.type_bits()
                 }
             }
         }
@@ -269,7 +278,7 @@ impl VfioPciFunction {
         if high {
             address = (address & 0xffff_ffff) | (u64::from(value) << 32 & mask);
         } else {
-            let low_mask = mask as u32 & if b.bar.io { !3 } else { !0xf };
+            let low_mask = mask as u32 & !b.bar.flag_bits();
             address = (address & !0xffff_ffff) | u64::from(value & low_mask);
         }
         b.address = address;
