@@ -2,9 +2,11 @@
 //! backed by an eventfd reaches the guest ([`router`]). The KVM side implements
 //! [`router::RouteBackend`] and [`IoEvents`] in the `vmm` crate (`kvm_irq`); tests use fakes.
 
+pub mod epoll_thread;
 pub mod msi;
 pub mod router;
 
+pub use epoll_thread::EpollThread;
 pub use msi::{MsiEntry, MsiMessage};
 pub use router::{FunctionId, MsiRouter, RouteBackend, VectorKey, VectorSource};
 

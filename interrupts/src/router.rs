@@ -19,15 +19,13 @@
 //! `vm-allocator` `IdAllocator`, which hands freed ones out again, lowest first.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_allocator::IdAllocator;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::lock;
+use crate::{lock, EpollThread};
 use crate::msi::MsiMessage;
 
 /// KVM's per-VM limit on routing entries.
@@ -139,7 +137,8 @@ pub struct MsiRouter {
     backend: Arc<dyn RouteBackend>,
     state: Mutex<State>,
     overflow: Arc<Overflow>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The overflow injector: waits on overflow vectors' eventfds (token = epoll token).
+    injector: EpollThread,
 }
 
 impl std::fmt::Debug for MsiRouter {
@@ -149,30 +148,18 @@ impl std::fmt::Debug for MsiRouter {
 }
 
 struct Overflow {
-    epoll: Epoll,
     /// By epoll token.
     vectors: Mutex<HashMap<u64, (Arc<EventFd>, MsiMessage)>>,
     stats: RouteStats,
-    stop: AtomicBool,
-    wake: EventFd,
 }
-
-const WAKE: u64 = u64::MAX;
 
 impl MsiRouter {
     /// A router using at most `msi_routes` MSI routes (clamped to [`MAX_MSI_ROUTES`]).
     pub fn new(backend: Arc<dyn RouteBackend>, msi_routes: u32) -> std::io::Result<Self> {
         let max = IOAPIC_GSIS + msi_routes.min(MAX_MSI_ROUTES);
-        let overflow = Arc::new(Overflow {
-            epoll: Epoll::new()?,
-            vectors: Mutex::new(HashMap::new()),
-            stats: RouteStats::default(),
-            stop: AtomicBool::new(false),
-            wake: EventFd::new(libc::EFD_NONBLOCK)?,
-        });
-        overflow.epoll.ctl(ControlOperation::Add, overflow.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE))?;
+        let overflow = Arc::new(Overflow { vectors: Mutex::new(HashMap::new()), stats: RouteStats::default() });
         let (o, b) = (overflow.clone(), backend.clone());
-        let thread = std::thread::Builder::new().name("msi-overflow".into()).spawn(move || overflow_loop(&o, b.as_ref()))?;
+        let injector = EpollThread::spawn("msi-overflow".into(), move |token| inject_overflow(&o, b.as_ref(), token))?;
         let gsis = (max > IOAPIC_GSIS).then(|| IdAllocator::new(IOAPIC_GSIS, max - 1)).transpose().map_err(std::io::Error::other)?;
         Ok(Self {
             backend,
@@ -184,7 +171,7 @@ impl MsiRouter {
                 next_token: 0,
             }),
             overflow,
-            thread: Some(thread),
+            injector,
         })
     }
 
@@ -248,7 +235,7 @@ impl MsiRouter {
             } else {
                 let token = st.next_token;
                 st.next_token += 1;
-                self.overflow.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+                self.injector.watch(fd.as_ref(), token)?;
                 lock(&self.overflow.vectors).insert(token, (fd, msg));
                 st.tokens.insert(key, token);
                 st.bindings.insert(key, Binding::Overflow);
@@ -330,7 +317,7 @@ impl MsiRouter {
                 let token = st.tokens.remove(&key);
                 if let Some((fd, _)) = token.and_then(|t| lock(&self.overflow.vectors).remove(&t)) {
                     // The fd is being forgotten; failing to remove it from epoll changes nothing.
-                    let _ = self.overflow.epoll.ctl(ControlOperation::Delete, fd.as_raw_fd(), EpollEvent::default());
+                    let _ = self.injector.unwatch(fd.as_ref());
                 }
                 Ok(false)
             }
@@ -339,38 +326,15 @@ impl MsiRouter {
     }
 }
 
-impl Drop for MsiRouter {
-    fn drop(&mut self) {
-        self.overflow.stop.store(true, Ordering::Release);
-        let _ = self.overflow.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn overflow_loop(o: &Overflow, backend: &dyn RouteBackend) {
-    let mut events = vec![EpollEvent::default(); 64];
-    while !o.stop.load(Ordering::Acquire) {
-        let n = match o.epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        for ev in &events[..n] {
-            let token = ev.data();
-            if token == WAKE {
-                continue;
-            }
-            let target = lock(&o.vectors).get(&token).map(|(fd, msg)| (fd.clone(), *msg));
-            if let Some((fd, msg)) = target {
-                // One injection per signal: the counter says how many arrived.
-                let count = fd.read().unwrap_or(0);
-                for _ in 0..count {
-                    if backend.signal_msi(msg).is_ok() {
-                        o.stats.overflow_injections.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+/// Delivers overflow vector `token`'s signals: one KVM_SIGNAL_MSI per signal (the eventfd's
+/// counter says how many arrived).
+fn inject_overflow(o: &Overflow, backend: &dyn RouteBackend, token: u64) {
+    let target = lock(&o.vectors).get(&token).map(|(fd, msg)| (fd.clone(), *msg));
+    if let Some((fd, msg)) = target {
+        let count = fd.read().unwrap_or(0);
+        for _ in 0..count {
+            if backend.signal_msi(msg).is_ok() {
+                o.stats.overflow_injections.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -379,6 +343,7 @@ fn overflow_loop(o: &Overflow, backend: &dyn RouteBackend) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
     #[derive(Default)]

@@ -14,13 +14,10 @@ pub mod engine;
 pub mod ims;
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use siovmm_interrupts::lock;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use siovmm_interrupts::{lock, EpollThread};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaSpace;
@@ -78,20 +75,14 @@ struct Shared {
     dma: Mutex<Bindings>,
     ims: Mutex<ImsTable>,
     stats: Stats,
-    stop: AtomicBool,
-}
-
-struct Worker {
-    epoll: Arc<Epoll>,
-    wake: EventFd,
-    thread: Option<JoinHandle<()>>,
 }
 
 /// The software device.
 pub struct SoftSiovDevice {
     info: DeviceInfo,
     shared: Arc<Shared>,
-    workers: Vec<Worker>,
+    /// Each waits on the doorbells of its ADIs (token = ADI index) and runs their queues.
+    workers: Vec<EpollThread>,
 }
 
 impl std::fmt::Debug for SoftSiovDevice {
@@ -99,9 +90,6 @@ impl std::fmt::Debug for SoftSiovDevice {
         f.debug_struct("SoftSiovDevice").field("info", &self.info).finish_non_exhaustive()
     }
 }
-
-/// Epoll data value meaning "the worker's own wake-up eventfd".
-const WAKE_TOKEN: u64 = u64::MAX;
 
 impl SoftSiovDevice {
     /// A device with `adis` ADIs, `ims_entries` IMS entries in `storage` (at most
@@ -115,18 +103,11 @@ impl SoftSiovDevice {
             dma: Mutex::new(Bindings::default()),
             ims: Mutex::new(table),
             stats: Stats::default(),
-            stop: AtomicBool::new(false),
         });
         let mut ws = Vec::new();
         for i in 0..workers.max(1) {
-            let epoll = Arc::new(Epoll::new()?);
-            let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-            epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE_TOKEN))?;
-            let (ep, sh) = (epoll.clone(), shared.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("siov-worker{i}"))
-                .spawn(move || worker_loop(&ep, &sh))?;
-            ws.push(Worker { epoll, wake, thread: Some(thread) });
+            let sh = shared.clone();
+            ws.push(EpollThread::spawn(format!("siov-worker{i}"), move |token| serve_doorbell(&sh, token))?);
         }
         Ok(Self {
             info: DeviceInfo { adis, ims_entries, ims_storage: storage, max_queue_size: MAX_QUEUE_SIZE },
@@ -164,46 +145,19 @@ impl SoftSiovDevice {
         self.shared.adis.get(adi.0 as usize).ok_or(Error::NoSuchAdi(adi.0))
     }
 
-    fn worker_for(&self, adi: AdiId) -> &Worker {
+    fn worker_for(&self, adi: AdiId) -> &EpollThread {
         &self.workers[adi.0 as usize % self.workers.len()]
     }
 }
 
-impl Drop for SoftSiovDevice {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        for w in &self.workers {
-            let _ = w.wake.write(1);
+/// A doorbell rang: consume it and run the ADI's queue.
+fn serve_doorbell(shared: &Shared, token: u64) {
+    if let Some(adi) = shared.adis.get(token as usize) {
+        let mut st = lock(adi);
+        if let Some(db) = &st.doorbell {
+            let _ = db.read();
         }
-        for w in &mut self.workers {
-            if let Some(t) = w.thread.take() {
-                let _ = t.join();
-            }
-        }
-    }
-}
-
-fn worker_loop(epoll: &Epoll, shared: &Shared) {
-    let mut events = vec![EpollEvent::default(); 64];
-    while !shared.stop.load(Ordering::Acquire) {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        for ev in &events[..n] {
-            let token = ev.data();
-            if token == WAKE_TOKEN {
-                continue;
-            }
-            if let Some(adi) = shared.adis.get(token as usize) {
-                let mut st = lock(adi);
-                if let Some(db) = &st.doorbell {
-                    let _ = db.read();
-                }
-                process_queue(AdiId(token as u32), &mut st, shared);
-            }
-        }
+        process_queue(AdiId(token as u32), &mut st, shared);
     }
 }
 
@@ -304,8 +258,7 @@ impl SiovDevice for SoftSiovDevice {
         let binding = bindings.bound.get_mut(&dma.0).ok_or(Error::NoSuchDma(dma.0))?;
         let doorbell = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Error::Resources("eventfds"))?);
         self.worker_for(adi)
-            .epoll
-            .ctl(ControlOperation::Add, doorbell.as_raw_fd(), EpollEvent::new(EventSet::IN, u64::from(adi.0)))
+            .watch(doorbell.as_ref(), u64::from(adi.0))
             .map_err(|_| Error::Resources("epoll registrations"))?;
         binding.users += 1;
         *st = AdiState {
@@ -322,7 +275,7 @@ impl SiovDevice for SoftSiovDevice {
         let Some(db) = st.doorbell.take() else { return Err(Error::AdiNotOpen(adi.0)) };
         // Deleting a registered fd from our own epoll fails only if it was never added, which
         // open_adi rules out; the fd closes with the last Arc either way.
-        if let Err(e) = self.worker_for(adi).epoll.ctl(ControlOperation::Delete, db.as_raw_fd(), EpollEvent::default()) {
+        if let Err(e) = self.worker_for(adi).unwatch(db.as_ref()) {
             log::warn!("ADI {}: removing its doorbell from the worker: {e}", adi.0);
         }
         if let Some(h) = st.binding {
