@@ -3,6 +3,8 @@
 //! [`router::RouteBackend`] and [`IoEvents`] in the `vmm` crate (`kvm_irq`); tests use fakes.
 
 pub mod epoll_thread;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 pub mod msi;
 pub mod router;
 

@@ -343,39 +343,8 @@ fn inject_overflow(o: &Overflow, backend: &dyn RouteBackend, token: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
+    use crate::fake::FakeRoutes;
     use std::time::{Duration, Instant};
-
-    #[derive(Default)]
-    struct Fake {
-        routes: Mutex<Vec<(u32, MsiMessage)>>,
-        irqfds: Mutex<HashMap<u32, i32>>,
-        injected: Mutex<Vec<MsiMessage>>,
-        log: Mutex<Vec<String>>,
-    }
-
-    impl RouteBackend for Fake {
-        fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
-            *self.routes.lock().unwrap() = routes.to_vec();
-            self.log.lock().unwrap().push(format!("routes {}", routes.len()));
-            Ok(())
-        }
-        fn irqfd(&self, fd: &EventFd, gsi: u32, assign: bool) -> std::io::Result<()> {
-            let routed = self.routes.lock().unwrap().iter().any(|r| r.0 == gsi);
-            // The kernel ordering rule this module promises.
-            assert!(routed, "irqfd {} on gsi {gsi} without a route", if assign { "bound" } else { "unbound" });
-            if assign {
-                self.irqfds.lock().unwrap().insert(gsi, fd.as_raw_fd());
-            } else {
-                self.irqfds.lock().unwrap().remove(&gsi);
-            }
-            Ok(())
-        }
-        fn signal_msi(&self, msg: MsiMessage) -> std::io::Result<()> {
-            self.injected.lock().unwrap().push(msg);
-            Ok(())
-        }
-    }
 
     fn msg(v: u32) -> MsiMessage {
         MsiMessage { address: 0xfee0_0000, data: 0x4000 | v }
@@ -387,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_functions_vectors_go_together_in_one_commit() {
-        let fake = Arc::new(Fake::default());
+        let fake = Arc::new(FakeRoutes::default());
         // 3 routes: function 1's three vectors take them, function 2's two overflow.
         let router = MsiRouter::new(fake.clone(), 3).unwrap();
         for (f, n) in [(1, 3), (2, 2)] {
@@ -412,7 +381,7 @@ mod tests {
 
     #[test]
     fn routes_first_then_overflow_and_every_interrupt_arrives() {
-        let fake = Arc::new(Fake::default());
+        let fake = Arc::new(FakeRoutes::default());
         // Room for 2 MSI routes only.
         let router = MsiRouter::new(fake.clone(), 2).unwrap();
         let fds: Vec<_> = (0..5).map(|_| evt()).collect();
@@ -439,7 +408,7 @@ mod tests {
 
     #[test]
     fn rebinding_updates_and_unbinding_frees() {
-        let fake = Arc::new(Fake::default());
+        let fake = Arc::new(FakeRoutes::default());
         let router = MsiRouter::new(fake.clone(), 1).unwrap();
         let (a, b) = (evt(), evt());
         let (k1, k2, k3) = (VectorKey::msix(FunctionId::Adi(1), 0), VectorKey::ims(FunctionId::Adi(1), 0), VectorKey::msix(FunctionId::Adi(2), 0));
@@ -472,7 +441,7 @@ mod tests {
 
     #[test]
     fn limits_are_clamped_and_a_batch_commits_once() {
-        let fake = Arc::new(Fake::default());
+        let fake = Arc::new(FakeRoutes::default());
         let router = MsiRouter::new(fake.clone(), 1_000_000).unwrap();
         let n = MAX_MSI_ROUTES + 2;
         let fds: Vec<_> = (0..n).map(|_| evt()).collect();
@@ -485,7 +454,7 @@ mod tests {
 
     #[test]
     fn freed_gsis_are_reused_lowest_first_and_no_budget_means_overflow() {
-        let fake = Arc::new(Fake::default());
+        let fake = Arc::new(FakeRoutes::default());
         let router = MsiRouter::new(fake.clone(), 4).unwrap();
         let fds: Vec<_> = (0..4).map(|_| evt()).collect();
         for (i, fd) in fds.iter().enumerate() {
@@ -496,7 +465,7 @@ mod tests {
         router.bind(VectorKey::msix(FunctionId::Adi(1), 0), evt(), msg(10)).unwrap();
         assert!(fake.routes.lock().unwrap().contains(&(IOAPIC_GSIS + 1, msg(10))));
 
-        let none = MsiRouter::new(Arc::new(Fake::default()), 0).unwrap();
+        let none = MsiRouter::new(Arc::new(FakeRoutes::default()), 0).unwrap();
         none.bind(VectorKey::msix(FunctionId::Adi(0), 0), evt(), msg(1)).unwrap();
         assert_eq!(none.counts(), (0, 1));
     }

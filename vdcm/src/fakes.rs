@@ -1,46 +1,16 @@
-//! Test doubles for the VDCM's unit tests: KVM's routing table and a host device that only
-//! keeps IMS books. No /dev/kvm, no worker threads.
+//! Test doubles for the VDCM's unit tests: a host device that only keeps IMS books (no worker
+//! threads), and KVM's routing table (the interrupt crate's fake).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use siovmm_interrupts::{MsiMessage, RouteBackend};
+pub(crate) use siovmm_interrupts::fake::FakeRoutes;
+use siovmm_interrupts::MsiMessage;
 use siovmm_vfio::dma::DmaSpace;
 use siovmm_vfio::siov::{
     AdiId, DeviceInfo, DmaHandle, Error, ImsGroup, ImsIndex, ImsStorage, Portal, QueueConfig, SiovDevice,
 };
 use vmm_sys_util::eventfd::EventFd;
-
-/// Routes as KVM would hold them; refuses every change while `refuse` is set.
-#[derive(Default)]
-pub(crate) struct FakeRoutes {
-    pub(crate) routes: Mutex<Vec<(u32, MsiMessage)>>,
-    pub(crate) refuse: AtomicBool,
-}
-
-impl RouteBackend for FakeRoutes {
-    fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
-        if self.refuse.load(Ordering::Relaxed) {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-        }
-        *self.routes.lock().unwrap() = routes.to_vec();
-        Ok(())
-    }
-    fn irqfd(&self, _: &EventFd, _: u32, _: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_msi(&self, _: MsiMessage) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl FakeRoutes {
-    /// The messages routed now, in GSI order.
-    pub(crate) fn messages(&self) -> Vec<MsiMessage> {
-        self.routes.lock().unwrap().iter().map(|r| r.1).collect()
-    }
-}
 
 /// A device of one ADI (0) whose IMS entries are plain books: masks, bound eventfds and
 /// pending bits the test sets. Entries of other ADIs are refused as the trait requires.

@@ -1,9 +1,10 @@
-//! The function model against a fake VFIO device and a fake routing table: no /dev/vfio, no KVM.
+//! The function model against a fake VFIO device and the interrupt crate's fake routing table:
+//! no /dev/vfio, no KVM.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
-use siovmm_interrupts::{MsiMessage, RouteBackend};
+use siovmm_interrupts::fake::FakeRoutes;
+use siovmm_interrupts::MsiMessage;
 
 use super::*;
 
@@ -85,31 +86,6 @@ impl VfioBackend for FakeDevice {
     }
 }
 
-#[derive(Default)]
-struct Routes {
-    table: Mutex<Vec<(u32, MsiMessage)>>,
-    irqfds: Mutex<HashMap<u32, i32>>,
-}
-
-impl RouteBackend for Routes {
-    fn set_msi_routes(&self, routes: &[(u32, MsiMessage)]) -> std::io::Result<()> {
-        *self.table.lock().unwrap() = routes.to_vec();
-        Ok(())
-    }
-    fn irqfd(&self, fd: &EventFd, gsi: u32, assign: bool) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        if assign {
-            self.irqfds.lock().unwrap().insert(gsi, fd.as_raw_fd());
-        } else {
-            self.irqfds.lock().unwrap().remove(&gsi);
-        }
-        Ok(())
-    }
-    fn signal_msi(&self, _: MsiMessage) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// (BAR, from, to) per move.
 type MoveLog = Mutex<Vec<(u8, Option<u64>, Option<u64>)>>;
 
@@ -124,14 +100,14 @@ impl VfioBarMapper for Moves {
 struct Setup {
     f: VfioPciFunction,
     device: Arc<FakeDevice>,
-    routes: Arc<Routes>,
+    routes: Arc<FakeRoutes>,
     moves: Arc<Moves>,
     _mapper: Arc<dyn VfioBarMapper>,
 }
 
 fn setup() -> Setup {
     let device = Arc::new(FakeDevice::new());
-    let routes = Arc::new(Routes::default());
+    let routes = Arc::new(FakeRoutes::default());
     let router = Arc::new(MsiRouter::new(routes.clone(), 64).unwrap());
     let moves = Arc::new(Moves::default());
     let mapper: Arc<dyn VfioBarMapper> = moves.clone();
@@ -237,7 +213,7 @@ fn msix_vectors_are_routed_and_masking_is_emulated_with_the_pending_bit() {
     assert_eq!(s.device.config.lock().unwrap()[MSIX_CAP + 3], 0, "message control never reaches the device");
     // Vector 1 unmasked: one route with the guest's message, and its irqfd.
     program_msix(&mut s.f, 1, 0x45, false);
-    assert_eq!(s.routes.table.lock().unwrap().iter().map(|r| r.1).collect::<Vec<_>>(), vec![MsiMessage { address: 0xfee0_0000, data: 0x45 }]);
+    assert_eq!(s.routes.messages(), vec![MsiMessage { address: 0xfee0_0000, data: 0x45 }]);
     assert_eq!(s.routes.irqfds.lock().unwrap().len(), 1);
     // The table is trapped: it reads back what the guest wrote, and the device's BAR0 there
     // is untouched.
@@ -295,7 +271,7 @@ fn msi_is_emulated_and_multiple_messages_get_consecutive_data() {
     s.f.config_write(base, 2, &(1u16 | 2 << 4).to_le_bytes());
     assert_eq!(s.f.config_read(base) >> 16 & 0x71, 0x21);
     assert_eq!(*s.device.irq_sets.lock().unwrap(), vec![(VFIO_PCI_MSI_IRQ_INDEX, 0, 4)]);
-    let datas: Vec<u32> = s.routes.table.lock().unwrap().iter().map(|r| r.1.data).collect();
+    let datas: Vec<u32> = s.routes.routes.lock().unwrap().iter().map(|r| r.1.data).collect();
     assert_eq!(datas, vec![0x60, 0x62, 0x63], "vector 1 masked");
     assert_eq!(s.f.config_read(base + 1), 0xfee0_1000);
     assert!(s.device.config.lock().unwrap()[MSI_CAP + 4..MSI_CAP + 24].iter().all(|b| *b == 0), "the guest's MSI registers never reach the device");
@@ -304,12 +280,12 @@ fn msi_is_emulated_and_multiple_messages_get_consecutive_data() {
     assert_eq!(s.f.config_read(base + 5), 0b10);
     s.f.config_write(base + 4, 0, &0u32.to_le_bytes());
     assert_eq!(s.f.config_read(base + 5), 0);
-    assert_eq!(s.routes.table.lock().unwrap().len(), 4);
+    assert_eq!(s.routes.routes.lock().unwrap().len(), 4);
     // More messages than capable are clamped.
     s.f.config_write(base, 2, &(1u16 | 7 << 4).to_le_bytes());
     assert_eq!(s.f.config_read(base) >> 20 & 7, 2);
     s.f.config_write(base, 2, &0u16.to_le_bytes());
-    assert!(s.routes.table.lock().unwrap().is_empty());
+    assert!(s.routes.routes.lock().unwrap().is_empty());
     assert_eq!(s.f.failures(), 0);
 }
 
