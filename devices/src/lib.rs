@@ -7,6 +7,7 @@ pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
 pub mod cmos;
+pub mod faults;
 pub mod i8042;
 pub mod iommu;
 pub mod pci;
@@ -14,4 +15,5 @@ pub mod serial;
 pub mod shutdown;
 
 pub use bus::{Bus, BusDevice};
+pub use faults::GuestFaults;
 pub use shutdown::{ExitReason, ShutdownSignal};

@@ -25,7 +25,7 @@ mod vectors;
 use std::sync::{Arc, Weak};
 
 use devices::pci::{Bdf, PciFunction};
-use devices::BusDevice;
+use devices::{BusDevice, GuestFaults};
 use siovmm_hypercall::Status;
 use siovmm_interrupts::{FunctionId, MsiMessage, MsiRouter, VectorKey};
 use siovmm_vfio::siov::{self, AdiId, ImsGroup, SiovDevice};
@@ -81,7 +81,7 @@ pub struct AdiFunction {
     regs: QueueRegisters,
     /// Doorbell writes that exited to siovmm instead of completing in KVM's ioeventfd.
     slow_doorbells: u64,
-    faults: Faults,
+    faults: GuestFaults,
     /// Hypercall IMS slots (slot s is interrupt handle `msix vectors + s`) and, in trap mode,
     /// the guest-visible IMS window backed by them.
     slots: ImsSlots,
@@ -97,34 +97,6 @@ pub fn msi_destination(message: MsiMessage) -> Option<u32> {
     }
     let dest = ((message.address >> 12) & 0xff) as u32 | (((message.address >> 5) & 0x7f) as u32) << 8;
     Some(dest)
-}
-
-/// Operations a guest access triggered that failed: counted always, logged for the first
-/// [`Faults::LOGGED`] per function (a hostile guest must not be able to flood the log).
-/// Nothing on a guest path is discarded silently.
-pub(crate) struct Faults {
-    adi: AdiId,
-    bdf: Bdf,
-    count: u64,
-}
-
-impl Faults {
-    /// Failures logged per function; later ones are only counted.
-    const LOGGED: u64 = 8;
-
-    /// `result` of doing `what`: its value, or `None` once the failure is recorded.
-    pub(crate) fn record<T, E: std::fmt::Display>(&mut self, what: &str, result: Result<T, E>) -> Option<T> {
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.count += 1;
-                if self.count <= Self::LOGGED {
-                    log::warn!("ADI {} ({}): {what}: {e}", self.adi.0, self.bdf);
-                }
-                None
-            }
-        }
-    }
 }
 
 impl std::fmt::Debug for AdiFunction {
@@ -183,7 +155,7 @@ impl AdiFunction {
             doorbell: p.doorbell,
             regs: QueueRegisters::default(),
             slow_doorbells: 0,
-            faults: Faults { adi: p.adi, bdf: p.bdf, count: 0 },
+            faults: GuestFaults::new(format!("ADI {} ({})", p.adi.0, p.bdf)),
             slots: ImsSlots::new(p.ims_trap),
             vcpus: p.vcpus,
         })
@@ -201,7 +173,7 @@ impl AdiFunction {
 
     /// Guest-triggered operations that failed so far.
     pub fn failures(&self) -> u64 {
-        self.faults.count
+        self.faults.count()
     }
 
     /// Requester ID (bus << 8 | devfn) of the function.

@@ -17,7 +17,9 @@ use siovmm_interrupts::{FunctionId, MsiRouter, VectorKey};
 use siovmm_vfio::siov::{self, AdiId, ImsGroup, ImsIndex, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Faults, MAX_MSIX_VECTORS};
+use devices::GuestFaults;
+
+use super::MAX_MSIX_VECTORS;
 
 /// The vectors of one ADI.
 pub(crate) struct MsixVectors {
@@ -65,7 +67,7 @@ impl MsixVectors {
     }
 
     /// The guest wrote message control (enable, function mask).
-    pub(crate) fn write_control(&mut self, control: u16, faults: &mut Faults) {
+    pub(crate) fn write_control(&mut self, control: u16, faults: &mut GuestFaults) {
         for change in self.msix.write_message_control(control) {
             self.apply(change, faults);
         }
@@ -77,7 +79,7 @@ impl MsixVectors {
     }
 
     /// A guest write at `offset` in the table.
-    pub(crate) fn write_table(&mut self, offset: u64, data: &[u8], faults: &mut Faults) {
+    pub(crate) fn write_table(&mut self, offset: u64, data: &[u8], faults: &mut GuestFaults) {
         if let Some(change) = self.msix.write_table(offset, data) {
             self.apply(change, faults);
         }
@@ -94,7 +96,7 @@ impl MsixVectors {
         self.fds.get(usize::from(vector)).cloned().flatten()
     }
 
-    fn apply(&mut self, change: VectorChange, faults: &mut Faults) {
+    fn apply(&mut self, change: VectorChange, faults: &mut GuestFaults) {
         let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
         let key = VectorKey::msix(FunctionId::Adi(self.adi.0), u32::from(change.vector));
         if !self.msix.enabled() {
@@ -138,16 +140,16 @@ mod tests {
 
     const FIRST: ImsIndex = 100;
 
-    fn vectors(count: u32) -> (MsixVectors, Arc<FakeIms>, Arc<FakeRoutes>, Faults) {
+    fn vectors(count: u32) -> (MsixVectors, Arc<FakeIms>, Arc<FakeRoutes>, GuestFaults) {
         let device = Arc::new(FakeIms::default());
         let routes = Arc::new(FakeRoutes::default());
         let router = Arc::new(MsiRouter::new(routes.clone(), 64).unwrap());
         let v = MsixVectors::new(AdiId(0), ImsGroup { first: FIRST, count }, device.clone(), router);
-        let faults = Faults { adi: AdiId(0), bdf: devices::pci::Bdf::new(0, 1, 0), count: 0 };
+        let faults = GuestFaults::new("ADI 0");
         (v, device, routes, faults)
     }
 
-    fn program(v: &mut MsixVectors, vector: u64, data: u32, masked: bool, faults: &mut Faults) {
+    fn program(v: &mut MsixVectors, vector: u64, data: u32, masked: bool, faults: &mut GuestFaults) {
         let base = vector * 16;
         v.write_table(base, &0xfee0_0000u32.to_le_bytes(), faults);
         v.write_table(base + 8, &data.to_le_bytes(), faults);
@@ -195,7 +197,7 @@ mod tests {
         // Disabled: the route goes.
         v.write_control(0, &mut faults);
         assert!(routes.messages().is_empty());
-        assert_eq!(faults.count, 0);
+        assert_eq!(faults.count(), 0);
     }
 
     #[test]
@@ -216,6 +218,6 @@ mod tests {
         routes.refuse.store(true, std::sync::atomic::Ordering::Relaxed);
         v.write_control(CTRL_ENABLE, &mut faults);
         program(&mut v, 0, 0x41, false, &mut faults);
-        assert!(faults.count >= 1);
+        assert!(faults.count() >= 1);
     }
 }

@@ -25,6 +25,7 @@ use std::sync::{Arc, Weak};
 
 use devices::pci::msix::{Msix, VectorChange};
 use devices::pci::{Bdf, PciFunction};
+use devices::GuestFaults;
 use siovmm_interrupts::{FunctionId, MsiRouter, VectorSource};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX};
 use vmm_sys_util::eventfd::EventFd;
@@ -164,7 +165,7 @@ pub struct VfioPciFunction {
     /// Interrupt line (scratch for the guest; no INTx is offered).
     interrupt_line: u8,
     /// Failed operations a guest access triggered (counted, the first few logged).
-    failures: u64,
+    faults: GuestFaults,
 }
 
 impl std::fmt::Debug for VfioPciFunction {
@@ -172,9 +173,6 @@ impl std::fmt::Debug for VfioPciFunction {
         f.debug_struct("VfioPciFunction").field("bdf", &self.bdf.to_string()).field("bars", &self.bars).finish_non_exhaustive()
     }
 }
-
-/// Failures logged per function; later ones are only counted.
-const LOGGED_FAILURES: u64 = 8;
 
 impl VfioPciFunction {
     /// The function at `bdf` with its BARs at `placement` (one address per entry of [`bars`],
@@ -197,30 +195,17 @@ impl VfioPciFunction {
             (cap, Vectors::new(function, VectorSource::Msi, VFIO_PCI_MSI_IRQ_INDEX))
         });
         let bars = placement.iter().map(|&(bar, address)| GuestBar { bar, address, mapped: None }).collect();
-        Self { bdf, backend, bars, msix, msi, router, mapper, command: 0, interrupt_line: 0, failures: 0 }
+        Self { bdf, backend, bars, msix, msi, router, mapper, command: 0, interrupt_line: 0, faults: GuestFaults::new(format!("VFIO device {bdf}")) }
     }
 
     /// Failed operations so far (routes refused, eventfds not made, SET_IRQS refused).
     pub fn failures(&self) -> u64 {
-        self.failures
+        self.faults.count()
     }
 
     /// The guest BDF.
     pub fn bdf(&self) -> Bdf {
         self.bdf
-    }
-
-    fn failed<T>(&mut self, what: &str, r: std::io::Result<T>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.failures += 1;
-                if self.failures <= LOGGED_FAILURES {
-                    log::warn!("VFIO device {}: {what}: {e}", self.bdf);
-                }
-                None
-            }
-        }
     }
 
     /// Byte ranges of BAR `bar` that must trap (the MSI-X table and PBA, widened to whole
@@ -321,41 +306,26 @@ impl VfioPciFunction {
         }
     }
 
-    /// Applies an MSI-X vector change: enable/disable of the index, route and mask.
+    /// Applies MSI-X vector changes: enable/disable of the index, route and mask.
     fn apply_msix(&mut self, changes: Vec<VectorChange>) {
-        let Some((_, msix, vectors)) = &mut self.msix else { return };
-        let (enabled, count) = (msix.enabled(), u32::from(msix.vectors()));
-        let mut results = Vec::new();
-        if enabled && !vectors.enabled() {
-            results.push(("enabling MSI-X on the device", vectors.enable(self.backend.as_ref(), count)));
-        } else if !enabled && vectors.enabled() {
-            results.push(("disabling MSI-X on the device", vectors.disable(self.backend.as_ref(), &self.router)));
-        }
+        let Self { msix: Some((_, msix, vectors)), backend, router, faults, .. } = self else { return };
+        let count = msix.enabled().then(|| u32::from(msix.vectors()));
+        let what = if count.is_some() { "enabling MSI-X on the device" } else { "disabling MSI-X on the device" };
+        faults.record(what, vectors.set_enabled(backend.as_ref(), router, count));
         for c in changes {
-            results.push(("routing an MSI-X vector", vectors.update(&self.router, usize::from(c.vector), c.message, c.masked)));
-        }
-        for (what, r) in results {
-            self.failed(what, r);
+            faults.record("routing an MSI-X vector", vectors.update(router, usize::from(c.vector), c.message, c.masked));
         }
     }
 
     /// Applies the MSI capability's state to the device and routes.
     fn apply_msi(&mut self) {
-        let Some((cap, vectors)) = &mut self.msi else { return };
-        let mut results = Vec::new();
-        if cap.enabled() && !vectors.enabled() {
-            results.push(("enabling MSI on the device", vectors.enable(self.backend.as_ref(), cap.vectors_enabled())));
-        } else if !cap.enabled() && vectors.enabled() {
-            results.push(("disabling MSI on the device", vectors.disable(self.backend.as_ref(), &self.router)));
-        }
-        if cap.enabled() {
-            for v in 0..cap.vectors_enabled() {
-                let (message, masked) = cap.vector(v);
-                results.push(("routing an MSI vector", vectors.update(&self.router, v as usize, message, masked)));
-            }
-        }
-        for (what, r) in results {
-            self.failed(what, r);
+        let Self { msi: Some((cap, vectors)), backend, router, faults, .. } = self else { return };
+        let count = cap.enabled().then(|| cap.vectors_enabled());
+        let what = if count.is_some() { "enabling MSI on the device" } else { "disabling MSI on the device" };
+        faults.record(what, vectors.set_enabled(backend.as_ref(), router, count));
+        for v in 0..count.unwrap_or(0) {
+            let (message, masked) = cap.vector(v);
+            faults.record("routing an MSI vector", vectors.update(router, v as usize, message, masked));
         }
     }
 

@@ -50,7 +50,7 @@ impl Vectors {
     }
 
     /// Enables `count` vectors on the device, each with its own eventfd, all masked.
-    pub(crate) fn enable(&mut self, backend: &dyn VfioBackend, count: u32) -> std::io::Result<()> {
+    fn enable(&mut self, backend: &dyn VfioBackend, count: u32) -> std::io::Result<()> {
         let mut vectors = Vec::with_capacity(count as usize);
         for _ in 0..count {
             vectors.push(Vector { fd: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?), routed: false, pending: false });
@@ -61,8 +61,18 @@ impl Vectors {
         Ok(())
     }
 
+    /// Enables `count` vectors (`Some`) or disables the index (`None`), if the device is not
+    /// so already.
+    pub(crate) fn set_enabled(&mut self, backend: &dyn VfioBackend, router: &MsiRouter, count: Option<u32>) -> std::io::Result<()> {
+        match count {
+            Some(n) if !self.enabled() => self.enable(backend, n),
+            None if self.enabled() => self.disable(backend, router),
+            _ => Ok(()),
+        }
+    }
+
     /// Detaches every route and disables the index on the device.
-    pub(crate) fn disable(&mut self, backend: &dyn VfioBackend, router: &MsiRouter) -> std::io::Result<()> {
+    fn disable(&mut self, backend: &dyn VfioBackend, router: &MsiRouter) -> std::io::Result<()> {
         let mut first_error = None;
         for v in 0..self.vectors.len() {
             if self.vectors[v].routed {
