@@ -141,6 +141,21 @@ pub trait VfioBarMapper: Send + Sync {
     fn remap(&self, bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>);
 }
 
+/// Where the MSI-X table or the PBA sits: BAR, byte offset, size.
+#[derive(Debug, Clone, Copy)]
+struct MsixWindow {
+    bar: u8,
+    start: u64,
+    size: u64,
+}
+
+impl MsixWindow {
+    /// The offset into the window of an access at `offset` of BAR `bar`, if it falls inside.
+    fn hit(&self, bar: u8, offset: u64) -> Option<u64> {
+        (bar == self.bar && (self.start..self.start + self.size).contains(&offset)).then(|| offset - self.start)
+    }
+}
+
 /// A guest-visible BAR: the device's BAR and the guest address the guest gave it.
 #[derive(Debug, Clone, Copy)]
 struct GuestBar {
@@ -211,20 +226,28 @@ impl VfioPciFunction {
     /// Byte ranges of BAR `bar` that must trap (the MSI-X table and PBA, widened to whole
     /// pages of `page` bytes), so the VMM maps only the rest.
     pub fn trapped_pages(&self, bar: u8, page: u64) -> Vec<(u64, u64)> {
-        let Some((cap, msix, _)) = &self.msix else { return Vec::new() };
-        let mut ranges = Vec::new();
-        let mut add = |bir: u8, offset: u64, size: u64| {
-            if bir == bar && size > 0 {
-                let start = offset / page * page;
-                let end = (offset + size).div_ceil(page) * page;
-                ranges.push((start, end - start));
-            }
-        };
-        add(cap.table_bir, cap.table_offset, msix.table_size());
-        add(cap.pba_bir, cap.pba_offset, msix.pba_size());
+        let mut ranges: Vec<(u64, u64)> = self
+            .msix_windows()
+            .into_iter()
+            .flatten()
+            .filter(|w| w.bar == bar)
+            .map(|w| {
+                let start = w.start / page * page;
+                (start, (w.start + w.size).div_ceil(page) * page - start)
+            })
+            .collect();
         ranges.sort_unstable();
         ranges.dedup();
         ranges
+    }
+
+    /// The MSI-X table's and the PBA's places in the BARs, in that order.
+    fn msix_windows(&self) -> Option<[MsixWindow; 2]> {
+        let (cap, msix, _) = self.msix.as_ref()?;
+        Some([
+            MsixWindow { bar: cap.table_bir, start: cap.table_offset, size: msix.table_size() },
+            MsixWindow { bar: cap.pba_bir, start: cap.pba_offset, size: msix.pba_size() },
+        ])
     }
 
     fn guest_bar_at_reg(&self, reg: usize) -> Option<(usize, bool)> {
@@ -331,33 +354,28 @@ impl VfioPciFunction {
 
     /// A guest read of `data.len()` bytes at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
-        if let Some((cap, msix, vectors)) = &mut self.msix {
-            if cap.table_bir == bar && (cap.table_offset..cap.table_offset + msix.table_size()).contains(&offset) {
-                msix.read_table(offset - cap.table_offset, data);
-                return;
-            }
-            if cap.pba_bir == bar && (cap.pba_offset..cap.pba_offset + msix.pba_size()).contains(&offset) {
+        let hit = self.msix_windows().map(|[table, pba]| (table.hit(bar, offset), pba.hit(bar, offset)));
+        match (hit, &mut self.msix) {
+            (Some((Some(o), _)), Some((_, msix, _))) => msix.read_table(o, data),
+            (Some((_, Some(o))), Some((_, msix, vectors))) => {
                 let pending: Vec<bool> = (0..usize::from(msix.vectors())).map(|v| vectors.pending(v)).collect();
-                msix.read_pba(offset - cap.pba_offset, data, |v| pending[usize::from(v)]);
-                return;
+                msix.read_pba(o, data, |v| pending[usize::from(v)]);
             }
+            _ => self.backend.region_read(u32::from(bar), offset, data),
         }
-        self.backend.region_read(u32::from(bar), offset, data);
     }
 
     /// A guest write of `data` at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-        if let Some((cap, msix, _)) = &mut self.msix {
-            if cap.table_bir == bar && (cap.table_offset..cap.table_offset + msix.table_size()).contains(&offset) {
-                let change = msix.write_table(offset - cap.table_offset, data);
+        let hit = self.msix_windows().map(|[table, pba]| (table.hit(bar, offset), pba.hit(bar, offset)));
+        match (hit, &mut self.msix) {
+            (Some((Some(o), _)), Some((_, msix, _))) => {
+                let change = msix.write_table(o, data);
                 self.apply_msix(change.into_iter().collect());
-                return;
             }
-            if cap.pba_bir == bar && (cap.pba_offset..cap.pba_offset + msix.pba_size()).contains(&offset) {
-                return; // the PBA is read-only
-            }
+            (Some((_, Some(_))), _) => {} // the PBA is read-only
+            _ => self.backend.region_write(u32::from(bar), offset, data),
         }
-        self.backend.region_write(u32::from(bar), offset, data);
     }
 }
 
