@@ -4,6 +4,7 @@
 //! [`PciAllocator`] places functions and their BARs.
 
 mod allocator;
+pub mod bar;
 mod config;
 mod host_bridge;
 pub mod msix;

@@ -14,6 +14,7 @@
 use std::sync::Weak;
 
 use devices::pci::msix::CAP_ID_MSIX;
+use devices::pci::bar::{self, BarSpace};
 use devices::pci::{Bdf, ConfigSpace, SIOVMM_VENDOR_ID};
 
 use super::{ADI_CLASS, ADI_DEVICE_ID, BAR0_SIZE, MSIX_PBA, MSIX_TABLE};
@@ -119,8 +120,7 @@ impl AdiConfig {
         let hi = self.space.read_reg(REG_BAR0_HIGH);
         let addr = u64::from(hi) << 32 | u64::from(lo & !0xf);
         let decode = self.space.read_reg(REG_COMMAND) & CMD_MEMORY != 0;
-        let sizing = lo & !0xf == bar0_address_mask() && hi == u32::MAX;
-        (decode && addr != 0 && !sizing && addr.checked_add(BAR0_SIZE).is_some()).then_some(addr)
+        bar::placement(addr, BAR0_SIZE, BarSpace::Mem64, decode)
     }
 }
 

@@ -24,6 +24,7 @@ mod tests;
 use std::sync::{Arc, Weak};
 
 use devices::pci::msix::{Msix, VectorChange};
+use devices::pci::bar::{self, BarSpace};
 use devices::pci::{Bdf, PciFunction};
 use devices::GuestFaults;
 use siovmm_interrupts::{FunctionId, MsiRouter, VectorSource};
@@ -98,6 +99,15 @@ impl Bar {
             0x3
         } else {
             0xf
+        }
+    }
+
+    /// Its address space.
+    fn space(&self) -> BarSpace {
+        match (self.io, self.wide) {
+            (true, _) => BarSpace::Io,
+            (false, false) => BarSpace::Mem32,
+            (false, true) => BarSpace::Mem64,
         }
     }
 
@@ -297,11 +307,7 @@ impl VfioPciFunction {
     fn placement(&self, i: usize) -> Option<u64> {
         let b = &self.bars[i];
         let decode = if b.bar.io { self.command & CMD_IO != 0 } else { self.command & CMD_MEMORY != 0 };
-        let size_mask = !(b.bar.size - 1);
-        let limit = if b.bar.io { 0x1_0000 } else if b.bar.wide { u64::MAX } else { 1 << 32 };
-        let sizing = if b.bar.wide { b.address == size_mask } else { b.address == size_mask & (limit - 1) };
-        let fits = b.address.checked_add(b.bar.size).is_some_and(|end| end <= limit || b.bar.wide);
-        (decode && b.address != 0 && !sizing && fits).then_some(b.address)
+        bar::placement(b.address, b.bar.size, b.bar.space(), decode)
     }
 
     /// Moves every BAR whose placement changed.
