@@ -439,23 +439,12 @@ impl Drop for Vdcm {
 mod tests {
     //! Composition on a shared software device with fakes for KVM: no /dev/kvm.
     use super::*;
-    use siovmm_interrupts::{MsiMessage, RouteBackend};
     use siovmm_vfio::siov::ImsStorage;
     use siovmm_vfio::soft::SoftSiovDevice;
 
-    struct NoKvm;
-    impl RouteBackend for NoKvm {
-        fn set_msi_routes(&self, _: &[(u32, MsiMessage)]) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn irqfd(&self, _: &EventFd, _: u32, _: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn signal_msi(&self, _: MsiMessage) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl IoEvents for NoKvm {
+    /// KVM's ioeventfds, which these tests do not look at.
+    struct NoIoEvents;
+    impl IoEvents for NoIoEvents {
         fn ioeventfd(&self, _: &EventFd, _: u64, _: bool) -> std::io::Result<()> {
             Ok(())
         }
@@ -471,13 +460,13 @@ mod tests {
 
     fn guest(device: &Arc<SoftSiovDevice>, mem: &GuestMemoryMmap, buses: u32) -> Guest {
         let mmio = Arc::new(Bus::new());
-        let router = Arc::new(MsiRouter::new(Arc::new(NoKvm), 64).unwrap());
+        let router = Arc::new(MsiRouter::new(Arc::new(crate::fakes::FakeRoutes::default()), 64).unwrap());
         let pci = Arc::new(PciRoot::new());
         let side = GuestSide {
             mem: mem.clone(),
             iommu: None,
             mmio: mmio.clone(),
-            doorbells: Arc::new(NoKvm),
+            doorbells: Arc::new(NoIoEvents),
             router: router.clone(),
             pci: pci.clone(),
             adis: AdiTable::default(),
