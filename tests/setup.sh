@@ -31,7 +31,17 @@ abi_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]
 [ -n "$abi_pkg" ] || { echo "setup: cannot find the linux-image ABI package" >&2; exit 1; }
 kver=${abi_pkg#linux-image-}
 echo "$kver" > "$assets/kernel-version"
-if [ ! -f "$assets/bzImage" ] || [ ! -f "$assets/vmlinux" ] || [ ! -d "$assets/modules" ]; then
+# Modules from the same package: KVM (loaded by every sandbox), kernel VFIO (loaded by the
+# sandboxes that pass a device through, docs/vfio.md), and the stock NVMe driver with what it
+# needs (loaded, in this order, by the guest that drives the passed-through controller).
+sandbox_modules="virt/lib/irqbypass.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/x86/kvm/kvm-intel.ko
+  drivers/vfio/vfio.ko drivers/vfio/vfio_iommu_type1.ko drivers/vfio/vfio_virqfd.ko drivers/vfio/pci/vfio-pci-core.ko drivers/vfio/pci/vfio-pci.ko"
+guest_modules="lib/crc64.ko crypto/crc64_rocksoft_generic.ko lib/crc64-rocksoft.ko crypto/crct10dif_common.ko crypto/crct10dif_generic.ko
+  lib/crc-t10dif.ko block/t10-pi.ko drivers/nvme/host/nvme-core.ko drivers/nvme/host/nvme.ko"
+modules_missing=0
+for m in $sandbox_modules; do [ -f "$assets/modules/$(basename "$m")" ] || modules_missing=1; done
+for m in $guest_modules; do [ -f "$assets/guest-modules/$(basename "$m")" ] || modules_missing=1; done
+if [ ! -f "$assets/bzImage" ] || [ ! -f "$assets/vmlinux" ] || [ "$modules_missing" = 1 ]; then
   tmp=$(mktemp -d)
   (cd "$tmp" && apt-get download "$abi_pkg" >/dev/null 2>&1)
   dpkg-deb -x "$tmp"/"$abi_pkg"_*.deb "$tmp/x"
@@ -49,13 +59,20 @@ if out[:4] != b'\x7fELF':
     sys.exit("setup: decompressed payload is not ELF")
 open(sys.argv[2], 'wb').write(out)
 PY
-  rm -rf "$assets/modules"; mkdir -p "$assets/modules"
   mdir="$tmp/x/lib/modules/$kver/kernel"
-  for m in virt/lib/irqbypass.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/x86/kvm/kvm-intel.ko; do
-    f="$mdir/$m"; [ -f "$f" ] || f="$f.xz"
-    [ -f "$f" ] || { echo "setup: module $m missing from $abi_pkg" >&2; exit 1; }
-    case "$f" in *.xz) xz -dc "$f" > "$assets/modules/$(basename "${m}")";; *) cp "$f" "$assets/modules/";; esac
-  done
+  copy_modules() { # DIR MODULES...
+    local dir=$1; shift
+    rm -rf "${assets:?}/$dir"; mkdir -p "$assets/$dir"
+    for m in "$@"; do
+      f="$mdir/$m"; [ -f "$f" ] || f="$f.xz"
+      [ -f "$f" ] || { echo "setup: module $m missing from $abi_pkg" >&2; exit 1; }
+      case "$f" in *.xz) xz -dc "$f" > "$assets/$dir/$(basename "${m}")";; *) cp "$f" "$assets/$dir/";; esac
+    done
+  }
+  # shellcheck disable=SC2086 # word lists
+  copy_modules modules $sandbox_modules
+  # shellcheck disable=SC2086
+  copy_modules guest-modules $guest_modules
   rm -rf "$tmp"
 fi
 cp /bin/busybox "$assets/busybox"

@@ -135,8 +135,69 @@ impl SandboxImage {
     }
 }
 
+/// Kernel VFIO modules, in load order (tests/setup.sh puts them with the KVM ones).
+pub const VFIO_MODULES: [&str; 5] = ["vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pci-core", "vfio-pci"];
+
+impl SandboxImage {
+    /// Adds the kernel VFIO modules; [`load_vfio_script`] loads them.
+    pub fn with_vfio(&mut self, assets: &Assets) -> Result<&mut Self, String> {
+        for m in VFIO_MODULES {
+            self.cpio.file(&format!("modules/{m}.ko"), 0o644, &assets.read(&format!("modules/{m}.ko"))?);
+        }
+        Ok(self)
+    }
+}
+
+/// Script lines that load the kernel VFIO modules ([`SandboxImage::with_vfio`]) and bind
+/// every PCI function with vendor `vendor` and device `device` (hex, no 0x) to vfio-pci.
+pub fn load_vfio_script(vendor: &str, device: &str) -> String {
+    let mut s = String::new();
+    for m in VFIO_MODULES {
+        s.push_str(&format!("insmod /modules/{m}.ko || echo '@@SANDBOX-ERROR insmod {m}'\n"));
+    }
+    s.push_str(&format!("echo {vendor} {device} > /sys/bus/pci/drivers/vfio-pci/new_id || echo '@@SANDBOX-ERROR binding {vendor}:{device} to vfio-pci'\n"));
+    s
+}
+
+/// Hardware a sandbox has beyond the default (a `pc` machine with nothing but a serial port).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hardware {
+    /// QEMU's emulated NVMe controller (1b36:0010: MSI-X, DMA) on this raw image, behind an
+    /// emulated VT-d with interrupt remapping on a q35 machine: a device for kernel VFIO
+    /// (docs/vfio.md; ../shared/guest-sandbox.md §2b). It is function 00:01.0.
+    pub nvme_disk: Option<PathBuf>,
+}
+
+/// Where [`Hardware::nvme_disk`]'s controller is in the sandbox.
+pub const NVME_SYSFS: &str = "/sys/bus/pci/devices/0000:00:01.0";
+
+impl Hardware {
+    /// QEMU arguments and kernel parameters for this hardware.
+    fn qemu(&self) -> (Vec<String>, &'static str) {
+        let Some(disk) = &self.nvme_disk else { return (Vec::new(), "") };
+        // aw-bits=48: the default 39-bit width cannot map a VMM's high addresses; intremap=on:
+        // without it VFIO refuses the container (no interrupt remapping, EPERM).
+        let args = [
+            "-M".to_string(),
+            "q35".into(),
+            "-device".into(),
+            "intel-iommu,intremap=on,aw-bits=48".into(),
+            "-drive".into(),
+            format!("file={},if=none,id=nv0,format=raw", disk.display()),
+            "-device".into(),
+            "nvme,serial=siovmm0,drive=nv0,addr=01.0".into(),
+        ];
+        (args.to_vec(), "intel_iommu=on")
+    }
+}
+
 /// The QEMU-TCG command line that boots the sandbox on `initrd`.
 pub fn qemu_command(assets: &Assets, initrd: &Path) -> Command {
+    qemu_command_on(assets, initrd, &Hardware::default())
+}
+
+/// [`qemu_command`] with `hardware`.
+pub fn qemu_command_on(assets: &Assets, initrd: &Path, hardware: &Hardware) -> Command {
     let mut qemu = Command::new("qemu-system-x86_64");
     // A sandbox never outlives the thread that started it: a harness killed (a `timeout`
     // around a test, Ctrl-C) would otherwise leave QEMU running on both cores.
@@ -170,7 +231,9 @@ pub fn qemu_command(assets: &Assets, initrd: &Path) -> Command {
     // vmlinux (PVH) guest's do, so the flight recorder can name guest RIPs from the sandbox's
     // /proc/kallsyms, and RIPs read through the monitor can be named too.
     let append = std::env::var("SIOVMM_SANDBOX_APPEND").unwrap_or_default();
-    qemu.args(["-append", format!("console=ttyS0 panic=-1 nokaslr {append}").trim_end()]);
+    let (hardware_args, hardware_append) = hardware.qemu();
+    qemu.args(["-append", format!("console=ttyS0 panic=-1 nokaslr {hardware_append} {append}").trim_end()]);
+    qemu.args(hardware_args);
     if let Ok(extra) = std::env::var("SIOVMM_SANDBOX_QEMU_ARGS") {
         qemu.args(extra.split_whitespace());
     }
@@ -210,20 +273,26 @@ pub fn run(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<Stri
     run_keeping_output(assets, image, budget).map_err(|f| f.message)
 }
 
+/// [`run`] on a sandbox with `hardware`.
+pub fn run_on(assets: &Assets, image: Vec<u8>, budget: Duration, hardware: &Hardware) -> Result<Vec<String>, String> {
+    run_retrying(assets, image, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some(), hardware).map_err(|f| f.message)
+}
+
 /// [`run`], echoing each console line to stderr as it arrives when `echo`.
 pub fn run_with(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool) -> Result<Vec<String>, String> {
-    run_retrying(assets, image, budget, echo).map_err(|f| f.message)
+    run_retrying(assets, image, budget, echo, &Hardware::default()).map_err(|f| f.message)
 }
 
 /// [`run`], but a failed run also returns the console lines it had printed.
 pub fn run_keeping_output(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, RunFailure> {
-    run_retrying(assets, image, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some())
+    run_retrying(assets, image, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some(), &Hardware::default())
 }
 
 /// [`run`] without its retries: for measuring how often runs fail (`siovmm-bench --reliability`).
 pub fn run_once(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, String> {
     let (_dir, initrd) = write_image(image)?;
-    run_inner(assets, &initrd, budget, std::env::var_os("SIOVMM_TEST_VERBOSE").is_some()).map_err(|f| f.message)
+    let echo = std::env::var_os("SIOVMM_TEST_VERBOSE").is_some();
+    run_inner(assets, &initrd, budget, echo, &Hardware::default()).map_err(|f| f.message)
 }
 
 /// Writes `image` into a work folder of its own (removed when the returned guard drops).
@@ -234,13 +303,13 @@ fn write_image(image: Vec<u8>) -> Result<(WorkDir, PathBuf), String> {
     Ok((dir, initrd))
 }
 
-fn run_retrying(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool) -> Result<Vec<String>, RunFailure> {
+fn run_retrying(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool, hardware: &Hardware) -> Result<Vec<String>, RunFailure> {
     let (_dir, initrd) = write_image(image).map_err(|e| RunFailure::new(e, Vec::new()))?;
-    match run_inner(assets, &initrd, budget, echo) {
+    match run_inner(assets, &initrd, budget, echo, hardware) {
         Err(f) => match rerun_reason(&f) {
             Some(why) => {
                 eprintln!("siovmm-sandbox: {why}; its console:\n{}", f.lines.join("\n"));
-                run_inner(assets, &initrd, budget, echo)
+                run_inner(assets, &initrd, budget, echo, hardware)
             }
             None => Err(f),
         },
@@ -308,10 +377,10 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
 
-fn run_inner(assets: &Assets, initrd: &Path, budget: Duration, echo: bool) -> Result<Vec<String>, RunFailure> {
+fn run_inner(assets: &Assets, initrd: &Path, budget: Duration, echo: bool, hardware: &Hardware) -> Result<Vec<String>, RunFailure> {
     let monitor = initrd.with_file_name("monitor.sock");
     let _ = std::fs::remove_file(&monitor);
-    let child = qemu_command(assets, initrd)
+    let child = qemu_command_on(assets, initrd, hardware)
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .stdin(Stdio::null())

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use siovmm_sandbox::machine::{self, shell_quote, SandboxImage, WorkDir};
+use siovmm_sandbox::machine::{self, shell_quote, Hardware, SandboxImage, WorkDir};
 use siovmm_sandbox::{budget, cpio, host_kvm};
 
 pub use siovmm_sandbox::Assets;
@@ -256,17 +256,54 @@ enum Retry {
     Never,
 }
 
-fn run_cases_with(cases: &[GuestCase], retry: Retry) -> Result<Vec<CaseResult>, String> {
+/// What a sandbox provides its cases beyond the default: hardware, kernel VFIO, and a setup
+/// script run before them.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxSetup {
+    /// Emulated hardware.
+    pub hardware: Hardware,
+    /// Carry the kernel VFIO modules in (`machine::load_vfio_script` loads them).
+    pub vfio: bool,
+    /// Shell lines run as the step `sandbox-setup` before the cases (none when empty); what
+    /// they print is that step's result.
+    pub script: String,
+    /// Seconds of work an idle machine spends in the setup script.
+    pub script_idle: Duration,
+}
+
+/// The name of the setup step's result.
+pub const SETUP_STEP: &str = "sandbox-setup";
+
+/// Runs `cases` in one sandbox with `setup`, wherever the host's KVM could run them (the
+/// hardware exists only there). Returns the setup step's result, then the cases'.
+pub fn run_cases_with_setup(cases: &[GuestCase], setup: &SandboxSetup) -> Result<(CaseResult, Vec<CaseResult>), String> {
     let assets = guest_assets()?;
+    check_names(cases)?;
+    let mut results = run_sandbox_once_more_after_reset_triple_fault(&assets, cases, setup)?;
+    if results.first().map(|r| r.name.as_str()) != Some(SETUP_STEP) {
+        return Err(format!("the sandbox did not report its setup step ({SETUP_STEP})"));
+    }
+    let first = results.remove(0);
+    Ok((first, results))
+}
+
+fn check_names(cases: &[GuestCase]) -> Result<(), String> {
     for c in cases {
-        if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') {
+        if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') || c.name == SETUP_STEP {
             return Err(format!("bad case name {:?}", c.name));
         }
     }
+    Ok(())
+}
+
+fn run_cases_with(cases: &[GuestCase], retry: Retry) -> Result<Vec<CaseResult>, String> {
+    let assets = guest_assets()?;
+    check_names(cases)?;
+    let setup = SandboxSetup::default();
     match placement() {
         Placement::Direct => run_direct(&assets, cases),
-        Placement::Sandbox if retry == Retry::Never => run_sandbox(&assets, cases, retry),
-        Placement::Sandbox => run_sandbox_once_more_after_reset_triple_fault(&assets, cases),
+        Placement::Sandbox if retry == Retry::Never => run_sandbox(&assets, cases, retry, &setup),
+        Placement::Sandbox => run_sandbox_once_more_after_reset_triple_fault(&assets, cases, &setup),
     }
 }
 
@@ -288,8 +325,8 @@ const RESET_TRIPLE_FAULT: &str = "(KVM reset the vCPU)";
 /// Any other triple fault (another event, or none being delivered, or no flight record) fails
 /// the test at once. The failed attempt's whole transcript goes to stderr, so every occurrence
 /// in CI leaves its evidence, and the rerun must pass every check.
-fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
-    let first = run_sandbox(assets, cases, Retry::AsDocumented)?;
+fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[GuestCase], setup: &SandboxSetup) -> Result<Vec<CaseResult>, String> {
+    let first = run_sandbox(assets, cases, Retry::AsDocumented, setup)?;
     let Some((failed, signature)) = triple_fault_with_emulator_signature(&first) else {
         return Ok(first);
     };
@@ -299,7 +336,7 @@ fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[Gues
         failed.name,
         failed.transcript()
     );
-    run_sandbox(assets, cases, Retry::AsDocumented)
+    run_sandbox(assets, cases, Retry::AsDocumented, setup)
 }
 
 fn run_direct(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
@@ -343,7 +380,7 @@ fn sandbox_vmm(case: &GuestCase) -> String {
 
 /// The sandbox script: every case a [`machine::step`] under its own budget (status 137 when it
 /// runs out).
-fn sandbox_script(cases: &[GuestCase]) -> String {
+fn sandbox_script(cases: &[GuestCase], setup: &SandboxSetup) -> String {
     let mut s = String::from(
         "echo \"@@SANDBOX-INFO thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag=$(cat /sys/kernel/mm/transparent_hugepage/defrag)\"
 ",
@@ -355,6 +392,9 @@ fn sandbox_script(cases: &[GuestCase]) -> String {
     }
     if std::env::var_os("SIOVMM_TRACE_STARTUP").is_some() {
         s.push_str("export SIOVMM_TRACE_STARTUP=1\n");
+    }
+    if !setup.script.is_empty() {
+        s.push_str(&machine::step(SETUP_STEP, budget::work(setup.script_idle), "sh /setup.sh"));
     }
     for case in cases {
         s.push_str(&machine::step(&case.name, case.budget(), &format!("{} {}", sandbox_vmm(case), sandbox_args(case))));
@@ -410,19 +450,28 @@ fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&Case
     })
 }
 
-fn run_sandbox(assets: &Assets, cases: &[GuestCase], retry: Retry) -> Result<Vec<CaseResult>, String> {
-    let image = sandbox_image(assets, cases)?.finish(&sandbox_script(cases));
-    let total = budget::sandbox_boot() + cases.iter().map(GuestCase::budget).sum::<Duration>();
+fn run_sandbox(assets: &Assets, cases: &[GuestCase], retry: Retry, setup: &SandboxSetup) -> Result<Vec<CaseResult>, String> {
+    let mut image = sandbox_image(assets, cases)?;
+    if setup.vfio {
+        image.with_vfio(assets)?;
+    }
+    let steps = cases.len() + usize::from(!setup.script.is_empty());
+    if !setup.script.is_empty() {
+        image.file("setup.sh", 0o755, setup.script.as_bytes());
+    }
+    let image = image.finish(&sandbox_script(cases, setup));
+    let setup_budget = if setup.script.is_empty() { Duration::ZERO } else { budget::work(setup.script_idle) };
+    let total = budget::sandbox_boot() + setup_budget + cases.iter().map(GuestCase::budget).sum::<Duration>();
     let lines = match retry {
-        Retry::AsDocumented => machine::run(assets, image, total)?,
+        Retry::AsDocumented => machine::run_on(assets, image, total, &setup.hardware)?,
         Retry::Never => machine::run_once(assets, image, total)?,
     };
     let results: Vec<CaseResult> = machine::steps(&lines)
         .into_iter()
         .map(|r| CaseResult { name: r.name, exit_code: r.status, lines: r.output, seconds: r.seconds })
         .collect();
-    if results.len() != cases.len() {
-        return Err(format!("sandbox reported {} of {} cases", results.len(), cases.len()));
+    if results.len() != steps {
+        return Err(format!("sandbox reported {} of {steps} steps", results.len()));
     }
     Ok(results)
 }

@@ -13,11 +13,12 @@ use vfio_bindings::bindings::vfio::{
     vfio_irq_set, VFIO_BASE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_TYPE,
 };
-use vfio_ioctls::VfioDevice;
+use vfio_ioctls::{VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_ptr;
 use vmm_sys_util::ioctl_io_nr;
 
+use crate::mapping::{RegionMapping, PAGE};
 use crate::pci::{RegionInfo, VfioBackend};
 
 ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE.into(), VFIO_BASE + 10);
@@ -104,6 +105,30 @@ impl VfioBackend for KernelVfio {
 
     fn disable_irqs(&self, index: u32) -> std::io::Result<()> {
         self.device.disable_irq(index).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn map_region(&self, index: u32) -> std::io::Result<Vec<RegionMapping>> {
+        let size = self.device.get_region_size(index);
+        if self.device.get_region_flags(index) & VFIO_REGION_INFO_FLAG_MMAP == 0 || size < PAGE {
+            return Ok(Vec::new());
+        }
+        // A sparse-mmap capability lists the only areas that may be mapped (older vfio-pci
+        // leaves the MSI-X table out this way); otherwise the whole region may.
+        let areas: Vec<(u64, u64)> = self
+            .device
+            .get_region_caps(index)
+            .into_iter()
+            .find_map(|cap| match cap {
+                VfioRegionInfoCap::SparseMmap(sparse) => Some(sparse.areas.iter().map(|a| (a.offset, a.size)).collect()),
+                _ => None,
+            })
+            .unwrap_or_else(|| vec![(0, size)]);
+        let base = self.device.get_region_offset(index);
+        areas
+            .into_iter()
+            .filter(|&(offset, len)| len >= PAGE && offset.is_multiple_of(PAGE) && offset.checked_add(len).is_some_and(|e| e <= size))
+            .map(|(offset, len)| RegionMapping::new(self.device.as_raw_fd(), base + offset, offset, len / PAGE * PAGE))
+            .collect()
     }
 }
 

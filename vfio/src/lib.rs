@@ -10,7 +10,8 @@
 //! - [`pci`]: a VFIO PCI function as the guest sees it (virtual BARs, trapped MSI-X table and
 //!   PBA with emulated masking, emulated MSI), over a backend trait for the device's regions
 //!   and interrupt indexes; [`kernel`] is that backend for kernel VFIO (`vfio-ioctls`);
-//!   [`host`] checks a host device can be passed through before any VM exists.
+//!   [`host`] checks a host device can be passed through before any VM exists; [`mapping`]
+//!   maps a region's pages into siovmm and says which of them the guest may reach directly.
 //! - [`dma`]: the address space an ADI's DMA is checked against (the guest's memory map).
 //! - [`soft`]: a software DSA-like data mover implementing the interface, with worker threads,
 //!   for machines without SIOV hardware.
@@ -18,6 +19,7 @@
 pub mod dma;
 pub mod host;
 pub mod kernel;
+pub mod mapping;
 pub mod pci;
 pub mod siov;
 pub mod soft;

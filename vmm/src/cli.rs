@@ -45,6 +45,10 @@ SIOV (Scalable IOV) options:
     --viommu           give the guest a virtual VT-d DMA-remapping unit (ACPI DMAR, one DRHD
                        with INCLUDE_PCI_ALL at 0xfed90000) that translates ADI DMA as the guest
                        programs it; with --ims off it reports Caching Mode (no IMS in this VM)
+    --vfio PATH        pass a host device through with kernel VFIO: its sysfs directory
+                       (/sys/bus/pci/devices/DDDD:BB:DD.F, or /sys/bus/mdev/devices/UUID),
+                       bound to vfio-pci, its IOMMU group viable. Repeatable. Not with
+                       --viommu. (docs/vfio.md)
     --max-msi-routes N KVM MSI routes siovmm may use, 0..=4056 (KVM's 4096 entries minus the
                        irqchip's 40); vectors beyond the budget are delivered by a VMM thread
                        with KVM_SIGNAL_MSI [default: 4056]
@@ -128,6 +132,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut memory = None;
     let mut adis: Option<u32> = None;
     let mut siov_opts: Vec<(String, String)> = Vec::new();
+    let mut vfio: Vec<std::path::PathBuf> = Vec::new();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -155,7 +160,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 adis = Some(total);
                 continue;
             }
-"--viommu" => {
+            "--vfio" => {
+                let v = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or_else(|| CliError("--vfio needs a value".into()))?,
+                };
+                vfio.push(v.into());
+                continue;
+            }
+            "--viommu" => {
                 if inline.is_some() {
                     return err("--viommu takes no value".into());
                 }
@@ -268,6 +281,19 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         ));
     }
 
+    if !vfio.is_empty() && siov.viommu {
+        return err(
+            "--vfio with --viommu: siovmm does not shadow the guest's IOMMU mappings into VFIO, so the device \
+             would DMA untranslated behind a remapping unit the guest trusts; drop --viommu"
+                .into(),
+        );
+    }
+    let functions = u64::from(siov.adis) + vfio.len() as u64;
+    if functions > u64::from(MAX_ADIS_PER_GUEST) {
+        return err(format!("--vfio: {} ADIs and {} VFIO devices; a guest takes at most {MAX_ADIS_PER_GUEST} functions", siov.adis, vfio.len()));
+    }
+    let vfio = siovmm_vfio::host::check_all(&vfio, std::path::Path::new(VFIO_DEV)).map_err(|e| CliError(format!("--vfio {e}")))?;
+
     let mut kfile = check_file("--kernel", &kernel)?;
     match sniff_format(&mut kfile) {
         Ok(Some(_)) => {}
@@ -284,8 +310,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         cpus,
         memory,
         siov,
+        vfio,
     }))
 }
+
+/// Where the VFIO character devices are.
+const VFIO_DEV: &str = "/dev/vfio";
 
 /// Parses `bench-siov` options.
 pub fn parse_bench(args: &[String]) -> Result<BenchOptions, CliError> {
@@ -447,6 +477,11 @@ mod tests {
         assert_eq!(parse_err(&["--kernel", &k, "--ims", "posted"]), "--ims posted: must be off, trap or pv");
         assert!(parse_err(&["--kernel", &k, "--ims", "trap", "--ims-storage", "in-memory"]).starts_with("--ims trap: IMS in memory cannot be trapped"));
         assert_eq!(parse_err(&["--kernel", &k, "--siov-ims", "2", "--siov-ims", "3"]), "--siov-ims given more than once");
+        // Host devices are checked before anything else exists (the checks themselves:
+        // siovmm_vfio::host's tests, on a fake sysfs; the sandbox test, on a real one).
+        assert_eq!(parse_err(&["--kernel", &k, "--vfio", "/sys/bus/pci/devices/0000:ff:1f.7"]), "--vfio /sys/bus/pci/devices/0000:ff:1f.7: no such device");
+        assert_eq!(parse_err(&["--kernel", &k, "--vfio"]), "--vfio needs a value");
+        assert!(parse_err(&["--kernel", &k, "--vfio", "/x", "--viommu"]).starts_with("--vfio with --viommu: siovmm does not shadow"));
         for e in [parse_err(&["--kernel", &k, "--cpus", "0"]), parse_err(&["--kernel", "/nonexistent"])] {
             assert!(!e.contains('\n'), "one line: {e}");
         }

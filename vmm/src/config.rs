@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use siovmm_vfio::host::HostDevice;
 use siovmm_vfio::siov::{ImsStorage, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
@@ -134,12 +135,15 @@ pub struct VmConfig {
     pub memory: u64,
     /// SIOV device and ADIs.
     pub siov: SiovConfig,
+    /// Host devices passed through with kernel VFIO, checked (`--vfio`).
+    pub vfio: Vec<HostDevice>,
 }
 
 impl VmConfig {
-    /// The PCI root buses the VM needs: enough for its ADIs (the CLI checked the count).
+    /// The PCI root buses the VM needs: enough for its ADIs and passed-through devices (the
+    /// CLI checked the count).
     pub fn pci_topology(&self) -> arch::pci::PciTopology {
-        arch::pci::PciTopology::for_functions(self.siov.adis).unwrap_or_default()
+        arch::pci::PciTopology::for_functions(self.siov.adis + self.vfio.len() as u32).unwrap_or_default()
     }
 }
 

@@ -1,5 +1,6 @@
-//! The VM's device manager: its PCI segment, the allocator that places functions on it, and
-//! its ADIs (through the VDCM), which can be added and removed while the guest runs.
+//! The VM's device manager: its PCI segment, the allocator that places functions on it, the
+//! interrupt router its functions share, its ADIs (through the VDCM), which can be added and
+//! removed while the guest runs, and its passed-through VFIO devices.
 //!
 //! What it does not do yet: tell the guest. A function added at run time is in config space
 //! and on the buses, so a guest rescan (`echo 1 > /sys/bus/pci/rescan`) finds it; a function
@@ -12,11 +13,15 @@ use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_interrupts::router::MsiRouter;
 use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, Vdcm};
+use kvm_ioctls::VmFd;
+use siovmm_vfio::host::HostDevice;
 use siovmm_vfio::siov::AdiId;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::SiovConfig;
 use crate::kvm_irq::KvmIrq;
+use crate::memslots::MemorySlots;
+use crate::passthrough::{Attach, Passthrough};
 use crate::Error;
 
 /// What ADIs are composed into: the VM's memory, buses and interrupt plumbing.
@@ -25,6 +30,8 @@ pub(crate) struct GuestParts {
     pub(crate) iommu: Option<Arc<VtdUnit>>,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) irq: Arc<KvmIrq>,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) slots: Arc<MemorySlots>,
 }
 
 /// The VM's devices that come and go.
@@ -35,15 +42,41 @@ pub(crate) struct DeviceManager {
     pci: Arc<PciRoot>,
     slots: PciAllocator,
     adis: AdiTable,
+    /// Created with the first function that has vectors, so a VM without any has no
+    /// overflow thread.
+    router: Option<Arc<MsiRouter>>,
     /// Created with the first ADI, so a VM without ADIs has no SIOV device threads.
     vdcm: Option<Vdcm>,
+    /// Created with the first passed-through device.
+    passthrough: Option<Passthrough>,
     /// Set when the VM is released: nothing is added after that.
     released: bool,
 }
 
 impl DeviceManager {
     pub(crate) fn new(guest: GuestParts, siov: SiovConfig, vcpus: u32, pci: Arc<PciRoot>, slots: PciAllocator) -> Self {
-        Self { guest, siov, vcpus, pci, slots, adis: AdiTable::default(), vdcm: None, released: false }
+        Self {
+            guest,
+            siov,
+            vcpus,
+            pci,
+            slots,
+            adis: AdiTable::default(),
+            router: None,
+            vdcm: None,
+            passthrough: None,
+            released: false,
+        }
+    }
+
+    /// The VM's interrupt router, started on first use.
+    fn router(&mut self) -> Result<Arc<MsiRouter>, Error> {
+        if let Some(r) = &self.router {
+            return Ok(r.clone());
+        }
+        let router = MsiRouter::new(self.guest.irq.clone(), self.siov.max_msi_routes)
+            .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
+        Ok(self.router.insert(Arc::new(router)).clone())
     }
 
     /// The table the hypercall endpoint reads; it follows every addition and removal.
@@ -52,18 +85,17 @@ impl DeviceManager {
     }
 
     /// The VDCM for this VM's first ADIs: the SIOV device opened, a router started.
-    fn new_vdcm(&self) -> Result<Vdcm, Error> {
+    fn new_vdcm(&mut self) -> Result<Vdcm, Error> {
         // Every ADI holds a doorbell eventfd, and every programmed vector another.
         crate::vm::raise_fd_limit();
         let device = self.siov.device.open().map_err(|e| Error::Io("opening the SIOV device".into(), e))?;
-        let router = MsiRouter::new(self.guest.irq.clone(), self.siov.max_msi_routes)
-            .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
+        let router = self.router()?;
         let side = GuestSide {
             mem: self.guest.mem.clone(),
             iommu: self.guest.iommu.clone(),
             mmio: self.guest.mmio.clone(),
             doorbells: self.guest.irq.clone(),
-            router: Arc::new(router),
+            router,
             pci: self.pci.clone(),
             adis: self.adis.clone(),
         };
@@ -113,9 +145,34 @@ impl DeviceManager {
         self.vdcm.as_ref()
     }
 
-    /// Closes every ADI (the VM is going); later calls fail with [`Error::Released`].
+    /// Passes the host device `host` through to the guest (checked already: `host::check`).
+    /// Returns its guest address.
+    pub(crate) fn add_vfio(&mut self, host: &HostDevice) -> Result<Bdf, Error> {
+        if self.released {
+            return Err(Error::Released);
+        }
+        let router = self.router()?;
+        if self.passthrough.is_none() {
+            self.passthrough = Some(Passthrough::new(&self.guest.vm, self.guest.mem.clone())?);
+        }
+        let Self { passthrough: Some(passthrough), pci, slots, guest, .. } = self else { return Err(Error::Released) };
+        let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, slots: &guest.slots };
+        Ok(passthrough.attach(host, attach)?)
+    }
+
+    /// The VM's memory slots above RAM.
+    #[cfg(test)]
+    pub(crate) fn memory_slots(&self) -> Arc<MemorySlots> {
+        self.guest.slots.clone()
+    }
+
+    /// Closes every ADI and gives back every passed-through device (the VM is going); later
+    /// calls fail with [`Error::Released`].
     pub(crate) fn release(&mut self) {
         self.released = true;
         self.vdcm = None;
+        if let Some(mut p) = self.passthrough.take() {
+            p.release(&self.pci, &mut self.slots);
+        }
     }
 }

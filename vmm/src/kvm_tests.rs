@@ -475,6 +475,7 @@ fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
             device: SiovBackend::Software { adis: device_adis, ims_entries: 64, storage: ImsStorage::OnDevice },
             ..SiovConfig::default()
         },
+        vfio: Vec::new(),
     };
     (dir, config)
 }
@@ -606,6 +607,7 @@ kvm_test! {
             cpus: 1,
             memory: 64 << 20,
             siov: SiovConfig::default(),
+            vfio: Vec::new(),
         };
         let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
         let slots = vm.memory_slots();

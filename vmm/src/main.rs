@@ -12,6 +12,7 @@ mod kvm_tests;
 mod kvm_irq;
 mod memory;
 mod memslots;
+mod passthrough;
 mod vcpu;
 mod vm;
 
@@ -53,6 +54,9 @@ pub enum Error {
     /// An OS call failed.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
+    /// A host device could not be passed through.
+    #[error("passing a VFIO device through")]
+    Vfio(#[from] passthrough::Error),
     /// The VM has been released; nothing can be added to it.
     #[error("the VM has been released")]
     Released,

@@ -4,9 +4,7 @@
 //! RAM's slots, so a freed slot is handed out again (KVM has a fixed number:
 //! KVM_CAP_NR_MEMSLOTS).
 //!
-//! Its consumers, a passed-through device's BAR pages and mmap-able ADI portals, are not wired
-//! yet (docs/vfio.md); until they are, only the KVM tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
+//! Used for passed-through devices' BAR pages (`passthrough`); mmap-able ADI portals are next.
 
 use std::sync::{Arc, Mutex};
 
@@ -50,6 +48,7 @@ pub struct MappedSlot {
 
 impl MappedSlot {
     /// Where it is in the guest.
+    #[cfg(test)]
     pub fn gpa(&self) -> u64 {
         self.gpa
     }

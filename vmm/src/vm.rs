@@ -299,8 +299,6 @@ pub struct Vm {
     fd: Arc<VmFd>,
     #[allow(dead_code)]
     memory: GuestRam,
-    /// KVM memory slots above RAM's, for host mappings placed in the guest.
-    slots: Arc<MemorySlots>,
     shutdown: Arc<ShutdownSignal>,
     coalesce: bool,
     trace: StartupTrace,
@@ -388,11 +386,22 @@ impl Vm {
         };
         let topology = config.pci_topology();
         let root = pci_root();
-        let parts = GuestParts { mem: memory.clone(), iommu: iommu.clone(), mmio: platform.mmio.clone(), irq: irq.clone() };
+        let parts = GuestParts {
+            mem: memory.clone(),
+            iommu: iommu.clone(),
+            mmio: platform.mmio.clone(),
+            irq: irq.clone(),
+            vm: fd.clone(),
+            slots: slots.clone(),
+        };
         let vcpu_count = u32::from(config.cpus);
         let mut devices = DeviceManager::new(parts, config.siov.clone(), vcpu_count, root.clone(), PciAllocator::new(topology));
         if config.siov.adis > 0 {
             devices.add_adis(config.siov.adis)?;
+        }
+        for host in &config.vfio {
+            let bdf = devices.add_vfio(host)?;
+            trace.mark(&format!("VFIO device {} at {bdf}", host.name));
         }
         // Always there, as CPUID announces it: a VM's ADIs may come later.
         let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims.offers_pv_ims());
@@ -452,7 +461,6 @@ impl Vm {
             platform,
             fd,
             memory,
-            slots,
             shutdown,
             coalesce,
             trace,
@@ -460,9 +468,9 @@ impl Vm {
     }
 
     /// The VM's memory slots above RAM.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn memory_slots(&self) -> Arc<MemorySlots> {
-        self.slots.clone()
+        lock(&self.devices).memory_slots()
     }
 
     /// A handle that controls this VM from another thread.

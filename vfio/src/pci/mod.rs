@@ -31,6 +31,7 @@ use siovmm_interrupts::{FunctionId, MsiRouter, VectorSource};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::mapping::RegionMapping;
 use caps::{Capabilities, MsiCap, MsixCap};
 use vectors::Vectors;
 
@@ -73,6 +74,8 @@ pub trait VfioBackend: Send + Sync {
     fn set_irqs(&self, index: u32, start: u32, fds: &[&EventFd]) -> std::io::Result<()>;
     /// Disables interrupt `index` (DATA_NONE | ACTION_TRIGGER, count 0).
     fn disable_irqs(&self, index: u32) -> std::io::Result<()>;
+    /// Region `index`'s mmap-able areas mapped into this process; empty when it has none.
+    fn map_region(&self, index: u32) -> std::io::Result<Vec<RegionMapping>>;
 }
 
 /// A BAR of the device, as its config space and region describe it.
@@ -322,6 +325,18 @@ impl VfioPciFunction {
                 }
                 b.mapped = new;
             }
+        }
+    }
+
+    /// Disables MSI-X and MSI on the device and detaches their routes (the device is being
+    /// removed; the guest no longer drives it).
+    pub fn disable_interrupts(&mut self) {
+        let Self { msix, msi, backend, router, faults, .. } = self;
+        if let Some((_, _, vectors)) = msix {
+            faults.record("disabling MSI-X on the device", vectors.set_enabled(backend.as_ref(), router, None));
+        }
+        if let Some((_, vectors)) = msi {
+            faults.record("disabling MSI on the device", vectors.set_enabled(backend.as_ref(), router, None));
         }
     }
 

@@ -80,6 +80,9 @@ impl VfioBackend for FakeDevice {
         self.irq_sets.lock().unwrap().push((index, start, fds.len()));
         Ok(())
     }
+    fn map_region(&self, _index: u32) -> std::io::Result<Vec<crate::mapping::RegionMapping>> {
+        Ok(Vec::new())
+    }
     fn disable_irqs(&self, index: u32) -> std::io::Result<()> {
         self.irq_sets.lock().unwrap().push((index, 0, 0));
         Ok(())

@@ -1,0 +1,307 @@
+//! Host devices passed through to the guest with kernel VFIO (`--vfio`): one VFIO container
+//! (type1 IOMMU) holding all guest RAM for device DMA, and per device a PCI function
+//! (`siovmm_vfio::pci::VfioPciFunction`) whose BARs are placed as firmware would, mapped
+//! into the guest as memory slots wherever the device lets its pages be mmapped, and trapped
+//! elsewhere (the MSI-X table and PBA always). docs/vfio.md.
+
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use devices::bus::lock;
+use devices::pci::{Bdf, PciAllocator, PciRoot};
+use devices::{Bus, BusDevice};
+use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
+use kvm_ioctls::VmFd;
+use siovmm_interrupts::MsiRouter;
+use siovmm_vfio::host::HostDevice;
+use siovmm_vfio::kernel::KernelVfio;
+use siovmm_vfio::mapping::{direct_ranges, RegionMapping, PAGE};
+use siovmm_vfio::pci::{bars, Bar, VfioBackend, VfioBarMapper, VfioPciFunction};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::memslots::{MappedSlot, MemorySlots};
+
+/// Why a device could not be passed through.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The KVM VFIO device could not be created.
+    #[error("creating the KVM VFIO device")]
+    KvmDevice(#[source] kvm_ioctls::Error),
+    /// The VFIO container, group or device refused.
+    #[error("{what}")]
+    Vfio {
+        /// What was being done.
+        what: String,
+        /// VFIO's error.
+        #[source]
+        error: vfio_ioctls::VfioError,
+    },
+    /// Mapping the device's BAR pages into siovmm failed.
+    #[error("{0}: mapping BAR {1}")]
+    Mmap(String, u8, #[source] std::io::Error),
+    /// No device number or BAR space left.
+    #[error("{0}: placing it on the guest's PCI segment")]
+    Placement(String, #[source] devices::pci::AllocError),
+}
+
+/// The guest side a device is attached to.
+pub(crate) struct Attach<'a> {
+    pub(crate) pci: &'a Arc<PciRoot>,
+    pub(crate) allocator: &'a mut PciAllocator,
+    pub(crate) router: Arc<MsiRouter>,
+    pub(crate) mmio: &'a Arc<Bus>,
+    pub(crate) slots: &'a Arc<MemorySlots>,
+}
+
+/// A guest access to a trapped part of a passed-through BAR, handed to its function.
+struct BarTrap {
+    function: Arc<Mutex<VfioPciFunction>>,
+    bar: u8,
+}
+
+impl BusDevice for BarTrap {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.function).bar_read(self.bar, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.function).bar_write(self.bar, offset, data);
+    }
+}
+
+/// The pages of one BAR the guest reaches without an exit: host mappings and the ranges of
+/// them (offset in the BAR, length) that go into memory slots.
+struct DirectBar {
+    index: u8,
+    mappings: Vec<RegionMapping>,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl DirectBar {
+    /// The host address of BAR offset `offset`, if a mapping holds `len` bytes from there.
+    fn host(&self, offset: u64, len: u64) -> Option<*mut u8> {
+        self.mappings.iter().find_map(|m| {
+            let at = offset.checked_sub(m.offset())?;
+            (at.checked_add(len)? <= m.len()).then(|| m.host(at)).flatten()
+        })
+    }
+}
+
+/// Places a device's BARs where the guest puts them: the whole BAR on the MMIO bus (so
+/// every access is served, even where no memory slot could be made), and its direct pages
+/// as memory slots over it, which KVM serves before any exit.
+struct BarPlacer {
+    name: String,
+    mmio: Arc<Bus>,
+    slots: Arc<MemorySlots>,
+    function: OnceLock<Weak<Mutex<VfioPciFunction>>>,
+    direct: OnceLock<Vec<DirectBar>>,
+    /// Memory slots in use, per BAR index.
+    live: Mutex<Vec<(u8, Vec<MappedSlot>)>>,
+    /// Set when a slot could not be removed: its host pages must then outlive the VM.
+    stuck: std::sync::atomic::AtomicBool,
+}
+
+impl BarPlacer {
+    fn unmap_slots(&self, bar: u8) {
+        let mut live = lock(&self.live);
+        let mut kept = Vec::new();
+        for (index, slots) in live.drain(..) {
+            if index != bar {
+                kept.push((index, slots));
+                continue;
+            }
+            for slot in slots {
+                if let Err(e) = self.slots.unmap(slot) {
+                    log::error!("{}: BAR {bar}: {e}; its pages stay mapped until siovmm exits", self.name);
+                    self.stuck.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        *live = kept;
+    }
+
+    fn map_slots(&self, bar: u8, base: u64) {
+        let Some(direct) = self.direct.get().and_then(|d| d.iter().find(|d| d.index == bar)) else { return };
+        let mut mapped = Vec::new();
+        for &(offset, len) in &direct.ranges {
+            let Some(host) = direct.host(offset, len) else { continue };
+            // SAFETY: `host` is inside a mapping of the device's region that this placer owns;
+            // it is unmapped only after every slot over it is gone (`Passthrough::release`),
+            // or never (`stuck`).
+            match unsafe { self.slots.map(base + offset, len, host) } {
+                Ok(slot) => mapped.push(slot),
+                // Accesses there still work: the whole BAR is on the MMIO bus.
+                Err(e) => log::warn!("{}: BAR {bar} at {:#x}: {e}; those accesses exit to siovmm", self.name, base + offset),
+            }
+        }
+        lock(&self.live).push((bar, mapped));
+    }
+}
+
+impl VfioBarMapper for BarPlacer {
+    fn remap(&self, _bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) {
+        if bar.io {
+            return; // I/O BARs are not placed (see `attach`).
+        }
+        if let Some(base) = old {
+            self.unmap_slots(bar.index);
+            self.mmio.remove(base);
+        }
+        let Some(base) = new else { return };
+        let Some(function) = self.function.get().and_then(Weak::upgrade) else { return };
+        // A guest placing the BAR over another device's range gets no mapping.
+        if let Err(e) = self.mmio.insert(Arc::new(Mutex::new(BarTrap { function, bar: bar.index })), base, bar.size) {
+            log::warn!("{}: BAR {} not placed: {e}", self.name, bar.index);
+            return;
+        }
+        self.map_slots(bar.index, base);
+    }
+}
+
+/// One passed-through device. Field order is drop order: the BAR mappings go before the
+/// device file, whose last close releases the device to the host.
+struct Passed {
+    name: String,
+    bdf: Bdf,
+    function: Arc<Mutex<VfioPciFunction>>,
+    placer: Arc<BarPlacer>,
+    backend: Arc<KernelVfio>,
+    bars: Vec<(Bar, u64)>,
+}
+
+/// The VM's VFIO container and the devices in it.
+pub(crate) struct Passthrough {
+    container: Arc<VfioContainer>,
+    mem: GuestMemoryMmap,
+    devices: Vec<Passed>,
+    /// Guest RAM is mapped for DMA (after the first device gave the container its IOMMU).
+    dma_mapped: bool,
+}
+
+impl Passthrough {
+    /// A container tied to `vm` through the KVM VFIO device (which tells KVM that devices
+    /// may DMA, for cache coherency on hosts that need it).
+    pub(crate) fn new(vm: &VmFd, mem: GuestMemoryMmap) -> Result<Self, Error> {
+        let mut kvm_vfio = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
+        let device = vm.create_device(&mut kvm_vfio).map_err(Error::KvmDevice)?;
+        let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(device))))
+            .map_err(|error| Error::Vfio { what: "opening /dev/vfio/vfio".into(), error })?;
+        Ok(Self { container: Arc::new(container), mem, devices: Vec::new(), dma_mapped: false })
+    }
+
+    /// Opens `host`, resets it, maps guest RAM for its DMA (once per container), and adds it
+    /// to the guest's PCI segment with its memory BARs placed. Returns its guest address.
+    pub(crate) fn attach(&mut self, host: &HostDevice, guest: Attach<'_>) -> Result<Bdf, Error> {
+        let name = host.name.clone();
+        let vfio_error = |what: &str| {
+            let what = format!("{name}: {what}");
+            move |error| Error::Vfio { what, error }
+        };
+        let device = VfioDevice::new(&host.sysfs, self.container.clone(), false).map_err(vfio_error("opening the device"))?;
+        // A device that keeps state from its last user (another VM, a host driver) starts clean.
+        device.reset();
+        if !self.dma_mapped {
+            // SAFETY: guest RAM stays mapped for as long as the container exists (the device
+            // manager, which owns this, is released before guest memory), and siovmm never
+            // makes Rust references into guest memory (vm-memory accesses it volatilely).
+            unsafe { self.container.vfio_map_guest_memory(&self.mem) }.map_err(vfio_error("mapping guest RAM for DMA"))?;
+            self.dma_mapped = true;
+        }
+        let backend = Arc::new(KernelVfio::new(device));
+        let bdf = guest.allocator.allocate_device().map_err(|e| Error::Placement(name.clone(), e))?;
+        // Memory BARs only: the guest's segment has no I/O window (an I/O BAR reads as absent).
+        let mut placement = Vec::new();
+        for bar in bars(backend.as_ref()).into_iter().filter(|b| !b.io) {
+            match guest.allocator.allocate_bar(bdf.bus(), bar.size) {
+                Ok(address) => placement.push((bar, address)),
+                Err(e) => {
+                    release_placement(guest.allocator, bdf, &placement);
+                    return Err(Error::Placement(name, e));
+                }
+            }
+        }
+        let placer = Arc::new(BarPlacer {
+            name: format!("VFIO device {name} at {bdf}"),
+            mmio: guest.mmio.clone(),
+            slots: guest.slots.clone(),
+            function: OnceLock::new(),
+            direct: OnceLock::new(),
+            live: Mutex::new(Vec::new()),
+            stuck: false.into(),
+        });
+        let mapper: Weak<dyn VfioBarMapper> = Arc::downgrade(&(placer.clone() as Arc<dyn VfioBarMapper>));
+        let function = VfioPciFunction::new(bdf, backend.clone(), &placement, guest.router, mapper);
+        let mut direct = Vec::new();
+        for (bar, _) in placement.iter().filter(|(b, _)| b.mmap) {
+            let mappings = match backend.map_region(u32::from(bar.index)) {
+                Ok(m) => m,
+                Err(e) => {
+                    release_placement(guest.allocator, bdf, &placement);
+                    return Err(Error::Mmap(name, bar.index, e));
+                }
+            };
+            let areas: Vec<(u64, u64)> = mappings.iter().map(|m| (m.offset(), m.len())).collect();
+            let ranges = direct_ranges(&areas, &function.trapped_pages(bar.index, PAGE));
+            direct.push(DirectBar { index: bar.index, mappings, ranges });
+        }
+        let _ = placer.direct.set(direct);
+        let function = Arc::new(Mutex::new(function));
+        let _ = placer.function.set(Arc::downgrade(&function));
+        guest.pci.add(bdf, function.clone());
+        log::info!("{name}: passed through at {bdf}, BARs {placement:x?}");
+        self.devices.push(Passed { name, bdf, function, placer, backend, bars: placement });
+        Ok(bdf)
+    }
+
+    /// Takes every device out of the guest and gives it back clean: interrupts off, BARs
+    /// unmapped, reset, closed (the group leaves the container), then guest RAM unmapped from
+    /// the IOMMU. Another VM can take the devices afterwards.
+    pub(crate) fn release(&mut self, pci: &PciRoot, allocator: &mut PciAllocator) {
+        for d in &self.devices {
+            pci.remove(d.bdf);
+            {
+                let mut f = lock(&d.function);
+                f.disable_interrupts();
+                f.unmap_bars();
+                if f.failures() > 0 {
+                    log::warn!("{}: {} failed operations while the guest drove it", d.name, f.failures());
+                }
+            }
+            d.backend.device().reset();
+            release_placement(allocator, d.bdf, &d.bars);
+        }
+        // While the groups are still in the container: the last group's leaving takes the
+        // IOMMU (and every mapping) away, after which an unmap is refused.
+        if std::mem::take(&mut self.dma_mapped) {
+            if let Err(e) = self.container.vfio_unmap_guest_memory(&self.mem) {
+                log::warn!("unmapping guest RAM from the VFIO container: {e}");
+            }
+        }
+        for d in self.devices.drain(..) {
+            if d.placer.stuck.load(std::sync::atomic::Ordering::Relaxed) {
+                // A memory slot still points at these pages: they must never be reused.
+                std::mem::forget(d.placer);
+            }
+        }
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        if !self.devices.is_empty() || self.dma_mapped {
+            log::warn!("VFIO devices dropped without release; the kernel resets them as their files close");
+        }
+    }
+}
+
+/// Gives a device's number and BAR ranges back.
+fn release_placement(allocator: &mut PciAllocator, bdf: Bdf, bars: &[(Bar, u64)]) {
+    for (bar, address) in bars {
+        if let Err(e) = allocator.free_bar(bdf.bus(), *address, bar.size) {
+            log::warn!("{bdf}: {e}");
+        }
+    }
+    if let Err(e) = allocator.free_device(bdf) {
+        log::warn!("{e}");
+    }
+}
