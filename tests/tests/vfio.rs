@@ -89,6 +89,10 @@ fn check_guest(r: &CaseResult) {
     assert_eq!(r.value("GUEST-NVME-IRQ-MODES").map(str::trim), Some("msix"), "{t}");
     assert!(r.lines_with("siovmm: warn").is_empty() && r.lines_with("siovmm: error").is_empty(), "{t}");
     assert_eq!(r.value("GUEST-NVME-SILENT-VECTORS"), Some("0"), "every vector took interrupts:\n{t}");
+    // Only the MSI-X table and PBA trap: the registers and doorbells are memory slots.
+    let trapped = r.lines_with("siovmm: startup: run (VFIO 0000:00:01.0 at 00:01.0:");
+    assert_eq!(trapped.len(), 1, "{t}");
+    assert!(trapped[0].contains(" and 0 other BAR accesses trapped)"), "{t}");
     assert_eq!(r.exit_code, Some(0), "{t}");
 }
 
@@ -114,6 +118,7 @@ fn refusal_lines(refusals: &[(&str, &str)]) -> String {
 #[test]
 fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn() {
     let assets = siovmm_tests::guest_assets().unwrap_or_else(|e| panic!("{e}"));
+    std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
     let dir = WorkDir::new("vfio-test").unwrap_or_else(|e| panic!("{e}"));
     let disk = dir.0.join("nvme.img");
     let mut image = vec![0u8; 8 << 20];

@@ -160,6 +160,11 @@ impl DeviceManager {
         Ok(passthrough.attach(host, attach)?)
     }
 
+    /// One line per passed-through device on what reached siovmm.
+    pub(crate) fn vfio_summary(&self) -> Vec<String> {
+        self.passthrough.as_ref().map(Passthrough::summary).unwrap_or_default()
+    }
+
     /// The VM's memory slots above RAM.
     #[cfg(test)]
     pub(crate) fn memory_slots(&self) -> Arc<MemorySlots> {

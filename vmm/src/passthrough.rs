@@ -253,6 +253,17 @@ impl Passthrough {
         Ok(bdf)
     }
 
+    /// One line per device: where it is and how many BAR accesses reached siovmm.
+    pub(crate) fn summary(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let t = lock(&d.function).trapped_accesses();
+                format!("VFIO {} at {}: {} MSI-X table/PBA accesses and {} other BAR accesses trapped", d.name, d.bdf, t.msix, t.other)
+            })
+            .collect()
+    }
+
     /// Takes every device out of the guest and gives it back clean: interrupts off, BARs
     /// unmapped, reset, closed (the group leaves the container), then guest RAM unmapped from
     /// the IOMMU. Another VM can take the devices afterwards.

@@ -506,9 +506,14 @@ impl Vm {
         served?;
         let trace = &self.trace;
         trace.mark(&format!("run ({}, coalesced 0xCF8 {})", self.exits.stats, if self.coalesce { "on" } else { "off" }));
-        if let Some(v) = lock(&self.devices).vdcm_ref() {
+        let devices = lock(&self.devices);
+        if let Some(v) = devices.vdcm_ref() {
             trace.mark(&format!("run ({})", v.delivery_summary()));
         }
+        for line in devices.vfio_summary() {
+            trace.mark(&format!("run ({line})"));
+        }
+        drop(devices);
         if let Some(unit) = &self.iommu {
             trace.mark(&format!("run (vIOMMU: {} DMA page translations)", unit.translations()));
         }

@@ -194,6 +194,17 @@ pub struct VfioPciFunction {
     interrupt_line: u8,
     /// Failed operations a guest access triggered (counted, the first few logged).
     faults: GuestFaults,
+    /// BAR accesses that reached siovmm.
+    trapped: TrappedAccesses,
+}
+
+/// BAR accesses that reached siovmm instead of going to the device's pages directly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrappedAccesses {
+    /// To the MSI-X table or PBA (always trapped).
+    pub msix: u64,
+    /// Anywhere else: BAR pages that are not mapped into the guest.
+    pub other: u64,
 }
 
 impl std::fmt::Debug for VfioPciFunction {
@@ -223,12 +234,17 @@ impl VfioPciFunction {
             (cap, Vectors::new(function, VectorSource::Msi, VFIO_PCI_MSI_IRQ_INDEX))
         });
         let bars = placement.iter().map(|&(bar, address)| GuestBar { bar, address, mapped: None }).collect();
-        Self { bdf, backend, bars, msix, msi, router, mapper, command: 0, interrupt_line: 0, faults: GuestFaults::new(format!("VFIO device {bdf}")) }
+        Self { bdf, backend, bars, msix, msi, router, mapper, command: 0, interrupt_line: 0, faults: GuestFaults::new(format!("VFIO device {bdf}")), trapped: TrappedAccesses::default() }
     }
 
     /// Failed operations so far (routes refused, eventfds not made, SET_IRQS refused).
     pub fn failures(&self) -> u64 {
         self.faults.count()
+    }
+
+    /// BAR accesses that reached siovmm so far.
+    pub fn trapped_accesses(&self) -> TrappedAccesses {
+        self.trapped
     }
 
     /// The guest BDF.
@@ -373,9 +389,17 @@ impl VfioPciFunction {
         }
     }
 
+    fn count(&mut self, hit: Option<(Option<u64>, Option<u64>)>) {
+        match hit {
+            Some((Some(_), _) | (_, Some(_))) => self.trapped.msix += 1,
+            _ => self.trapped.other += 1,
+        }
+    }
+
     /// A guest read of `data.len()` bytes at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         let hit = self.msix_windows().map(|[table, pba]| (table.hit(bar, offset), pba.hit(bar, offset)));
+        self.count(hit);
         match (hit, &mut self.msix) {
             (Some((Some(o), _)), Some((_, msix, _))) => msix.read_table(o, data),
             (Some((_, Some(o))), Some((_, msix, vectors))) => {
@@ -389,6 +413,7 @@ impl VfioPciFunction {
     /// A guest write of `data` at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
         let hit = self.msix_windows().map(|[table, pba]| (table.hit(bar, offset), pba.hit(bar, offset)));
+        self.count(hit);
         match (hit, &mut self.msix) {
             (Some((Some(o), _)), Some((_, msix, _))) => {
                 let change = msix.write_table(o, data);
