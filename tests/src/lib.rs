@@ -71,6 +71,9 @@ pub struct GuestCase {
     /// Seconds of work an idle machine spends in this case beyond booting and working on its
     /// ADIs (see [`GuestCase::budget`]).
     pub extra_idle: Duration,
+    /// Stop siovmm with SIGTERM after this long (sandbox runs only): for a guest that may
+    /// wreck its own way to power off. siovmm then exits 143.
+    pub stop_after: Option<Duration>,
 }
 
 /// The common start of every guest /init: busybox applets, /proc, /sys, /dev, and the
@@ -99,6 +102,7 @@ impl GuestCase {
             extra_args: Vec::new(),
             vmm: None,
             extra_idle: Duration::ZERO,
+            stop_after: None,
         }
     }
 
@@ -343,6 +347,9 @@ fn run_direct(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, S
     let dir = WorkDir::new("guest")?;
     let mut results = Vec::new();
     for case in cases {
+        if case.stop_after.is_some() {
+            return Err(format!("case {}: stop_after is for sandbox runs only", case.name));
+        }
         let initrd = dir.0.join(format!("{}.cpio", case.name));
         std::fs::write(&initrd, case.initramfs(assets)?).map_err(|e| e.to_string())?;
         let start = Instant::now();
@@ -397,7 +404,8 @@ fn sandbox_script(cases: &[GuestCase], setup: &SandboxSetup) -> String {
         s.push_str(&machine::step(SETUP_STEP, budget::work(setup.script_idle), "sh /setup.sh"));
     }
     for case in cases {
-        s.push_str(&machine::step(&case.name, case.budget(), &format!("{} {}", sandbox_vmm(case), sandbox_args(case))));
+        let stop = case.stop_after.map(|d| format!("timeout -s TERM {} ", d.as_secs())).unwrap_or_default();
+        s.push_str(&machine::step(&case.name, case.budget(), &format!("{stop}{} {}", sandbox_vmm(case), sandbox_args(case))));
         s.push_str("echo \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n");
     }
     s

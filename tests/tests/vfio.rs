@@ -3,7 +3,8 @@
 //! guest's stock `nvme` driver reads what the host put on the disk and writes what the host
 //! then finds in the image file, with O_DIRECT so every block crosses the device's DMA and
 //! interrupts; each MSI-X vector it uses must take interrupts. A second VM takes the device
-//! after the first has exited. The command line's refusals are checked on the real sysfs.
+//! after the first has exited, and after a guest that wrote garbage into the device's MSI-X
+//! table and config space. The command line's refusals are checked on the real sysfs.
 //!
 //! These cases run in the sandbox wherever the host's KVM is: the device exists only there.
 
@@ -78,6 +79,50 @@ poweroff -f
     case
 }
 
+/// A guest that writes garbage into the device's MSI-X table (with MSI-X enabled, so entries
+/// are routed as written) and then its whole config space (moving BARs anywhere, onto RAM
+/// too), in three rounds. siovmm must stay up and exit 0 when the guest powers off; the next VM must
+/// find the device working.
+fn hostile_guest(name: &str) -> GuestCase {
+    let init = r#"
+d=/sys/bus/pci/devices/0000:00:01.0
+echo 1 > $d/enable
+byte() { od -An -tu1 -j $1 -N 1 $d/config | tr -d ' '; }
+p=$(byte 52)
+while [ "$p" -ne 0 ] && [ "$(byte $p)" -ne 17 ]; do p=$(byte $((p + 1))); done
+[ "$p" -ne 0 ] || echo GUEST-NO-MSIX=1
+table=$(od -An -tu4 -j $((p + 4)) -N 4 $d/config | tr -d ' ')
+bar=$(sed -n "$(( (table & 7) + 1 ))p" $d/resource | cut -d' ' -f1)
+base=$((bar + (table & ~7)))
+entries=$(( ($(od -An -tu2 -j $((p + 2)) -N 2 $d/config | tr -d ' ') & 2047) + 1 ))
+echo GUEST-HOSTILE-MSIX="cap $p table $base entries $entries"
+for round in 1 2 3; do
+  # MSI-X enable (message control bit 15), then every table dword random.
+  printf '\000\200' | dd of=$d/config bs=1 seek=$((p + 2)) conv=notrunc 2>/dev/null
+  # Four entries' every dword (address, data, vector control), one devmem each: a process
+  # per write is slow in the sandbox (~0.3 s), so not the whole table.
+  i=0
+  while [ $i -lt 16 ]; do
+    devmem $((base + (round * 4 % entries) * 16 + i * 4)) 32 $(( (RANDOM << 17) ^ (RANDOM << 2) ^ RANDOM )) || echo GUEST-TABLE-WRITE-FAILED=1
+    i=$((i + 1))
+  done
+  # The config space after the vendor/device IDs: header, capabilities, extended space.
+  dd if=/dev/urandom of=$d/config bs=4 seek=1 count=1023 conv=notrunc 2>/dev/null
+done
+echo GUEST-HOSTILE-DONE=1
+poweroff -f
+"#;
+    let mut case = GuestCase::new(name, Kernel::Vmlinux, 2, init);
+    case.memory = "256M".into();
+    case.extra_args = vec!["--vfio".into(), NVME_SYSFS.into()];
+    // Pinning guest RAM, then three rounds of 16 table writes and config garbage.
+    case.extra_idle = Duration::from_secs(20);
+    // The garbage may take the guest's own interrupts or timers away (a routed garbage
+    // message can be an INIT), so it may never power off: then siovmm is stopped.
+    case.stop_after = Some(Duration::from_secs(60));
+    case
+}
+
 fn check_guest(r: &CaseResult) {
     let t = r.transcript();
     for key in ["GUEST-INIT-REACHED", "GUEST-NVME-DISK", "GUEST-READ-MATCH", "GUEST-WRITE-OK", "GUEST-READBACK-MATCH"] {
@@ -138,7 +183,11 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
         script_idle: Duration::from_secs(5),
     };
     let (first_at, second_at) = (512, 768);
-    let cases = [nvme_guest("vfio-nvme-first", first_at, &assets), nvme_guest("vfio-nvme-second", second_at, &assets)];
+    let cases = [
+        nvme_guest("vfio-nvme-first", first_at, &assets),
+        hostile_guest("vfio-hostile"),
+        nvme_guest("vfio-nvme-second", second_at, &assets),
+    ];
     let (setup_result, results) = run_cases_with_setup(&cases, &setup).unwrap_or_else(|e| panic!("{e}"));
 
     let t = setup_result.transcript();
@@ -151,7 +200,17 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
     refused("TWICE", "named twice");
     refused("VIOMMU", "--vfio with --viommu");
 
-    for r in &results {
+    let [first, hostile, second] = &results[..] else { panic!("{} results", results.len()) };
+    let t = hostile.transcript();
+    assert_eq!(hostile.value("GUEST-NO-MSIX"), None, "{t}");
+    assert_eq!(hostile.value("GUEST-TABLE-WRITE-FAILED"), None, "{t}");
+    // siovmm stayed up: the guest powered off after its garbage, or siovmm was alive to take
+    // the stop signal and exit cleanly.
+    let stopped = hostile.lines_with("siovmm: stopped by signal 15").len() == 1 && hostile.exit_code == Some(143);
+    let powered_off = hostile.value("GUEST-HOSTILE-DONE") == Some("1") && hostile.exit_code == Some(0);
+    assert!(stopped || powered_off, "siovmm stays up:\n{t}");
+    eprintln!("vfio-hostile: {}", if stopped { "the guest did not power off; siovmm stopped by SIGTERM" } else { "the guest powered off" });
+    for r in [first, second] {
         check_guest(r);
         eprintln!("{}: {}", r.name, r.lines_with("GUEST-IRQ:").join(" | "));
     }

@@ -51,6 +51,8 @@ pub(crate) struct Attach<'a> {
     pub(crate) router: Arc<MsiRouter>,
     pub(crate) mmio: &'a Arc<Bus>,
     pub(crate) slots: &'a Arc<MemorySlots>,
+    /// The host bridges' memory windows (start, size): a BAR is decoded only inside one.
+    pub(crate) windows: Vec<(u64, u64)>,
 }
 
 /// A guest access to a trapped part of a passed-through BAR, handed to its function.
@@ -91,6 +93,7 @@ impl DirectBar {
 /// as memory slots over it, which KVM serves before any exit.
 struct BarPlacer {
     name: String,
+    windows: Vec<(u64, u64)>,
     mmio: Arc<Bus>,
     slots: Arc<MemorySlots>,
     function: OnceLock<Weak<Mutex<VfioPciFunction>>>,
@@ -148,6 +151,14 @@ impl VfioBarMapper for BarPlacer {
             self.mmio.remove(base);
         }
         let Some(base) = new else { return };
+        // As on real hardware, the host bridge forwards only its windows: a BAR the guest
+        // puts elsewhere (over its local APIC, say) is not reachable, rather than shadowing
+        // what is there with device pages.
+        let inside = |&(start, size): &(u64, u64)| base >= start && base.checked_add(bar.size).is_some_and(|end| end <= start + size);
+        if !self.windows.iter().any(inside) {
+            log::warn!("{}: BAR {} at {base:#x} is outside the PCI windows; not placed", self.name, bar.index);
+            return;
+        }
         let Some(function) = self.function.get().and_then(Weak::upgrade) else { return };
         // A guest placing the BAR over another device's range gets no mapping.
         if let Err(e) = self.mmio.insert(Arc::new(Mutex::new(BarTrap { function, bar: bar.index })), base, bar.size) {
@@ -222,6 +233,7 @@ impl Passthrough {
         }
         let placer = Arc::new(BarPlacer {
             name: format!("VFIO device {name} at {bdf}"),
+            windows: guest.windows,
             mmio: guest.mmio.clone(),
             slots: guest.slots.clone(),
             function: OnceLock::new(),
