@@ -154,8 +154,7 @@ impl VfioBarMapper for BarPlacer {
         // As on real hardware, the host bridge forwards only its windows: a BAR the guest
         // puts elsewhere (over its local APIC, say) is not reachable, rather than shadowing
         // what is there with device pages.
-        let inside = |&(start, size): &(u64, u64)| base >= start && base.checked_add(bar.size).is_some_and(|end| end <= start + size);
-        if !self.windows.iter().any(inside) {
+        if !inside_windows(&self.windows, base, bar.size) {
             log::warn!("{}: BAR {} at {base:#x} is outside the PCI windows; not placed", self.name, bar.index);
             return;
         }
@@ -317,6 +316,12 @@ impl Drop for Passthrough {
     }
 }
 
+/// Whether `[base, base + size)` lies wholly inside one of `windows` ((start, size) pairs).
+fn inside_windows(windows: &[(u64, u64)], base: u64, size: u64) -> bool {
+    let end = base.checked_add(size);
+    windows.iter().any(|&(start, len)| base >= start && end.is_some_and(|end| start.checked_add(len).is_some_and(|w| end <= w)))
+}
+
 /// Gives a device's number and BAR ranges back.
 fn release_placement(allocator: &mut PciAllocator, bdf: Bdf, bars: &[(Bar, u64)]) {
     for (bar, address) in bars {
@@ -326,5 +331,22 @@ fn release_placement(allocator: &mut PciAllocator, bdf: Bdf, bars: &[(Bar, u64)]
     }
     if let Err(e) = allocator.free_device(bdf) {
         log::warn!("{e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bar_is_placed_only_wholly_inside_a_window() {
+        let windows = [(0xc000_0000, 0x2000_0000), (1 << 32, 1 << 34)];
+        assert!(inside_windows(&windows, 0xc000_0000, 0x4000));
+        assert!(inside_windows(&windows, 0xdfff_c000, 0x4000));
+        assert!(!inside_windows(&windows, 0xdfff_e000, 0x4000), "runs past the window's end");
+        assert!(!inside_windows(&windows, 0xfee0_0000, 0x1000), "the local APIC is not a BAR window");
+        assert!(!inside_windows(&windows, 0x1000_0000, 0x4000), "nor is RAM");
+        assert!(inside_windows(&windows, 1 << 33, 0x4000));
+        assert!(!inside_windows(&windows, u64::MAX - 0xfff, 0x4000), "wraps");
     }
 }
