@@ -289,10 +289,10 @@ pub fn run_keeping_output(assets: &Assets, image: Vec<u8>, budget: Duration) -> 
 }
 
 /// [`run`] without its retries: for measuring how often runs fail (`siovmm-bench --reliability`).
-pub fn run_once(assets: &Assets, image: Vec<u8>, budget: Duration) -> Result<Vec<String>, String> {
+pub fn run_once(assets: &Assets, image: Vec<u8>, budget: Duration, hardware: &Hardware) -> Result<Vec<String>, String> {
     let (_dir, initrd) = write_image(image)?;
     let echo = std::env::var_os("SIOVMM_TEST_VERBOSE").is_some();
-    run_inner(assets, &initrd, budget, echo, &Hardware::default()).map_err(|f| f.message)
+    run_inner(assets, &initrd, budget, echo, hardware).map_err(|f| f.message)
 }
 
 /// Writes `image` into a work folder of its own (removed when the returned guard drops).

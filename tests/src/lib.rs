@@ -275,6 +275,17 @@ pub struct SandboxSetup {
     pub script_idle: Duration,
 }
 
+impl SandboxSetup {
+    /// How long the setup step may take (nothing when there is no script).
+    fn budget(&self) -> Duration {
+        if self.script.is_empty() {
+            Duration::ZERO
+        } else {
+            budget::work(self.script_idle)
+        }
+    }
+}
+
 /// The name of the setup step's result.
 pub const SETUP_STEP: &str = "sandbox-setup";
 
@@ -401,7 +412,7 @@ fn sandbox_script(cases: &[GuestCase], setup: &SandboxSetup) -> String {
         s.push_str("export SIOVMM_TRACE_STARTUP=1\n");
     }
     if !setup.script.is_empty() {
-        s.push_str(&machine::step(SETUP_STEP, budget::work(setup.script_idle), "sh /setup.sh"));
+        s.push_str(&machine::step(SETUP_STEP, setup.budget(), "sh /setup.sh"));
     }
     for case in cases {
         let stop = case.stop_after.map(|d| format!("timeout -s TERM {} ", d.as_secs())).unwrap_or_default();
@@ -468,11 +479,10 @@ fn run_sandbox(assets: &Assets, cases: &[GuestCase], retry: Retry, setup: &Sandb
         image.file("setup.sh", 0o755, setup.script.as_bytes());
     }
     let image = image.finish(&sandbox_script(cases, setup));
-    let setup_budget = if setup.script.is_empty() { Duration::ZERO } else { budget::work(setup.script_idle) };
-    let total = budget::sandbox_boot() + setup_budget + cases.iter().map(GuestCase::budget).sum::<Duration>();
+    let total = budget::sandbox_boot() + setup.budget() + cases.iter().map(GuestCase::budget).sum::<Duration>();
     let lines = match retry {
         Retry::AsDocumented => machine::run_on(assets, image, total, &setup.hardware)?,
-        Retry::Never => machine::run_once(assets, image, total)?,
+        Retry::Never => machine::run_once(assets, image, total, &setup.hardware)?,
     };
     let results: Vec<CaseResult> = machine::steps(&lines)
         .into_iter()

@@ -148,10 +148,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--cpus" => &mut cpus,
             "--memory" => &mut memory,
             "--adi" => {
-                let v = match inline {
-                    Some(v) => v,
-                    None => it.next().ok_or_else(|| CliError("--adi needs a value".into()))?,
-                };
+                let v = value_of(&flag, inline, &mut it)?;
                 let n = parse_count("--adi", &v, 0, MAX_ADIS_PER_GUEST)?;
                 let total = adis.unwrap_or(0) + n;
                 if total > MAX_ADIS_PER_GUEST {
@@ -161,11 +158,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 continue;
             }
             "--vfio" => {
-                let v = match inline {
-                    Some(v) => v,
-                    None => it.next().ok_or_else(|| CliError("--vfio needs a value".into()))?,
-                };
-                vfio.push(v.into());
+                vfio.push(value_of(&flag, inline, &mut it)?.into());
                 continue;
             }
             "--viommu" => {
@@ -182,10 +175,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 if siov_opts.iter().any(|(f, _)| *f == flag) {
                     return err(format!("{flag} given more than once"));
                 }
-                let v = match inline {
-                    Some(v) => v,
-                    None => it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?,
-                };
+                let v = value_of(&flag, inline, &mut it)?;
                 siov_opts.push((flag, v));
                 continue;
             }
@@ -194,11 +184,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         if slot.is_some() {
             return err(format!("{flag} given more than once"));
         }
-        let value = match inline {
-            Some(v) => v,
-            None => it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?,
-        };
-        *slot = Some(value);
+        *slot = Some(value_of(&flag, inline, &mut it)?);
     }
 
     let kernel = kernel.ok_or_else(|| CliError("--kernel PATH is required (see --help)".into()))?;
@@ -312,6 +298,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         siov,
         vfio,
     }))
+}
+
+/// A flag's value: given inline (`--flag=value`) or as the next argument.
+fn value_of(flag: &str, inline: Option<String>, rest: &mut impl Iterator<Item = String>) -> Result<String, CliError> {
+    inline.or_else(|| rest.next()).ok_or_else(|| CliError(format!("{flag} needs a value")))
 }
 
 /// Where the VFIO character devices are.

@@ -4,6 +4,7 @@
 //! into the guest as memory slots wherever the device lets its pages be mmapped, and trapped
 //! elsewhere (the MSI-X table and PBA always). docs/vfio.md.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use devices::bus::lock;
@@ -99,28 +100,20 @@ struct BarPlacer {
     function: OnceLock<Weak<Mutex<VfioPciFunction>>>,
     direct: OnceLock<Vec<DirectBar>>,
     /// Memory slots in use, per BAR index.
-    live: Mutex<Vec<(u8, Vec<MappedSlot>)>>,
+    live: Mutex<BTreeMap<u8, Vec<MappedSlot>>>,
     /// Set when a slot could not be removed: its host pages must then outlive the VM.
     stuck: std::sync::atomic::AtomicBool,
 }
 
 impl BarPlacer {
     fn unmap_slots(&self, bar: u8) {
-        let mut live = lock(&self.live);
-        let mut kept = Vec::new();
-        for (index, slots) in live.drain(..) {
-            if index != bar {
-                kept.push((index, slots));
-                continue;
-            }
-            for slot in slots {
-                if let Err(e) = self.slots.unmap(slot) {
-                    log::error!("{}: BAR {bar}: {e}; its pages stay mapped until siovmm exits", self.name);
-                    self.stuck.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+        let slots = lock(&self.live).remove(&bar).unwrap_or_default();
+        for slot in slots {
+            if let Err(e) = self.slots.unmap(slot) {
+                log::error!("{}: BAR {bar}: {e}; its pages stay mapped until siovmm exits", self.name);
+                self.stuck.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        *live = kept;
     }
 
     fn map_slots(&self, bar: u8, base: u64) {
@@ -137,7 +130,7 @@ impl BarPlacer {
                 Err(e) => log::warn!("{}: BAR {bar} at {:#x}: {e}; those accesses exit to siovmm", self.name, base + offset),
             }
         }
-        lock(&self.live).push((bar, mapped));
+        lock(&self.live).insert(bar, mapped);
     }
 }
 
@@ -237,7 +230,7 @@ impl Passthrough {
             slots: guest.slots.clone(),
             function: OnceLock::new(),
             direct: OnceLock::new(),
-            live: Mutex::new(Vec::new()),
+            live: Mutex::new(BTreeMap::new()),
             stuck: false.into(),
         });
         let mapper: Weak<dyn VfioBarMapper> = Arc::downgrade(&(placer.clone() as Arc<dyn VfioBarMapper>));

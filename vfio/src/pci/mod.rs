@@ -389,17 +389,20 @@ impl VfioPciFunction {
         }
     }
 
-    fn count(&mut self, hit: Option<(Option<u64>, Option<u64>)>) {
+    /// Where a trapped access at `offset` of BAR `bar` falls (offset into the MSI-X table,
+    /// offset into the PBA, when the function has MSI-X), counted as MSI-X or other.
+    fn trapped_access(&mut self, bar: u8, offset: u64) -> Option<(Option<u64>, Option<u64>)> {
+        let hit = self.msix_windows().map(|[table, pba]| (table.hit(bar, offset), pba.hit(bar, offset)));
         match hit {
             Some((Some(_), _) | (_, Some(_))) => self.trapped.msix += 1,
             _ => self.trapped.other += 1,
         }
+        hit
     }
 
     /// A guest read of `data.len()` bytes at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
-        let hit = self.msix_windows().map(|[table, pba]| (table.hit(bar, offset), pba.hit(bar, offset)));
-        self.count(hit);
+        let hit = self.trapped_access(bar, offset);
         match (hit, &mut self.msix) {
             (Some((Some(o), _)), Some((_, msix, _))) => msix.read_table(o, data),
             (Some((_, Some(o))), Some((_, msix, vectors))) => {
@@ -412,8 +415,7 @@ impl VfioPciFunction {
 
     /// A guest write of `data` at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-        let hit = self.msix_windows().map(|[table, pba]| (table.hit(bar, offset), pba.hit(bar, offset)));
-        self.count(hit);
+        let hit = self.trapped_access(bar, offset);
         match (hit, &mut self.msix) {
             (Some((Some(o), _)), Some((_, msix, _))) => {
                 let change = msix.write_table(o, data);
