@@ -16,7 +16,7 @@ use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, Vdcm};
 use kvm_ioctls::VmFd;
 use siovmm_vfio::host::HostDevice;
 use siovmm_vfio::siov::AdiId;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 
 use crate::config::SiovConfig;
 use crate::kvm_irq::KvmIrq;
@@ -156,9 +156,7 @@ impl DeviceManager {
             self.passthrough = Some(Passthrough::new(&self.guest.vm, self.guest.mem.clone())?);
         }
         let Self { passthrough: Some(passthrough), pci, slots, guest, .. } = self else { return Err(Error::Released) };
-        let ram: u64 = guest.mem.iter().map(|r| r.len()).sum();
-        let windows = vec![(arch::layout::PCI_MMIO32_START, arch::layout::PCI_MMIO32_SIZE), arch::layout::pci_mmio64_window(ram)];
-        let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, slots: &guest.slots, windows };
+        let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, slots: &guest.slots };
         Ok(passthrough.attach(host, attach)?)
     }
 

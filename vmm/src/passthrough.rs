@@ -18,7 +18,7 @@ use siovmm_vfio::kernel::KernelVfio;
 use siovmm_vfio::mapping::{direct_ranges, RegionMapping, PAGE};
 use siovmm_vfio::pci::{bars, Bar, VfioBackend, VfioBarMapper, VfioPciFunction};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::memslots::{MappedSlot, MemorySlots};
 
@@ -52,8 +52,6 @@ pub(crate) struct Attach<'a> {
     pub(crate) router: Arc<MsiRouter>,
     pub(crate) mmio: &'a Arc<Bus>,
     pub(crate) slots: &'a Arc<MemorySlots>,
-    /// The host bridges' memory windows (start, size): a BAR is decoded only inside one.
-    pub(crate) windows: Vec<(u64, u64)>,
 }
 
 /// A guest access to a trapped part of a passed-through BAR, handed to its function.
@@ -145,8 +143,8 @@ impl VfioBarMapper for BarPlacer {
         }
         let Some(base) = new else { return };
         // As on real hardware, the host bridge forwards only its windows: a BAR the guest
-        // puts elsewhere (over its local APIC, say) is not reachable, rather than shadowing
-        // what is there with device pages.
+        // puts elsewhere (over its local APIC, or in another root bus's window) is not
+        // reachable, rather than shadowing what is there with device pages.
         if !inside_windows(&self.windows, base, bar.size) {
             log::warn!("{}: BAR {} at {base:#x} is outside the PCI windows; not placed", self.name, bar.index);
             return;
@@ -223,9 +221,11 @@ impl Passthrough {
                 }
             }
         }
+        // The windows the DSDT gives this function's root bus (its host bridge's _CRS).
+        let (topology, ram) = (guest.allocator.topology(), self.mem.iter().map(|r| r.len()).sum());
         let placer = Arc::new(BarPlacer {
             name: format!("VFIO device {name} at {bdf}"),
-            windows: guest.windows,
+            windows: vec![topology.mmio32_window(bdf.bus()), topology.mmio64_window(bdf.bus(), ram)],
             mmio: guest.mmio.clone(),
             slots: guest.slots.clone(),
             function: OnceLock::new(),
