@@ -8,5 +8,6 @@ pub mod cpuid;
 pub mod e820;
 pub mod image;
 pub mod layout;
+pub mod paging;
 pub mod pci;
 pub mod regs;

@@ -634,6 +634,47 @@ impl GuestShutdown {
         let page_fault = self.delivering & 0xff == 14;
         valid && exception && page_fault && self.error_code & 0b1000 != 0 && self.error_code & 1 == 0
     }
+
+    /// Whether the CPU shut down while delivering a page fault on an instruction fetch from a
+    /// page it found not present (error code: I/D set; P, RSVD and U/S clear).
+    pub fn while_delivering_not_present_fetch_fault(&self) -> bool {
+        let valid = self.delivering & 0x8000_0000 != 0;
+        let exception = (self.delivering >> 8) & 7 == 3;
+        let page_fault = self.delivering & 0xff == 14;
+        valid && exception && page_fault && self.error_code & 0b1_1101 == 0b1_0000
+    }
+
+    /// Whether siovmm's post-mortem of this vCPU (in `lines`) lists the instruction at the
+    /// shutdown RIP, all 15 bytes an instruction may span, as mapped present and executable
+    /// by the guest's own page tables.
+    pub fn post_mortem_maps_code_at_rip(&self, lines: &[String]) -> bool {
+        let ranges = post_mortem_executable(lines, self.vcpu);
+        let covered = |a: u64| ranges.iter().any(|r| r.contains(&a));
+        covered(self.rip) && covered(self.rip.saturating_add(14))
+    }
+}
+
+/// The executable ranges siovmm's triple-fault post-mortem of `vcpu` lists
+/// (`siovmm: warn: post-mortem of vCPU N: ...: 0xA-0xB r-x, ...`), adjacent ones merged.
+pub fn post_mortem_executable(lines: &[String], vcpu: u32) -> Vec<std::ops::RangeInclusive<u64>> {
+    let prefix = format!("post-mortem of vCPU {vcpu}: ");
+    let Some(line) = lines.iter().find(|l| l.contains(&prefix)) else { return Vec::new() };
+    let Some(list) = line.split("after the fault: ").nth(1) else { return Vec::new() };
+    let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
+    let mut out: Vec<std::ops::RangeInclusive<u64>> = Vec::new();
+    for item in list.split(", ") {
+        let mut parts = item.split_whitespace();
+        let (Some((a, b)), Some(access)) = (parts.next().and_then(|r| r.split_once('-')), parts.next()) else { continue };
+        let (Some(a), Some(b)) = (hex(a), hex(b)) else { continue };
+        if !access.ends_with('x') {
+            continue;
+        }
+        match out.last_mut() {
+            Some(prev) if prev.end().checked_add(1) == Some(a) => *prev = *prev.start()..=b,
+            _ => out.push(a..=b),
+        }
+    }
+    out
 }
 
 /// The guest shutdowns the flight recorder reported in `lines`.
@@ -689,6 +730,30 @@ mod tests {
         assert_eq!((r[0].name.as_str(), r[0].status, r[0].output.as_slice()), ("a", Some(0), ["running 1 test".to_string()].as_slice()));
         assert!((r[0].seconds.unwrap() - 1.23).abs() < 1e-9);
         assert_eq!((r[1].name.as_str(), r[1].status), ("b", Some(137)));
+    }
+
+    #[test]
+    fn a_fetch_fault_on_code_the_post_mortem_maps() {
+        let shutdown = |rip: u64, error_code: u32| GuestShutdown { vcpu: 1, rip, delivering: 0x8000_0b0e, error_code, symbol: None };
+        let console: Vec<String> = [
+            "siovmm: warn: post-mortem of vCPU 0: kernel mappings under CR3 0x2000 (sampled 1 ms before), read from guest memory after the fault: 0xffffffff81000000-0xffffffff811fffff r-x",
+            "siovmm: warn: post-mortem of vCPU 1: kernel mappings under CR3 0x1000 (sampled 3 ms before), read from guest memory after the fault: \
+             0xffffffff81000000-0xffffffff811fffff r-x, 0xffffffff81200000-0xffffffff81200fff r-x, 0xffffffff81201000-0xffffffff81201fff rw-",
+            "siovmm: triple fault on vCPU 1 at RIP unknown (KVM reset the vCPU)",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(post_mortem_executable(&console, 1), [0xffff_ffff_8100_0000..=0xffff_ffff_8120_0fff]);
+        assert!(shutdown(0xffff_ffff_8107_505b, 0x10).while_delivering_not_present_fetch_fault());
+        assert!(!shutdown(0xffff_ffff_8107_505b, 0x11).while_delivering_not_present_fetch_fault(), "protection fault");
+        assert!(!shutdown(0xffff_ffff_8107_505b, 0x18).while_delivering_not_present_fetch_fault(), "RSVD");
+        assert!(!shutdown(0xffff_ffff_8107_505b, 0x02).while_delivering_not_present_fetch_fault(), "a write");
+        assert!(shutdown(0xffff_ffff_8107_505b, 0x10).post_mortem_maps_code_at_rip(&console));
+        assert!(shutdown(0xffff_ffff_811f_fff8, 0x10).post_mortem_maps_code_at_rip(&console), "across two listed ranges");
+        assert!(!shutdown(0xffff_ffff_8120_0ff8, 0x10).post_mortem_maps_code_at_rip(&console), "runs into a non-executable page");
+        assert!(!shutdown(0xffff_ffff_c035_120c, 0x10).post_mortem_maps_code_at_rip(&console), "nothing mapped there");
+        let other_vcpu = GuestShutdown { vcpu: 2, ..shutdown(0xffff_ffff_8107_505b, 0x10) };
+        assert!(!other_vcpu.post_mortem_maps_code_at_rip(&console), "no post-mortem of that vCPU");
     }
 
     #[test]

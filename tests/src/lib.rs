@@ -335,7 +335,13 @@ const RESET_TRIPLE_FAULT: &str = "(KVM reset the vCPU)";
 /// - the CPU was delivering a page fault whose error code no x86 CPU produces (RSVD without
 ///   P): raised by QEMU-TCG's own page walker, so the emulated CPU broke the architecture
 ///   ([`machine::GuestShutdown::while_delivering_impossible_page_fault`]); why its walk met
-///   reserved bits is not proven either, so it is marked UNEXPLAINED too.
+///   reserved bits is not proven either, so it is marked UNEXPLAINED too;
+/// - the CPU was delivering a not-present page fault on an instruction fetch at a RIP that
+///   siovmm's post-mortem (the guest's page tables read from its memory after the fault) maps
+///   present and executable: the tables say present, the emulated CPU said not present, and
+///   Linux never unmaps its own text, so the fault was not raised by the guest's tables.
+///   Retried as the environment's. A not-present fetch where the tables map nothing (a wild
+///   jump) is not.
 ///
 /// Any other triple fault (another event, or none being delivered, or no flight record) fails
 /// the test at once. The failed attempt's whole transcript goes to stderr, so every occurrence
@@ -460,6 +466,14 @@ fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&Case
                     "UNEXPLAINED: the emulated CPU was delivering a page fault with error code {:#x}, which no x86 \
                      CPU produces (RSVD without P: QEMU-TCG's page walker)",
                     s.error_code
+                ))
+            } else if s.while_delivering_not_present_fetch_fault() && s.post_mortem_maps_code_at_rip(&r.lines) {
+                Some(format!(
+                    "(the environment's): the emulated CPU raised a not-present page fault fetching the instruction at \
+                     {:#x}{}, which the guest's own page tables, read from its memory after the fault (siovmm's \
+                     post-mortem), map present and executable",
+                    s.rip,
+                    s.symbol.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
                 ))
             } else {
                 None

@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::config::{SiovBackend, SiovConfig, VmConfig};
 use crate::Error;
 use siovmm_vfio::siov::ImsStorage;
-use crate::vcpu::{self, Exits};
+use crate::vcpu::{self, Exits, PostMortem};
 use crate::vm::Vm;
 use crate::vm::{attach_pci, build_platform, create_vm, pci_root};
 
@@ -39,8 +39,10 @@ const CODE: u64 = 0x1000;
 
 /// Runs one vCPU on a 64 MiB VM with siovmm's platform devices and PCI root until the VM stops;
 /// `setup` writes guest memory and puts the vCPU where the test starts. Returns the stop
-/// reason, console output and guest memory.
-fn run_vcpu(setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap)) -> (ExitReason, String, vm_memory::GuestMemoryMmap) {
+/// reason, console output, guest memory and the post-mortem a triple fault would print.
+fn run_vcpu(
+    setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
+) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
     let kvm = Kvm::new().expect("opening /dev/kvm");
     let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
     let mem = mem.leak();
@@ -57,17 +59,19 @@ fn run_vcpu(setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap)
         shutdown: shutdown.clone(),
         coalesced: None,
         stats: Default::default(),
+        post_mortem: Some(PostMortem::new(mem.clone())),
     };
+    let post_mortem = exits.post_mortem.clone().unwrap();
     vcpu::run(vcpu, 0, exits);
     let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
-    (shutdown.reason().expect("a stop reason"), out, mem)
+    (shutdown.reason().expect("a stop reason"), out, mem, post_mortem.report(0))
 }
 
 /// Runs `code` at 0x1000 in 32-bit protected mode with flat segments (the PVH entry state,
 /// set up by the same code that boots kernels) until the VM stops; returns the stop reason,
 /// console output and guest memory.
 fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::GuestMemoryMmap) {
-    run_vcpu(|vcpu, mem| {
+    let (reason, console, mem, _) = run_vcpu(|vcpu, mem| {
         mem.write_slice(code, GuestAddress(CODE)).unwrap();
         let mode = EntryMode::Pvh { entry: CODE, start_info: 0 };
         let mut sregs = vcpu.get_sregs().unwrap();
@@ -75,7 +79,8 @@ fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::G
         sregs.idt.limit = idt_limit;
         vcpu.set_sregs(&sregs).unwrap();
         vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
-    })
+    });
+    (reason, console, mem)
 }
 
 /// A VM with one vCPU and `req`'s ADIs of `device` composed into it (no guest runs).
@@ -156,7 +161,7 @@ kvm_test! {
     /// A guest restarting through the BIOS (Linux's BOOT_BIOS method, taken on hardware-reduced
     /// ACPI without EFI) jumps to real-mode F000:FFF0; siovmm's stub there resets through the i8042.
     fn bios_restart_reaches_the_reset_stub() {
-        let (reason, _, _) = run_vcpu(|vcpu, mem| {
+        let (reason, _, _, _) = run_vcpu(|vcpu, mem| {
             arch::boot::write_reset_stub(mem).unwrap();
             // Where `ljmpw $0xf000, $0xfff0` from real mode lands (a new vCPU is in real mode).
             let mut sregs = vcpu.get_sregs().unwrap();
@@ -185,6 +190,38 @@ kvm_test! {
         }
         assert!(!msg.contains('\n'));
         assert_eq!(reason.exit_code(), 1);
+    }
+}
+
+kvm_test! {
+    /// A triple fault's post-mortem: a 64-bit payload whose page tables also map the first
+    /// GiB at the kernel's half (PML4 511, PDPT 510, as Linux maps its image) exits once in
+    /// kernel mode (the vCPU samples CR3 there), then triple-faults (UD2, no IDT). The
+    /// post-mortem reads those tables from guest memory after KVM has reset the vCPU.
+    fn triple_fault_post_mortem_walks_the_sampled_tables() {
+        use arch::layout::{PDE_START, PDPTE_START, PML4_START};
+        #[rustfmt::skip]
+        let code = [
+            0x66, 0xba, 0xf8, 0x03,             // mov dx, 0x3f8 (COM1)
+            0xb0, b'P', 0xee,                   // mov al, 'P'; out dx, al
+            0x0f, 0x0b,                         // ud2
+        ];
+        let (reason, console, _, post_mortem) = run_vcpu(|vcpu, mem| {
+            mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+            let mode = EntryMode::Linux64 { entry: CODE, zero_page: 0x7000 };
+            let mut sregs = vcpu.get_sregs().unwrap();
+            regs::setup_sregs(mem, &mode, &mut sregs).unwrap();
+            sregs.idt.limit = 0;
+            vcpu.set_sregs(&sregs).unwrap();
+            vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
+            mem.write_obj(PDPTE_START | 3, GuestAddress(PML4_START + 511 * 8)).unwrap();
+            mem.write_obj(PDE_START | 3, GuestAddress(PDPTE_START + 510 * 8)).unwrap();
+        });
+        assert_eq!(console, "P");
+        assert!(matches!(&reason, ExitReason::Failed(m) if m.starts_with("triple fault on vCPU 0")), "{reason:?}");
+        let post_mortem = post_mortem.expect("a CR3 sampled at the port-I/O exit");
+        assert!(post_mortem.starts_with(&format!("post-mortem of vCPU 0: kernel mappings under CR3 {PML4_START:#x} (sampled ")), "{post_mortem}");
+        assert!(post_mortem.ends_with("read from guest memory after the fault: 0xffffffff80000000-0xffffffffbfffffff rwx"), "{post_mortem}");
     }
 }
 

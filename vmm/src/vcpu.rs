@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arch::cpuid::{self, VcpuTopology};
 use arch::regs::{self, EntryMode};
@@ -27,6 +28,60 @@ pub struct Exits {
     pub coalesced: Option<Arc<Mutex<CoalescedRing>>>,
     /// Exit counters, reported by `SIOVMM_TRACE_STARTUP`.
     pub stats: Arc<ExitStats>,
+    /// For the post-mortem of a triple fault: guest memory and the kernel's page-table root.
+    pub post_mortem: Option<PostMortem>,
+}
+
+/// What a vCPU needs to say, after a triple fault, how the guest's own page tables map its
+/// kernel's half of the address space (see [`arch::paging`]). AMD's KVM resets a vCPU that
+/// shut down, so the faulting CR3 is gone: the vCPUs sample it instead, at most every
+/// [`PostMortem::SAMPLE_EVERY`], at exits they take in kernel mode. Every process's tables
+/// share the kernel's upper-half entries (Linux copies them at `pgd_alloc`), so any recent
+/// kernel-mode CR3 walks the same kernel mappings.
+#[derive(Clone, Debug)]
+pub struct PostMortem {
+    /// Guest RAM.
+    pub memory: GuestMemoryMmap,
+    /// The last sample: (CR3, CR4.LA57, when).
+    pub root: Arc<Mutex<Option<(u64, bool, Instant)>>>,
+}
+
+impl PostMortem {
+    /// How often a vCPU samples its CR3 (one KVM_GET_SREGS).
+    pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+    /// The kernel's half as Linux lays it out: kernel image, modules, fixmap.
+    const KERNEL_HALF: std::ops::RangeInclusive<u64> = 0xffff_ffff_8000_0000..=u64::MAX;
+    /// At most this many ranges are listed (hostile tables could make thousands).
+    const MAX_RANGES: usize = 64;
+
+    /// Samples nothing yet; reads `memory` after a triple fault.
+    pub fn new(memory: GuestMemoryMmap) -> Self {
+        Self { memory, root: Arc::default() }
+    }
+
+    fn sample(&self, vcpu: &VcpuFd) {
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_LA57: u64 = 1 << 12;
+        let Ok(sregs) = vcpu.get_sregs() else { return };
+        if sregs.cs.dpl == 0 && sregs.cr0 & CR0_PG != 0 {
+            *devices::bus::lock(&self.root) = Some((sregs.cr3, sregs.cr4 & CR4_LA57 != 0, Instant::now()));
+        }
+    }
+
+    /// One line: the present ranges of the kernel's half under the last sampled root.
+    pub(crate) fn report(&self, id: u8) -> Option<String> {
+        let (cr3, five_level, at) = (*devices::bus::lock(&self.root))?;
+        let ranges = arch::paging::mappings(&self.memory, cr3, five_level, Self::KERNEL_HALF);
+        let mut list: Vec<String> = ranges.iter().take(Self::MAX_RANGES).map(|m| m.to_string()).collect();
+        if ranges.len() > Self::MAX_RANGES {
+            list.push(format!("and {} more", ranges.len() - Self::MAX_RANGES));
+        }
+        Some(format!(
+            "post-mortem of vCPU {id}: kernel mappings under CR3 {cr3:#x} (sampled {} ms before), read from guest memory after the fault: {}",
+            at.elapsed().as_millis(),
+            if list.is_empty() { "none".to_string() } else { list.join(", ") }
+        ))
+    }
 }
 
 /// How many exits of each kind the vCPUs took.
@@ -118,6 +173,7 @@ enum Stop {
 
 /// Runs `vcpu` until the VM stops. Never returns an error: failures become a shutdown request.
 pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
+    let mut sampled: Option<Instant> = None;
     loop {
         let stop = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -150,7 +206,12 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
                 KVM_SYSTEM_EVENT_CRASH => Stop::AtRip(format!("guest crashed (vCPU {id})")),
                 other => Stop::AtRip(format!("unexpected KVM system event {other} on vCPU {id}")),
             }),
-            Ok(VcpuExit::Shutdown) => Some(Stop::AtRip(format!("triple fault on vCPU {id}"))),
+            Ok(VcpuExit::Shutdown) => {
+                if let Some(line) = exits.post_mortem.as_ref().and_then(|p| p.report(id)) {
+                    log::warn!("{line}");
+                }
+                Some(Stop::AtRip(format!("triple fault on vCPU {id}")))
+            }
             Ok(VcpuExit::InternalError) => Some(Stop::AtRip(String::new())),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(Stop::AtRip(format!(
                 "KVM entry failure (hardware reason {reason:#x}, host CPU {cpu}) on vCPU {id}"
@@ -177,6 +238,12 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
         }
         if exits.shutdown.is_requested() {
             return;
+        }
+        if let Some(p) = &exits.post_mortem {
+            if sampled.is_none_or(|t| t.elapsed() >= PostMortem::SAMPLE_EVERY) {
+                p.sample(&vcpu);
+                sampled = Some(Instant::now());
+            }
         }
     }
 }

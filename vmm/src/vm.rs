@@ -420,6 +420,7 @@ impl Vm {
             shutdown: shutdown.clone(),
             coalesced: None,
             stats: Default::default(),
+            post_mortem: Some(vcpu::PostMortem::new(memory.clone())),
         };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {

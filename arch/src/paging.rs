@@ -1,0 +1,304 @@
+//! Reading a guest's x86-64 page tables out of its memory: which virtual ranges a page-table
+//! root maps, present, with what access (4- and 5-level paging; 4 KiB, 2 MiB and 1 GiB pages).
+//!
+//! Used after a triple fault on AMD, where KVM has already reset the vCPU (its VMCB is
+//! undefined after a shutdown intercept) and nothing of the faulting state survives: what the
+//! guest's own tables say about the faulting address is what separates a fault they explain
+//! (a wild jump, a corrupted entry) from one they do not (the CPU raised "not present" on a
+//! page its tables map). Entry layout: Intel SDM Vol. 3A §4.5, tables 4-15 to 4-20.
+//!
+//! What it does not do: it reads the tables as they are *now*; it knows neither the TLB nor
+//! what the tables held at the fault. Page-table pages outside guest RAM read as not present.
+//! Everything is bounded by the range asked for, so hostile tables (loops, every entry
+//! present) cost at most one read per entry in the range.
+
+use std::ops::RangeInclusive;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+/// Present.
+const P: u64 = 1;
+/// Writable.
+const RW: u64 = 1 << 1;
+/// Page size: the entry maps a 1 GiB (PDPTE) or 2 MiB (PDE) page.
+const PS: u64 = 1 << 7;
+/// Execute-disable (with EFER.NXE).
+const XD: u64 = 1 << 63;
+/// Bits 51:12: the next table's guest-physical address.
+const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+
+/// A virtual range the tables map, every page of it present with the same access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// First byte (canonical).
+    pub start: u64,
+    /// Last byte (canonical, inclusive: a range may end at the top of the address space).
+    pub last: u64,
+    /// Writable at every level.
+    pub writable: bool,
+    /// No level sets execute-disable.
+    pub executable: bool,
+}
+
+impl std::fmt::Display for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = if self.writable { 'w' } else { '-' };
+        let x = if self.executable { 'x' } else { '-' };
+        write!(f, "{:#x}-{:#x} r{w}{x}", self.start, self.last)
+    }
+}
+
+/// The tables' present mappings inside `range` (canonical addresses, both in the same half),
+/// in address order, adjacent ranges with the same access merged. `root` is CR3 (bits 11:0,
+/// PCID or flags, are ignored); `five_level` is CR4.LA57.
+pub fn mappings<M: GuestMemory>(
+    mem: &M,
+    root: u64,
+    five_level: bool,
+    range: RangeInclusive<u64>,
+) -> Vec<Mapping> {
+    let levels = if five_level { 5 } else { 4 };
+    let width = 12 + 9 * levels;
+    let mask = (1u64 << width) - 1;
+    let walk = Walk {
+        mem,
+        width,
+        first: range.start() & mask,
+        last: range.end() & mask,
+    };
+    let mut out = Vec::new();
+    if walk.first <= walk.last {
+        walk.table(root & ADDRESS, levels, 0, true, true, &mut out);
+    }
+    out
+}
+
+struct Walk<'a, M> {
+    mem: &'a M,
+    /// Virtual address width (48 or 57).
+    width: u32,
+    /// The range, without its sign extension.
+    first: u64,
+    last: u64,
+}
+
+impl<M: GuestMemory> Walk<'_, M> {
+    /// Walks the table at `table` of `level` (1 = page table), which maps from `base`
+    /// (without sign extension) with the access the levels above allow.
+    fn table(
+        &self,
+        table: u64,
+        level: u32,
+        base: u64,
+        writable: bool,
+        executable: bool,
+        out: &mut Vec<Mapping>,
+    ) {
+        let shift = 12 + 9 * (level - 1);
+        let span = 1u64 << shift;
+        for index in 0..512u64 {
+            let start = base + (index << shift);
+            let last = start + (span - 1);
+            if last < self.first || start > self.last {
+                continue;
+            }
+            let Ok(entry) = self.mem.read_obj::<u64>(GuestAddress(table + index * 8)) else {
+                continue;
+            };
+            if entry & P == 0 {
+                continue;
+            }
+            let writable = writable && entry & RW != 0;
+            let executable = executable && entry & XD == 0;
+            if level == 1 || (level <= 3 && entry & PS != 0) {
+                let m = Mapping {
+                    start: self.canonical(start.max(self.first)),
+                    last: self.canonical(last.min(self.last)),
+                    writable,
+                    executable,
+                };
+                match out.last_mut() {
+                    Some(prev)
+                        if prev.last.wrapping_add(1) == m.start
+                            && (prev.writable, prev.executable) == (m.writable, m.executable) =>
+                    {
+                        prev.last = m.last
+                    }
+                    _ => out.push(m),
+                }
+            } else {
+                self.table(entry & ADDRESS, level - 1, start, writable, executable, out);
+            }
+        }
+    }
+
+    /// `va` with bits above the width copied from its top bit.
+    fn canonical(&self, va: u64) -> u64 {
+        let unused = 64 - self.width;
+        (((va << unused) as i64) >> unused) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    const KERNEL_TEXT: u64 = 0xffff_ffff_8100_0000;
+
+    /// 4 MiB of guest memory and a bump allocator of 4 KiB tables from 1 MiB.
+    struct Tables {
+        mem: GuestMemoryMmap,
+        next: u64,
+    }
+
+    impl Tables {
+        fn new() -> Self {
+            Self {
+                mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap(),
+                next: 0x10_0000,
+            }
+        }
+        fn table(&mut self) -> u64 {
+            self.next += 0x1000;
+            self.next - 0x1000
+        }
+        fn set(&self, table: u64, index: u64, entry: u64) {
+            self.mem
+                .write_obj(entry, GuestAddress(table + index * 8))
+                .unwrap();
+        }
+        /// The root of 4-level tables mapping `va` (2 MiB aligned) with one 2 MiB page and the
+        /// next 2 MiB with 4 KiB pages, the first of those read-only and execute-disabled.
+        fn kernel_like(&mut self, va: u64) -> (u64, u64, u64) {
+            let (pml4, pdpt, pd, pt) = (self.table(), self.table(), self.table(), self.table());
+            let i = |level: u32| (va >> (12 + 9 * (level - 1))) & 511;
+            self.set(pml4, i(4), pdpt | P | RW);
+            self.set(pdpt, i(3), pd | P | RW);
+            self.set(pd, i(2), 0x20_0000 | P | PS);
+            self.set(pd, i(2) + 1, pt | P | RW);
+            self.set(pt, 0, P | XD);
+            for e in 1..512 {
+                self.set(pt, e, (e << 12) | P | RW);
+            }
+            (pml4, pd, pt)
+        }
+    }
+
+    fn all(tables: &Tables, root: u64) -> Vec<Mapping> {
+        mappings(&tables.mem, root, false, 0xffff_8000_0000_0000..=u64::MAX)
+    }
+
+    #[test]
+    fn large_and_small_pages_with_their_access() {
+        let mut t = Tables::new();
+        let (root, _, _) = t.kernel_like(KERNEL_TEXT);
+        let m = all(&t, root);
+        let two_mib = 2 << 20;
+        assert_eq!(
+            m,
+            [
+                Mapping {
+                    start: KERNEL_TEXT,
+                    last: KERNEL_TEXT + two_mib - 1,
+                    writable: false,
+                    executable: true
+                },
+                Mapping {
+                    start: KERNEL_TEXT + two_mib,
+                    last: KERNEL_TEXT + two_mib + 0xfff,
+                    writable: false,
+                    executable: false
+                },
+                Mapping {
+                    start: KERNEL_TEXT + two_mib + 0x1000,
+                    last: KERNEL_TEXT + 2 * two_mib - 1,
+                    writable: true,
+                    executable: true
+                },
+            ]
+        );
+        assert_eq!(
+            m[0].to_string(),
+            "0xffffffff81000000-0xffffffff811fffff r-x"
+        );
+    }
+
+    #[test]
+    fn a_cleared_entry_is_a_hole_and_flags_in_cr3_are_ignored() {
+        let mut t = Tables::new();
+        let (root, _, pt) = t.kernel_like(KERNEL_TEXT);
+        t.set(pt, 7, 0);
+        let m = all(&t, root | 0x18);
+        let hole = KERNEL_TEXT + (2 << 20) + 7 * 0x1000;
+        assert!(
+            m.iter().all(|m| m.last < hole || m.start > hole + 0xfff),
+            "{m:?}"
+        );
+        assert_eq!(m.len(), 4);
+    }
+
+    #[test]
+    fn the_range_bounds_the_answer() {
+        let mut t = Tables::new();
+        let (root, _, _) = t.kernel_like(KERNEL_TEXT);
+        let m = mappings(
+            &t.mem,
+            root,
+            false,
+            KERNEL_TEXT + 0x1000..=KERNEL_TEXT + 0x1fff,
+        );
+        assert_eq!(
+            m,
+            [Mapping {
+                start: KERNEL_TEXT + 0x1000,
+                last: KERNEL_TEXT + 0x1fff,
+                writable: false,
+                executable: true
+            }]
+        );
+        assert!(
+            mappings(&t.mem, root, false, 0..=0x7fff_ffff_ffff).is_empty(),
+            "nothing in the lower half"
+        );
+    }
+
+    #[test]
+    fn hostile_tables_end() {
+        // Every PML4 entry points back at the PML4 and every table entry is present: the walk
+        // still ends (four levels, bounded by the range), and tables outside RAM are holes.
+        let t = Tables::new();
+        let root = 0x10_0000;
+        for e in 0..512 {
+            t.set(root, e, root | P | RW);
+        }
+        let m = mappings(
+            &t.mem,
+            root,
+            false,
+            KERNEL_TEXT..=KERNEL_TEXT + (4 << 20) - 1,
+        );
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(
+            (m[0].start, m[0].last),
+            (KERNEL_TEXT, KERNEL_TEXT + (4 << 20) - 1)
+        );
+        t.set(root, 511, 0xffff_f000 | P);
+        assert!(
+            mappings(&t.mem, root, false, KERNEL_TEXT..=u64::MAX).is_empty(),
+            "a table past RAM maps nothing"
+        );
+    }
+
+    #[test]
+    fn five_level_tables_add_a_level() {
+        let mut t = Tables::new();
+        let (pml4, _, _) = t.kernel_like(KERNEL_TEXT);
+        let pml5 = t.table();
+        t.set(pml5, 511, pml4 | P | RW);
+        let m = mappings(&t.mem, pml5, true, 0xff00_0000_0000_0000..=u64::MAX);
+        // With 57-bit addresses the same tables map KERNEL_TEXT with bits 56:48 set.
+        assert_eq!(m.first().map(|m| m.start), Some(KERNEL_TEXT));
+        assert_eq!(m.len(), 3);
+    }
+}
