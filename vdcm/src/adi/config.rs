@@ -20,7 +20,7 @@ use devices::pci::{Bdf, ConfigSpace, SIOVMM_VENDOR_ID};
 use super::{ADI_CLASS, ADI_DEVICE_ID, BAR0_SIZE, MSIX_PBA, MSIX_TABLE};
 
 /// Where the MSI-X capability starts.
-pub(crate) const MSIX_CAP_OFFSET: usize = 0x40;
+pub const MSIX_CAP_OFFSET: usize = 0x40;
 /// The PCI Express capability, chained after MSI-X.
 const PCIE_CAP_OFFSET: usize = 0x50;
 /// PCI Express capability ID.
@@ -40,7 +40,7 @@ const REG_CAP_POINTER: usize = 0x34 / 4;
 
 /// What a guest config write changed that the function must act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ConfigWrite {
+pub enum ConfigWrite {
     /// Nothing beyond config space itself.
     Stored,
     /// The command register or BAR0 changed: BAR0's placement may have moved.
@@ -51,14 +51,14 @@ pub(crate) enum ConfigWrite {
 
 /// The function's config space.
 #[derive(Debug)]
-pub(crate) struct AdiConfig {
+pub struct AdiConfig {
     space: ConfigSpace,
 }
 
 impl AdiConfig {
     /// Config space as firmware leaves it: BAR0 at `bar0`, memory decode on; `multifunction`
     /// for function 0 of a slot with more.
-    pub(crate) fn new(bar0: u64, multifunction: bool) -> Self {
+    pub fn new(bar0: u64, multifunction: bool) -> Self {
         let mut space = ConfigSpace::new(SIOVMM_VENDOR_ID, ADI_DEVICE_ID, ADI_CLASS, 1);
         // Status: capability list present. Command: memory decode on (firmware assigned BAR0).
         space.set_reg(REG_COMMAND, 1 << 20 | CMD_MEMORY);
@@ -84,7 +84,7 @@ impl AdiConfig {
     }
 
     /// Dword `reg`; the MSI-X capability's first dword carries `msix_control`.
-    pub(crate) fn read(&self, reg: usize, msix_control: u16) -> u32 {
+    pub fn read(&self, reg: usize, msix_control: u16) -> u32 {
         if reg == MSIX_CAP_OFFSET / 4 {
             return u32::from(CAP_ID_MSIX) | (PCIE_CAP_OFFSET as u32) << 8 | u32::from(msix_control) << 16;
         }
@@ -94,7 +94,7 @@ impl AdiConfig {
     /// A guest write of `data` at byte `offset` of dword `reg`. In the MSI-X capability's
     /// first dword only message control (bytes 2-3) is writable; a write that touches it
     /// yields the merged new value.
-    pub(crate) fn write(&mut self, reg: usize, offset: u64, data: &[u8], msix_control: u16) -> ConfigWrite {
+    pub fn write(&mut self, reg: usize, offset: u64, data: &[u8], msix_control: u16) -> ConfigWrite {
         if reg == MSIX_CAP_OFFSET / 4 {
             let start = offset as usize;
             let end = start.saturating_add(data.len());
@@ -115,7 +115,7 @@ impl AdiConfig {
 
     /// Where BAR0 should be mapped now, or `None` while it must not be (decode off, being
     /// sized, unplaced, or running past the top of the address space).
-    pub(crate) fn bar0(&self) -> Option<u64> {
+    pub fn bar0(&self) -> Option<u64> {
         let lo = self.space.read_reg(REG_BAR0);
         let hi = self.space.read_reg(REG_BAR0_HIGH);
         let addr = u64::from(hi) << 32 | u64::from(lo & !0xf);

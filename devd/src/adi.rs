@@ -1,0 +1,309 @@
+//! One ADI served to one vfio-user client: the device-side composition a host VDCM driver
+//! would do (config space, BAR0's register file and doorbell, MSI-X vectors backed by IMS
+//! entries), answering the client's region accesses, DMA maps and interrupt setup.
+//!
+//! Division of labour with the client (a VMM's generic VFIO PCI function, as with kernel
+//! VFIO): the client virtualizes BAR addresses, the command register and the MSI-X table and
+//! its masks; the device here says what the function *is* (config space, region 0 = BAR0,
+//! the MSI-X interrupt index with one vector per IMS entry) and, for `SET_IRQS`, makes IMS
+//! entry `first + v` signal the eventfd the client handed over for vector v, so a completion
+//! interrupt goes from the device's worker straight to the client's KVM irqfd.
+//!
+//! BAR0 is `siovmm_vdcm::adi`'s layout (docs/siov-device.md): registers below 0x1000, the
+//! doorbell at 0x1000. Doorbell writes arrive as region writes (the crate has no
+//! GET_REGION_IO_FDS, so no ioeventfd fast path yet). Accesses outside what the layout
+//! defines read as zero and are dropped; nothing a client sends can panic this code.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::Arc;
+
+use siovmm_vdcm::adi::config::{AdiConfig, ConfigWrite};
+use siovmm_vdcm::adi::registers::{Action, QueueRegisters};
+use siovmm_vdcm::adi::{BAR0_SIZE, DOORBELL};
+use siovmm_vfio::siov::{self, AdiId, DmaHandle, ImsGroup, Portal, SiovDevice};
+use vfio_bindings::bindings::vfio::{
+    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::ClientMemory;
+
+/// PCI Express config space: 4 KiB.
+const CONFIG_SIZE: u64 = 4096;
+
+fn einval() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn device_error(e: siov::Error) -> std::io::Error {
+    log::warn!("device: {e}");
+    std::io::Error::from_raw_os_error(match e {
+        siov::Error::ImsExhausted { .. } | siov::Error::Resources(_) => libc::ENOSPC,
+        siov::Error::AdiBusy(_) => libc::EBUSY,
+        _ => libc::EINVAL,
+    })
+}
+
+/// The regions and interrupts every ADI has (what `DEVICE_GET_REGION_INFO` and
+/// `DEVICE_GET_IRQ_INFO` answer).
+pub fn layout(vectors: u16) -> (Vec<ServerRegion>, Vec<IrqInfo>) {
+    let regions = (0..VFIO_PCI_NUM_REGIONS)
+        .map(|index| {
+            let size = match index {
+                VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
+                VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
+                _ => 0,
+            };
+            let flags = if size > 0 { VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE } else { 0 };
+            ServerRegion {
+                region_info: vfio_region_info { argsz: 0, flags, index, cap_offset: 0, size, offset: 0 },
+                sparse_areas: Vec::new(),
+                mmap_fd: None,
+            }
+        })
+        .collect();
+    let irqs = (0..VFIO_PCI_NUM_IRQS)
+        .map(|index| IrqInfo {
+            index,
+            flags: VFIO_IRQ_INFO_EVENTFD,
+            count: if index == VFIO_PCI_MSIX_IRQ_INDEX { u32::from(vectors) } else { 0 },
+        })
+        .collect();
+    (regions, irqs)
+}
+
+/// One ADI opened for one client. Dropping it closes the ADI (the device frees its IMS
+/// entries) and unbinds the client's memory.
+pub struct AdiBackend {
+    device: Arc<dyn SiovDevice>,
+    adi: AdiId,
+    dma: DmaHandle,
+    memory: Arc<ClientMemory>,
+    doorbell: Arc<EventFd>,
+    ims: ImsGroup,
+    config: AdiConfig,
+    regs: QueueRegisters,
+    /// The client's eventfd per vector, once set.
+    vector_fds: Vec<Option<Arc<EventFd>>>,
+}
+
+impl std::fmt::Debug for AdiBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdiBackend").field("adi", &self.adi).field("ims", &self.ims).finish_non_exhaustive()
+    }
+}
+
+impl AdiBackend {
+    /// Opens `adi` on `device` with `vectors` MSI-X vectors, each backed by one IMS entry.
+    pub fn open(device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16) -> Result<Self, siov::Error> {
+        let memory = ClientMemory::new();
+        let dma = device.dma_bind(memory.clone())?;
+        let opened = device.open_adi(adi, dma).and_then(|Portal::Doorbell(doorbell)| {
+            let ims = device.ims_alloc(adi, u32::from(vectors)).inspect_err(|_| {
+                let _ = device.close_adi(adi);
+            })?;
+            Ok((doorbell, ims))
+        });
+        let (doorbell, ims) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = device.dma_unbind(dma);
+                return Err(e);
+            }
+        };
+        let backend = Self {
+            device,
+            adi,
+            dma,
+            memory,
+            doorbell,
+            ims,
+            config: AdiConfig::new(0, false),
+            regs: QueueRegisters::default(),
+            vector_fds: vec![None; usize::from(vectors)],
+        };
+        backend.publish_handles()?;
+        Ok(backend)
+    }
+
+    /// Interrupt handle v fires vector v's IMS entry.
+    fn publish_handles(&self) -> Result<(), siov::Error> {
+        let handles: Vec<_> = self.ims.indexes().map(Some).collect();
+        self.device.set_interrupt_handles(self.adi, &handles)
+    }
+
+    /// MSI-X message control as the device reports it: the table size (the client owns the
+    /// enable and mask bits).
+    fn msix_control(&self) -> u16 {
+        (self.ims.count.saturating_sub(1) & 0x7ff) as u16
+    }
+
+    fn caps(&self) -> u32 {
+        self.device.info().max_queue_size.min(0xffff) | self.ims.count << 16
+    }
+
+    fn config_read(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            let dword = self.config.read((at / 4) as usize, self.msix_control()).to_le_bytes();
+            *byte = dword[(at % 4) as usize];
+        }
+    }
+
+    fn config_write(&mut self, offset: u64, data: &[u8]) {
+        // Within one dword (the client splits larger writes), as PCI config cycles are.
+        if offset % 4 + data.len() as u64 > 4 {
+            return;
+        }
+        match self.config.write((offset / 4) as usize, offset % 4, data, self.msix_control()) {
+            // BAR placement and MSI-X enable are the client's; the device has nothing to do.
+            ConfigWrite::Stored | ConfigWrite::Placement | ConfigWrite::MsixControl(_) => {}
+        }
+    }
+
+    fn bar0_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset < DOORBELL && data.len() == 4 && offset.is_multiple_of(4) {
+            data.copy_from_slice(&self.regs.read(offset, self.caps()).to_le_bytes());
+        }
+    }
+
+    fn bar0_write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if (DOORBELL..DOORBELL + 8).contains(&offset) {
+            return self.doorbell.write(1);
+        }
+        if offset >= DOORBELL || data.len() != 4 || !offset.is_multiple_of(4) {
+            return Ok(());
+        }
+        let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        match self.regs.write(offset, value) {
+            None => {}
+            Some(Action::Reset) => {
+                self.device.reset_adi(self.adi).map_err(device_error)?;
+                self.publish_handles().map_err(device_error)?;
+            }
+            Some(Action::Queue(queue)) => {
+                let accepted = self.device.configure_queue(self.adi, queue).is_ok();
+                self.regs.enabled(queue.is_some(), accepted);
+            }
+        }
+        Ok(())
+    }
+
+    /// Points vector `v`'s IMS entry at `fd` (unmasked), or unbinds and masks it.
+    fn bind_vector(&mut self, v: u32, fd: Option<Arc<EventFd>>) -> Result<(), siov::Error> {
+        let index = self.ims.first + v;
+        let masked = fd.is_none();
+        self.device.ims_bind(self.adi, index, fd.clone())?;
+        self.device.ims_set_mask(self.adi, index, masked)?;
+        self.vector_fds[v as usize] = fd;
+        Ok(())
+    }
+
+    /// The vectors the client has bound.
+    pub fn bound_vectors(&self) -> usize {
+        self.vector_fds.iter().filter(|f| f.is_some()).count()
+    }
+}
+
+impl Drop for AdiBackend {
+    fn drop(&mut self) {
+        if let Err(e) = self.device.close_adi(self.adi) {
+            log::warn!("closing ADI {}: {e}", self.adi.0);
+        }
+        if let Err(e) = self.device.dma_unbind(self.dma) {
+            log::warn!("unbinding ADI {}'s DMA: {e}", self.adi.0);
+        }
+        self.memory.clear();
+    }
+}
+
+impl ServerBackend for AdiBackend {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), std::io::Error> {
+        let size = match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
+            VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
+            _ => return Err(einval()),
+        };
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
+            return Err(einval());
+        }
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config_read(offset, data),
+            _ => self.bar0_read(offset, data),
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let size = match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
+            VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
+            _ => return Err(einval()),
+        };
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
+            return Err(einval());
+        }
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                self.config_write(offset, data);
+                Ok(())
+            }
+            _ => self.bar0_write(offset, data),
+        }
+    }
+
+    fn dma_map(&mut self, _flags: DmaMapFlags, offset: u64, address: u64, size: u64, fd: Option<File>) -> Result<(), std::io::Error> {
+        self.memory.map(fd, offset, address, size).map_err(|e| {
+            log::warn!("ADI {}: {e}", self.adi.0);
+            einval()
+        })
+    }
+
+    fn dma_unmap(&mut self, _flags: DmaUnmapFlags, address: u64, size: u64) -> Result<(), std::io::Error> {
+        self.memory.unmap(address, size).map_err(|e| {
+            log::warn!("ADI {}: {e}", self.adi.0);
+            einval()
+        })
+    }
+
+    fn reset(&mut self) -> Result<(), std::io::Error> {
+        for v in 0..self.ims.count {
+            self.bind_vector(v, None).map_err(device_error)?;
+        }
+        self.regs = QueueRegisters::default();
+        self.device.reset_adi(self.adi).map_err(device_error)?;
+        self.publish_handles().map_err(device_error)
+    }
+
+    fn set_irqs(&mut self, index: u32, flags: u32, start: u32, count: u32, fds: Vec<File>) -> Result<(), std::io::Error> {
+        if index != VFIO_PCI_MSIX_IRQ_INDEX {
+            return if count == 0 { Ok(()) } else { Err(einval()) };
+        }
+        if flags & VFIO_IRQ_SET_ACTION_TRIGGER == 0 {
+            return Err(einval());
+        }
+        if flags & VFIO_IRQ_SET_DATA_NONE != 0 && count == 0 {
+            // Disable: every vector unbound and masked.
+            for v in 0..self.ims.count {
+                self.bind_vector(v, None).map_err(device_error)?;
+            }
+            return Ok(());
+        }
+        if flags & VFIO_IRQ_SET_DATA_EVENTFD == 0 || fds.len() != count as usize {
+            return Err(einval());
+        }
+        let end = start.checked_add(count).filter(|&e| e <= self.ims.count).ok_or_else(einval)?;
+        for (v, fd) in (start..end).zip(fds) {
+            // SAFETY: `fd` is a descriptor the client passed us and we own; an eventfd is the
+            // only thing the protocol allows here, and a wrong kind only makes writes fail.
+            let eventfd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
+            self.bind_vector(v, Some(Arc::new(eventfd))).map_err(device_error)?;
+        }
+        Ok(())
+    }
+}

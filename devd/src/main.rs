@@ -1,0 +1,148 @@
+//! `siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]`
+//!
+//! Serves ADI i of one software SIOV device on `DIR/adi-i.sock` (vfio-user) until killed.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use siovmm_devd::{serve, socket_path};
+use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
+use siovmm_vfio::soft::SoftSiovDevice;
+
+const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]
+
+Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock.
+  --adis N          ADIs (default 4, at most 4096)
+  --vectors V       MSI-X vectors per ADI, each backed by an IMS entry (default 2, 1..=256)
+  --ims-entries N   IMS entries of the device (default 16384)
+  --ims KIND        where the device keeps IMS: on-device (default) or in-memory
+  --workers N       device worker threads (default 2, 1..=64)
+";
+
+#[derive(Debug)]
+struct Options {
+    dir: PathBuf,
+    adis: u32,
+    vectors: u16,
+    ims_entries: u32,
+    storage: ImsStorage,
+    workers: usize,
+}
+
+fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, range: std::ops::RangeInclusive<T>) -> Result<T, String> {
+    let value = value.ok_or(format!("{flag} needs a value"))?;
+    value.parse::<T>().ok().filter(|n| range.contains(n)).ok_or(format!("{flag} {value}: not a number in the allowed range"))
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
+    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2 };
+    let mut dir = None;
+    while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "--help" | "-h" => return Ok(None),
+            "--socket-dir" => dir = Some(PathBuf::from(args.next().ok_or("--socket-dir needs a value")?)),
+            "--adis" => o.adis = number(&flag, args.next(), 1..=4096)?,
+            "--vectors" => o.vectors = number(&flag, args.next(), 1..=256)?,
+            "--ims-entries" => o.ims_entries = number(&flag, args.next(), 1..=1 << 20)?,
+            "--workers" => o.workers = number(&flag, args.next(), 1..=64)?,
+            "--ims" => {
+                o.storage = match args.next().as_deref() {
+                    Some("on-device") => ImsStorage::OnDevice,
+                    Some("in-memory") => ImsStorage::InMemory,
+                    other => return Err(format!("--ims {}: not on-device or in-memory", other.unwrap_or("(nothing)"))),
+                }
+            }
+            other => return Err(format!("{other}: unknown argument (--help lists them)")),
+        }
+    }
+    let dir = dir.ok_or("--socket-dir is required")?;
+    if !dir.is_dir() {
+        return Err(format!("--socket-dir {}: not a directory", dir.display()));
+    }
+    o.dir = dir;
+    Ok(Some(o))
+}
+
+/// Removes a socket left by a daemon that is gone (nothing accepts on it); refuses a live one.
+fn clear_stale(path: &std::path::Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(format!("{}: another daemon serves this socket", path.display()));
+    }
+    std::fs::remove_file(path).map_err(|e| format!("{}: removing a stale socket: {e}", path.display()))
+}
+
+fn run(o: Options) -> Result<(), String> {
+    let device = SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?;
+    let device: Arc<dyn SiovDevice> = Arc::new(device);
+    let needed = u64::from(o.adis) * u64::from(o.vectors);
+    if needed > u64::from(device.info().ims_entries) {
+        log::warn!("{} ADIs x {} vectors need {needed} IMS entries; the device has {}: ADIs past them wait for a free group", o.adis, o.vectors, device.info().ims_entries);
+    }
+    let mut threads = Vec::new();
+    for adi in 0..o.adis {
+        let path = socket_path(&o.dir, adi);
+        clear_stale(&path)?;
+        let (regions, irqs) = siovmm_devd::adi::layout(o.vectors);
+        let server = vfio_user::Server::new(&path, true, irqs, regions).map_err(|e| format!("{}: {e}", path.display()))?;
+        let device = device.clone();
+        let vectors = o.vectors;
+        let t = std::thread::Builder::new()
+            .name(format!("adi{adi}"))
+            .spawn(move || {
+                let e = serve(&server, device, AdiId(adi), vectors);
+                log::error!("ADI {adi}: no longer accepting: {e}");
+            })
+            .map_err(|e| format!("starting a thread: {e}"))?;
+        threads.push(t);
+    }
+    eprintln!("siovmm-devd: serving {} ADIs on {}/adi-N.sock", o.adis, o.dir.display());
+    for t in threads {
+        let _ = t.join();
+    }
+    Err("every ADI stopped accepting".into())
+}
+
+/// Log lines to stderr as `siovmm-devd: LEVEL: message` (level from `SIOVMM_LOG`, default warn).
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        // The crate logs every client hang-up as an error-level line of its own; ours say it.
+        if self.enabled(r.metadata()) && r.target().starts_with("siovmm") {
+            eprintln!("siovmm-devd: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let level = std::env::var("SIOVMM_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(level);
+    }
+    match parse(std::env::args().skip(1)) {
+        Ok(None) => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Some(o)) => match run(o) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("siovmm-devd: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!("siovmm-devd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

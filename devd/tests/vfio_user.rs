@@ -1,0 +1,193 @@
+//! The daemon's ADIs end to end over a real vfio-user socket, driven by the `vfio_user` crate's
+//! client as a VMM would: config space, DMA map of a memfd, queue set-up through BAR0, MSI-X
+//! vectors bound to eventfds with SET_IRQS, a submission through the doorbell, its completion
+//! record in the client's memory and its interrupt on the client's eventfd; then the client
+//! leaves and the ADI's IMS entries go back to the device, so a second client gets the ADI.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use siovmm_devd::{adi::layout, serve, socket_path};
+use siovmm_vdcm::adi::registers::reg;
+use siovmm_vdcm::adi::{ADI_DEVICE_ID, DOORBELL};
+use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
+use siovmm_vfio::soft::descriptor::{flags, opcode, status, Descriptor, COMPLETION_SIZE};
+use siovmm_vfio::soft::{SoftSiovDevice, RING_OFFSET};
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+};
+use vfio_user::Client;
+use vmm_sys_util::eventfd::EventFd;
+
+const RAM: u64 = 0x10_0000;
+const RAM_SIZE: u64 = 1 << 20;
+const QUEUE: u64 = RAM + 0x1000;
+const RECORD: u64 = RAM + 0x8000;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("siovmm-devd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn memfd(size: u64) -> File {
+    // SAFETY: a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"client-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    f
+}
+
+/// A daemon with `adis` ADIs of `vectors` vectors on a device with `ims` entries.
+fn daemon(dir: &Path, adis: u32, vectors: u16, ims: u32) -> Arc<dyn SiovDevice> {
+    let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(adis, ims, ImsStorage::OnDevice, 1).unwrap());
+    for adi in 0..adis {
+        let (regions, irqs) = layout(vectors);
+        let server = vfio_user::Server::new(&socket_path(dir, adi), true, irqs, regions).unwrap();
+        let device = device.clone();
+        std::thread::spawn(move || serve(&server, device, AdiId(adi), vectors));
+    }
+    device
+}
+
+fn write32(c: &mut Client, offset: u64, value: u32) {
+    c.region_write(VFIO_PCI_BAR0_REGION_INDEX, offset, &value.to_le_bytes()).unwrap();
+}
+
+fn read32(c: &mut Client, region: u32, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    c.region_read(region, offset, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} never happened");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// One client's whole session on `path`: returns the interrupts its vector 1 took.
+fn session(path: &Path) -> u64 {
+    let mut c = Client::new(path).unwrap();
+    let config = read32(&mut c, VFIO_PCI_CONFIG_REGION_INDEX, 0);
+    assert_eq!(config >> 16, u32::from(ADI_DEVICE_ID), "device ID in the config region");
+    assert_eq!(c.region(VFIO_PCI_BAR0_REGION_INDEX).map(|r| r.size), Some(0x8000));
+
+    let ram = memfd(RAM_SIZE);
+    c.dma_map(0, RAM, RAM_SIZE, ram.as_raw_fd()).unwrap();
+    let caps = read32(&mut c, VFIO_PCI_BAR0_REGION_INDEX, reg::CAPS);
+    assert_eq!(caps >> 16, 2, "two vectors = two interrupt handles");
+
+    let irqs = [EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap()];
+    let fds: Vec<_> = irqs.iter().map(|e| e.as_raw_fd()).collect();
+    c.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 2, &fds).unwrap();
+
+    write32(&mut c, reg::QUEUE_BASE_LO, QUEUE as u32);
+    write32(&mut c, reg::QUEUE_BASE_HI, 0);
+    write32(&mut c, reg::QUEUE_SIZE, 8);
+    write32(&mut c, reg::CONTROL, 1);
+    assert_eq!(read32(&mut c, VFIO_PCI_BAR0_REGION_INDEX, reg::STATUS), 1, "queue enabled");
+
+    // A NOOP asking for a completion record and an interrupt on handle 1.
+    let d = Descriptor {
+        opcode: opcode::NOOP,
+        flags: flags::CRAV | flags::RCR | flags::RCI,
+        completion_addr: RECORD,
+        int_handle: 1,
+        ..Default::default()
+    };
+    ram.write_all_at(&d.encode(), QUEUE - RAM + RING_OFFSET).unwrap();
+    ram.write_all_at(&1u32.to_le_bytes(), QUEUE - RAM).unwrap();
+    write32(&mut c, DOORBELL, 1);
+    wait_for("the completion record", || {
+        let mut b = [0u8; COMPLETION_SIZE];
+        ram.read_exact_at(&mut b, RECORD - RAM).unwrap();
+        b[0] == status::SUCCESS
+    });
+    let mut taken = 0;
+    wait_for("the completion interrupt", || {
+        taken += irqs[1].read().unwrap_or(0);
+        taken > 0
+    });
+    assert_eq!(irqs[0].read().ok(), None, "vector 0 was not asked for");
+    c.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, &[]).unwrap();
+    c.shutdown().unwrap();
+    taken
+}
+
+#[test]
+fn a_client_submits_and_takes_its_interrupt_then_the_next_client_gets_the_adi() {
+    let dir = TempDir::new("e2e");
+    // Exactly enough IMS entries for one ADI's two vectors: the second session can open the
+    // ADI only if the first one's entries went back to the device.
+    let device = daemon(&dir.0, 1, 2, 2);
+    let path = socket_path(&dir.0, 0);
+    assert_eq!(session(&path), 1);
+    assert_eq!(session(&path), 1, "the ADI and its IMS entries came back when the first client left");
+    drop(device);
+}
+
+#[test]
+fn hostile_requests_are_refused_and_the_adi_keeps_working() {
+    use siovmm_devd::adi::AdiBackend;
+    use vfio_user::{DmaMapFlags, ServerBackend};
+
+    // The backend directly, where each refusal is visible (the crate's client ignores a
+    // reply's error flag and then waits for data that never comes).
+    let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(1, 2, ImsStorage::OnDevice, 1).unwrap());
+    let mut b = AdiBackend::open(device.clone(), AdiId(0), 2).unwrap();
+    assert!(AdiBackend::open(device.clone(), AdiId(0), 2).is_err(), "the ADI is taken");
+    let mut buf = [0u8; 8];
+    assert!(b.region_read(VFIO_PCI_BAR0_REGION_INDEX, 0x7ffc, &mut buf).is_err(), "past BAR0's end");
+    assert!(b.region_read(5, 0, &mut buf).is_err(), "a region the ADI does not have");
+    assert!(b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, u64::MAX - 2, &[1, 2, 3, 4]).is_err(), "offset wraps");
+    let ram = memfd(0x3000);
+    let fd = || Some(ram.try_clone().unwrap());
+    assert!(b.dma_map(DmaMapFlags::READ_WRITE, 0, 0x1001, 0x1000, fd()).is_err(), "unaligned");
+    assert!(b.dma_map(DmaMapFlags::READ_WRITE, 0x2000, !0xfff_u64, 0x2000, fd()).is_err(), "wraps");
+    assert!(b.dma_map(DmaMapFlags::READ_WRITE, 0, 0x1000, 0x1000, None).is_err(), "no descriptor");
+    // SAFETY: each descriptor is a fresh eventfd whose ownership moves into the File.
+    let eventfds = |n: usize| (0..n).map(|_| unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(EventFd::new(0).unwrap())) }).collect::<Vec<_>>();
+    let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+    assert!(b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, trigger, 1, 3, eventfds(3)).is_err(), "vectors past the table");
+    assert!(b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, trigger, u32::MAX, 1, eventfds(1)).is_err(), "start + count wraps");
+    assert!(b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, trigger, 0, 2, eventfds(1)).is_err(), "fewer descriptors than vectors");
+    assert!(b.set_irqs(0, trigger, 0, 1, eventfds(1)).is_err(), "INTx: the ADI has none");
+    assert_eq!(b.bound_vectors(), 0, "nothing bound by the refused requests");
+    let write = |b: &mut AdiBackend, offset: u64, v: u32| b.region_write(VFIO_PCI_BAR0_REGION_INDEX, offset, &v.to_le_bytes());
+    write(&mut b, reg::QUEUE_BASE_LO, 0xdead_0000).unwrap();
+    write(&mut b, reg::QUEUE_SIZE, 3).unwrap();
+    write(&mut b, reg::CONTROL, 1).unwrap();
+    let mut status = [0u8; 4];
+    b.region_read(VFIO_PCI_BAR0_REGION_INDEX, reg::STATUS, &mut status).unwrap();
+    assert_eq!(u32::from_le_bytes(status), 2, "enable refused: bad base and size");
+    write(&mut b, DOORBELL, 1).unwrap();
+    drop(b);
+
+    // Served over a socket after all that, the ADI works for a well-behaved client.
+    let dir = TempDir::new("hostile");
+    let (regions, irqs) = layout(2);
+    let server = vfio_user::Server::new(&socket_path(&dir.0, 0), true, irqs, regions).unwrap();
+    std::thread::spawn(move || serve(&server, device, AdiId(0), 2));
+    assert_eq!(session(&socket_path(&dir.0, 0)), 1);
+}
