@@ -23,3 +23,4 @@ pub mod mapping;
 pub mod pci;
 pub mod siov;
 pub mod soft;
+pub mod user;

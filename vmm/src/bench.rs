@@ -66,7 +66,7 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
         // One root bus's worth per VM: the bench measures composition, not topology.
         let count = FUNCTIONS_PER_BUS.min(o.adis - first);
         let mem_size = QUEUE_AREA + u64::from(FUNCTIONS_PER_BUS) * QUEUE_STRIDE + (1 << 20);
-        let (vm, mem) = create_vm(&kvm, mem_size.next_multiple_of(2 << 20)).map_err(|e| crate::one_line(&e))?;
+        let (vm, mem) = create_vm(&kvm, mem_size.next_multiple_of(2 << 20), false).map_err(|e| crate::one_line(&e))?;
         // The VMs live until the process exits; the shared device keeps DMA handles on them.
         let mem = mem.leak();
         let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;

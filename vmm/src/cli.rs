@@ -49,6 +49,9 @@ SIOV (Scalable IOV) options:
                        (/sys/bus/pci/devices/DDDD:BB:DD.F, or /sys/bus/mdev/devices/UUID),
                        bound to vfio-pci, its IOMMU group viable. Repeatable. Not with
                        --viommu. (docs/vfio.md)
+    --vfio-user SOCKET add the vfio-user PCI device served on this UNIX socket, such as an
+                       ADI of siovmm-devd (docs/devd.md); guest RAM is then shared with the
+                       device process. Repeatable. Not with --viommu.
     --max-msi-routes N KVM MSI routes siovmm may use, 0..=4056 (KVM's 4096 entries minus the
                        irqchip's 40); vectors beyond the budget are delivered by a VMM thread
                        with KVM_SIGNAL_MSI [default: 4056]
@@ -133,6 +136,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut adis: Option<u32> = None;
     let mut siov_opts: Vec<(String, String)> = Vec::new();
     let mut vfio: Vec<std::path::PathBuf> = Vec::new();
+    let mut vfio_user: Vec<std::path::PathBuf> = Vec::new();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -159,6 +163,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             }
             "--vfio" => {
                 vfio.push(value_of(&flag, inline, &mut it)?.into());
+                continue;
+            }
+            "--vfio-user" => {
+                vfio_user.push(value_of(&flag, inline, &mut it)?.into());
                 continue;
             }
             "--viommu" => {
@@ -267,17 +275,24 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         ));
     }
 
-    if !vfio.is_empty() && siov.viommu {
-        return err(
-            "--vfio with --viommu: siovmm does not shadow the guest's IOMMU mappings into VFIO, so the device \
-             would DMA untranslated behind a remapping unit the guest trusts; drop --viommu"
-                .into(),
-        );
+    for (flag, given) in [("--vfio", !vfio.is_empty()), ("--vfio-user", !vfio_user.is_empty())] {
+        if given && siov.viommu {
+            return err(format!(
+                "{flag} with --viommu: siovmm does not shadow the guest's IOMMU mappings into VFIO, so the device \
+                 would DMA untranslated behind a remapping unit the guest trusts; drop --viommu"
+            ));
+        }
     }
-    let functions = u64::from(siov.adis) + vfio.len() as u64;
+    let functions = u64::from(siov.adis) + vfio.len() as u64 + vfio_user.len() as u64;
     if functions > u64::from(MAX_ADIS_PER_GUEST) {
-        return err(format!("--vfio: {} ADIs and {} VFIO devices; a guest takes at most {MAX_ADIS_PER_GUEST} functions", siov.adis, vfio.len()));
+        return err(format!(
+            "--vfio: {} ADIs, {} VFIO and {} vfio-user devices; a guest takes at most {MAX_ADIS_PER_GUEST} functions",
+            siov.adis,
+            vfio.len(),
+            vfio_user.len()
+        ));
     }
+    check_sockets(&vfio_user)?;
     let vfio = siovmm_vfio::host::check_all(&vfio, std::path::Path::new(VFIO_DEV)).map_err(|e| CliError(format!("--vfio {e}")))?;
 
     let mut kfile = check_file("--kernel", &kernel)?;
@@ -297,7 +312,26 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         memory,
         siov,
         vfio,
+        vfio_user,
     }))
+}
+
+/// Each `--vfio-user` path is a UNIX socket, given once (whether a server listens there is
+/// found out when the VM connects).
+fn check_sockets(paths: &[std::path::PathBuf]) -> Result<(), CliError> {
+    use std::os::unix::fs::FileTypeExt;
+    for (i, path) in paths.iter().enumerate() {
+        let shown = path.display();
+        match std::fs::metadata(path) {
+            Err(e) => return err(format!("--vfio-user {shown}: {e}")),
+            Ok(m) if !m.file_type().is_socket() => return err(format!("--vfio-user {shown}: not a UNIX socket")),
+            Ok(_) => {}
+        }
+        if paths[..i].iter().any(|p| p == path) {
+            return err(format!("--vfio-user {shown}: given twice"));
+        }
+    }
+    Ok(())
 }
 
 /// A flag's value: given inline (`--flag=value`) or as the next argument.
@@ -473,6 +507,20 @@ mod tests {
         assert_eq!(parse_err(&["--kernel", &k, "--vfio", "/sys/bus/pci/devices/0000:ff:1f.7"]), "--vfio /sys/bus/pci/devices/0000:ff:1f.7: no such device");
         assert_eq!(parse_err(&["--kernel", &k, "--vfio"]), "--vfio needs a value");
         assert!(parse_err(&["--kernel", &k, "--vfio", "/x", "--viommu"]).starts_with("--vfio with --viommu: siovmm does not shadow"));
+        assert!(parse_err(&["--kernel", &k, "--vfio-user", "/x", "--viommu"]).starts_with("--vfio-user with --viommu: siovmm does not shadow"));
+        assert_eq!(parse_err(&["--kernel", &k, "--vfio-user", "/nonexistent.sock"]), "--vfio-user /nonexistent.sock: No such file or directory (os error 2)");
+        assert_eq!(parse_err(&["--kernel", &k, "--vfio-user", &k]), format!("--vfio-user {}: not a UNIX socket", &*k));
+        let dir = std::env::temp_dir().join(format!("siovmm-cli-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("adi.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let sock = sock.to_str().unwrap();
+        match parse(args(&["--kernel", &k, "--vfio-user", sock])) {
+            Ok(Command::Run(c)) => assert_eq!(c.vfio_user, vec![std::path::PathBuf::from(sock)]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_err(&["--kernel", &k, "--vfio-user", sock, "--vfio-user", sock]), format!("--vfio-user {sock}: given twice"));
+        std::fs::remove_dir_all(&dir).unwrap();
         for e in [parse_err(&["--kernel", &k, "--cpus", "0"]), parse_err(&["--kernel", "/nonexistent"])] {
             assert!(!e.contains('\n'), "one line: {e}");
         }

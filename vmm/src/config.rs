@@ -137,13 +137,15 @@ pub struct VmConfig {
     pub siov: SiovConfig,
     /// Host devices passed through with kernel VFIO, checked (`--vfio`).
     pub vfio: Vec<HostDevice>,
+    /// Sockets of vfio-user devices, checked to be sockets (`--vfio-user`).
+    pub vfio_user: Vec<PathBuf>,
 }
 
 impl VmConfig {
     /// The PCI root buses the VM needs: enough for its ADIs and passed-through devices (the
     /// CLI checked the count).
     pub fn pci_topology(&self) -> arch::pci::PciTopology {
-        arch::pci::PciTopology::for_functions(self.siov.adis + self.vfio.len() as u32).unwrap_or_default()
+        arch::pci::PciTopology::for_functions(self.siov.adis + (self.vfio.len() + self.vfio_user.len()) as u32).unwrap_or_default()
     }
 }
 

@@ -20,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::SiovConfig;
 use crate::kvm_irq::KvmIrq;
+use crate::memory::SharedRam;
 use crate::memslots::MemorySlots;
 use crate::passthrough::{Attach, Passthrough};
 use crate::Error;
@@ -32,6 +33,8 @@ pub(crate) struct GuestParts {
     pub(crate) irq: Arc<KvmIrq>,
     pub(crate) vm: Arc<VmFd>,
     pub(crate) slots: Arc<MemorySlots>,
+    /// Guest RAM's memfd, when it was created shared (for vfio-user devices).
+    pub(crate) shared_ram: Option<SharedRam>,
 }
 
 /// The VM's devices that come and go.
@@ -148,16 +151,32 @@ impl DeviceManager {
     /// Passes the host device `host` through to the guest (checked already: `host::check`).
     /// Returns its guest address.
     pub(crate) fn add_vfio(&mut self, host: &HostDevice) -> Result<Bdf, Error> {
+        self.with_passthrough(|p, attach| p.attach(host, attach))
+    }
+
+    /// Adds the vfio-user device served at `socket` (an ADI of the device daemon, or any
+    /// vfio-user PCI device). Returns its guest address.
+    pub(crate) fn add_vfio_user(&mut self, socket: &std::path::Path) -> Result<Bdf, Error> {
+        // Every programmed vector holds an eventfd.
+        crate::vm::raise_fd_limit();
+        self.with_passthrough(|p, attach| p.attach_user(socket, attach))
+    }
+
+    /// Runs `add` with the VM's passthrough (made on first use) and the guest side to attach to.
+    fn with_passthrough(
+        &mut self,
+        add: impl FnOnce(&mut Passthrough, Attach<'_>) -> Result<Bdf, crate::passthrough::Error>,
+    ) -> Result<Bdf, Error> {
         if self.released {
             return Err(Error::Released);
         }
         let router = self.router()?;
-        if self.passthrough.is_none() {
-            self.passthrough = Some(Passthrough::new(&self.guest.vm, self.guest.mem.clone())?);
-        }
-        let Self { passthrough: Some(passthrough), pci, slots, guest, .. } = self else { return Err(Error::Released) };
+        let Self { pci, slots, guest, .. } = self;
+        let passthrough = self
+            .passthrough
+            .get_or_insert_with(|| Passthrough::new(guest.vm.clone(), guest.mem.clone(), guest.shared_ram.clone()));
         let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, slots: &guest.slots };
-        Ok(passthrough.attach(host, attach)?)
+        Ok(add(passthrough, attach)?)
     }
 
     /// One line per passed-through device on what reached siovmm.

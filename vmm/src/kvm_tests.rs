@@ -44,7 +44,7 @@ fn run_vcpu(
     setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
 ) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
     let kvm = Kvm::new().expect("opening /dev/kvm");
-    let (vm, mem) = create_vm(&kvm, 64 << 20).unwrap();
+    let (vm, mem) = create_vm(&kvm, 64 << 20, false).unwrap();
     let mem = mem.leak();
     let shutdown = Arc::new(ShutdownSignal::new().unwrap());
     let console = Console::default();
@@ -92,7 +92,7 @@ fn vm_with_adis(
     use crate::kvm_irq::KvmIrq;
     use siovmm_interrupts::router::{MsiRouter, MAX_MSI_ROUTES};
 
-    let (vm, mem) = create_vm(kvm, 64 << 20).unwrap();
+    let (vm, mem) = create_vm(kvm, 64 << 20, false).unwrap();
     // The caller's device keeps DMA handles on this memory past this VM: never unmap it.
     let mem = mem.leak();
     let vcpu = vm.create_vcpu(0).unwrap();
@@ -239,7 +239,7 @@ kvm_test! {
         use vmm_sys_util::eventfd::EventFd;
 
         let kvm = Kvm::new().unwrap();
-        let (vm, _mem) = create_vm(&kvm, 64 << 20).unwrap();
+        let (vm, _mem) = create_vm(&kvm, 64 << 20, false).unwrap();
         let _vcpu = vm.create_vcpu(0).unwrap();
         let vm = Arc::new(vm);
         let router = MsiRouter::new(Arc::new(KvmIrq(vm.clone())), MAX_MSI_ROUTES).unwrap();
@@ -513,6 +513,7 @@ fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
             ..SiovConfig::default()
         },
         vfio: Vec::new(),
+        vfio_user: Vec::new(),
     };
     (dir, config)
 }
@@ -645,6 +646,7 @@ kvm_test! {
             memory: 64 << 20,
             siov: SiovConfig::default(),
             vfio: Vec::new(),
+            vfio_user: Vec::new(),
         };
         let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
         let slots = vm.memory_slots();

@@ -1,8 +1,13 @@
-//! Host devices passed through to the guest with kernel VFIO (`--vfio`): one VFIO container
-//! (type1 IOMMU) holding all guest RAM for device DMA, and per device a PCI function
-//! (`siovmm_vfio::pci::VfioPciFunction`) whose BARs are placed as firmware would, mapped
-//! into the guest as memory slots wherever the device lets its pages be mmapped, and trapped
-//! elsewhere (the MSI-X table and PBA always). docs/vfio.md.
+//! Devices passed through to the guest as VFIO PCI functions, from either backend of the one
+//! VFIO layer (`siovmm_vfio::pci::VfioBackend`):
+//! - kernel VFIO (`--vfio`): one VFIO container (type1 IOMMU), created with the first such
+//!   device, holding all guest RAM for device DMA;
+//! - vfio-user (`--vfio-user`): a device served by another process (the device daemon's
+//!   ADIs), which gets guest RAM as the memfd behind it (DMA_MAP with the descriptor).
+//!
+//! Per device, a PCI function (`VfioPciFunction`) whose BARs are placed as firmware would,
+//! mapped into the guest as memory slots wherever the device lets its pages be mmapped, and
+//! trapped elsewhere (the MSI-X table and PBA always). docs/vfio.md.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -17,9 +22,11 @@ use siovmm_vfio::host::HostDevice;
 use siovmm_vfio::kernel::KernelVfio;
 use siovmm_vfio::mapping::{direct_ranges, RegionMapping, PAGE};
 use siovmm_vfio::pci::{bars, Bar, VfioBackend, VfioBarMapper, VfioPciFunction};
+use siovmm_vfio::user::UserDevice;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::memory::SharedRam;
 use crate::memslots::{MappedSlot, MemorySlots};
 
 /// Why a device could not be passed through.
@@ -37,6 +44,18 @@ pub enum Error {
         #[source]
         error: vfio_ioctls::VfioError,
     },
+    /// A vfio-user device could not be reached or refused.
+    #[error("{what}")]
+    User {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        error: siovmm_vfio::user::Error,
+    },
+    /// A vfio-user device needs guest RAM it can map, and this VM's is private.
+    #[error("{0}: guest RAM is not shared (the VM was created without vfio-user devices)")]
+    PrivateRam(String),
     /// Mapping the device's BAR pages into siovmm failed.
     #[error("{0}: mapping BAR {1}")]
     Mmap(String, u8, #[source] std::io::Error),
@@ -159,35 +178,77 @@ impl VfioBarMapper for BarPlacer {
     }
 }
 
+/// A device's backend in the VFIO layer.
+enum Backend {
+    Kernel(Arc<KernelVfio>),
+    User(Arc<UserDevice>),
+}
+
+impl Backend {
+    fn as_dyn(&self) -> Arc<dyn VfioBackend> {
+        match self {
+            Self::Kernel(k) => k.clone(),
+            Self::User(u) => u.clone(),
+        }
+    }
+
+    /// Puts the device back in its power-on state.
+    fn reset(&self, name: &str) {
+        match self {
+            Self::Kernel(k) => {
+                k.device().reset();
+            }
+            Self::User(u) => {
+                if let Err(e) = u.reset() {
+                    log::warn!("{name}: reset: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// One passed-through device. Field order is drop order: the BAR mappings go before the
-/// device file, whose last close releases the device to the host.
+/// device file (or socket), whose last close releases the device to its host.
 struct Passed {
     name: String,
     bdf: Bdf,
     function: Arc<Mutex<VfioPciFunction>>,
     placer: Arc<BarPlacer>,
-    backend: Arc<KernelVfio>,
+    backend: Backend,
     bars: Vec<(Bar, u64)>,
 }
 
-/// The VM's VFIO container and the devices in it.
+/// The VM's passed-through devices, and for kernel VFIO its container.
 pub(crate) struct Passthrough {
-    container: Arc<VfioContainer>,
+    vm: Arc<VmFd>,
+    /// Created with the first kernel VFIO device: a VM with vfio-user devices only needs no
+    /// `/dev/vfio`.
+    container: Option<Arc<VfioContainer>>,
     mem: GuestMemoryMmap,
+    /// The memfd behind guest RAM, when it is shared (vfio-user devices DMA through it).
+    shared: Option<SharedRam>,
     devices: Vec<Passed>,
-    /// Guest RAM is mapped for DMA (after the first device gave the container its IOMMU).
+    /// Guest RAM is mapped for DMA in the container (after the first device gave it its IOMMU).
     dma_mapped: bool,
 }
 
 impl Passthrough {
-    /// A container tied to `vm` through the KVM VFIO device (which tells KVM that devices
-    /// may DMA, for cache coherency on hosts that need it).
-    pub(crate) fn new(vm: &VmFd, mem: GuestMemoryMmap) -> Result<Self, Error> {
+    /// Passthrough for the VM `vm` with memory `mem` (`shared` when a device process may map it).
+    pub(crate) fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap, shared: Option<SharedRam>) -> Self {
+        Self { vm, container: None, mem, shared, devices: Vec::new(), dma_mapped: false }
+    }
+
+    /// The VM's container, tied to it through the KVM VFIO device (which tells KVM that
+    /// devices may DMA, for cache coherency on hosts that need it).
+    fn container(&mut self) -> Result<Arc<VfioContainer>, Error> {
+        if let Some(c) = &self.container {
+            return Ok(c.clone());
+        }
         let mut kvm_vfio = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
-        let device = vm.create_device(&mut kvm_vfio).map_err(Error::KvmDevice)?;
+        let device = self.vm.create_device(&mut kvm_vfio).map_err(Error::KvmDevice)?;
         let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(device))))
             .map_err(|error| Error::Vfio { what: "opening /dev/vfio/vfio".into(), error })?;
-        Ok(Self { container: Arc::new(container), mem, devices: Vec::new(), dma_mapped: false })
+        Ok(self.container.insert(Arc::new(container)).clone())
     }
 
     /// Opens `host`, resets it, maps guest RAM for its DMA (once per container), and adds it
@@ -198,21 +259,45 @@ impl Passthrough {
             let what = format!("{name}: {what}");
             move |error| Error::Vfio { what, error }
         };
-        let device = VfioDevice::new(&host.sysfs, self.container.clone(), false).map_err(vfio_error("opening the device"))?;
+        let container = self.container()?;
+        let device = VfioDevice::new(&host.sysfs, container.clone(), false).map_err(vfio_error("opening the device"))?;
         // A device that keeps state from its last user (another VM, a host driver) starts clean.
         device.reset();
         if !self.dma_mapped {
             // SAFETY: guest RAM stays mapped for as long as the container exists (the device
             // manager, which owns this, is released before guest memory), and siovmm never
             // makes Rust references into guest memory (vm-memory accesses it volatilely).
-            unsafe { self.container.vfio_map_guest_memory(&self.mem) }.map_err(vfio_error("mapping guest RAM for DMA"))?;
+            unsafe { container.vfio_map_guest_memory(&self.mem) }.map_err(vfio_error("mapping guest RAM for DMA"))?;
             self.dma_mapped = true;
         }
-        let backend = Arc::new(KernelVfio::new(device));
+        self.place(name, Backend::Kernel(Arc::new(KernelVfio::new(device))), guest)
+    }
+
+    /// Connects to the vfio-user device at `socket`, lets it DMA to all guest RAM (the memfd
+    /// behind it, region by region), resets it, and adds it to the guest's PCI segment.
+    pub(crate) fn attach_user(&mut self, socket: &std::path::Path, guest: Attach<'_>) -> Result<Bdf, Error> {
+        let name = socket.display().to_string();
+        let user_error = |what: &str| {
+            let what = format!("{name}: {what}");
+            move |error| Error::User { what, error }
+        };
+        let Some(SharedRam { file, regions }) = &self.shared else { return Err(Error::PrivateRam(name)) };
+        let device = UserDevice::connect(socket).map_err(user_error("connecting"))?;
+        for r in regions {
+            device.dma_map(r.guest, r.size, std::os::fd::AsRawFd::as_raw_fd(file.as_ref()), r.offset).map_err(user_error("mapping guest RAM for DMA"))?;
+        }
+        device.reset().map_err(user_error("resetting"))?;
+        self.place(name, Backend::User(Arc::new(device)), guest)
+    }
+
+    /// Adds a device opened on either backend to the guest's PCI segment, its memory BARs
+    /// placed and its mmap-able pages ready to become memory slots.
+    fn place(&mut self, name: String, backend: Backend, guest: Attach<'_>) -> Result<Bdf, Error> {
+        let device = backend.as_dyn();
         let bdf = guest.allocator.allocate_device().map_err(|e| Error::Placement(name.clone(), e))?;
         // Memory BARs only: the guest's segment has no I/O window (an I/O BAR reads as absent).
         let mut placement = Vec::new();
-        for bar in bars(backend.as_ref()).into_iter().filter(|b| !b.io) {
+        for bar in bars(device.as_ref()).into_iter().filter(|b| !b.io) {
             match guest.allocator.allocate_bar(bdf.bus(), bar.size) {
                 Ok(address) => placement.push((bar, address)),
                 Err(e) => {
@@ -234,10 +319,10 @@ impl Passthrough {
             stuck: false.into(),
         });
         let mapper: Weak<dyn VfioBarMapper> = Arc::downgrade(&(placer.clone() as Arc<dyn VfioBarMapper>));
-        let function = VfioPciFunction::new(bdf, backend.clone(), &placement, guest.router, mapper);
+        let function = VfioPciFunction::new(bdf, device.clone(), &placement, guest.router, mapper);
         let mut direct = Vec::new();
         for (bar, _) in placement.iter().filter(|(b, _)| b.mmap) {
-            let mappings = match backend.map_region(u32::from(bar.index)) {
+            let mappings = match device.map_region(u32::from(bar.index)) {
                 Ok(m) => m,
                 Err(e) => {
                     release_placement(guest.allocator, bdf, &placement);
@@ -253,6 +338,7 @@ impl Passthrough {
         let _ = placer.function.set(Arc::downgrade(&function));
         guest.pci.add(bdf, function.clone());
         log::info!("{name}: passed through at {bdf}, BARs {placement:x?}");
+        drop(device);
         self.devices.push(Passed { name, bdf, function, placer, backend, bars: placement });
         Ok(bdf)
     }
@@ -263,7 +349,11 @@ impl Passthrough {
             .iter()
             .map(|d| {
                 let t = lock(&d.function).trapped_accesses();
-                format!("VFIO {} at {}: {} MSI-X table/PBA accesses and {} other BAR accesses trapped", d.name, d.bdf, t.msix, t.other)
+                let kind = match &d.backend {
+                    Backend::Kernel(_) => "VFIO".to_string(),
+                    Backend::User(u) => format!("vfio-user ({} failed requests)", u.failures()),
+                };
+                format!("{kind} {} at {}: {} MSI-X table/PBA accesses and {} other BAR accesses trapped", d.name, d.bdf, t.msix, t.other)
             })
             .collect()
     }
@@ -282,13 +372,20 @@ impl Passthrough {
                     log::warn!("{}: {} failed operations while the guest drove it", d.name, f.failures());
                 }
             }
-            d.backend.device().reset();
+            d.backend.reset(&d.name);
+            if let (Backend::User(u), Some(shared)) = (&d.backend, &self.shared) {
+                for r in &shared.regions {
+                    if let Err(e) = u.dma_unmap(r.guest, r.size) {
+                        log::warn!("{}: {e}", d.name);
+                    }
+                }
+            }
             release_placement(allocator, d.bdf, &d.bars);
         }
         // While the groups are still in the container: the last group's leaving takes the
         // IOMMU (and every mapping) away, after which an unmap is refused.
-        if std::mem::take(&mut self.dma_mapped) {
-            if let Err(e) = self.container.vfio_unmap_guest_memory(&self.mem) {
+        if let (true, Some(container)) = (std::mem::take(&mut self.dma_mapped), &self.container) {
+            if let Err(e) = container.vfio_unmap_guest_memory(&self.mem) {
                 log::warn!("unmapping guest RAM from the VFIO container: {e}");
             }
         }

@@ -49,8 +49,9 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Io(what, e)
 }
 
-/// Creates the VM and its memory; KVM capabilities siovmm relies on are checked first.
-pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestRam), Error> {
+/// Creates the VM and its memory (`shared`: one memfd another process can map, for vfio-user
+/// devices); KVM capabilities siovmm relies on are checked first.
+pub(crate) fn create_vm(kvm: &Kvm, memory: u64, shared: bool) -> Result<(VmFd, GuestRam), Error> {
     for (cap, name) in [
         (Cap::Irqchip, "in-kernel irqchip"),
         (Cap::Irqfd, "irqfd"),
@@ -67,7 +68,8 @@ pub(crate) fn create_vm(kvm: &Kvm, memory: u64) -> Result<(VmFd, GuestRam), Erro
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
 
-    let mem = crate::memory::create(&layout::ram_regions(memory)).map_err(Error::Memory)?;
+    let regions = layout::ram_regions(memory);
+    let mem = if shared { crate::memory::create_shared(&regions) } else { crate::memory::create(&regions) }.map_err(Error::Memory)?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -364,7 +366,7 @@ impl Vm {
         let signals = SignalWatch::new(shutdown.clone())?;
 
         let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
-        let (fd, memory) = create_vm(&kvm, config.memory)?;
+        let (fd, memory) = create_vm(&kvm, config.memory, !config.vfio_user.is_empty())?;
         let fd = Arc::new(fd);
         let ram_slots = memory.iter().count() as u32;
         let slots = MemorySlots::new(fd.clone(), ram_slots, kvm.get_nr_memslots() as u32)
@@ -393,6 +395,7 @@ impl Vm {
             irq: irq.clone(),
             vm: fd.clone(),
             slots: slots.clone(),
+            shared_ram: memory.shared(),
         };
         let vcpu_count = u32::from(config.cpus);
         let mut devices = DeviceManager::new(parts, config.siov.clone(), vcpu_count, root.clone(), PciAllocator::new(topology));
@@ -402,6 +405,10 @@ impl Vm {
         for host in &config.vfio {
             let bdf = devices.add_vfio(host)?;
             trace.mark(&format!("VFIO device {} at {bdf}", host.name));
+        }
+        for socket in &config.vfio_user {
+            let bdf = devices.add_vfio_user(socket)?;
+            trace.mark(&format!("vfio-user device {} at {bdf}", socket.display()));
         }
         // Always there, as CPUID announces it: a VM's ADIs may come later.
         let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims.offers_pv_ims());

@@ -1,0 +1,657 @@
+//! vfio-user as a [`VfioBackend`]: a PCI function served by another process over a UNIX
+//! socket (the device daemon, or any vfio-user server), spoken by siovmm's own client.
+//!
+//! Why not the `vfio_user` crate's client (0.1.7): it ignores a reply's error flag and reads
+//! the payload a successful reply would have had — after a refused REGION_READ it waits for
+//! bytes that never come (a vCPU hung in an MMIO exit) or takes the next reply's bytes as data;
+//! it checks no message id, and it has no timeout, so a stuck daemon hangs the vCPU that asked.
+//! The protocol is small (qemu docs/interop/vfio-user.rst), so the client is here:
+//!
+//! - every reply is checked against its request (id, command, reply type, size) and an error
+//!   reply becomes an `Err` with the server's errno; the connection stays usable;
+//! - a reply that does not come within [`REPLY_TIMEOUT`], or one that breaks the protocol,
+//!   marks the connection broken: it is shut down and every later access fails at once (reads
+//!   return all ones, as a master abort does), so a dead or stuck daemon gives the guest device
+//!   errors, never a hung vCPU;
+//! - file descriptors travel as SCM_RIGHTS, at most the server's `max_msg_fds` per message
+//!   (SET_IRQS is split); any the server sends back are closed.
+//!
+//! Messages are little-endian packed structs, written and parsed field by field here.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::mapping::RegionMapping;
+use crate::pci::{RegionInfo, VfioBackend};
+
+/// How long a reply may take before the connection is given up. A device operation (an ADI
+/// reset waits for its queue's work in flight) takes milliseconds; this is for a daemon that is
+/// stopped or wedged, which would otherwise hold a vCPU forever.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest reply payload accepted (the protocol's default `max_data_xfer_size`, plus room
+/// for a reply's fixed part): a bigger size is a broken server, not a read to honour.
+const MAX_REPLY: usize = (1 << 20) + 64;
+
+/// SCM_MAX_FD (linux include/net/scm.h): no more descriptors travel in one message.
+const SCM_MAX_FD: usize = 253;
+
+/// Message header: id, command, size (header included), flags, error.
+const HEADER: usize = 16;
+const FLAG_TYPE_MASK: u32 = 0xf;
+const FLAG_REPLY: u32 = 1;
+const FLAG_ERROR: u32 = 1 << 5;
+
+/// Commands (vfio-user.rst, "Commands").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Command {
+    /// VERSION.
+    Version = 1,
+    /// DMA_MAP.
+    DmaMap = 2,
+    /// DMA_UNMAP.
+    DmaUnmap = 3,
+    /// DEVICE_GET_INFO.
+    DeviceGetInfo = 4,
+    /// DEVICE_GET_REGION_INFO.
+    RegionInfo = 5,
+    /// DEVICE_GET_IRQ_INFO.
+    IrqInfo = 7,
+    /// DEVICE_SET_IRQS.
+    SetIrqs = 8,
+    /// REGION_READ.
+    RegionRead = 9,
+    /// REGION_WRITE.
+    RegionWrite = 10,
+    /// DEVICE_RESET.
+    Reset = 13,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be reached.
+    #[error("connecting to {0}")]
+    Connect(String, #[source] std::io::Error),
+    /// Sending or receiving failed; the connection is now broken.
+    #[error("{0:?}: the connection failed")]
+    Io(Command, #[source] std::io::Error),
+    /// The server answered outside the protocol; the connection is now broken.
+    #[error("{0:?}: protocol violation by the server: {1}")]
+    Protocol(Command, String),
+    /// The server refused the request (its errno).
+    #[error("{0:?}: refused by the server")]
+    Refused(Command, #[source] std::io::Error),
+    /// An earlier failure broke the connection.
+    #[error("{0:?}: the connection to the device is broken")]
+    Broken(Command),
+    /// The device is not what siovmm can drive.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Little-endian field writer for a message body.
+#[derive(Default)]
+struct Body(Vec<u8>);
+
+impl Body {
+    fn u16(mut self, v: u16) -> Self {
+        self.0.extend(v.to_le_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend(v.to_le_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend(v.to_le_bytes());
+        self
+    }
+    fn bytes(mut self, v: &[u8]) -> Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+}
+
+/// Field `n` (u32) of a reply payload, if it is that long.
+fn u32_at(payload: &[u8], at: usize) -> Option<u32> {
+    payload.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn u64_at(payload: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from(u32_at(payload, at)?) | u64::from(u32_at(payload, at + 4)?) << 32)
+}
+
+/// The socket and the id of the next message; `None` once broken.
+#[derive(Debug)]
+struct Connection {
+    stream: Option<UnixStream>,
+    next_id: u16,
+}
+
+impl Connection {
+    /// Sends `body` as `command` with `fds` and returns the reply's payload (after the header).
+    fn request(&mut self, command: Command, body: &[u8], fds: &[RawFd]) -> Result<Vec<u8>, Error> {
+        let Some(stream) = &self.stream else { return Err(Error::Broken(command)) };
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let result = exchange(stream, id, command, body, fds);
+        if let Err(Error::Io(..) | Error::Protocol(..)) = &result {
+            // Whatever the server sends next cannot be matched to a request: give up the
+            // connection rather than take one reply for another.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            self.stream = None;
+        }
+        result
+    }
+}
+
+/// One request and its reply on `stream`.
+fn exchange(stream: &UnixStream, id: u16, command: Command, body: &[u8], fds: &[RawFd]) -> Result<Vec<u8>, Error> {
+    let io = |e: std::io::Error| Error::Io(command, e);
+    let size = u32::try_from(HEADER + body.len()).map_err(|_| Error::Protocol(command, "request too large".into()))?;
+    let header = Body::default().u16(id).u16(command as u16).u32(size).u32(0).u32(0).0;
+    send(stream, &[&header, body], fds).map_err(io)?;
+
+    let mut reply = [0u8; HEADER];
+    let received = recv_header(stream, &mut reply).map_err(io)?;
+    drop(received); // descriptors the server attached: none is used, all are closed
+    let reply_id = u16::from_le_bytes([reply[0], reply[1]]);
+    let reply_command = u16::from_le_bytes([reply[2], reply[3]]);
+    let reply_size = u32_at(&reply, 4).unwrap_or(0) as usize;
+    let flags = u32_at(&reply, 8).unwrap_or(0);
+    let errno = u32_at(&reply, 12).unwrap_or(0);
+    let bad = |what: String| Err(Error::Protocol(command, what));
+    if reply_id != id || reply_command != command as u16 {
+        return bad(format!("reply {reply_id}/command {reply_command} to request {id}/command {}", command as u16));
+    }
+    if flags & FLAG_TYPE_MASK != FLAG_REPLY {
+        return bad(format!("flags {flags:#x} are not a reply's"));
+    }
+    if !(HEADER..=HEADER + MAX_REPLY).contains(&reply_size) {
+        return bad(format!("reply size {reply_size}"));
+    }
+    let mut payload = vec![0u8; reply_size - HEADER];
+    (&*stream).read_exact(&mut payload).map_err(io)?;
+    if flags & FLAG_ERROR != 0 {
+        // Some servers leave the errno 0; the request failed all the same.
+        let errno = if errno == 0 { libc::EIO } else { errno.min(i32::MAX as u32) as i32 };
+        return Err(Error::Refused(command, std::io::Error::from_raw_os_error(errno)));
+    }
+    Ok(payload)
+}
+
+/// Writes `parts` as one message, `fds` attached to its first bytes.
+fn send(stream: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> std::io::Result<()> {
+    let message: Vec<u8> = parts.concat();
+    // sendmsg with MSG_NOSIGNAL: a daemon that died gives EPIPE, not SIGPIPE.
+    let sent = stream.send_with_fds(&[message.as_slice()], fds).map_err(std::io::Error::from)?;
+    // A stream socket may take part of a message; the descriptors went with the first byte.
+    (&*stream).write_all(&message[sent..])
+}
+
+/// Reads a reply header, collecting any descriptors that came with it.
+fn recv_header(stream: &UnixStream, header: &mut [u8; HEADER]) -> std::io::Result<Vec<OwnedFd>> {
+    let mut fds = [-1 as RawFd; SCM_MAX_FD];
+    let mut iov = [libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: HEADER }];
+    // SAFETY: the iovec covers `header`, which lives through the call; `fds` has room for
+    // SCM_MAX_FD descriptors, as many as one message can carry.
+    let (read, count) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.map_err(std::io::Error::from)?;
+    let received = fds[..count.min(SCM_MAX_FD)]
+        .iter()
+        .filter(|&&fd| fd >= 0)
+        // SAFETY: the kernel installed these descriptors in this process for this message;
+        // nothing else owns them.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if read == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    (&*stream).read_exact(&mut header[read..])?;
+    Ok(received)
+}
+
+/// What the server says about a region.
+#[derive(Debug, Clone, Copy, Default)]
+struct Region {
+    size: u64,
+    flags: u32,
+}
+
+/// A PCI function served over vfio-user.
+#[derive(Debug)]
+pub struct UserDevice {
+    name: String,
+    connection: Mutex<Connection>,
+    regions: Vec<Region>,
+    irqs: Vec<u32>,
+    /// Descriptors per message the server accepts.
+    max_fds: usize,
+    /// Bytes per region access the server accepts.
+    max_transfer: usize,
+    /// Accesses that failed (refused, or the connection broken), for the VM's summary.
+    failures: AtomicU64,
+}
+
+impl UserDevice {
+    /// Connects to the server at `socket`, negotiates the version and reads the device's
+    /// regions and interrupts. Fails unless it is a PCI device.
+    pub fn connect(socket: &Path) -> Result<Self, Error> {
+        Self::connect_with_timeout(socket, REPLY_TIMEOUT)
+    }
+
+    /// [`UserDevice::connect`] with another reply timeout.
+    pub fn connect_with_timeout(socket: &Path, timeout: Duration) -> Result<Self, Error> {
+        let name = socket.display().to_string();
+        let stream = UnixStream::connect(socket).map_err(|e| Error::Connect(name.clone(), e))?;
+        stream.set_read_timeout(Some(timeout)).map_err(|e| Error::Connect(name.clone(), e))?;
+        stream.set_write_timeout(Some(timeout)).map_err(|e| Error::Connect(name.clone(), e))?;
+        let mut connection = Connection { stream: Some(stream), next_id: 0 };
+
+        // VERSION: major 0, minor 1, and what this client accepts, as a NUL-terminated JSON
+        // object. The reply's capabilities bound what siovmm sends.
+        let caps = format!(r#"{{"capabilities":{{"max_msg_fds":{SCM_MAX_FD},"max_data_xfer_size":{}}}}}"#, 1 << 20);
+        let body = Body::default().u16(0).u16(1).bytes(caps.as_bytes()).bytes(&[0]).0;
+        let reply = connection.request(Command::Version, &body, &[])?;
+        let (max_fds, max_transfer) = parse_version(&reply).map_err(|what| Error::Protocol(Command::Version, what))?;
+
+        let info = connection.request(Command::DeviceGetInfo, &Body::default().u32(16).u32(0).u32(0).u32(0).0, &[])?;
+        let (flags, regions, irqs) = match (u32_at(&info, 4), u32_at(&info, 8), u32_at(&info, 12)) {
+            (Some(f), Some(r), Some(i)) => (f, r, i),
+            _ => return Err(Error::Protocol(Command::DeviceGetInfo, format!("{}-byte reply", info.len()))),
+        };
+        if flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+            return Err(Error::Unsupported(format!("{name}: not a PCI device (flags {flags:#x})")));
+        }
+        // Only the PCI indexes are used (BARs, ROM, config; INTx, MSI, MSI-X, ...): a server
+        // announcing millions is not asked about each.
+        let regions = (0..regions.min(VFIO_PCI_NUM_REGIONS))
+            .map(|index| {
+                let body = Body::default().u32(32).u32(0).u32(index).u32(0).u64(0).u64(0).0;
+                let reply = connection.request(Command::RegionInfo, &body, &[])?;
+                match (u32_at(&reply, 4), u64_at(&reply, 16)) {
+                    (Some(flags), Some(size)) => Ok(Region { size, flags }),
+                    _ => Err(Error::Protocol(Command::RegionInfo, format!("region {index}: {}-byte reply", reply.len()))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let irqs = (0..irqs.min(VFIO_PCI_NUM_IRQS))
+            .map(|index| {
+                let reply = connection.request(Command::IrqInfo, &Body::default().u32(16).u32(0).u32(index).u32(0).0, &[])?;
+                u32_at(&reply, 12).ok_or_else(|| Error::Protocol(Command::IrqInfo, format!("{}-byte reply", reply.len())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name,
+            connection: Mutex::new(connection),
+            regions,
+            irqs,
+            max_fds,
+            max_transfer,
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// The socket it was reached at.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Accesses that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether an earlier failure gave up the connection.
+    pub fn broken(&self) -> bool {
+        self.lock().stream.is_none()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn request(&self, command: Command, body: &[u8], fds: &[RawFd]) -> Result<Vec<u8>, Error> {
+        let result = self.lock().request(command, body, fds);
+        if let Err(e) = &result {
+            // The first failures are worth a line; a broken connection would repeat forever.
+            if self.failures.fetch_add(1, Ordering::Relaxed) < 8 {
+                log::warn!("vfio-user {}: {e}", self.name);
+            }
+        }
+        result
+    }
+
+    /// Lets the device DMA to `[iova, iova + size)`, backed by `fd` from `offset` (DMA_MAP,
+    /// read and write).
+    pub fn dma_map(&self, iova: u64, size: u64, fd: RawFd, offset: u64) -> Result<(), Error> {
+        let body = Body::default().u32(32).u32(3).u64(offset).u64(iova).u64(size).0;
+        self.request(Command::DmaMap, &body, &[fd]).map(drop)
+    }
+
+    /// Takes a DMA mapping away (DMA_UNMAP).
+    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), Error> {
+        let body = Body::default().u32(24).u32(0).u64(iova).u64(size).0;
+        self.request(Command::DmaUnmap, &body, &[]).map(drop)
+    }
+
+    /// Resets the device (DEVICE_RESET).
+    pub fn reset(&self) -> Result<(), Error> {
+        self.request(Command::Reset, &[], &[]).map(drop)
+    }
+
+    fn inside(&self, index: u32, offset: u64, len: usize) -> bool {
+        let Some(region) = self.regions.get(index as usize) else { return false };
+        len <= self.max_transfer && offset.checked_add(len as u64).is_some_and(|end| end <= region.size)
+    }
+
+    fn region_access_body(index: u32, offset: u64, len: usize) -> Body {
+        Body::default().u64(offset).u32(index).u32(len as u32)
+    }
+}
+
+/// The server's `max_msg_fds` and `max_data_xfer_size` from its VERSION reply (major 0; the
+/// JSON may be absent, then the protocol's defaults hold: 1 descriptor, 1 MiB).
+fn parse_version(reply: &[u8]) -> Result<(usize, usize), String> {
+    let major = reply.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]])).ok_or("no version numbers")?;
+    if major != 0 {
+        return Err(format!("major version {major} (siovmm speaks 0)"));
+    }
+    let json = reply.get(4..).unwrap_or_default();
+    let json = &json[..json.iter().position(|&b| b == 0).unwrap_or(json.len())];
+    let (mut fds, mut transfer) = (1u64, 1u64 << 20);
+    if !json.is_empty() {
+        let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("capabilities: {e}"))?;
+        let caps = &value["capabilities"];
+        fds = caps["max_msg_fds"].as_u64().unwrap_or(fds);
+        transfer = caps["max_data_xfer_size"].as_u64().unwrap_or(transfer);
+    }
+    Ok((fds.clamp(1, SCM_MAX_FD as u64) as usize, transfer.clamp(8, 1 << 20) as usize))
+}
+
+impl VfioBackend for UserDevice {
+    fn region(&self, index: u32) -> RegionInfo {
+        // No region is mmapped: the server's region fds (GET_REGION_IO_FDS, sparse mmap) are
+        // not taken; every BAR access is a message.
+        let size = self
+            .regions
+            .get(index as usize)
+            .filter(|r| r.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE) != 0)
+            .map_or(0, |r| r.size);
+        RegionInfo { size, mmap: false }
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if !self.inside(index, offset, data.len()) {
+            return;
+        }
+        let body = Self::region_access_body(index, offset, data.len()).0;
+        // The reply echoes offset, region and count, then the data.
+        if let Ok(reply) = self.request(Command::RegionRead, &body, &[]) {
+            match reply.get(16..) {
+                Some(bytes) if bytes.len() == data.len() => data.copy_from_slice(bytes),
+                _ => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) {
+        if self.inside(index, offset, data.len()) {
+            let body = Self::region_access_body(index, offset, data.len()).bytes(data).0;
+            let _ = self.request(Command::RegionWrite, &body, &[]);
+        }
+    }
+
+    fn irq_count(&self, index: u32) -> u32 {
+        self.irqs.get(index as usize).copied().unwrap_or(0)
+    }
+
+    fn set_irqs(&self, index: u32, start: u32, fds: &[&EventFd]) -> std::io::Result<()> {
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        for (n, chunk) in raw.chunks(self.max_fds).enumerate() {
+            let first = start + (n * self.max_fds) as u32;
+            let body = Body::default()
+                .u32(20)
+                .u32(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER)
+                .u32(index)
+                .u32(first)
+                .u32(chunk.len() as u32)
+                .0;
+            self.request(Command::SetIrqs, &body, chunk).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn disable_irqs(&self, index: u32) -> std::io::Result<()> {
+        let body = Body::default().u32(20).u32(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER).u32(index).u32(0).u32(0).0;
+        self.request(Command::SetIrqs, &body, &[]).map(drop).map_err(std::io::Error::other)
+    }
+
+    fn map_region(&self, _index: u32) -> std::io::Result<Vec<RegionMapping>> {
+        Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::Arc;
+
+    /// What the fake server answers: a reply's flags, errno and payload, or raw bytes, or a
+    /// reply header claiming a size, or nothing at all (a wedged server).
+    enum Answer {
+        Reply(u32, u32, Vec<u8>),
+        Raw(Vec<u8>),
+        Size(u32),
+        Silence,
+    }
+
+    /// A vfio-user server that answers the connection handshake like a PCI device with one
+    /// 4 KiB BAR0, 256-byte config space and 4 MSI-X vectors, and every later request with
+    /// `answer(command, body, descriptors received)`.
+    fn fake_server(
+        dir: &Path,
+        max_fds: u32,
+        answer: impl Fn(u16, &[u8], usize) -> Answer + Send + 'static,
+    ) -> std::path::PathBuf {
+        let path = dir.join("fake.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            loop {
+                let mut header = [0u8; HEADER];
+                let Ok(fds) = recv_header(&stream, &mut header) else { return };
+                let id = u16::from_le_bytes([header[0], header[1]]);
+                let command = u16::from_le_bytes([header[2], header[3]]);
+                let mut body = vec![0u8; u32_at(&header, 4).unwrap() as usize - HEADER];
+                (&stream).read_exact(&mut body).unwrap();
+                let answer = match command {
+                    1 => {
+                        let caps = format!(r#"{{"capabilities":{{"max_msg_fds":{max_fds}}}}}"#);
+                        Answer::Reply(1, 0, Body::default().u16(0).u16(1).bytes(caps.as_bytes()).bytes(&[0]).0)
+                    }
+                    4 => Answer::Reply(1, 0, Body::default().u32(16).u32(VFIO_DEVICE_FLAGS_PCI).u32(9).u32(5).0),
+                    5 => {
+                        let index = u32_at(&body, 8).unwrap();
+                        let size = match index {
+                            0 => 4096,
+                            7 => 256,
+                            _ => 0,
+                        };
+                        Answer::Reply(1, 0, Body::default().u32(32).u32(3).u32(index).u32(0).u64(size).u64(0).0)
+                    }
+                    7 => {
+                        let index = u32_at(&body, 8).unwrap();
+                        Answer::Reply(1, 0, Body::default().u32(16).u32(1).u32(index).u32(if index == 2 { 4 } else { 0 }).0)
+                    }
+                    _ => answer(command, &body, fds.len()),
+                };
+                let bytes = match answer {
+                    Answer::Reply(flags, errno, payload) => {
+                        Body::default().u16(id).u16(command).u32((HEADER + payload.len()) as u32).u32(flags).u32(errno).bytes(&payload).0
+                    }
+                    Answer::Raw(bytes) => bytes,
+                    Answer::Size(size) => Body::default().u16(id).u16(command).u32(size).u32(1).u32(0).0,
+                    Answer::Silence => {
+                        std::thread::sleep(Duration::from_secs(3));
+                        return;
+                    }
+                };
+                if (&stream).write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+        });
+        path
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!("siovmm-user-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_handshake_reads_regions_and_interrupts() {
+        let dir = tempdir();
+        let device = UserDevice::connect(&fake_server(&dir, 4, |_, _, _| Answer::Silence)).unwrap();
+        assert_eq!(device.region(0).size, 4096);
+        assert_eq!(device.region(7).size, 256);
+        assert_eq!(device.region(1).size, 0);
+        assert_eq!(device.region(99).size, 0);
+        assert_eq!(device.irq_count(2), 4);
+        assert_eq!(device.irq_count(0), 0);
+        assert_eq!(device.max_fds, 4);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_refused_read_is_all_ones_and_the_connection_survives() {
+        let dir = tempdir();
+        let reads = Arc::new(AtomicU32::new(0));
+        let seen = reads.clone();
+        let path = fake_server(&dir, 1, move |command, body, _| {
+            assert_eq!(command, Command::RegionRead as u16);
+            if seen.fetch_add(1, Ordering::Relaxed) == 0 {
+                // An error reply carries no data (the crate's client would wait for 4 bytes).
+                Answer::Reply(FLAG_REPLY | FLAG_ERROR, libc::EINVAL as u32, Vec::new())
+            } else {
+                Answer::Reply(1, 0, Body::default().bytes(&body[..16]).u32(0x1234_5678).0)
+            }
+        });
+        let device = UserDevice::connect(&path).unwrap();
+        let mut data = [0u8; 4];
+        device.region_read(0, 0, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        assert_eq!(device.failures(), 1);
+        device.region_read(0, 0, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 0x1234_5678);
+        assert!(!device.broken());
+        // Outside the region: not even asked.
+        device.region_read(0, 4094, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_mismatched_reply_breaks_the_connection() {
+        let dir = tempdir();
+        // A reply with another message's id.
+        let path = fake_server(&dir, 1, |command, _, _| {
+            Answer::Raw(Body::default().u16(999).u16(command).u32(HEADER as u32).u32(1).u32(0).0)
+        });
+        let device = UserDevice::connect(&path).unwrap();
+        let error = device.reset().unwrap_err();
+        assert!(matches!(error, Error::Protocol(Command::Reset, _)), "{error}");
+        assert!(device.broken());
+        assert!(matches!(device.reset().unwrap_err(), Error::Broken(Command::Reset)));
+        let mut data = [0u8; 4];
+        device.region_read(7, 0, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_huge_reply_size_is_refused_unread() {
+        let dir = tempdir();
+        let path = fake_server(&dir, 1, |_, _, _| Answer::Size(u32::MAX));
+        let device = UserDevice::connect(&path).unwrap();
+        let error = device.reset().unwrap_err();
+        assert!(matches!(&error, Error::Protocol(Command::Reset, what) if what == "reply size 4294967295"), "{error:?}");
+        assert!(device.broken());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_silent_server_times_out_instead_of_hanging_the_caller() {
+        let dir = tempdir();
+        let path = fake_server(&dir, 1, |_, _, _| Answer::Silence);
+        let device = UserDevice::connect_with_timeout(&path, Duration::from_millis(200)).unwrap();
+        let error = device.reset().unwrap_err();
+        assert!(matches!(error, Error::Io(Command::Reset, _)), "{error}");
+        assert!(device.broken());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn set_irqs_sends_at_most_the_servers_descriptors_per_message() {
+        let dir = tempdir();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let seen = messages.clone();
+        let path = fake_server(&dir, 2, move |command, body, fds| {
+            assert_eq!(command, Command::SetIrqs as u16);
+            let fields: Vec<u32> = (0..5).map(|i| u32_at(body, i * 4).unwrap()).collect();
+            seen.lock().unwrap().push((fields, fds));
+            Answer::Reply(1, 0, Vec::new())
+        });
+        let device = UserDevice::connect(&path).unwrap();
+        let fds: Vec<EventFd> = (0..5).map(|_| EventFd::new(0).unwrap()).collect();
+        let refs: Vec<&EventFd> = fds.iter().collect();
+        device.set_irqs(2, 1, &refs).unwrap();
+        device.disable_irqs(2).unwrap();
+        let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        let none = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
+        assert_eq!(
+            *messages.lock().unwrap(),
+            vec![
+                (vec![20, trigger, 2, 1, 2], 2),
+                (vec![20, trigger, 2, 3, 2], 2),
+                (vec![20, trigger, 2, 5, 1], 1),
+                (vec![20, none, 2, 0, 0], 0),
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_version_reply_bounds_what_is_sent() {
+        assert_eq!(parse_version(&Body::default().u16(0).u16(1).0), Ok((1, 1 << 20)));
+        let json = br#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":65536}}"#;
+        assert_eq!(parse_version(&Body::default().u16(0).u16(1).bytes(json).bytes(&[0]).0), Ok((16, 65536)));
+        let huge = br#"{"capabilities":{"max_msg_fds":100000}}"#;
+        assert_eq!(parse_version(&Body::default().u16(0).u16(1).bytes(huge).0), Ok((SCM_MAX_FD, 1 << 20)));
+        assert!(parse_version(&Body::default().u16(1).u16(0).0).is_err());
+        assert!(parse_version(&Body::default().u16(0).u16(0).bytes(b"{not json").0).is_err());
+        assert!(parse_version(&[]).is_err());
+    }
+}
