@@ -106,9 +106,11 @@ impl GuestCase {
         }
     }
 
-    /// ADIs given to the guest: the sum of its `--adi N` arguments.
+    /// ADIs given to the guest: the sum of its `--adi N` arguments, and one per `--vfio-user`
+    /// device (an ADI of the device daemon).
     pub fn adis(&self) -> u32 {
-        self.extra_args.windows(2).filter(|w| w[0] == "--adi").filter_map(|w| w[1].parse::<u32>().ok()).sum()
+        let own: u32 = self.extra_args.windows(2).filter(|w| w[0] == "--adi").filter_map(|w| w[1].parse::<u32>().ok()).sum();
+        own + self.extra_args.iter().filter(|a| *a == "--vfio-user").count() as u32
     }
 
     /// How long this case may take: [`budget::guest`] of its ADIs and declared extra work.
@@ -273,6 +275,9 @@ pub struct SandboxSetup {
     pub script: String,
     /// Seconds of work an idle machine spends in the setup script.
     pub script_idle: Duration,
+    /// Further files for the sandbox's initramfs (path, mode, contents): programs the setup
+    /// script starts, such as the device daemon.
+    pub files: Vec<(String, u32, Vec<u8>)>,
 }
 
 impl SandboxSetup {
@@ -491,6 +496,9 @@ fn run_sandbox(assets: &Assets, cases: &[GuestCase], retry: Retry, setup: &Sandb
     let steps = cases.len() + usize::from(!setup.script.is_empty());
     if !setup.script.is_empty() {
         image.file("setup.sh", 0o755, setup.script.as_bytes());
+    }
+    for (path, mode, data) in &setup.files {
+        image.file(path, *mode, data);
     }
     let image = image.finish(&sandbox_script(cases, setup));
     let total = budget::sandbox_boot() + setup.budget() + cases.iter().map(GuestCase::budget).sum::<Duration>();

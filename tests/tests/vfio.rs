@@ -181,6 +181,7 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
         vfio: true,
         script,
         script_idle: Duration::from_secs(5),
+        files: Vec::new(),
     };
     let (first_at, second_at) = (512, 768);
     let cases = [

@@ -5,7 +5,7 @@
 //! the payload a successful reply would have had — after a refused REGION_READ it waits for
 //! bytes that never come (a vCPU hung in an MMIO exit) or takes the next reply's bytes as data;
 //! it checks no message id, and it has no timeout, so a stuck daemon hangs the vCPU that asked.
-//! The protocol is small (qemu docs/interop/vfio-user.rst), so the client is here:
+//! The protocol is small (the specification is interop/vfio-user.rst in QEMU's docs), so the client is here:
 //!
 //! - every reply is checked against its request (id, command, reply type, size) and an error
 //!   reply becomes an `Err` with the server's errno; the connection stays usable;
