@@ -10,9 +10,11 @@
 //! interrupt goes from the device's worker straight to the client's KVM irqfd.
 //!
 //! BAR0 is `siovmm_vdcm::adi`'s layout (docs/siov-device.md): registers below 0x1000, the
-//! doorbell at 0x1000. Doorbell writes arrive as region writes (the crate has no
-//! GET_REGION_IO_FDS, so no ioeventfd fast path yet). Accesses outside what the layout
-//! defines read as zero and are dropped; nothing a client sends can panic this code.
+//! doorbell at 0x1000. The doorbell is the device's own eventfd, handed to the client as an
+//! ioeventfd (GET_REGION_IO_FDS) so that KVM signals the worker directly; a doorbell write
+//! that arrives as a region write (a client without ioeventfds) signals the same eventfd.
+//! Accesses outside what the layout defines read as zero and are dropped; nothing a client
+//! sends can panic this code.
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -305,5 +307,15 @@ impl ServerBackend for AdiBackend {
             self.bind_vector(v, Some(Arc::new(eventfd))).map_err(device_error)?;
         }
         Ok(())
+    }
+}
+
+impl crate::server::RegionIoFds for AdiBackend {
+    fn io_eventfds(&self, index: u32) -> Vec<crate::server::IoEventFd> {
+        if index == VFIO_PCI_BAR0_REGION_INDEX {
+            vec![crate::server::io_eventfd(DOORBELL, 8, self.doorbell.as_ref())]
+        } else {
+            Vec::new()
+        }
     }
 }

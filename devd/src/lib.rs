@@ -3,31 +3,36 @@
 //! and serves each ADI as a vfio-user device on its own UNIX socket, so VMMs — siovmm, or any
 //! vfio-user client — take ADIs from one host-wide device.
 //!
-//! What it does: per ADI, a thread accepts one client at a time (`vfio_user::Server`); while
+//! What it does: per ADI, a thread accepts one client at a time ([`server`]); while
 //! connected, the ADI is open on the device with its IMS entries allocated ([`adi::AdiBackend`]);
 //! when the client leaves or dies (the socket closes), the ADI is closed and its IMS entries
-//! and DMA mappings go back to the device before the next client is accepted.
+//! and DMA mappings go back to the device before the next client is accepted. The ADI's
+//! doorbell is offered as an ioeventfd (GET_REGION_IO_FDS), so a guest's submissions go from
+//! KVM to the device's worker without crossing the VMM or the socket.
 //!
-//! What it does not do yet (issue 11): the doorbell ioeventfd fast path (the crate has no
-//! GET_REGION_IO_FDS), per-VM limits, IMS for enlightened guests (trap window, hypercall), a
-//! daemon restart that keeps clients.
+//! What it does not do yet (issue 11): per-VM limits, IMS for enlightened guests (trap
+//! window, hypercall), one thread for many sockets, a daemon restart that keeps clients.
 
 pub mod adi;
 pub mod dma;
+pub mod server;
 
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use siovmm_vfio::siov::{AdiId, SiovDevice};
-use vfio_user::Server;
 
 /// Where ADI `adi`'s socket is in `dir`.
 pub fn socket_path(dir: &Path, adi: u32) -> PathBuf {
     dir.join(format!("adi-{adi}.sock"))
 }
 
-/// Serves ADI `adi` of `device` on `server`, one client after another, until accepting fails.
-pub fn serve(server: &Server, device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16) -> vfio_user::Error {
+/// Serves ADI `adi` of `device` on `listener`, one client after another, until accepting
+/// fails.
+pub fn serve(listener: &UnixListener, device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16) -> std::io::Error {
+    let (regions, irqs) = adi::layout(vectors);
+    let shape = server::DeviceShape { regions, irqs };
     loop {
         let mut backend = match adi::AdiBackend::open(device.clone(), adi, vectors) {
             Ok(b) => b,
@@ -38,9 +43,12 @@ pub fn serve(server: &Server, device: Arc<dyn SiovDevice>, adi: AdiId, vectors: 
                 continue;
             }
         };
-        match server.run(&mut backend) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => return e,
+        };
+        match server::serve_connection(&stream, &shape, &mut backend) {
             Ok(()) => log::info!("ADI {}: client left", adi.0),
-            Err(vfio_user::Error::SocketAccept(e)) => return vfio_user::Error::SocketAccept(e),
             Err(e) => log::warn!("ADI {}: connection ended: {e}", adi.0),
         }
         // Dropping the backend closes the ADI and frees its IMS entries.

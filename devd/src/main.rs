@@ -87,14 +87,13 @@ fn run(o: Options) -> Result<(), String> {
     for adi in 0..o.adis {
         let path = socket_path(&o.dir, adi);
         clear_stale(&path)?;
-        let (regions, irqs) = siovmm_devd::adi::layout(o.vectors);
-        let server = vfio_user::Server::new(&path, true, irqs, regions).map_err(|e| format!("{}: {e}", path.display()))?;
+        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let device = device.clone();
         let vectors = o.vectors;
         let t = std::thread::Builder::new()
             .name(format!("adi{adi}"))
             .spawn(move || {
-                let e = serve(&server, device, AdiId(adi), vectors);
+                let e = serve(&listener, device, AdiId(adi), vectors);
                 log::error!("ADI {adi}: no longer accepting: {e}");
             })
             .map_err(|e| format!("starting a thread: {e}"))?;

@@ -175,7 +175,7 @@ impl DeviceManager {
         let passthrough = self
             .passthrough
             .get_or_insert_with(|| Passthrough::new(guest.vm.clone(), guest.mem.clone(), guest.shared_ram.clone()));
-        let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, slots: &guest.slots };
+        let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, slots: &guest.slots, ioevents: guest.irq.clone() };
         Ok(add(passthrough, attach)?)
     }
 

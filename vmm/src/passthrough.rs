@@ -17,12 +17,12 @@ use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
-use siovmm_interrupts::MsiRouter;
+use siovmm_interrupts::{IoEvents, MsiRouter};
 use siovmm_vfio::host::HostDevice;
 use siovmm_vfio::kernel::KernelVfio;
 use siovmm_vfio::mapping::{direct_ranges, RegionMapping, PAGE};
 use siovmm_vfio::pci::{bars, Bar, VfioBackend, VfioBarMapper, VfioPciFunction};
-use siovmm_vfio::user::UserDevice;
+use siovmm_vfio::user::{IoEventFd as UserIoEventFd, UserDevice};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -71,6 +71,7 @@ pub(crate) struct Attach<'a> {
     pub(crate) router: Arc<MsiRouter>,
     pub(crate) mmio: &'a Arc<Bus>,
     pub(crate) slots: &'a Arc<MemorySlots>,
+    pub(crate) ioevents: Arc<dyn IoEvents>,
 }
 
 /// A guest access to a trapped part of a passed-through BAR, handed to its function.
@@ -118,11 +119,40 @@ struct BarPlacer {
     direct: OnceLock<Vec<DirectBar>>,
     /// Memory slots in use, per BAR index.
     live: Mutex<BTreeMap<u8, Vec<MappedSlot>>>,
+    /// Places in BARs whose writes go to the device through an eventfd (a vfio-user
+    /// server's GET_REGION_IO_FDS: the doorbell), made KVM ioeventfds wherever the BAR is.
+    io_eventfds: Vec<(u8, UserIoEventFd)>,
+    ioevents: Arc<dyn IoEvents>,
+    /// Guest addresses of the ioeventfds registered, per BAR index.
+    registered: Mutex<BTreeMap<u8, Vec<u64>>>,
     /// Set when a slot could not be removed: its host pages must then outlive the VM.
     stuck: std::sync::atomic::AtomicBool,
 }
 
 impl BarPlacer {
+    /// Makes BAR `bar`'s eventfd places KVM ioeventfds at `base`.
+    fn register_io_eventfds(&self, bar: u8, base: u64) {
+        let mut at = Vec::new();
+        for (_, e) in self.io_eventfds.iter().filter(|(b, _)| *b == bar) {
+            let addr = base + e.offset;
+            match self.ioevents.ioeventfd(&e.fd, addr, true) {
+                Ok(()) => at.push(addr),
+                // The write still reaches the device, as a trapped BAR access.
+                Err(err) => log::warn!("{}: ioeventfd at {addr:#x}: {err}; those writes exit to siovmm", self.name),
+            }
+        }
+        lock(&self.registered).insert(bar, at);
+    }
+
+    fn unregister_io_eventfds(&self, bar: u8) {
+        let at = lock(&self.registered).remove(&bar).unwrap_or_default();
+        for ((_, e), addr) in self.io_eventfds.iter().filter(|(b, _)| *b == bar).zip(at) {
+            if let Err(err) = self.ioevents.ioeventfd(&e.fd, addr, false) {
+                log::warn!("{}: removing the ioeventfd at {addr:#x}: {err}", self.name);
+            }
+        }
+    }
+
     fn unmap_slots(&self, bar: u8) {
         let slots = lock(&self.live).remove(&bar).unwrap_or_default();
         for slot in slots {
@@ -157,6 +187,7 @@ impl VfioBarMapper for BarPlacer {
             return; // I/O BARs are not placed (see `attach`).
         }
         if let Some(base) = old {
+            self.unregister_io_eventfds(bar.index);
             self.unmap_slots(bar.index);
             self.mmio.remove(base);
         }
@@ -175,6 +206,7 @@ impl VfioBarMapper for BarPlacer {
             return;
         }
         self.map_slots(bar.index, base);
+        self.register_io_eventfds(bar.index, base);
     }
 }
 
@@ -294,6 +326,16 @@ impl Passthrough {
     /// placed and its mmap-able pages ready to become memory slots.
     fn place(&mut self, name: String, backend: Backend, guest: Attach<'_>) -> Result<Bdf, Error> {
         let device = backend.as_dyn();
+        let mut io_eventfds = Vec::new();
+        if let Backend::User(user) = &backend {
+            for bar in bars(device.as_ref()).into_iter().filter(|b| !b.io) {
+                match user.io_eventfds(u32::from(bar.index)) {
+                    Ok(fds) => io_eventfds.extend(fds.into_iter().map(|f| (bar.index, f))),
+                    // Correct without them, only slower: every write is a message.
+                    Err(e) => log::warn!("{name}: BAR {}: no ioeventfds: {e}", bar.index),
+                }
+            }
+        }
         let bdf = guest.allocator.allocate_device().map_err(|e| Error::Placement(name.clone(), e))?;
         // Memory BARs only: the guest's segment has no I/O window (an I/O BAR reads as absent).
         let mut placement = Vec::new();
@@ -317,6 +359,9 @@ impl Passthrough {
             direct: OnceLock::new(),
             live: Mutex::new(BTreeMap::new()),
             stuck: false.into(),
+            io_eventfds,
+            ioevents: guest.ioevents.clone(),
+            registered: Mutex::new(BTreeMap::new()),
         });
         let mapper: Weak<dyn VfioBarMapper> = Arc::downgrade(&(placer.clone() as Arc<dyn VfioBarMapper>));
         let function = VfioPciFunction::new(bdf, device.clone(), &placement, guest.router, mapper);
@@ -351,7 +396,9 @@ impl Passthrough {
                 let t = lock(&d.function).trapped_accesses();
                 let kind = match &d.backend {
                     Backend::Kernel(_) => "VFIO".to_string(),
-                    Backend::User(u) => format!("vfio-user ({} failed requests)", u.failures()),
+                    Backend::User(u) => {
+                        format!("vfio-user ({} ioeventfds, {} failed requests)", d.placer.io_eventfds.len(), u.failures())
+                    }
                 };
                 format!("{kind} {} at {}: {} MSI-X table/PBA accesses and {} other BAR accesses trapped", d.name, d.bdf, t.msix, t.other)
             })

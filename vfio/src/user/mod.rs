@@ -18,8 +18,10 @@
 //!
 //! Messages are little-endian packed structs, written and parsed field by field here.
 
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+pub mod protocol;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +33,9 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+pub use protocol::Command;
+use protocol::{recv_header, send, u32_at, u64_at, Body, FLAG_ERROR, FLAG_REPLY, FLAG_TYPE_MASK, HEADER, SCM_MAX_FD};
 
 use crate::mapping::RegionMapping;
 use crate::pci::{RegionInfo, VfioBackend};
@@ -43,42 +47,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest reply payload accepted (the protocol's default `max_data_xfer_size`, plus room
 /// for a reply's fixed part): a bigger size is a broken server, not a read to honour.
-const MAX_REPLY: usize = (1 << 20) + 64;
-
-/// SCM_MAX_FD (linux include/net/scm.h): no more descriptors travel in one message.
-const SCM_MAX_FD: usize = 253;
-
-/// Message header: id, command, size (header included), flags, error.
-const HEADER: usize = 16;
-const FLAG_TYPE_MASK: u32 = 0xf;
-const FLAG_REPLY: u32 = 1;
-const FLAG_ERROR: u32 = 1 << 5;
-
-/// Commands (vfio-user.rst, "Commands").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Command {
-    /// VERSION.
-    Version = 1,
-    /// DMA_MAP.
-    DmaMap = 2,
-    /// DMA_UNMAP.
-    DmaUnmap = 3,
-    /// DEVICE_GET_INFO.
-    DeviceGetInfo = 4,
-    /// DEVICE_GET_REGION_INFO.
-    RegionInfo = 5,
-    /// DEVICE_GET_IRQ_INFO.
-    IrqInfo = 7,
-    /// DEVICE_SET_IRQS.
-    SetIrqs = 8,
-    /// REGION_READ.
-    RegionRead = 9,
-    /// REGION_WRITE.
-    RegionWrite = 10,
-    /// DEVICE_RESET.
-    Reset = 13,
-}
+const MAX_REPLY: usize = protocol::MAX_TRANSFER + 64;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,38 +72,6 @@ pub enum Error {
     Unsupported(String),
 }
 
-/// Little-endian field writer for a message body.
-#[derive(Default)]
-struct Body(Vec<u8>);
-
-impl Body {
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend(v.to_le_bytes());
-        self
-    }
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend(v.to_le_bytes());
-        self
-    }
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend(v.to_le_bytes());
-        self
-    }
-    fn bytes(mut self, v: &[u8]) -> Self {
-        self.0.extend_from_slice(v);
-        self
-    }
-}
-
-/// Field `n` (u32) of a reply payload, if it is that long.
-fn u32_at(payload: &[u8], at: usize) -> Option<u32> {
-    payload.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-fn u64_at(payload: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from(u32_at(payload, at)?) | u64::from(u32_at(payload, at + 4)?) << 32)
-}
-
 /// The socket and the id of the next message; `None` once broken.
 #[derive(Debug)]
 struct Connection {
@@ -143,8 +80,9 @@ struct Connection {
 }
 
 impl Connection {
-    /// Sends `body` as `command` with `fds` and returns the reply's payload (after the header).
-    fn request(&mut self, command: Command, body: &[u8], fds: &[RawFd]) -> Result<Vec<u8>, Error> {
+    /// Sends `body` as `command` with `fds` and returns the reply's payload (after the header)
+    /// and the descriptors that came with it.
+    fn request(&mut self, command: Command, body: &[u8], fds: &[RawFd]) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
         let Some(stream) = &self.stream else { return Err(Error::Broken(command)) };
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
@@ -160,15 +98,15 @@ impl Connection {
 }
 
 /// One request and its reply on `stream`.
-fn exchange(stream: &UnixStream, id: u16, command: Command, body: &[u8], fds: &[RawFd]) -> Result<Vec<u8>, Error> {
+fn exchange(stream: &UnixStream, id: u16, command: Command, body: &[u8], fds: &[RawFd]) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
     let io = |e: std::io::Error| Error::Io(command, e);
     let size = u32::try_from(HEADER + body.len()).map_err(|_| Error::Protocol(command, "request too large".into()))?;
     let header = Body::default().u16(id).u16(command as u16).u32(size).u32(0).u32(0).0;
     send(stream, &[&header, body], fds).map_err(io)?;
 
     let mut reply = [0u8; HEADER];
+    // Descriptors the server attached: kept for the caller, closed when it drops them.
     let received = recv_header(stream, &mut reply).map_err(io)?;
-    drop(received); // descriptors the server attached: none is used, all are closed
     let reply_id = u16::from_le_bytes([reply[0], reply[1]]);
     let reply_command = u16::from_le_bytes([reply[2], reply[3]]);
     let reply_size = u32_at(&reply, 4).unwrap_or(0) as usize;
@@ -191,37 +129,19 @@ fn exchange(stream: &UnixStream, id: u16, command: Command, body: &[u8], fds: &[
         let errno = if errno == 0 { libc::EIO } else { errno.min(i32::MAX as u32) as i32 };
         return Err(Error::Refused(command, std::io::Error::from_raw_os_error(errno)));
     }
-    Ok(payload)
+    Ok((payload, received))
 }
 
-/// Writes `parts` as one message, `fds` attached to its first bytes.
-fn send(stream: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> std::io::Result<()> {
-    let message: Vec<u8> = parts.concat();
-    // sendmsg with MSG_NOSIGNAL: a daemon that died gives EPIPE, not SIGPIPE.
-    let sent = stream.send_with_fds(&[message.as_slice()], fds).map_err(std::io::Error::from)?;
-    // A stream socket may take part of a message; the descriptors went with the first byte.
-    (&*stream).write_all(&message[sent..])
-}
-
-/// Reads a reply header, collecting any descriptors that came with it.
-fn recv_header(stream: &UnixStream, header: &mut [u8; HEADER]) -> std::io::Result<Vec<OwnedFd>> {
-    let mut fds = [-1 as RawFd; SCM_MAX_FD];
-    let mut iov = [libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: HEADER }];
-    // SAFETY: the iovec covers `header`, which lives through the call; `fds` has room for
-    // SCM_MAX_FD descriptors, as many as one message can carry.
-    let (read, count) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.map_err(std::io::Error::from)?;
-    let received = fds[..count.min(SCM_MAX_FD)]
-        .iter()
-        .filter(|&&fd| fd >= 0)
-        // SAFETY: the kernel installed these descriptors in this process for this message;
-        // nothing else owns them.
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
-    if read == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    (&*stream).read_exact(&mut header[read..])?;
-    Ok(received)
+/// A place in a region where writes may go to the device through an eventfd (the server's
+/// GET_REGION_IO_FDS answer): the client makes it a KVM ioeventfd.
+#[derive(Debug)]
+pub struct IoEventFd {
+    /// Offset in the region.
+    pub offset: u64,
+    /// Bytes (0: any access size).
+    pub size: u64,
+    /// The eventfd the device watches.
+    pub fd: EventFd,
 }
 
 /// What the server says about a region.
@@ -265,10 +185,10 @@ impl UserDevice {
         // object. The reply's capabilities bound what siovmm sends.
         let caps = format!(r#"{{"capabilities":{{"max_msg_fds":{SCM_MAX_FD},"max_data_xfer_size":{}}}}}"#, 1 << 20);
         let body = Body::default().u16(0).u16(1).bytes(caps.as_bytes()).bytes(&[0]).0;
-        let reply = connection.request(Command::Version, &body, &[])?;
+        let (reply, _) = connection.request(Command::Version, &body, &[])?;
         let (max_fds, max_transfer) = parse_version(&reply).map_err(|what| Error::Protocol(Command::Version, what))?;
 
-        let info = connection.request(Command::DeviceGetInfo, &Body::default().u32(16).u32(0).u32(0).u32(0).0, &[])?;
+        let (info, _) = connection.request(Command::DeviceGetInfo, &Body::default().u32(16).u32(0).u32(0).u32(0).0, &[])?;
         let (flags, regions, irqs) = match (u32_at(&info, 4), u32_at(&info, 8), u32_at(&info, 12)) {
             (Some(f), Some(r), Some(i)) => (f, r, i),
             _ => return Err(Error::Protocol(Command::DeviceGetInfo, format!("{}-byte reply", info.len()))),
@@ -281,7 +201,7 @@ impl UserDevice {
         let regions = (0..regions.min(VFIO_PCI_NUM_REGIONS))
             .map(|index| {
                 let body = Body::default().u32(32).u32(0).u32(index).u32(0).u64(0).u64(0).0;
-                let reply = connection.request(Command::RegionInfo, &body, &[])?;
+                let (reply, _) = connection.request(Command::RegionInfo, &body, &[])?;
                 match (u32_at(&reply, 4), u64_at(&reply, 16)) {
                     (Some(flags), Some(size)) => Ok(Region { size, flags }),
                     _ => Err(Error::Protocol(Command::RegionInfo, format!("region {index}: {}-byte reply", reply.len()))),
@@ -290,7 +210,7 @@ impl UserDevice {
             .collect::<Result<Vec<_>, _>>()?;
         let irqs = (0..irqs.min(VFIO_PCI_NUM_IRQS))
             .map(|index| {
-                let reply = connection.request(Command::IrqInfo, &Body::default().u32(16).u32(0).u32(index).u32(0).0, &[])?;
+                let (reply, _) = connection.request(Command::IrqInfo, &Body::default().u32(16).u32(0).u32(index).u32(0).0, &[])?;
                 u32_at(&reply, 12).ok_or_else(|| Error::Protocol(Command::IrqInfo, format!("{}-byte reply", reply.len())))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -325,6 +245,10 @@ impl UserDevice {
     }
 
     fn request(&self, command: Command, body: &[u8], fds: &[RawFd]) -> Result<Vec<u8>, Error> {
+        self.request_with_fds(command, body, fds).map(|(payload, _)| payload)
+    }
+
+    fn request_with_fds(&self, command: Command, body: &[u8], fds: &[RawFd]) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
         let result = self.lock().request(command, body, fds);
         if let Err(e) = &result {
             // The first failures are worth a line; a broken connection would repeat forever.
@@ -351,6 +275,46 @@ impl UserDevice {
     /// Resets the device (DEVICE_RESET).
     pub fn reset(&self) -> Result<(), Error> {
         self.request(Command::Reset, &[], &[]).map(drop)
+    }
+
+    /// The ioeventfds the server offers for region `index` (GET_REGION_IO_FDS): writes the
+    /// guest makes there can go from KVM straight to the device. Sub-regions of other types,
+    /// with a datamatch, outside the region, or naming a descriptor that did not come, are
+    /// left out (those accesses keep going through REGION_WRITE).
+    pub fn io_eventfds(&self, index: u32) -> Result<Vec<IoEventFd>, Error> {
+        const MAX_ENTRIES: usize = 64;
+        let argsz = (16 + MAX_ENTRIES * protocol::IO_FD_ENTRY) as u32;
+        let body = Body::default().u32(argsz).u32(0).u32(index).u32(0).0;
+        let (reply, fds) = self.request_with_fds(Command::RegionIoFds, &body, &[])?;
+        let bad = |what: String| Error::Protocol(Command::RegionIoFds, what);
+        let count = u32_at(&reply, 12).ok_or_else(|| bad(format!("{}-byte reply", reply.len())))? as usize;
+        let region = self.regions.get(index as usize).map_or(0, |r| r.size);
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let mut out = Vec::new();
+        for i in 0..count.min(MAX_ENTRIES) {
+            let at = 16 + i * protocol::IO_FD_ENTRY;
+            let (Some(offset), Some(size), Some(fd_index), Some(kind), Some(flags)) =
+                (u64_at(&reply, at), u64_at(&reply, at + 8), u32_at(&reply, at + 16), u32_at(&reply, at + 20), u32_at(&reply, at + 24))
+            else {
+                return Err(bad(format!("{count} sub-regions in a {}-byte reply", reply.len())));
+            };
+            let inside = offset.checked_add(size.max(1)).is_some_and(|end| end <= region);
+            if kind != protocol::IO_FD_TYPE_IOEVENTFD || flags != 0 || !inside {
+                log::info!("vfio-user {}: region {index} sub-region {offset:#x}+{size:#x} (type {kind}, flags {flags:#x}) not used", self.name);
+                continue;
+            }
+            // The descriptor may be shared by several sub-regions: duplicate it for each.
+            let Some(Some(fd)) = fds.get(fd_index as usize) else {
+                return Err(bad(format!("sub-region {i} names descriptor {fd_index} of {}", fds.len())));
+            };
+            let fd = fd.try_clone().map_err(|e| Error::Io(Command::RegionIoFds, e))?;
+            // SAFETY: a descriptor this process owns (just duplicated), moved into the EventFd.
+            // Should the server have sent something else, KVM refuses it as an ioeventfd.
+            let fd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
+            out.push(IoEventFd { offset, size, fd });
+        }
+        fds.clear();
+        Ok(out)
     }
 
     fn inside(&self, index: u32, offset: u64, len: usize) -> bool {
@@ -515,7 +479,7 @@ mod tests {
                         return;
                     }
                 };
-                if (&stream).write_all(&bytes).is_err() {
+                if std::io::Write::write_all(&mut &stream, &bytes).is_err() {
                     return;
                 }
             }
