@@ -41,7 +41,8 @@ fn einval() -> std::io::Error {
     std::io::Error::from_raw_os_error(libc::EINVAL)
 }
 
-fn device_error(e: siov::Error) -> std::io::Error {
+/// The errno a device refusal is reported with.
+pub fn device_error(e: siov::Error) -> std::io::Error {
     log::warn!("device: {e}");
     std::io::Error::from_raw_os_error(match e {
         siov::Error::ImsExhausted { .. } | siov::Error::Resources(_) => libc::ENOSPC,

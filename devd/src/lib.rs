@@ -15,6 +15,7 @@
 
 pub mod adi;
 pub mod dma;
+pub mod pool;
 pub mod server;
 
 use std::os::unix::net::UnixListener;
@@ -29,28 +30,39 @@ pub fn socket_path(dir: &Path, adi: u32) -> PathBuf {
 }
 
 /// Serves ADI `adi` of `device` on `listener`, one client after another, until accepting
-/// fails.
-pub fn serve(listener: &UnixListener, device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16) -> std::io::Error {
+/// fails. A client gets the ADI opened for it, with `vectors` IMS entries, when it connects,
+/// and the device gets them back when it leaves; a client the device or its VM's limits
+/// cannot serve has every request refused with the reason's errno.
+pub fn serve(listener: &UnixListener, device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16, pool: &pool::Pool) -> std::io::Error {
     let (regions, irqs) = adi::layout(vectors);
     let shape = server::DeviceShape { regions, irqs };
     loop {
-        let mut backend = match adi::AdiBackend::open(device.clone(), adi, vectors) {
-            Ok(b) => b,
-            Err(e) => {
-                // The device has no IMS entries left for it: wait for a client to leave.
-                log::warn!("ADI {}: {e}; retrying in 1 s", adi.0);
-                std::thread::sleep(std::time::Duration::from_secs(1));
-                continue;
-            }
-        };
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) => return e,
         };
-        match server::serve_connection(&stream, &shape, &mut backend) {
-            Ok(()) => log::info!("ADI {}: client left", adi.0),
-            Err(e) => log::warn!("ADI {}: connection ended: {e}", adi.0),
+        let pid = pool::peer_pid(&stream);
+        if let Err(e) = pool.take(pid, u32::from(vectors)) {
+            log::warn!("ADI {}: {e}", adi.0);
+            server::refuse_connection(&stream, libc::EDQUOT);
+            continue;
         }
-        // Dropping the backend closes the ADI and frees its IMS entries.
+        match adi::AdiBackend::open(device.clone(), adi, vectors) {
+            Ok(mut backend) => {
+                log::info!("ADI {}: serving VMM pid {pid}", adi.0);
+                match server::serve_connection(&stream, &shape, &mut backend) {
+                    Ok(()) => log::info!("ADI {}: client left", adi.0),
+                    Err(e) => log::warn!("ADI {}: connection ended: {e}", adi.0),
+                }
+                // Closes the ADI; the device frees its IMS entries and DMA mappings.
+                drop(backend);
+            }
+            Err(e) => {
+                log::warn!("ADI {}: refused to VMM pid {pid}: {e}", adi.0);
+                let errno = adi::device_error(e).raw_os_error().unwrap_or(libc::EIO);
+                server::refuse_connection(&stream, errno);
+            }
+        }
+        pool.give_back(pid, u32::from(vectors));
     }
 }

@@ -1,4 +1,5 @@
-//! `siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]`
+//! `siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]
+//! [--max-adis-per-vm N] [--max-ims-per-vm N]`
 //!
 //! Serves ADI i of one software SIOV device on `DIR/adi-i.sock` (vfio-user) until killed.
 
@@ -11,7 +12,8 @@ use siovmm_devd::{serve, socket_path};
 use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
-const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]
+const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory]
+       [--workers N] [--max-adis-per-vm N] [--max-ims-per-vm N]
 
 Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock.
   --adis N          ADIs (default 4, at most 4096)
@@ -19,6 +21,12 @@ Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock
   --ims-entries N   IMS entries of the device (default 16384)
   --ims KIND        where the device keeps IMS: on-device (default) or in-memory
   --workers N       device worker threads (default 2, 1..=64)
+  --max-adis-per-vm N   ADIs one VMM may hold at a time (default: no limit)
+  --max-ims-per-vm N    IMS entries one VMM's ADIs may hold (default: no limit)
+
+DIR/status holds the totals in use (adis_open, ims_entries_in_use, clients), rewritten at
+every change. A VMM is told apart by its process ID; when it exits or is killed, its sockets
+close and its ADIs and IMS entries go back to the device at once.
 ";
 
 #[derive(Debug)]
@@ -29,6 +37,7 @@ struct Options {
     ims_entries: u32,
     storage: ImsStorage,
     workers: usize,
+    limits: siovmm_devd::pool::Limits,
 }
 
 fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, range: std::ops::RangeInclusive<T>) -> Result<T, String> {
@@ -37,7 +46,7 @@ fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, 
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
-    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2 };
+    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, limits: Default::default() };
     let mut dir = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -47,6 +56,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
             "--vectors" => o.vectors = number(&flag, args.next(), 1..=256)?,
             "--ims-entries" => o.ims_entries = number(&flag, args.next(), 1..=1 << 20)?,
             "--workers" => o.workers = number(&flag, args.next(), 1..=64)?,
+            "--max-adis-per-vm" => o.limits.adis_per_vm = Some(number(&flag, args.next(), 1..=4096)?),
+            "--max-ims-per-vm" => o.limits.ims_per_vm = Some(number(&flag, args.next(), 1..=1 << 20)?),
             "--ims" => {
                 o.storage = match args.next().as_deref() {
                     Some("on-device") => ImsStorage::OnDevice,
@@ -83,17 +94,18 @@ fn run(o: Options) -> Result<(), String> {
     if needed > u64::from(device.info().ims_entries) {
         log::warn!("{} ADIs x {} vectors need {needed} IMS entries; the device has {}: ADIs past them wait for a free group", o.adis, o.vectors, device.info().ims_entries);
     }
+    let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))));
     let mut threads = Vec::new();
     for adi in 0..o.adis {
         let path = socket_path(&o.dir, adi);
         clear_stale(&path)?;
         let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let device = device.clone();
+        let (device, pool) = (device.clone(), pool.clone());
         let vectors = o.vectors;
         let t = std::thread::Builder::new()
             .name(format!("adi{adi}"))
             .spawn(move || {
-                let e = serve(&listener, device, AdiId(adi), vectors);
+                let e = serve(&listener, device, AdiId(adi), vectors, &pool);
                 log::error!("ADI {adi}: no longer accepting: {e}");
             })
             .map_err(|e| format!("starting a thread: {e}"))?;

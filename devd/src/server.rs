@@ -133,6 +133,28 @@ pub fn serve_connection<B: ServerBackend + RegionIoFds>(stream: &UnixStream, sha
     }
 }
 
+/// Answers every request on `stream` with `errno` until the client leaves (or is silent for
+/// ten seconds): a client the daemon cannot serve learns why at its first request.
+pub fn refuse_connection(stream: &UnixStream, errno: i32) {
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    loop {
+        let mut raw = [0u8; HEADER];
+        if recv_header(stream, &mut raw).is_err() {
+            return;
+        }
+        let header = Header::decode(&raw);
+        let size = header.size as usize;
+        let mut body = vec![0u8; size.saturating_sub(HEADER)];
+        if !(HEADER..=MAX_MESSAGE).contains(&size) || (&*stream).read_exact(&mut body).is_err() {
+            return;
+        }
+        let reply = Header { id: header.id, command: header.command, size: HEADER as u32, flags: FLAG_REPLY | FLAG_ERROR, error: errno as u32 };
+        if send(stream, &[&reply.encode()], &[]).is_err() {
+            return;
+        }
+    }
+}
+
 /// The fields of a fixed-size request body, or EINVAL when it is shorter.
 fn fields<const N: usize>(body: &[u8], offsets: [usize; N], wide: [bool; N]) -> Result<[u64; N], Refusal> {
     let mut out = [0u64; N];

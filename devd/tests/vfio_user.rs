@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use std::os::unix::net::{UnixListener, UnixStream};
 
+use siovmm_devd::pool::{Limits, Pool};
 use siovmm_devd::{serve, socket_path};
 use siovmm_vdcm::adi::registers::reg;
 use siovmm_vdcm::adi::{ADI_DEVICE_ID, DOORBELL};
@@ -62,13 +63,19 @@ fn memfd(size: u64) -> File {
 
 /// A daemon with `adis` ADIs of `vectors` vectors on a device with `ims` entries.
 fn daemon(dir: &Path, adis: u32, vectors: u16, ims: u32) -> Arc<dyn SiovDevice> {
+    daemon_with(dir, adis, vectors, ims, Limits::default()).0
+}
+
+/// [`daemon`] with per-VM limits; also returns its accounting.
+fn daemon_with(dir: &Path, adis: u32, vectors: u16, ims: u32, limits: Limits) -> (Arc<dyn SiovDevice>, Arc<Pool>) {
     let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(adis, ims, ImsStorage::OnDevice, 1).unwrap());
+    let pool = Arc::new(Pool::new(limits, None));
     for adi in 0..adis {
         let listener = UnixListener::bind(socket_path(dir, adi)).unwrap();
-        let device = device.clone();
-        std::thread::spawn(move || serve(&listener, device, AdiId(adi), vectors));
+        let (device, pool) = (device.clone(), pool.clone());
+        std::thread::spawn(move || serve(&listener, device, AdiId(adi), vectors, &pool));
     }
-    device
+    (device, pool)
 }
 
 fn write32(c: &UserDevice, offset: u64, value: u32) {
@@ -208,7 +215,8 @@ fn hostile_requests_are_refused_and_the_adi_keeps_working() {
     // Served over a socket after all that, the ADI works for a well-behaved client.
     let dir = TempDir::new("hostile");
     let listener = UnixListener::bind(socket_path(&dir.0, 0)).unwrap();
-    std::thread::spawn(move || serve(&listener, device, AdiId(0), 2));
+    let pool = Arc::new(Pool::new(Limits::default(), None));
+    std::thread::spawn(move || serve(&listener, device, AdiId(0), 2, &pool));
     assert_eq!(session(&socket_path(&dir.0, 0), Ring::IoEventFd), 1);
 }
 
@@ -259,4 +267,36 @@ fn malformed_messages_are_refused_and_the_connection_stays_in_step() {
     // The ADI is served again to the next client.
     assert_eq!(session(&socket_path(&dir.0, 0), Ring::RegionWrite), 1);
     drop(device);
+}
+
+/// The errno a refused connection attempt reports.
+fn refusal(path: &Path) -> Option<i32> {
+    use siovmm_vfio::user::Error;
+    match UserDevice::connect(path) {
+        Err(Error::Refused(_, e)) => e.raw_os_error(),
+        Err(e) => panic!("not a refusal: {e}"),
+        Ok(_) => None,
+    }
+}
+
+#[test]
+fn exhaustion_and_per_vm_limits_are_clear_refusals_and_leaving_frees_everything() {
+    let dir = TempDir::new("limits");
+    // 3 IMS entries: one 2-vector ADI fits, a second does not.
+    let (_device, pool) = daemon_with(&dir.0, 3, 2, 3, Limits::default());
+    let first = UserDevice::connect(&socket_path(&dir.0, 0)).unwrap();
+    assert_eq!(refusal(&socket_path(&dir.0, 1)), Some(libc::ENOSPC), "IMS exhausted");
+    wait_for("the refused ADI's accounting back", || pool.totals() == (1, 2, 1));
+    drop(first);
+    wait_for("the first ADI back in the pool", || pool.totals() == (0, 0, 0));
+    assert_eq!(refusal(&socket_path(&dir.0, 1)), None, "its IMS entries serve another ADI");
+
+    let dir = TempDir::new("per-vm");
+    let (_device, pool) = daemon_with(&dir.0, 3, 2, 64, Limits { adis_per_vm: Some(2), ims_per_vm: None });
+    let a = UserDevice::connect(&socket_path(&dir.0, 0)).unwrap();
+    let b = UserDevice::connect(&socket_path(&dir.0, 1)).unwrap();
+    assert_eq!(refusal(&socket_path(&dir.0, 2)), Some(libc::EDQUOT), "a third ADI for the same VMM");
+    assert_eq!(pool.totals(), (2, 4, 1));
+    drop((a, b));
+    wait_for("both ADIs back", || pool.totals() == (0, 0, 0));
 }

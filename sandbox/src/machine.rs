@@ -35,31 +35,35 @@ uptime_cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }
 # Flight recorder (docs/testing.md, Diagnosing failures): KVM's record of every guest shutdown
 # (triple fault: SVM exit 0x7f, VMX exit 2) with the guest RIP before KVM resets the vCPU, of
 # every exception KVM injected, and of the interrupts it injected (kept in a ring, printed only
-# around a shutdown); kvm_flight_record prints and clears it after each step.
+# around a shutdown); kvm_flight_record prints and clears it after each step. The rare kinds
+# have a trace instance of their own, so that interrupts of guests running side by side
+# cannot push a shutdown out of the ring before it is printed.
 t=/sys/kernel/tracing
-if mount -t tracefs tracefs $t 2>/dev/null && [ -d $t/events/kvm ]; then
+r=$t/instances/rare
+if mount -t tracefs tracefs $t 2>/dev/null && [ -d $t/events/kvm ] && mkdir $r; then
   echo 64 > $t/buffer_size_kb
-  if [ -d /sys/module/kvm_amd ]; then echo 'exit_reason == 127' > $t/events/kvm/kvm_exit/filter
-  else echo 'exit_reason == 2' > $t/events/kvm/kvm_exit/filter; fi
-  echo 1 > $t/events/kvm/kvm_exit/enable
-  echo 1 > $t/events/kvm/kvm_inj_exception/enable
+  echo 256 > $r/buffer_size_kb
+  if [ -d /sys/module/kvm_amd ]; then echo 'exit_reason == 127' > $r/events/kvm/kvm_exit/filter
+  else echo 'exit_reason == 2' > $r/events/kvm/kvm_exit/filter; fi
+  echo 1 > $r/events/kvm/kvm_exit/enable
+  echo 1 > $r/events/kvm/kvm_inj_exception/enable
   echo 1 > $t/events/kvm/kvm_inj_virq/enable
 fi
-# Every record after a guest shutdown's (the interrupts injected just before it, per CPU's
-# ring); otherwise only the rare kinds.
+# The rare kinds, and after a guest shutdown the interrupts injected last (per CPU's ring).
 kvm_flight_records() {
-  if grep -q 'reason shutdown' $t/trace; then grep -v '^#' $t/trace | tail -n 80
-  else grep -v '^#' $t/trace | grep -v ' kvm_inj_virq: '; fi
+  if grep -q 'reason shutdown' $r/trace; then grep -v '^#' $t/trace | tail -n 80; fi
+  grep -v '^#' $r/trace
 }
 kvm_flight_record() {
-  [ -r $t/trace ] || return 0
-  kvm_flight_records | while read -r l; do
+  [ -r $r/trace ] || return 0
+  kvm_flight_records | tee -a /tmp/flight.log | while read -r l; do
     rip=${l##* rip 0x}; rip=${rip%% *}
     sym=''
     case $rip in ffffffff8*) sym=$(awk -v a=$rip '$1 <= a && $1 > b && ($2 == \"T\" || $2 == \"t\") { b = $1; n = $3 } END { if (n != \"\") print \" (sandbox kernel symbol: \" n \")\" }' /proc/kallsyms);; esac
     echo \"@@KVM-TRACE $l$sym\"
   done
   echo > $t/trace
+  echo > $r/trace
 }
 # A stalled sandbox is asked for every CPU's backtrace by an NMI from the QEMU monitor
 # (machine::diagnose_stall): unknown NMIs panic, and the panic prints all CPUs' backtraces
@@ -602,6 +606,8 @@ pub fn steps(lines: &[String]) -> Vec<StepResult> {
 /// A guest shutdown (triple fault) as the flight recorder saw it (`@@KVM-TRACE` lines).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestShutdown {
+    /// The vCPU thread's ID (the record's task), which siovmm's triple-fault line names too.
+    pub thread: Option<u32>,
     /// The vCPU.
     pub vcpu: u32,
     /// The guest RIP at the shutdown, before KVM reset the vCPU.
@@ -688,6 +694,8 @@ pub fn guest_shutdowns(lines: &[String]) -> Vec<GuestShutdown> {
         .filter(|l| l.starts_with("@@KVM-TRACE") && l.contains(" kvm_exit: ") && l.contains(" reason shutdown "))
         .filter_map(|l| {
             Some(GuestShutdown {
+                // "@@KVM-TRACE vcpu0-138 [001] ...": the thread is the task name's PID suffix.
+                thread: l.split_whitespace().nth(1).and_then(|t| t.rsplit_once('-')).and_then(|(_, tid)| tid.parse().ok()),
                 vcpu: l.split(" kvm_exit: vcpu ").nth(1)?.split_whitespace().next()?.parse().ok()?,
                 rip: hex(l, " rip ")?,
                 delivering: hex(l, " intr_info ")? as u32,
@@ -734,7 +742,7 @@ mod tests {
 
     #[test]
     fn a_fetch_fault_on_code_the_post_mortem_maps() {
-        let shutdown = |rip: u64, error_code: u32| GuestShutdown { vcpu: 1, rip, delivering: 0x8000_0b0e, error_code, symbol: None };
+        let shutdown = |rip: u64, error_code: u32| GuestShutdown { thread: None, vcpu: 1, rip, delivering: 0x8000_0b0e, error_code, symbol: None };
         let console: Vec<String> = [
             "siovmm: warn: post-mortem of vCPU 0: kernel mappings under CR3 0x2000 (sampled 1 ms before), read from guest memory after the fault: 0xffffffff81000000-0xffffffff811fffff r-x",
             "siovmm: warn: post-mortem of vCPU 1: kernel mappings under CR3 0x1000 (sampled 3 ms before), read from guest memory after the fault: \

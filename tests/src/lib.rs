@@ -74,6 +74,14 @@ pub struct GuestCase {
     /// Stop siovmm with SIGTERM after this long (sandbox runs only): for a guest that may
     /// wreck its own way to power off. siovmm then exits 143.
     pub stop_after: Option<Duration>,
+    /// Sandbox runs only: start the case and go on to the next at once, so it runs alongside
+    /// the cases after it. Its result (output, status) is collected after every other case,
+    /// and its `seconds` then count from its start. Its siovmm's PID is in /tmp/NAME.pid.
+    pub background: bool,
+    /// Sandbox runs only: run this shell script as the step instead of a siovmm (for what a
+    /// test does between guests: kill a process, read a daemon's counters). Its budget is
+    /// [`budget::work`] of `extra_idle`.
+    pub shell: Option<String>,
 }
 
 /// The common start of every guest /init: busybox applets, /proc, /sys, /dev, and the
@@ -103,7 +111,17 @@ impl GuestCase {
             vmm: None,
             extra_idle: Duration::ZERO,
             stop_after: None,
+            background: false,
+            shell: None,
         }
+    }
+
+    /// A sandbox step that runs `script` (sh) and takes `idle` on an idle machine.
+    pub fn shell(name: &str, script: &str, idle: Duration) -> Self {
+        let mut case = Self::new(name, Kernel::Vmlinux, 1, "");
+        case.shell = Some(script.into());
+        case.extra_idle = idle;
+        case
     }
 
     /// ADIs given to the guest: the sum of its `--adi N` arguments, and one per `--vfio-user`
@@ -113,9 +131,14 @@ impl GuestCase {
         own + self.extra_args.iter().filter(|a| *a == "--vfio-user").count() as u32
     }
 
-    /// How long this case may take: [`budget::guest`] of its ADIs and declared extra work.
+    /// How long this case may take: [`budget::guest`] of its ADIs and declared extra work
+    /// (a shell step: [`budget::work`] of its declared work).
     pub fn budget(&self) -> Duration {
-        budget::guest(self.adis(), self.extra_idle)
+        if self.shell.is_some() {
+            budget::work(self.extra_idle)
+        } else {
+            budget::guest(self.adis(), self.extra_idle)
+        }
     }
 
     fn initramfs(&self, assets: &Assets) -> Result<Vec<u8>, String> {
@@ -369,8 +392,8 @@ fn run_direct(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, S
     let dir = WorkDir::new("guest")?;
     let mut results = Vec::new();
     for case in cases {
-        if case.stop_after.is_some() {
-            return Err(format!("case {}: stop_after is for sandbox runs only", case.name));
+        if case.stop_after.is_some() || case.background || case.shell.is_some() {
+            return Err(format!("case {}: stop_after, background and shell are for sandbox runs only", case.name));
         }
         let initrd = dir.0.join(format!("{}.cpio", case.name));
         std::fs::write(&initrd, case.initramfs(assets)?).map_err(|e| e.to_string())?;
@@ -426,9 +449,37 @@ fn sandbox_script(cases: &[GuestCase], setup: &SandboxSetup) -> String {
         s.push_str(&machine::step(SETUP_STEP, setup.budget(), "sh /setup.sh"));
     }
     for case in cases {
+        if case.shell.is_some() {
+            s.push_str(&machine::step(&case.name, case.budget(), &format!("sh /steps/{}.sh", case.name)));
+            continue;
+        }
         let stop = case.stop_after.map(|d| format!("timeout -s TERM {} ", d.as_secs())).unwrap_or_default();
-        s.push_str(&machine::step(&case.name, case.budget(), &format!("{stop}{} {}", sandbox_vmm(case), sandbox_args(case))));
+        let command = format!("{stop}{} {}", sandbox_vmm(case), sandbox_args(case));
+        if case.background {
+            // Started now, under its own budget. busybox's timeout execs the command in its own
+            // process (a child does the timing), so $! is siovmm's PID.
+            let n = &case.name;
+            s.push_str(&format!(
+                "timeout -s KILL {} {command} </dev/null > /tmp/{n}.out 2>&1 &\nbg_{}=$!\necho $! > /tmp/{n}.pid\n",
+                case.budget().as_secs(),
+                n.replace('-', "_")
+            ));
+            continue;
+        }
+        s.push_str(&machine::step(&case.name, case.budget(), &command));
         s.push_str("echo \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n");
+    }
+    // Background cases report last: each waits for its process (within its budget, which
+    // its own timeout enforces) and replays what it printed as its step's output.
+    for case in cases.iter().filter(|c| c.background) {
+        let (n, var) = (&case.name, case.name.replace('-', "_"));
+        // Its guest's flight records were printed by whichever step ended after them: all of
+        // them, kept in /tmp/flight.log, go with it too (each names its vCPU thread, which
+        // ties it to one VM).
+        s.push_str(&format!(
+            "echo '@@STEP {n}'\nt0=$(uptime_cs)\nwait $bg_{var}\nrc=$?\ncat /tmp/{n}.out\nkvm_flight_record\n\
+             [ -f /tmp/flight.log ] && sed 's/^/@@KVM-TRACE /' /tmp/flight.log\necho \"@@STEP-END {n} $rc $(( $(uptime_cs) - t0 ))\"\n"
+        ));
     }
     s
 }
@@ -444,14 +495,17 @@ fn sandbox_image(assets: &Assets, cases: &[GuestCase]) -> Result<SandboxImage, S
             image.file(&format!("vmm/{}", case.name), 0o755, &binary);
         }
     }
-    let mut kernels: Vec<Kernel> = cases.iter().map(|c| c.kernel).collect();
+    let mut kernels: Vec<Kernel> = cases.iter().filter(|c| c.shell.is_none()).map(|c| c.kernel).collect();
     kernels.sort_by_key(|k| k.file());
     kernels.dedup();
     for k in kernels {
         image.file(&format!("guest/{}", k.file()), 0o644, &assets.read(k.file())?);
     }
     for case in cases {
-        image.file(&format!("guest/{}.cpio", case.name), 0o644, &case.initramfs(assets)?);
+        match &case.shell {
+            Some(script) => image.file(&format!("steps/{}.sh", case.name), 0o755, script.as_bytes()),
+            None => image.file(&format!("guest/{}.cpio", case.name), 0o644, &case.initramfs(assets)?),
+        };
     }
     Ok(image)
 }
@@ -460,10 +514,11 @@ fn sandbox_image(assets: &Assets, cases: &[GuestCase]) -> Result<SandboxImage, S
 /// emulator in the flight record, and that signature in words.
 fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&CaseResult, String)> {
     results.iter().find_map(|r| {
-        if !r.lines.iter().any(|l| l.contains("siovmm: triple fault on vCPU") && l.contains(RESET_TRIPLE_FAULT)) {
-            return None;
-        }
-        let signature = machine::guest_shutdowns(&r.lines).iter().find_map(|s| {
+        let fault = r.lines.iter().find(|l| l.contains("siovmm: triple fault on vCPU") && l.contains(RESET_TRIPLE_FAULT))?;
+        // With guests running side by side, only the records of this VM's faulting vCPU thread.
+        let thread: Option<u32> = fault.split("(thread ").nth(1).and_then(|t| t.split(')').next()).and_then(|t| t.parse().ok());
+        let shutdowns = machine::guest_shutdowns(&r.lines);
+        let signature = shutdowns.iter().filter(|s| thread.is_none() || s.thread.is_none() || s.thread == thread).find_map(|s| {
             if let Some(vector) = s.while_delivering_external_interrupt() {
                 Some(format!("UNEXPLAINED: the CPU was delivering interrupt vector {vector:#x}"))
             } else if s.while_delivering_impossible_page_fault() {
@@ -578,6 +633,26 @@ mod tests {
         let found = triple_fault_with_emulator_signature(&second).unwrap();
         assert_eq!(found.0.lines, impossible.lines);
         assert!(found.1.contains("0x18") && found.1.contains("no x86 CPU"), "{}", found.1);
+        // Guests side by side: another VM's vCPU thread's record says nothing about this one.
+        let own_thread = "siovmm: triple fault on vCPU 0 (thread 161) at RIP unknown (KVM reset the vCPU)";
+        let other_thread = "siovmm: triple fault on vCPU 0 (thread 162) at RIP unknown (KVM reset the vCPU)";
+        assert!(triple_fault_with_emulator_signature(&[case(&[other_thread, &record("0x800000ec", "0x00000000")])]).is_none());
+        assert!(triple_fault_with_emulator_signature(&[case(&[own_thread, &record("0x800000ec", "0x00000000")])]).is_some());
+    }
+
+    #[test]
+    fn background_cases_start_at_once_and_report_last() {
+        let mut bg = GuestCase::new("bg-vm", Kernel::Vmlinux, 1, "");
+        bg.background = true;
+        let fg = GuestCase::new("fg", Kernel::Vmlinux, 1, "");
+        let sh = GuestCase::shell("probe", "echo hi", Duration::from_secs(1));
+        let script = sandbox_script(&[bg, fg, sh], &SandboxSetup::default());
+        let at = |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle} not in {script}"));
+        assert!(at("> /tmp/bg-vm.out 2>&1 &") < at("@@STEP fg"), "started before the foreground case");
+        assert!(at("@@STEP fg") < at("@@STEP probe"));
+        assert!(at("sh /steps/probe.sh") < at("@@STEP bg-vm"), "reported after every other case");
+        assert!(script.contains("wait $bg_bg_vm"), "{script}");
+        assert_eq!(GuestCase::shell("s", "", Duration::from_secs(2)).budget(), budget::work(Duration::from_secs(2)));
     }
 
     #[test]

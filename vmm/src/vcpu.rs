@@ -210,7 +210,11 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
                 if let Some(line) = exits.post_mortem.as_ref().and_then(|p| p.report(id)) {
                     log::warn!("{line}");
                 }
-                Some(Stop::AtRip(format!("triple fault on vCPU {id}")))
+                // The thread ID ties the sandbox's flight record (which names the vCPU thread
+                // that shut down) to this VM when several run at once.
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                Some(Stop::AtRip(format!("triple fault on vCPU {id} (thread {tid})")))
             }
             Ok(VcpuExit::InternalError) => Some(Stop::AtRip(String::new())),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(Stop::AtRip(format!(
