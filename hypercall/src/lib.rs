@@ -23,11 +23,14 @@ pub const SIGNATURE: [u32; 3] = [
     u32::from_le_bytes(*b"mmHy"),
     u32::from_le_bytes(*b"pCal"),
 ];
-/// ABI version.
-pub const ABI_VERSION: u32 = 1;
-/// Info flag: the VM's IMS policy lets the guest use IMS through this interface (pv mode).
+/// ABI version (2: IMS_OPT_IN).
+pub const ABI_VERSION: u32 = 2;
+/// Info flag: a guest that opts in (IMS_OPT_IN) may use IMS through this interface (pv mode).
+/// The platform's "no IMS" hint (the SIOV table's IMS_OPT_OUT, Caching Mode) stays on for
+/// every guest; only this flag and the opt-in say more.
 pub const FLAG_IMS_ALLOWED: u32 = 1 << 0;
-/// Info flag: the guest may program IMS slots in each ADI's trapped BAR0 window (trap mode).
+/// Info flag: a guest that opts in may program IMS slots in each ADI's trapped BAR0 window
+/// (trap mode).
 pub const FLAG_IMS_TRAP: u32 = 1 << 1;
 /// Argument block size.
 pub const BLOCK_SIZE: usize = 64;
@@ -44,6 +47,10 @@ pub mod nr {
     pub const IMS_COMPOSE: u64 = 3;
     /// `IMS_MASK(adi, slot, masked)`.
     pub const IMS_MASK: u64 = 4;
+    /// `IMS_OPT_IN()` → result: the info flags. The guest declares that it knows this
+    /// interface and overrides the platform's "no IMS" hint; until a guest has done so, every
+    /// IMS call answers NOT_ALLOWED and the trapped window is inert, whatever the policy.
+    pub const IMS_OPT_IN: u64 = 5;
 }
 
 /// Status codes (negative, written to word 6).
@@ -113,6 +120,8 @@ pub enum Call {
         /// Destination APIC ID.
         apic_id: u32,
     },
+    /// Override the "no IMS" hint for this VM (when the policy offers IMS).
+    ImsOptIn,
     /// Mask or unmask a slot.
     ImsMask {
         /// ADI.
@@ -179,6 +188,10 @@ impl Call {
                 };
                 Ok(Call::ImsMask { adi: adi(args[0])?, slot: slot(args[1])?, masked })
             }
+            nr::IMS_OPT_IN => {
+                unused_zero(0)?;
+                Ok(Call::ImsOptIn)
+            }
             _ => Err(Status::NoSuchCall),
         }
     }
@@ -193,6 +206,7 @@ impl Call {
                 [nr::IMS_COMPOSE, adi.into(), slot.into(), vector.into(), apic_id.into(), 0]
             }
             Call::ImsMask { adi, slot, masked } => [nr::IMS_MASK, adi.into(), slot.into(), masked.into(), 0, 0],
+            Call::ImsOptIn => [nr::IMS_OPT_IN, 0, 0, 0, 0, 0],
         };
         let mut b = [0u8; BLOCK_SIZE];
         for (i, v) in w.iter().enumerate() {
@@ -244,6 +258,7 @@ mod tests {
             Call::ImsCompose { adi: 0x0008, slot: 3, vector: 0x41, apic_id: 1 },
             Call::ImsMask { adi: 0x0008, slot: 3, masked: true },
             Call::ImsMask { adi: 0x0008, slot: 3, masked: false },
+            Call::ImsOptIn,
         ];
         for c in calls {
             assert_eq!(Call::decode(&c.encode()), Ok(c));
@@ -253,7 +268,7 @@ mod tests {
     #[test]
     fn every_bad_argument_is_refused() {
         use Status::*;
-        let cases: [([u64; 6], Status); 12] = [
+        let cases: [([u64; 6], Status); 13] = [
             ([99, 0, 0, 0, 0, 0], NoSuchCall),
             ([u64::MAX, 0, 0, 0, 0, 0], NoSuchCall),
             ([nr::QUERY, 1, 0, 0, 0, 0], InvalidArgument),
@@ -266,6 +281,7 @@ mod tests {
             ([nr::IMS_COMPOSE, 8, 0, 256, 0, 0], InvalidArgument),
             ([nr::IMS_COMPOSE, 8, 0, 0x40, 1 << 32, 0], InvalidArgument),
             ([nr::IMS_MASK, 8, 0, 2, 0, 0], InvalidArgument),
+            ([nr::IMS_OPT_IN, 1, 0, 0, 0, 0], InvalidArgument),
         ];
         for (w, want) in cases {
             assert_eq!(Call::decode(&block(w)), Err(want), "{w:x?}");

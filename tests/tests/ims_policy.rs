@@ -1,4 +1,7 @@
-//! IMS policy in real guests (issue #4), three boots in one sandbox:
+//! IMS policy in real guests (issues #4 and #11), five boots in one sandbox. Every guest is told
+//! "no IMS" (the SIOV table's IMS_OPT_OUT and, with the vIOMMU, Caching Mode) whatever the
+//! policy; the test driver, enlightened by default, opts in through the hypercall where the
+//! CPUID flags say the policy offers IMS, after checking that IMS calls are refused before:
 //! - `--ims off --viommu`: the stock kernel finds the DMAR unit, reads Caching Mode, turns DMA
 //!   remapping on (Debian's default) and drives ADIs correctly through it; the driver sees
 //!   IMS disallowed and uses MSI-X;
@@ -9,7 +12,9 @@
 //!   naming an ADI that is not its own fail;
 //! - `--ims trap` with on-device IMS: the driver writes its own messages into 256 slots of the
 //!   ADI's IMS window, siovmm traps them, every vector is delivered, a masked slot holds its
-//!   interrupt pending until unmasked, and a message naming no vCPU of the VM is not backed.
+//!   interrupt pending until unmasked, and a message naming no vCPU of the VM is not backed;
+//! - `--ims pv` with the driver loaded as an unmodified one (`enlightened=0`: it obeys the
+//!   platform's signals): it sees "no IMS" and uses MSI-X only, and siovmm opens nothing.
 
 use siovmm_tests::{run_cases, CaseResult, GuestCase, Kernel};
 
@@ -34,6 +39,9 @@ echo GUEST-DRIVER-MODE="$(cat /sys/bus/pci/drivers/siov_adi/0000:00:01.0/mode)"
 echo GUEST-ADI-RESULT="$(cat /sys/bus/pci/drivers/siov_adi/0000:00:01.0/result)"
 echo GUEST-IMS-LINES=$(grep -c siov_adi-ims /proc/interrupts)
 echo GUEST-IMS-IRQS=$(grep siov_adi-ims /proc/interrupts | awk '{s+=$2+$3} END {print s+0}')
+echo GUEST-HINT-NO-IMS=$(dmesg | grep -c 'platform hint: no IMS')
+echo GUEST-OPTED-IN=$(dmesg | grep -c 'opted in to IMS over the platform hint')
+echo GUEST-DRIVER-ERRORS=$(dmesg | grep -iE 'siov_adi.*(error|fail)' | grep -vc 'module verification')
 poweroff -f
 "#;
 
@@ -62,7 +70,10 @@ fn ims_off_pv_and_trap_in_real_guests() {
     std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
     let mut trap = GuestCase::new("ims-trap", Kernel::Vmlinux, 2, CHECKS).with_adi_driver(&assets);
     trap.extra_args = ["--adi", "1", "--ims", "trap"].iter().map(|s| s.to_string()).collect();
-    let results = run_cases(&[on, off, pv, trap]).unwrap_or_else(|e| panic!("{e}"));
+    let mut unmodified = GuestCase::new("ims-pv-unmodified", Kernel::Vmlinux, 2, &CHECKS.replace("insmod /siov_adi.ko", "insmod /siov_adi.ko enlightened=0"))
+        .with_adi_driver(&assets);
+    unmodified.extra_args = pv.extra_args.clone();
+    let results = run_cases(&[on, off, pv, trap, unmodified]).unwrap_or_else(|e| panic!("{e}"));
     let translations = |r: &CaseResult| -> u64 {
         r.lines
             .iter()
@@ -75,13 +86,21 @@ fn ims_off_pv_and_trap_in_real_guests() {
         assert_eq!(r.value("GUEST-SIOV-TABLE"), Some("00000001"), "{}: SIOV table IMS_OPT_OUT:\n{t}", r.name);
         assert_eq!(r.value("GUEST-DRIVER-MODE"), Some("msix 0"), "{}: IMS must be off:\n{t}", r.name);
         assert_eq!(r.value("GUEST-IMS-LINES"), Some("0"), "{t}");
+        assert_eq!(r.value("GUEST-OPTED-IN"), Some("0"), "{}: the policy offers nothing to opt in to:\n{t}", r.name);
+    }
+    // Under every policy the platform says "no IMS"; the enlightened driver overrides it.
+    for r in &results[2..4] {
+        let t = r.transcript();
+        assert_eq!(r.value("GUEST-SIOV-TABLE"), Some("00000001"), "{}: IMS_OPT_OUT stays on:\n{t}", r.name);
+        assert_eq!(r.value("GUEST-HINT-NO-IMS"), Some("1"), "{t}");
+        assert_eq!(r.value("GUEST-OPTED-IN"), Some("1"), "{t}");
+        assert_eq!(r.value("GUEST-DRIVER-ERRORS"), Some("0"), "IMS refused before the opt-in:\n{t}");
     }
     // IMS through the hypercall: 256 vectors on one ADI, each delivered once, on top of MSI-X.
     let p = &results[2];
     let t_pv = p.transcript();
     common(p, "1");
-    assert_eq!(p.value("GUEST-SIOV-TABLE"), Some("00000000"), "{t_pv}");
-    assert_eq!(p.value("GUEST-DMAR-CM"), Some("0"), "no Caching Mode when IMS is allowed:\n{t_pv}");
+    assert_eq!(p.value("GUEST-DMAR-CM"), Some("1"), "Caching Mode even where IMS is offered:\n{t_pv}");
     assert_eq!(p.value("GUEST-DRIVER-MODE"), Some("ims-pv 256"), "{t_pv}");
     assert!(p.value("GUEST-ADI-RESULT").is_some_and(|r| r.starts_with("PASS") && r.contains(" ims=256 ")), "{t_pv}");
     assert_eq!(p.value("GUEST-IMS-LINES"), Some("256"), "{t_pv}");
@@ -90,13 +109,22 @@ fn ims_off_pv_and_trap_in_real_guests() {
     let tr = &results[3];
     let t_tr = tr.transcript();
     assert_eq!(tr.value("GUEST-DMAR-UNIT"), Some(""), "no vIOMMU in this case:\n{t_tr}");
-    assert_eq!(tr.value("GUEST-SIOV-TABLE"), Some("00000000"), "{t_tr}");
     assert_eq!(tr.value("GUEST-DRIVER-MODE"), Some("ims-trap 256"), "{t_tr}");
     assert!(tr.value("GUEST-ADI-RESULT").is_some_and(|r| r.starts_with("PASS") && r.contains(" ims=257 ")), "{t_tr}");
     assert_eq!(tr.value("GUEST-IMS-LINES"), Some("256"), "{t_tr}");
     assert_eq!(tr.value("GUEST-IMS-IRQS"), Some("257"), "{t_tr}");
     assert_eq!(tr.value("GUEST-ADI-PASS"), Some("1"), "{t_tr}");
     assert_eq!(tr.exit_code, Some(0), "{t_tr}");
+    // An unmodified guest under --ims pv: it sees "no IMS" and never uses it.
+    let u = &results[4];
+    let t_u = u.transcript();
+    common(u, "1");
+    assert_eq!(u.value("GUEST-SIOV-TABLE"), Some("00000001"), "{t_u}");
+    assert_eq!(u.value("GUEST-DMAR-CM"), Some("1"), "{t_u}");
+    assert_eq!(u.value("GUEST-HINT-NO-IMS"), Some("1"), "{t_u}");
+    assert_eq!(u.value("GUEST-DRIVER-MODE"), Some("msix 0"), "{t_u}");
+    assert_eq!(u.value("GUEST-IMS-LINES"), Some("0"), "{t_u}");
+    assert_eq!(u.value("GUEST-OPTED-IN"), Some("0"), "{t_u}");
     let (t_on, t_off) = (results[0].transcript(), results[1].transcript());
     // Remapping on: Caching Mode seen, translation enabled, devices in IOMMU groups; every ADI
     // DMA went through the guest's IOVA tables (the self-tests check the data).

@@ -9,22 +9,34 @@
 use devices::bus::{lock, read_lock};
 use siovmm_interrupts::MsiMessage;
 use devices::BusDevice;
-use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE};
+use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE, FLAG_IMS_ALLOWED, FLAG_IMS_TRAP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::adi::MAX_PV_SLOTS;
-use crate::AdiTable;
+use crate::{AdiTable, ImsOptIn};
 
 /// Guest-physical address of the hypercall register (next to the boot timer, outside RAM
 /// and the PCI windows; announced through CPUID).
 pub const HYPERCALL_ADDR: u64 = 0xfeb0_1000;
+
+/// What a VM's IMS policy offers a guest that opts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImsOffer {
+    /// Nothing: IMS_OPT_IN answers NOT_ALLOWED.
+    None,
+    /// IMS vectors through these calls.
+    Pv,
+    /// The trapped window in each ADI's BAR0 (the calls stay refused).
+    Trap,
+}
 
 /// The endpoint of one VM.
 pub struct Hypercalls {
     mem: GuestMemoryMmap,
     functions: AdiTable,
     vcpus: u32,
-    ims_allowed: bool,
+    offer: ImsOffer,
+    opt_in: ImsOptIn,
     calls: u64,
 }
 
@@ -37,26 +49,31 @@ impl std::fmt::Debug for Hypercalls {
 impl Hypercalls {
     /// An endpoint for a VM with `vcpus` vCPUs whose ADIs are `functions` (by requester ID;
     /// the VDCM keeps the table current as ADIs come and go).
-    pub fn new(
-        mem: GuestMemoryMmap,
-        functions: AdiTable,
-        vcpus: u32,
-        ims_allowed: bool,
-    ) -> Self {
-        Self { mem, functions, vcpus, ims_allowed, calls: 0 }
+    /// `offer` is what the VM's policy lets a guest that opts in use; `opt_in` is shared with
+    /// the VM's ADIs (their trapped windows follow it).
+    pub fn new(mem: GuestMemoryMmap, functions: AdiTable, vcpus: u32, offer: ImsOffer, opt_in: ImsOptIn) -> Self {
+        Self { mem, functions, vcpus, offer, opt_in, calls: 0 }
     }
 
     /// Executes one decoded call.
     pub fn execute(&self, call: Call) -> Result<u64, Status> {
-        if !self.ims_allowed {
-            return match call {
-                Call::Query => Ok(u64::from(ABI_VERSION) << 32),
-                _ => Err(Status::NotAllowed),
-            };
+        match (call, self.offer) {
+            (Call::Query, ImsOffer::Pv) => return Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
+            (Call::Query, _) => return Ok(u64::from(ABI_VERSION) << 32),
+            (Call::ImsOptIn, ImsOffer::None) => return Err(Status::NotAllowed),
+            (Call::ImsOptIn, offer) => {
+                self.opt_in.set();
+                log::info!("the guest opted in to IMS ({offer:?})");
+                return Ok(u64::from(if offer == ImsOffer::Pv { FLAG_IMS_ALLOWED } else { FLAG_IMS_TRAP }));
+            }
+            // IMS calls: only in pv mode, and only once the guest has opted in.
+            (_, ImsOffer::Pv) if self.opt_in.get() => {}
+            _ => return Err(Status::NotAllowed),
         }
         let adi = |rid: u16| read_lock(&self.functions).get(&rid).cloned().ok_or(Status::NoSuchAdi);
         match call {
-            Call::Query => Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
+            // Answered above; kept total without a panic path.
+            Call::Query | Call::ImsOptIn => Err(Status::NoSuchCall),
             Call::ImsAlloc { adi: rid, count } => lock(adi(rid)?.as_ref()).pv_alloc(count).map(u64::from),
             Call::ImsFree { adi: rid, first } => lock(adi(rid)?.as_ref()).pv_free(first).map(|_| 0),
             Call::ImsCompose { adi: rid, slot, vector, apic_id } => {
@@ -103,5 +120,38 @@ impl BusDevice for Hypercalls {
             a.copy_from_slice(data);
             self.handle(u64::from_le_bytes(a));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(offer: ImsOffer) -> (Hypercalls, ImsOptIn) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let opt_in = ImsOptIn::default();
+        (Hypercalls::new(mem, AdiTable::default(), 1, offer, opt_in.clone()), opt_in)
+    }
+
+    #[test]
+    fn ims_calls_are_refused_until_the_guest_opts_in() {
+        let alloc = Call::ImsAlloc { adi: 8, count: 1 };
+        let (pv, opt_in) = endpoint(ImsOffer::Pv);
+        assert_eq!(pv.execute(alloc), Err(Status::NotAllowed), "the platform said no IMS; the guest has not overridden it");
+        assert!(!opt_in.get());
+        assert_eq!(pv.execute(Call::ImsOptIn), Ok(u64::from(FLAG_IMS_ALLOWED)));
+        assert!(opt_in.get());
+        assert_eq!(pv.execute(alloc), Err(Status::NoSuchAdi), "past the gate: the ADI is looked up");
+        assert_eq!(pv.execute(Call::Query), Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)));
+
+        let (off, opt_in) = endpoint(ImsOffer::None);
+        assert_eq!(off.execute(Call::ImsOptIn), Err(Status::NotAllowed));
+        assert!(!opt_in.get());
+        assert_eq!(off.execute(Call::Query), Ok(u64::from(ABI_VERSION) << 32));
+
+        let (trap, opt_in) = endpoint(ImsOffer::Trap);
+        assert_eq!(trap.execute(Call::ImsOptIn), Ok(u64::from(FLAG_IMS_TRAP)));
+        assert!(opt_in.get(), "the trapped windows follow");
+        assert_eq!(trap.execute(alloc), Err(Status::NotAllowed), "trap mode has no pv calls");
     }
 }

@@ -112,6 +112,27 @@ pub struct GuestSide {
     pub pci: Arc<PciRoot>,
     /// The table the guest's hypercall endpoint looks ADIs up in.
     pub adis: AdiTable,
+    /// Whether the guest has opted in to IMS (shared with its hypercall endpoint).
+    pub ims_opt_in: ImsOptIn,
+}
+
+/// Whether a VM's guest has opted in to IMS through the hypercall (IMS_OPT_IN). Every guest
+/// is told "no IMS" by the platform; only one that knows siovmm's interface overrides that,
+/// and until it has, the trapped window is inert and IMS calls are refused, whatever the
+/// policy offers (docs/ims-policy.md).
+#[derive(Debug, Clone, Default)]
+pub struct ImsOptIn(Arc<std::sync::atomic::AtomicBool>);
+
+impl ImsOptIn {
+    /// Whether the guest has opted in.
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records the guest's opt-in (for the VM's lifetime).
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for GuestSide {
@@ -332,6 +353,7 @@ impl Vdcm {
             mapper: Arc::downgrade(&self.bars) as Weak<dyn BarMapper>,
             bar0,
             ims_trap: self.options.ims_trap,
+            ims_opt_in: self.guest.ims_opt_in.clone(),
             vcpus: self.options.vcpus,
         });
         match function {
@@ -470,6 +492,7 @@ mod tests {
             router: router.clone(),
             pci: pci.clone(),
             adis: AdiTable::default(),
+            ims_opt_in: ImsOptIn::default(),
         };
         let options = AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 };
         let vdcm = Vdcm::new(side, device.clone(), options).unwrap();

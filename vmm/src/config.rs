@@ -81,20 +81,21 @@ pub enum ImsPolicy {
 }
 
 impl ImsPolicy {
-    /// Whether the platform tells the guest not to use IMS: the SIOV table's opt-out flag and,
-    /// with a vIOMMU, Caching Mode.
-    pub fn forbids_ims(self) -> bool {
-        self == Self::Off
+    /// What a guest that opts in through the hypercall gets. The platform's "no IMS" hint (the
+    /// SIOV table's opt-out flag; Caching Mode with a vIOMMU) is on under every policy, so an
+    /// unmodified guest never tries IMS; the policy only decides what an opt-in unlocks.
+    pub fn offer(self) -> siovmm_vdcm::hypercall::ImsOffer {
+        use siovmm_vdcm::hypercall::ImsOffer;
+        match self {
+            Self::Off => ImsOffer::None,
+            Self::Pv => ImsOffer::Pv,
+            Self::Trap => ImsOffer::Trap,
+        }
     }
 
     /// Whether each ADI's BAR0 carries the trapped IMS window.
     pub fn traps_ims_window(self) -> bool {
         self == Self::Trap
-    }
-
-    /// Whether the hypercall hands out IMS vectors.
-    pub fn offers_pv_ims(self) -> bool {
-        self == Self::Pv
     }
 
     /// The IMS flags the hypercall CPUID leaf announces (siovmm-hypercall ABI).

@@ -12,7 +12,7 @@ use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_interrupts::router::MsiRouter;
-use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, Vdcm};
+use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, ImsOptIn, Vdcm};
 use kvm_ioctls::VmFd;
 use siovmm_vfio::host::HostDevice;
 use siovmm_vfio::siov::AdiId;
@@ -45,6 +45,8 @@ pub(crate) struct DeviceManager {
     pci: Arc<PciRoot>,
     slots: PciAllocator,
     adis: AdiTable,
+    /// Whether the guest has opted in to IMS (its hypercall endpoint sets it; its ADIs read it).
+    ims_opt_in: ImsOptIn,
     /// Created with the first function that has vectors, so a VM without any has no
     /// overflow thread.
     router: Option<Arc<MsiRouter>>,
@@ -65,6 +67,7 @@ impl DeviceManager {
             pci,
             slots,
             adis: AdiTable::default(),
+            ims_opt_in: ImsOptIn::default(),
             router: None,
             vdcm: None,
             passthrough: None,
@@ -80,6 +83,11 @@ impl DeviceManager {
         let router = MsiRouter::new(self.guest.irq.clone(), self.siov.max_msi_routes)
             .map_err(|e| Error::Io("starting the MSI router".into(), e))?;
         Ok(self.router.insert(Arc::new(router)).clone())
+    }
+
+    /// The guest's IMS opt-in, shared with its hypercall endpoint.
+    pub(crate) fn ims_opt_in(&self) -> ImsOptIn {
+        self.ims_opt_in.clone()
     }
 
     /// The table the hypercall endpoint reads; it follows every addition and removal.
@@ -101,6 +109,7 @@ impl DeviceManager {
             router,
             pci: self.pci.clone(),
             adis: self.adis.clone(),
+            ims_opt_in: self.ims_opt_in.clone(),
         };
         let options = AdiOptions { vectors: self.siov.vectors, ims_trap: self.siov.ims.traps_ims_window(), vcpus: self.vcpus };
         Ok(Vdcm::new(side, device, options)?)

@@ -108,6 +108,12 @@ fn vm_with_adis(
         router,
         pci: pci_root(),
         adis: Default::default(),
+        // An enlightened guest that has opted in to IMS (what trap mode's window needs).
+        ims_opt_in: {
+            let o = siovmm_vdcm::ImsOptIn::default();
+            o.set();
+            o
+        },
     };
     let mut slots = devices::pci::PciAllocator::new(arch::pci::PciTopology::for_functions(req.count).unwrap());
     let vdcm = siovmm_vdcm::Vdcm::compose(guest, &mut slots, device, req).unwrap();
@@ -183,14 +189,14 @@ kvm_test! {
         let code = [0x0f, 0x0b, 0xf4];
         let (reason, _, _) = run_payload(&code, 0);
         let ExitReason::Failed(msg) = &reason else { panic!("expected a failure, got {reason:?}") };
-        // SAFETY: gettid has no preconditions. The vCPU ran on another thread of this process.
-        let (this, pid) = (unsafe { libc::gettid() }, std::process::id() as i32);
+        // SAFETY: gettid has no preconditions. run_payload runs the vCPU on this thread.
+        let this = unsafe { libc::gettid() };
         let tid: i32 = msg
             .strip_prefix("triple fault on vCPU 0 (thread ")
             .and_then(|m| m.split(')').next())
             .and_then(|t| t.parse().ok())
             .unwrap_or_else(|| panic!("no thread ID: {msg}"));
-        assert!(tid != this && std::path::Path::new(&format!("/proc/{pid}/task")).exists(), "{msg}");
+        assert_eq!(tid, this, "the thread that ran the vCPU: {msg}");
         let rest = msg.split_once(") ").map(|(_, r)| r).unwrap_or_default();
         if siovmm_sandbox::host_kvm::resets_vcpu_on_shutdown() {
             assert_eq!(rest, "at RIP unknown (KVM reset the vCPU)");
@@ -281,7 +287,7 @@ kvm_test! {
     /// The hypercall endpoint against a real VM with two composed ADIs: every call, every refusal,
     /// and the argument-block transport.
     fn hypercalls_manage_only_this_vms_adis() {
-        use siovmm_vdcm::hypercall::Hypercalls;
+        use siovmm_vdcm::hypercall::{Hypercalls, ImsOffer};
         use siovmm_vdcm::AdiRequest;
         use devices::pci::Bdf;
         use devices::BusDevice;
@@ -295,9 +301,11 @@ kvm_test! {
         let (vdcm, _vcpu, mem) = vm_with_adis(&kvm, device, req);
         let adi0 = Bdf::new(0, 1, 0).0;
         let adi1 = Bdf::new(0, 1, 1).0;
-        let mut calls = Hypercalls::new(mem.clone(), vdcm.table(), 1, true);
+        let mut calls = Hypercalls::new(mem.clone(), vdcm.table(), 1, ImsOffer::Pv, Default::default());
+        assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 1 }), Err(Status::NotAllowed), "before the opt-in");
+        assert!(calls.execute(Call::ImsOptIn).is_ok());
 
-        assert_eq!(calls.execute(Call::Query).map(|v| v >> 32), Ok(1));
+        assert_eq!(calls.execute(Call::Query).map(|v| v >> 32), Ok(u64::from(siovmm_hypercall::ABI_VERSION)));
         assert_eq!(calls.execute(Call::ImsAlloc { adi: 0x0200, count: 4 }), Err(Status::NoSuchAdi));
         assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 300 }), Ok(0));
         assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 2 }), Ok(300));
@@ -334,7 +342,8 @@ kvm_test! {
         calls.write(0, &(1u64 << 40).to_le_bytes());
         calls.write(0, &block.to_le_bytes()[..4]);
         // Policy off: only QUERY answers.
-        let off = Hypercalls::new(mem.clone(), vdcm.table(), 1, false);
+        let off = Hypercalls::new(mem.clone(), vdcm.table(), 1, ImsOffer::None, Default::default());
+        assert_eq!(off.execute(Call::ImsOptIn), Err(Status::NotAllowed));
         assert_eq!(off.execute(Call::ImsAlloc { adi: adi0, count: 1 }), Err(Status::NotAllowed));
         assert!(off.execute(Call::Query).is_ok());
     }
@@ -399,7 +408,7 @@ kvm_test! {
     /// see their first ADI at 00:01.0; VM B naming that requester ID gets its own ADI, never VM A's,
     /// and cannot touch the slots VM A allocated.
     fn hypercalls_cannot_reach_another_vms_adis() {
-        use siovmm_vdcm::hypercall::Hypercalls;
+        use siovmm_vdcm::hypercall::{Hypercalls, ImsOffer};
         use siovmm_vdcm::AdiRequest;
         use devices::pci::Bdf;
         use siovmm_hypercall::{Call, Status};
@@ -413,7 +422,9 @@ kvm_test! {
         for first_adi in [0u32, 1] {
             let req = AdiRequest { first_adi, count: 1, options: siovmm_vdcm::AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 } };
             let (vdcm, vcpu, mem) = vm_with_adis(&kvm, device.clone(), req);
-            endpoints.push(Hypercalls::new(mem, vdcm.table(), 1, true));
+            let calls = Hypercalls::new(mem, vdcm.table(), 1, ImsOffer::Pv, Default::default());
+            assert!(calls.execute(Call::ImsOptIn).is_ok());
+            endpoints.push(calls);
             keep.push((vdcm, vcpu));
         }
         let rid = Bdf::new(0, 1, 0).0;

@@ -177,7 +177,8 @@ fn load_guest(
     let cmdline_len = boot::write_cmdline(mem, &config.cmdline).map_err(|e| Error::Boot("--cmdline".into(), e))?;
     // IMS policy: with --ims off guests must not use IMS; say so in the SIOV table and, with a
     // vIOMMU, through Caching Mode (docs/ims-policy.md).
-    let mut extra = vec![dmar::siov(if config.siov.ims.forbids_ims() { dmar::SIOV_IMS_OPT_OUT } else { 0 })];
+    // "No IMS" for every guest; an enlightened one overrides it through the hypercall.
+    let mut extra = vec![dmar::siov(dmar::SIOV_IMS_OPT_OUT)];
     if config.siov.viommu {
         extra.push(dmar::dmar(layout::VTD_START, 48));
     }
@@ -378,9 +379,9 @@ impl Vm {
         let platform = build_platform(irq.as_ref(), &shutdown, start, console_out)?;
         let ims = config.siov.ims;
         let iommu = if config.siov.viommu {
-            // Caching Mode is the "no IMS in this VM" hint; with IMS allowed it is clear (the
-            // unit caches nothing, so either value is truthful).
-            let unit = Arc::new(VtdUnit::new(memory.clone(), VtdConfig { caching_mode: ims.forbids_ims() }));
+            // Caching Mode is the "no IMS in this VM" hint, on under every policy (the unit
+            // caches nothing, so it is truthful).
+            let unit = Arc::new(VtdUnit::new(memory.clone(), VtdConfig { caching_mode: true }));
             place(&platform.mmio, Arc::new(Mutex::new(unit.clone())), layout::VTD_START, vtd::REG_SIZE)?;
             Some(unit)
         } else {
@@ -411,7 +412,7 @@ impl Vm {
             trace.mark(&format!("vfio-user device {} at {bdf}", socket.display()));
         }
         // Always there, as CPUID announces it: a VM's ADIs may come later.
-        let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims.offers_pv_ims());
+        let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims.offer(), devices.ims_opt_in());
         place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
         attach_pci(&platform, &root, &topology)?;
         trace.mark("devices");

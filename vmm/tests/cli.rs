@@ -96,7 +96,13 @@ kvm_test! {
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
         let rip = if siovmm_sandbox::host_kvm::resets_vcpu_on_shutdown() { "unknown (KVM reset the vCPU)" } else { "0x100078" };
-        assert_eq!(err.trim(), format!("siovmm: triple fault on vCPU 0 at RIP {rip}"), "{err}");
+        // "triple fault on vCPU 0 (thread TID) at RIP ...": the vCPU thread's ID ties the
+        // line to the sandbox's flight record.
+        let (head, tail) = err.trim().split_once(" (thread ").unwrap_or_else(|| panic!("no thread ID: {err}"));
+        assert_eq!(head, "siovmm: triple fault on vCPU 0", "{err}");
+        let (tid, rest) = tail.split_once(") ").unwrap_or_else(|| panic!("{err}"));
+        assert!(tid.parse::<u32>().is_ok(), "{err}");
+        assert_eq!(rest, format!("at RIP {rip}"), "{err}");
     }
 }
 

@@ -33,6 +33,12 @@
 static int ims_vectors = 256;
 module_param(ims_vectors, int, 0444);
 MODULE_PARM_DESC(ims_vectors, "IMS vectors per ADI when the VM allows IMS (0: MSI-X only)");
+static int enlightened = 1;
+module_param(enlightened, int, 0444);
+MODULE_PARM_DESC(enlightened, "1: know siovmm's hypercall and opt in to IMS over the platform's hint; "
+		 "0: obey the hint, as a driver that knows only the platform's IMS signals");
+/* Set once this guest has opted in (probes run one after another). */
+static bool ims_opted_in;
 
 #define HC_SIG_LEAF 0x40000100
 #define HC_INFO_LEAF 0x40000101
@@ -48,6 +54,8 @@ enum ims_mode { IMS_NONE, IMS_PV, IMS_TRAP };
 #define HC_IMS_FREE 2
 #define HC_IMS_COMPOSE 3
 #define HC_IMS_MASK 4
+#define HC_IMS_OPT_IN 5
+#define HC_NOT_ALLOWED (-6)
 #define HC_NO_SUCH_ADI (-3)
 #define MSIX_VECTORS 2
 
@@ -308,7 +316,38 @@ static enum ims_mode adi_ims_allowed(u64 *reg)
 		}
 		acpi_put_table(t);
 	}
-	return ok ? mode : IMS_NONE;
+	pr_info("siov_adi: platform hint: %s\n", ok ? "IMS allowed" : "no IMS");
+	/*
+	 * The hint is "no IMS" for every guest: a driver that knows only the platform's signals
+	 * stops here. One that knows siovmm's hypercall opts in over it (adi_ims_opt_in).
+	 */
+	if (!enlightened)
+		return ok ? mode : IMS_NONE;
+	return mode;
+}
+
+/*
+ * Opts this guest in to IMS, once. Before that, siovmm must refuse IMS calls: checked first,
+ * since that gate is what keeps a guest that never asked from using IMS.
+ */
+static int adi_ims_opt_in(struct adi *a)
+{
+	u64 flags;
+	long st;
+
+	if (ims_opted_in)
+		return 0;
+	st = adi_hypercall(a, HC_IMS_ALLOC, adi_rid(a), 1, 0, 0, NULL);
+	if (st != HC_NOT_ALLOWED) {
+		dev_err(&a->pdev->dev, "IMS_ALLOC answered %ld before the opt-in (error: IMS open to guests that never asked)\n", st);
+		return -EPERM;
+	}
+	st = adi_hypercall(a, HC_IMS_OPT_IN, 0, 0, 0, 0, &flags);
+	if (st)
+		return -EPERM;
+	dev_info(&a->pdev->dev, "opted in to IMS over the platform hint (flags %#llx)\n", flags);
+	ims_opted_in = true;
+	return 0;
 }
 
 static void __iomem *adi_slot(struct adi *a, int i)
@@ -655,7 +694,9 @@ static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		if (a->ims_mode != IMS_NONE) {
 			a->hc_reg = devm_ioremap(&pdev->dev, reg, 8);
 			a->hc_block = devm_kzalloc(&pdev->dev, 64, GFP_KERNEL);
-			err = (a->hc_reg && a->hc_block) ? adi_ims_setup(a, ims_vectors) : -ENOMEM;
+			err = (a->hc_reg && a->hc_block) ? adi_ims_opt_in(a) : -ENOMEM;
+			if (!err)
+				err = adi_ims_setup(a, ims_vectors);
 			if (err) {
 				dev_err(&pdev->dev, "IMS setup failed (%d), using MSI-X only\n", err);
 				adi_ims_teardown(a);

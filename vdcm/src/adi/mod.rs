@@ -87,6 +87,8 @@ pub struct AdiFunction {
     slots: ImsSlots,
     /// vCPUs of the VM (messages may only name these APIC IDs).
     vcpus: u32,
+    /// The guest has opted in to IMS (the trapped window is live only then).
+    ims_opt_in: crate::ImsOptIn,
 }
 
 /// The destination APIC ID of a guest MSI message, if it is a plain fixed/lowest-priority
@@ -127,6 +129,8 @@ pub struct AdiParts {
     pub bar0: u64,
     /// Whether the guest may program IMS slots through the trapped window.
     pub ims_trap: bool,
+    /// Whether the guest has opted in to IMS: the window is inert until then.
+    pub ims_opt_in: crate::ImsOptIn,
     /// vCPUs of the VM.
     pub vcpus: u32,
 }
@@ -158,6 +162,7 @@ impl AdiFunction {
             faults: GuestFaults::new(format!("ADI {} ({})", p.adi.0, p.bdf)),
             slots: ImsSlots::new(p.ims_trap),
             vcpus: p.vcpus,
+            ims_opt_in: p.ims_opt_in,
         })
     }
 
@@ -235,8 +240,12 @@ impl AdiFunction {
         self.device.ims_set_mask(self.adi, index, masked).map_err(|_| Status::NoSuchSlot)
     }
 
-    /// A guest read of the trapped IMS window; inert (zeros) outside trap mode.
+    /// A guest read of the trapped IMS window; inert (zeros) outside trap mode and until the
+    /// guest has opted in.
     fn read_window(&self, offset: u64) -> u32 {
+        if !self.ims_opt_in.get() {
+            return 0;
+        }
         let Some((dword, backing)) = self.slots.window_read(offset) else { return 0 };
         if offset % 16 != 12 {
             return dword;
@@ -254,6 +263,10 @@ impl AdiFunction {
     /// A guest write to the trapped IMS window: the guest's own message for a slot becomes a
     /// host IMS entry (allocated on first use) routed to that message, like an MSI-X entry.
     fn write_window(&mut self, offset: u64, value: u32) {
+        // A guest that has not opted in was told "no IMS"; what it writes here is not IMS.
+        if !self.ims_opt_in.get() {
+            return;
+        }
         let Some((slot, entry, backing)) = self.slots.window_write(offset, value) else { return };
         let message = entry.message();
         let valid = msi_destination(message).is_some_and(|d| d < self.vcpus) && (message.data & 0xff) >= 32;
@@ -379,6 +392,10 @@ mod tests {
     }
 
     fn function(routes: Arc<FakeRoutes>) -> AdiFunction {
+        function_with(routes, false, crate::ImsOptIn::default())
+    }
+
+    fn function_with(routes: Arc<FakeRoutes>, ims_trap: bool, ims_opt_in: crate::ImsOptIn) -> AdiFunction {
         let device = Arc::new(SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap());
         let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
         let dma = device.dma_bind(Arc::new(GuestRam(mem))).unwrap();
@@ -396,10 +413,30 @@ mod tests {
             // Dropped at once: the test never moves the BAR.
             mapper: Arc::downgrade(&mapper),
             bar0: 0xc000_0000,
-            ims_trap: false,
+            ims_trap,
+            ims_opt_in,
             vcpus: 1,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_trapped_window_is_inert_until_the_guest_opts_in() {
+        let opt_in = crate::ImsOptIn::default();
+        let mut f = function_with(Arc::new(FakeRoutes::default()), true, opt_in.clone());
+        // Slot 0: a valid message for vCPU 0, vector 0x45, unmasked.
+        let program = |f: &mut AdiFunction| {
+            for (i, v) in [0xfee0_0000u32, 0, 0x45, 0].into_iter().enumerate() {
+                f.write_window(i as u64 * 4, v);
+            }
+        };
+        program(&mut f);
+        assert_eq!(f.read_window(12), 0, "not opted in: nothing backed, nothing to read");
+        assert_eq!(f.read_window(8), 0);
+        opt_in.set();
+        program(&mut f);
+        assert_eq!(f.read_window(8), 0x45);
+        assert_ne!(f.read_window(12) & ims_ctrl::BACKED, 0, "opted in: the slot is backed by a host IMS entry");
     }
 
     /// The guest enables MSI-X and programs vector 0 with `message`, unmasked.
