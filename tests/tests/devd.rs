@@ -11,8 +11,9 @@
 //! most 3 ADIs per VMM), in order:
 //! 1. a VM with 2 of its ADIs, then a VM with 2 in-process ADIs: the doorbell→completion figure
 //!    of each (the daemon's path against today's in-process device, same guest, same sandbox);
-//! 2. three VMs up at once, 2 ADIs each, self-tests passing in each (one guest working at a
-//!    time), the daemon's counters showing the three holding their ADIs together;
+//! 2. three VMs up at once, 2 ADIs each, self-tests passing in each (one guest running at a
+//!    time, the others' VMMs stopped), the daemon's counters showing the three holding their
+//!    ADIs together;
 //! 3. a VM asking for 4 ADIs: refused by the per-VM limit with one clear line, nothing kept;
 //! 4. a VM killed with SIGKILL while its guest runs self-tests: its ADIs and IMS entries are
 //!    back in the daemon's pool within a second, and the next VM gets the same ADIs;
@@ -90,6 +91,11 @@ fn wait_until(condition: &str, secs: u32) -> String {
     format!("i=0; until {condition} || [ $i -ge {} ]; do sleep 0.1; i=$((i+1)); done\n", secs * 10)
 }
 
+/// Shell lines: wait until `vm`'s guest passed its self-tests, then stop its VMM (SIGSTOP).
+fn pass_then_stop(vm: &str) -> String {
+    format!("{}kill -STOP $(cat /tmp/{vm}.pid)\n", wait_until(&format!("grep -q GUEST-ADI-PASS /tmp/{vm}.out"), 90))
+}
+
 /// Milliseconds since boot, in the sandbox.
 const NOW_MS: &str = "$(awk '{printf \"%d\", $1*1000}' /proc/uptime)";
 
@@ -153,24 +159,28 @@ echo $! > /tmp/devd.pid
     let cases = [
         guest("devd-alone", SELFTEST, sockets(&[0, 1]), &assets),
         guest("in-process", SELFTEST, vec!["--adi".into(), "2".into()], &assets),
-        // Each VM starts once the previous one has passed its self-tests, and stays up holding
-        // its ADIs until all three hold theirs. Only one guest works at a time: guests booting
-        // or working side by side in the sandbox's emulated CPU triple-fault or hang in early
-        // boot, with or without the daemon (docs/testing.md, "Guests side by side").
-        shared_vm("vm-a", &[0, 1], 60, &assets),
-        GuestCase::shell("boot-a", &wait_until("grep -q GUEST-ADI-PASS /tmp/vm-a.out", 90), Duration::from_secs(25)),
-        shared_vm("vm-b", &[2, 3], 40, &assets),
-        GuestCase::shell("boot-b", &wait_until("grep -q GUEST-ADI-PASS /tmp/vm-b.out", 90), Duration::from_secs(25)),
+        // Each VM starts once the previous one has passed its self-tests, which is then stopped
+        // (SIGSTOP: its VMM keeps its sockets, so its ADIs stay held) until all three hold
+        // theirs. Only one guest runs at a time: guests booting beside another running VM in
+        // the sandbox's emulated CPU triple-fault or hang in early boot, with or without the
+        // daemon (docs/testing.md, "Guests side by side").
+        shared_vm("vm-a", &[0, 1], 20, &assets),
+        GuestCase::shell("boot-a", &pass_then_stop("vm-a"), Duration::from_secs(25)),
+        shared_vm("vm-b", &[2, 3], 20, &assets),
+        GuestCase::shell("boot-b", &pass_then_stop("vm-b"), Duration::from_secs(25)),
         shared_vm("vm-c", &[4, 5], 10, &assets),
         GuestCase::shell(
             "shared",
             &format!(
-                "{}echo SHARED-ADIS={}\necho SHARED-CLIENTS={}\n",
-                wait_until(&format!("[ {} = 6 ]", status("adis_open")), 60),
+                "{}{}echo SHARED-ADIS={}\necho SHARED-CLIENTS={}\nkill -CONT $(cat /tmp/vm-a.pid) $(cat /tmp/vm-b.pid)\n{}",
+                wait_until("grep -q GUEST-ADI-PASS /tmp/vm-c.out", 90),
+                wait_until(&format!("[ {} = 6 ]", status("adis_open")), 10),
                 status("adis_open"),
-                status("clients")
+                status("clients"),
+                // All three gone before the next guest boots.
+                wait_until("! kill -0 $(cat /tmp/vm-a.pid) $(cat /tmp/vm-b.pid) $(cat /tmp/vm-c.pid) 2>/dev/null", 120)
             ),
-            Duration::from_secs(15),
+            Duration::from_secs(60),
         ),
         guest("over-limit", SELFTEST, sockets(&[6, 7, 8, 9]), &assets),
         looping,
@@ -180,7 +190,8 @@ echo $! > /tmp/devd.pid
                 "{}held={}\nkill -9 $(cat /tmp/vm-killed.pid)\nt0={NOW_MS}\n{}echo KILL-BEFORE=$held\necho KILL-AFTER={}\necho KILL-RECLAIM-MS=$(( {NOW_MS} - t0 ))\n",
                 wait_until("grep -q 'GUEST-LOOP-RESULT 1 ' /tmp/vm-killed.out", 90),
                 status("adis_open"),
-                wait_until(&format!("[ {} -lt $held ]", status("adis_open")), 5),
+                // Both of its ADIs (each socket's thread closes its own).
+                wait_until(&format!("[ {} -le $((held - 2)) ]", status("adis_open")), 5),
                 status("adis_open")
             ),
             Duration::from_secs(25),
@@ -196,7 +207,12 @@ echo $! > /tmp/devd.pid
             ),
             Duration::from_secs(25),
         ),
-        GuestCase::shell("restart-daemon", &start_daemon.replace("SETUP-", "RESTART-"), Duration::from_secs(2)),
+        GuestCase::shell(
+            "restart-daemon",
+            // Once the orphaned VM is gone, so that the next guest boots alone.
+            &format!("{}{}", wait_until("! kill -0 $(cat /tmp/vm-orphaned.pid) 2>/dev/null", 120), start_daemon.replace("SETUP-", "RESTART-")),
+            Duration::from_secs(40),
+        ),
         guest("after-restart", SELFTEST, sockets(&[0, 1]), &assets),
     ];
     let (setup_result, results) = run_cases_with_setup(&cases, &setup).unwrap_or_else(|e| panic!("{e}"));
@@ -240,6 +256,11 @@ echo $! > /tmp/devd.pid
     let (before, after) = (number(kill, "KILL-BEFORE"), number(kill, "KILL-AFTER"));
     assert_eq!(before - after, 2, "{t}");
     assert!(number(kill, "KILL-RECLAIM-MS") < 1000, "{t}");
+    println!(
+        "SIGKILLed VMM: {} ADIs back in the daemon's pool {} ms after the kill (by its status file, polled every 100 ms)",
+        before - after,
+        number(kill, "KILL-RECLAIM-MS")
+    );
     assert_eq!(result("vm-killed").exit_code, Some(137), "{}", result("vm-killed").transcript());
     check_selftests(result("after-kill"), 2);
 
