@@ -225,16 +225,23 @@ impl Drop for AdiBackend {
     }
 }
 
+/// EINVAL unless `len` bytes at `offset` lie inside region `region`, one the ADI has (its
+/// config space or BAR0).
+fn check_access(region: u32, offset: u64, len: usize) -> Result<(), std::io::Error> {
+    let size = match region {
+        VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
+        VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
+        _ => return Err(einval()),
+    };
+    if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+        return Err(einval());
+    }
+    Ok(())
+}
+
 impl ServerBackend for AdiBackend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), std::io::Error> {
-        let size = match region {
-            VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
-            VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
-            _ => return Err(einval()),
-        };
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
-            return Err(einval());
-        }
+        check_access(region, offset, data.len())?;
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => self.config_read(offset, data),
             _ => self.bar0_read(offset, data),
@@ -243,14 +250,7 @@ impl ServerBackend for AdiBackend {
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        let size = match region {
-            VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
-            VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
-            _ => return Err(einval()),
-        };
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
-            return Err(einval());
-        }
+        check_access(region, offset, data.len())?;
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 self.config_write(offset, data);

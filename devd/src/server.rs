@@ -91,65 +91,73 @@ impl From<Vec<u8>> for Answer {
     }
 }
 
+/// A command as received: header, body, and the descriptors that came with it.
+struct Request {
+    header: Header,
+    body: Vec<u8>,
+    files: Vec<File>,
+}
+
+/// One command read whole: its header checked (size first, so nothing is allocated for a size
+/// no message can have), its body read, the descriptors that came with it. `None`: the client
+/// left.
+fn read_command(stream: &UnixStream) -> Result<Option<Request>, Error> {
+    let mut raw = [0u8; HEADER];
+    let fds = match recv_header(stream, &mut raw) {
+        Ok(fds) => fds,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let header = Header::decode(&raw);
+    let size = header.size as usize;
+    if !(HEADER..=MAX_MESSAGE).contains(&size) {
+        return Err(Error::Protocol(format!("message size {size}")));
+    }
+    if header.flags & FLAG_TYPE_MASK != 0 {
+        return Err(Error::Protocol(format!("flags {:#x} are not a command's", header.flags)));
+    }
+    let mut body = vec![0u8; size - HEADER];
+    (&*stream).read_exact(&mut body)?;
+    if fds.len() > MAX_FDS {
+        return Err(Error::Protocol(format!("{} descriptors in one message", fds.len())));
+    }
+    Ok(Some(Request { header, body, files: fds.into_iter().map(File::from).collect() }))
+}
+
+/// Sends the reply to `request`: the answer, or an error reply carrying the errno.
+fn reply(stream: &UnixStream, request: &Header, result: Result<Answer, Refusal>) -> std::io::Result<()> {
+    let (flags, error, answer) = match result {
+        Ok(answer) => (FLAG_REPLY, 0, answer),
+        Err(e) => {
+            log::debug!("command {} refused: errno {e}", request.command);
+            (FLAG_REPLY | FLAG_ERROR, e as u32, Answer::from(Vec::new()))
+        }
+    };
+    let header = Header { id: request.id, command: request.command, size: (HEADER + answer.payload.len()) as u32, flags, error };
+    send(stream, &[&header.encode(), &answer.payload], &answer.fds)
+}
+
 /// Serves the client on `stream` until it leaves (Ok) or the connection fails.
 pub fn serve_connection<B: ServerBackend + RegionIoFds>(stream: &UnixStream, shape: &DeviceShape, backend: &mut B) -> Result<(), Error> {
-    loop {
-        let mut raw = [0u8; HEADER];
-        let fds = match recv_header(stream, &mut raw) {
-            Ok(fds) => fds,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let header = Header::decode(&raw);
-        let size = header.size as usize;
-        if !(HEADER..=MAX_MESSAGE).contains(&size) {
-            return Err(Error::Protocol(format!("message size {size}")));
-        }
-        if header.flags & FLAG_TYPE_MASK != 0 {
-            return Err(Error::Protocol(format!("flags {:#x} are not a command's", header.flags)));
-        }
-        let mut body = vec![0u8; size - HEADER];
-        (&*stream).read_exact(&mut body)?;
-        if fds.len() > MAX_FDS {
-            return Err(Error::Protocol(format!("{} descriptors in one message", fds.len())));
-        }
-        let files: Vec<File> = fds.into_iter().map(File::from).collect();
+    while let Some(Request { header, body, files }) = read_command(stream)? {
         let result = match Command::from_u16(header.command) {
             Some(command) => handle(command, &body, files, shape, backend),
             None => Err(libc::ENOSYS),
         };
-        let (flags, error, answer) = match result {
-            Ok(answer) => (FLAG_REPLY, 0, answer),
-            Err(e) => {
-                log::debug!("command {} refused: errno {e}", header.command);
-                (FLAG_REPLY | FLAG_ERROR, e as u32, Answer::from(Vec::new()))
-            }
-        };
-        if header.flags & FLAG_NO_REPLY != 0 && flags & FLAG_ERROR == 0 {
+        if header.flags & FLAG_NO_REPLY != 0 && result.is_ok() {
             continue;
         }
-        let reply = Header { id: header.id, command: header.command, size: (HEADER + answer.payload.len()) as u32, flags, error };
-        send(stream, &[&reply.encode(), &answer.payload], &answer.fds)?;
+        reply(stream, &header, result)?;
     }
+    Ok(())
 }
 
 /// Answers every request on `stream` with `errno` until the client leaves (or is silent for
 /// ten seconds): a client the daemon cannot serve learns why at its first request.
 pub fn refuse_connection(stream: &UnixStream, errno: i32) {
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    loop {
-        let mut raw = [0u8; HEADER];
-        if recv_header(stream, &mut raw).is_err() {
-            return;
-        }
-        let header = Header::decode(&raw);
-        let size = header.size as usize;
-        let mut body = vec![0u8; size.saturating_sub(HEADER)];
-        if !(HEADER..=MAX_MESSAGE).contains(&size) || (&*stream).read_exact(&mut body).is_err() {
-            return;
-        }
-        let reply = Header { id: header.id, command: header.command, size: HEADER as u32, flags: FLAG_REPLY | FLAG_ERROR, error: errno as u32 };
-        if send(stream, &[&reply.encode()], &[]).is_err() {
+    while let Ok(Some(request)) = read_command(stream) {
+        if reply(stream, &request.header, Err(errno)).is_err() {
             return;
         }
     }
@@ -253,8 +261,8 @@ fn handle<B: ServerBackend + RegionIoFds>(
     })
 }
 
-/// Descriptors stay open in the backend while the reply is sent; `AsRawFd` for callers that
-/// hold an `EventFd`.
+/// The ioeventfd entry for `fd` at `offset`, `size` bytes. The backend keeps `fd` open; the
+/// reply sends a duplicate of it.
 pub fn io_eventfd(offset: u64, size: u64, fd: &impl AsRawFd) -> IoEventFd {
     IoEventFd { offset, size, fd: fd.as_raw_fd() }
 }

@@ -474,10 +474,10 @@ fn sandbox_script(cases: &[GuestCase], setup: &SandboxSetup) -> String {
     for case in cases.iter().filter(|c| c.background) {
         let (n, var) = (&case.name, case.name.replace('-', "_"));
         // Its guest's flight records were printed by whichever step ended after them: all of
-        // them, kept in /tmp/flight.log, go with it too (each names its vCPU thread, which
-        // ties it to one VM).
+        // them, kept in /tmp/flight.log (the ones not yet collected are added to it first,
+        // printed once), go with it too (each names its vCPU thread, which ties it to one VM).
         s.push_str(&format!(
-            "echo '@@STEP {n}'\nt0=$(uptime_cs)\nwait $bg_{var}\nrc=$?\ncat /tmp/{n}.out\nkvm_flight_record\n\
+            "echo '@@STEP {n}'\nt0=$(uptime_cs)\nwait $bg_{var}\nrc=$?\ncat /tmp/{n}.out\nkvm_flight_record > /dev/null\n\
              [ -f /tmp/flight.log ] && sed 's/^/@@KVM-TRACE /' /tmp/flight.log\necho \"@@STEP-END {n} $rc $(( $(uptime_cs) - t0 ))\"\n"
         ));
     }

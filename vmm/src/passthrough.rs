@@ -326,9 +326,12 @@ impl Passthrough {
     /// placed and its mmap-able pages ready to become memory slots.
     fn place(&mut self, name: String, backend: Backend, guest: Attach<'_>) -> Result<Bdf, Error> {
         let device = backend.as_dyn();
+        // Memory BARs only: the guest's segment has no I/O window (an I/O BAR reads as absent).
+        // Read once: over vfio-user each config read is a message.
+        let memory_bars: Vec<Bar> = bars(device.as_ref()).into_iter().filter(|b| !b.io).collect();
         let mut io_eventfds = Vec::new();
         if let Backend::User(user) = &backend {
-            for bar in bars(device.as_ref()).into_iter().filter(|b| !b.io) {
+            for bar in &memory_bars {
                 match user.io_eventfds(u32::from(bar.index)) {
                     Ok(fds) => io_eventfds.extend(fds.into_iter().map(|f| (bar.index, f))),
                     // Correct without them, only slower: every write is a message.
@@ -337,9 +340,8 @@ impl Passthrough {
             }
         }
         let bdf = guest.allocator.allocate_device().map_err(|e| Error::Placement(name.clone(), e))?;
-        // Memory BARs only: the guest's segment has no I/O window (an I/O BAR reads as absent).
         let mut placement = Vec::new();
-        for bar in bars(device.as_ref()).into_iter().filter(|b| !b.io) {
+        for &bar in &memory_bars {
             match guest.allocator.allocate_bar(bdf.bus(), bar.size) {
                 Ok(address) => placement.push((bar, address)),
                 Err(e) => {

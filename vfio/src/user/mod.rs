@@ -35,7 +35,7 @@ use vfio_bindings::bindings::vfio::{
 use vmm_sys_util::eventfd::EventFd;
 
 pub use protocol::Command;
-use protocol::{recv_header, send, u32_at, u64_at, Body, FLAG_ERROR, FLAG_REPLY, FLAG_TYPE_MASK, HEADER, SCM_MAX_FD};
+use protocol::{recv_header, send, u32_at, u64_at, Body, Header, FLAG_ERROR, FLAG_REPLY, FLAG_TYPE_MASK, HEADER, SCM_MAX_FD};
 
 use crate::mapping::RegionMapping;
 use crate::pci::{RegionInfo, VfioBackend};
@@ -101,17 +101,14 @@ impl Connection {
 fn exchange(stream: &UnixStream, id: u16, command: Command, body: &[u8], fds: &[RawFd]) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
     let io = |e: std::io::Error| Error::Io(command, e);
     let size = u32::try_from(HEADER + body.len()).map_err(|_| Error::Protocol(command, "request too large".into()))?;
-    let header = Body::default().u16(id).u16(command as u16).u32(size).u32(0).u32(0).0;
+    let header = Header { id, command: command as u16, size, flags: 0, error: 0 }.encode();
     send(stream, &[&header, body], fds).map_err(io)?;
 
-    let mut reply = [0u8; HEADER];
+    let mut raw = [0u8; HEADER];
     // Descriptors the server attached: kept for the caller, closed when it drops them.
-    let received = recv_header(stream, &mut reply).map_err(io)?;
-    let reply_id = u16::from_le_bytes([reply[0], reply[1]]);
-    let reply_command = u16::from_le_bytes([reply[2], reply[3]]);
-    let reply_size = u32_at(&reply, 4).unwrap_or(0) as usize;
-    let flags = u32_at(&reply, 8).unwrap_or(0);
-    let errno = u32_at(&reply, 12).unwrap_or(0);
+    let received = recv_header(stream, &mut raw).map_err(io)?;
+    let reply = Header::decode(&raw);
+    let (reply_id, reply_command, reply_size, flags) = (reply.id, reply.command, reply.size as usize, reply.flags);
     let bad = |what: String| Err(Error::Protocol(command, what));
     if reply_id != id || reply_command != command as u16 {
         return bad(format!("reply {reply_id}/command {reply_command} to request {id}/command {}", command as u16));
@@ -126,7 +123,7 @@ fn exchange(stream: &UnixStream, id: u16, command: Command, body: &[u8], fds: &[
     (&*stream).read_exact(&mut payload).map_err(io)?;
     if flags & FLAG_ERROR != 0 {
         // Some servers leave the errno 0; the request failed all the same.
-        let errno = if errno == 0 { libc::EIO } else { errno.min(i32::MAX as u32) as i32 };
+        let errno = if reply.error == 0 { libc::EIO } else { reply.error.min(i32::MAX as u32) as i32 };
         return Err(Error::Refused(command, std::io::Error::from_raw_os_error(errno)));
     }
     Ok((payload, received))
