@@ -135,7 +135,7 @@ impl AdiBackend {
 
     /// Interrupt handle v fires vector v's IMS entry.
     fn publish_handles(&self) -> Result<(), siov::Error> {
-        let handles: Vec<_> = self.ims.indexes().map(Some).collect();
+        let handles: Vec<_> = self.ims.indexes().map(|i| Some(siov::HandleTarget::Entry(i))).collect();
         self.device.set_interrupt_handles(self.adi, &handles)
     }
 

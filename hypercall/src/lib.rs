@@ -23,8 +23,8 @@ pub const SIGNATURE: [u32; 3] = [
     u32::from_le_bytes(*b"mmHy"),
     u32::from_le_bytes(*b"pCal"),
 ];
-/// ABI version (2: IMS_OPT_IN).
-pub const ABI_VERSION: u32 = 2;
+/// ABI version (2: IMS_OPT_IN; 3: IMS_COMPOSE returns the host message, FLAG_IMS_IN_QUEUE).
+pub const ABI_VERSION: u32 = 3;
 /// Info flag: a guest that opts in (IMS_OPT_IN) may use IMS through this interface (pv mode).
 /// The platform's "no IMS" hint (the SIOV table's IMS_OPT_OUT, Caching Mode) stays on for
 /// every guest; only this flag and the opt-in say more.
@@ -32,6 +32,10 @@ pub const FLAG_IMS_ALLOWED: u32 = 1 << 0;
 /// Info flag: a guest that opts in may program IMS slots in each ADI's trapped BAR0 window
 /// (trap mode).
 pub const FLAG_IMS_TRAP: u32 = 1 << 1;
+/// Info flag (with [`FLAG_IMS_ALLOWED`]): the device keeps IMS in memory next to each queue,
+/// where nothing traps it; the guest stores the message IMS_COMPOSE returns in entry `slot`
+/// of its queue's IMS area (docs/hypercall.md). Without it the host programs the entry itself.
+pub const FLAG_IMS_IN_QUEUE: u32 = 1 << 2;
 /// Argument block size.
 pub const BLOCK_SIZE: usize = 64;
 
@@ -43,7 +47,8 @@ pub mod nr {
     pub const IMS_ALLOC: u64 = 1;
     /// `IMS_FREE(adi, first_slot)`.
     pub const IMS_FREE: u64 = 2;
-    /// `IMS_COMPOSE(adi, slot, vector, apic_id)` → result: the slot's interrupt handle.
+    /// `IMS_COMPOSE(adi, slot, vector, apic_id)` → result: the host message
+    /// ([`message_result`]); the slot's interrupt handle is the ADI's MSI-X vectors + slot.
     pub const IMS_COMPOSE: u64 = 3;
     /// `IMS_MASK(adi, slot, masked)`.
     pub const IMS_MASK: u64 = 4;
@@ -226,6 +231,13 @@ pub fn complete(block: &mut [u8; BLOCK_SIZE], result: Result<u64, Status>) {
     block[56..64].copy_from_slice(&value.to_le_bytes());
 }
 
+/// IMS_COMPOSE's result word: the host message's address in bits 31:0 and its data in bits
+/// 63:32 (an x86 interrupt message's address is 32 bits: 0xFEEx_xxxx). `None` for an address
+/// that does not fit, which no x86 interrupt domain composes.
+pub fn message_result(address: u64, data: u32) -> Option<u64> {
+    u32::try_from(address).ok().map(|a| u64::from(data) << 32 | u64::from(a))
+}
+
 /// The x86 MSI message raising `vector` on `apic_id` (fixed delivery, edge, physical
 /// destination; Intel SDM Vol. 3 §11.11). APIC IDs above 255 use the extended destination ID
 /// (address bits 11:5), as KVM's KVM_FEATURE_MSI_EXT_DEST_ID defines.
@@ -303,6 +315,8 @@ mod tests {
         assert_eq!(compose_msi(0x41, 1), Some((0xfee0_1000, 0x41)));
         assert_eq!(compose_msi(0x41, 0x123), Some((0xfee2_3000 | 1 << 5, 0x41)));
         assert_eq!(compose_msi(0x41, 0x8000), None);
+        assert_eq!(message_result(0xfee0_0210, 7), Some(7 << 32 | 0xfee0_0210));
+        assert_eq!(message_result(1 << 32, 0), None);
         assert_eq!(&SIGNATURE.map(u32::to_le_bytes).concat(), b"SiovmmHypCal");
     }
 }

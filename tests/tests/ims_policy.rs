@@ -7,7 +7,10 @@
 //!   IMS disallowed and uses MSI-X;
 //! - the same with `intel_iommu=off`: the unit stays off, ADIs work untranslated;
 //! - `--ims pv` with in-memory IMS: the driver finds the hypercall, allocates 256 IMS vectors
-//!   on one ADI beyond its 2 MSI-X vectors, and every one is delivered; handles it was not
+//!   on one ADI beyond its 2 MSI-X vectors, stores the host message IMS_COMPOSE returns for
+//!   each in its queue's IMS area, and every one is delivered from there; a masked entry gets
+//!   its pending mark in queue memory and is delivered once on the IMS_MASK commit; the
+//!   guest's own message stored in place of the host's raises nothing; handles it was not
 //!   given raise nothing, nor does a raw message written to the (inert) IMS window; hypercalls
 //!   naming an ADI that is not its own fail;
 //! - `--ims trap` with on-device IMS: the driver writes its own messages into 256 slots of the
@@ -96,15 +99,17 @@ fn ims_off_pv_and_trap_in_real_guests() {
         assert_eq!(r.value("GUEST-OPTED-IN"), Some("1"), "{t}");
         assert_eq!(r.value("GUEST-DRIVER-ERRORS"), Some("0"), "IMS refused before the opt-in:\n{t}");
     }
-    // IMS through the hypercall: 256 vectors on one ADI, each delivered once, on top of MSI-X.
+    // IMS through the hypercall, stored in queue memory: 256 vectors on one ADI, each
+    // delivered once, on top of MSI-X; then one on the unmask commit and one after the forged
+    // message is replaced by the host's again.
     let p = &results[2];
     let t_pv = p.transcript();
     common(p, "1");
     assert_eq!(p.value("GUEST-DMAR-CM"), Some("1"), "Caching Mode even where IMS is offered:\n{t_pv}");
-    assert_eq!(p.value("GUEST-DRIVER-MODE"), Some("ims-pv 256"), "{t_pv}");
-    assert!(p.value("GUEST-ADI-RESULT").is_some_and(|r| r.starts_with("PASS") && r.contains(" ims=256 ")), "{t_pv}");
+    assert_eq!(p.value("GUEST-DRIVER-MODE"), Some("ims-pv-queue 256"), "{t_pv}");
+    assert!(p.value("GUEST-ADI-RESULT").is_some_and(|r| r.starts_with("PASS") && r.contains(" ims=258 ")), "{t_pv}");
     assert_eq!(p.value("GUEST-IMS-LINES"), Some("256"), "{t_pv}");
-    assert_eq!(p.value("GUEST-IMS-IRQS"), Some("256"), "{t_pv}");
+    assert_eq!(p.value("GUEST-IMS-IRQS"), Some("258"), "{t_pv}");
     // Trap mode: 256 trapped slots, each delivered once, plus one delivered on unmask.
     let tr = &results[3];
     let t_tr = tr.transcript();

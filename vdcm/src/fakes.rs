@@ -8,7 +8,8 @@ pub(crate) use siovmm_interrupts::fake::FakeRoutes;
 use siovmm_interrupts::MsiMessage;
 use siovmm_vfio::dma::DmaSpace;
 use siovmm_vfio::siov::{
-    AdiId, DeviceInfo, DmaHandle, Error, ImsGroup, ImsIndex, ImsStorage, Portal, QueueConfig, SiovDevice,
+    AdiId, DeviceInfo, DmaHandle, Error, Fired, HandleTarget, ImsGroup, ImsIndex, ImsStorage, Portal, QueueConfig,
+    SiovDevice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,7 +20,7 @@ pub(crate) struct FakeIms {
     pub(crate) masked: Mutex<BTreeMap<ImsIndex, bool>>,
     pub(crate) bound: Mutex<BTreeMap<ImsIndex, Arc<EventFd>>>,
     pub(crate) pending: Mutex<BTreeSet<ImsIndex>>,
-    pub(crate) handles: Mutex<Vec<Option<ImsIndex>>>,
+    pub(crate) handles: Mutex<Vec<Option<HandleTarget>>>,
 }
 
 impl FakeIms {
@@ -54,7 +55,7 @@ impl SiovDevice for FakeIms {
     fn configure_queue(&self, adi: AdiId, _: Option<QueueConfig>) -> Result<(), Error> {
         Self::check(adi)
     }
-    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<ImsIndex>]) -> Result<(), Error> {
+    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<HandleTarget>]) -> Result<(), Error> {
         Self::check(adi)?;
         *self.handles.lock().unwrap() = handles.to_vec();
         Ok(())
@@ -79,6 +80,10 @@ impl SiovDevice for FakeIms {
     fn ims_pending(&self, adi: AdiId, index: ImsIndex) -> Result<bool, Error> {
         Self::check(adi)?;
         Ok(self.pending.lock().unwrap().contains(&index))
+    }
+    fn queue_ims_set_mask(&self, adi: AdiId, n: u32, _: bool) -> Result<Option<Fired>, Error> {
+        Self::check(adi)?;
+        Err(Error::NoQueueEntry(n))
     }
     fn ims_bind(&self, adi: AdiId, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error> {
         Self::check(adi)?;

@@ -9,7 +9,9 @@
 use devices::bus::{lock, read_lock};
 use siovmm_interrupts::MsiMessage;
 use devices::BusDevice;
-use siovmm_hypercall::{complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE, FLAG_IMS_ALLOWED, FLAG_IMS_TRAP};
+use siovmm_hypercall::{
+    complete, compose_msi, Call, Status, ABI_VERSION, BLOCK_SIZE, FLAG_IMS_ALLOWED, FLAG_IMS_IN_QUEUE, FLAG_IMS_TRAP,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::adi::MAX_PV_SLOTS;
@@ -24,10 +26,26 @@ pub const HYPERCALL_ADDR: u64 = 0xfeb0_1000;
 pub enum ImsOffer {
     /// Nothing: IMS_OPT_IN answers NOT_ALLOWED.
     None,
-    /// IMS vectors through these calls.
-    Pv,
+    /// IMS vectors through these calls; `in_queue` when the device keeps IMS in memory next
+    /// to each queue, where the guest stores the host messages IMS_COMPOSE returns.
+    Pv {
+        /// IMS storage is the queues' memory.
+        in_queue: bool,
+    },
     /// The trapped window in each ADI's BAR0 (the calls stay refused).
     Trap,
+}
+
+impl ImsOffer {
+    /// The flags CPUID's info leaf announces and IMS_OPT_IN returns (`siovmm-hypercall`).
+    pub fn flags(self) -> u32 {
+        match self {
+            Self::None => 0,
+            Self::Pv { in_queue: false } => FLAG_IMS_ALLOWED,
+            Self::Pv { in_queue: true } => FLAG_IMS_ALLOWED | FLAG_IMS_IN_QUEUE,
+            Self::Trap => FLAG_IMS_TRAP,
+        }
+    }
 }
 
 /// The endpoint of one VM.
@@ -58,16 +76,16 @@ impl Hypercalls {
     /// Executes one decoded call.
     pub fn execute(&self, call: Call) -> Result<u64, Status> {
         match (call, self.offer) {
-            (Call::Query, ImsOffer::Pv) => return Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
+            (Call::Query, ImsOffer::Pv { .. }) => return Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
             (Call::Query, _) => return Ok(u64::from(ABI_VERSION) << 32),
             (Call::ImsOptIn, ImsOffer::None) => return Err(Status::NotAllowed),
             (Call::ImsOptIn, offer) => {
                 self.opt_in.set();
                 log::info!("the guest opted in to IMS ({offer:?})");
-                return Ok(u64::from(if offer == ImsOffer::Pv { FLAG_IMS_ALLOWED } else { FLAG_IMS_TRAP }));
+                return Ok(u64::from(offer.flags()));
             }
             // IMS calls: only in pv mode, and only once the guest has opted in.
-            (_, ImsOffer::Pv) if self.opt_in.get() => {}
+            (_, ImsOffer::Pv { .. }) if self.opt_in.get() => {}
             _ => return Err(Status::NotAllowed),
         }
         let adi = |rid: u16| read_lock(&self.functions).get(&rid).cloned().ok_or(Status::NoSuchAdi);
@@ -136,7 +154,9 @@ mod tests {
     #[test]
     fn ims_calls_are_refused_until_the_guest_opts_in() {
         let alloc = Call::ImsAlloc { adi: 8, count: 1 };
-        let (pv, opt_in) = endpoint(ImsOffer::Pv);
+        let (in_queue, _) = endpoint(ImsOffer::Pv { in_queue: true });
+        assert_eq!(in_queue.execute(Call::ImsOptIn), Ok(u64::from(FLAG_IMS_ALLOWED | FLAG_IMS_IN_QUEUE)));
+        let (pv, opt_in) = endpoint(ImsOffer::Pv { in_queue: false });
         assert_eq!(pv.execute(alloc), Err(Status::NotAllowed), "the platform said no IMS; the guest has not overridden it");
         assert!(!opt_in.get());
         assert_eq!(pv.execute(Call::ImsOptIn), Ok(u64::from(FLAG_IMS_ALLOWED)));

@@ -43,8 +43,10 @@ pub enum ImsStorage {
     /// An MMIO table on the device: 16 bytes per entry, `{addr_lo, addr_hi, data, ctrl}`; a VMM
     /// can trap a guest's accesses to it.
     OnDevice,
-    /// In host memory, each entry inside the queue context of the ADI that owns it; nothing a
-    /// VMM can trap, so guests program it only through the host (a hypercall).
+    /// In memory next to each queue: entries the host writes (those behind a guest's MSI-X
+    /// vectors) in the host's part of the queue context, entries an enlightened guest writes
+    /// in its queue's IMS area ([`queue_ims`](crate::soft::queue_ims)). Nothing a VMM can
+    /// trap, so a guest stores there only host-composed messages it got by hypercall.
     InMemory,
 }
 
@@ -96,7 +98,8 @@ impl ImsGroup {
 /// An ADI's work queue, as its guest set it up: a queue context in the ADI's DMA space.
 ///
 /// Layout at `base` (all little-endian): `u32 tail` (written by the submitter, free-running),
-/// `u32 head` (written by the device, free-running), 56 reserved bytes, then `size`
+/// `u32 head` (written by the device, free-running), `u64` address and `u32` entries of the
+/// queue's in-memory IMS area (in-memory storage; 0 = none), 44 reserved bytes, then `size`
 /// 64-byte descriptors. `size` is a power of two.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -106,12 +109,35 @@ pub struct QueueConfig {
     pub size: u32,
 }
 
+/// What an interrupt handle fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandleTarget {
+    /// A host IMS entry of the ADI, which the host programmed.
+    Entry(ImsIndex),
+    /// Entry `n` of the IMS area in the ADI's queue memory (in-memory storage), which the
+    /// guest wrote with a host-composed message; the device reads it when it fires and checks
+    /// that the message names a host entry of this ADI.
+    Queue(u32),
+}
+
 /// How a submitter reaches an ADI's queue.
 #[derive(Debug)]
 pub enum Portal {
     /// A doorbell eventfd: the VMM registers it as a KVM ioeventfd on the guest's doorbell
     /// register, so a guest's write wakes the device without a VMM thread (software device).
     Doorbell(Arc<EventFd>),
+}
+
+/// Outcome of firing an interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fired {
+    /// The eventfd was signalled.
+    Delivered,
+    /// Masked: now pending.
+    Pending,
+    /// Dropped: not allocated, not this ADI's, no eventfd bound, or (queue memory) a message
+    /// that names no host entry of the ADI.
+    Dropped,
 }
 
 /// Errors of the device interface.
@@ -149,6 +175,9 @@ pub enum Error {
     /// The DMA handle is still used by an open ADI.
     #[error("DMA handle {0} is still used by an open ADI")]
     DmaInUse(u32),
+    /// The ADI has no queue, or its queue memory has no IMS area holding that entry.
+    #[error("the ADI's queue memory has no IMS entry {0}")]
+    NoQueueEntry(u32),
     /// The device cannot take more of something (eventfds, threads, DMA bindings).
     #[error("the device is out of resources: {0}")]
     Resources(&'static str),
@@ -176,11 +205,12 @@ pub trait SiovDevice: Send + Sync {
     fn reset_adi(&self, adi: AdiId) -> Result<(), Error>;
     /// Sets up and enables the ADI's queue, or disables it (`None`).
     fn configure_queue(&self, adi: AdiId, queue: Option<QueueConfig>) -> Result<(), Error>;
-    /// Sets the ADI's interrupt-handle table: handle `h` fires IMS entry `handles[h]`; `None`
-    /// is a revoked handle (descriptors naming it complete with "invalid interrupt handle").
-    /// Every entry must be this ADI's (the device checks ownership on each interrupt too, as
-    /// DSA checks the entry's PASID).
-    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<ImsIndex>]) -> Result<(), Error>;
+    /// Sets the ADI's interrupt-handle table: handle `h` fires `handles[h]`; `None` is a
+    /// revoked handle (descriptors naming it complete with "invalid interrupt handle"). Every
+    /// [`HandleTarget::Entry`] must be this ADI's (the device checks ownership on each
+    /// interrupt too, as DSA checks the entry's PASID); [`HandleTarget::Queue`] needs
+    /// in-memory storage.
+    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<HandleTarget>]) -> Result<(), Error>;
 
     /// Allocates `count` IMS entries to the open ADI `adi` (for in-memory IMS: in its queue
     /// context), each masked and holding the message the device composed for it.
@@ -194,6 +224,12 @@ pub trait SiovDevice: Send + Sync {
     fn ims_set_mask(&self, adi: AdiId, index: ImsIndex, masked: bool) -> Result<(), Error>;
     /// Whether an interrupt arrived while the entry was masked and is not yet delivered.
     fn ims_pending(&self, adi: AdiId, index: ImsIndex) -> Result<bool, Error>;
+    /// Sets the mask bit of entry `n` of the IMS area in the ADI's queue memory (in-memory
+    /// storage) for its guest; unmasking an entry the device marked pending clears the mark
+    /// and delivers the interrupt once, through the message stored there (the commit a
+    /// guest needs after unmasking, as Linux's IMS `irq_bus_unlock` commits queue-memory
+    /// changes). Returns what became of a pending interrupt.
+    fn queue_ims_set_mask(&self, adi: AdiId, n: u32, masked: bool) -> Result<Option<Fired>, Error>;
     /// Binds the eventfd the entry signals (`None` unbinds: interrupts are then dropped).
     fn ims_bind(&self, adi: AdiId, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error>;
 }

@@ -41,6 +41,13 @@ impl SiovBackend {
         }
     }
 
+    /// Where the device keeps IMS.
+    pub fn ims_storage(&self) -> ImsStorage {
+        match self {
+            Self::Software { storage, .. } => *storage,
+        }
+    }
+
     /// Opens (for the software device: creates) the device.
     pub fn open(&self) -> std::io::Result<Arc<dyn SiovDevice>> {
         match *self {
@@ -84,11 +91,13 @@ impl ImsPolicy {
     /// What a guest that opts in through the hypercall gets. The platform's "no IMS" hint (the
     /// SIOV table's opt-out flag; Caching Mode with a vIOMMU) is on under every policy, so an
     /// unmodified guest never tries IMS; the policy only decides what an opt-in unlocks.
-    pub fn offer(self) -> siovmm_vdcm::hypercall::ImsOffer {
+    /// `storage` is where the VM's device keeps IMS (in queue memory, the guest stores the
+    /// host messages it gets).
+    pub fn offer(self, storage: ImsStorage) -> siovmm_vdcm::hypercall::ImsOffer {
         use siovmm_vdcm::hypercall::ImsOffer;
         match self {
             Self::Off => ImsOffer::None,
-            Self::Pv => ImsOffer::Pv,
+            Self::Pv => ImsOffer::Pv { in_queue: storage == ImsStorage::InMemory },
             Self::Trap => ImsOffer::Trap,
         }
     }
@@ -98,14 +107,6 @@ impl ImsPolicy {
         self == Self::Trap
     }
 
-    /// The IMS flags the hypercall CPUID leaf announces (siovmm-hypercall ABI).
-    pub fn hypercall_flags(self) -> u32 {
-        match self {
-            Self::Off => 0,
-            Self::Pv => siovmm_hypercall::FLAG_IMS_ALLOWED,
-            Self::Trap => siovmm_hypercall::FLAG_IMS_TRAP,
-        }
-    }
 }
 
 impl Default for SiovConfig {

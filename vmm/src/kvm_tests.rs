@@ -296,12 +296,14 @@ kvm_test! {
         use siovmm_vfio::soft::SoftSiovDevice;
 
         let kvm = Kvm::new().unwrap();
-        let device = Arc::new(SoftSiovDevice::new(8, 1024, ImsStorage::InMemory, 1).unwrap());
+        // On-device IMS: the host programs each entry (the in-queue case, where the guest
+        // stores the message, is the device's own test and the guest's, tests/tests/ims_policy.rs).
+        let device = Arc::new(SoftSiovDevice::new(8, 1024, ImsStorage::OnDevice, 1).unwrap());
         let req = AdiRequest { first_adi: 0, count: 2, options: siovmm_vdcm::AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 } };
         let (vdcm, _vcpu, mem) = vm_with_adis(&kvm, device, req);
         let adi0 = Bdf::new(0, 1, 0).0;
         let adi1 = Bdf::new(0, 1, 1).0;
-        let mut calls = Hypercalls::new(mem.clone(), vdcm.table(), 1, ImsOffer::Pv, Default::default());
+        let mut calls = Hypercalls::new(mem.clone(), vdcm.table(), 1, ImsOffer::Pv { in_queue: false }, Default::default());
         assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 1 }), Err(Status::NotAllowed), "before the opt-in");
         assert!(calls.execute(Call::ImsOptIn).is_ok());
 
@@ -310,9 +312,10 @@ kvm_test! {
         assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 300 }), Ok(0));
         assert_eq!(calls.execute(Call::ImsAlloc { adi: adi0, count: 2 }), Ok(300));
         assert_eq!(calls.execute(Call::ImsAlloc { adi: adi1, count: 1000 }), Err(Status::Exhausted), "1024 entries in all");
-        // Handles follow the two MSI-X vectors.
-        assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 0, vector: 0x40, apic_id: 0 }), Ok(2));
-        assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 301, vector: 0x41, apic_id: 0 }), Ok(303));
+        // The host message of each slot's entry comes back: entries 0-3 are the two ADIs'
+        // MSI-X vectors, so slot 0 is entry 4 and slot 301 entry 305.
+        assert_eq!(host_entry(calls.execute(Call::ImsCompose { adi: adi0, slot: 0, vector: 0x40, apic_id: 0 })), Ok(Some(4)));
+        assert_eq!(host_entry(calls.execute(Call::ImsCompose { adi: adi0, slot: 301, vector: 0x41, apic_id: 0 })), Ok(Some(305)));
         assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 302, vector: 0x41, apic_id: 0 }), Err(Status::NoSuchSlot));
         assert_eq!(calls.execute(Call::ImsCompose { adi: adi0, slot: 0, vector: 0x40, apic_id: 1 }), Err(Status::InvalidArgument), "no vCPU 1");
         // ADI 1 cannot touch ADI 0's slots.
@@ -347,6 +350,12 @@ kvm_test! {
         assert_eq!(off.execute(Call::ImsAlloc { adi: adi0, count: 1 }), Err(Status::NotAllowed));
         assert!(off.execute(Call::Query).is_ok());
     }
+}
+
+/// The host IMS entry an IMS_COMPOSE result names.
+fn host_entry(result: Result<u64, siovmm_hypercall::Status>) -> Result<Option<u32>, siovmm_hypercall::Status> {
+    let message = |m: u64| siovmm_interrupts::MsiMessage { address: m & 0xffff_ffff, data: (m >> 32) as u32 };
+    result.map(|m| siovmm_vfio::soft::ims::remapped_entry(message(m)))
 }
 
 kvm_test! {
@@ -422,7 +431,7 @@ kvm_test! {
         for first_adi in [0u32, 1] {
             let req = AdiRequest { first_adi, count: 1, options: siovmm_vdcm::AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 } };
             let (vdcm, vcpu, mem) = vm_with_adis(&kvm, device.clone(), req);
-            let calls = Hypercalls::new(mem, vdcm.table(), 1, ImsOffer::Pv, Default::default());
+            let calls = Hypercalls::new(mem, vdcm.table(), 1, ImsOffer::Pv { in_queue: true }, Default::default());
             assert!(calls.execute(Call::ImsOptIn).is_ok());
             endpoints.push(calls);
             keep.push((vdcm, vcpu));
@@ -439,8 +448,9 @@ kvm_test! {
             assert_eq!(endpoints[1].execute(Call::ImsMask { adi: rid, slot, masked: false }), Err(Status::NoSuchSlot));
         }
         assert_eq!(endpoints[1].execute(Call::ImsFree { adi: rid, first: 0 }), Err(Status::NoSuchSlot));
-        // VM A's slots still work for VM A.
-        assert_eq!(endpoints[0].execute(Call::ImsCompose { adi: rid, slot: 7, vector: 0x40, apic_id: 0 }), Ok(9));
+        // VM A's slots still work for VM A: slot 7 is host entry 11 (after 2×2 MSI-X entries).
+        let composed = endpoints[0].execute(Call::ImsCompose { adi: rid, slot: 7, vector: 0x40, apic_id: 0 });
+        assert_eq!(host_entry(composed), Ok(Some(11)));
         // And the device says which ADI owns what: 256 - 2×2 MSI-X - 8 entries are left.
         assert_eq!(device.ims_free_entries(), 244);
     }

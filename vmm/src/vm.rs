@@ -377,7 +377,7 @@ impl Vm {
         // The VM's one way to KVM's interrupt plumbing: pins, MSI routes, irqfds, ioeventfds.
         let irq = Arc::new(KvmIrq(fd.clone()));
         let platform = build_platform(irq.as_ref(), &shutdown, start, console_out)?;
-        let ims = config.siov.ims;
+        let ims = config.siov.ims.offer(config.siov.device.ims_storage());
         let iommu = if config.siov.viommu {
             // Caching Mode is the "no IMS in this VM" hint, on under every policy (the unit
             // caches nothing, so it is truthful).
@@ -412,7 +412,7 @@ impl Vm {
             trace.mark(&format!("vfio-user device {} at {bdf}", socket.display()));
         }
         // Always there, as CPUID announces it: a VM's ADIs may come later.
-        let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims.offer(), devices.ims_opt_in());
+        let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims, devices.ims_opt_in());
         place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
         attach_pci(&platform, &root, &topology)?;
         trace.mark("devices");
@@ -446,7 +446,7 @@ impl Vm {
                 tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
                 tsc_deadline,
             };
-            vcpu::configure_cpuid(&vcpu, &supported, &topo, (ims.hypercall_flags(), HYPERCALL_ADDR))?;
+            vcpu::configure_cpuid(&vcpu, &supported, &topo, (ims.flags(), HYPERCALL_ADDR))?;
             if id == 0 {
                 vcpu::configure_boot_vcpu(&vcpu, &memory, &entry)?;
             }

@@ -12,7 +12,10 @@
  * the driver allocates `ims_vectors` more vectors through IMS, beyond its 2 MSI-X vectors:
  * Linux IRQs from x86_vector_domain (the guest picks vector and CPU, as Hyper-V's PCI driver
  * does). In pv mode each is given to siovmm with the IMS_COMPOSE hypercall; in trap mode the
- * driver writes its own MSI message into the ADI's IMS window slot, which siovmm traps.
+ * driver writes its own MSI message into the ADI's IMS window slot, which siovmm traps. When the
+ * device keeps IMS in memory (CPUID flag IMS_IN_QUEUE), IMS_COMPOSE returns the host-composed
+ * message and the driver stores it in its queue's IMS area (after the ring, named by the queue
+ * context), where mask and pending live too; unmasking is committed with IMS_MASK.
  * "run" then also fires every IMS vector once and checks that handles it was not given raise
  * nothing. sysfs "mode" says "ims-pv", "ims-trap" or "msix".
  *
@@ -39,11 +42,14 @@ MODULE_PARM_DESC(enlightened, "1: know siovmm's hypercall and opt in to IMS over
 		 "0: obey the hint, as a driver that knows only the platform's IMS signals");
 /* Set once this guest has opted in (probes run one after another). */
 static bool ims_opted_in;
+/* The hypercall's CPUID flags. */
+static u32 hc_flags;
 
 #define HC_SIG_LEAF 0x40000100
 #define HC_INFO_LEAF 0x40000101
 #define HC_IMS_ALLOWED 1
 #define HC_IMS_TRAP 2
+#define HC_IMS_IN_QUEUE 4
 #define IMS_WINDOW 0x4000
 #define IMS_CTRL_MASK 1
 #define IMS_CTRL_PENDING 2
@@ -87,7 +93,10 @@ enum ims_mode { IMS_NONE, IMS_PV, IMS_TRAP };
 #define ST_PAGE_FAULT 0x03
 
 #define QSIZE 16
-#define CTX_SIZE (64 + QSIZE * 64)
+/* The queue's IMS area (in-memory IMS): after the ring, named at context offsets 8 and 16. */
+#define IMS_AREA_OFF (64 + QSIZE * 64)
+#define IMS_AREA_ENTRIES 512
+#define CTX_SIZE (IMS_AREA_OFF + IMS_AREA_ENTRIES * 16)
 #define BUF_SIZE (4 * 4096)
 #define CQ_VECTOR 1
 
@@ -130,6 +139,7 @@ struct adi {
 	void __iomem *hc_reg;
 	int n_ims;
 	enum ims_mode ims_mode;
+	bool in_queue;
 	u32 ims_first;
 	struct ims_vec *ims;
 	void __iomem *bar;
@@ -285,6 +295,7 @@ static enum ims_mode adi_ims_allowed(u64 *reg)
 	if (ebx != 0x766f6953 || ecx != 0x79486d6d || edx != 0x6c614370) /* "SiovmmHypCal" */
 		return IMS_NONE;
 	cpuid(HC_INFO_LEAF, &eax, &ebx, &ecx, &edx);
+	hc_flags = ebx;
 	mode = (ebx & HC_IMS_ALLOWED) ? IMS_PV : (ebx & HC_IMS_TRAP) ? IMS_TRAP : IMS_NONE;
 	if (mode == IMS_NONE)
 		return IMS_NONE;
@@ -355,6 +366,24 @@ static void __iomem *adi_slot(struct adi *a, int i)
 	return a->bar + IMS_WINDOW + i * 16;
 }
 
+/* Entry n of the queue's in-memory IMS area: {addr_lo, addr_hi, data, ctrl}. */
+static u32 *adi_qentry(struct adi *a, u32 n)
+{
+	return (u32 *)(a->ctx + IMS_AREA_OFF + n * 16);
+}
+
+/* Stores a host-composed message (IMS_COMPOSE's result) in entry n, masked. */
+static void adi_qentry_store(struct adi *a, u32 n, u64 message)
+{
+	u32 *e = adi_qentry(a, n);
+
+	WRITE_ONCE(e[3], IMS_CTRL_MASK);
+	WRITE_ONCE(e[0], lower_32_bits(message));
+	WRITE_ONCE(e[1], 0);
+	WRITE_ONCE(e[2], upper_32_bits(message));
+	dma_wmb();
+}
+
 /* Allocates n IMS vectors: Linux IRQs from the vector domain, composed through siovmm. */
 static int adi_ims_setup(struct adi *a, int n)
 {
@@ -368,6 +397,16 @@ static int adi_ims_setup(struct adi *a, int n)
 		if (st)
 			return -EIO;
 		a->ims_first = first;
+		a->in_queue = hc_flags & HC_IMS_IN_QUEUE;
+		if (a->in_queue) {
+			/* Name the IMS area in the queue context; the device reads it on each interrupt. */
+			if (first + n > IMS_AREA_ENTRIES)
+				return -ENOSPC;
+			memset(a->ctx + IMS_AREA_OFF, 0, IMS_AREA_ENTRIES * 16);
+			WRITE_ONCE(*(u64 *)(a->ctx + 8), a->ctx_dma + IMS_AREA_OFF);
+			WRITE_ONCE(*(u32 *)(a->ctx + 16), IMS_AREA_ENTRIES);
+			dma_wmb();
+		}
 	} else {
 		first = 0;
 	}
@@ -394,12 +433,18 @@ static int adi_ims_setup(struct adi *a, int n)
 		a->n_ims = i + 1;
 		cfg = irqd_cfg(irq_get_irq_data(v->irq));
 		if (a->ims_mode == IMS_PV) {
+			u64 message;
+
 			st = adi_hypercall(a, HC_IMS_COMPOSE, adi_rid(a), first + i, cfg->vector, cfg->dest_apicid,
-					   &handle);
+					   &message);
 			if (st)
 				return -EIO;
+			/* In queue memory the guest stores what the host composed, masked until committed. */
+			if (a->in_queue)
+				adi_qentry_store(a, first + i, message);
 			if (adi_hypercall(a, HC_IMS_MASK, adi_rid(a), first + i, 0, 0, NULL))
 				return -EIO;
+			handle = MSIX_VECTORS + first + i;
 		} else {
 			/* Our own message: fixed delivery, physical destination (SDM Vol. 3 §11.11). */
 			u32 ctrl;
@@ -440,6 +485,62 @@ static int adi_total_ims(struct adi *a)
 	for (i = 0; i < a->n_ims; i++)
 		sum += atomic_read(&a->ims[i].count);
 	return sum;
+}
+
+/*
+ * In-memory IMS: mask and pending live in the queue's memory, and only a message the host
+ * composed delivers. Entry 0 is vector 0's. Delivers two interrupts: the commit's, and the
+ * restored host message's.
+ */
+static const char *adi_ims_queue_selftest(struct adi *a, int before_ims, int before_cq)
+{
+	struct ims_vec *v = &a->ims[0];
+	u32 *e = adi_qentry(a, a->ims_first);
+	u32 saved[3] = { e[0], e[1], e[2] };
+	struct irq_cfg *cfg = irqd_cfg(irq_get_irq_data(v->irq));
+
+	/* Masked by a plain store (no exit): the device marks it pending there, raises nothing. */
+	WRITE_ONCE(e[3], IMS_CTRL_MASK);
+	dma_wmb();
+	reinit_completion(&v->done);
+	adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, v->handle);
+	if (adi_poll(a))
+		return "in-queue masked: descriptor never completed";
+	msleep(20);
+	dma_rmb();
+	if (adi_total_ims(a) != before_ims)
+		return "a masked in-queue IMS entry raised an interrupt";
+	if (READ_ONCE(e[3]) != (IMS_CTRL_MASK | IMS_CTRL_PENDING))
+		return "masked in-queue IMS entry not marked pending in queue memory";
+	/* The commit: unmask through the host, which delivers the pending interrupt once. */
+	if (adi_hypercall(a, HC_IMS_MASK, adi_rid(a), a->ims_first, 0, 0, NULL))
+		return "IMS_MASK commit failed";
+	if (!wait_for_completion_timeout(&v->done, 2 * HZ))
+		return "pending in-queue interrupt not delivered on unmask";
+	msleep(20);
+	if (adi_total_ims(a) != before_ims + 1 || READ_ONCE(e[3]) != 0)
+		return "unmasking an in-queue entry delivered the wrong interrupts";
+	/* The guest's own message in place of the host's: remapping refuses it. */
+	WRITE_ONCE(e[0], 0xfee00000 | ((cfg->dest_apicid & 0xff) << 12));
+	WRITE_ONCE(e[2], cfg->vector);
+	dma_wmb();
+	adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, v->handle);
+	if (adi_poll(a) || a->comp->status != ST_SUCCESS)
+		return "descriptor on a forged in-queue entry failed";
+	msleep(50);
+	if (adi_total_ims(a) != before_ims + 1 || atomic_read(&a->irqs) != before_cq)
+		return "a message the host did not compose raised an interrupt";
+	e[0] = saved[0];
+	e[1] = saved[1];
+	e[2] = saved[2];
+	dma_wmb();
+	reinit_completion(&v->done);
+	adi_submit_h(a, OP_NOOP, F_RCI, 0, 0, 0, 0, v->handle);
+	if (!wait_for_completion_timeout(&v->done, 2 * HZ))
+		return "the restored host message did not deliver";
+	if (adi_poll(a))
+		return "descriptor after restore never completed";
+	return NULL;
 }
 
 /* Fires every IMS vector once; checks that handles never given raise nothing. */
@@ -494,6 +595,13 @@ static const char *adi_ims_selftest(struct adi *a)
 		if (adi_total_ims(a) != before_ims + 1 || atomic_read(&a->irqs) != before_cq)
 			return "unmasking an IMS slot delivered the wrong interrupts";
 		return NULL;
+	}
+	if (a->in_queue) {
+		const char *why = adi_ims_queue_selftest(a, before_ims, before_cq);
+
+		if (why)
+			return why;
+		before_ims += 2;
 	}
 	/* pv mode: the window is inert; a raw message written there raises nothing. */
 	writel(0xfee00000, adi_slot(a, 0));
@@ -632,7 +740,8 @@ static ssize_t mode_show(struct device *dev, struct device_attribute *attr, char
 {
 	struct adi *a = pci_get_drvdata(to_pci_dev(dev));
 
-	return sysfs_emit(buf, "%s %d\n", !a->n_ims ? "msix" : a->ims_mode == IMS_PV ? "ims-pv" : "ims-trap", a->n_ims);
+	return sysfs_emit(buf, "%s %d\n", !a->n_ims ? "msix" : a->ims_mode == IMS_TRAP ? "ims-trap" :
+			  a->in_queue ? "ims-pv-queue" : "ims-pv", a->n_ims);
 }
 static DEVICE_ATTR_RO(mode);
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use siovmm_interrupts::MsiEntry;
-use siovmm_vfio::siov::{ImsGroup, ImsIndex};
+use siovmm_vfio::siov::{HandleTarget, ImsGroup, ImsIndex};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,9 +108,13 @@ impl ImsSlots {
         self.slots.get(slot as usize).and_then(|s| s.as_ref()).map(|s| s.index)
     }
 
-    /// Each slot's host IMS entry in slot order (`None` where free), for the handle table.
-    pub fn handles(&self) -> impl Iterator<Item = Option<ImsIndex>> + '_ {
-        self.slots.iter().map(|s| s.as_ref().map(|s| s.index))
+    /// What each slot's handle fires, in slot order (`None` where free), for the handle table:
+    /// its host IMS entry, or with `in_queue` the entry of the same number in the queue's IMS
+    /// area, where the guest stores the host message.
+    pub fn handles(&self, in_queue: bool) -> impl Iterator<Item = Option<HandleTarget>> + '_ {
+        (0u32..).zip(&self.slots).map(move |(n, s)| {
+            s.as_ref().map(|s| if in_queue { HandleTarget::Queue(n) } else { HandleTarget::Entry(s.index) })
+        })
     }
 
     /// Whether the trapped window exists (trap mode).
@@ -177,7 +181,9 @@ mod tests {
         s.fill(b, group(200, 2));
         assert_eq!((a, b), (0, 4));
         assert_eq!(s.index(5), Some(201));
-        assert_eq!(s.handles().collect::<Vec<_>>(), vec![Some(100), Some(101), Some(102), Some(103), Some(200), Some(201)]);
+        let entries = [100, 101, 102, 103, 200, 201].map(|i| Some(HandleTarget::Entry(i)));
+        assert_eq!(s.handles(false).collect::<Vec<_>>(), entries);
+        assert_eq!(s.handles(true).collect::<Vec<_>>(), (0..6).map(|n| Some(HandleTarget::Queue(n))).collect::<Vec<_>>());
         assert_eq!(s.release(1), None, "not a group's first slot");
         assert_eq!(s.release(0), Some(group(100, 4)));
         assert_eq!(s.index(0), None);

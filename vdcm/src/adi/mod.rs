@@ -89,6 +89,9 @@ pub struct AdiFunction {
     vcpus: u32,
     /// The guest has opted in to IMS (the trapped window is live only then).
     ims_opt_in: crate::ImsOptIn,
+    /// The device keeps IMS in memory: the guest stores each slot's host message in its
+    /// queue's IMS area, where mask and pending live too (`siovmm_vfio::soft::queue_ims`).
+    in_queue: bool,
 }
 
 /// The destination APIC ID of a guest MSI message, if it is a plain fixed/lowest-priority
@@ -148,6 +151,7 @@ impl AdiFunction {
         let vectors = MsixVectors::new(p.adi, p.ims, p.device.clone(), p.router.clone());
         let handles: Vec<_> = vectors.handles().collect();
         p.device.set_interrupt_handles(p.adi, &handles)?;
+        let in_queue = p.device.info().ims_storage == siov::ImsStorage::InMemory;
         Ok(Self {
             adi: p.adi,
             bdf: p.bdf,
@@ -163,6 +167,7 @@ impl AdiFunction {
             slots: ImsSlots::new(p.ims_trap),
             vcpus: p.vcpus,
             ims_opt_in: p.ims_opt_in,
+            in_queue,
         })
     }
 
@@ -188,8 +193,8 @@ impl AdiFunction {
 
     /// Gives the device the handle table: MSI-X vectors first, then hypercall slots.
     fn publish_handles(&self) -> Result<(), siov::Error> {
-        let mut handles: Vec<Option<siov::ImsIndex>> = self.vectors.handles().collect();
-        handles.extend(self.slots.handles());
+        let mut handles: Vec<_> = self.vectors.handles().collect();
+        handles.extend(self.slots.handles(self.in_queue));
         self.device.set_interrupt_handles(self.adi, &handles)
     }
 
@@ -221,22 +226,34 @@ impl AdiFunction {
         self.slots.slot_mut(slot).ok_or(Status::NoSuchSlot)
     }
 
-    /// Hypercall IMS_COMPOSE: the host composes the message raising `message` (already
-    /// validated against this VM's vCPUs) and programs the slot: its IMS entry signals an
-    /// eventfd routed to that message in this VM only. Returns the slot's interrupt handle.
+    /// Hypercall IMS_COMPOSE: the host sets up delivery of the guest's `message` (already
+    /// validated against this VM's vCPUs) for the slot, as a host sets up an interrupt-remapping
+    /// entry: the slot's IMS entry signals an eventfd routed to that message in this VM only.
+    /// Returns the host message the entry writes (hypercall `message_result` form), which the
+    /// guest stores in its queue's IMS area when the device keeps IMS there.
     pub fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
         let key = VectorKey::ims(FunctionId::Adi(self.adi.0), slot);
-        let handle = u64::from(self.vectors.count()) + u64::from(slot);
-        let (device, adi) = (self.device.clone(), self.adi);
+        let (device, adi, in_queue) = (self.device.clone(), self.adi, self.in_queue);
         let s = self.pv_slot(slot)?;
-        let fd = bound_eventfd(device.as_ref(), adi, &mut s.fd, s.index)?;
+        let index = s.index;
+        let fd = bound_eventfd(device.as_ref(), adi, &mut s.fd, index)?;
         self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
-        Ok(handle)
+        // In queue memory the guest's own mask bit governs; the host entry only remaps.
+        if in_queue {
+            device.ims_set_mask(adi, index, false).map_err(|_| Status::NoSuchSlot)?;
+        }
+        let host = device.ims_message(adi, index).map_err(|_| Status::NoSuchSlot)?;
+        siovmm_hypercall::message_result(host.address, host.data).ok_or(Status::InvalidArgument)
     }
 
-    /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once.
+    /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once. In queue memory this
+    /// sets the mask bit stored there and commits it: a pending interrupt the device marked
+    /// there is delivered once.
     pub fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), Status> {
         let index = self.pv_slot(slot)?.index;
+        if self.in_queue {
+            return self.device.queue_ims_set_mask(self.adi, slot, masked).map(|_| ()).map_err(|_| Status::NoSuchSlot);
+        }
         self.device.ims_set_mask(self.adi, index, masked).map_err(|_| Status::NoSuchSlot)
     }
 
@@ -396,9 +413,19 @@ mod tests {
     }
 
     fn function_with(routes: Arc<FakeRoutes>, ims_trap: bool, ims_opt_in: crate::ImsOptIn) -> AdiFunction {
-        let device = Arc::new(SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap());
+        function_in(ImsStorage::OnDevice, routes, ims_trap, ims_opt_in).0
+    }
+
+    fn function_in(
+        storage: ImsStorage,
+        routes: Arc<FakeRoutes>,
+        ims_trap: bool,
+        ims_opt_in: crate::ImsOptIn,
+    ) -> (AdiFunction, GuestRam) {
+        let device = Arc::new(SoftSiovDevice::new(1, 64, storage, 1).unwrap());
         let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
-        let dma = device.dma_bind(Arc::new(GuestRam(mem))).unwrap();
+        let ram = GuestRam(mem);
+        let dma = device.dma_bind(Arc::new(ram.clone())).unwrap();
         let Portal::Doorbell(doorbell) = device.open_adi(AdiId(0), dma).unwrap();
         let ims = device.ims_alloc(AdiId(0), 2).unwrap();
         let mapper: Arc<dyn BarMapper> = Arc::new(NoBars);
@@ -417,7 +444,37 @@ mod tests {
             ims_opt_in,
             vcpus: 1,
         })
+        .map(|f| (f, ram))
         .unwrap()
+    }
+
+    /// In-memory IMS: IMS_COMPOSE hands back the host message for the guest to store in its
+    /// queue's IMS area; the slot's handle reads that area; IMS_MASK writes the mask there.
+    #[test]
+    fn in_queue_slots_give_the_guest_its_host_message() {
+        use siovmm_vfio::dma::DmaSpace;
+        use siovmm_vfio::soft::{ims, queue_ims};
+        let routes = Arc::new(FakeRoutes::default());
+        let (mut f, ram) = function_in(ImsStorage::InMemory, routes.clone(), false, crate::ImsOptIn::default());
+        let (queue, area) = (0x1000u64, 0x8000u64);
+        f.device.configure_queue(f.adi, Some(siov::QueueConfig { base: queue, size: 16 })).unwrap();
+        ram.write(queue + queue_ims::AREA, &area.to_le_bytes()).unwrap();
+        ram.write(queue + queue_ims::ENTRIES, &4u32.to_le_bytes()).unwrap();
+        assert_eq!(f.pv_alloc(2), Ok(0));
+        let guest = MsiMessage { address: 0xfee0_0000, data: 0x51 };
+        let result = f.pv_compose(1, guest).unwrap();
+        let host = MsiMessage { address: result & 0xffff_ffff, data: (result >> 32) as u32 };
+        let entry = ims::remapped_entry(host).expect("a remappable host message");
+        assert_eq!(f.slots.index(1), Some(entry), "it names the slot's own host entry");
+        assert_ne!(host, guest, "the guest never stores its own message");
+        assert_eq!(routes.routes.lock().unwrap().last().map(|r| r.1), Some(guest), "the route carries the guest's");
+        f.pv_mask(1, true).unwrap();
+        let mut ctrl = [0u8; 4];
+        ram.read(area + 16 + 12, &mut ctrl).unwrap();
+        assert_eq!(u32::from_le_bytes(ctrl), 1, "the mask lives in queue memory");
+        f.pv_mask(1, false).unwrap();
+        assert_eq!(f.pv_mask(2, false), Err(Status::NoSuchSlot));
+        assert_eq!(f.failures(), 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use devices::pci::msix::{Msix, VectorChange};
 use siovmm_hypercall::Status;
 use siovmm_interrupts::{FunctionId, MsiRouter, VectorKey};
-use siovmm_vfio::siov::{self, AdiId, ImsGroup, ImsIndex, SiovDevice};
+use siovmm_vfio::siov::{self, AdiId, HandleTarget, ImsGroup, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::GuestFaults;
@@ -47,8 +47,8 @@ impl MsixVectors {
     }
 
     /// The interrupt handles the vectors take (handle v = vector v).
-    pub(crate) fn handles(&self) -> impl Iterator<Item = Option<ImsIndex>> {
-        self.ims.indexes().take(self.fds.len()).map(Some)
+    pub(crate) fn handles(&self) -> impl Iterator<Item = Option<HandleTarget>> {
+        self.ims.indexes().take(self.fds.len()).map(|i| Some(HandleTarget::Entry(i)))
     }
 
     /// MSI-X message control as the guest reads it.
@@ -138,7 +138,7 @@ mod tests {
     use devices::pci::msix::{CTRL_ENABLE, CTRL_FUNCTION_MASK};
     use siovmm_interrupts::MsiMessage;
 
-    const FIRST: ImsIndex = 100;
+    const FIRST: siov::ImsIndex = 100;
 
     fn vectors(count: u32) -> (MsixVectors, Arc<FakeIms>, Arc<FakeRoutes>, GuestFaults) {
         let device = Arc::new(FakeIms::default());
@@ -160,7 +160,7 @@ mod tests {
     fn vector_v_is_ims_entry_first_plus_v() {
         let (v, ..) = vectors(4);
         assert_eq!(v.count(), 4);
-        assert_eq!(v.handles().collect::<Vec<_>>(), vec![Some(100), Some(101), Some(102), Some(103)]);
+        assert_eq!(v.handles().collect::<Vec<_>>(), [100, 101, 102, 103].map(|i| Some(HandleTarget::Entry(i))));
         // A group larger than the table backs only as many vectors as the table holds.
         let (v, ..) = vectors(u32::from(MAX_MSIX_VECTORS) + 10);
         assert_eq!(v.count(), MAX_MSIX_VECTORS);

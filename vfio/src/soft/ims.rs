@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use siovmm_interrupts::MsiEntry;
 
-use crate::siov::{AdiId, Error, ImsEntry, ImsGroup, ImsIndex, ImsStorage, MsiMessage};
+use crate::siov::{AdiId, Error, Fired, ImsEntry, ImsGroup, ImsIndex, ImsStorage, MsiMessage};
 
 /// Bytes per entry in the MMIO layout; ctrl bit 0 masks it.
 pub use siovmm_interrupts::msi::{CTRL_MASK, ENTRY_SIZE};
@@ -35,17 +35,6 @@ struct Slot {
     target: Option<Arc<EventFd>>,
 }
 
-/// Outcome of firing an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fired {
-    /// The eventfd was signalled.
-    Delivered,
-    /// Masked: now pending.
-    Pending,
-    /// Dropped: not allocated, not this ADI's, or no eventfd bound.
-    Dropped,
-}
-
 /// Most entries: each host message names its entry by a 16-bit interrupt-remapping handle.
 pub const MAX_ENTRIES: u32 = 1 << 16;
 
@@ -56,6 +45,18 @@ pub const MAX_ENTRIES: u32 = 1 << 16;
 pub fn host_message(index: ImsIndex) -> MsiMessage {
     let handle = index & 0xffff;
     MsiMessage { address: u64::from(0xfee0_0000 | (handle & 0x7fff) << 5 | 1 << 4 | (handle >> 15) << 2), data: 0 }
+}
+
+/// The host IMS entry a host message names: the inverse of [`host_message`], as the host's
+/// interrupt remapping reads a remappable-format message (address 0xFEEx_xxxx with bit 4 set,
+/// handle in bits 19:5 and 2, SHV clear so the data is not used). `None` for anything else,
+/// such as a guest's own compatibility-format message.
+pub fn remapped_entry(message: MsiMessage) -> Option<ImsIndex> {
+    let a = message.address;
+    if a >> 20 != 0xfee || a & (1 << 4) == 0 || a & (1 << 3) != 0 || a & 0b11 != 0 {
+        return None;
+    }
+    Some((((a >> 5) & 0x7fff) | ((a >> 2) & 1) << 15) as ImsIndex)
 }
 
 /// The IMS.
@@ -381,6 +382,17 @@ mod tests {
 
     const A: AdiId = AdiId(1);
     const B: AdiId = AdiId(2);
+
+    #[test]
+    fn host_messages_name_their_entry_and_nothing_else_does() {
+        for i in [0, 1, 0x7fff, 0x8000, 0xabcd, 0xffff] {
+            assert_eq!(remapped_entry(host_message(i)), Some(i));
+        }
+        // A guest's own message (compatibility format), SHV set, high address bits, garbage.
+        for address in [0xfee0_0000, 0xfee0_0018, 0x1_fee0_0010, 0xfed0_0010, 0xfee0_0011, 0] {
+            assert_eq!(remapped_entry(MsiMessage { address, data: 0 }), None, "{address:#x}");
+        }
+    }
 
     #[test]
     fn groups_allocate_free_and_merge() {

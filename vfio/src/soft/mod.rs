@@ -12,6 +12,7 @@
 pub mod descriptor;
 pub mod engine;
 pub mod ims;
+pub mod queue_ims;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,10 +23,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaSpace;
 use crate::siov::{
-    AdiId, DeviceInfo, DmaHandle, Error, ImsGroup, ImsIndex, ImsStorage, MsiMessage, Portal, QueueConfig, SiovDevice,
+    AdiId, DeviceInfo, DmaHandle, Error, Fired, HandleTarget, ImsGroup, ImsIndex, ImsStorage, MsiMessage, Portal,
+    QueueConfig, SiovDevice,
 };
 use descriptor::{flags, status, Completion, Descriptor, COMPLETION_SIZE, DESC_SIZE};
-use ims::{Fired, ImsTable};
+use ims::ImsTable;
 
 /// Offset of the descriptor ring in a queue context.
 pub const RING_OFFSET: u64 = 64;
@@ -55,7 +57,7 @@ struct AdiState {
     doorbell: Option<Arc<EventFd>>,
     queue: Option<QueueConfig>,
     head: u32,
-    handles: Vec<Option<ImsIndex>>,
+    handles: Vec<Option<HandleTarget>>,
 }
 
 /// A bound DMA space and how many open ADIs use it.
@@ -209,9 +211,15 @@ fn process_queue(adi: AdiId, st: &mut AdiState, shared: &Shared) {
             shared.stats.queue_errors.fetch_add(1, Ordering::Relaxed);
         }
         shared.stats.completed.fetch_add(1, Ordering::Relaxed);
-        if let Some(Some(index)) = handle {
+        if let Some(Some(target)) = handle {
             if completion.status != status::INVALID_INT_HANDLE {
-                let counter = match lock(&shared.ims).fire(index, adi) {
+                let mut ims = lock(&shared.ims);
+                let fired = match target {
+                    HandleTarget::Entry(index) => ims.fire(index, adi),
+                    HandleTarget::Queue(n) => queue_ims::fire(dma.as_ref(), q.base, n, adi, &mut ims),
+                };
+                drop(ims);
+                let counter = match fired {
                     Fired::Delivered => &shared.stats.interrupts,
                     Fired::Pending => &shared.stats.interrupts_pending,
                     Fired::Dropped => &shared.stats.interrupts_dropped,
@@ -318,11 +326,15 @@ impl SiovDevice for SoftSiovDevice {
         Ok(())
     }
 
-    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<ImsIndex>]) -> Result<(), Error> {
+    fn set_interrupt_handles(&self, adi: AdiId, handles: &[Option<HandleTarget>]) -> Result<(), Error> {
         let ims = lock(&self.shared.ims);
         for &h in handles.iter().flatten() {
-            if ims.owner(h) != Some(adi) {
-                return Err(Error::ImsNotAllocated(h));
+            match h {
+                HandleTarget::Entry(index) if ims.owner(index) != Some(adi) => return Err(Error::ImsNotAllocated(index)),
+                HandleTarget::Queue(n) if self.info.ims_storage != ImsStorage::InMemory || n >= queue_ims::MAX_ENTRIES => {
+                    return Err(Error::NoQueueEntry(n))
+                }
+                _ => {}
             }
         }
         drop(ims);
@@ -354,6 +366,12 @@ impl SiovDevice for SoftSiovDevice {
 
     fn ims_pending(&self, adi: AdiId, index: ImsIndex) -> Result<bool, Error> {
         lock(&self.shared.ims).pending(adi, index)
+    }
+
+    fn queue_ims_set_mask(&self, adi: AdiId, n: u32, masked: bool) -> Result<Option<Fired>, Error> {
+        let st = lock(self.adi(adi)?);
+        let (Some(q), Some(dma)) = (st.queue, st.dma.as_ref()) else { return Err(Error::NoQueueEntry(n)) };
+        queue_ims::set_mask(dma.as_ref(), q.base, n, masked, adi, &mut lock(&self.shared.ims))
     }
 
     fn ims_bind(&self, adi: AdiId, index: ImsIndex, target: Option<Arc<EventFd>>) -> Result<(), Error> {

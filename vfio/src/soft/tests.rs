@@ -36,7 +36,7 @@ fn rig(storage: ImsStorage) -> Rig {
         dev.ims_bind(AdiId(0), i, Some(irq.clone())).unwrap();
         dev.ims_set_mask(AdiId(0), i, false).unwrap();
     }
-    dev.set_interrupt_handles(AdiId(0), &[Some(group.first), Some(group.first + 1)]).unwrap();
+    dev.set_interrupt_handles(AdiId(0), &[Some(HandleTarget::Entry(group.first)), Some(HandleTarget::Entry(group.first + 1))]).unwrap();
     dev.configure_queue(AdiId(0), Some(QueueConfig { base: QUEUE, size: SIZE })).unwrap();
     Rig { dev, ram, doorbell, irq, group, tail: 0 }
 }
@@ -165,6 +165,55 @@ fn masked_entry_holds_the_interrupt_until_unmasked() {
     assert_eq!(r.interrupts(), 0, "delivered once");
 }
 
+/// The IMS design threads' in-memory case end to end: the guest stores host messages in its
+/// queue's IMS area; completions read them there; mask and pending live there too.
+#[test]
+fn guest_stored_messages_in_queue_memory() {
+    use super::queue_ims::{AREA, CTRL_PENDING, ENTRIES};
+    const AREA_AT: u64 = 0x30000;
+    let mut r = rig(ImsStorage::InMemory);
+    // A host entry for the guest (as IMS_ALLOC and IMS_COMPOSE make it): bound, unmasked.
+    let mine = r.dev.ims_alloc(AdiId(0), 1).unwrap().first;
+    r.dev.ims_bind(AdiId(0), mine, Some(r.irq.clone())).unwrap();
+    r.dev.ims_set_mask(AdiId(0), mine, false).unwrap();
+    let handles = [Some(HandleTarget::Entry(r.group.first)), None, Some(HandleTarget::Queue(0)), Some(HandleTarget::Queue(1))];
+    r.dev.set_interrupt_handles(AdiId(0), &handles).unwrap();
+    r.ram.write(QUEUE + AREA, &AREA_AT.to_le_bytes()).unwrap();
+    r.ram.write(QUEUE + ENTRIES, &2u32.to_le_bytes()).unwrap();
+    let message = r.dev.ims_message(AdiId(0), mine).unwrap();
+    let ram = r.ram.clone();
+    let store = |n: u64, m: MsiMessage, ctrl: u32| {
+        let e = siovmm_interrupts::MsiEntry::new(m, false).to_bytes();
+        ram.write(AREA_AT + 16 * n, &e[..12]).unwrap();
+        ram.write(AREA_AT + 16 * n + 12, &ctrl.to_le_bytes()).unwrap();
+    };
+    store(0, message, 0);
+    store(1, MsiMessage { address: 0xfee0_0000, data: 0x41 }, 0); // the guest's own message
+    let on = |h: u16| Descriptor { int_handle: h, ..with_irq(opcode::NOOP, 0, 0, 0) };
+    let settle = || std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..3 {
+        assert_eq!(r.run(on(2)).status, status::SUCCESS);
+        settle();
+        assert_eq!(r.interrupts(), 1, "every completion delivers through the stored message");
+    }
+    assert_eq!(r.run(on(3)).status, status::SUCCESS);
+    settle();
+    assert_eq!(r.interrupts(), 0, "a message the host did not compose raises nothing");
+    store(0, message, siovmm_interrupts::msi::CTRL_MASK);
+    r.run(on(2));
+    r.run(on(2));
+    settle();
+    let mut ctrl = [0u8; 4];
+    r.ram.read(AREA_AT + 12, &mut ctrl).unwrap();
+    assert_eq!((r.interrupts(), u32::from_le_bytes(ctrl)), (0, 1 | CTRL_PENDING), "masked: pending in queue memory");
+    assert_eq!(r.dev.queue_ims_set_mask(AdiId(0), 0, false), Ok(Some(Fired::Delivered)));
+    assert_eq!(r.interrupts(), 1, "delivered once on unmask");
+    assert_eq!(r.dev.queue_ims_set_mask(AdiId(0), 2, false), Err(Error::NoQueueEntry(2)));
+    let s = r.dev.stats();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((count(&s.interrupts), count(&s.interrupts_pending), count(&s.interrupts_dropped)), (3, 2, 1));
+}
+
 #[test]
 fn an_adi_cannot_use_another_adis_entries() {
     let mut r = rig(ImsStorage::OnDevice);
@@ -174,10 +223,12 @@ fn an_adi_cannot_use_another_adis_entries() {
     assert_eq!(r.dev.ims_set_mask(AdiId(0), other.first, false), Err(Error::ImsNotAllocated(other.first)));
     assert_eq!(r.dev.ims_bind(AdiId(0), other.first, None), Err(Error::ImsNotAllocated(other.first)));
     assert_eq!(r.dev.ims_free(AdiId(0), other), Err(Error::ImsNotAllocated(other.first)));
-    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[Some(other.first)]), Err(Error::ImsNotAllocated(other.first)));
-    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[Some(9999)]), Err(Error::ImsNotAllocated(9999)));
+    let entry = |i| Some(HandleTarget::Entry(i));
+    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[entry(other.first)]), Err(Error::ImsNotAllocated(other.first)));
+    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[entry(9999)]), Err(Error::ImsNotAllocated(9999)));
+    assert_eq!(r.dev.set_interrupt_handles(AdiId(0), &[Some(HandleTarget::Queue(0))]), Err(Error::NoQueueEntry(0)), "on-device IMS has no queue entries");
     // A revoked handle (None) fails the descriptor like an unknown one.
-    r.dev.set_interrupt_handles(AdiId(0), &[None, Some(r.group.first + 1)]).unwrap();
+    r.dev.set_interrupt_handles(AdiId(0), &[None, entry(r.group.first + 1)]).unwrap();
     let mut d = with_irq(opcode::NOOP, 0, 0, 0);
     d.int_handle = 0;
     assert_eq!(r.run(d).status, status::INVALID_INT_HANDLE);
