@@ -6,7 +6,7 @@ use std::fs::File;
 use arch::boot::sniff_format;
 use siovmm_vfio::siov::ImsStorage;
 
-use crate::config::{BenchOptions, ImsPolicy, SiovBackend, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
+use crate::config::{BenchDevdOptions, BenchOptions, ImsPolicy, SiovBackend, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
 use siovmm_vdcm::MAX_ADIS_PER_GUEST;
 
 /// The usage text (`--help`).
@@ -16,6 +16,7 @@ siovmm - a KVM virtual machine monitor for Scalable IOV assignable device interf
 USAGE:
     siovmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE] [SIOV options]
     siovmm bench-siov [--adis N] [--ims N] [--rate-adis N] [--per-adi N]
+    siovmm bench-devd [--rounds N] [--descriptors N] [--devd PATH]
 
 OPTIONS:
     --kernel PATH      Linux kernel to boot: ELF vmlinux (entered through its PVH note, or its
@@ -75,6 +76,8 @@ pub enum Command {
     Version,
     /// Run the SIOV scale and delivery benchmark.
     BenchSiov(BenchOptions),
+    /// Race the device daemon's fast path against the in-process device.
+    BenchDevd(BenchDevdOptions),
 }
 
 /// A bad command line; the message is the whole error line.
@@ -127,6 +130,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let args: Vec<String> = args.into_iter().collect();
     if args.first().map(String::as_str) == Some("bench-siov") {
         return parse_bench(&args[1..]).map(Command::BenchSiov);
+    }
+    if args.first().map(String::as_str) == Some("bench-devd") {
+        return parse_bench_devd(&args[1..]).map(Command::BenchDevd);
     }
     let mut kernel = None;
     let mut initramfs = None;
@@ -363,6 +369,27 @@ pub fn parse_bench(args: &[String]) -> Result<BenchOptions, CliError> {
     Ok(o)
 }
 
+/// Parses `bench-devd` options.
+pub fn parse_bench_devd(args: &[String]) -> Result<BenchDevdOptions, CliError> {
+    let mut o = BenchDevdOptions::default();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?;
+        match flag.as_str() {
+            "--rounds" => o.rounds = parse_count(flag, v, 1, 1000)?,
+            "--descriptors" => o.descriptors = parse_count(flag, v, 1, 1_000_000)?,
+            "--devd" => {
+                if !std::path::Path::new(v).is_file() {
+                    return err(format!("--devd {v}: no such file"));
+                }
+                o.devd = Some(v.into());
+            }
+            _ => return Err(CliError(format!("bench-devd: unknown argument '{flag}'"))),
+        }
+    }
+    Ok(o)
+}
+
 /// A decimal count in `min..=max`.
 pub fn parse_count(flag: &str, v: &str, min: u32, max: u32) -> Result<u32, CliError> {
     match v.parse::<u32>() {
@@ -378,6 +405,22 @@ mod tests {
 
     fn args(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn bench_devd_options() {
+        let Ok(Command::BenchDevd(o)) = parse(args(&["bench-devd", "--rounds", "3", "--descriptors", "100"])) else {
+            panic!("bench-devd not parsed")
+        };
+        assert_eq!((o.rounds, o.descriptors, o.devd), (3, 100, None));
+        for (bad, says) in [
+            (&["bench-devd", "--rounds", "0"][..], "--rounds 0: must be between 1 and 1000"),
+            (&["bench-devd", "--devd", "/no/such/devd"][..], "--devd /no/such/devd: no such file"),
+            (&["bench-devd", "--fast", "1"][..], "bench-devd: unknown argument '--fast'"),
+            (&["bench-devd", "--rounds"][..], "--rounds needs a value"),
+        ] {
+            assert_eq!(parse(args(bad)).err().map(|e| e.0), Some(says.to_string()));
+        }
     }
 
     /// A temporary file, removed when dropped; its path derefs as `&str`.

@@ -170,3 +170,20 @@ impl Default for BenchOptions {
     }
 }
 
+
+/// Options of `bench-devd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchDevdOptions {
+    /// Rounds; each measures both rigs.
+    pub rounds: u32,
+    /// Descriptors per figure, round and rig.
+    pub descriptors: u32,
+    /// The daemon binary (default: `siovmm-devd` next to siovmm).
+    pub devd: Option<PathBuf>,
+}
+
+impl Default for BenchDevdOptions {
+    fn default() -> Self {
+        Self { rounds: 7, descriptors: 20_000, devd: None }
+    }
+}

@@ -2,6 +2,7 @@
 //! device interfaces into it. See docs/architecture.md.
 
 mod bench;
+mod bench_devd;
 mod cli;
 mod coalesced;
 mod config;
@@ -135,6 +136,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("siovmm: bench-siov: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        cli::Command::BenchDevd(o) => {
+            return match bench_devd::run(&o) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("siovmm: bench-devd: {e}");
                     ExitCode::from(1)
                 }
             };
