@@ -23,13 +23,19 @@
 //! and how each failure looked (docs/testing.md has the table). `--adi N` gives siovmm's guests
 //! N ADIs (not the baseline's: it has no such device).
 //!
-//! Usage: siovmm-bench [RUNS] [--baseline PATH] [--exits | --reliability [--adi N]]
+//! With `--reliability --together N`: guests side by side instead. Each sandbox starts N guests
+//! of one VMM at once (1 vCPU, 256M each), siovmm's in one sandbox and the baseline's in the
+//! next, taking turns; RUNS counts guests. This is the configuration in which this sandbox's
+//! guests were seen to triple-fault (docs/testing.md, "Guests side by side").
+//!
+//! Usage: siovmm-bench [RUNS] [--baseline PATH] [--exits | --reliability [--adi N] [--together N]]
 
 use std::path::PathBuf;
 
 use siovmm_tests::{placement, run_cases, run_cases_once, CaseResult, GuestCase, Kernel};
 
-const USAGE: &str = "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-VMM] [--exits | --reliability [--adi N]]";
+const USAGE: &str =
+    "usage: siovmm-bench [RUNS] [--baseline PATH-TO-STATIC-VMM] [--exits | --reliability [--adi N] [--together N]]";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -56,6 +62,7 @@ struct Options {
     exits: bool,
     reliability: bool,
     adis: u32,
+    together: usize,
     baseline: Option<PathBuf>,
 }
 
@@ -65,6 +72,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut exits = false;
     let mut reliability = false;
     let mut adis = 0;
+    let mut together = 0;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -82,6 +90,10 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
                 let v = it.next().ok_or("--adi needs a number")?;
                 adis = v.parse().map_err(|_| format!("--adi {v}: not a number"))?;
             }
+            "--together" => {
+                let v = it.next().ok_or("--together needs a number")?;
+                together = v.parse().ok().filter(|n| (2..=8).contains(n)).ok_or(format!("--together {v}: 2 to 8 guests"))?;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             n => match n.parse::<usize>() {
                 Ok(r) if r > 0 => runs = Some(r),
@@ -92,10 +104,10 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     if exits && reliability {
         return Err(format!("--exits and --reliability are different runs ({USAGE})"));
     }
-    if adis > 0 && !reliability {
-        return Err(format!("--adi goes with --reliability ({USAGE})"));
+    if (adis > 0 || together > 0) && !reliability {
+        return Err(format!("--adi and --together go with --reliability ({USAGE})"));
     }
-    Ok(Options { runs, exits, reliability, adis, baseline })
+    Ok(Options { runs, exits, reliability, adis, together, baseline })
 }
 
 /// One guest boot's figures, in seconds. A baseline VMM without siovmm's boot timer has no
@@ -204,9 +216,15 @@ fn outcome(r: &CaseResult) -> String {
 fn reliability(opts: &Options) -> Result<(), String> {
     let boots = opts.runs.unwrap_or(24);
     println!(
-        "placement: {:?}; guest: stock kernel vmlinux, 2 vCPUs, 512M, siovmm with {} ADIs; {BOOTS_PER_SANDBOX} boots per sandbox, no retries",
+        "placement: {:?}; guest: stock kernel vmlinux, {}, siovmm with {} ADIs; {}, no retries",
         placement(),
-        opts.adis
+        if opts.together > 0 { "1 vCPU, 256M" } else { "2 vCPUs, 512M" },
+        opts.adis,
+        if opts.together > 0 {
+            format!("{} guests at once per sandbox, one VMM per sandbox", opts.together)
+        } else {
+            format!("{BOOTS_PER_SANDBOX} boots per sandbox")
+        }
     );
     let mut tallies: Vec<(String, std::collections::BTreeMap<String, usize>)> = Vec::new();
     let mut tally = |vmm: &str, what: String| {
@@ -220,7 +238,23 @@ fn reliability(opts: &Options) -> Result<(), String> {
     let mut sandbox = 0;
     while made < boots {
         let mut cases = Vec::new();
-        for i in 0..BOOTS_PER_SANDBOX.min(boots - made) {
+        if opts.together > 0 {
+            // One VMM per sandbox, all its guests started at once (all but the last in the
+            // background; the harness waits for every one).
+            let baseline = opts.baseline.clone().filter(|_| sandbox % 2 == 1);
+            let n = opts.together.min(boots - made);
+            for i in 0..n {
+                let tag = if baseline.is_some() { "-baseline" } else { "" };
+                let mut c = case(&format!("s{sandbox}-guest{i}{tag}"), baseline.clone(), BOOT_BODY);
+                (c.cpus, c.memory, c.background) = (1, "256M".into(), i + 1 < n);
+                if opts.adis > 0 && baseline.is_none() {
+                    c.extra_args = vec!["--adi".into(), opts.adis.to_string()];
+                }
+                cases.push(c);
+            }
+            made += n;
+        }
+        for i in 0..if opts.together > 0 { 0 } else { BOOTS_PER_SANDBOX.min(boots - made) } {
             let mut ours = case(&format!("s{sandbox}-boot{i}"), None, BOOT_BODY);
             if opts.adis > 0 {
                 ours.extra_args = vec!["--adi".into(), opts.adis.to_string()];
@@ -235,7 +269,9 @@ fn reliability(opts: &Options) -> Result<(), String> {
                 }
             }
         }
-        made += BOOTS_PER_SANDBOX.min(boots - made);
+        if opts.together == 0 {
+            made += BOOTS_PER_SANDBOX.min(boots - made);
+        }
         match run_cases_once(&cases) {
             Ok(results) => {
                 for (r, c) in results.iter().zip(&cases) {

@@ -468,6 +468,12 @@ mod tests {
         assert_eq!(f.slots.index(1), Some(entry), "it names the slot's own host entry");
         assert_ne!(host, guest, "the guest never stores its own message");
         assert_eq!(routes.routes.lock().unwrap().last().map(|r| r.1), Some(guest), "the route carries the guest's");
+        // Retargeting (the guest moved the vector): the same slot, a new route message, the same
+        // host message, so what the guest stored stays valid.
+        let moved = MsiMessage { address: 0xfee0_0000, data: 0x62 };
+        assert_eq!(f.pv_compose(1, moved), Ok(result));
+        let now: Vec<_> = routes.routes.lock().unwrap().iter().map(|r| r.1).collect();
+        assert!(now.contains(&moved) && !now.contains(&guest), "the slot's one route now carries {moved:?}: {now:?}");
         f.pv_mask(1, true).unwrap();
         let mut ctrl = [0u8; 4];
         ram.read(area + 16 + 12, &mut ctrl).unwrap();
