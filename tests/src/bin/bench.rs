@@ -205,6 +205,9 @@ fn outcome(r: &CaseResult) -> String {
     }
     match r.exit_code {
         Some(137) => "killed at its time budget (no end)".into(),
+        // libkrun ends with 0 on any guest reset; before /init that is a triple fault (its
+        // vCPU's shutdown exit is in the sandbox's flight record).
+        Some(0) => "reset before /init (a triple fault: exit 0 without the guest's report)".into(),
         code => {
             let why = r.lines.iter().rev().find(|l| l.starts_with("siovmm: ") || l.contains("triple fault") || l.contains("Kernel panic"));
             format!("exit {code:?}: {}", why.map_or("no message", |l| l.as_str()))
