@@ -105,7 +105,9 @@ impl AdiBackend {
     pub fn open(device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16) -> Result<Self, siov::Error> {
         let memory = ClientMemory::new();
         let dma = device.dma_bind(memory.clone())?;
-        let opened = device.open_adi(adi, dma).and_then(|Portal::Doorbell(doorbell)| {
+        // A mapped portal page is not offered over vfio-user yet: the doorbell serves.
+        let opened = device.open_adi(adi, dma).and_then(|portal: Portal| {
+            let doorbell = portal.doorbell().clone();
             let ims = device.ims_alloc(adi, u32::from(vectors)).inspect_err(|_| {
                 let _ = device.close_adi(adi);
             })?;

@@ -35,7 +35,7 @@ impl FakeIms {
 
 impl SiovDevice for FakeIms {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo { adis: 1, ims_entries: 1024, ims_storage: ImsStorage::OnDevice, max_queue_size: 256 }
+        DeviceInfo { adis: 1, ims_entries: 1024, ims_storage: ImsStorage::OnDevice, max_queue_size: 256, portal: Default::default() }
     }
     fn dma_bind(&self, _: Arc<dyn DmaSpace>) -> Result<DmaHandle, Error> {
         Err(Error::Resources("DMA bindings"))

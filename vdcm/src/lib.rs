@@ -8,7 +8,8 @@
 //! IMS entry per MSI-X vector, build the [`adi::AdiFunction`], place it where the guest's
 //! `PciAllocator` says (up to 8 ADIs added together share a device number, as functions), give
 //! BAR0 an address in its root bus's 32-bit window as firmware would, and map it: BAR0 on the
-//! MMIO bus plus an ioeventfd on its doorbell. Removing one undoes each step in reverse:
+//! MMIO bus plus an ioeventfd on its doorbell, or, when the device offers a portal page, that
+//! page mapped over the doorbell's (no exit per ring). Removing one undoes each step in reverse:
 //! config space first (the guest reads all-ones from then on), BAR and doorbell, KVM routes,
 //! the ADI (the device frees its IMS entries), its DMA binding, its BAR and device number.
 //! Telling the guest (hotplug) is the VMM's business, not the VDCM's.
@@ -27,7 +28,7 @@ use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_vfio::dma::GuestRam;
-use siovmm_vfio::siov::{self, AdiId, DmaHandle, Portal, SiovDevice};
+use siovmm_vfio::siov::{self, AdiId, DmaHandle, Portal, PortalPage, SiovDevice};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -64,34 +65,62 @@ pub enum Error {
 /// that added and removed ADIs are seen at once.
 pub type AdiTable = Arc<RwLock<HashMap<u16, Arc<Mutex<AdiFunction>>>>>;
 
-/// A composed function and its doorbell.
-type Mapped = (Arc<Mutex<AdiFunction>>, Arc<EventFd>);
+/// Maps portal pages into the guest's physical address space (the VMM does it with KVM memory
+/// slots), so that a guest's doorbell store lands in the device's page without an exit.
+pub trait PortalMaps: Send + Sync {
+    /// Maps `page` at guest-physical `gpa` (page-aligned) until the returned guard drops.
+    fn map(&self, gpa: u64, page: &PortalPage) -> std::io::Result<Box<dyn Send>>;
+}
 
-/// Moves BAR0 windows on the MMIO bus and their doorbell ioeventfds.
+/// A composed function, its portal, and the page mapping while its BAR is placed.
+struct Mapped {
+    function: Arc<Mutex<AdiFunction>>,
+    portal: Portal,
+    page: Option<Box<dyn Send>>,
+}
+
+/// Moves BAR0 windows on the MMIO bus and, with them, their doorbell ioeventfds or portal pages.
 struct GuestBars {
     doorbells: Arc<dyn IoEvents>,
+    portals: Option<Arc<dyn PortalMaps>>,
     mmio: Arc<Bus>,
     functions: Mutex<HashMap<Bdf, Mapped>>,
+    /// Portal pages mapped so far (each placement of a BAR0 whose ADI has one).
+    page_maps: std::sync::atomic::AtomicU64,
 }
 
 impl BarMapper for GuestBars {
     fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>) {
-        let functions = lock(&self.functions);
-        let Some((func, doorbell)) = functions.get(&bdf) else { return };
+        let mut functions = lock(&self.functions);
+        let Some(m) = functions.get_mut(&bdf) else { return };
+        let doorbell = m.portal.doorbell();
         if let Some(base) = old {
             self.mmio.remove(base);
-            if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, false) {
-                log::warn!("{bdf}: removing the doorbell ioeventfd at {:#x}: {e}", base + DOORBELL);
-            }
-        }
-        if let Some(base) = new {
-            // A guest placing the BAR over another device gets no mapping: the insert fails.
-            if self.mmio.insert(func.clone(), base, BAR0_SIZE).is_ok() {
-                // Without it, doorbell writes still arrive, as exits (counted as slow doorbells).
-                if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true) {
-                    log::warn!("{bdf}: doorbell ioeventfd at {:#x}: {e}; doorbells exit to siovmm", base + DOORBELL);
+            // The page's guard unmaps it; without one the doorbell was an ioeventfd.
+            if m.page.take().is_none() {
+                if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, false) {
+                    log::warn!("{bdf}: removing the doorbell ioeventfd at {:#x}: {e}", base + DOORBELL);
                 }
             }
+        }
+        let Some(base) = new else { return };
+        // A guest placing the BAR over another device gets no mapping: the insert fails.
+        if self.mmio.insert(m.function.clone(), base, BAR0_SIZE).is_err() {
+            return;
+        }
+        if let (Some(page), Some(maps)) = (m.portal.page(), &self.portals) {
+            match maps.map(base + DOORBELL, page) {
+                Ok(guard) => {
+                    m.page = Some(guard);
+                    self.page_maps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => log::warn!("{bdf}: mapping the portal page at {:#x}: {e}; an ioeventfd instead", base + DOORBELL),
+            }
+        }
+        // Without it, doorbell writes still arrive, as exits (counted as slow doorbells).
+        if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true) {
+            log::warn!("{bdf}: doorbell ioeventfd at {:#x}: {e}; doorbells exit to siovmm", base + DOORBELL);
         }
     }
 }
@@ -106,6 +135,9 @@ pub struct GuestSide {
     pub mmio: Arc<Bus>,
     /// Where doorbell ioeventfds are registered.
     pub doorbells: Arc<dyn IoEvents>,
+    /// Where portal pages are mapped, for a device that offers them (`None`: doorbells are
+    /// ioeventfds whatever the device offers).
+    pub portals: Option<Arc<dyn PortalMaps>>,
     /// Delivers the ADIs' vectors.
     pub router: Arc<MsiRouter>,
     /// The PCI segment the functions appear on.
@@ -214,8 +246,10 @@ impl Vdcm {
         };
         let bars = Arc::new(GuestBars {
             doorbells: guest.doorbells.clone(),
+            portals: guest.portals.clone(),
             mmio: guest.mmio.clone(),
             functions: Mutex::new(HashMap::new()),
+            page_maps: Default::default(),
         });
         Ok(Self {
             device,
@@ -304,14 +338,14 @@ impl Vdcm {
                 }
             }
         };
-        let doorbell = match self.device.open_adi(adi, dma) {
-            Ok(Portal::Doorbell(d)) => d,
+        let portal = match self.device.open_adi(adi, dma) {
+            Ok(p) => p,
             Err(e) => {
                 undo_dma(&self.device);
                 return Err(e.into());
             }
         };
-        let composed = self.compose_function(adi, bdf, multifunction, doorbell.clone(), slots);
+        let composed = self.compose_function(adi, bdf, multifunction, portal.doorbell().clone(), slots);
         let (function, bar0) = match composed {
             Ok(f) => f,
             Err(e) => {
@@ -323,7 +357,7 @@ impl Vdcm {
                 return Err(e);
             }
         };
-        lock(&self.bars.functions).insert(bdf, (function.clone(), doorbell));
+        lock(&self.bars.functions).insert(bdf, Mapped { function: function.clone(), portal, page: None });
         self.guest.pci.add(bdf, function.clone());
         write_lock(&self.guest.adis).insert(bdf.0, function.clone());
         lock(&function).update_bar_mapping();
@@ -432,9 +466,10 @@ impl Vdcm {
         let failures: u64 = functions.iter().map(|f| lock(f).failures()).sum();
         format!(
             "{} ADIs; {routed} vectors on KVM routes, {overflow} on the overflow path ({} injections); \
-             {slow} doorbell writes exited to siovmm; {failures} guest-triggered operations failed",
+             {slow} doorbell writes exited to siovmm; {} portal pages mapped; {failures} guest-triggered operations failed",
             functions.len(),
-            router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed)
+            router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed),
+            self.bars.page_maps.load(std::sync::atomic::Ordering::Relaxed)
         )
     }
 }
@@ -481,6 +516,16 @@ mod tests {
     }
 
     fn guest(device: &Arc<SoftSiovDevice>, mem: &GuestMemoryMmap, buses: u32) -> Guest {
+        guest_with(device, mem, buses, Arc::new(NoIoEvents), None)
+    }
+
+    fn guest_with(
+        device: &Arc<SoftSiovDevice>,
+        mem: &GuestMemoryMmap,
+        buses: u32,
+        doorbells: Arc<dyn IoEvents>,
+        portals: Option<Arc<dyn PortalMaps>>,
+    ) -> Guest {
         let mmio = Arc::new(Bus::new());
         let router = Arc::new(MsiRouter::new(Arc::new(crate::fakes::FakeRoutes::default()), 64).unwrap());
         let pci = Arc::new(PciRoot::new());
@@ -488,7 +533,8 @@ mod tests {
             mem: mem.clone(),
             iommu: None,
             mmio: mmio.clone(),
-            doorbells: Arc::new(NoIoEvents),
+            doorbells,
+            portals,
             router: router.clone(),
             pci: pci.clone(),
             adis: AdiTable::default(),
@@ -522,6 +568,62 @@ mod tests {
             f.write(adi::MSIX_TABLE + v * 16 + 8, &(0x40 + v as u32).to_le_bytes());
             f.write(adi::MSIX_TABLE + v * 16 + 12, &0u32.to_le_bytes());
         }
+    }
+
+    /// Doorbell ioeventfds and portal pages as a list of live (kind, address) pairs.
+    #[derive(Default)]
+    struct Doorbells(Arc<Mutex<Vec<(&'static str, u64)>>>);
+    impl IoEvents for Doorbells {
+        fn ioeventfd(&self, _: &EventFd, addr: u64, add: bool) -> std::io::Result<()> {
+            let mut live = lock(&self.0);
+            if add {
+                live.push(("ioeventfd", addr));
+            } else {
+                live.retain(|&l| l != ("ioeventfd", addr));
+            }
+            Ok(())
+        }
+    }
+    struct PageGuard(Arc<Mutex<Vec<(&'static str, u64)>>>, u64);
+    impl Drop for PageGuard {
+        fn drop(&mut self) {
+            let gpa = self.1;
+            lock(&self.0).retain(|&l| l != ("page", gpa));
+        }
+    }
+    impl PortalMaps for Doorbells {
+        fn map(&self, gpa: u64, page: &PortalPage) -> std::io::Result<Box<dyn Send>> {
+            assert_eq!(page.offset % 4096, 0);
+            lock(&self.0).push(("page", gpa));
+            Ok(Box::new(PageGuard(self.0.clone(), gpa)))
+        }
+    }
+
+    #[test]
+    fn a_mapped_portal_follows_bar0_instead_of_an_ioeventfd() {
+        use devices::pci::PciFunction;
+        use siovmm_vfio::siov::PortalKind;
+        let device = Arc::new(SoftSiovDevice::with_portals(2, 16, ImsStorage::OnDevice, 1, PortalKind::Mapped).unwrap());
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let (events, maps) = (Arc::new(Doorbells(live.clone())), Arc::new(Doorbells(live.clone())));
+        let mut g = guest_with(&device, &memory(), 1, events, Some(maps));
+        let bdf = g.vdcm.add(&[AdiId(0)], &mut g.slots).unwrap()[0];
+        let bar0 = g.vdcm.placed[&bdf].bar0;
+        assert_eq!(*lock(&live), [("page", bar0 + DOORBELL)], "the page over the doorbell, no ioeventfd");
+        // The guest moves BAR0: the page moves with it.
+        let f = g.vdcm.functions()[0].clone();
+        let moved = bar0 + 0x10_0000;
+        lock(&f).config_write(4, 0, &(moved as u32).to_le_bytes());
+        assert_eq!(*lock(&live), [("page", moved + DOORBELL)]);
+        assert!(g.vdcm.delivery_summary().contains("; 2 portal pages mapped"), "{}", g.vdcm.delivery_summary());
+        g.vdcm.remove(bdf, &mut g.slots).unwrap();
+        assert!(lock(&live).is_empty(), "unmapped with the ADI");
+        // Without a mapper, the same device's doorbell is an ioeventfd.
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let mut g = guest_with(&device, &memory(), 1, Arc::new(Doorbells(live.clone())), None);
+        let bdf = g.vdcm.add(&[AdiId(1)], &mut g.slots).unwrap()[0];
+        let bar0 = g.vdcm.placed[&bdf].bar0;
+        assert_eq!(*lock(&live), [("ioeventfd", bar0 + DOORBELL)]);
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct DeviceInfo {
     pub ims_storage: ImsStorage,
     /// Largest work queue, in descriptors.
     pub max_queue_size: u32,
+    /// How ADIs take submissions.
+    pub portal: PortalKind,
 }
 
 /// An interrupt message: what an MSI-X or IMS entry holds.
@@ -121,11 +123,57 @@ pub enum HandleTarget {
 }
 
 /// How a submitter reaches an ADI's queue.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Portal {
     /// A doorbell eventfd: the VMM registers it as a KVM ioeventfd on the guest's doorbell
     /// register, so a guest's write wakes the device without a VMM thread (software device).
     Doorbell(Arc<EventFd>),
+    /// A portal page the VMM maps into the guest over the doorbell register's page, so a
+    /// guest's doorbell store completes with no exit; `doorbell` takes the writes that still
+    /// exit (the page could not be mapped where the guest put the BAR).
+    Mapped {
+        /// The page.
+        page: PortalPage,
+        /// The device's doorbell eventfd.
+        doorbell: Arc<EventFd>,
+    },
+}
+
+impl Portal {
+    /// The doorbell eventfd (with a mapped page: for writes that exit).
+    pub fn doorbell(&self) -> &Arc<EventFd> {
+        match self {
+            Portal::Doorbell(d) | Portal::Mapped { doorbell: d, .. } => d,
+        }
+    }
+
+    /// The page to map, if the portal has one.
+    pub fn page(&self) -> Option<&PortalPage> {
+        match self {
+            Portal::Doorbell(_) => None,
+            Portal::Mapped { page, .. } => Some(page),
+        }
+    }
+}
+
+/// One 4 KiB page of a file (a memfd, or a device's mmap-able region) that a VMM maps into its
+/// guest as a submission portal.
+#[derive(Debug, Clone)]
+pub struct PortalPage {
+    /// The file.
+    pub file: Arc<std::fs::File>,
+    /// The page's offset in it (4 KiB-aligned).
+    pub offset: u64,
+}
+
+/// How a device's ADIs take submissions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PortalKind {
+    /// A doorbell register the VMM turns into an ioeventfd (one exit to KVM per ring).
+    #[default]
+    Doorbell,
+    /// A page mapped into the guest (no exit per ring).
+    Mapped,
 }
 
 /// Outcome of firing an interrupt.

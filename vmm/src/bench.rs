@@ -82,6 +82,7 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
             iommu: None,
             mmio: mmio.clone(),
             doorbells: irq,
+            portals: None,
             router: Arc::new(router),
             pci: root,
             adis: Default::default(),

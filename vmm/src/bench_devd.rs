@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use siovmm_vdcm::adi::{reg, DOORBELL};
 use siovmm_vfio::dma::GuestRam as DmaRam;
 use siovmm_vfio::pci::VfioBackend;
-use siovmm_vfio::siov::{AdiId, HandleTarget, ImsStorage, Portal, QueueConfig, SiovDevice};
+use siovmm_vfio::siov::{AdiId, HandleTarget, ImsStorage, QueueConfig, SiovDevice};
 use siovmm_vfio::soft::descriptor::{flags, opcode, status, Descriptor, COMPLETION_SIZE};
 use siovmm_vfio::soft::{SoftSiovDevice, RING_OFFSET};
 use siovmm_vfio::user::UserDevice;
@@ -141,7 +141,8 @@ fn in_process() -> Result<(Rig, Arc<SoftSiovDevice>), String> {
     let device = Arc::new(SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, WORKERS).map_err(|e| format!("software device: {e}"))?);
     let mem = memory::create(&[(0, RAM)]).map_err(|e| e.to_string())?.leak();
     let dma = device.dma_bind(Arc::new(DmaRam(mem.clone()))).map_err(|e| e.to_string())?;
-    let Portal::Doorbell(doorbell) = device.open_adi(AdiId(0), dma).map_err(|e| e.to_string())?;
+    let portal = device.open_adi(AdiId(0), dma).map_err(|e| e.to_string())?;
+    let doorbell = portal.doorbell();
     let ims = device.ims_alloc(AdiId(0), 2).map_err(|e| e.to_string())?;
     let irq = EventFd::new(0).map_err(|e| e.to_string())?;
     let cq = ims.first + 1;

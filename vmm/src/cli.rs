@@ -4,7 +4,7 @@
 use std::fs::File;
 
 use arch::boot::sniff_format;
-use siovmm_vfio::siov::ImsStorage;
+use siovmm_vfio::siov::{ImsStorage, PortalKind};
 
 use crate::config::{BenchDevdOptions, BenchOptions, ImsPolicy, SiovBackend, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
 use siovmm_vdcm::MAX_ADIS_PER_GUEST;
@@ -38,6 +38,9 @@ SIOV (Scalable IOV) options:
     --siov-ims N       IMS entries of that device, 16..=65536 [default: 16384]
     --ims-storage S    where the device keeps IMS entries: on-device (an MMIO table) or
                        in-memory (in each queue's context) [default: on-device]
+    --siov-portal P    how ADIs take submissions: doorbell (a register KVM turns into an
+                       ioeventfd: one exit per ring) or mapped (a portal page mapped into the
+                       guest, polled by the device: no exit) [default: doorbell]
     --ims P            IMS policy for the guest: off (unmodified guests: IMS disallowed, said by
                        the SIOV ACPI table and the vIOMMU's Caching Mode), trap (an enlightened
                        guest programs IMS slots in each ADI's BAR0 window, trapped by siovmm;
@@ -185,7 +188,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 siov_opts.push((flag, String::new()));
                 continue;
             }
-            "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--max-msi-routes" | "--ims" => {
+            "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--siov-portal" | "--max-msi-routes" | "--ims" => {
                 if siov_opts.iter().any(|(f, _)| *f == flag) {
                     return err(format!("{flag} given more than once"));
                 }
@@ -241,7 +244,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     }
 
     let mut siov = SiovConfig { adis: adis.unwrap_or(0), ..SiovConfig::default() };
-    let SiovBackend::Software { adis: mut device_adis, ims_entries: mut device_ims, mut storage } = siov.device;
+    let SiovBackend::Software { adis: mut device_adis, ims_entries: mut device_ims, mut storage, mut portal } = siov.device;
     for (flag, v) in &siov_opts {
         match flag.as_str() {
             "--adi-vectors" => siov.vectors = parse_count(flag, v, 1, u32::from(siovmm_vdcm::adi::MAX_MSIX_VECTORS))? as u16,
@@ -257,6 +260,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 }
             }
             "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, siovmm_interrupts::router::MAX_MSI_ROUTES)?,
+            "--siov-portal" => {
+                portal = match v.as_str() {
+                    "doorbell" => PortalKind::Doorbell,
+                    "mapped" => PortalKind::Mapped,
+                    _ => return err(format!("--siov-portal {v}: must be doorbell or mapped")),
+                }
+            }
             _ => {
                 storage = match v.as_str() {
                     "on-device" => ImsStorage::OnDevice,
@@ -266,7 +276,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             }
         }
     }
-    siov.device = SiovBackend::Software { adis: device_adis, ims_entries: device_ims, storage };
+    siov.device = SiovBackend::Software { adis: device_adis, ims_entries: device_ims, storage, portal };
     if siov.ims == ImsPolicy::Trap && storage != ImsStorage::OnDevice {
         return err("--ims trap: IMS in memory cannot be trapped; use --ims pv or --ims-storage on-device".into());
     }
@@ -490,7 +500,7 @@ mod tests {
         assert_eq!(c.siov, SiovConfig::default());
         let Command::Run(c) = parse(args(&[
             "--kernel", &k, "--adi", "40", "--adi=24", "--adi-vectors", "4", "--ims-storage", "in-memory",
-            "--siov-ims", "20000", "--max-msi-routes", "100",
+            "--siov-ims", "20000", "--max-msi-routes", "100", "--siov-portal", "mapped",
         ]))
         .unwrap() else {
             panic!()
@@ -500,7 +510,7 @@ mod tests {
             SiovConfig {
                 adis: 64,
                 vectors: 4,
-                device: SiovBackend::Software { adis: 256, ims_entries: 20_000, storage: ImsStorage::InMemory },
+                device: SiovBackend::Software { adis: 256, ims_entries: 20_000, storage: ImsStorage::InMemory, portal: PortalKind::Mapped },
                 max_msi_routes: 100,
                 viommu: false,
                 ims: ImsPolicy::Off
@@ -539,6 +549,7 @@ mod tests {
         assert!(parse_err(&["--kernel", &k, "--adi", "10", "--siov-adis", "5"]).contains("only 5 ADIs"));
         assert!(parse_err(&["--kernel", &k, "--adi", "100", "--adi-vectors", "200"]).contains("needs 20000 IMS entries"));
         assert_eq!(parse_err(&["--kernel", &k, "--ims-storage", "disk"]), "--ims-storage disk: must be on-device or in-memory");
+        assert_eq!(parse_err(&["--kernel", &k, "--siov-portal", "mmio"]), "--siov-portal mmio: must be doorbell or mapped");
         assert_eq!(parse_err(&["--kernel", &k, "--max-msi-routes", "5000"]), "--max-msi-routes 5000: must be between 0 and 4056");
         assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "0"]), "--adi-vectors 0: must be between 1 and 256");
         assert_eq!(parse_err(&["--kernel", &k, "--adi-vectors", "257"]), "--adi-vectors 257: must be between 1 and 256");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use siovmm_vfio::host::HostDevice;
-use siovmm_vfio::siov::{ImsStorage, SiovDevice};
+use siovmm_vfio::siov::{ImsStorage, PortalKind, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
 /// Fewest MiB a Linux guest can boot in with its kernel and initramfs.
@@ -27,6 +27,8 @@ pub enum SiovBackend {
         ims_entries: u32,
         /// Where it keeps them.
         storage: ImsStorage,
+        /// How its ADIs take submissions.
+        portal: PortalKind,
     },
 }
 
@@ -51,8 +53,8 @@ impl SiovBackend {
     /// Opens (for the software device: creates) the device.
     pub fn open(&self) -> std::io::Result<Arc<dyn SiovDevice>> {
         match *self {
-            Self::Software { adis, ims_entries, storage } => {
-                Ok(Arc::new(SoftSiovDevice::new(adis, ims_entries, storage, SOFTWARE_DEVICE_WORKERS)?))
+            Self::Software { adis, ims_entries, storage, portal } => {
+                Ok(Arc::new(SoftSiovDevice::with_portals(adis, ims_entries, storage, SOFTWARE_DEVICE_WORKERS, portal)?))
             }
         }
     }
@@ -114,7 +116,7 @@ impl Default for SiovConfig {
         Self {
             adis: 0,
             vectors: 2,
-            device: SiovBackend::Software { adis: 256, ims_entries: 16_384, storage: ImsStorage::OnDevice },
+            device: SiovBackend::Software { adis: 256, ims_entries: 16_384, storage: ImsStorage::OnDevice, portal: PortalKind::Doorbell },
             max_msi_routes: siovmm_interrupts::router::MAX_MSI_ROUTES,
             viommu: false,
             ims: ImsPolicy::Off,

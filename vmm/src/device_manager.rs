@@ -106,6 +106,7 @@ impl DeviceManager {
             iommu: self.guest.iommu.clone(),
             mmio: self.guest.mmio.clone(),
             doorbells: self.guest.irq.clone(),
+            portals: Some(Arc::new(crate::memslots::PortalSlots(self.guest.slots.clone()))),
             router,
             pci: self.pci.clone(),
             adis: self.adis.clone(),

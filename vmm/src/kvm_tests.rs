@@ -105,6 +105,7 @@ fn vm_with_adis(
         iommu: None,
         mmio,
         doorbells: irq,
+        portals: None,
         router,
         pci: pci_root(),
         adis: Default::default(),
@@ -539,7 +540,7 @@ fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
         memory: 64 << 20,
         siov: SiovConfig {
             adis: 8,
-            device: SiovBackend::Software { adis: device_adis, ims_entries: 64, storage: ImsStorage::OnDevice },
+            device: SiovBackend::Software { adis: device_adis, ims_entries: 64, storage: ImsStorage::OnDevice, portal: Default::default() },
             ..SiovConfig::default()
         },
         vfio: Vec::new(),
@@ -652,33 +653,84 @@ kvm_test! {
     }
 }
 
+/// Above the 64 MiB of RAM of [`storing_guest`], inside the boot identity map.
+const GPA: u64 = 0x2000_0000;
+/// What [`storing_guest`] stores there.
+const MAGIC: u32 = 0x1234_5678;
+
+/// A VM (1 vCPU, 64 MiB) whose kernel stores [`MAGIC`] at [`GPA`] and spins; its directory.
+fn storing_guest(name: &str) -> (std::path::PathBuf, Vm) {
+    let dir = std::env::temp_dir().join(format!("siovmm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("store");
+    // mov dword [GPA], MAGIC; jmp $
+    let mut code = vec![0xc7, 0x04, 0x25];
+    code.extend_from_slice(&(GPA as u32).to_le_bytes());
+    code.extend_from_slice(&MAGIC.to_le_bytes());
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    std::fs::write(&kernel, tiny_kernel::elf(&code)).unwrap();
+    let config = VmConfig {
+        kernel,
+        initramfs: None,
+        cmdline: "console=ttyS0".into(),
+        cpus: 1,
+        memory: 64 << 20,
+        siov: SiovConfig::default(),
+        vfio: Vec::new(),
+        vfio_user: Vec::new(),
+    };
+    (dir, Vm::build(&config, Box::new(std::io::sink())).unwrap())
+}
+
+kvm_test! {
+    /// An ADI's portal page (a page of a file, here the software device's memfd) mapped through
+    /// `PortalSlots` is guest memory: the guest's store lands in the device's page with no
+    /// exit, where the device's poller reads it. Dropping the mapping frees the slot.
+    fn a_mapped_portal_page_takes_the_guests_store() {
+        use siovmm_vdcm::PortalMaps;
+        use siovmm_vfio::siov::{PortalKind, SiovDevice};
+        use siovmm_vfio::soft::SoftSiovDevice;
+        let (dir, mut vm) = storing_guest("portal");
+        let slots = vm.memory_slots();
+        let device = SoftSiovDevice::with_portals(2, 16, siovmm_vfio::siov::ImsStorage::OnDevice, 1, PortalKind::Mapped).unwrap();
+        let ram = siovmm_vfio::dma::GuestRam(vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+        let dma = device.dma_bind(Arc::new(ram)).unwrap();
+        // ADI 1: its page is the memfd's second, so the offset is honoured too.
+        let portal = device.open_adi(siovmm_vfio::siov::AdiId(1), dma).unwrap();
+        let page = portal.page().unwrap().clone();
+        let maps = crate::memslots::PortalSlots(slots.clone());
+        let guard = maps.map(GPA, &page).unwrap();
+        assert!(maps.map(GPA, &page).is_err(), "a second mapping over the first is refused");
+        let handle = vm.handle();
+        let watcher = std::thread::spawn(move || {
+            let deadline = Instant::now() + std::time::Duration::from_secs(20);
+            // The device's poller takes the store (a nonzero doorbell word) as a ring and
+            // swaps the word back to zero.
+            while device.portal_rings() == 0 && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            handle.stop(ExitReason::Interrupted(libc::SIGTERM));
+            device.portal_rings()
+        });
+        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
+        assert_eq!(watcher.join().unwrap(), 1, "the guest's store did not reach the device's portal page");
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(page.file.as_ref(), &mut word, page.offset).unwrap();
+        assert_eq!(word, [0; 4], "the ring was taken");
+        drop(guard);
+        let again = maps.map(GPA, &portal.page().unwrap().clone()).unwrap();
+        drop(again);
+        drop(vm);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 kvm_test! {
     /// A host page mapped into a memory slot above RAM is guest memory: the guest's store
     /// lands in it without an exit. KVM refuses an overlapping slot, a bad range is refused
     /// before KVM sees it, and an unmapped slot's number is handed out again.
     fn a_host_page_in_a_memory_slot_is_guest_memory() {
-        const GPA: u64 = 0x2000_0000; // above the 64 MiB of RAM, inside the boot identity map
-        const MAGIC: u32 = 0x1234_5678;
-        let dir = std::env::temp_dir().join(format!("siovmm-memslot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let kernel = dir.join("store");
-        // mov dword [GPA], MAGIC; jmp $
-        let mut code = vec![0xc7, 0x04, 0x25];
-        code.extend_from_slice(&(GPA as u32).to_le_bytes());
-        code.extend_from_slice(&MAGIC.to_le_bytes());
-        code.extend_from_slice(&[0xeb, 0xfe]);
-        std::fs::write(&kernel, tiny_kernel::elf(&code)).unwrap();
-        let config = VmConfig {
-            kernel,
-            initramfs: None,
-            cmdline: "console=ttyS0".into(),
-            cpus: 1,
-            memory: 64 << 20,
-            siov: SiovConfig::default(),
-            vfio: Vec::new(),
-            vfio_user: Vec::new(),
-        };
-        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
+        let (dir, mut vm) = storing_guest("memslot");
         let slots = vm.memory_slots();
         // SAFETY: a fresh anonymous shared page, unmapped at the end of the test after the VM
         // (and so its slot) is gone.

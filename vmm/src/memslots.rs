@@ -4,7 +4,8 @@
 //! RAM's slots, so a freed slot is handed out again (KVM has a fixed number:
 //! KVM_CAP_NR_MEMSLOTS).
 //!
-//! Used for passed-through devices' BAR pages (`passthrough`); mmap-able ADI portals are next.
+//! Used for passed-through devices' BAR pages (`passthrough`) and ADIs' mapped submission
+//! portals ([`PortalSlots`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -112,5 +113,50 @@ impl MemorySlots {
         // Only IDs this allocator handed out come back here.
         let freed = lock(&self.ids).free_id(slot);
         debug_assert!(freed.is_ok(), "slot {slot} freed twice");
+    }
+}
+
+/// ADI portal pages mapped as memory slots: the VDCM's `PortalMaps` with KVM.
+pub struct PortalSlots(pub Arc<MemorySlots>);
+
+/// One portal page in the guest: the slot, and this process's mapping of the page behind it.
+struct PortalMapping {
+    slots: Arc<MemorySlots>,
+    slot: Option<MappedSlot>,
+    host: *mut libc::c_void,
+}
+
+// SAFETY: the pointer is a private mapping owned by this value, only unmapped in drop.
+unsafe impl Send for PortalMapping {}
+
+impl Drop for PortalMapping {
+    fn drop(&mut self) {
+        // The slot goes first, so the guest never reaches unmapped host memory.
+        if let Some(slot) = self.slot.take() {
+            if let Err(e) = self.slots.unmap(slot) {
+                log::warn!("unmapping a portal page: {e}");
+            }
+        }
+        // SAFETY: the mapping `map` made; no slot points at it any more.
+        unsafe { libc::munmap(self.host, PAGE as usize) };
+    }
+}
+
+impl siovmm_vdcm::PortalMaps for PortalSlots {
+    fn map(&self, gpa: u64, page: &siovmm_vfio::siov::PortalPage) -> std::io::Result<Box<dyn Send>> {
+        use std::os::fd::AsRawFd;
+        let offset = libc::off_t::try_from(page.offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: mapping one page of a file we hold, shared; the result is checked.
+        let host = unsafe {
+            libc::mmap(std::ptr::null_mut(), PAGE as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, page.file.as_raw_fd(), offset)
+        };
+        if host == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut mapping = PortalMapping { slots: self.0.clone(), slot: None, host };
+        // SAFETY: `host` stays mapped until the mapping drops, which unmaps the slot first.
+        let slot = unsafe { self.0.map(gpa, PAGE, host.cast()) }.map_err(std::io::Error::other)?;
+        mapping.slot = Some(slot);
+        Ok(Box::new(mapping))
     }
 }

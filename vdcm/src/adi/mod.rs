@@ -399,7 +399,7 @@ mod tests {
     use super::*;
     use crate::fakes::FakeRoutes;
     use siovmm_vfio::dma::GuestRam;
-    use siovmm_vfio::siov::{ImsStorage, Portal};
+    use siovmm_vfio::siov::ImsStorage;
     use siovmm_vfio::soft::SoftSiovDevice;
     use std::sync::atomic::Ordering;
 
@@ -426,7 +426,7 @@ mod tests {
         let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
         let ram = GuestRam(mem);
         let dma = device.dma_bind(Arc::new(ram.clone())).unwrap();
-        let Portal::Doorbell(doorbell) = device.open_adi(AdiId(0), dma).unwrap();
+        let doorbell = device.open_adi(AdiId(0), dma).unwrap().doorbell().clone();
         let ims = device.ims_alloc(AdiId(0), 2).unwrap();
         let mapper: Arc<dyn BarMapper> = Arc::new(NoBars);
         AdiFunction::new(AdiParts {

@@ -12,6 +12,7 @@
 pub mod descriptor;
 pub mod engine;
 pub mod ims;
+pub mod portal;
 pub mod queue_ims;
 
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::dma::DmaSpace;
 use crate::siov::{
     AdiId, DeviceInfo, DmaHandle, Error, Fired, HandleTarget, ImsGroup, ImsIndex, ImsStorage, MsiMessage, Portal,
-    QueueConfig, SiovDevice,
+    PortalKind, QueueConfig, SiovDevice,
 };
 use descriptor::{flags, status, Completion, Descriptor, COMPLETION_SIZE, DESC_SIZE};
 use ims::ImsTable;
@@ -85,6 +86,8 @@ pub struct SoftSiovDevice {
     shared: Arc<Shared>,
     /// Each waits on the doorbells of its ADIs (token = ADI index) and runs their queues.
     workers: Vec<EpollThread>,
+    /// Mapped portals and their poller, when ADIs have them.
+    portals: Option<portal::Portals>,
 }
 
 impl std::fmt::Debug for SoftSiovDevice {
@@ -97,6 +100,12 @@ impl SoftSiovDevice {
     /// A device with `adis` ADIs, `ims_entries` IMS entries in `storage` (at most
     /// [`ims::MAX_ENTRIES`]), served by `workers` threads (at least one).
     pub fn new(adis: u32, ims_entries: u32, storage: ImsStorage, workers: usize) -> std::io::Result<Self> {
+        Self::with_portals(adis, ims_entries, storage, workers, PortalKind::Doorbell)
+    }
+
+    /// The same with `portal` submissions: [`PortalKind::Mapped`] gives each ADI a page the VMM
+    /// maps into its guest, watched by a poller thread ([`portal`]).
+    pub fn with_portals(adis: u32, ims_entries: u32, storage: ImsStorage, workers: usize, portal: PortalKind) -> std::io::Result<Self> {
         let table = ImsTable::new(storage, ims_entries);
         // What the table made (it caps the count), so `info` tells the truth.
         let ims_entries = table.len();
@@ -111,16 +120,30 @@ impl SoftSiovDevice {
             let sh = shared.clone();
             ws.push(EpollThread::spawn(format!("siov-worker{i}"), move |token| serve_doorbell(&sh, token))?);
         }
+        let portals = match portal {
+            PortalKind::Doorbell => None,
+            PortalKind::Mapped => {
+                // The poller runs a rung queue itself, as a worker would on its doorbell.
+                let sh = shared.clone();
+                Some(portal::Portals::new(adis, move |adi| serve_doorbell(&sh, u64::from(adi)))?)
+            }
+        };
         Ok(Self {
-            info: DeviceInfo { adis, ims_entries, ims_storage: storage, max_queue_size: MAX_QUEUE_SIZE },
+            info: DeviceInfo { adis, ims_entries, ims_storage: storage, max_queue_size: MAX_QUEUE_SIZE, portal },
             shared,
             workers: ws,
+            portals,
         })
     }
 
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Rings the mapped portals' poller passed on (0 without mapped portals).
+    pub fn portal_rings(&self) -> u64 {
+        self.portals.as_ref().map_or(0, portal::Portals::rings)
     }
 
     /// IMS entries not allocated to any ADI.
@@ -268,14 +291,20 @@ impl SiovDevice for SoftSiovDevice {
         self.worker_for(adi)
             .watch(doorbell.as_ref(), u64::from(adi.0))
             .map_err(|_| Error::Resources("epoll registrations"))?;
+        // `self.adi` checked the ADI exists, so it has a page.
+        let page = self.portals.as_ref().and_then(|p| p.open(adi.0));
+        let portal = match page {
+            None => Portal::Doorbell(doorbell.clone()),
+            Some(page) => Portal::Mapped { page, doorbell: doorbell.clone() },
+        };
         binding.users += 1;
         *st = AdiState {
             binding: Some(dma),
             dma: Some(binding.space.clone()),
-            doorbell: Some(doorbell.clone()),
+            doorbell: Some(doorbell),
             ..AdiState::default()
         };
-        Ok(Portal::Doorbell(doorbell))
+        Ok(portal)
     }
 
     fn close_adi(&self, adi: AdiId) -> Result<(), Error> {
@@ -285,6 +314,9 @@ impl SiovDevice for SoftSiovDevice {
         // open_adi rules out; the fd closes with the last Arc either way.
         if let Err(e) = self.worker_for(adi).unwatch(db.as_ref()) {
             log::warn!("ADI {}: removing its doorbell from the worker: {e}", adi.0);
+        }
+        if let Some(p) = &self.portals {
+            p.close(adi.0);
         }
         if let Some(h) = st.binding {
             if let Some(b) = lock(&self.shared.dma).bound.get_mut(&h.0) {

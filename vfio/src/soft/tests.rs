@@ -29,7 +29,7 @@ fn rig(storage: ImsStorage) -> Rig {
     let dev = SoftSiovDevice::new(4, 64, storage, 2).unwrap();
     let ram = GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
     let dma = dev.dma_bind(Arc::new(ram.clone())).unwrap();
-    let Ok(Portal::Doorbell(doorbell)) = dev.open_adi(AdiId(0), dma) else { panic!("no doorbell") };
+    let doorbell = dev.open_adi(AdiId(0), dma).unwrap().doorbell().clone();
     let group = dev.ims_alloc(AdiId(0), 2).unwrap();
     let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     for i in group.indexes() {
@@ -308,4 +308,38 @@ fn sixteen_thousand_entries_and_ten_thousand_adis() {
         dev.ims_free(adi, g).unwrap();
     }
     assert_eq!(dev.ims_alloc(AdiId(0), 8192).unwrap().count, 8192);
+}
+
+/// A mapped portal: a store into the ADI's page (what the guest's doorbell write becomes when
+/// the VMM maps the page) runs the queue; nobody writes the doorbell eventfd.
+#[test]
+fn a_store_to_the_mapped_portal_runs_the_queue() {
+    use std::os::unix::fs::FileExt;
+    let dev = SoftSiovDevice::with_portals(2, 64, ImsStorage::OnDevice, 1, PortalKind::Mapped).unwrap();
+    assert_eq!(dev.info().portal, PortalKind::Mapped);
+    let ram = GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
+    let dma = dev.dma_bind(Arc::new(ram.clone())).unwrap();
+    let portal = dev.open_adi(AdiId(1), dma).unwrap();
+    let page = portal.page().expect("a mapped portal has a page").clone();
+    assert_eq!(page.offset, 4096, "ADI 1's page");
+    dev.configure_queue(AdiId(1), Some(QueueConfig { base: QUEUE, size: SIZE })).unwrap();
+    for round in 1..=3u32 {
+        let d = Descriptor { opcode: opcode::NOOP, flags: flags::CRAV | flags::RCR, completion_addr: RECORDS, ..Default::default() };
+        ram.write(RECORDS, &[0u8; COMPLETION_SIZE]).unwrap();
+        ram.write(QUEUE + RING_OFFSET + u64::from(round - 1) * 64, &d.encode()).unwrap();
+        ram.write(QUEUE, &round.to_le_bytes()).unwrap();
+        page.file.write_all_at(&1u32.to_le_bytes(), page.offset).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut b = [0u8; 1];
+            ram.read(RECORDS, &mut b).unwrap();
+            if b[0] == status::SUCCESS {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: the portal store ran nothing");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert_eq!(dev.portal_rings(), 3);
+    dev.close_adi(AdiId(1)).unwrap();
 }
