@@ -20,6 +20,7 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
+use devices::pci::msix::{CTRL_ENABLE, CTRL_FUNCTION_MASK};
 use siovmm_vdcm::adi::config::{AdiConfig, ConfigWrite};
 use siovmm_vdcm::adi::registers::{Action, QueueRegisters};
 use siovmm_vdcm::adi::{BAR0_SIZE, DOORBELL};
@@ -92,6 +93,8 @@ pub struct AdiBackend {
     regs: QueueRegisters,
     /// The client's eventfd per vector, once set.
     vector_fds: Vec<Option<Arc<EventFd>>>,
+    /// MSI-X message control's enable and function-mask bits as the client last wrote them.
+    msix_bits: u16,
 }
 
 impl std::fmt::Debug for AdiBackend {
@@ -130,6 +133,7 @@ impl AdiBackend {
             config: AdiConfig::new(0, false),
             regs: QueueRegisters::default(),
             vector_fds: vec![None; usize::from(vectors)],
+            msix_bits: 0,
         };
         backend.publish_handles()?;
         Ok(backend)
@@ -141,10 +145,14 @@ impl AdiBackend {
         self.device.set_interrupt_handles(self.adi, &handles)
     }
 
-    /// MSI-X message control as the device reports it: the table size (the client owns the
-    /// enable and mask bits).
+    /// MSI-X message control as the device reports it: the table size, and the enable and
+    /// function-mask bits as written. What they do is the client's (it owns the MSI-X table and
+    /// its masks), but they read back as written, as kernel vfio-pci's virtualized config space
+    /// does: a client that passes the guest's reads through (Cloud Hypervisor) lets Linux's
+    /// read-modify-write of the control word (`pci_msix_clear_and_set_ctrl`) see its own
+    /// enable bit, instead of clearing it.
     fn msix_control(&self) -> u16 {
-        (self.ims.count.saturating_sub(1) & 0x7ff) as u16
+        (self.ims.count.saturating_sub(1) & 0x7ff) as u16 | self.msix_bits
     }
 
     fn caps(&self) -> u32 {
@@ -166,7 +174,8 @@ impl AdiBackend {
         }
         match self.config.write((offset / 4) as usize, offset % 4, data, self.msix_control()) {
             // BAR placement and MSI-X enable are the client's; the device has nothing to do.
-            ConfigWrite::Stored | ConfigWrite::Placement | ConfigWrite::MsixControl(_) => {}
+            ConfigWrite::Stored | ConfigWrite::Placement => {}
+            ConfigWrite::MsixControl(value) => self.msix_bits = value & (CTRL_ENABLE | CTRL_FUNCTION_MASK),
         }
     }
 
