@@ -620,6 +620,44 @@ poweroff -f
     Ok(status.code().unwrap_or(1))
 }
 
+/// siovmm's flags, as a [`GuestCase`] passes them, turned into Cloud Hypervisor's, for a case
+/// whose VMM is this script (the binary at `/cloud-hypervisor` in the sandbox, from
+/// [`cloud_hypervisor_binary`]): `--vfio-user SOCKET` becomes `--user-device socket=SOCKET` (guest
+/// RAM shared, which vfio-user needs), `--vfio PATH` becomes `--device path=PATH`.
+const CLOUD_HYPERVISOR_WRAPPER: &str = r#"#!/bin/sh
+user=""; dev=""; shared=off
+while [ $# -gt 1 ]; do
+  case "$1" in
+    --kernel) kernel=$2;; --initramfs) initramfs=$2;; --cmdline) cmdline=$2;;
+    --cpus) cpus=$2;; --memory) memory=$2;;
+    --vfio-user) user="$user socket=$2"; shared=on;; --vfio) dev="$dev path=$2";;
+  esac
+  shift 2
+done
+exec /cloud-hypervisor --kernel "$kernel" --initramfs "$initramfs" --cmdline "$cmdline" \
+  --cpus boot="$cpus" --memory size="$memory",shared=$shared ${user:+--user-device $user} ${dev:+--device $dev} \
+  --serial tty --console off
+"#;
+
+/// Writes [`CLOUD_HYPERVISOR_WRAPPER`] to a file for [`GuestCase::vmm`].
+pub fn cloud_hypervisor_wrapper() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("siovmm-ch-wrapper-{}", std::process::id()));
+    std::fs::write(&path, CLOUD_HYPERVISOR_WRAPPER).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
+/// The static Cloud Hypervisor binary `$SIOVMM_CLOUD_HYPERVISOR` names, as a sandbox file at
+/// `/cloud-hypervisor`, for the comparisons that need one (docs/devd.md, docs/vfio.md). Nothing
+/// of Cloud Hypervisor is in this repository; tests using it are `#[ignore]`d, as CI cannot
+/// build it.
+pub fn cloud_hypervisor_binary() -> (String, u32, Vec<u8>) {
+    let path = std::env::var_os("SIOVMM_CLOUD_HYPERVISOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("set SIOVMM_CLOUD_HYPERVISOR to a static cloud-hypervisor binary (docs/devd.md)"));
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    ("cloud-hypervisor".into(), 0o755, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -276,22 +276,6 @@ echo $! > /tmp/devd.pid
     check_fast_and_clean(result("after-restart"), 2);
 }
 
-/// siovmm's flags (as the harness passes them) turned into Cloud Hypervisor's, for a case whose
-/// "VMM" is this script: `--vfio-user SOCKET` becomes `--user-device socket=SOCKET`, and guest
-/// RAM is shared, which vfio-user needs.
-const CLOUD_HYPERVISOR_WRAPPER: &str = r#"#!/bin/sh
-user=""
-while [ $# -gt 1 ]; do
-  case "$1" in
-    --kernel) kernel=$2;; --initramfs) initramfs=$2;; --cmdline) cmdline=$2;;
-    --cpus) cpus=$2;; --memory) memory=$2;; --vfio-user) user="$user socket=$2";;
-  esac
-  shift 2
-done
-exec /cloud-hypervisor --kernel "$kernel" --initramfs "$initramfs" --cmdline "$cmdline" \
-  --cpus boot="$cpus" --memory size="$memory",shared=on --user-device $user --serial tty --console off
-"#;
-
 /// Another vfio-user client takes the daemon's ADIs (issue 11: "another vfio-user client can
 /// use our ADIs too: show one"): Cloud Hypervisor's `--user-device`, with the stock kernel and
 /// the same test driver, every self-test passing. Cloud Hypervisor is not ours and cannot be
@@ -301,21 +285,17 @@ exec /cloud-hypervisor --kernel "$kernel" --initramfs "$initramfs" --cmdline "$c
 #[test]
 #[ignore = "needs a static Cloud Hypervisor binary: SIOVMM_CLOUD_HYPERVISOR=PATH (docs/devd.md)"]
 fn cloud_hypervisor_takes_the_daemons_adis() {
-    let ch = std::env::var_os("SIOVMM_CLOUD_HYPERVISOR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| panic!("set SIOVMM_CLOUD_HYPERVISOR to a static cloud-hypervisor binary (docs/devd.md)"));
-    let ch_binary = std::fs::read(&ch).unwrap_or_else(|e| panic!("{}: {e}", ch.display()));
+    let ch_binary = siovmm_tests::cloud_hypervisor_binary();
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
     let devd = assets.read("siovmm-devd").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
-    let wrapper = std::env::temp_dir().join(format!("siovmm-ch-wrapper-{}", std::process::id()));
-    std::fs::write(&wrapper, CLOUD_HYPERVISOR_WRAPPER).unwrap();
+    let wrapper = siovmm_tests::cloud_hypervisor_wrapper();
     let setup = SandboxSetup {
         script: format!(
             "mkdir -p /run/devd\nSIOVMM_LOG=info {DAEMON} >> /tmp/devd.log 2>&1 &\n{}echo SETUP-SOCKETS=$(ls /run/devd | grep -c sock)\n",
             wait_until(&format!("[ -S /run/devd/adi-{}.sock ]", DAEMON_ADIS - 1), 20)
         ),
         script_idle: Duration::from_secs(2),
-        files: vec![("siovmm-devd".into(), 0o755, devd), ("cloud-hypervisor".into(), 0o755, ch_binary)],
+        files: vec![("siovmm-devd".into(), 0o755, devd), ch_binary],
         ..Default::default()
     };
     // Cloud Hypervisor emulates the MSI-X table of a VFIO device but reads its PBA from the
