@@ -358,13 +358,21 @@ fn value_of(flag: &str, inline: Option<String>, rest: &mut impl Iterator<Item = 
 /// Where the VFIO character devices are.
 const VFIO_DEV: &str = "/dev/vfio";
 
+/// A benchmark's arguments as (flag, value) pairs, in order: every flag takes one value.
+fn flag_values(args: &[String]) -> impl Iterator<Item = Result<(&str, &str), CliError>> {
+    args.chunks(2).map(|p| match p {
+        [flag, v] => Ok((flag.as_str(), v.as_str())),
+        [flag, ..] => Err(CliError(format!("{flag} needs a value"))),
+        [] => Err(CliError("an empty argument pair".into())),
+    })
+}
+
 /// Parses `bench-siov` options.
 pub fn parse_bench(args: &[String]) -> Result<BenchOptions, CliError> {
     let mut o = BenchOptions::default();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let v = it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?;
-        match flag.as_str() {
+    for pair in flag_values(args) {
+        let (flag, v) = pair?;
+        match flag {
             "--adis" => o.adis = parse_count(flag, v, 1, 1 << 20)?,
             "--ims" => o.ims = parse_count(flag, v, 16, siovmm_vfio::soft::ims::MAX_ENTRIES)?,
             "--rate-adis" => o.rate_adis = parse_count(flag, v, 1, 4096)?,
@@ -382,10 +390,9 @@ pub fn parse_bench(args: &[String]) -> Result<BenchOptions, CliError> {
 /// Parses `bench-devd` options.
 pub fn parse_bench_devd(args: &[String]) -> Result<BenchDevdOptions, CliError> {
     let mut o = BenchDevdOptions::default();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let v = it.next().ok_or_else(|| CliError(format!("{flag} needs a value")))?;
-        match flag.as_str() {
+    for pair in flag_values(args) {
+        let (flag, v) = pair?;
+        match flag {
             "--rounds" => o.rounds = parse_count(flag, v, 1, 1000)?,
             "--descriptors" => o.descriptors = parse_count(flag, v, 1, 1_000_000)?,
             "--devd" => {

@@ -110,6 +110,17 @@ fn init_logging() -> Result<(), String> {
     Ok(())
 }
 
+/// A benchmark's exit status: 0, or 1 with its error named on stderr.
+fn bench_exit(name: &str, result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("siovmm: {name}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     if let Err(e) = init_logging() {
         eprintln!("siovmm: {e}");
@@ -131,24 +142,8 @@ fn main() -> ExitCode {
             println!("siovmm {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        cli::Command::BenchSiov(o) => {
-            return match bench::run(&o) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("siovmm: bench-siov: {e}");
-                    ExitCode::from(1)
-                }
-            };
-        }
-        cli::Command::BenchDevd(o) => {
-            return match bench_devd::run(&o) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("siovmm: bench-devd: {e}");
-                    ExitCode::from(1)
-                }
-            };
-        }
+        cli::Command::BenchSiov(o) => return bench_exit("bench-siov", bench::run(&o)),
+        cli::Command::BenchDevd(o) => return bench_exit("bench-devd", bench_devd::run(&o)),
         cli::Command::Run(c) => c,
     };
     let terminal = console::TerminalGuard::new();

@@ -14,6 +14,7 @@ use kvm_ioctls::VmFd;
 use vm_allocator::IdAllocator;
 
 use devices::bus::lock;
+use siovmm_vfio::mapping::RegionMapping;
 
 /// Errors mapping or unmapping a slot.
 #[derive(Debug, thiserror::Error)]
@@ -123,40 +124,30 @@ pub struct PortalSlots(pub Arc<MemorySlots>);
 struct PortalMapping {
     slots: Arc<MemorySlots>,
     slot: Option<MappedSlot>,
-    host: *mut libc::c_void,
+    page: Option<RegionMapping>,
 }
-
-// SAFETY: the pointer is a private mapping owned by this value, only unmapped in drop.
-unsafe impl Send for PortalMapping {}
 
 impl Drop for PortalMapping {
     fn drop(&mut self) {
-        // The slot goes first, so the guest never reaches unmapped host memory.
+        // The slot goes first, so the guest never reaches unmapped host memory; a slot KVM
+        // will not remove keeps its page mapped until siovmm exits, as passed-through BARs do.
         if let Some(slot) = self.slot.take() {
             if let Err(e) = self.slots.unmap(slot) {
-                log::warn!("unmapping a portal page: {e}");
+                log::error!("unmapping a portal page: {e}; the page stays mapped until siovmm exits");
+                std::mem::forget(self.page.take());
             }
         }
-        // SAFETY: the mapping `map` made; no slot points at it any more.
-        unsafe { libc::munmap(self.host, PAGE as usize) };
     }
 }
 
 impl siovmm_vdcm::PortalMaps for PortalSlots {
     fn map(&self, gpa: u64, page: &siovmm_vfio::siov::PortalPage) -> std::io::Result<Box<dyn Send>> {
         use std::os::fd::AsRawFd;
-        let offset = libc::off_t::try_from(page.offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: mapping one page of a file we hold, shared; the result is checked.
-        let host = unsafe {
-            libc::mmap(std::ptr::null_mut(), PAGE as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, page.file.as_raw_fd(), offset)
-        };
-        if host == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut mapping = PortalMapping { slots: self.0.clone(), slot: None, host };
-        // SAFETY: `host` stays mapped until the mapping drops, which unmaps the slot first.
-        let slot = unsafe { self.0.map(gpa, PAGE, host.cast()) }.map_err(std::io::Error::other)?;
-        mapping.slot = Some(slot);
-        Ok(Box::new(mapping))
+        let mapping = RegionMapping::new(page.file.as_raw_fd(), page.offset, 0, PAGE)?;
+        let host = mapping.host(0).ok_or_else(|| std::io::Error::other("an empty portal mapping"))?;
+        // SAFETY: `host` stays mapped while the slot exists: the mapping drops after the slot is
+        // removed, or never (above).
+        let slot = unsafe { self.0.map(gpa, PAGE, host) }.map_err(std::io::Error::other)?;
+        Ok(Box::new(PortalMapping { slots: self.0.clone(), slot: Some(slot), page: Some(mapping) }))
     }
 }

@@ -215,6 +215,46 @@ fn outcome(r: &CaseResult) -> String {
     }
 }
 
+/// A reliability boot of siovmm (`None`) or the baseline, siovmm's with `opts.adis` ADIs.
+fn reliability_case(opts: &Options, name: &str, vmm: Option<PathBuf>) -> GuestCase {
+    let mut c = case(name, vmm, BOOT_BODY);
+    if opts.adis > 0 && c.vmm.is_none() {
+        c.extra_args = vec!["--adi".into(), opts.adis.to_string()];
+    }
+    c
+}
+
+/// `n` boots of siovmm, each followed or preceded by one of the baseline's (taking turns).
+fn in_turn(opts: &Options, sandbox: usize, n: usize) -> Vec<GuestCase> {
+    let mut cases = Vec::new();
+    for i in 0..n {
+        cases.push(reliability_case(opts, &format!("s{sandbox}-boot{i}"), None));
+        if let Some(b) = &opts.baseline {
+            let theirs = reliability_case(opts, &format!("s{sandbox}-boot{i}-baseline"), Some(b.clone()));
+            if (sandbox + i).is_multiple_of(2) {
+                cases.push(theirs);
+            } else {
+                cases.insert(cases.len() - 1, theirs);
+            }
+        }
+    }
+    cases
+}
+
+/// `n` guests of one VMM started at once (all but the last in the background; the harness
+/// waits for every one): siovmm's in even sandboxes, the baseline's in odd ones.
+fn side_by_side(opts: &Options, sandbox: usize, n: usize) -> Vec<GuestCase> {
+    let baseline = opts.baseline.clone().filter(|_| sandbox % 2 == 1);
+    let tag = if baseline.is_some() { "-baseline" } else { "" };
+    (0..n)
+        .map(|i| {
+            let mut c = reliability_case(opts, &format!("s{sandbox}-guest{i}{tag}"), baseline.clone());
+            (c.cpus, c.memory, c.background) = (1, "256M".into(), i + 1 < n);
+            c
+        })
+        .collect()
+}
+
 /// `--reliability`: how often a boot finishes, siovmm and the baseline in the same sandboxes.
 fn reliability(opts: &Options) -> Result<(), String> {
     let boots = opts.runs.unwrap_or(24);
@@ -240,41 +280,10 @@ fn reliability(opts: &Options) -> Result<(), String> {
     let mut made = 0;
     let mut sandbox = 0;
     while made < boots {
-        let mut cases = Vec::new();
-        if opts.together > 0 {
-            // One VMM per sandbox, all its guests started at once (all but the last in the
-            // background; the harness waits for every one).
-            let baseline = opts.baseline.clone().filter(|_| sandbox % 2 == 1);
-            let n = opts.together.min(boots - made);
-            for i in 0..n {
-                let tag = if baseline.is_some() { "-baseline" } else { "" };
-                let mut c = case(&format!("s{sandbox}-guest{i}{tag}"), baseline.clone(), BOOT_BODY);
-                (c.cpus, c.memory, c.background) = (1, "256M".into(), i + 1 < n);
-                if opts.adis > 0 && baseline.is_none() {
-                    c.extra_args = vec!["--adi".into(), opts.adis.to_string()];
-                }
-                cases.push(c);
-            }
-            made += n;
-        }
-        for i in 0..if opts.together > 0 { 0 } else { BOOTS_PER_SANDBOX.min(boots - made) } {
-            let mut ours = case(&format!("s{sandbox}-boot{i}"), None, BOOT_BODY);
-            if opts.adis > 0 {
-                ours.extra_args = vec!["--adi".into(), opts.adis.to_string()];
-            }
-            cases.push(ours);
-            if let Some(b) = &opts.baseline {
-                let theirs = case(&format!("s{sandbox}-boot{i}-baseline"), Some(b.clone()), BOOT_BODY);
-                if (sandbox + i) % 2 == 0 {
-                    cases.push(theirs);
-                } else {
-                    cases.insert(cases.len() - 1, theirs);
-                }
-            }
-        }
-        if opts.together == 0 {
-            made += BOOTS_PER_SANDBOX.min(boots - made);
-        }
+        let per_sandbox = if opts.together > 0 { opts.together } else { BOOTS_PER_SANDBOX };
+        let n = per_sandbox.min(boots - made);
+        let cases = if opts.together > 0 { side_by_side(opts, sandbox, n) } else { in_turn(opts, sandbox, n) };
+        made += n;
         match run_cases_once(&cases) {
             Ok(results) => {
                 for (r, c) in results.iter().zip(&cases) {

@@ -186,9 +186,16 @@ fn serve_doorbell(shared: &Shared, token: u64) {
     }
 }
 
+/// A little-endian `u32` of queue memory, if the ADI's DMA space holds it.
 fn read_u32(dma: &dyn DmaSpace, addr: u64) -> Option<u32> {
     let mut b = [0u8; 4];
     dma.read(addr, &mut b).ok().map(|_| u32::from_le_bytes(b))
+}
+
+/// A little-endian `u64` of queue memory, if the ADI's DMA space holds it.
+fn read_u64(dma: &dyn DmaSpace, addr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    dma.read(addr, &mut b).ok().map(|_| u64::from_le_bytes(b))
 }
 
 /// Runs the descriptors between the ring's head and the tail the submitter published.

@@ -26,31 +26,25 @@ use std::time::Duration;
 
 use siovmm_interrupts::lock;
 
+use crate::mapping::RegionMapping;
 use crate::siov::PortalPage;
 
-/// Bytes per portal.
-pub const PAGE: u64 = 4096;
+/// Bytes per portal: one host page.
+pub use crate::mapping::PAGE;
 /// How long the poller sleeps between scans once rings stop coming.
 pub const IDLE_SLEEP: Duration = Duration::from_micros(50);
 /// How long after a ring the poller keeps scanning without sleeping.
 pub const HOT: Duration = Duration::from_millis(2);
 
-/// The pages, mapped in this process.
+/// The pages: their memfd, mapped in this process.
 struct Pages {
     file: Arc<File>,
-    base: *mut u8,
-    len: usize,
+    map: RegionMapping,
 }
-
-// SAFETY: the mapping is shared memory accessed only through atomics; the pointer is valid
-// from `new` until drop.
-unsafe impl Send for Pages {}
-// SAFETY: as above.
-unsafe impl Sync for Pages {}
 
 impl Pages {
     fn new(adis: u32) -> std::io::Result<Self> {
-        let len = usize::try_from(u64::from(adis.max(1)) * PAGE).map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let len = u64::from(adis.max(1)) * PAGE;
         // SAFETY: a valid NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"siovmm-portals".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -58,33 +52,19 @@ impl Pages {
         }
         // SAFETY: a descriptor memfd_create just returned, owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(len as u64)?;
-        // SAFETY: mapping a file we own, shared, for `len` bytes; checked below.
-        let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0)
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self { file: Arc::new(file), base: base.cast(), len })
+        file.set_len(len)?;
+        let map = RegionMapping::new(file.as_raw_fd(), 0, 0, len)?;
+        Ok(Self { file: Arc::new(file), map })
     }
 
     /// ADI `adi`'s doorbell word, if the device has that ADI.
     fn word(&self, adi: u32) -> Option<&AtomicU32> {
-        let offset = usize::try_from(u64::from(adi) * PAGE).ok()?;
-        if offset.checked_add(4)? > self.len {
-            return None;
-        }
-        // SAFETY: inside the mapping, page-aligned so 4-byte aligned; the memory is only ever
-        // accessed atomically here (the guest's stores are single aligned stores).
-        Some(unsafe { &*(self.base.add(offset) as *const AtomicU32) })
-    }
-}
-
-impl Drop for Pages {
-    fn drop(&mut self) {
-        // SAFETY: the mapping `new` made; the poller that read it has been joined.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        // Pages are whole, so a page that starts inside the mapping holds its word.
+        let host = self.map.host(u64::from(adi).checked_mul(PAGE)?)?;
+        // SAFETY: inside the mapping, which lives as long as `self`; page-aligned so 4-byte
+        // aligned; the memory is only ever accessed atomically here (the guest's stores are
+        // single aligned stores).
+        Some(unsafe { &*(host as *const AtomicU32) })
     }
 }
 
@@ -113,7 +93,7 @@ pub struct Portals {
 
 impl std::fmt::Debug for Portals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Portals").field("pages", &(self.pages.len as u64 / PAGE)).finish_non_exhaustive()
+        f.debug_struct("Portals").field("pages", &(self.pages.map.len() / PAGE)).finish_non_exhaustive()
     }
 }
 

@@ -18,6 +18,7 @@
 use siovmm_interrupts::msi::{MsiEntry, CTRL_MASK, ENTRY_SIZE};
 
 use super::ims::{remapped_entry, ImsTable};
+use super::{read_u32, read_u64};
 use crate::dma::DmaSpace;
 use crate::siov::{AdiId, Error, Fired};
 
@@ -29,16 +30,6 @@ pub const ENTRIES: u64 = 16;
 pub const MAX_ENTRIES: u32 = 0x8000;
 /// Entry ctrl bit set by the device when it fired a masked entry.
 pub const CTRL_PENDING: u32 = 2;
-
-fn read_u64(dma: &dyn DmaSpace, addr: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    dma.read(addr, &mut b).ok().map(|_| u64::from_le_bytes(b))
-}
-
-fn read_u32(dma: &dyn DmaSpace, addr: u64) -> Option<u32> {
-    let mut b = [0u8; 4];
-    dma.read(addr, &mut b).ok().map(|_| u32::from_le_bytes(b))
-}
 
 /// Where entry `n` sits, if the queue at `queue` has an area (16-byte aligned) that holds it.
 fn entry_addr(dma: &dyn DmaSpace, queue: u64, n: u32) -> Option<u64> {
