@@ -99,6 +99,11 @@ impl RunFailure {
     fn new(message: String, lines: Vec<String>) -> Self {
         Self { message, lines }
     }
+
+    /// Whether the run was killed because its budget ran out.
+    pub fn out_of_budget(&self) -> bool {
+        self.message.starts_with(OUT_OF_BUDGET)
+    }
 }
 
 /// An initramfs for the sandbox under construction.
@@ -392,7 +397,7 @@ fn run_inner(assets: &Assets, initrd: &Path, budget: Duration, echo: bool, hardw
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| RunFailure::new(format!("starting qemu-system-x86_64 (run tests/setup.sh): {e}"), Vec::new()))?;
-    let (lines, status) = collect(child, budget, echo, Some(&monitor))?;
+    let (lines, status) = collect(child, budget, echo, Some(&monitor), false)?;
     if let Some(e) = lines.iter().find(|l| l.contains("@@SANDBOX-ERROR")) {
         return Err(RunFailure::new(format!("sandbox setup failed: {e}\n{}", lines.join("\n")), lines));
     }
@@ -417,7 +422,13 @@ pub fn up_at(lines: &[String]) -> Option<f64> {
 /// echoing every line to stderr as it arrives when `echo`. Returns the lines and the child's
 /// exit status (`None` when a signal ended it).
 pub fn collect_output(child: Child, budget: Duration, echo: bool) -> Result<(Vec<String>, Option<i32>), RunFailure> {
-    collect(child, budget, echo, None)
+    collect(child, budget, echo, None, false)
+}
+
+/// [`collect_output`] of a VMM process, asked for its vCPUs' state (SIGUSR1) 6 and 3 seconds
+/// before its budget runs out, as a [`vmm_step`] does in the sandbox.
+pub fn collect_vmm_output(child: Child, budget: Duration, echo: bool) -> Result<(Vec<String>, Option<i32>), RunFailure> {
+    collect(child, budget, echo, None, true)
 }
 
 /// How long a stalled sandbox is given, after [`diagnose_stall`], to print its backtraces.
@@ -426,7 +437,13 @@ const STALL_REPORT_GRACE: Duration = Duration::from_secs(30);
 /// [`collect_output`]; when `monitor` (a QEMU sandbox's monitor socket) is given and the budget
 /// runs out, the stall is diagnosed first and the sandbox given [`STALL_REPORT_GRACE`] to
 /// print its report. The run still fails as out of budget, whatever it prints then.
-fn collect(mut child: Child, budget: Duration, echo: bool, mut monitor: Option<&Path>) -> Result<(Vec<String>, Option<i32>), RunFailure> {
+fn collect(
+    mut child: Child,
+    budget: Duration,
+    echo: bool,
+    mut monitor: Option<&Path>,
+    ask_state: bool,
+) -> Result<(Vec<String>, Option<i32>), RunFailure> {
     let no_pipe = || RunFailure::new("the child has no output pipes".into(), Vec::new());
     let stdout = child.stdout.take().ok_or_else(no_pipe)?;
     let stderr = child.stderr.take().ok_or_else(no_pipe)?;
@@ -464,7 +481,18 @@ fn collect(mut child: Child, budget: Duration, echo: bool, mut monitor: Option<&
         RunFailure::new(format!("{OUT_OF_BUDGET} {} s; last output:\n{last}", budget.as_secs()), lines.to_vec())
     };
     let mut stalled = false;
+    // When to ask a VMM for its vCPUs' state: 6 and 3 seconds before the deadline.
+    let mut state_asks: Vec<Instant> = if ask_state {
+        [STATE_REPORT_LEAD, STATE_REPORT_LEAD / 2].iter().filter_map(|lead| deadline.checked_sub(*lead)).collect()
+    } else {
+        Vec::new()
+    };
     loop {
+        if state_asks.first().is_some_and(|t| Instant::now() >= *t) {
+            state_asks.remove(0);
+            // SAFETY: kill(2) on the child's PID, which cannot be reused before we wait for it.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) };
+        }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(l) => {
                 if echo {
@@ -566,6 +594,92 @@ pub fn step(name: &str, budget: Duration, command: &str) -> String {
         "echo '@@STEP {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {} {command} </dev/null 2>&1\nrc=$?\nkvm_flight_record\necho \"@@STEP-END {name} $rc $(( $(uptime_cs) - t0 ))\"\n",
         budget.as_secs()
     )
+}
+
+/// [`step`] for a command that *is* a VMM process (busybox's `timeout` execs it, so `$!` is
+/// its PID): 6 and 3 seconds before the budget's kill, the step sends it SIGUSR1, on which
+/// siovmm has every vCPU print its state (`state of vCPU N: ...`, parsed by [`vcpu_states`]),
+/// so a guest that hangs leaves where and in what fault it hung. A step that ends in time
+/// sends nothing (its watcher is killed; a `sleep` it leaves behind signals no one).
+pub fn vmm_step(name: &str, budget: Duration, command: &str) -> String {
+    let secs = budget.as_secs();
+    let first = secs.saturating_sub(STATE_REPORT_LEAD.as_secs()).max(1);
+    format!(
+        "echo '@@STEP {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {secs} {command} </dev/null 2>&1 &\nvmm=$!\n\
+         ( sleep {first}; kill -USR1 $vmm 2>/dev/null; sleep 3; kill -USR1 $vmm 2>/dev/null ) &\nreport=$!\n\
+         wait $vmm\nrc=$?\nkill $report 2>/dev/null\nkvm_flight_record\n\
+         echo \"@@STEP-END {name} $rc $(( $(uptime_cs) - t0 ))\"\n"
+    )
+}
+
+/// How long before a [`vmm_step`]'s budget runs out its VMM is first asked for its vCPUs' state.
+const STATE_REPORT_LEAD: Duration = Duration::from_secs(6);
+
+/// One vCPU's state as siovmm reports it on SIGUSR1 (`vcpu::StateRequests`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuState {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// Where it was.
+    pub rip: u64,
+    /// The last page-fault address.
+    pub cr2: u64,
+    /// What the guest's own tables map at RIP (`0xA-0xB rwx` items), as printed.
+    pub rip_maps: String,
+    /// What they map at CR2.
+    pub cr2_maps: String,
+}
+
+impl VcpuState {
+    /// Whether the guest's tables map CR2 present and executable.
+    pub fn cr2_mapped_executable(&self) -> bool {
+        maps_executable(&self.cr2_maps, self.cr2)
+    }
+
+    /// Whether the guest's tables map RIP present and executable.
+    pub fn rip_mapped_executable(&self) -> bool {
+        maps_executable(&self.rip_maps, self.rip)
+    }
+}
+
+/// Whether a printed list of mappings (`0xA-0xB r-x, ...`) has `address` in an executable one.
+fn maps_executable(list: &str, address: u64) -> bool {
+    let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
+    list.split(", ").any(|item| {
+        let mut parts = item.split_whitespace();
+        let (Some((a, b)), Some(access)) = (parts.next().and_then(|r| r.split_once('-')), parts.next()) else { return false };
+        matches!((hex(a), hex(b)), (Some(a), Some(b)) if (a..=b).contains(&address)) && access.ends_with('x')
+    })
+}
+
+/// The vCPU state reports siovmm printed in `lines`, in order.
+pub fn vcpu_states(lines: &[String]) -> Vec<VcpuState> {
+    let hex = |l: &str, key: &str| -> Option<u64> {
+        let v = l.split(key).nth(1)?.split_whitespace().next()?;
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+    };
+    lines
+        .iter()
+        .filter_map(|l| {
+            let rest = l.split("state of vCPU ").nth(1)?;
+            Some(VcpuState {
+                vcpu: rest.split(':').next()?.parse().ok()?,
+                rip: hex(rest, ": RIP ")?,
+                cr2: hex(rest, " CR2 ")?,
+                rip_maps: rest.split("; RIP maps: ").nth(1)?.split("; CR2 maps: ").next()?.to_string(),
+                cr2_maps: rest.split("; CR2 maps: ").nth(1)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// How many not-present page faults on an instruction fetch (error code 0x10 in kernel mode,
+/// 0x14 in user mode) the flight recorder saw KVM inject, in `lines`.
+pub fn injected_fetch_faults(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("@@KVM-TRACE") && (l.contains("kvm_inj_exception: #PF (0x10)") || l.contains("kvm_inj_exception: #PF (0x14)")))
+        .count()
 }
 
 /// What one [`step`] did, read back from the console.
@@ -738,6 +852,47 @@ mod tests {
         assert_eq!((r[0].name.as_str(), r[0].status, r[0].output.as_slice()), ("a", Some(0), ["running 1 test".to_string()].as_slice()));
         assert!((r[0].seconds.unwrap() - 1.23).abs() < 1e-9);
         assert_eq!((r[1].name.as_str(), r[1].status), ("b", Some(137)));
+    }
+
+    #[test]
+    fn vmm_steps_ask_for_the_vcpus_state_before_the_kill() {
+        let script = vmm_step("g", Duration::from_secs(60), "/siovmm --x");
+        assert!(script.contains("timeout -s KILL 60 /siovmm --x </dev/null 2>&1 &\nvmm=$!\n"), "{script}");
+        assert!(script.contains("( sleep 54; kill -USR1 $vmm 2>/dev/null; sleep 3; kill -USR1 $vmm"), "{script}");
+        assert!(script.contains("wait $vmm\nrc=$?\nkill $report"), "{script}");
+        assert!(vmm_step("g", Duration::from_secs(2), "x").contains("( sleep 1;"), "never a negative sleep");
+        // Read back like any step.
+        let console: Vec<String> = ["@@STEP g", "x", "@@STEP-END g 137 6000"].map(String::from).to_vec();
+        assert_eq!(steps(&console)[0].status, Some(137));
+    }
+
+    #[test]
+    fn vcpu_state_reports_and_fetch_fault_records_are_read_back() {
+        let console: Vec<String> = [
+            "@@KVM-TRACE vcpu0-445 [000] .....    97.626203: kvm_inj_exception: #PF (0x10)",
+            "@@KVM-TRACE vcpu0-445 [000] .....    97.626295: kvm_inj_exception: #PF (0x14)",
+            "@@KVM-TRACE vcpu0-445 [000] .....    97.626296: kvm_inj_exception: #PF (0x11)",
+            "@@KVM-TRACE vcpu0-445 [000] .....    97.626297: kvm_inj_exception: #GP (0x0)",
+            "siovmm: warn: state of vCPU 1: RIP 0xffffffff8107505b CPL 0 RFLAGS 0x2 CR0 0x80050033 CR2 0xffffffff8107505b \
+             CR3 0x2000 CR4 0x350ef0 EFER 0xd01; delivering: exception injected 14 error 0x10; \
+             RIP maps: 0xffffffff81000000-0xffffffff811fffff r-x; CR2 maps: 0xffffffff81000000-0xffffffff811fffff r-x",
+            "siovmm: warn: state of vCPU 0: RIP 0x40f2ea CPL 3 RFLAGS 0x2 CR0 0x80050033 CR2 0x40f2ea CR3 0x2000 \
+             CR4 0x350ef0 EFER 0xd01; delivering: none; RIP maps: nothing; CR2 maps: nothing",
+            "siovmm: warn: state of vCPU 0: RIP 0x40f2ea CPL 3 RFLAGS 0x2 CR0 0x80050033 CR2 0x40f2ea CR3 0x2000 \
+             CR4 0x350ef0 EFER 0xd01; delivering: none; RIP maps: 0x40f000-0x40ffff rw-; CR2 maps: 0x40f000-0x40ffff rw-",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(injected_fetch_faults(&console), 2, "kernel and user fetches, not present; nothing else");
+        let states = vcpu_states(&console);
+        assert_eq!(states.len(), 3);
+        assert_eq!((states[0].vcpu, states[0].rip, states[0].cr2), (1, 0xffff_ffff_8107_505b, 0xffff_ffff_8107_505b));
+        assert!(states[0].cr2_mapped_executable());
+        assert!(states[0].rip_mapped_executable());
+        assert_eq!(states[2].rip_maps, "0x40f000-0x40ffff rw-");
+        assert!(!states[2].rip_mapped_executable());
+        assert!(!states[1].cr2_mapped_executable(), "nothing mapped");
+        assert!(!states[2].cr2_mapped_executable(), "mapped, not executable");
     }
 
     #[test]

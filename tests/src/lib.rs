@@ -378,13 +378,19 @@ const RESET_TRIPLE_FAULT: &str = "(KVM reset the vCPU)";
 /// Any other triple fault (another event, or none being delivered, or no flight record) fails
 /// the test at once. The failed attempt's whole transcript goes to stderr, so every occurrence
 /// in CI leaves its evidence, and the rerun must pass every check.
+///
+/// And once when a guest *hung* with the emulator's signature ([`hang_with_emulator_signature`]).
 fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[GuestCase], setup: &SandboxSetup) -> Result<Vec<CaseResult>, String> {
     let first = run_sandbox(assets, cases, Retry::AsDocumented, setup)?;
-    let Some((failed, signature)) = triple_fault_with_emulator_signature(&first) else {
-        return Ok(first);
+    let (failed, what, signature) = match triple_fault_with_emulator_signature(&first) {
+        Some((failed, signature)) => (failed, "triple fault", signature),
+        None => match hang_with_emulator_signature(&first) {
+            Some((failed, signature)) => (failed, "hang", signature),
+            None => return Ok(first),
+        },
     };
     eprintln!(
-        "siovmm-tests: guest triple fault in case {} {signature} (issue 8, item 5); its transcript follows, \
+        "siovmm-tests: guest {what} in case {} {signature} (docs/testing.md); its transcript follows, \
          then the sandbox runs once more\n{}",
         failed.name,
         failed.transcript()
@@ -410,8 +416,12 @@ fn run_direct(assets: &Assets, cases: &[GuestCase]) -> Result<Vec<CaseResult>, S
             .spawn()
             .map_err(|e| format!("starting siovmm: {e}"))?;
         let verbose = std::env::var_os("SIOVMM_TEST_VERBOSE").is_some();
-        let (lines, exit_code) =
-            machine::collect_output(child, case.budget(), verbose).map_err(|f| format!("case {}: {}", case.name, f.message))?;
+        // Killed at its budget: status 137, as `timeout -s KILL` gives in the sandbox.
+        let (lines, exit_code) = match machine::collect_vmm_output(child, case.budget(), verbose) {
+            Ok(done) => done,
+            Err(f) if f.out_of_budget() => (f.lines, Some(137)),
+            Err(f) => return Err(format!("case {}: {}", case.name, f.message)),
+        };
         results.push(CaseResult { name: case.name.clone(), exit_code, lines, seconds: Some(start.elapsed().as_secs_f64()) });
     }
     Ok(results)
@@ -470,7 +480,7 @@ fn sandbox_script(cases: &[GuestCase], setup: &SandboxSetup) -> String {
             ));
             continue;
         }
-        s.push_str(&machine::step(&case.name, case.budget(), &command));
+        s.push_str(&machine::vmm_step(&case.name, case.budget(), &command));
         s.push_str("echo \"@@SANDBOX-INFO $(grep -E '^thp_fault_(alloc|fallback) ' /proc/vmstat | tr '\\n' ' ') $(grep MemFree /proc/meminfo)\"\n");
     }
     // Background cases report last: each waits for its process (within its budget, which
@@ -556,6 +566,53 @@ fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&Case
             }
         })?;
         Some((r, signature))
+    })
+}
+
+/// At least this many not-present instruction-fetch faults injected into a guest that then
+/// hung. A boot that goes well has KVM inject a handful (a fault whose delivery met a nested
+/// page fault is injected again); the hangs seen had thousands.
+const HANG_FETCH_FAULTS: usize = 100;
+
+/// A case killed at its budget whose guest was stuck on one instruction fetch the CPU kept
+/// calling not present while the guest's own page tables map it present and executable
+/// (docs/testing.md, "A guest stuck on a fetch fault"). All of:
+/// - the flight recorder saw KVM inject at least [`HANG_FETCH_FAULTS`] not-present fetch
+///   faults during the case;
+/// - every one (at least two, 3 s apart) of siovmm's state reports of some vCPU has it at
+///   RIP == CR2: at the very instruction whose fetch faulted last, not past it;
+/// - those reports say the guest's tables, read from its memory, map that address present
+///   and executable.
+///
+/// After a page fault the CPU drops its translations of the faulting address (Intel SDM
+/// Vol. 3A §4.10.4.1), so fetching again from a page the tables map present succeeds on a
+/// correct CPU whatever the guest's handler did; a vCPU that stays put on such a fetch for
+/// seconds is the emulated CPU's doing (QEMU-TCG's nested SVM). Retried as the
+/// environment's.
+fn hang_with_emulator_signature(results: &[CaseResult]) -> Option<(&CaseResult, String)> {
+    results.iter().find_map(|r| {
+        if r.exit_code != Some(137) {
+            return None;
+        }
+        let faults = machine::injected_fetch_faults(&r.lines);
+        if faults < HANG_FETCH_FAULTS {
+            return None;
+        }
+        let states = machine::vcpu_states(&r.lines);
+        let stuck = states.iter().map(|s| s.vcpu).find(|&vcpu| {
+            let mine: Vec<_> = states.iter().filter(|s| s.vcpu == vcpu).collect();
+            mine.len() >= 2 && mine.iter().all(|s| s.rip == s.cr2 && s.cr2_mapped_executable() && s.cr2 == mine[0].cr2)
+        })?;
+        let s = states.iter().find(|s| s.vcpu == stuck)?;
+        Some((
+            r,
+            format!(
+                "(the environment's): hung while KVM injected {faults} not-present instruction-fetch faults; every \
+                 state report had vCPU {stuck} at RIP {:#x} == CR2, which the guest's own page tables map present and \
+                 executable ({})",
+                s.rip, s.cr2_maps
+            ),
+        ))
     })
 }
 
@@ -699,6 +756,42 @@ mod tests {
         let found = triple_fault_with_emulator_signature(std::slice::from_ref(&seen_under_libkrun)).unwrap();
         assert!(found.1.contains("libkrun") && found.1.contains("0xffffffffc035120c"), "{}", found.1);
         assert!(triple_fault_with_emulator_signature(&[case(&[reset, &at("0xffffffffc035120d")])]).is_none());
+    }
+
+    #[test]
+    fn only_hangs_stuck_on_a_mapped_fetch_rerun() {
+        let faults = vec!["@@KVM-TRACE vcpu0-445 [000] ..... 97.626203: kvm_inj_exception: #PF (0x10)".to_string(); HANG_FETCH_FAULTS];
+        let state = |rip: &str, cr2: &str, maps: &str| {
+            format!(
+                "siovmm: warn: state of vCPU 0: RIP {rip} CPL 0 RFLAGS 0x2 CR0 0x80050033 CR2 {cr2} CR3 0x2000 CR4 0x350ef0 \
+                 EFER 0xd01; delivering: exception injected 14 error 0x10; RIP maps: {maps}; CR2 maps: {maps}"
+            )
+        };
+        let text = "0xffffffff81000000-0xffffffff811fffff r-x";
+        let at = state("0xffffffff8107505b", "0xffffffff8107505b", text);
+        let case = |code: i32, extra: &[String]| CaseResult {
+            name: "c".into(),
+            exit_code: Some(code),
+            lines: faults.iter().chain(extra).cloned().collect(),
+            ..Default::default()
+        };
+        let stuck = case(137, &[at.clone(), at.clone()]);
+        let found = hang_with_emulator_signature(std::slice::from_ref(&stuck)).expect("the documented signature");
+        assert!(found.1.contains("RIP 0xffffffff8107505b == CR2") && found.1.contains(&format!("{} not-present", HANG_FETCH_FAULTS)), "{}", found.1);
+        // Each condition missing in turn: not killed at its budget, one report only, fewer
+        // faults, RIP past CR2, CR2 not mapped, CR2 mapped but not executable, CR2 moving.
+        assert!(hang_with_emulator_signature(&[case(1, &[at.clone(), at.clone()])]).is_none());
+        assert!(hang_with_emulator_signature(&[case(137, std::slice::from_ref(&at))]).is_none());
+        let few = CaseResult { lines: stuck.lines[1..].to_vec(), ..stuck.clone() };
+        assert!(hang_with_emulator_signature(&[few]).is_none());
+        let moved_on = state("0xffffffff81075060", "0xffffffff8107505b", text);
+        assert!(hang_with_emulator_signature(&[case(137, &[at.clone(), moved_on])]).is_none());
+        let unmapped = state("0xffffffffc035120c", "0xffffffffc035120c", "nothing");
+        assert!(hang_with_emulator_signature(&[case(137, &[unmapped.clone(), unmapped])]).is_none());
+        let data = state("0x40f2ea", "0x40f2ea", "0x40f000-0x40ffff rw-");
+        assert!(hang_with_emulator_signature(&[case(137, &[data.clone(), data])]).is_none());
+        let other = state("0xffffffff81075100", "0xffffffff81075100", text);
+        assert!(hang_with_emulator_signature(&[case(137, &[at, other])]).is_none());
     }
 
     #[test]

@@ -76,9 +76,24 @@ fn stock_kernel_boots_as_vmlinux_and_bzimage_with_1_and_2_vcpus() {
         .iter()
         .map(|&(k, cpus)| GuestCase::new(&format!("{k:?}-{cpus}cpu").to_lowercase(), k, cpus, &CHECKS.replace("HOSTYEAR", &host_year()).replace("@ENDING@", ending(cpus))))
         .collect();
+    // A guest that never ends: killed at its budget, after siovmm was asked (SIGUSR1) for its
+    // vCPUs' state twice (docs/testing.md, "Diagnosing failures").
+    let mut cases = cases;
+    cases.push(GuestCase::new("hung-guest", Kernel::Vmlinux, 2, "echo GUEST-SPINNING\nwhile :; do :; done\n"));
     let results = run_cases(&cases).unwrap_or_else(|e| panic!("{e}"));
     for (r, &(_, cpus)) in results.iter().zip(matrix.iter()) {
         check(r, cpus);
         eprintln!("{}: ok in {:.1}s (guest /init at {:?} ms)", r.name, r.seconds.unwrap_or(0.0), r.boot_timer_ms());
+    }
+    let hung = &results[matrix.len()];
+    let t = hung.transcript();
+    assert_eq!(hung.exit_code, Some(137), "killed at its budget:\n{t}");
+    assert!(hung.lines.iter().any(|l| l == "GUEST-SPINNING"), "{t}");
+    let states = siovmm_sandbox::machine::vcpu_states(&hung.lines);
+    for vcpu in 0..2 {
+        let mine: Vec<_> = states.iter().filter(|s| s.vcpu == vcpu).collect();
+        assert_eq!(mine.len(), 2, "vCPU {vcpu}: two state reports before the kill:\n{t}");
+        // Wherever it was kicked (user loop, kernel, idle), its own tables map where it is.
+        assert!(mine.iter().all(|s| s.rip_mapped_executable()), "vCPU {vcpu}: RIP mapped executable:\n{t}");
     }
 }

@@ -43,6 +43,23 @@ const CODE: u64 = 0x1000;
 fn run_vcpu(
     setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
 ) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
+    run_vcpu_beside(setup, |_| {})
+}
+
+/// What a thread running beside the vCPU (see [`run_vcpu_beside`]) reaches.
+struct Beside {
+    requests: Arc<vcpu::StateRequests>,
+    shutdown: Arc<ShutdownSignal>,
+    console: Console,
+    /// Set once the vCPU has stopped.
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// [`run_vcpu`] with `beside` running on another thread meanwhile (joined before returning).
+fn run_vcpu_beside(
+    setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
+    beside: impl FnOnce(Beside) + Send + 'static,
+) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
     let kvm = Kvm::new().expect("opening /dev/kvm");
     let (vm, mem) = create_vm(&kvm, 64 << 20, false).unwrap();
     let mem = mem.leak();
@@ -60,9 +77,22 @@ fn run_vcpu(
         coalesced: None,
         stats: Default::default(),
         post_mortem: Some(PostMortem::new(mem.clone())),
+        state_requests: Default::default(),
     };
     let post_mortem = exits.post_mortem.clone().unwrap();
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beside = {
+        let b = Beside {
+            requests: exits.state_requests.clone(),
+            shutdown: shutdown.clone(),
+            console: console.clone(),
+            stopped: stopped.clone(),
+        };
+        std::thread::spawn(move || beside(b))
+    };
     vcpu::run(vcpu, 0, exits);
+    stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+    beside.join().expect("the thread beside the vCPU");
     let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
     (shutdown.reason().expect("a stop reason"), out, mem, post_mortem.report(0))
 }
@@ -238,6 +268,62 @@ kvm_test! {
         let post_mortem = post_mortem.expect("a CR3 sampled at the port-I/O exit");
         assert!(post_mortem.starts_with(&format!("post-mortem of vCPU 0: kernel mappings under CR3 {PML4_START:#x} (sampled ")), "{post_mortem}");
         assert!(post_mortem.ends_with("read from guest memory after the fault: 0xffffffff80000000-0xffffffffbfffffff rwx"), "{post_mortem}");
+    }
+}
+
+kvm_test! {
+    /// SIGUSR1's state report (`vcpu::StateRequests`): a 64-bit payload prints 'P', then
+    /// spins in kernel mode without exiting, as a hung guest does; asked from another thread,
+    /// the vCPU is kicked out of KVM_RUN and reports its registers and what its own page
+    /// tables map at RIP and CR2, and the VM runs on until it is stopped.
+    fn a_spinning_vcpu_reports_its_state_on_request() {
+        use arch::layout::PML4_START;
+        use std::sync::atomic::Ordering;
+        use std::time::Duration;
+        #[rustfmt::skip]
+        let code = [
+            0x66, 0xba, 0xf8, 0x03,             // mov dx, 0x3f8 (COM1)
+            0xb0, b'P', 0xee,                   // mov al, 'P'; out dx, al
+            0xeb, 0xfe,                         // jmp $ (no exit from here on)
+        ];
+        let spin = CODE + 7;
+        let (reason, console, _, _) = run_vcpu_beside(
+            |vcpu, mem| {
+                mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+                let mode = EntryMode::Linux64 { entry: CODE, zero_page: 0x7000 };
+                let mut sregs = vcpu.get_sregs().unwrap();
+                regs::setup_sregs(mem, &mode, &mut sregs).unwrap();
+                // A CR2 no table maps: the report must say so.
+                sregs.cr2 = 0x7f00_0000_0000;
+                vcpu.set_sregs(&sregs).unwrap();
+                vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
+            },
+            move |b| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while b.console.0.lock().unwrap().is_empty() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Spinning now (or about to): ask until a report arrives.
+                while b.requests.last_report().is_none() && Instant::now() < deadline {
+                    b.requests.ask();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                b.shutdown.request(ExitReason::PowerOff);
+                while !b.stopped.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    b.requests.ask();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let report = b.requests.last_report().expect("a report within 20 s");
+                let head = format!("state of vCPU 0: RIP {spin:#x} CPL 0 ");
+                assert!(report.starts_with(&head), "{report}");
+                assert!(report.contains(&format!(" CR2 0x7f0000000000 CR3 {PML4_START:#x} ")), "{report}");
+                assert!(report.contains("; delivering: none; "), "{report}");
+                // The identity map of the first GiB (2 MiB pages) covers the payload.
+                assert!(report.ends_with("; RIP maps: 0x1007-0x1015 rwx; CR2 maps: nothing"), "{report}");
+            },
+        );
+        assert_eq!(console, "P");
+        assert_eq!(reason, ExitReason::PowerOff, "the VM ran on after the report until it was stopped");
     }
 }
 

@@ -30,6 +30,109 @@ pub struct Exits {
     pub stats: Arc<ExitStats>,
     /// For the post-mortem of a triple fault: guest memory and the kernel's page-table root.
     pub post_mortem: Option<PostMortem>,
+    /// Requests, from the signal watcher, that every vCPU report its state (SIGUSR1).
+    pub state_requests: Arc<StateRequests>,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (EINTR); its handler does nothing.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + KICK_OFFSET
+}
+
+/// Offset of [`kick_signal`] from SIGRTMIN.
+const KICK_OFFSET: i32 = 0;
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of [`kick_signal`], once per process, before any kick is sent:
+/// without it the signal's default action would end the process.
+pub fn install_kick_handler() {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        // Failure leaves the default action (terminate) for a signal we then never send.
+        if vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).is_err() {
+            log::warn!("cannot install the vCPU kick handler; vCPUs are left to finish");
+            KICK_HANDLER_MISSING.store(true, Ordering::Relaxed);
+        }
+    });
+}
+
+static KICK_HANDLER_MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`kick_signal`] may be sent (its handler is installed).
+pub fn can_kick() -> bool {
+    install_kick_handler();
+    !KICK_HANDLER_MISSING.load(Ordering::Relaxed)
+}
+
+/// Asks every running vCPU to print its state once (registers, the event KVM is delivering,
+/// and what the guest's own page tables say about RIP and CR2), without stopping the VM. The
+/// test harness sends SIGUSR1 just before a guest's time budget runs out, so that a hung
+/// guest leaves evidence of *where* it hung (docs/testing.md, "Diagnosing failures").
+#[derive(Debug, Default)]
+pub struct StateRequests {
+    /// How many reports have been asked for.
+    asked: AtomicU64,
+    /// The vCPU threads in [`run`], to kick out of KVM_RUN; a thread removes itself before it
+    /// ends, under this lock, so no signal goes to a thread that is gone.
+    threads: Mutex<Vec<(u8, libc::pthread_t)>>,
+    /// The latest report any vCPU gave (also logged).
+    last: Mutex<Option<String>>,
+}
+
+impl StateRequests {
+    /// Asks each vCPU for one report and kicks it out of KVM_RUN so it answers now.
+    pub fn ask(&self) {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        if !can_kick() {
+            return;
+        }
+        for &(_, thread) in devices::bus::lock(&self.threads).iter() {
+            // SAFETY: `thread` is a live thread: it is listed only between `enter` and the
+            // drop of its `Registered`, both under this lock.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// The latest report a vCPU gave, if any.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn last_report(&self) -> Option<String> {
+        devices::bus::lock(&self.last).clone()
+    }
+
+    fn report(&self, line: String) {
+        log::warn!("{line}");
+        *devices::bus::lock(&self.last) = Some(line);
+    }
+
+    fn enter(self: &Arc<Self>, id: u8) -> Registered {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        devices::bus::lock(&self.threads).push((id, me));
+        Registered { requests: self.clone(), id, answered: self.asked.load(Ordering::SeqCst) }
+    }
+}
+
+/// A vCPU thread's place in [`StateRequests`], left when it is dropped.
+struct Registered {
+    requests: Arc<StateRequests>,
+    id: u8,
+    /// How many requests this vCPU has answered.
+    answered: u64,
+}
+
+impl Registered {
+    /// Whether a report was asked for since the last one (and marks it answered).
+    fn take(&mut self) -> bool {
+        let asked = self.requests.asked.load(Ordering::SeqCst);
+        std::mem::replace(&mut self.answered, asked) != asked
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        devices::bus::lock(&self.requests.threads).retain(|&(id, _)| id != self.id);
+    }
 }
 
 /// What a vCPU needs to say, after a triple fault, how the guest's own page tables map its
@@ -66,6 +169,61 @@ impl PostMortem {
         if sregs.cs.dpl == 0 && sregs.cr0 & CR0_PG != 0 {
             *devices::bus::lock(&self.root) = Some((sregs.cr3, sregs.cr4 & CR4_LA57 != 0, Instant::now()));
         }
+    }
+
+    /// One line: the vCPU's state now, for a guest that hangs rather than faults. The event
+    /// KVM is delivering (an exception it re-injects after an exit, or one pending) and CR2
+    /// (the last page-fault address) say which fault the guest is in; the guest's own page
+    /// tables, walked from the live CR3, say whether RIP and CR2 are mapped. A CPU raising a
+    /// not-present fault on an address its tables map present, over and over, is the
+    /// emulated CPU's doing: Linux either fixes a fault or reports it, it does not loop.
+    pub(crate) fn state_report(&self, vcpu: &VcpuFd, id: u8) -> String {
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_LA57: u64 = 1 << 12;
+        const EFER_LMA: u64 = 1 << 10;
+        let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
+            return format!("state of vCPU {id}: registers unreadable");
+        };
+        let event = match vcpu.get_vcpu_events() {
+            Ok(e) if e.exception.injected != 0 || e.exception.pending != 0 => format!(
+                "exception {} {}{}",
+                if e.exception.injected != 0 { "injected" } else { "pending" },
+                e.exception.nr,
+                if e.exception.has_error_code != 0 { format!(" error {:#x}", e.exception.error_code) } else { String::new() }
+            ),
+            Ok(e) if e.interrupt.injected != 0 => format!("interrupt injected {:#x}", e.interrupt.nr),
+            Ok(_) => "none".into(),
+            Err(e) => format!("unreadable ({e})"),
+        };
+        let paged = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
+        let five_level = sregs.cr4 & CR4_LA57 != 0;
+        let maps = |range: std::ops::RangeInclusive<u64>| -> String {
+            if !paged {
+                return "no 64-bit paging".into();
+            }
+            let found = arch::paging::mappings(&self.memory, sregs.cr3, five_level, range);
+            if found.is_empty() {
+                "nothing".into()
+            } else {
+                found.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
+            }
+        };
+        // The 15 bytes an instruction may span, unless they would cross into the other half.
+        let rip_end = regs.rip.checked_add(14).filter(|e| (e >> 63) == (regs.rip >> 63)).unwrap_or(regs.rip);
+        format!(
+            "state of vCPU {id}: RIP {:#x} CPL {} RFLAGS {:#x} CR0 {:#x} CR2 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x}; \
+             delivering: {event}; RIP maps: {}; CR2 maps: {}",
+            regs.rip,
+            sregs.cs.dpl,
+            regs.rflags,
+            sregs.cr0,
+            sregs.cr2,
+            sregs.cr3,
+            sregs.cr4,
+            sregs.efer,
+            maps(regs.rip..=rip_end),
+            maps(sregs.cr2..=sregs.cr2),
+        )
     }
 
     /// One line: the present ranges of the kernel's half under the last sampled root.
@@ -174,6 +332,7 @@ enum Stop {
 /// Runs `vcpu` until the VM stops. Never returns an error: failures become a shutdown request.
 pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
     let mut sampled: Option<Instant> = None;
+    let mut requests = exits.state_requests.enter(id);
     loop {
         let stop = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -242,6 +401,12 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
         }
         if exits.shutdown.is_requested() {
             return;
+        }
+        if requests.take() {
+            exits.state_requests.report(match &exits.post_mortem {
+                Some(p) => p.state_report(&vcpu, id),
+                None => format!("state of vCPU {id}: guest memory not at hand"),
+            });
         }
         if let Some(p) = &exits.post_mortem {
             if sampled.is_none_or(|t| t.elapsed() >= PostMortem::SAMPLE_EVERY) {

@@ -206,20 +206,25 @@ impl MutEventSubscriber for ShutdownWatch {
     }
 }
 
-/// SIGINT/SIGTERM/SIGHUP through a signalfd, so a signal is one more event on the loop.
+/// SIGINT/SIGTERM/SIGHUP (stop) and SIGUSR1 (every vCPU reports its state,
+/// [`vcpu::StateRequests`]) through a signalfd, so a signal is one more event on the loop.
 struct SignalWatch {
     fd: OwnedFd,
     shutdown: Arc<ShutdownSignal>,
+    state_requests: Arc<vcpu::StateRequests>,
 }
 
 const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-fn stop_signal_set() -> libc::sigset_t {
+/// Asks for a report of every vCPU's state; the VM runs on.
+const STATE_SIGNAL: i32 = libc::SIGUSR1;
+
+fn watched_signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t.
     unsafe { libc::sigemptyset(&mut set) };
-    for s in STOP_SIGNALS {
+    for s in STOP_SIGNALS.into_iter().chain([STATE_SIGNAL]) {
         // SAFETY: valid set and signal number.
         unsafe { libc::sigaddset(&mut set, s) };
     }
@@ -229,8 +234,8 @@ fn stop_signal_set() -> libc::sigset_t {
 impl SignalWatch {
     /// Blocks the stop signals in this thread (threads spawned later inherit the mask) and
     /// opens a signalfd for them.
-    fn new(shutdown: Arc<ShutdownSignal>) -> Result<Self, Error> {
-        let set = stop_signal_set();
+    fn new(shutdown: Arc<ShutdownSignal>, state_requests: Arc<vcpu::StateRequests>) -> Result<Self, Error> {
+        let set = watched_signal_set();
         // SAFETY: valid set; the old mask is not needed.
         let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
         if rc != 0 {
@@ -242,7 +247,7 @@ impl SignalWatch {
             return Err(Error::Io("signalfd".into(), std::io::Error::last_os_error()));
         }
         // SAFETY: `fd` is a fresh descriptor we own.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shutdown })
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shutdown, state_requests })
     }
 }
 
@@ -256,8 +261,12 @@ impl MutEventSubscriber for SignalWatch {
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading one siginfo record into a buffer of exactly its size.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-        if n as usize == size {
-            self.shutdown.request(ExitReason::Interrupted(info.ssi_signo as i32));
+        if n as usize != size {
+            return;
+        }
+        match info.ssi_signo as i32 {
+            STATE_SIGNAL => self.state_requests.ask(),
+            signo => self.shutdown.request(ExitReason::Interrupted(signo)),
         }
     }
 }
@@ -364,7 +373,8 @@ impl Vm {
         let start = Instant::now();
         let trace = StartupTrace { start, enabled: std::env::var_os("SIOVMM_TRACE_STARTUP").is_some() };
         let shutdown = Arc::new(ShutdownSignal::new().map_err(io_err("eventfd".into()))?);
-        let signals = SignalWatch::new(shutdown.clone())?;
+        let state_requests = Arc::new(vcpu::StateRequests::default());
+        let signals = SignalWatch::new(shutdown.clone(), state_requests.clone())?;
 
         let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
         let (fd, memory) = create_vm(&kvm, config.memory, !config.vfio_user.is_empty())?;
@@ -429,6 +439,7 @@ impl Vm {
             coalesced: None,
             stats: Default::default(),
             post_mortem: Some(vcpu::PostMortem::new(memory.clone())),
+            state_requests,
         };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -552,33 +563,19 @@ impl Drop for Vm {
 /// The running vCPU threads.
 struct VcpuThreads(Vec<std::thread::JoinHandle<()>>);
 
-/// The signal that kicks a vCPU thread out of KVM_RUN (EINTR); its handler does nothing.
-fn vcpu_kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN() + VCPU_KICK_OFFSET
-}
-
-/// Offset of [`vcpu_kick_signal`] from SIGRTMIN.
-const VCPU_KICK_OFFSET: i32 = 0;
-
-extern "C" fn on_vcpu_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
 impl VcpuThreads {
     /// Stops every vCPU thread and waits for it. The shutdown request is already set, and a
     /// vCPU thread checks it after each exit; a vCPU inside KVM_RUN (a guest spinning, or
     /// halted) is kicked out by a signal, sent again until the thread ends, since one sent
     /// just before it enters KVM_RUN would be missed.
     fn stop_and_join(&mut self) {
-        static HANDLER: std::sync::Once = std::sync::Once::new();
-        HANDLER.call_once(|| {
-            // Failure leaves the default action (terminate) for a signal we then never send.
-            if vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), on_vcpu_kick).is_err() {
-                eprintln!("siovmm: cannot install the vCPU kick handler; vCPUs are left to finish");
-            }
-        });
+        let can_kick = vcpu::can_kick();
         for t in self.0.drain(..) {
             while !t.is_finished() {
                 use vmm_sys_util::signal::Killable;
-                let _ = t.kill(vcpu_kick_signal());
+                if can_kick {
+                    let _ = t.kill(vcpu::kick_signal());
+                }
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
             let _ = t.join();
