@@ -570,8 +570,8 @@ fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&Case
 }
 
 /// At least this many not-present instruction-fetch faults injected into a guest that then
-/// hung. A boot that goes well has KVM inject a handful (a fault whose delivery met a nested
-/// page fault is injected again); the hangs seen had thousands.
+/// hung. Boots that go well have KVM inject none (tests/tests/boot.rs's five guests: five
+/// #UD, no #PF, 2026-11-23); the hang seen had thousands.
 const HANG_FETCH_FAULTS: usize = 100;
 
 /// A case killed at its budget whose guest was stuck on one instruction fetch the CPU kept
