@@ -1,8 +1,9 @@
-//! DSDT: a PCI host bridge per root bus, the ECAM reservation, COM1 and the S5 sleep state.
+//! DSDT: a PCI host bridge per root bus (with its INTx routing), the ECAM reservation, COM1
+//! and the S5 sleep state.
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path,
-    ResourceTemplate, IO,
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, PackageBuilder,
+    Path, ResourceTemplate, IO,
 };
 use acpi_tables::sdt::Sdt;
 use arch::layout;
@@ -50,8 +51,26 @@ fn pci_host_bridge(platform: &Platform, bus: u8) -> Vec<u8> {
     let uid = Name::new("_UID".into(), &bus);
     let bbn = Name::new("_BBN".into(), &bus);
     let crs = Name::new("_CRS".into(), &crs);
+    let prt = Name::new("_PRT".into(), &intx_routing(bus));
     let path = format!("_SB_.PCI{bus:X}");
-    aml_bytes(&Device::new(path.as_str().into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]))
+    aml_bytes(&Device::new(path.as_str().into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt]))
+}
+
+/// Root bus `bus`'s `_PRT` (ACPI 6.5 §6.2.13): for every device and interrupt pin, the GSI
+/// its INTx is wired to (`arch::pci::intx_gsi`). Each entry is `{address: device << 16 |
+/// 0xFFFF (any function), pin: 0 = INTA#, source: 0, source index: GSI}`; a zero source means
+/// a GSI, level-triggered, active-low and shareable.
+fn intx_routing(bus: u8) -> PackageBuilder {
+    let mut table = PackageBuilder::new();
+    for device in 0..32u8 {
+        for pin in 1..=4u8 {
+            let Some(gsi) = arch::pci::intx_gsi(bus, device, pin) else { continue };
+            let address = u32::from(device) << 16 | 0xffff;
+            let (pin_index, source) = (pin - 1, 0u8);
+            table.add_element(&Package::new(vec![&address, &pin_index, &source, &gsi]));
+        }
+    }
+    table
 }
 
 /// A motherboard-resources device (PNP0C02) reserving the ECAM window, which Linux requires

@@ -311,6 +311,12 @@ mod tests {
         for needle in ["PNP0A08", "PNP0C02", "PNP0501", "PNP0B00", "_S5_", "0xE0000000", "Device (_SB.PCI1)", "Device (_SB.PCI2)"] {
             assert!(dsdt.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
         }
+        // Every host bridge routes all 32 devices' 4 pins; bus 0's device 1 INTA# is GSI 17
+        // and bus 2's device 31 INTD# wraps to GSI 20 (arch::pci::intx_gsi).
+        assert_eq!(dsdt.matches("Name (_PRT, Package (0x80)").count(), 3, "{dsdt}");
+        let flat = dsdt.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains("Package (0x04) { 0x0001FFFF, Zero, Zero, 0x11 }"), "{dsdt}");
+        assert!(flat.contains("Package (0x04) { 0x001FFFFF, 0x03, Zero, 0x14 }"), "{dsdt}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

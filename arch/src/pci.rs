@@ -87,9 +87,43 @@ impl PciTopology {
     }
 }
 
+/// The first IOAPIC input PCI INTx lines are wired to (0-15 are the ISA IRQs).
+pub const INTX_GSI_BASE: u32 = 16;
+/// IOAPIC inputs for PCI INTx: the rest of the 24 KVM's in-kernel IOAPIC has.
+pub const INTX_GSIS: u32 = layout::IOAPIC_PINS - INTX_GSI_BASE;
+
+/// The IOAPIC input (GSI) that interrupt pin `pin` (1 = INTA# .. 4 = INTD#) of device
+/// `device` on root bus `bus` is wired to: the lines rotate with the device number, as the
+/// PCI-to-PCI Bridge Architecture §9.1 swizzle does, and with the bus, so that devices at
+/// the same number on different root buses do not all share one. Level-triggered,
+/// active-low and shareable, as PCI INTx is; the DSDT's `_PRT` of every host bridge says the
+/// same (acpi-tables), and VFIO devices raise it through KVM irqfds with a resampler.
+/// `None` for a pin that is not 1-4.
+pub fn intx_gsi(bus: u8, device: u8, pin: u8) -> Option<u32> {
+    (1..=4).contains(&pin).then(|| INTX_GSI_BASE + (u32::from(bus) + u32::from(device) + u32::from(pin) - 1) % INTX_GSIS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intx_lines_rotate_over_the_pci_inputs() {
+        assert_eq!(INTX_GSIS, 8);
+        assert_eq!(intx_gsi(0, 1, 1), Some(17));
+        assert_eq!(intx_gsi(0, 1, 4), Some(20));
+        assert_eq!(intx_gsi(0, 7, 2), Some(16), "wraps within 16..24");
+        assert_eq!(intx_gsi(1, 1, 1), Some(18), "the next bus shifts by one");
+        assert_eq!(intx_gsi(0, 1, 0), None, "no pin");
+        assert_eq!(intx_gsi(0, 1, 5), None);
+        for bus in 0..MAX_ROOT_BUSES {
+            for device in 0..32 {
+                for pin in 1..=4 {
+                    assert!((16..24).contains(&intx_gsi(bus, device, pin).unwrap()));
+                }
+            }
+        }
+    }
 
     #[test]
     fn buses_windows_and_ecam_agree() {

@@ -26,6 +26,8 @@ pub struct FakeRoutes {
     pub log: Mutex<Vec<String>>,
     /// Refuse routing-table changes.
     pub refuse: AtomicBool,
+    /// Bound INTx irqfds: (GSI, fd, resample fd).
+    pub intx: Mutex<Vec<(u32, i32, i32)>>,
 }
 
 impl FakeRoutes {
@@ -58,6 +60,27 @@ impl RouteBackend for FakeRoutes {
 
     fn signal_msi(&self, msg: MsiMessage) -> std::io::Result<()> {
         self.injected.lock().unwrap().push(msg);
+        Ok(())
+    }
+
+    fn intx_irqfd(&self, fd: &EventFd, resample: Option<&EventFd>, gsi: u32) -> std::io::Result<()> {
+        let mut intx = self.intx.lock().unwrap();
+        match resample {
+            Some(r) => {
+                // KVM refuses the same eventfd twice (EBUSY).
+                if intx.iter().any(|b| b.1 == fd.as_raw_fd()) {
+                    return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+                }
+                intx.push((gsi, fd.as_raw_fd(), r.as_raw_fd()));
+            }
+            None => {
+                let before = intx.len();
+                intx.retain(|b| !(b.0 == gsi && b.1 == fd.as_raw_fd()));
+                if intx.len() == before {
+                    return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+                }
+            }
+        }
         Ok(())
     }
 }

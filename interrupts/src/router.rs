@@ -46,6 +46,8 @@ pub enum VectorSource {
     Msi,
     /// A guest-programmed IMS slot (through the hypercall or the trapped window), by slot.
     Ims,
+    /// The legacy INTx line (index 0): a level-triggered IOAPIC input, not a message.
+    Intx,
 }
 
 /// The function a vector belongs to. ADIs and passed-through devices are numbered apart, so
@@ -85,6 +87,11 @@ impl VectorKey {
     pub fn ims(function: FunctionId, index: u32) -> Self {
         Self { function, source: VectorSource::Ims, index }
     }
+
+    /// The INTx line of `function`.
+    pub fn intx(function: FunctionId) -> Self {
+        Self { function, source: VectorSource::Intx, index: 0 }
+    }
 }
 
 /// What the router needs from KVM; a fake implements it in tests.
@@ -95,11 +102,18 @@ pub trait RouteBackend: Send + Sync {
     fn irqfd(&self, fd: &EventFd, gsi: u32, assign: bool) -> std::io::Result<()>;
     /// Injects one MSI (KVM_SIGNAL_MSI).
     fn signal_msi(&self, msg: MsiMessage) -> std::io::Result<()>;
+    /// Binds (`Some(resample)`) or unbinds (`None`) a level-triggered irqfd on IOAPIC input
+    /// `gsi` (KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE): a signal of `fd` asserts the line, and
+    /// when the guest's EOI lowers it again `resample` is signalled, so the device side can
+    /// re-arm its interrupt (vfio-pci unmasks INTx on it).
+    fn intx_irqfd(&self, fd: &EventFd, resample: Option<&EventFd>, gsi: u32) -> std::io::Result<()>;
 }
 
 enum Binding {
     Routed { gsi: u32, fd: Arc<EventFd> },
     Overflow,
+    /// An INTx line: an IOAPIC input, outside the MSI GSIs this router hands out.
+    Level { gsi: u32, fd: Arc<EventFd> },
 }
 
 struct State {
@@ -180,11 +194,28 @@ impl MsiRouter {
         &self.overflow.stats
     }
 
-    /// (routed, overflow) vectors.
+    /// (routed, overflow) message vectors; INTx lines are neither.
     pub fn counts(&self) -> (usize, usize) {
         let st = lock(&self.state);
         let routed = st.bindings.values().filter(|b| matches!(b, Binding::Routed { .. })).count();
-        (routed, st.bindings.len() - routed)
+        let overflow = st.bindings.values().filter(|b| matches!(b, Binding::Overflow)).count();
+        (routed, overflow)
+    }
+
+    /// Raises IOAPIC input `gsi` (an INTx line, below [`IOAPIC_GSIS`]) while `fd` is
+    /// signalled, until the guest's EOI, which signals `resample`: level-triggered delivery
+    /// with no VMM thread on it. Several functions may share a line, each with its own fds.
+    pub fn bind_intx(&self, key: VectorKey, gsi: u32, fd: Arc<EventFd>, resample: &EventFd) -> std::io::Result<()> {
+        if gsi >= IOAPIC_GSIS {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("GSI {gsi} is not an IOAPIC input")));
+        }
+        let mut st = lock(&self.state);
+        if st.bindings.contains_key(&key) {
+            self.unbind_locked(&mut st, key)?;
+        }
+        self.backend.intx_irqfd(&fd, Some(resample), gsi)?;
+        st.bindings.insert(key, Binding::Level { gsi, fd });
+        Ok(())
     }
 
     fn commit(&self, st: &State) -> std::io::Result<()> {
@@ -225,7 +256,7 @@ impl MsiRouter {
                     }
                     self.unbind_locked(&mut st, key)?;
                 }
-                Some(Binding::Routed { .. }) => self.unbind_locked(&mut st, key)?,
+                Some(Binding::Routed { .. } | Binding::Level { .. }) => self.unbind_locked(&mut st, key)?,
                 None => {}
             }
             if let Some(gsi) = st.allocate_gsi() {
@@ -313,6 +344,13 @@ impl MsiRouter {
                 st.free_gsi(gsi);
                 Ok(true)
             }
+            Some(Binding::Level { gsi, fd }) => {
+                if let Err(e) = self.backend.intx_irqfd(&fd, None, gsi) {
+                    st.bindings.insert(key, Binding::Level { gsi, fd });
+                    return Err(e);
+                }
+                Ok(false)
+            }
             Some(Binding::Overflow) => {
                 let token = st.tokens.remove(&key);
                 if let Some((fd, _)) = token.and_then(|t| lock(&self.overflow.vectors).remove(&t)) {
@@ -345,6 +383,7 @@ mod tests {
     use super::*;
     use crate::fake::FakeRoutes;
     use std::time::{Duration, Instant};
+    use std::os::fd::AsRawFd;
 
     fn msg(v: u32) -> MsiMessage {
         MsiMessage { address: 0xfee0_0000, data: 0x4000 | v }
@@ -352,6 +391,28 @@ mod tests {
 
     fn evt() -> Arc<EventFd> {
         Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+    }
+
+    #[test]
+    fn intx_lines_are_level_irqfds_on_ioapic_inputs() {
+        let fake = Arc::new(FakeRoutes::default());
+        let router = MsiRouter::new(fake.clone(), 4).unwrap();
+        let (a, b) = (FunctionId::Vfio(0x08), FunctionId::Vfio(0x10));
+        let (fa, fb, resample) = (evt(), evt(), evt());
+        router.bind_intx(VectorKey::intx(a), 17, fa.clone(), &resample).unwrap();
+        // Two functions share a line, each with its own irqfd.
+        router.bind_intx(VectorKey::intx(b), 17, fb.clone(), &resample).unwrap();
+        assert_eq!(fake.intx.lock().unwrap().len(), 2);
+        assert!(fake.routes.lock().unwrap().is_empty() && fake.log.lock().unwrap().is_empty(), "no MSI route, no commit");
+        assert_eq!(router.counts(), (0, 0), "not message vectors");
+        assert!(router.bind_intx(VectorKey::intx(a), IOAPIC_GSIS, evt(), &resample).is_err(), "not an IOAPIC input");
+        // Rebinding replaces; a function's removal takes its line with it.
+        router.bind_intx(VectorKey::intx(a), 18, fa.clone(), &resample).unwrap();
+        assert_eq!(fake.intx.lock().unwrap().iter().filter(|x| x.0 == 18).count(), 1);
+        assert_eq!(router.unbind_function(a).unwrap(), 1);
+        assert_eq!(*fake.intx.lock().unwrap(), vec![(17, fb.as_raw_fd(), resample.as_raw_fd())]);
+        router.unbind(VectorKey::intx(b)).unwrap();
+        assert!(fake.intx.lock().unwrap().is_empty());
     }
 
     #[test]

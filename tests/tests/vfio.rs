@@ -4,7 +4,9 @@
 //! then finds in the image file, with O_DIRECT so every block crosses the device's DMA and
 //! interrupts; each MSI-X vector it uses must take interrupts. A second VM takes the device
 //! after the first has exited, and after a guest that wrote garbage into the device's MSI-X
-//! table and config space. The command line's refusals are checked on the real sysfs.
+//! table and config space, and a third whose kernel runs with `pci=nomsi`, so the driver uses
+//! the controller's INTx line (the DSDT's `_PRT`, KVM's resampling irqfd, vfio-pci's unmask).
+//! The command line's refusals are checked on the real sysfs.
 //!
 //! These cases run in the sandbox wherever the host's KVM is: the device exists only there.
 
@@ -123,22 +125,40 @@ poweroff -f
     case
 }
 
-fn check_guest(r: &CaseResult) {
+/// The I/O every NVMe guest does, with its data verified, and siovmm's clean exit.
+fn check_io(r: &CaseResult) {
     let t = r.transcript();
     for key in ["GUEST-INIT-REACHED", "GUEST-NVME-DISK", "GUEST-READ-MATCH", "GUEST-WRITE-OK", "GUEST-READBACK-MATCH"] {
         assert_eq!(r.value(key), Some("1"), "{}: {key}\n{t}", r.name);
     }
     assert_eq!(r.value("GUEST-INSMOD-FAILED"), None, "{t}");
+    assert!(r.lines_with("siovmm: warn").is_empty() && r.lines_with("siovmm: error").is_empty(), "{t}");
+    assert_eq!(r.exit_code, Some(0), "{t}");
+}
+
+/// The INTx guest: no MSI or MSI-X, one level-triggered IOAPIC line (device 1's INTA# on bus
+/// 0 is GSI 17 by the `_PRT`) serving the admin and I/O queues, and it took interrupts.
+fn check_intx_guest(r: &CaseResult) {
+    check_io(r);
+    let t = r.transcript();
+    assert_eq!(r.value("GUEST-NVME-IRQ-MODES").map(str::trim), Some(""), "no MSI or MSI-X vector:\n{t}");
+    let lines = r.lines_with("GUEST-IRQ:");
+    assert_eq!(lines.len(), 1, "one line for every queue:\n{t}");
+    assert!(lines[0].contains("IO-APIC") && lines[0].contains(" 17-fasteoi ") && lines[0].contains("nvme0q0"), "{t}");
+    assert_eq!(r.value("GUEST-NVME-SILENT-VECTORS"), Some("0"), "the line took interrupts:\n{t}");
+}
+
+fn check_guest(r: &CaseResult) {
+    check_io(r);
+    let t = r.transcript();
     // Admin queue plus one I/O queue per vCPU, each its own MSI-X vector, each interrupted.
     assert_eq!(r.value("GUEST-NVME-VECTORS"), Some("3"), "{t}");
     assert_eq!(r.value("GUEST-NVME-IRQ-MODES").map(str::trim), Some("msix"), "{t}");
-    assert!(r.lines_with("siovmm: warn").is_empty() && r.lines_with("siovmm: error").is_empty(), "{t}");
     assert_eq!(r.value("GUEST-NVME-SILENT-VECTORS"), Some("0"), "every vector took interrupts:\n{t}");
     // Only the MSI-X table and PBA trap: the registers and doorbells are memory slots.
     let trapped = r.lines_with("siovmm: startup: run (VFIO 0000:00:01.0 at 00:01.0:");
     assert_eq!(trapped.len(), 1, "{t}");
     assert!(trapped[0].contains(" and 0 other BAR accesses trapped)"), "{t}");
-    assert_eq!(r.exit_code, Some(0), "{t}");
 }
 
 /// The command line's refusals, on the sandbox's real sysfs: `(key, arguments after --kernel)`;
@@ -183,11 +203,14 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
         script_idle: Duration::from_secs(5),
         files: Vec::new(),
     };
-    let (first_at, second_at) = (512, 768);
+    let (first_at, second_at, intx_at) = (512, 768, 1024);
+    let mut intx = nvme_guest("vfio-nvme-intx", intx_at, &assets);
+    intx.cmdline.push_str(" pci=nomsi");
     let cases = [
         nvme_guest("vfio-nvme-first", first_at, &assets),
         hostile_guest("vfio-hostile"),
         nvme_guest("vfio-nvme-second", second_at, &assets),
+        intx,
     ];
     let (setup_result, results) = run_cases_with_setup(&cases, &setup).unwrap_or_else(|e| panic!("{e}"));
 
@@ -201,7 +224,7 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
     refused("TWICE", "named twice");
     refused("VIOMMU", "--vfio with --viommu");
 
-    let [first, hostile, second] = &results[..] else { panic!("{} results", results.len()) };
+    let [first, hostile, second, intx] = &results[..] else { panic!("{} results", results.len()) };
     let t = hostile.transcript();
     assert_eq!(hostile.value("GUEST-NO-MSIX"), None, "{t}");
     assert_eq!(hostile.value("GUEST-TABLE-WRITE-FAILED"), None, "{t}");
@@ -215,9 +238,11 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
         check_guest(r);
         eprintln!("{}: {}", r.name, r.lines_with("GUEST-IRQ:").join(" | "));
     }
+    check_intx_guest(intx);
+    eprintln!("{}: {}", intx.name, intx.lines_with("GUEST-IRQ:").join(" | "));
     // What each guest wrote is on the disk, outside the sandbox.
     let image = std::fs::read(&disk).unwrap();
-    for at in [first_at, second_at] {
+    for at in [first_at, second_at, intx_at] {
         assert!(image[at * 4096..][..PAGES * 4096] == pattern(at as u64)[..], "the data written at page {at} is not on the disk");
     }
 }

@@ -10,8 +10,8 @@
 use std::os::fd::{AsRawFd, RawFd};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_irq_set, VFIO_BASE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_TYPE,
+    vfio_irq_set, VFIO_BASE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
@@ -45,6 +45,17 @@ impl KernelVfio {
         &self.device
     }
 
+    /// `VFIO_DEVICE_SET_IRQS` with `buf` from [`irq_set_buffer`].
+    fn set_irqs_raw(&self, buf: &[u32]) -> std::io::Result<()> {
+        // SAFETY: the buffer holds a vfio_irq_set header followed by `count` eventfds, as
+        // argsz says; the kernel reads no further, and the fds stay open during the call.
+        let ret = unsafe { ioctl_with_ptr(&self.device, VFIO_DEVICE_SET_IRQS(), buf.as_ptr()) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Whether `len` bytes at `offset` lie inside region `index` (the crate's own check adds
     /// without overflow protection).
     fn inside(&self, index: u32, offset: u64, len: usize) -> bool {
@@ -52,14 +63,15 @@ impl KernelVfio {
     }
 }
 
-/// The argument of `VFIO_DEVICE_SET_IRQS` that triggers `fds[i]` for vector `start + i` of
-/// interrupt `index`: the header, then one eventfd per vector, in u32 words (which keeps the
-/// header aligned).
-fn irq_set_buffer(index: u32, start: u32, fds: &[RawFd]) -> Vec<u32> {
+/// The argument of `VFIO_DEVICE_SET_IRQS` that attaches `fds[i]` to vector `start + i` of
+/// interrupt `index` for `action` (ACTION_TRIGGER: the device signals it; ACTION_UNMASK: a
+/// signal unmasks the vector): the header, then one eventfd per vector, in u32 words (which
+/// keeps the header aligned).
+fn irq_set_buffer(index: u32, start: u32, fds: &[RawFd], action: u32) -> Vec<u32> {
     let header = std::mem::size_of::<vfio_irq_set>();
     let argsz = header + std::mem::size_of_val(fds);
     let mut buf = Vec::with_capacity(argsz / 4);
-    buf.extend([argsz as u32, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, index, start, fds.len() as u32]);
+    buf.extend([argsz as u32, VFIO_IRQ_SET_DATA_EVENTFD | action, index, start, fds.len() as u32]);
     buf.extend(fds.iter().map(|&fd| fd as u32));
     debug_assert_eq!(buf.len() * 4, argsz);
     buf
@@ -93,14 +105,11 @@ impl VfioBackend for KernelVfio {
 
     fn set_irqs(&self, index: u32, start: u32, fds: &[&EventFd]) -> std::io::Result<()> {
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        let buf = irq_set_buffer(index, start, &raw);
-        // SAFETY: the buffer holds a vfio_irq_set header followed by `count` eventfds, as
-        // argsz says; the kernel reads no further, and the fds stay open during the call.
-        let ret = unsafe { ioctl_with_ptr(&self.device, VFIO_DEVICE_SET_IRQS(), buf.as_ptr()) };
-        if ret < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        self.set_irqs_raw(&irq_set_buffer(index, start, &raw, VFIO_IRQ_SET_ACTION_TRIGGER))
+    }
+
+    fn set_irq_unmask(&self, index: u32, fd: &EventFd) -> std::io::Result<()> {
+        self.set_irqs_raw(&irq_set_buffer(index, 0, &[fd.as_raw_fd()], VFIO_IRQ_SET_ACTION_UNMASK))
     }
 
     fn disable_irqs(&self, index: u32) -> std::io::Result<()> {
@@ -140,8 +149,10 @@ mod tests {
     fn the_set_irqs_argument_is_the_uapi_layout() {
         // struct vfio_irq_set { argsz, flags, index, start, count, data[] }: 20 bytes, then s32s.
         assert_eq!(std::mem::size_of::<vfio_irq_set>(), 20);
-        let b = irq_set_buffer(2, 5, &[10, 11, 12]);
+        let b = irq_set_buffer(2, 5, &[10, 11, 12], VFIO_IRQ_SET_ACTION_TRIGGER);
         assert_eq!(b, vec![32, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, 2, 5, 3, 10, 11, 12]);
-        assert_eq!(irq_set_buffer(1, 0, &[]), vec![20, 0x24, 1, 0, 0]);
+        assert_eq!(irq_set_buffer(1, 0, &[], VFIO_IRQ_SET_ACTION_TRIGGER), vec![20, 0x24, 1, 0, 0]);
+        // INTx's resample eventfd: DATA_EVENTFD (1 << 2) | ACTION_UNMASK (1 << 4), index 0.
+        assert_eq!(irq_set_buffer(0, 0, &[7], VFIO_IRQ_SET_ACTION_UNMASK), vec![24, 0x14, 0, 0, 1, 7]);
     }
 }

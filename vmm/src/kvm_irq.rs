@@ -60,6 +60,13 @@ impl RouteBackend for KvmIrq {
         }
     }
 
+    fn intx_irqfd(&self, fd: &EventFd, resample: Option<&EventFd>, gsi: u32) -> std::io::Result<()> {
+        match resample {
+            Some(r) => self.0.register_irqfd_with_resample(fd, r, gsi).map_err(io),
+            None => self.0.unregister_irqfd(fd, gsi).map_err(io),
+        }
+    }
+
     fn signal_msi(&self, msg: MsiMessage) -> std::io::Result<()> {
         let m = kvm_msi {
             address_lo: msg.address as u32,

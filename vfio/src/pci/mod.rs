@@ -9,13 +9,16 @@
 //!   VMM's [`VfioBarMapper`], which maps the BAR's mmap-able pages as guest memory and traps
 //!   the rest;
 //! - the expansion ROM BAR: hidden (reads 0, writes ignored), so no guest runs option ROM code;
-//! - interrupt pin: 0 (INTx is not offered; MSI-X and MSI are);
+//! - interrupt pin and line: the device's pin, the line a scratch register for the guest;
+//!   INTx is wired to the IOAPIC input the `_PRT` names while MSI and MSI-X are off
+//!   ([`intx`]);
 //! - the MSI-X capability's message control, and its table and PBA (trapped, even where the
 //!   rest of their BAR is mapped), through `devices::pci::msix`;
 //! - the MSI capability: all of it, since the guest's address and data never reach the device
 //!   (the host programs the device's vectors, [`vectors`]).
 
 mod caps;
+mod intx;
 mod vectors;
 
 #[cfg(test)]
@@ -28,11 +31,12 @@ use devices::pci::bar::{self, BarSpace};
 use devices::pci::{Bdf, PciFunction};
 use devices::GuestFaults;
 use siovmm_interrupts::{FunctionId, MsiRouter, VectorSource};
-use vfio_bindings::bindings::vfio::{VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX};
+use vfio_bindings::bindings::vfio::{VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::mapping::RegionMapping;
 use caps::{Capabilities, MsiCap, MsixCap};
+use intx::Intx;
 use vectors::Vectors;
 
 /// VFIO region index of PCI config space (`VFIO_PCI_CONFIG_REGION_INDEX`).
@@ -74,6 +78,10 @@ pub trait VfioBackend: Send + Sync {
     fn set_irqs(&self, index: u32, start: u32, fds: &[&EventFd]) -> std::io::Result<()>;
     /// Disables interrupt `index` (DATA_NONE | ACTION_TRIGGER, count 0).
     fn disable_irqs(&self, index: u32) -> std::io::Result<()>;
+    /// Has a signal of `fd` unmask vector 0 of interrupt `index` (DATA_EVENTFD |
+    /// ACTION_UNMASK): how a level-triggered INTx, which the device side masks each time it
+    /// fires, is re-armed by the guest's EOI without a VMM thread (KVM's resample eventfd).
+    fn set_irq_unmask(&self, index: u32, fd: &EventFd) -> std::io::Result<()>;
     /// Region `index`'s mmap-able areas mapped into this process; empty when it has none.
     fn map_region(&self, index: u32) -> std::io::Result<Vec<RegionMapping>>;
 }
@@ -186,11 +194,13 @@ pub struct VfioPciFunction {
     bars: Vec<GuestBar>,
     msix: Option<(MsixCap, Msix, Vectors)>,
     msi: Option<(MsiCap, Vectors)>,
+    /// The INTx line, when the device has one and it could be wired.
+    intx: Option<Intx>,
     router: Arc<MsiRouter>,
     mapper: Weak<dyn VfioBarMapper>,
     /// The command register's decode bits as the guest last wrote them.
     command: u32,
-    /// Interrupt line (scratch for the guest; no INTx is offered).
+    /// Interrupt line (scratch for the guest: the `_PRT` says where INTx goes).
     interrupt_line: u8,
     /// Failed operations a guest access triggered (counted, the first few logged).
     faults: GuestFaults,
@@ -234,7 +244,32 @@ impl VfioPciFunction {
             (cap, Vectors::new(function, VectorSource::Msi, VFIO_PCI_MSI_IRQ_INDEX))
         });
         let bars = placement.iter().map(|&(bar, address)| GuestBar { bar, address, mapped: None }).collect();
-        Self { bdf, backend, bars, msix, msi, router, mapper, command: 0, interrupt_line: 0, faults: GuestFaults::new(format!("VFIO device {bdf}")), trapped: TrappedAccesses::default() }
+        let mut faults = GuestFaults::new(format!("VFIO device {bdf}"));
+        let pin = (read_config_dword(backend.as_ref(), REG_INTERRUPT) >> 8) as u8;
+        // Wired from the start (MSI and MSI-X start off), as firmware leaves a function.
+        let intx = arch::pci::intx_gsi(bdf.bus(), bdf.device(), pin)
+            .filter(|_| backend.irq_count(VFIO_PCI_INTX_IRQ_INDEX) > 0)
+            .and_then(|gsi| {
+                let mut line = Intx::new(function, pin, gsi).ok()?;
+                let wired = line.set_enabled(backend.as_ref(), &router, true);
+                faults.record("wiring INTx", wired).map(|()| line)
+            });
+        Self { bdf, backend, bars, msix, msi, intx, router, mapper, command: 0, interrupt_line: 0, faults, trapped: TrappedAccesses::default() }
+    }
+
+    /// The IOAPIC input its INTx is wired to now, if it is.
+    pub fn intx_gsi(&self) -> Option<u32> {
+        self.intx.as_ref().filter(|l| l.enabled()).map(Intx::gsi)
+    }
+
+    /// Wires INTx while MSI and MSI-X are both off, unwires it otherwise (vfio-pci takes one
+    /// interrupt type at a time): called before the device's MSI or MSI-X is enabled, and
+    /// after one is disabled on the device.
+    fn update_intx(&mut self) {
+        let message_vectors = self.msix.as_ref().is_some_and(|(_, m, _)| m.enabled()) || self.msi.as_ref().is_some_and(|(c, _)| c.enabled());
+        let Self { intx: Some(line), backend, router, faults, .. } = self else { return };
+        let on = !message_vectors;
+        faults.record(if on { "wiring INTx" } else { "unwiring INTx" }, line.set_enabled(backend.as_ref(), router, on));
     }
 
     /// Failed operations so far (routes refused, eventfds not made, SET_IRQS refused).
@@ -347,7 +382,10 @@ impl VfioPciFunction {
     /// Disables MSI-X and MSI on the device and detaches their routes (the device is being
     /// removed; the guest no longer drives it).
     pub fn disable_interrupts(&mut self) {
-        let Self { msix, msi, backend, router, faults, .. } = self;
+        let Self { msix, msi, intx, backend, router, faults, .. } = self;
+        if let Some(line) = intx {
+            faults.record("unwiring INTx", line.set_enabled(backend.as_ref(), router, false));
+        }
         if let Some((_, _, vectors)) = msix {
             faults.record("disabling MSI-X on the device", vectors.set_enabled(backend.as_ref(), router, None));
         }
@@ -368,6 +406,9 @@ impl VfioPciFunction {
 
     /// Applies MSI-X vector changes: enable/disable of the index, route and mask.
     fn apply_msix(&mut self, changes: Vec<VectorChange>) {
+        if self.msix.as_ref().is_some_and(|(_, m, _)| m.enabled()) {
+            self.update_intx();
+        }
         let Self { msix: Some((_, msix, vectors)), backend, router, faults, .. } = self else { return };
         let count = msix.enabled().then(|| u32::from(msix.vectors()));
         let what = if count.is_some() { "enabling MSI-X on the device" } else { "disabling MSI-X on the device" };
@@ -375,10 +416,16 @@ impl VfioPciFunction {
         for c in changes {
             faults.record("routing an MSI-X vector", vectors.update(router, usize::from(c.vector), c.message, c.masked));
         }
+        if count.is_none() {
+            self.update_intx();
+        }
     }
 
     /// Applies the MSI capability's state to the device and routes.
     fn apply_msi(&mut self) {
+        if self.msi.as_ref().is_some_and(|(c, _)| c.enabled()) {
+            self.update_intx();
+        }
         let Self { msi: Some((cap, vectors)), backend, router, faults, .. } = self else { return };
         let count = cap.enabled().then(|| cap.vectors_enabled());
         let what = if count.is_some() { "enabling MSI on the device" } else { "disabling MSI on the device" };
@@ -386,6 +433,9 @@ impl VfioPciFunction {
         for v in 0..count.unwrap_or(0) {
             let (message, masked) = cap.vector(v);
             faults.record("routing an MSI vector", vectors.update(router, v as usize, message, masked));
+        }
+        if count.is_none() {
+            self.update_intx();
         }
     }
 
@@ -432,7 +482,7 @@ impl PciFunction for VfioPciFunction {
         match reg {
             r if (REG_BAR0..REG_BAR0 + BARS).contains(&r) => self.read_bar_reg(r),
             REG_ROM => 0,
-            REG_INTERRUPT => u32::from(self.interrupt_line),
+            REG_INTERRUPT => u32::from(self.interrupt_line) | u32::from(self.intx.as_ref().map_or(0, Intx::pin)) << 8,
             r => {
                 let device = read_config_dword(self.backend.as_ref(), r);
                 if let Some((cap, msix, _)) = &self.msix {

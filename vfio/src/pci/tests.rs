@@ -16,6 +16,10 @@ struct FakeDevice {
     bar0: Mutex<Vec<u8>>,
     /// (index, start, count) per SET_IRQS; count 0 = disable.
     irq_sets: Mutex<Vec<(u32, u32, usize)>>,
+    /// Interrupt indexes given an unmask eventfd.
+    unmasks: Mutex<Vec<u32>>,
+    /// Whether the device offers its INTx through VFIO (the interrupt pin says A either way).
+    intx: bool,
 }
 
 const MSIX_CAP: usize = 0x40;
@@ -37,7 +41,11 @@ impl FakeDevice {
         put(MSIX_CAP + 8, 0x3000); // PBA in BAR0
         put(MSI_CAP, 0x05 | (2 << 1 | 1 << 7 | 1 << 8) << 16); // 4 capable (MMC 2), 64-bit, PVM
         put(0x68, 0xdead_beef); // a vendor register past the capabilities
-        Self { config: Mutex::new(c), bar0: Mutex::new(vec![0; 0x4000]), irq_sets: Mutex::new(Vec::new()) }
+        Self { config: Mutex::new(c), bar0: Mutex::new(vec![0; 0x4000]), irq_sets: Mutex::new(Vec::new()), unmasks: Mutex::default(), intx: false }
+    }
+
+    fn with_intx() -> Self {
+        Self { intx: true, ..Self::new() }
     }
 }
 
@@ -73,6 +81,7 @@ impl VfioBackend for FakeDevice {
         match index {
             VFIO_PCI_MSI_IRQ_INDEX => 1,
             VFIO_PCI_MSIX_IRQ_INDEX => 4,
+            VFIO_PCI_INTX_IRQ_INDEX => u32::from(self.intx),
             _ => 0,
         }
     }
@@ -85,6 +94,10 @@ impl VfioBackend for FakeDevice {
     }
     fn disable_irqs(&self, index: u32) -> std::io::Result<()> {
         self.irq_sets.lock().unwrap().push((index, 0, 0));
+        Ok(())
+    }
+    fn set_irq_unmask(&self, index: u32, _fd: &EventFd) -> std::io::Result<()> {
+        self.unmasks.lock().unwrap().push(index);
         Ok(())
     }
 }
@@ -109,7 +122,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let device = Arc::new(FakeDevice::new());
+    setup_with(FakeDevice::new())
+}
+
+fn setup_with(device: FakeDevice) -> Setup {
+    let device = Arc::new(device);
     let routes = Arc::new(FakeRoutes::default());
     let router = Arc::new(MsiRouter::new(routes.clone(), 64).unwrap());
     let moves = Arc::new(Moves::default());
@@ -290,6 +307,60 @@ fn msi_is_emulated_and_multiple_messages_get_consecutive_data() {
     s.f.config_write(base, 2, &0u16.to_le_bytes());
     assert!(s.routes.routes.lock().unwrap().is_empty());
     assert_eq!(s.f.failures(), 0);
+}
+
+#[test]
+fn intx_is_wired_while_msi_and_msix_are_off() {
+    let mut s = setup_with(FakeDevice::with_intx());
+    // Device 3 on bus 0, INTA#: the _PRT's GSI, wired at once with a resampler.
+    let gsi = arch::pci::intx_gsi(0, 3, 1).unwrap();
+    assert_eq!(s.f.config_read(REG_INTERRUPT) >> 8 & 0xff, 1, "pin A");
+    assert_eq!(s.f.intx_gsi(), Some(gsi));
+    assert_eq!(*s.device.irq_sets.lock().unwrap(), vec![(VFIO_PCI_INTX_IRQ_INDEX, 0, 1)]);
+    assert_eq!(*s.device.unmasks.lock().unwrap(), vec![VFIO_PCI_INTX_IRQ_INDEX]);
+    assert_eq!(s.routes.intx.lock().unwrap().len(), 1);
+    assert_eq!(s.routes.intx.lock().unwrap()[0].0, gsi);
+    // The line register is the guest's scratch; the pin is read-only.
+    s.f.config_write(REG_INTERRUPT, 0, &[0x0b, 0x04]);
+    assert_eq!(s.f.config_read(REG_INTERRUPT) & 0xffff, 0x010b);
+    // MSI-X on: INTx off on the device before MSI-X is enabled there (vfio-pci refuses a
+    // second type), and off in KVM.
+    s.device.irq_sets.lock().unwrap().clear();
+    s.f.config_write(MSIX_CAP / 4, 2, &0x8000u16.to_le_bytes());
+    assert_eq!(*s.device.irq_sets.lock().unwrap(), vec![(VFIO_PCI_INTX_IRQ_INDEX, 0, 0), (VFIO_PCI_MSIX_IRQ_INDEX, 0, 4)]);
+    assert!(s.routes.intx.lock().unwrap().is_empty());
+    assert_eq!(s.f.intx_gsi(), None);
+    // A table write while MSI-X is on leaves INTx alone.
+    program_msix(&mut s.f, 0, 0x41, false);
+    assert!(s.device.irq_sets.lock().unwrap().iter().all(|x| x.0 != VFIO_PCI_INTX_IRQ_INDEX || x.2 == 0));
+    // MSI-X off: MSI-X disabled on the device first, then INTx wired again.
+    s.device.irq_sets.lock().unwrap().clear();
+    s.f.config_write(MSIX_CAP / 4, 2, &0u16.to_le_bytes());
+    assert_eq!(*s.device.irq_sets.lock().unwrap(), vec![(VFIO_PCI_MSIX_IRQ_INDEX, 0, 0), (VFIO_PCI_INTX_IRQ_INDEX, 0, 1)]);
+    assert_eq!(s.f.intx_gsi(), Some(gsi));
+    // The same around MSI.
+    s.device.irq_sets.lock().unwrap().clear();
+    let base = MSI_CAP / 4;
+    s.f.config_write(base, 2, &1u16.to_le_bytes());
+    s.f.config_write(base, 2, &0u16.to_le_bytes());
+    assert_eq!(
+        *s.device.irq_sets.lock().unwrap(),
+        vec![(VFIO_PCI_INTX_IRQ_INDEX, 0, 0), (VFIO_PCI_MSI_IRQ_INDEX, 0, 1), (VFIO_PCI_MSI_IRQ_INDEX, 0, 0), (VFIO_PCI_INTX_IRQ_INDEX, 0, 1)]
+    );
+    // Removal takes the line down.
+    s.f.disable_interrupts();
+    assert!(s.routes.intx.lock().unwrap().is_empty());
+    assert_eq!(s.device.irq_sets.lock().unwrap().last(), Some(&(VFIO_PCI_INTX_IRQ_INDEX, 0, 0)));
+    assert_eq!(s.f.failures(), 0);
+}
+
+#[test]
+fn no_intx_index_no_pin() {
+    let s = setup();
+    let mut f = s.f;
+    assert_eq!(f.config_read(REG_INTERRUPT) >> 8 & 0xff, 0, "the device's pin A is not offered without VFIO's INTx");
+    assert_eq!(f.intx_gsi(), None);
+    assert!(s.routes.intx.lock().unwrap().is_empty());
 }
 
 #[test]

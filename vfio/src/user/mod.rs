@@ -29,7 +29,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE,
     VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vmm_sys_util::eventfd::EventFd;
@@ -245,6 +246,13 @@ impl UserDevice {
         self.request_with_fds(command, body, fds).map(|(payload, _)| payload)
     }
 
+    /// One SET_IRQS message: DATA_EVENTFD with `action` for `fds.len()` vectors of `index`
+    /// from `start`, the eventfds travelling with it.
+    fn set_irqs_message(&self, action: u32, index: u32, start: u32, fds: &[RawFd]) -> std::io::Result<()> {
+        let body = Body::default().u32(20).u32(VFIO_IRQ_SET_DATA_EVENTFD | action).u32(index).u32(start).u32(fds.len() as u32).0;
+        self.request(Command::SetIrqs, &body, fds).map(drop).map_err(std::io::Error::other)
+    }
+
     fn request_with_fds(&self, command: Command, body: &[u8], fds: &[RawFd]) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
         let result = self.lock().request(command, body, fds);
         if let Err(e) = &result {
@@ -387,16 +395,13 @@ impl VfioBackend for UserDevice {
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         for (n, chunk) in raw.chunks(self.max_fds).enumerate() {
             let first = start + (n * self.max_fds) as u32;
-            let body = Body::default()
-                .u32(20)
-                .u32(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER)
-                .u32(index)
-                .u32(first)
-                .u32(chunk.len() as u32)
-                .0;
-            self.request(Command::SetIrqs, &body, chunk).map_err(std::io::Error::other)?;
+            self.set_irqs_message(VFIO_IRQ_SET_ACTION_TRIGGER, index, first, chunk)?;
         }
         Ok(())
+    }
+
+    fn set_irq_unmask(&self, index: u32, fd: &EventFd) -> std::io::Result<()> {
+        self.set_irqs_message(VFIO_IRQ_SET_ACTION_UNMASK, index, 0, &[fd.as_raw_fd()])
     }
 
     fn disable_irqs(&self, index: u32) -> std::io::Result<()> {
