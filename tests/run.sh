@@ -12,6 +12,20 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 start=$(date +%s)
+# Every run the harness tries again is kept here (siovmm_sandbox::retries) and summarized at
+# the end, pass or fail: a retried failure must leave its evidence in the log.
+retries="$repo/target/test-retries.log"
+mkdir -p "$repo/target"
+rm -f "$retries"
+report_retries() {
+  if [ -s "$retries" ]; then
+    echo "run.sh: runs tried again (whole transcripts in $retries):"
+    grep -E '^=== retry|state of vCPU|reason shutdown|post-mortem of|triple fault on|KILLED when|@@STALL-MONITOR' "$retries" | cut -c1-600
+  else
+    echo "run.sh: no run was tried again"
+  fi
+}
+trap report_retries EXIT
 "$repo/tests/setup.sh"
 cargo clippy --workspace --all-targets -- -D warnings
 python3 "$repo/tests/check-docs.py"

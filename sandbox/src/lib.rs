@@ -14,6 +14,7 @@ pub mod cpio;
 pub mod host_kvm;
 pub mod kvm_test;
 pub mod machine;
+pub mod retries;
 pub mod ship;
 
 pub use assets::Assets;

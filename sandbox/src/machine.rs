@@ -317,7 +317,7 @@ fn run_retrying(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool, h
     match run_inner(assets, &initrd, budget, echo, hardware) {
         Err(f) => match rerun_reason(&f) {
             Some(why) => {
-                eprintln!("siovmm-sandbox: {why}; its console:\n{}", f.lines.join("\n"));
+                crate::retries::record(&format!("siovmm-sandbox: {why}"), &f.lines.join("\n"));
                 run_inner(assets, &initrd, budget, echo, hardware)
             }
             None => Err(f),

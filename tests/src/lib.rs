@@ -389,11 +389,9 @@ fn run_sandbox_once_more_after_reset_triple_fault(assets: &Assets, cases: &[Gues
             None => return Ok(first),
         },
     };
-    eprintln!(
-        "siovmm-tests: guest {what} in case {} {signature} (docs/testing.md); its transcript follows, \
-         then the sandbox runs once more\n{}",
-        failed.name,
-        failed.transcript()
+    siovmm_sandbox::retries::record(
+        &format!("siovmm-tests: guest {what} in case {} {signature} (docs/testing.md)", failed.name),
+        &failed.transcript(),
     );
     run_sandbox(assets, cases, Retry::AsDocumented, setup)
 }
