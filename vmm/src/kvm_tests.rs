@@ -92,7 +92,9 @@ fn run_vcpu_beside(
     };
     vcpu::run(vcpu, 0, exits);
     stopped.store(true, std::sync::atomic::Ordering::SeqCst);
-    beside.join().expect("the thread beside the vCPU");
+    if let Err(panic) = beside.join() {
+        std::panic::resume_unwind(panic);
+    }
     let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
     (shutdown.reason().expect("a stop reason"), out, mem, post_mortem.report(0))
 }
@@ -303,8 +305,11 @@ kvm_test! {
                 while b.console.0.lock().unwrap().is_empty() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                // Spinning now (or about to): ask until a report arrives.
-                while b.requests.last_report().is_none() && Instant::now() < deadline {
+                // Spinning now, or about to: a report taken at the port-I/O exit itself (the
+                // request can be seen there before the vCPU runs on) has RIP at the OUT; ask
+                // until the vCPU reports from the loop.
+                let head = format!("state of vCPU 0: RIP {spin:#x} CPL 0 ");
+                while !b.requests.last_report().is_some_and(|r| r.starts_with(&head)) && Instant::now() < deadline {
                     b.requests.ask();
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -314,7 +319,6 @@ kvm_test! {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 let report = b.requests.last_report().expect("a report within 20 s");
-                let head = format!("state of vCPU 0: RIP {spin:#x} CPL 0 ");
                 assert!(report.starts_with(&head), "{report}");
                 assert!(report.contains(&format!(" CR2 0x7f0000000000 CR3 {PML4_START:#x} ")), "{report}");
                 assert!(report.contains("; delivering: none; "), "{report}");
