@@ -1,5 +1,5 @@
 //! `siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]
-//! [--max-adis-per-vm N] [--max-ims-per-vm N]`
+//! [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N]`
 //!
 //! Serves ADI i of one software SIOV device on `DIR/adi-i.sock` (vfio-user) until killed.
 
@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use siovmm_devd::{serve, socket_path};
+use siovmm_devd::reactor::Reactor;
+use siovmm_devd::socket_path;
 use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
 const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory]
-       [--workers N] [--max-adis-per-vm N] [--max-ims-per-vm N]
+       [--workers N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N]
 
 Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock.
   --adis N          ADIs (default 4, at most 4096)
@@ -21,6 +22,7 @@ Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock
   --ims-entries N   IMS entries of the device (default 16384)
   --ims KIND        where the device keeps IMS: on-device (default) or in-memory
   --workers N       device worker threads (default 2, 1..=64)
+  --server-threads N  threads serving every ADI's socket (default 2, 1..=64)
   --max-adis-per-vm N   ADIs one VMM may hold at a time (default: no limit)
   --max-ims-per-vm N    IMS entries one VMM's ADIs may hold (default: no limit)
 
@@ -37,6 +39,7 @@ struct Options {
     ims_entries: u32,
     storage: ImsStorage,
     workers: usize,
+    server_threads: usize,
     limits: siovmm_devd::pool::Limits,
 }
 
@@ -46,7 +49,7 @@ fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, 
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
-    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, limits: Default::default() };
+    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, server_threads: 2, limits: Default::default() };
     let mut dir = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -56,6 +59,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
             "--vectors" => o.vectors = number(&flag, args.next(), 1..=256)?,
             "--ims-entries" => o.ims_entries = number(&flag, args.next(), 1..=1 << 20)?,
             "--workers" => o.workers = number(&flag, args.next(), 1..=64)?,
+            "--server-threads" => o.server_threads = number(&flag, args.next(), 1..=64)?,
             "--max-adis-per-vm" => o.limits.adis_per_vm = Some(number(&flag, args.next(), 1..=4096)?),
             "--max-ims-per-vm" => o.limits.ims_per_vm = Some(number(&flag, args.next(), 1..=1 << 20)?),
             "--ims" => {
@@ -95,27 +99,16 @@ fn run(o: Options) -> Result<(), String> {
         log::warn!("{} ADIs x {} vectors need {needed} IMS entries; the device has {}: ADIs past them wait for a free group", o.adis, o.vectors, device.info().ims_entries);
     }
     let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))));
-    let mut threads = Vec::new();
+    let mut listeners = Vec::new();
     for adi in 0..o.adis {
         let path = socket_path(&o.dir, adi);
         clear_stale(&path)?;
         let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let (device, pool) = (device.clone(), pool.clone());
-        let vectors = o.vectors;
-        let t = std::thread::Builder::new()
-            .name(format!("adi{adi}"))
-            .spawn(move || {
-                let e = serve(&listener, device, AdiId(adi), vectors, &pool);
-                log::error!("ADI {adi}: no longer accepting: {e}");
-            })
-            .map_err(|e| format!("starting a thread: {e}"))?;
-        threads.push(t);
+        listeners.push((AdiId(adi), listener));
     }
-    eprintln!("siovmm-devd: serving {} ADIs on {}/adi-N.sock", o.adis, o.dir.display());
-    for t in threads {
-        let _ = t.join();
-    }
-    Err("every ADI stopped accepting".into())
+    let reactor = Reactor::start(listeners, device, o.vectors, pool, o.server_threads).map_err(|e| format!("starting the server: {e}"))?;
+    eprintln!("siovmm-devd: serving {} ADIs on {}/adi-N.sock with {} threads", o.adis, o.dir.display(), reactor.threads());
+    Err(format!("the server stopped: {}", reactor.join()))
 }
 
 /// Log lines to stderr as `siovmm-devd: LEVEL: message` (level from `SIOVMM_LOG`, default warn).

@@ -137,29 +137,27 @@ fn reply(stream: &UnixStream, request: &Header, result: Result<Answer, Refusal>)
     send(stream, &[&header.encode(), &answer.payload], &answer.fds)
 }
 
-/// Serves the client on `stream` until it leaves (Ok) or the connection fails.
-pub fn serve_connection<B: ServerBackend + RegionIoFds>(stream: &UnixStream, shape: &DeviceShape, backend: &mut B) -> Result<(), Error> {
-    while let Some(Request { header, body, files }) = read_command(stream)? {
-        let result = match Command::from_u16(header.command) {
-            Some(command) => handle(command, &body, files, shape, backend),
-            None => Err(libc::ENOSYS),
-        };
-        if header.flags & FLAG_NO_REPLY != 0 && result.is_ok() {
-            continue;
-        }
+/// Serves one request of the client on `stream`: `Ok(true)` when one was answered,
+/// `Ok(false)` when the client left. Called when the socket is readable; a message that
+/// arrives only in part blocks for at most the socket's read timeout (see `reactor`).
+pub fn serve_one<B: ServerBackend + RegionIoFds>(stream: &UnixStream, shape: &DeviceShape, backend: &mut B) -> Result<bool, Error> {
+    let Some(Request { header, body, files }) = read_command(stream)? else { return Ok(false) };
+    let result = match Command::from_u16(header.command) {
+        Some(command) => handle(command, &body, files, shape, backend),
+        None => Err(libc::ENOSYS),
+    };
+    if header.flags & FLAG_NO_REPLY == 0 || result.is_err() {
         reply(stream, &header, result)?;
     }
-    Ok(())
+    Ok(true)
 }
 
-/// Answers every request on `stream` with `errno` until the client leaves (or is silent for
-/// ten seconds): a client the daemon cannot serve learns why at its first request.
-pub fn refuse_connection(stream: &UnixStream, errno: i32) {
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    while let Ok(Some(request)) = read_command(stream) {
-        if reply(stream, &request.header, Err(errno)).is_err() {
-            return;
-        }
+/// Answers one request on `stream` with `errno` (a client the daemon cannot serve learns why
+/// at its first request): false when the client left or the connection failed.
+pub fn refuse_one(stream: &UnixStream, errno: i32) -> bool {
+    match read_command(stream) {
+        Ok(Some(request)) => reply(stream, &request.header, Err(errno)).is_ok(),
+        _ => false,
     }
 }
 

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use siovmm_devd::pool::{Limits, Pool};
-use siovmm_devd::{serve, socket_path};
+use siovmm_devd::reactor::{Reactor, MESSAGE_TIMEOUT};
+use siovmm_devd::socket_path;
 use siovmm_vdcm::adi::registers::reg;
 use siovmm_vdcm::adi::{ADI_DEVICE_ID, DOORBELL};
 use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
@@ -70,12 +71,18 @@ fn daemon(dir: &Path, adis: u32, vectors: u16, ims: u32) -> Arc<dyn SiovDevice> 
 fn daemon_with(dir: &Path, adis: u32, vectors: u16, ims: u32, limits: Limits) -> (Arc<dyn SiovDevice>, Arc<Pool>) {
     let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(adis, ims, ImsStorage::OnDevice, 1).unwrap());
     let pool = Arc::new(Pool::new(limits, None));
-    for adi in 0..adis {
-        let listener = UnixListener::bind(socket_path(dir, adi)).unwrap();
-        let (device, pool) = (device.clone(), pool.clone());
-        std::thread::spawn(move || serve(&listener, device, AdiId(adi), vectors, &pool));
-    }
+    serve_all(dir, adis, device.clone(), vectors, pool.clone(), 2);
     (device, pool)
+}
+
+/// Serves `adis` ADIs of `device` in `dir` with `threads` server threads, as the daemon does,
+/// until the test process ends.
+fn serve_all(dir: &Path, adis: u32, device: Arc<dyn SiovDevice>, vectors: u16, pool: Arc<Pool>, threads: usize) -> usize {
+    let listeners = (0..adis).map(|adi| (AdiId(adi), UnixListener::bind(socket_path(dir, adi)).unwrap())).collect();
+    let reactor = Reactor::start(listeners, device, vectors, pool, threads).unwrap();
+    let threads = reactor.threads();
+    std::thread::spawn(move || reactor.join());
+    threads
 }
 
 fn write32(c: &UserDevice, offset: u64, value: u32) {
@@ -236,9 +243,51 @@ fn hostile_requests_are_refused_and_the_adi_keeps_working() {
 
     // Served over a socket after all that, the ADI works for a well-behaved client.
     let dir = TempDir::new("hostile");
-    let listener = UnixListener::bind(socket_path(&dir.0, 0)).unwrap();
+    serve_all(&dir.0, 1, device, 2, Arc::new(Pool::new(Limits::default(), None)), 1);
+    assert_eq!(session(&socket_path(&dir.0, 0), Ring::IoEventFd), 1);
+}
+
+/// Many sockets, few threads: 500 ADIs served by 2 threads (the daemon's default), sessions
+/// on ADIs spread over them at once, each with its submission and interrupt; then a client
+/// that sends half a message holds one of only one server thread for at most
+/// MESSAGE_TIMEOUT, and loses its connection, while a session on another ADI completes.
+#[test]
+fn a_few_threads_serve_hundreds_of_adis_and_a_stalled_client_holds_none_for_long() {
+    let dir = TempDir::new("many");
+    let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(500, 1000, ImsStorage::OnDevice, 1).unwrap());
     let pool = Arc::new(Pool::new(Limits::default(), None));
-    std::thread::spawn(move || serve(&listener, device, AdiId(0), 2, &pool));
+    assert_eq!(serve_all(&dir.0, 500, device, 2, pool.clone(), 2), 2);
+    let sessions: Vec<_> = [0u32, 137, 256, 499]
+        .into_iter()
+        .map(|adi| {
+            let path = socket_path(&dir.0, adi);
+            std::thread::spawn(move || session(&path, Ring::IoEventFd))
+        })
+        .collect();
+    for s in sessions {
+        assert_eq!(s.join().unwrap(), 1);
+    }
+    wait_for("every ADI back in the pool", || pool.totals().0 == 0);
+
+    let dir = TempDir::new("stalled");
+    let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(2, 4, ImsStorage::OnDevice, 1).unwrap());
+    let pool = Arc::new(Pool::new(Limits::default(), None));
+    assert_eq!(serve_all(&dir.0, 2, device, 2, pool.clone(), 1), 1);
+    let stalled = UnixStream::connect(socket_path(&dir.0, 0)).unwrap();
+    wait_for("the stalled client's ADI open", || pool.totals().0 == 1);
+    {
+        use std::io::Write;
+        // Half a header, then nothing.
+        (&stalled).write_all(&[0u8; 8]).unwrap();
+    }
+    let start = Instant::now();
+    assert_eq!(session(&socket_path(&dir.0, 1), Ring::IoEventFd), 1);
+    let took = start.elapsed();
+    assert!(took < MESSAGE_TIMEOUT * 5, "a whole session behind a stalled client took {took:?}");
+    // The stalled connection was ended: the server closed it, and its ADI serves again.
+    let mut byte = [0u8; 1];
+    stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(std::io::Read::read(&mut &stalled, &mut byte).unwrap(), 0, "closed by the server");
     assert_eq!(session(&socket_path(&dir.0, 0), Ring::IoEventFd), 1);
 }
 

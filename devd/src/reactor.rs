@@ -1,0 +1,262 @@
+//! Every ADI socket of the daemon served by a few threads instead of one thread per ADI:
+//! thousands of ADIs must not cost thousands of threads (issue 11; issue 12 wants 10,000 per
+//! host).
+//!
+//! One epoll set holds every ADI's listening socket, every client connection and every
+//! refused connection, each registered one-shot (`EPOLLONESHOT`): an event wakes exactly one
+//! server thread, which takes that socket's state out of the table, does one step (accept one
+//! client, or read and answer one request), puts the state back and re-arms the socket. So no
+//! two threads ever work on one ADI, and a busy ADI cannot starve the others: each gets one
+//! request per wake-up, in the order epoll reports them.
+//!
+//! An ADI serves one client at a time, as before: while it has one, its listening socket is
+//! not armed, and the next client waits in the socket's backlog. A client the device or its
+//! VM's limits cannot serve gets a connection of its own that answers every request with the
+//! reason's errno, and the ADI goes back to listening at once.
+//!
+//! A step reads only when the socket is readable, but a message may arrive in parts: a read
+//! (or a reply the client does not take) blocks for at most [`MESSAGE_TIMEOUT`], after which
+//! the connection ends. A client that stalls mid-message thus holds one server thread for at
+//! most that long, once per connection; the others keep serving.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use siovmm_vfio::siov::{AdiId, SiovDevice};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::adi::{self, AdiBackend};
+use crate::pool::{self, Pool};
+use crate::server::{self, DeviceShape};
+
+/// How long a step may wait for the rest of a message, or for a client to take a reply.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Tokens of refused connections start here (below it: ADI numbers).
+const REFUSED: u64 = 1 << 32;
+
+/// Where an ADI is.
+enum AdiState {
+    /// Waiting for a client (its listening socket armed).
+    Listening,
+    /// Serving one (the connection armed).
+    Serving { stream: UnixStream, backend: AdiBackend, pid: i32 },
+}
+
+/// An ADI's socket and where it is.
+struct Adi {
+    id: AdiId,
+    listener: UnixListener,
+    state: AdiState,
+}
+
+/// Something the epoll set reports on.
+enum Entry {
+    Adi(Adi),
+    Refused { stream: UnixStream, errno: i32 },
+}
+
+/// What every server thread shares.
+struct Shared {
+    epoll: Epoll,
+    /// By token; an entry is out of the table while a thread works on it.
+    entries: Mutex<HashMap<u64, Entry>>,
+    next_refused: Mutex<u64>,
+    device: Arc<dyn SiovDevice>,
+    pool: Arc<Pool>,
+    vectors: u16,
+    shape: DeviceShape,
+}
+
+/// The server threads of one daemon.
+#[derive(Debug)]
+pub struct Reactor {
+    threads: Vec<std::thread::JoinHandle<std::io::Error>>,
+}
+
+impl Reactor {
+    /// Serves `listeners` (ADI, its bound socket) with `threads` threads. Each client gets its
+    /// ADI opened on `device` with `vectors` IMS entries, within `pool`'s limits.
+    pub fn start(
+        listeners: Vec<(AdiId, UnixListener)>,
+        device: Arc<dyn SiovDevice>,
+        vectors: u16,
+        pool: Arc<Pool>,
+        threads: usize,
+    ) -> std::io::Result<Self> {
+        let (regions, irqs) = adi::layout(vectors);
+        let shared = Arc::new(Shared {
+            epoll: Epoll::new()?,
+            entries: Mutex::new(HashMap::new()),
+            next_refused: Mutex::new(REFUSED),
+            device,
+            pool,
+            vectors,
+            shape: DeviceShape { regions, irqs },
+        });
+        for (id, listener) in listeners {
+            // Accepting never blocks a server thread: a client that gave up is EAGAIN.
+            listener.set_nonblocking(true)?;
+            let token = u64::from(id.0);
+            shared.epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(armed(), token))?;
+            lock(&shared.entries).insert(token, Entry::Adi(Adi { id, listener, state: AdiState::Listening }));
+        }
+        let threads = (0..threads.max(1))
+            .map(|n| {
+                let shared = shared.clone();
+                std::thread::Builder::new().name(format!("devd-server{n}")).spawn(move || shared.serve())
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self { threads })
+    }
+
+    /// How many threads serve the sockets.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Waits for the server threads, which end only when waiting for events fails; returns why.
+    pub fn join(self) -> std::io::Error {
+        let mut last = std::io::Error::other("no server thread");
+        for t in self.threads {
+            last = t.join().unwrap_or_else(|_| std::io::Error::other("a server thread panicked"));
+        }
+        last
+    }
+}
+
+fn armed() -> EventSet {
+    EventSet::IN | EventSet::ONE_SHOT
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A client connection's timeouts: see [`MESSAGE_TIMEOUT`].
+fn bounded(stream: &UnixStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
+    stream.set_write_timeout(Some(MESSAGE_TIMEOUT))
+}
+
+impl Shared {
+    fn serve(&self) -> std::io::Error {
+        let mut events = [EpollEvent::default(); 1];
+        loop {
+            match self.epoll.wait(-1, &mut events) {
+                Ok(0) => continue,
+                Ok(_) => self.step(events[0].data()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return e,
+            }
+        }
+    }
+
+    /// One step of the socket `token` names, then it is re-armed (or gone).
+    fn step(&self, token: u64) {
+        let Some(entry) = lock(&self.entries).remove(&token) else { return };
+        match entry {
+            Entry::Adi(adi) => {
+                let adi = self.step_adi(adi);
+                let (fd, listening) = match &adi.state {
+                    AdiState::Listening => (adi.listener.as_raw_fd(), true),
+                    AdiState::Serving { stream, .. } => (stream.as_raw_fd(), false),
+                };
+                lock(&self.entries).insert(token, Entry::Adi(adi));
+                // The connection was added (or is gone, which removed it from the set); the
+                // listener was added at start: both are modified to re-arm them.
+                if let Err(e) = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(armed(), token)) {
+                    log::error!("ADI {}: re-arming its {}: {e}", token, if listening { "socket" } else { "client" });
+                }
+            }
+            Entry::Refused { stream, errno } => {
+                if server::refuse_one(&stream, errno) {
+                    let fd = stream.as_raw_fd();
+                    lock(&self.entries).insert(token, Entry::Refused { stream, errno });
+                    let _ = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(armed(), token));
+                }
+                // Otherwise dropping the stream closes it, which takes it out of the set.
+            }
+        }
+    }
+
+    fn step_adi(&self, mut adi: Adi) -> Adi {
+        adi.state = match std::mem::replace(&mut adi.state, AdiState::Listening) {
+            AdiState::Listening => self.accept(&adi),
+            AdiState::Serving { stream, mut backend, pid } => match server::serve_one(&stream, &self.shape, &mut backend) {
+                Ok(true) => AdiState::Serving { stream, backend, pid },
+                ended => {
+                    match ended {
+                        Ok(_) => log::info!("ADI {}: client left", adi.id.0),
+                        Err(e) => log::warn!("ADI {}: connection ended: {e}", adi.id.0),
+                    }
+                    // Closes the ADI; the device frees its IMS entries and DMA mappings.
+                    drop(backend);
+                    self.pool.give_back(pid, u32::from(self.vectors));
+                    AdiState::Listening
+                }
+            },
+        };
+        adi
+    }
+
+    /// Accepts one client of `adi`: serving it, or refusing it on a connection of its own.
+    fn accept(&self, adi: &Adi) -> AdiState {
+        let stream = match adi.listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    log::warn!("ADI {}: accepting: {e}", adi.id.0);
+                }
+                return AdiState::Listening;
+            }
+        };
+        if let Err(e) = stream.set_nonblocking(false).and_then(|()| bounded(&stream)) {
+            log::warn!("ADI {}: setting up a client: {e}", adi.id.0);
+            return AdiState::Listening;
+        }
+        let pid = pool::peer_pid(&stream);
+        if let Err(e) = self.pool.take(pid, u32::from(self.vectors)) {
+            log::warn!("ADI {}: {e}", adi.id.0);
+            self.refuse(stream, libc::EDQUOT);
+            return AdiState::Listening;
+        }
+        match AdiBackend::open(self.device.clone(), adi.id, self.vectors) {
+            Ok(backend) => {
+                log::info!("ADI {}: serving VMM pid {pid}", adi.id.0);
+                let token = u64::from(adi.id.0);
+                // Added disarmed (one-shot, no events): `step` arms it once the ADI's state is
+                // back in the table, so no thread can see its events before that.
+                if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), EpollEvent::new(EventSet::ONE_SHOT, token)) {
+                    log::warn!("ADI {}: watching its client: {e}", adi.id.0);
+                    self.pool.give_back(pid, u32::from(self.vectors));
+                    return AdiState::Listening;
+                }
+                AdiState::Serving { stream, backend, pid }
+            }
+            Err(e) => {
+                log::warn!("ADI {}: refused to VMM pid {pid}: {e}", adi.id.0);
+                self.pool.give_back(pid, u32::from(self.vectors));
+                self.refuse(stream, adi::device_error(e).raw_os_error().unwrap_or(libc::EIO));
+                AdiState::Listening
+            }
+        }
+    }
+
+    /// Answers every request of `stream` with `errno` from now on, until the client leaves.
+    fn refuse(&self, stream: UnixStream, errno: i32) {
+        let token = {
+            let mut next = lock(&self.next_refused);
+            *next += 1;
+            *next
+        };
+        let fd = stream.as_raw_fd();
+        lock(&self.entries).insert(token, Entry::Refused { stream, errno });
+        if self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(armed(), token)).is_err() {
+            lock(&self.entries).remove(&token);
+        }
+    }
+}
