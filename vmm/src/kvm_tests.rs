@@ -103,17 +103,30 @@ fn run_vcpu_beside(
 /// set up by the same code that boots kernels) until the VM stops; returns the stop reason,
 /// console output and guest memory.
 fn run_payload(code: &[u8], idt_limit: u16) -> (ExitReason, String, vm_memory::GuestMemoryMmap) {
-    let (reason, console, mem, _) = run_vcpu(|vcpu, mem| {
-        mem.write_slice(code, GuestAddress(CODE)).unwrap();
-        let mode = EntryMode::Pvh { entry: CODE, start_info: 0 };
-        let mut sregs = vcpu.get_sregs().unwrap();
-        regs::setup_sregs(mem, &mode, &mut sregs).unwrap();
-        sregs.idt.limit = idt_limit;
-        vcpu.set_sregs(&sregs).unwrap();
-        vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
-    });
+    let mode = EntryMode::Pvh { entry: CODE, start_info: 0 };
+    let (reason, console, mem, _) = run_vcpu(|vcpu, mem| load_payload(vcpu, mem, code, &mode, |sregs| sregs.idt.limit = idt_limit));
     (reason, console, mem)
 }
+
+/// Writes `code` at [`CODE`] and puts the vCPU at it in `mode`'s entry state, with `adjust`
+/// applied to the special registers.
+fn load_payload(
+    vcpu: &kvm_ioctls::VcpuFd,
+    mem: &vm_memory::GuestMemoryMmap,
+    code: &[u8],
+    mode: &EntryMode,
+    adjust: impl FnOnce(&mut kvm_bindings::kvm_sregs),
+) {
+    mem.write_slice(code, GuestAddress(CODE)).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    regs::setup_sregs(mem, mode, &mut sregs).unwrap();
+    adjust(&mut sregs);
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_regs(&regs::boot_regs(mode)).unwrap();
+}
+
+/// The 64-bit entry state a Linux kernel gets, at [`CODE`].
+const LINUX64: EntryMode = EntryMode::Linux64 { entry: CODE, zero_page: 0x7000 };
 
 /// A VM with one vCPU and `req`'s ADIs of `device` composed into it (no guest runs).
 fn vm_with_adis(
@@ -255,13 +268,7 @@ kvm_test! {
             0x0f, 0x0b,                         // ud2
         ];
         let (reason, console, _, post_mortem) = run_vcpu(|vcpu, mem| {
-            mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-            let mode = EntryMode::Linux64 { entry: CODE, zero_page: 0x7000 };
-            let mut sregs = vcpu.get_sregs().unwrap();
-            regs::setup_sregs(mem, &mode, &mut sregs).unwrap();
-            sregs.idt.limit = 0;
-            vcpu.set_sregs(&sregs).unwrap();
-            vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
+            load_payload(vcpu, mem, &code, &LINUX64, |sregs| sregs.idt.limit = 0);
             mem.write_obj(PDPTE_START | 3, GuestAddress(PML4_START + 511 * 8)).unwrap();
             mem.write_obj(PDE_START | 3, GuestAddress(PDPTE_START + 510 * 8)).unwrap();
         });
@@ -290,16 +297,8 @@ kvm_test! {
         ];
         let spin = CODE + 7;
         let (reason, console, _, _) = run_vcpu_beside(
-            |vcpu, mem| {
-                mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-                let mode = EntryMode::Linux64 { entry: CODE, zero_page: 0x7000 };
-                let mut sregs = vcpu.get_sregs().unwrap();
-                regs::setup_sregs(mem, &mode, &mut sregs).unwrap();
-                // A CR2 no table maps: the report must say so.
-                sregs.cr2 = 0x7f00_0000_0000;
-                vcpu.set_sregs(&sregs).unwrap();
-                vcpu.set_regs(&regs::boot_regs(&mode)).unwrap();
-            },
+            // A CR2 no table maps: the report must say so.
+            |vcpu, mem| load_payload(vcpu, mem, &code, &LINUX64, |sregs| sregs.cr2 = 0x7f00_0000_0000),
             move |b| {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while b.console.0.lock().unwrap().is_empty() && Instant::now() < deadline {
