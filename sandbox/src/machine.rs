@@ -483,7 +483,7 @@ fn collect(
     let mut stalled = false;
     // When to ask a VMM for its vCPUs' state: 6 and 3 seconds before the deadline.
     let mut state_asks: Vec<Instant> = if ask_state {
-        [STATE_REPORT_LEAD, STATE_REPORT_LEAD / 2].iter().filter_map(|lead| deadline.checked_sub(*lead)).collect()
+        STATE_REPORT_LEADS.iter().filter_map(|lead| deadline.checked_sub(*lead)).collect()
     } else {
         Vec::new()
     };
@@ -603,17 +603,19 @@ pub fn step(name: &str, budget: Duration, command: &str) -> String {
 /// sends nothing (its watcher is killed; a `sleep` it leaves behind signals no one).
 pub fn vmm_step(name: &str, budget: Duration, command: &str) -> String {
     let secs = budget.as_secs();
-    let first = secs.saturating_sub(STATE_REPORT_LEAD.as_secs()).max(1);
+    let [first, second] = STATE_REPORT_LEADS.map(|lead| lead.as_secs());
+    let (wait, gap) = (secs.saturating_sub(first).max(1), first - second);
     format!(
         "echo '@@STEP {name}'\nt0=$(uptime_cs)\ntimeout -s KILL {secs} {command} </dev/null 2>&1 &\nvmm=$!\n\
-         ( sleep {first}; kill -USR1 $vmm 2>/dev/null; sleep 3; kill -USR1 $vmm 2>/dev/null ) &\nreport=$!\n\
+         ( sleep {wait}; kill -USR1 $vmm 2>/dev/null; sleep {gap}; kill -USR1 $vmm 2>/dev/null ) &\nreport=$!\n\
          wait $vmm\nrc=$?\nkill $report 2>/dev/null\nkvm_flight_record\n\
          echo \"@@STEP-END {name} $rc $(( $(uptime_cs) - t0 ))\"\n"
     )
 }
 
-/// How long before a [`vmm_step`]'s budget runs out its VMM is first asked for its vCPUs' state.
-const STATE_REPORT_LEAD: Duration = Duration::from_secs(6);
+/// How long before a VMM's budget runs out it is asked for its vCPUs' state, twice (in the
+/// sandbox by [`vmm_step`], directly by [`collect_vmm_output`]).
+const STATE_REPORT_LEADS: [Duration; 2] = [Duration::from_secs(6), Duration::from_secs(3)];
 
 /// One vCPU's state as siovmm reports it on SIGUSR1 (`vcpu::StateRequests`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -644,28 +646,48 @@ impl VcpuState {
 
 /// Whether a printed list of mappings (`0xA-0xB r-x, ...`) has `address` in an executable one.
 fn maps_executable(list: &str, address: u64) -> bool {
-    let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
-    list.split(", ").any(|item| {
+    executable_ranges(list).iter().any(|r| r.contains(&address))
+}
+
+/// The executable ranges of a mapping list as siovmm prints it (`0xA-0xB r-x, 0xC-0xD rw-`,
+/// `arch::paging::Mapping`), in order, adjacent ones merged.
+fn executable_ranges(list: &str) -> Vec<std::ops::RangeInclusive<u64>> {
+    let mut out: Vec<std::ops::RangeInclusive<u64>> = Vec::new();
+    for item in list.split(", ") {
         let mut parts = item.split_whitespace();
-        let (Some((a, b)), Some(access)) = (parts.next().and_then(|r| r.split_once('-')), parts.next()) else { return false };
-        matches!((hex(a), hex(b)), (Some(a), Some(b)) if (a..=b).contains(&address)) && access.ends_with('x')
-    })
+        let (Some((a, b)), Some(access)) = (parts.next().and_then(|r| r.split_once('-')), parts.next()) else { continue };
+        let (Some(a), Some(b)) = (hex(a), hex(b)) else { continue };
+        if !access.ends_with('x') {
+            continue;
+        }
+        match out.last_mut() {
+            Some(prev) if prev.end().checked_add(1) == Some(a) => *prev = *prev.start()..=b,
+            _ => out.push(a..=b),
+        }
+    }
+    out
+}
+
+/// A hexadecimal number, with or without `0x`.
+fn hex(v: &str) -> Option<u64> {
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+}
+
+/// The hexadecimal number that follows `key` in `line`.
+fn hex_after(line: &str, key: &str) -> Option<u64> {
+    hex(line.split(key).nth(1)?.split_whitespace().next()?)
 }
 
 /// The vCPU state reports siovmm printed in `lines`, in order.
 pub fn vcpu_states(lines: &[String]) -> Vec<VcpuState> {
-    let hex = |l: &str, key: &str| -> Option<u64> {
-        let v = l.split(key).nth(1)?.split_whitespace().next()?;
-        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
-    };
     lines
         .iter()
         .filter_map(|l| {
             let rest = l.split("state of vCPU ").nth(1)?;
             Some(VcpuState {
                 vcpu: rest.split(':').next()?.parse().ok()?,
-                rip: hex(rest, ": RIP ")?,
-                cr2: hex(rest, " CR2 ")?,
+                rip: hex_after(rest, ": RIP ")?,
+                cr2: hex_after(rest, " CR2 ")?,
                 rip_maps: rest.split("; RIP maps: ").nth(1)?.split("; CR2 maps: ").next()?.to_string(),
                 cr2_maps: rest.split("; CR2 maps: ").nth(1)?.to_string(),
             })
@@ -779,30 +801,11 @@ impl GuestShutdown {
 pub fn post_mortem_executable(lines: &[String], vcpu: u32) -> Vec<std::ops::RangeInclusive<u64>> {
     let prefix = format!("post-mortem of vCPU {vcpu}: ");
     let Some(line) = lines.iter().find(|l| l.contains(&prefix)) else { return Vec::new() };
-    let Some(list) = line.split("after the fault: ").nth(1) else { return Vec::new() };
-    let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
-    let mut out: Vec<std::ops::RangeInclusive<u64>> = Vec::new();
-    for item in list.split(", ") {
-        let mut parts = item.split_whitespace();
-        let (Some((a, b)), Some(access)) = (parts.next().and_then(|r| r.split_once('-')), parts.next()) else { continue };
-        let (Some(a), Some(b)) = (hex(a), hex(b)) else { continue };
-        if !access.ends_with('x') {
-            continue;
-        }
-        match out.last_mut() {
-            Some(prev) if prev.end().checked_add(1) == Some(a) => *prev = *prev.start()..=b,
-            _ => out.push(a..=b),
-        }
-    }
-    out
+    line.split("after the fault: ").nth(1).map(executable_ranges).unwrap_or_default()
 }
 
 /// The guest shutdowns the flight recorder reported in `lines`.
 pub fn guest_shutdowns(lines: &[String]) -> Vec<GuestShutdown> {
-    let hex = |l: &str, key: &str| -> Option<u64> {
-        let v = l.split(key).nth(1)?.split_whitespace().next()?;
-        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
-    };
     lines
         .iter()
         .filter(|l| l.starts_with("@@KVM-TRACE") && l.contains(" kvm_exit: ") && l.contains(" reason shutdown "))
@@ -811,9 +814,9 @@ pub fn guest_shutdowns(lines: &[String]) -> Vec<GuestShutdown> {
                 // "@@KVM-TRACE vcpu0-138 [001] ...": the thread is the task name's PID suffix.
                 thread: l.split_whitespace().nth(1).and_then(|t| t.rsplit_once('-')).and_then(|(_, tid)| tid.parse().ok()),
                 vcpu: l.split(" kvm_exit: vcpu ").nth(1)?.split_whitespace().next()?.parse().ok()?,
-                rip: hex(l, " rip ")?,
-                delivering: hex(l, " intr_info ")? as u32,
-                error_code: hex(l, " error_code ").unwrap_or(0) as u32,
+                rip: hex_after(l, " rip ")?,
+                delivering: hex_after(l, " intr_info ")? as u32,
+                error_code: hex_after(l, " error_code ").unwrap_or(0) as u32,
                 symbol: l.split("(sandbox kernel symbol: ").nth(1).map(|s| s.trim_end_matches(')').to_string()),
             })
         })

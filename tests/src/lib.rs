@@ -597,11 +597,12 @@ fn hang_with_emulator_signature(results: &[CaseResult]) -> Option<(&CaseResult, 
             return None;
         }
         let states = machine::vcpu_states(&r.lines);
-        let stuck = states.iter().map(|s| s.vcpu).find(|&vcpu| {
-            let mine: Vec<_> = states.iter().filter(|s| s.vcpu == vcpu).collect();
-            mine.len() >= 2 && mine.iter().all(|s| s.rip == s.cr2 && s.cr2_mapped_executable() && s.cr2 == mine[0].cr2)
+        // A vCPU's first report, when every report of it shows it stuck there.
+        let s = states.iter().find(|first| {
+            let mut mine = states.iter().filter(|s| s.vcpu == first.vcpu);
+            mine.clone().count() >= 2 && mine.all(|s| s.rip == s.cr2 && s.cr2_mapped_executable() && s.cr2 == first.cr2)
         })?;
-        let s = states.iter().find(|s| s.vcpu == stuck)?;
+        let stuck = s.vcpu;
         Some((
             r,
             format!(
