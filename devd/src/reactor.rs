@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,7 +65,8 @@ struct Shared {
     epoll: Epoll,
     /// By token; an entry is out of the table while a thread works on it.
     entries: Mutex<HashMap<u64, Entry>>,
-    next_refused: Mutex<u64>,
+    /// The last token given to a refused connection.
+    last_refused: AtomicU64,
     device: Arc<dyn SiovDevice>,
     pool: Arc<Pool>,
     vectors: u16,
@@ -91,7 +93,7 @@ impl Reactor {
         let shared = Arc::new(Shared {
             epoll: Epoll::new()?,
             entries: Mutex::new(HashMap::new()),
-            next_refused: Mutex::new(REFUSED),
+            last_refused: AtomicU64::new(REFUSED),
             device,
             pool,
             vectors,
@@ -248,11 +250,7 @@ impl Shared {
 
     /// Answers every request of `stream` with `errno` from now on, until the client leaves.
     fn refuse(&self, stream: UnixStream, errno: i32) {
-        let token = {
-            let mut next = lock(&self.next_refused);
-            *next += 1;
-            *next
-        };
+        let token = self.last_refused.fetch_add(1, Ordering::Relaxed) + 1;
         let fd = stream.as_raw_fd();
         lock(&self.entries).insert(token, Entry::Refused { stream, errno });
         if self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(armed(), token)).is_err() {

@@ -44,25 +44,18 @@ const KICK_OFFSET: i32 = 0;
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Installs the (empty) handler of [`kick_signal`], once per process, before any kick is sent:
-/// without it the signal's default action would end the process.
-pub fn install_kick_handler() {
-    static HANDLER: std::sync::Once = std::sync::Once::new();
-    HANDLER.call_once(|| {
-        // Failure leaves the default action (terminate) for a signal we then never send.
-        if vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).is_err() {
-            log::warn!("cannot install the vCPU kick handler; vCPUs are left to finish");
-            KICK_HANDLER_MISSING.store(true, Ordering::Relaxed);
-        }
-    });
-}
-
-static KICK_HANDLER_MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether [`kick_signal`] may be sent (its handler is installed).
+/// Whether [`kick_signal`] may be sent: its (empty) handler is installed, once per process, at
+/// the first call. Without it the signal's default action would end the process, so when it
+/// cannot be installed no kick is ever sent.
 pub fn can_kick() -> bool {
-    install_kick_handler();
-    !KICK_HANDLER_MISSING.load(Ordering::Relaxed)
+    static INSTALLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INSTALLED.get_or_init(|| {
+        let ok = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).is_ok();
+        if !ok {
+            log::warn!("cannot install the vCPU kick handler; vCPUs are left to finish");
+        }
+        ok
+    })
 }
 
 /// Asks every running vCPU to print its state once (registers, the event KVM is delivering,
@@ -149,6 +142,11 @@ pub struct PostMortem {
     pub root: Arc<Mutex<Option<(u64, bool, Instant)>>>,
 }
 
+/// CR0.PG: paging on.
+const CR0_PG: u64 = 1 << 31;
+/// CR4.LA57: 5-level paging.
+const CR4_LA57: u64 = 1 << 12;
+
 impl PostMortem {
     /// How often a vCPU samples its CR3 (one KVM_GET_SREGS).
     pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -163,8 +161,6 @@ impl PostMortem {
     }
 
     fn sample(&self, vcpu: &VcpuFd) {
-        const CR0_PG: u64 = 1 << 31;
-        const CR4_LA57: u64 = 1 << 12;
         let Ok(sregs) = vcpu.get_sregs() else { return };
         if sregs.cs.dpl == 0 && sregs.cr0 & CR0_PG != 0 {
             *devices::bus::lock(&self.root) = Some((sregs.cr3, sregs.cr4 & CR4_LA57 != 0, Instant::now()));
@@ -178,8 +174,6 @@ impl PostMortem {
     /// not-present fault on an address its tables map present, over and over, is the
     /// emulated CPU's doing: Linux either fixes a fault or reports it, it does not loop.
     pub(crate) fn state_report(&self, vcpu: &VcpuFd, id: u8) -> String {
-        const CR0_PG: u64 = 1 << 31;
-        const CR4_LA57: u64 = 1 << 12;
         const EFER_LMA: u64 = 1 << 10;
         let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
             return format!("state of vCPU {id}: registers unreadable");

@@ -262,13 +262,17 @@ impl VfioPciFunction {
         self.intx.as_ref().filter(|l| l.enabled()).map(Intx::gsi)
     }
 
-    /// Wires INTx while MSI and MSI-X are both off, unwires it otherwise (vfio-pci takes one
-    /// interrupt type at a time): called before the device's MSI or MSI-X is enabled, and
-    /// after one is disabled on the device.
-    fn update_intx(&mut self) {
+    /// Brings INTx in line with the guest's MSI and MSI-X enables: wired while both are off,
+    /// unwired otherwise. vfio-pci takes one interrupt type at a time, so around a change of
+    /// the device's MSI or MSI-X this runs twice: before it, only unwiring (`may_wire` false:
+    /// MSI or MSI-X is still on on the device), and after it, only then wiring.
+    fn sync_intx(&mut self, may_wire: bool) {
         let message_vectors = self.msix.as_ref().is_some_and(|(_, m, _)| m.enabled()) || self.msi.as_ref().is_some_and(|(c, _)| c.enabled());
         let Self { intx: Some(line), backend, router, faults, .. } = self else { return };
         let on = !message_vectors;
+        if on && !may_wire {
+            return;
+        }
         faults.record(if on { "wiring INTx" } else { "unwiring INTx" }, line.set_enabled(backend.as_ref(), router, on));
     }
 
@@ -406,9 +410,7 @@ impl VfioPciFunction {
 
     /// Applies MSI-X vector changes: enable/disable of the index, route and mask.
     fn apply_msix(&mut self, changes: Vec<VectorChange>) {
-        if self.msix.as_ref().is_some_and(|(_, m, _)| m.enabled()) {
-            self.update_intx();
-        }
+        self.sync_intx(false);
         let Self { msix: Some((_, msix, vectors)), backend, router, faults, .. } = self else { return };
         let count = msix.enabled().then(|| u32::from(msix.vectors()));
         let what = if count.is_some() { "enabling MSI-X on the device" } else { "disabling MSI-X on the device" };
@@ -416,16 +418,12 @@ impl VfioPciFunction {
         for c in changes {
             faults.record("routing an MSI-X vector", vectors.update(router, usize::from(c.vector), c.message, c.masked));
         }
-        if count.is_none() {
-            self.update_intx();
-        }
+        self.sync_intx(true);
     }
 
     /// Applies the MSI capability's state to the device and routes.
     fn apply_msi(&mut self) {
-        if self.msi.as_ref().is_some_and(|(c, _)| c.enabled()) {
-            self.update_intx();
-        }
+        self.sync_intx(false);
         let Self { msi: Some((cap, vectors)), backend, router, faults, .. } = self else { return };
         let count = cap.enabled().then(|| cap.vectors_enabled());
         let what = if count.is_some() { "enabling MSI on the device" } else { "disabling MSI on the device" };
@@ -434,9 +432,7 @@ impl VfioPciFunction {
             let (message, masked) = cap.vector(v);
             faults.record("routing an MSI vector", vectors.update(router, v as usize, message, masked));
         }
-        if count.is_none() {
-            self.update_intx();
-        }
+        self.sync_intx(true);
     }
 
     /// Where a trapped access at `offset` of BAR `bar` falls (offset into the MSI-X table,
