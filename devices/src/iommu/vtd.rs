@@ -237,6 +237,10 @@ impl VtdUnit {
             return Err(f(fault::ADDRESS_BEYOND_AW));
         }
         let mut table = ce_lo & 0x000f_ffff_ffff_f000;
+        // Access rights accumulate down the walk: a translation allows what every entry on its
+        // path allows, as with the CPU's R/W bits (VT-d spec, second-level translation, §3.7;
+        // QEMU's intel_iommu walk ANDs each level's R and W the same way).
+        let (mut readable, mut writable) = (true, true);
         for level in (1..=levels).rev() {
             let index = (iova >> (12 + 9 * (level - 1))) & 0x1ff;
             let pte = self.read_entry(table + index * 8, iova)?;
@@ -248,17 +252,15 @@ impl VtdUnit {
                 // Superpages are not advertised (CAP.SLLPS = 0): reserved here.
                 return Err(f(fault::RESERVED));
             }
-            if level == 1 {
-                if write && !w {
-                    return Err(f(fault::WRITE));
-                }
-                if !write && !r {
-                    return Err(f(fault::READ));
-                }
-            }
+            readable &= r;
+            writable &= w;
             table = pte & 0x000f_ffff_ffff_f000;
         }
-        Ok(table | (iova & 0xfff))
+        match (write, readable, writable) {
+            (true, _, false) => Err(f(fault::WRITE)),
+            (false, false, _) => Err(f(fault::READ)),
+            _ => Ok(table | (iova & 0xfff)),
+        }
     }
 
     fn record_fault(&self, sid: u16, f: Fault, write: bool) {

@@ -154,3 +154,24 @@ fn invalidations_complete_at_once() {
     w32(&u, reg::IOTLB + 4, ((IOTLB_IVT | 1 << 60) >> 32) as u32);
     assert_eq!(r64(&u, reg::IOTLB) & IOTLB_IVT, 0);
 }
+
+#[test]
+fn permissions_are_cumulative_across_levels() {
+    // The access rights of a translation are those every entry walked allows, not the leaf's
+    // alone (VT-d spec, second-level translation, §3.7).
+    let m = mem();
+    let u = VtdUnit::new(m.clone(), VtdConfig { caching_mode: true });
+    setup(&u, &m);
+    let iova = 0x1234_5000u64;
+    let l4_index = (iova >> 39) & 0x1ff;
+    // The top-level entry made read-only: the read+write leaf below it can no longer be written.
+    m.write_obj(L3 | 1, GuestAddress(L4 + l4_index * 8)).unwrap();
+    assert_eq!(u.translate(SID, iova, false), Ok(0x80_0000));
+    assert_eq!(u.translate(SID, iova, true), Err(Fault { reason: fault::WRITE, addr: iova }));
+    // Write-only in the middle: reads fault even though the leaf allows them.
+    m.write_obj(L3 | 3, GuestAddress(L4 + l4_index * 8)).unwrap();
+    let l2_index = (iova >> 21) & 0x1ff;
+    m.write_obj(L1 | 2, GuestAddress(L2 + l2_index * 8)).unwrap();
+    assert_eq!(u.translate(SID, iova, false), Err(Fault { reason: fault::READ, addr: iova }));
+    assert_eq!(u.translate(SID, iova, true), Ok(0x80_0000));
+}
