@@ -90,9 +90,9 @@ struct GuestBars {
 }
 
 impl BarMapper for GuestBars {
-    fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>) {
+    fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>) -> bool {
         let mut functions = lock(&self.functions);
-        let Some(m) = functions.get_mut(&bdf) else { return };
+        let Some(m) = functions.get_mut(&bdf) else { return false };
         let doorbell = m.portal.doorbell();
         if let Some(base) = old {
             self.mmio.remove(base);
@@ -103,17 +103,17 @@ impl BarMapper for GuestBars {
                 }
             }
         }
-        let Some(base) = new else { return };
+        let Some(base) = new else { return false };
         // A guest placing the BAR over another device gets no mapping: the insert fails.
         if self.mmio.insert(m.function.clone(), base, BAR0_SIZE).is_err() {
-            return;
+            return false;
         }
         if let (Some(page), Some(maps)) = (m.portal.page(), &self.portals) {
             match maps.map(base + DOORBELL, page) {
                 Ok(guard) => {
                     m.page = Some(guard);
                     self.page_maps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return;
+                    return true;
                 }
                 Err(e) => log::warn!("{bdf}: mapping the portal page at {:#x}: {e}; an ioeventfd instead", base + DOORBELL),
             }
@@ -122,6 +122,7 @@ impl BarMapper for GuestBars {
         if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true) {
             log::warn!("{bdf}: doorbell ioeventfd at {:#x}: {e}; doorbells exit to siovmm", base + DOORBELL);
         }
+        true
     }
 }
 
@@ -624,6 +625,31 @@ mod tests {
         let bdf = g.vdcm.add(&[AdiId(1)], &mut g.slots).unwrap()[0];
         let bar0 = g.vdcm.placed[&bdf].bar0;
         assert_eq!(*lock(&live), [("ioeventfd", bar0 + DOORBELL)]);
+    }
+
+    #[test]
+    fn a_bar0_moved_onto_another_device_maps_nothing_and_its_next_move_removes_only_its_own() {
+        use devices::pci::PciFunction;
+        let device = Arc::new(SoftSiovDevice::new(2, 16, ImsStorage::OnDevice, 1).unwrap());
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let mut g = guest_with(&device, &memory(), 1, Arc::new(Doorbells(live.clone())), None);
+        let bdfs = g.vdcm.add(&[AdiId(0), AdiId(1)], &mut g.slots).unwrap();
+        let (bar_a, bar_b) = (g.vdcm.placed[&bdfs[0]].bar0, g.vdcm.placed[&bdfs[1]].bar0);
+        let a = g.vdcm.placed[&bdfs[0]].function.clone();
+        // ADI A's BAR0 placed over B's: the bus refuses it, so A is simply not mapped.
+        lock(&a).config_write(4, 0, &(bar_b as u32).to_le_bytes());
+        assert_eq!(g.mmio.len(), 1, "B alone is on the bus");
+        assert_eq!(*lock(&live), [("ioeventfd", bar_b + DOORBELL)], "only B's doorbell");
+        // A moves on: B, which A never owned, stays; A maps at its new place.
+        let free = bar_a + 0x10_0000;
+        lock(&a).config_write(4, 0, &(free as u32).to_le_bytes());
+        assert_eq!(g.mmio.len(), 2);
+        let mut id = [0u8; 4];
+        assert!(g.mmio.read(bar_b + DOORBELL, &mut id), "B's BAR0 still answers");
+        assert_eq!(*lock(&live), [("ioeventfd", bar_b + DOORBELL), ("ioeventfd", free + DOORBELL)]);
+        // A taken off the bus (memory decoding off) and removed leaves B as it was.
+        g.vdcm.remove(bdfs[0], &mut g.slots).unwrap();
+        assert_eq!((g.mmio.len(), lock(&live).clone()), (1, vec![("ioeventfd", bar_b + DOORBELL)]));
     }
 
     #[test]

@@ -182,31 +182,32 @@ impl BarPlacer {
 }
 
 impl VfioBarMapper for BarPlacer {
-    fn remap(&self, _bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) {
+    fn remap(&self, _bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) -> bool {
         if bar.io {
-            return; // I/O BARs are not placed (see `attach`).
+            return false; // I/O BARs are not placed (see `attach`).
         }
         if let Some(base) = old {
             self.unregister_io_eventfds(bar.index);
             self.unmap_slots(bar.index);
             self.mmio.remove(base);
         }
-        let Some(base) = new else { return };
+        let Some(base) = new else { return false };
         // As on real hardware, the host bridge forwards only its windows: a BAR the guest
         // puts elsewhere (over its local APIC, or in another root bus's window) is not
         // reachable, rather than shadowing what is there with device pages.
         if !inside_windows(&self.windows, base, bar.size) {
             log::warn!("{}: BAR {} at {base:#x} is outside the PCI windows; not placed", self.name, bar.index);
-            return;
+            return false;
         }
-        let Some(function) = self.function.get().and_then(Weak::upgrade) else { return };
+        let Some(function) = self.function.get().and_then(Weak::upgrade) else { return false };
         // A guest placing the BAR over another device's range gets no mapping.
         if let Err(e) = self.mmio.insert(Arc::new(Mutex::new(BarTrap { function, bar: bar.index })), base, bar.size) {
             log::warn!("{}: BAR {} not placed: {e}", self.name, bar.index);
-            return;
+            return false;
         }
         self.map_slots(bar.index, base);
         self.register_io_eventfds(bar.index, base);
+        true
     }
 }
 

@@ -131,8 +131,10 @@ fn bar0_address_mask() -> u32 {
 
 /// Moves BAR windows on the guest's MMIO bus (and the doorbell ioeventfd with them).
 pub trait BarMapper: Send + Sync {
-    /// BAR0 of `bdf` moves from `old` to `new` (either may be "not mapped").
-    fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>);
+    /// BAR0 of `bdf` moves from `old` (where this mapper last mapped it, or nowhere) to `new`
+    /// (or nowhere). Returns whether it is now mapped at `new`: a guest may place a BAR over
+    /// another device, which must get no mapping rather than displace what is there.
+    fn remap(&self, bdf: Bdf, old: Option<u64>, new: Option<u64>) -> bool;
 }
 
 /// BAR0's window on the guest's bus: where it is mapped now, moved through the VDCM's mapper.
@@ -141,25 +143,29 @@ pub(crate) struct Bar0Window {
     /// Weak: the mapper's bus holds the function while its BAR is mapped, so a strong
     /// reference would be a cycle that keeps the VM alive after release.
     mapper: Weak<dyn BarMapper>,
+    /// Where the guest asked for the window last (`None`: off the bus).
+    placed: Option<u64>,
+    /// Where the mapper actually mapped it: only this is ever taken off the bus again.
     mapped: Option<u64>,
 }
 
 impl Bar0Window {
     /// Not mapped yet.
     pub(crate) fn new(bdf: Bdf, mapper: Weak<dyn BarMapper>) -> Self {
-        Self { bdf, mapper, mapped: None }
+        Self { bdf, mapper, placed: None, mapped: None }
     }
 
     /// Puts the window at `new` (or takes it off the bus), if that is a move.
     pub(crate) fn place(&mut self, new: Option<u64>) {
-        if new == self.mapped {
+        if new == self.placed {
             return;
         }
+        self.placed = new;
         // Once the VDCM is gone (the VM is being released) nothing moves any more.
         if let Some(mapper) = self.mapper.upgrade() {
-            mapper.remap(self.bdf, self.mapped, new);
+            let mapped = mapper.remap(self.bdf, self.mapped, new);
+            self.mapped = if mapped { new } else { None };
         }
-        self.mapped = new;
     }
 }
 
@@ -169,6 +175,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     const BAR0: u64 = 0xc000_0000;
+    const TAKEN: u64 = 0xd000_0000;
 
     #[test]
     fn bar0_follows_decode_sizing_and_placement() {
@@ -226,8 +233,10 @@ mod tests {
     type Log = Arc<Mutex<Vec<(Option<u64>, Option<u64>)>>>;
     struct Moves(Log);
     impl BarMapper for Moves {
-        fn remap(&self, _: Bdf, old: Option<u64>, new: Option<u64>) {
+        fn remap(&self, _: Bdf, old: Option<u64>, new: Option<u64>) -> bool {
             self.0.lock().unwrap().push((old, new));
+            // This bus refuses one address, as a bus does a window over another device.
+            new != Some(TAKEN)
         }
     }
 
@@ -241,9 +250,13 @@ mod tests {
         w.place(None);
         w.place(None);
         assert_eq!(*log.lock().unwrap(), vec![(None, Some(BAR0)), (Some(BAR0), None)]);
+        // Refused: not mapped, so the next move takes nothing off the bus.
+        w.place(Some(TAKEN));
+        w.place(Some(BAR0));
+        assert_eq!(log.lock().unwrap()[2..], [(None, Some(TAKEN)), (None, Some(BAR0))]);
         drop(mapper);
-        w.place(Some(BAR0)); // the VDCM is gone: recorded, not sent
-        assert_eq!(log.lock().unwrap().len(), 2);
-        assert_eq!(w.mapped, Some(BAR0));
+        w.place(Some(TAKEN + BAR0)); // the VDCM is gone: recorded, not sent
+        assert_eq!(log.lock().unwrap().len(), 4);
+        assert_eq!(w.placed, Some(TAKEN + BAR0));
     }
 }

@@ -405,7 +405,9 @@ mod tests {
 
     struct NoBars;
     impl BarMapper for NoBars {
-        fn remap(&self, _: Bdf, _: Option<u64>, _: Option<u64>) {}
+        fn remap(&self, _: Bdf, _: Option<u64>, _: Option<u64>) -> bool {
+            true
+        }
     }
 
     fn function(routes: Arc<FakeRoutes>) -> AdiFunction {

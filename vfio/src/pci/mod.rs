@@ -158,8 +158,10 @@ fn read_config_dword(backend: &dyn VfioBackend, reg: usize) -> u32 {
 
 /// Where the VMM puts a BAR: told when one moves, so it maps (or unmaps) the BAR's pages.
 pub trait VfioBarMapper: Send + Sync {
-    /// BAR `bar` of `bdf` moves from `old` to `new` (either may be "not mapped").
-    fn remap(&self, bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>);
+    /// BAR `bar` of `bdf` moves from `old` (where this mapper last mapped it, or nowhere) to
+    /// `new` (or nowhere). Returns whether it is now mapped at `new`: a guest may place a BAR
+    /// over another device or outside the windows, which gets no mapping.
+    fn remap(&self, bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) -> bool;
 }
 
 /// Where the MSI-X table or the PBA sits: BAR, byte offset, size.
@@ -183,7 +185,9 @@ struct GuestBar {
     bar: Bar,
     /// The register value(s) as the guest wrote them (low dword, and the high one if wide).
     address: u64,
-    /// Where it is mapped now.
+    /// Where the guest asked for it last (`None`: decode off, being sized, or out of range).
+    placed: Option<u64>,
+    /// Where the mapper actually mapped it: only this is ever taken off the bus again.
     mapped: Option<u64>,
 }
 
@@ -243,7 +247,7 @@ impl VfioPciFunction {
         let msi = caps.msi.filter(|_| backend.irq_count(VFIO_PCI_MSI_IRQ_INDEX) > 0).map(|cap| {
             (cap, Vectors::new(function, VectorSource::Msi, VFIO_PCI_MSI_IRQ_INDEX))
         });
-        let bars = placement.iter().map(|&(bar, address)| GuestBar { bar, address, mapped: None }).collect();
+        let bars = placement.iter().map(|&(bar, address)| GuestBar { bar, address, placed: None, mapped: None }).collect();
         let mut faults = GuestFaults::new(format!("VFIO device {bdf}"));
         let pin = (read_config_dword(backend.as_ref(), REG_INTERRUPT) >> 8) as u8;
         // Wired from the start (MSI and MSI-X start off), as firmware leaves a function.
@@ -374,11 +378,12 @@ impl VfioPciFunction {
         for i in 0..self.bars.len() {
             let new = self.placement(i);
             let b = &mut self.bars[i];
-            if new != b.mapped {
+            if new != b.placed {
+                b.placed = new;
                 if let Some(m) = &mapper {
-                    m.remap(self.bdf, b.bar, b.mapped, new);
+                    let mapped = m.remap(self.bdf, b.bar, b.mapped, new);
+                    b.mapped = if mapped { new } else { None };
                 }
-                b.mapped = new;
             }
         }
     }
@@ -402,6 +407,7 @@ impl VfioPciFunction {
     pub fn unmap_bars(&mut self) {
         let mapper = self.mapper.upgrade();
         for b in &mut self.bars {
+            b.placed = None;
             if let (Some(old), Some(m)) = (b.mapped.take(), &mapper) {
                 m.remap(self.bdf, b.bar, Some(old), None);
             }

@@ -107,9 +107,13 @@ type MoveLog = Mutex<Vec<(u8, Option<u64>, Option<u64>)>>;
 
 #[derive(Default)]
 struct Moves(MoveLog);
+/// An address this fake bus refuses, as a bus does a BAR over another device.
+const TAKEN: u64 = 0xd000_0000;
+
 impl VfioBarMapper for Moves {
-    fn remap(&self, _: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) {
+    fn remap(&self, _: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) -> bool {
         self.0.lock().unwrap().push((bar.index, old, new));
+        new != Some(TAKEN)
     }
 }
 
@@ -183,6 +187,12 @@ fn guest_bars_are_virtual_sized_and_moved() {
     s.f.config_write(4, 0, &0xe000_0000u32.to_le_bytes());
     s.f.config_write(5, 0, &0u32.to_le_bytes());
     assert_eq!(s.moves.0.lock().unwrap().last().map(|m| (m.0, m.2)), Some((0, Some(0xe000_0000))));
+    // Placed where the bus refuses it: not mapped, so the next move takes nothing (whatever
+    // is at TAKEN belongs to someone else) off the bus.
+    s.f.config_write(4, 0, &(TAKEN as u32).to_le_bytes());
+    s.f.config_write(4, 0, &0xe000_0000u32.to_le_bytes());
+    let log = s.moves.0.lock().unwrap().clone();
+    assert_eq!(log[log.len() - 2..], [(0, Some(0xe000_0000), Some(TAKEN)), (0, None, Some(0xe000_0000))]);
     // The I/O BAR sizes to 256 bytes.
     s.f.config_write(6, 0, &u32::MAX.to_le_bytes());
     assert_eq!(s.f.config_read(6), 0xffff_ff01);
