@@ -196,6 +196,35 @@ kvm_test! {
 }
 
 kvm_test! {
+    fn string_port_io_is_one_access_per_element() {
+        // `rep outsb`/`rep insb` exit once with `count` elements of `size` bytes (kvm_run.io):
+        // each element is its own access of the port, as on hardware.
+        #[rustfmt::skip]
+        let mut code = vec![
+            0xfc,                               // cld
+            0xbe, 0x40, 0x10, 0x00, 0x00,       // mov esi, 0x1040 ("abcd" below)
+            0xb9, 0x04, 0x00, 0x00, 0x00,       // mov ecx, 4
+            0x66, 0xba, 0xf8, 0x03,             // mov dx, 0x3f8 (COM1 THR)
+            0xf3, 0x6e,                         // rep outsb
+            0xbf, 0x00, 0x20, 0x00, 0x00,       // mov edi, 0x2000
+            0xb9, 0x04, 0x00, 0x00, 0x00,       // mov ecx, 4
+            0x66, 0xba, 0xfd, 0x03,             // mov dx, 0x3fd (COM1 LSR)
+            0xf3, 0x6c,                         // rep insb
+            0x66, 0xba, 0x00, 0x06,             // mov dx, 0x600 (ACPI sleep control)
+            0xb0, 0x34, 0xee,                   // mov al, SLP_TYP=5 | SLP_EN; out dx, al
+            0xf4, 0xeb, 0xfd,                   // hlt; jmp back
+        ];
+        code.resize(0x40, 0x90);
+        code.extend_from_slice(b"abcd");
+        let (reason, console, mem) = run_payload(&code, 0x3ff);
+        assert_eq!(reason, ExitReason::PowerOff);
+        assert_eq!(console, "abcd");
+        // Four reads of the line status register, each "transmitter empty" (0x60).
+        assert_eq!(mem.read_obj::<[u8; 4]>(GuestAddress(0x2000)).unwrap(), [0x60; 4]);
+    }
+}
+
+kvm_test! {
     fn acpi_reset_register_ends_with_reset() {
         #[rustfmt::skip]
         let code = [

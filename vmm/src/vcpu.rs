@@ -316,6 +316,30 @@ fn rip(vcpu: &VcpuFd) -> String {
     }
 }
 
+/// The element size of the port-I/O exit a vCPU is in. A string instruction (`rep insb`,
+/// `rep outsw`, ...) exits once with `count` elements of `size` bytes one after another in the
+/// data area (`kvm_run.io`, Documentation/virt/kvm/api.rst); kvm-ioctls hands over the whole
+/// area, so the size is read from the vCPU's `kvm_run` page, each element being its own access.
+struct PioWidth(*const kvm_bindings::kvm_run);
+
+impl PioWidth {
+    fn of(vcpu: &mut VcpuFd) -> Self {
+        Self(vcpu.get_kvm_run())
+    }
+
+    /// The current exit's element size (1, 2 or 4); the whole area if KVM says something else.
+    fn get(&self) -> usize {
+        // SAFETY: the pointer is to the vCPU's kvm_run mapping, which lives as long as the
+        // VcpuFd this loop owns; `io` is the union member KVM filled for the port-I/O exit being
+        // handled, and its `size` field lies outside the data area the exit's slice borrows.
+        let size = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*self.0).__bindgen_anon_1.io.size)) };
+        match size {
+            1 | 2 | 4 => usize::from(size),
+            _ => usize::MAX,
+        }
+    }
+}
+
 /// How a vCPU exit ends the VM. `AtRip` failures get the vCPU's RIP appended once the exit's
 /// borrow of the vCPU has ended.
 enum Stop {
@@ -327,18 +351,23 @@ enum Stop {
 pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
     let mut sampled: Option<Instant> = None;
     let mut requests = exits.state_requests.enter(id);
+    let pio_width = PioWidth::of(&mut vcpu);
     loop {
         let stop = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 exits.stats.pio.fetch_add(1, Ordering::Relaxed);
                 exits.replay_coalesced();
-                exits.pio.read(u64::from(port), data);
+                for element in data.chunks_mut(pio_width.get()) {
+                    exits.pio.read(u64::from(port), element);
+                }
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 exits.stats.pio.fetch_add(1, Ordering::Relaxed);
                 exits.replay_coalesced();
-                exits.pio.write(u64::from(port), data);
+                for element in data.chunks(pio_width.get()) {
+                    exits.pio.write(u64::from(port), element);
+                }
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
