@@ -64,9 +64,14 @@ impl CoalescedRing {
     pub fn pop(&mut self) -> Option<kvm_coalesced_mmio> {
         let header = self.page.cast::<RingHeader>();
         // SAFETY: `header` points at the start of the mapped ring page; `last` is written by
-        // KVM, so it is read volatilely, then fenced before the entry is read.
+        // KVM, so it is read volatilely, then fenced before the entry is read. The fields are
+        // reached through raw pointers only: a Rust reference to memory the kernel writes
+        // concurrently would promise the compiler it does not change.
         let (first, last) = unsafe {
-            (std::ptr::read_volatile(&(*header).first), std::ptr::read_volatile(&(*header).last))
+            (
+                std::ptr::read_volatile(std::ptr::addr_of!((*header).first)),
+                std::ptr::read_volatile(std::ptr::addr_of!((*header).last)),
+            )
         };
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         if first == last || first >= self.capacity {
@@ -79,7 +84,7 @@ impl CoalescedRing {
         };
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         // SAFETY: `first` is the consumer index, ours to advance.
-        unsafe { std::ptr::write_volatile(&mut (*header).first, (first + 1) % self.capacity) };
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*header).first), (first + 1) % self.capacity) };
         Some(entry)
     }
 }
