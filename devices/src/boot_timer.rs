@@ -1,5 +1,6 @@
 //! Boot-timing probe: a guest write of `MAGIC` to this one-byte MMIO register makes siovmm
-//! report, on stderr, how long after siovmm started the write happened. A guest's /init does
+//! report, on stderr, how long after siovmm started the write happened (the first such write;
+//! later ones are ignored). A guest's /init does
 //! `devmem 0xfeb00000 8 123` (busybox) to mark "userspace reached". Benchmarks use it; a guest
 //! that never writes it is unaffected.
 
@@ -16,12 +17,25 @@ pub const MAGIC: u8 = 123;
 #[derive(Debug)]
 pub struct BootTimer {
     start: Instant,
+    /// Reported already: the mark is a one-time event, and a guest writing it in a loop must
+    /// not flood siovmm's stderr.
+    reported: bool,
 }
 
 impl BootTimer {
     /// Times from `start`.
     pub fn new(start: Instant) -> Self {
-        Self { start }
+        Self { start, reported: false }
+    }
+
+    /// The line for a write of `data` at `offset`, the first time the mark is written.
+    fn mark(&mut self, offset: u64, data: &[u8]) -> Option<String> {
+        if self.reported || offset != 0 || data.first() != Some(&MAGIC) {
+            return None;
+        }
+        self.reported = true;
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        Some(format!("siovmm: boot-timer: guest userspace at {ms:.1} ms"))
     }
 }
 
@@ -31,9 +45,22 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 0 && data.first() == Some(&MAGIC) {
-            let ms = self.start.elapsed().as_secs_f64() * 1000.0;
-            eprintln!("siovmm: boot-timer: guest userspace at {ms:.1} ms");
+        if let Some(line) = self.mark(offset, data) {
+            eprintln!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_is_reported_once() {
+        let mut t = BootTimer::new(Instant::now());
+        assert_eq!(t.mark(0, &[MAGIC - 1]), None);
+        assert_eq!(t.mark(1, &[MAGIC]), None);
+        assert!(t.mark(0, &[MAGIC]).is_some_and(|l| l.starts_with("siovmm: boot-timer: guest userspace at ")));
+        assert_eq!(t.mark(0, &[MAGIC]), None, "a guest writing it again prints nothing");
     }
 }

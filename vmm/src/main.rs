@@ -148,7 +148,16 @@ fn main() -> ExitCode {
     };
     let terminal = console::TerminalGuard::new();
     // The VM is released (vCPUs joined, ADIs closed, memory unmapped) before siovmm exits.
-    let result = vm::Vm::build(&config, Box::new(std::io::stdout())).and_then(|mut vm| vm.run());
+    // The guest's console reaches stdout filtered and queued (devices::console_out): guest bytes
+    // never drive the terminal, and a stdout nobody reads never stalls a vCPU.
+    let console = match devices::console_out::ConsoleOutput::spawn(std::io::stdout()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("siovmm: starting the console output thread: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = vm::Vm::build(&config, Box::new(console)).and_then(|mut vm| vm.run());
     drop(terminal);
     let code = match result {
         Ok(reason) => {
