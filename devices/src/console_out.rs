@@ -107,6 +107,19 @@ impl TerminalFilter {
     }
 }
 
+/// Blocks every blockable signal in the calling thread: process signals (SIGINT, SIGTERM, ...)
+/// belong to the VMM's own watcher, which a thread started before it would otherwise take them
+/// from, with their default action.
+fn block_signals() {
+    // SAFETY: a sigset_t filled by sigfillset before use.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a valid sigset_t; the old mask is not wanted.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+}
+
 /// Bytes that are not text, shown as `\xNN`.
 fn show_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     for b in bytes {
@@ -154,6 +167,7 @@ impl ConsoleOutput {
         });
         let sh = shared.clone();
         let drain = std::thread::Builder::new().name("console-out".into()).spawn(move || {
+            block_signals();
             let mut chunk = Vec::new();
             loop {
                 let mut q = lock(&sh);
