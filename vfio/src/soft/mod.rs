@@ -8,6 +8,18 @@
 //! Completion: the worker writes the 32-byte completion record (status byte last, so a
 //! submitter polling it sees a complete record), advances the ring head, and with RCI set fires
 //! the IMS entry the descriptor's interrupt handle names.
+//!
+//! Fairness: ADIs of different guests share workers, so no queue may hold one. A doorbell buys
+//! one *pass* of at most [`PASS_DESCRIPTORS`] descriptors or [`PASS_BYTES`] of transfers (at
+//! least one descriptor); a queue with more work rings its own doorbell again and goes to the
+//! back of its worker's ready list (epoll's level-triggered list is served in order). No lock
+//! is held while a descriptor executes: the ADI's state is locked to snapshot the queue and to
+//! commit each completion, and a reset, reconfiguration or close in between bumps the ADI's
+//! generation, so the pass in progress commits nothing more (the reset cancels the batch).
+//!
+//! A defect in a pass (a panic) halts only that ADI's queue, as a device reports a software
+//! error on one work queue: counted in [`Stats::device_faults`], logged, and the queue serves
+//! again once the guest resets or reconfigures it. The worker goes on serving the others.
 
 pub mod descriptor;
 pub mod engine;
@@ -16,6 +28,7 @@ pub mod portal;
 pub mod queue_ims;
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +47,10 @@ use ims::ImsTable;
 pub const RING_OFFSET: u64 = 64;
 /// Largest queue.
 pub const MAX_QUEUE_SIZE: u32 = 4096;
+/// Most descriptors one pass of a queue runs before the other ADIs on its worker get a turn.
+pub const PASS_DESCRIPTORS: u32 = 16;
+/// Most bytes of transfers (descriptor sizes) one pass runs beyond its first descriptor.
+pub const PASS_BYTES: u64 = 1 << 20;
 
 /// Device counters.
 #[derive(Debug, Default)]
@@ -48,6 +65,8 @@ pub struct Stats {
     pub interrupts_dropped: AtomicU64,
     /// Queue errors (ring unreadable, tail beyond the ring).
     pub queue_errors: AtomicU64,
+    /// Passes that failed inside the device (a panic): each halted its ADI's queue.
+    pub device_faults: AtomicU64,
 }
 
 #[derive(Default)]
@@ -58,7 +77,29 @@ struct AdiState {
     doorbell: Option<Arc<EventFd>>,
     queue: Option<QueueConfig>,
     head: u32,
-    handles: Vec<Option<HandleTarget>>,
+    handles: Arc<[Option<HandleTarget>]>,
+    /// Bumped by every open, close, reset and queue configuration: a pass that started under
+    /// an older one commits nothing.
+    generation: u64,
+    /// A pass of this ADI's queue is running (on a worker or the portal poller).
+    running: bool,
+    /// A doorbell came while it ran: the pass rings again when it ends.
+    again: bool,
+}
+
+impl AdiState {
+    /// Starts the ADI over as `next` (opened or closed); a pass in progress keeps its claim on
+    /// the queue and sees the new generation.
+    fn replace(&mut self, next: AdiState) {
+        *self = AdiState { generation: self.generation.wrapping_add(1), running: self.running, again: self.again, ..next };
+    }
+
+    /// The queue starts over (reset or reconfigured).
+    fn restart_queue(&mut self, queue: Option<QueueConfig>) {
+        self.queue = queue;
+        self.head = 0;
+        self.generation = self.generation.wrapping_add(1);
+    }
 }
 
 /// A bound DMA space and how many open ADIs use it.
@@ -175,14 +216,40 @@ impl SoftSiovDevice {
     }
 }
 
-/// A doorbell rang: consume it and run the ADI's queue.
+/// A doorbell rang: consume it and run one pass of the ADI's queue (see the module's
+/// fairness note); a queue with more work rings again.
 fn serve_doorbell(shared: &Shared, token: u64) {
-    if let Some(adi) = shared.adis.get(token as usize) {
-        let mut st = lock(adi);
+    let Some(cell) = shared.adis.get(token as usize) else { return };
+    let adi = AdiId(token as u32);
+    {
+        let mut st = lock(cell);
         if let Some(db) = &st.doorbell {
             let _ = db.read();
         }
-        process_queue(AdiId(token as u32), &mut st, shared);
+        if st.running {
+            st.again = true;
+            return;
+        }
+        st.running = true;
+    }
+    let outcome = catch_unwind(AssertUnwindSafe(|| run_pass(adi, cell, shared)));
+    let mut st = lock(cell);
+    st.running = false;
+    let more = match outcome {
+        Ok(more) => more,
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+            log::error!("ADI {}: device fault serving its queue ({}); the queue is halted until reset", adi.0, what.unwrap_or("panic"));
+            shared.stats.device_faults.fetch_add(1, Ordering::Relaxed);
+            st.queue = None;
+            false
+        }
+    };
+    if std::mem::take(&mut st.again) || more {
+        if let Some(db) = &st.doorbell {
+            // A doorbell eventfd cannot overflow from one write; the next pass consumes it.
+            let _ = db.write(1);
+        }
     }
 }
 
@@ -198,33 +265,54 @@ fn read_u64(dma: &dyn DmaSpace, addr: u64) -> Option<u64> {
     dma.read(addr, &mut b).ok().map(|_| u64::from_le_bytes(b))
 }
 
-/// Runs the descriptors between the ring's head and the tail the submitter published.
-fn process_queue(adi: AdiId, st: &mut AdiState, shared: &Shared) {
-    let (Some(q), Some(dma)) = (st.queue, st.dma.clone()) else { return };
-    let Some(tail) = read_u32(dma.as_ref(), q.base) else {
-        shared.stats.queue_errors.fetch_add(1, Ordering::Relaxed);
-        return;
+/// Where ring slot `slot` of `q` is. `configure_queue` refused queues whose ring does not fit
+/// below the top of the address space, so this cannot overflow.
+fn slot_addr(q: &QueueConfig, slot: u32) -> u64 {
+    q.base + RING_OFFSET + u64::from(slot) * DESC_SIZE as u64
+}
+
+/// Runs one pass of `adi`'s queue: descriptors between its head and the tail the submitter
+/// published, within the pass budget. Returns whether work remains.
+fn run_pass(adi: AdiId, cell: &Mutex<AdiState>, shared: &Shared) -> bool {
+    let (q, dma, mut head, handles, generation) = {
+        let st = lock(cell);
+        let (Some(q), Some(dma)) = (st.queue, st.dma.clone()) else { return false };
+        (q, dma, st.head, st.handles.clone(), st.generation)
     };
-    // A tail more than a ring ahead is a submitter bug (or hostile): stop, run nothing.
-    if tail.wrapping_sub(st.head) > q.size {
+    let queue_error = || {
         shared.stats.queue_errors.fetch_add(1, Ordering::Relaxed);
-        return;
+        false
+    };
+    let Some(tail) = read_u32(dma.as_ref(), q.base) else { return queue_error() };
+    // A tail more than a ring ahead is a submitter bug (or hostile): stop, run nothing.
+    if tail.wrapping_sub(head) > q.size {
+        return queue_error();
     }
-    while st.head != tail {
-        let slot = u64::from(st.head % q.size);
+    let (mut ran, mut bytes) = (0u32, 0u64);
+    while head != tail {
+        if ran == PASS_DESCRIPTORS || bytes > PASS_BYTES {
+            return true;
+        }
         let mut raw = [0u8; DESC_SIZE];
-        if dma.read(q.base + RING_OFFSET + slot * DESC_SIZE as u64, &mut raw).is_err() {
-            shared.stats.queue_errors.fetch_add(1, Ordering::Relaxed);
-            return;
+        if dma.read(slot_addr(&q, head % q.size), &mut raw).is_err() {
+            return queue_error();
         }
         let desc = Descriptor::decode(&raw);
-        let handle = (desc.flags & flags::RCI != 0).then(|| st.handles.get(usize::from(desc.int_handle)).copied().flatten());
+        let handle = (desc.flags & flags::RCI != 0).then(|| handles.get(usize::from(desc.int_handle)).copied().flatten());
         let completion = match (engine::validate(&desc), handle) {
             (Some(bad), _) => bad,
             // DSA checks the handle before running the descriptor.
             (None, Some(None)) => Completion::status(status::INVALID_INT_HANDLE),
             (None, _) => engine::execute(&desc, dma.as_ref()),
         };
+        ran += 1;
+        bytes += u64::from(desc.size);
+        head = head.wrapping_add(1);
+        // Commit under the ADI's lock, unless a reset, reconfiguration or close came meanwhile.
+        let mut st = lock(cell);
+        if st.generation != generation {
+            return false;
+        }
         if desc.flags & flags::RCR != 0 && desc.flags & flags::CRAV != 0 {
             let rec = completion.encode();
             // Status byte last: a polling submitter never sees a half-written record.
@@ -234,10 +322,10 @@ fn process_queue(adi: AdiId, st: &mut AdiState, shared: &Shared) {
                 shared.stats.queue_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        st.head = st.head.wrapping_add(1);
+        st.head = head;
         // The ring header was readable a moment ago; a write refused now (the guest unmapped
         // it) is the guest's queue error, counted like the others.
-        if dma.write(q.base + 4, &st.head.to_le_bytes()).is_err() {
+        if dma.write(q.base + 4, &head.to_le_bytes()).is_err() {
             shared.stats.queue_errors.fetch_add(1, Ordering::Relaxed);
         }
         shared.stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -258,6 +346,7 @@ fn process_queue(adi: AdiId, st: &mut AdiState, shared: &Shared) {
             }
         }
     }
+    false
 }
 
 impl SiovDevice for SoftSiovDevice {
@@ -305,12 +394,12 @@ impl SiovDevice for SoftSiovDevice {
             Some(page) => Portal::Mapped { page, doorbell: doorbell.clone() },
         };
         binding.users += 1;
-        *st = AdiState {
+        st.replace(AdiState {
             binding: Some(dma),
             dma: Some(binding.space.clone()),
             doorbell: Some(doorbell),
             ..AdiState::default()
-        };
+        });
         Ok(portal)
     }
 
@@ -330,7 +419,7 @@ impl SiovDevice for SoftSiovDevice {
                 b.users = b.users.saturating_sub(1);
             }
         }
-        *st = AdiState::default();
+        st.replace(AdiState::default());
         drop(st);
         lock(&self.shared.ims).free_all(adi);
         Ok(())
@@ -341,9 +430,8 @@ impl SiovDevice for SoftSiovDevice {
         if st.dma.is_none() {
             return Err(Error::AdiNotOpen(adi.0));
         }
-        st.queue = None;
-        st.head = 0;
-        st.handles.clear();
+        st.restart_queue(None);
+        st.handles = Arc::new([]);
         Ok(())
     }
 
@@ -359,9 +447,14 @@ impl SiovDevice for SoftSiovDevice {
             if !q.base.is_multiple_of(64) {
                 return Err(Error::BadQueue("base must be 64-byte aligned"));
             }
+            // The header and the whole ring below the top of the address space, so that no
+            // slot address computed later can wrap.
+            let ring = RING_OFFSET + u64::from(q.size) * DESC_SIZE as u64;
+            if q.base.checked_add(ring - 1).is_none() {
+                return Err(Error::BadQueue("the ring must end below the top of the address space"));
+            }
         }
-        st.queue = queue;
-        st.head = 0;
+        st.restart_queue(queue);
         Ok(())
     }
 
@@ -378,7 +471,7 @@ impl SiovDevice for SoftSiovDevice {
         }
         drop(ims);
         let mut st = lock(self.adi(adi)?);
-        st.handles = handles.to_vec();
+        st.handles = handles.into();
         Ok(())
     }
 

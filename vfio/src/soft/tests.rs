@@ -343,3 +343,157 @@ fn a_store_to_the_mapped_portal_runs_the_queue() {
     assert_eq!(dev.portal_rings(), 3);
     dev.close_adi(AdiId(1)).unwrap();
 }
+
+/// A queue of `size` descriptors on its own guest RAM ("another VM"), opened on `dev`.
+struct Lane {
+    ram: GuestRam,
+    adi: AdiId,
+    doorbell: Arc<EventFd>,
+    size: u32,
+    tail: std::cell::Cell<u32>,
+}
+
+const BIG_QUEUE: u32 = 4096;
+const MIB: u32 = 1 << 20;
+
+fn lane(dev: &SoftSiovDevice, adi: u32, space: Arc<dyn DmaSpace>, ram: GuestRam, size: u32) -> Lane {
+    let dma = dev.dma_bind(space).unwrap();
+    let doorbell = dev.open_adi(AdiId(adi), dma).unwrap().doorbell().clone();
+    dev.configure_queue(AdiId(adi), Some(QueueConfig { base: QUEUE, size })).unwrap();
+    Lane { ram, adi: AdiId(adi), doorbell, size, tail: Default::default() }
+}
+
+fn ram(bytes: usize) -> GuestRam {
+    GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes)]).unwrap())
+}
+
+impl Lane {
+    /// Writes `descs` into the ring after the last submission, publishes the tail and rings
+    /// the doorbell.
+    fn submit_all(&self, descs: impl IntoIterator<Item = Descriptor>) {
+        let mut tail = self.tail.get();
+        for d in descs {
+            self.ram.write(QUEUE + RING_OFFSET + u64::from(tail % self.size) * 64, &d.encode()).unwrap();
+            tail = tail.wrapping_add(1);
+        }
+        self.tail.set(tail);
+        self.ram.write(QUEUE, &tail.to_le_bytes()).unwrap();
+        self.doorbell.write(1).unwrap();
+    }
+
+    /// The queue starts over at slot 0 (reset and configured again, with `size` slots).
+    fn restart(&mut self, dev: &SoftSiovDevice, size: u32) {
+        dev.configure_queue(self.adi, Some(QueueConfig { base: QUEUE, size })).unwrap();
+        self.ram.write(QUEUE + 4, &0u32.to_le_bytes()).unwrap();
+        (self.size, self.tail) = (size, Default::default());
+    }
+
+    fn head(&self) -> u32 {
+        let mut b = [0u8; 4];
+        self.ram.read(QUEUE + 4, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    /// Submits a NOOP with a completion record and waits for it (up to a minute).
+    fn noop(&self) -> Completion {
+        let d = Descriptor { opcode: opcode::NOOP, flags: flags::CRAV | flags::RCR, completion_addr: RECORDS, ..Default::default() };
+        self.ram.write(RECORDS, &[0u8; COMPLETION_SIZE]).unwrap();
+        self.submit_all([d]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut b = [0u8; COMPLETION_SIZE];
+            self.ram.read(RECORDS, &mut b).unwrap();
+            if b[0] != status::NONE {
+                return Completion::decode(&b);
+            }
+            assert!(Instant::now() < deadline, "ADI {}'s NOOP never completed", self.adi.0);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// 4,096 one-MiB copies: seconds of work behind one doorbell.
+fn long_batch() -> impl Iterator<Item = Descriptor> {
+    (0..BIG_QUEUE).map(|_| Descriptor { opcode: opcode::MEMMOVE, src: 1 << 20, dst: 2 << 20, size: MIB, ..Default::default() })
+}
+
+#[test]
+fn one_adis_long_batch_does_not_hold_up_another_vms_adi_on_the_same_worker() {
+    // One worker serves both ADIs, as ADIs share workers.
+    let dev = SoftSiovDevice::new(2, 64, ImsStorage::OnDevice, 1).unwrap();
+    let a_ram = ram(4 << 20);
+    let a = lane(&dev, 0, Arc::new(a_ram.clone()), a_ram, BIG_QUEUE);
+    let b_ram = ram(1 << 20);
+    let b = lane(&dev, 1, Arc::new(b_ram.clone()), b_ram, 8);
+    a.submit_all(long_batch());
+    assert_eq!(b.noop().status, status::SUCCESS);
+    // The other ADI waited for a pass of A's queue or two, not for the batch.
+    let done = a.head();
+    assert!(done < 64, "A had completed {done} of {BIG_QUEUE} one-MiB copies before B's NOOP");
+}
+
+#[test]
+fn a_reset_returns_at_once_and_cancels_the_batch_in_progress() {
+    let dev = SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap();
+    let a_ram = ram(4 << 20);
+    let mut a = lane(&dev, 0, Arc::new(a_ram.clone()), a_ram, BIG_QUEUE);
+    a.submit_all(long_batch());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.head() < 2 {
+        assert!(Instant::now() < deadline, "the batch never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    dev.reset_adi(a.adi).unwrap();
+    let completed = || dev.stats().completed.load(std::sync::atomic::Ordering::Relaxed);
+    let (after_reset, head) = (completed(), a.head());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!((completed(), a.head()), (after_reset, head), "nothing completes after the reset");
+    assert!(head < BIG_QUEUE);
+    // The reset ADI works again once its queue is configured.
+    a.restart(&dev, 8);
+    assert_eq!(a.noop().status, status::SUCCESS);
+}
+
+/// Guest RAM whose accesses at one address panic, as a defect in a DMA path would.
+struct Defective(GuestRam, u64);
+impl DmaSpace for Defective {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), crate::dma::DmaFault> {
+        assert_ne!(addr, self.1, "defective DMA path");
+        self.0.read(addr, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), crate::dma::DmaFault> {
+        self.0.write(addr, buf)
+    }
+}
+
+#[test]
+fn a_panic_serving_one_adi_halts_that_queue_and_the_worker_serves_the_others() {
+    let dev = SoftSiovDevice::new(2, 64, ImsStorage::OnDevice, 1).unwrap();
+    let a_ram = ram(1 << 20);
+    let mut a = lane(&dev, 0, Arc::new(Defective(a_ram.clone(), 0x8000)), a_ram, 8);
+    let b_ram = ram(1 << 20);
+    let b = lane(&dev, 1, Arc::new(b_ram.clone()), b_ram, 8);
+    a.submit_all([Descriptor { opcode: opcode::MEMMOVE, src: 0x8000, dst: 0x9000, size: 64, ..Default::default() }]);
+    assert_eq!(b.noop().status, status::SUCCESS, "the worker outlived the panic");
+    assert_eq!(dev.stats().device_faults.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // A's queue is halted until the guest resets or reconfigures it.
+    a.submit_all([Descriptor { opcode: opcode::NOOP, ..Default::default() }]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(a.head(), 0);
+    dev.reset_adi(a.adi).unwrap();
+    a.restart(&dev, 8);
+    assert_eq!(a.noop().status, status::SUCCESS);
+    assert_eq!(b.noop().status, status::SUCCESS);
+}
+
+#[test]
+fn a_queue_whose_ring_would_wrap_the_address_space_is_refused() {
+    let dev = SoftSiovDevice::new(1, 64, ImsStorage::OnDevice, 1).unwrap();
+    let dma = dev.dma_bind(Arc::new(ram(4096))).unwrap();
+    dev.open_adi(AdiId(0), dma).unwrap();
+    let top = u64::MAX - 63; // 64-byte aligned; header and ring past the end of the address space
+    assert!(matches!(dev.configure_queue(AdiId(0), Some(QueueConfig { base: top, size: 8 })), Err(Error::BadQueue(_))));
+    let last_fit = u64::MAX - (RING_OFFSET + 8 * 64) + 1;
+    assert!(dev.configure_queue(AdiId(0), Some(QueueConfig { base: last_fit, size: 8 })).is_ok(), "ends exactly at the top");
+    assert!(matches!(dev.configure_queue(AdiId(0), Some(QueueConfig { base: last_fit + 64, size: 8 })), Err(Error::BadQueue(_))));
+}
