@@ -14,8 +14,7 @@ use siovmm_hypercall::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::adi::MAX_PV_SLOTS;
-use crate::{AdiTable, ImsOptIn};
+use crate::{AdiTable, ImsOptIn, ImsQuota};
 
 /// Guest-physical address of the hypercall register (next to the boot timer, outside RAM
 /// and the PCI windows; announced through CPUID).
@@ -55,6 +54,7 @@ pub struct Hypercalls {
     vcpus: u32,
     offer: ImsOffer,
     opt_in: ImsOptIn,
+    quota: ImsQuota,
     calls: u64,
 }
 
@@ -67,16 +67,17 @@ impl std::fmt::Debug for Hypercalls {
 impl Hypercalls {
     /// An endpoint for a VM with `vcpus` vCPUs whose ADIs are `functions` (by requester ID;
     /// the VDCM keeps the table current as ADIs come and go).
-    /// `offer` is what the VM's policy lets a guest that opts in use; `opt_in` is shared with
-    /// the VM's ADIs (their trapped windows follow it).
-    pub fn new(mem: GuestMemoryMmap, functions: AdiTable, vcpus: u32, offer: ImsOffer, opt_in: ImsOptIn) -> Self {
-        Self { mem, functions, vcpus, offer, opt_in, calls: 0 }
+    /// `offer` is what the VM's policy lets a guest that opts in use; `opt_in` and `quota` are
+    /// shared with the VM's ADIs (their trapped windows follow the opt-in; their slots count
+    /// against the quota, which QUERY reports).
+    pub fn new(mem: GuestMemoryMmap, functions: AdiTable, vcpus: u32, offer: ImsOffer, (opt_in, quota): (ImsOptIn, ImsQuota)) -> Self {
+        Self { mem, functions, vcpus, offer, opt_in, quota, calls: 0 }
     }
 
     /// Executes one decoded call.
     pub fn execute(&self, call: Call) -> Result<u64, Status> {
         match (call, self.offer) {
-            (Call::Query, ImsOffer::Pv { .. }) => return Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)),
+            (Call::Query, ImsOffer::Pv { .. }) => return Ok(u64::from(ABI_VERSION) << 32 | u64::from(self.quota.slots_per_adi())),
             (Call::Query, _) => return Ok(u64::from(ABI_VERSION) << 32),
             (Call::ImsOptIn, ImsOffer::None) => return Err(Status::NotAllowed),
             (Call::ImsOptIn, offer) => {
@@ -148,7 +149,7 @@ mod tests {
     fn endpoint(offer: ImsOffer) -> (Hypercalls, ImsOptIn) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
         let opt_in = ImsOptIn::default();
-        (Hypercalls::new(mem, AdiTable::default(), 1, offer, opt_in.clone()), opt_in)
+        (Hypercalls::new(mem, AdiTable::default(), 1, offer, (opt_in.clone(), ImsQuota::new(300, 200))), opt_in)
     }
 
     #[test]
@@ -162,7 +163,7 @@ mod tests {
         assert_eq!(pv.execute(Call::ImsOptIn), Ok(u64::from(FLAG_IMS_ALLOWED)));
         assert!(opt_in.get());
         assert_eq!(pv.execute(alloc), Err(Status::NoSuchAdi), "past the gate: the ADI is looked up");
-        assert_eq!(pv.execute(Call::Query), Ok(u64::from(ABI_VERSION) << 32 | u64::from(MAX_PV_SLOTS)));
+        assert_eq!(pv.execute(Call::Query), Ok(u64::from(ABI_VERSION) << 32 | 200), "the quota, not the slot numbers");
 
         let (off, opt_in) = endpoint(ImsOffer::None);
         assert_eq!(off.execute(Call::ImsOptIn), Err(Status::NotAllowed));

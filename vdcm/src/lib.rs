@@ -18,6 +18,7 @@ pub mod adi;
 #[cfg(test)]
 mod fakes;
 pub mod hypercall;
+pub mod ims_quota;
 pub mod iommu_dma;
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,6 +34,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use adi::{AdiFunction, AdiParts, BarMapper, BAR0_SIZE, DOORBELL};
+pub use ims_quota::ImsQuota;
 use siovmm_interrupts::{IoEvents, MsiRouter};
 
 /// Most ADIs one guest gets: every function of every root bus (`arch::pci`).
@@ -147,6 +149,9 @@ pub struct GuestSide {
     pub adis: AdiTable,
     /// Whether the guest has opted in to IMS (shared with its hypercall endpoint).
     pub ims_opt_in: ImsOptIn,
+    /// The IMS entries the guest may take through its ADIs (shared with its hypercall
+    /// endpoint, whose QUERY reports it).
+    pub ims_quota: ImsQuota,
 }
 
 /// Whether a VM's guest has opted in to IMS through the hypercall (IMS_OPT_IN). Every guest
@@ -389,6 +394,7 @@ impl Vdcm {
             bar0,
             ims_trap: self.options.ims_trap,
             ims_opt_in: self.guest.ims_opt_in.clone(),
+            ims_quota: self.guest.ims_quota.clone(),
             vcpus: self.options.vcpus,
         });
         match function {
@@ -499,6 +505,7 @@ mod tests {
     use super::*;
     use siovmm_vfio::siov::ImsStorage;
     use siovmm_vfio::soft::SoftSiovDevice;
+    use siovmm_hypercall::Status;
 
     /// KVM's ioeventfds, which these tests do not look at.
     struct NoIoEvents;
@@ -517,7 +524,7 @@ mod tests {
     }
 
     fn guest(device: &Arc<SoftSiovDevice>, mem: &GuestMemoryMmap, buses: u32) -> Guest {
-        guest_with(device, mem, buses, Arc::new(NoIoEvents), None)
+        guest_with(device, mem, buses, Arc::new(NoIoEvents), None, ImsQuota::default())
     }
 
     fn guest_with(
@@ -526,6 +533,7 @@ mod tests {
         buses: u32,
         doorbells: Arc<dyn IoEvents>,
         portals: Option<Arc<dyn PortalMaps>>,
+        ims_quota: ImsQuota,
     ) -> Guest {
         let mmio = Arc::new(Bus::new());
         let router = Arc::new(MsiRouter::new(Arc::new(crate::fakes::FakeRoutes::default()), 64).unwrap());
@@ -540,6 +548,7 @@ mod tests {
             pci: pci.clone(),
             adis: AdiTable::default(),
             ims_opt_in: ImsOptIn::default(),
+            ims_quota,
         };
         let options = AdiOptions { vectors: 2, ims_trap: false, vcpus: 1 };
         let vdcm = Vdcm::new(side, device.clone(), options).unwrap();
@@ -607,7 +616,7 @@ mod tests {
         let device = Arc::new(SoftSiovDevice::with_portals(2, 16, ImsStorage::OnDevice, 1, PortalKind::Mapped).unwrap());
         let live = Arc::new(Mutex::new(Vec::new()));
         let (events, maps) = (Arc::new(Doorbells(live.clone())), Arc::new(Doorbells(live.clone())));
-        let mut g = guest_with(&device, &memory(), 1, events, Some(maps));
+        let mut g = guest_with(&device, &memory(), 1, events, Some(maps), ImsQuota::default());
         let bdf = g.vdcm.add(&[AdiId(0)], &mut g.slots).unwrap()[0];
         let bar0 = g.vdcm.placed[&bdf].bar0;
         assert_eq!(*lock(&live), [("page", bar0 + DOORBELL)], "the page over the doorbell, no ioeventfd");
@@ -621,7 +630,7 @@ mod tests {
         assert!(lock(&live).is_empty(), "unmapped with the ADI");
         // Without a mapper, the same device's doorbell is an ioeventfd.
         let live = Arc::new(Mutex::new(Vec::new()));
-        let mut g = guest_with(&device, &memory(), 1, Arc::new(Doorbells(live.clone())), None);
+        let mut g = guest_with(&device, &memory(), 1, Arc::new(Doorbells(live.clone())), None, ImsQuota::default());
         let bdf = g.vdcm.add(&[AdiId(1)], &mut g.slots).unwrap()[0];
         let bar0 = g.vdcm.placed[&bdf].bar0;
         assert_eq!(*lock(&live), [("ioeventfd", bar0 + DOORBELL)]);
@@ -632,7 +641,7 @@ mod tests {
         use devices::pci::PciFunction;
         let device = Arc::new(SoftSiovDevice::new(2, 16, ImsStorage::OnDevice, 1).unwrap());
         let live = Arc::new(Mutex::new(Vec::new()));
-        let mut g = guest_with(&device, &memory(), 1, Arc::new(Doorbells(live.clone())), None);
+        let mut g = guest_with(&device, &memory(), 1, Arc::new(Doorbells(live.clone())), None, ImsQuota::default());
         let bdfs = g.vdcm.add(&[AdiId(0), AdiId(1)], &mut g.slots).unwrap();
         let (bar_a, bar_b) = (g.vdcm.placed[&bdfs[0]].bar0, g.vdcm.placed[&bdfs[1]].bar0);
         let a = g.vdcm.placed[&bdfs[0]].function.clone();
@@ -650,6 +659,36 @@ mod tests {
         // A taken off the bus (memory decoding off) and removed leaves B as it was.
         g.vdcm.remove(bdfs[0], &mut g.slots).unwrap();
         assert_eq!((g.mmio.len(), lock(&live).clone()), (1, vec![("ioeventfd", bar_b + DOORBELL)]));
+    }
+
+    #[test]
+    fn one_guest_cannot_take_the_ims_entries_another_guest_needs() {
+        // 64 entries: each guest's 2 ADIs hold 2 × 2 for MSI-X.
+        let device = Arc::new(SoftSiovDevice::new(4, 64, ImsStorage::OnDevice, 1).unwrap());
+        let mem = memory();
+        let quota = ImsQuota::new(16, 24);
+        let mut a = guest_with(&device, &mem, 1, Arc::new(NoIoEvents), None, quota.clone());
+        let a_bdfs = a.vdcm.add(&[AdiId(0), AdiId(1)], &mut a.slots).unwrap();
+        let mut b = guest(&device, &mem, 1);
+        b.vdcm.add(&[AdiId(2), AdiId(3)], &mut b.slots).unwrap();
+        let fa: Vec<_> = a_bdfs.iter().map(|bdf| a.vdcm.placed[bdf].function.clone()).collect();
+        // Per ADI: 16, then no more for that ADI.
+        assert_eq!(lock(&fa[0]).pv_alloc(16), Ok(0));
+        assert_eq!(lock(&fa[0]).pv_alloc(1), Err(Status::Exhausted));
+        // Per VM: 24 across both ADIs.
+        assert_eq!(lock(&fa[1]).pv_alloc(8), Ok(0));
+        assert_eq!(lock(&fa[1]).pv_alloc(1), Err(Status::Exhausted));
+        assert_eq!(quota.held(), 24);
+        // The other guest still gets what the device has left: 64 - 8 (MSI-X) - 24.
+        let fb = b.vdcm.functions()[0].clone();
+        assert_eq!(lock(&fb).pv_alloc(32), Ok(0));
+        assert_eq!(device.ims_free_entries(), 0);
+        // Freed and removed entries are the VM's again.
+        lock(&fa[1]).pv_free(0).unwrap();
+        assert_eq!(quota.held(), 16);
+        drop(fa);
+        a.vdcm.remove(a_bdfs[0], &mut a.slots).unwrap();
+        assert_eq!(quota.held(), 0);
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
             pci: root,
             adis: Default::default(),
             ims_opt_in: Default::default(),
+            ims_quota: Default::default(),
         };
         let mut slots = PciAllocator::new(Default::default());
         let vdcm = Vdcm::compose(guest, &mut slots, device.clone(), req).map_err(|e| e.to_string())?;

@@ -46,6 +46,10 @@ SIOV (Scalable IOV) options:
                        guest programs IMS slots in each ADI's BAR0 window, trapped by siovmm;
                        needs on-device IMS) or pv (it gets IMS vectors through the hypercall)
                        [default: off]
+    --ims-per-adi N    most IMS entries the guest may take per ADI through the hypercall or
+                       the trapped window, 1..=32768 (QUERY reports it) [default: 2048]
+    --ims-per-vm N     most for all the guest's ADIs together, 1..=65536 [default: the
+                       device's]
     --viommu           give the guest a virtual VT-d DMA-remapping unit (ACPI DMAR, one DRHD
                        with INCLUDE_PCI_ALL at 0xfed90000) that translates ADI DMA as the guest
                        programs it; with --ims off it reports Caching Mode (no IMS in this VM)
@@ -188,7 +192,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 siov_opts.push((flag, String::new()));
                 continue;
             }
-            "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--siov-portal" | "--max-msi-routes" | "--ims" => {
+            "--adi-vectors" | "--siov-adis" | "--siov-ims" | "--ims-storage" | "--siov-portal" | "--max-msi-routes" | "--ims"
+            | "--ims-per-adi" | "--ims-per-vm" => {
                 if siov_opts.iter().any(|(f, _)| *f == flag) {
                     return err(format!("{flag} given more than once"));
                 }
@@ -259,6 +264,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                     _ => return err(format!("--ims {v}: must be off, trap or pv")),
                 }
             }
+            "--ims-per-adi" => siov.ims_per_adi = parse_count(flag, v, 1, siovmm_vdcm::adi::MAX_PV_SLOTS)?,
+            "--ims-per-vm" => siov.ims_per_vm = parse_count(flag, v, 1, siovmm_vfio::soft::ims::MAX_ENTRIES)?,
             "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, siovmm_interrupts::router::MAX_MSI_ROUTES)?,
             "--siov-portal" => {
                 portal = match v.as_str() {
@@ -507,7 +514,8 @@ mod tests {
         assert_eq!(c.siov, SiovConfig::default());
         let Command::Run(c) = parse(args(&[
             "--kernel", &k, "--adi", "40", "--adi=24", "--adi-vectors", "4", "--ims-storage", "in-memory",
-            "--siov-ims", "20000", "--max-msi-routes", "100", "--siov-portal", "mapped",
+            "--siov-ims", "20000", "--max-msi-routes", "100", "--siov-portal", "mapped", "--ims-per-adi", "64",
+            "--ims-per-vm=1000",
         ]))
         .unwrap() else {
             panic!()
@@ -520,7 +528,9 @@ mod tests {
                 device: SiovBackend::Software { adis: 256, ims_entries: 20_000, storage: ImsStorage::InMemory, portal: PortalKind::Mapped },
                 max_msi_routes: 100,
                 viommu: false,
-                ims: ImsPolicy::Off
+                ims: ImsPolicy::Off,
+                ims_per_adi: 64,
+                ims_per_vm: 1000,
             }
         );
         assert_eq!(parse(args(&["--help"])).unwrap(), Command::Help);
@@ -531,6 +541,8 @@ mod tests {
     fn errors_name_the_bad_value() {
         let k = fake_kernel();
         assert_eq!(parse_err(&["--kernel", &k, "--cpus", "0"]), "--cpus 0: must be between 1 and 254");
+        assert_eq!(parse_err(&["--kernel", &k, "--ims-per-adi", "40000"]), "--ims-per-adi 40000: must be between 1 and 32768");
+        assert_eq!(parse_err(&["--kernel", &k, "--ims-per-vm", "0"]), "--ims-per-vm 0: must be between 1 and 65536");
         assert_eq!(parse_err(&["--kernel", &k, "--cpus", "x"]), "--cpus x: not a number");
         assert_eq!(parse_err(&["--kernel", &k, "--cpus", "300"]), "--cpus 300: must be between 1 and 254");
         assert!(parse_err(&["--kernel", &k, "--memory", "lots"]).starts_with("--memory lots: not a size"));

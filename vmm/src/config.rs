@@ -75,6 +75,10 @@ pub struct SiovConfig {
     pub viommu: bool,
     /// IMS policy.
     pub ims: ImsPolicy,
+    /// Most IMS entries the guest may take per ADI through the hypercall or trapped windows.
+    pub ims_per_adi: u32,
+    /// Most for all its ADIs together (`u32::MAX`: as many as the device has).
+    pub ims_per_vm: u32,
 }
 
 /// What a guest may do with IMS (docs/ims-policy.md). Read only through its methods, so that
@@ -120,6 +124,8 @@ impl Default for SiovConfig {
             max_msi_routes: siovmm_interrupts::router::MAX_MSI_ROUTES,
             viommu: false,
             ims: ImsPolicy::Off,
+            ims_per_adi: siovmm_vdcm::ims_quota::DEFAULT_PER_ADI,
+            ims_per_vm: u32::MAX,
         }
     }
 }

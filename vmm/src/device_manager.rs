@@ -12,7 +12,7 @@ use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_interrupts::router::MsiRouter;
-use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, ImsOptIn, Vdcm};
+use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, ImsOptIn, ImsQuota, Vdcm};
 use kvm_ioctls::VmFd;
 use siovmm_vfio::host::HostDevice;
 use siovmm_vfio::siov::AdiId;
@@ -47,6 +47,8 @@ pub(crate) struct DeviceManager {
     adis: AdiTable,
     /// Whether the guest has opted in to IMS (its hypercall endpoint sets it; its ADIs read it).
     ims_opt_in: ImsOptIn,
+    /// The IMS entries the guest may take through its ADIs (the hypercall's QUERY reports it).
+    ims_quota: ImsQuota,
     /// Created with the first function that has vectors, so a VM without any has no
     /// overflow thread.
     router: Option<Arc<MsiRouter>>,
@@ -60,6 +62,7 @@ pub(crate) struct DeviceManager {
 
 impl DeviceManager {
     pub(crate) fn new(guest: GuestParts, siov: SiovConfig, vcpus: u32, pci: Arc<PciRoot>, slots: PciAllocator) -> Self {
+        let ims_quota = ImsQuota::new(siov.ims_per_adi, siov.ims_per_vm);
         Self {
             guest,
             siov,
@@ -68,6 +71,7 @@ impl DeviceManager {
             slots,
             adis: AdiTable::default(),
             ims_opt_in: ImsOptIn::default(),
+            ims_quota,
             router: None,
             vdcm: None,
             passthrough: None,
@@ -85,9 +89,9 @@ impl DeviceManager {
         Ok(self.router.insert(Arc::new(router)).clone())
     }
 
-    /// The guest's IMS opt-in, shared with its hypercall endpoint.
-    pub(crate) fn ims_opt_in(&self) -> ImsOptIn {
-        self.ims_opt_in.clone()
+    /// The guest's IMS opt-in and quota, shared with its hypercall endpoint.
+    pub(crate) fn guest_ims(&self) -> (ImsOptIn, ImsQuota) {
+        (self.ims_opt_in.clone(), self.ims_quota.clone())
     }
 
     /// The table the hypercall endpoint reads; it follows every addition and removal.
@@ -111,6 +115,7 @@ impl DeviceManager {
             pci: self.pci.clone(),
             adis: self.adis.clone(),
             ims_opt_in: self.ims_opt_in.clone(),
+            ims_quota: self.ims_quota.clone(),
         };
         let options = AdiOptions { vectors: self.siov.vectors, ims_trap: self.siov.ims.traps_ims_window(), vcpus: self.vcpus };
         Ok(Vdcm::new(side, device, options)?)

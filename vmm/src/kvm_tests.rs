@@ -160,6 +160,7 @@ fn vm_with_adis(
             o.set();
             o
         },
+        ims_quota: Default::default(),
     };
     let mut slots = devices::pci::PciAllocator::new(arch::pci::PciTopology::for_functions(req.count).unwrap());
     let vdcm = siovmm_vdcm::Vdcm::compose(guest, &mut slots, device, req).unwrap();

@@ -422,7 +422,7 @@ impl Vm {
             trace.mark(&format!("vfio-user device {} at {bdf}", socket.display()));
         }
         // Always there, as CPUID announces it: a VM's ADIs may come later.
-        let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims, devices.ims_opt_in());
+        let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims, devices.guest_ims());
         place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
         attach_pci(&platform, &root, &topology)?;
         trace.mark("devices");

@@ -98,6 +98,11 @@ impl ImsSlots {
         Some(group)
     }
 
+    /// Slots held (in live groups).
+    pub fn held(&self) -> u32 {
+        self.groups.iter().map(|(_, g)| g.count).sum()
+    }
+
     /// A live slot.
     pub fn slot_mut(&mut self, slot: u32) -> Option<&mut PvSlot> {
         self.slots.get_mut(slot as usize).and_then(Option::as_mut)

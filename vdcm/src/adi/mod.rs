@@ -89,6 +89,7 @@ pub struct AdiFunction {
     vcpus: u32,
     /// The guest has opted in to IMS (the trapped window is live only then).
     ims_opt_in: crate::ImsOptIn,
+    ims_quota: crate::ImsQuota,
     /// The device keeps IMS in memory: the guest stores each slot's host message in its
     /// queue's IMS area, where mask and pending live too (`siovmm_vfio::soft::queue_ims`).
     in_queue: bool,
@@ -134,8 +135,18 @@ pub struct AdiParts {
     pub ims_trap: bool,
     /// Whether the guest has opted in to IMS: the window is inert until then.
     pub ims_opt_in: crate::ImsOptIn,
+    /// The VM's quota the ADI's hypercall and window slots count against.
+    pub ims_quota: crate::ImsQuota,
     /// vCPUs of the VM.
     pub vcpus: u32,
+}
+
+impl Drop for AdiFunction {
+    /// The ADI's slots leave with it (the device takes the entries back when the ADI closes):
+    /// the VM's quota gets them back.
+    fn drop(&mut self) {
+        self.ims_quota.give(self.slots.held());
+    }
 }
 
 impl std::fmt::Debug for AdiParts {
@@ -167,8 +178,14 @@ impl AdiFunction {
             slots: ImsSlots::new(p.ims_trap),
             vcpus: p.vcpus,
             ims_opt_in: p.ims_opt_in,
+            ims_quota: p.ims_quota,
             in_queue,
         })
+    }
+
+    /// IMS entries the ADI holds beyond its MSI-X vectors' (hypercall and window slots).
+    pub fn ims_slots_held(&self) -> u32 {
+        self.slots.held()
     }
 
     /// Maps BAR0 where config space says, if memory decode is on. Call after construction.
@@ -200,9 +217,16 @@ impl AdiFunction {
 
     /// Hypercall IMS_ALLOC: `count` more IMS entries for this ADI; returns the first slot.
     pub fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
-        let first = self.slots.reserve(count).ok_or(Status::Exhausted)?;
+        if !self.ims_quota.take(self.slots.held(), count) {
+            return Err(Status::Exhausted);
+        }
+        let Some(first) = self.slots.reserve(count) else {
+            self.ims_quota.give(count);
+            return Err(Status::Exhausted);
+        };
         let Ok(group) = self.device.ims_alloc(self.adi, count) else {
             self.slots.unreserve(first, count);
+            self.ims_quota.give(count);
             return Err(Status::Exhausted);
         };
         self.slots.fill(first, group);
@@ -213,6 +237,7 @@ impl AdiFunction {
     /// Hypercall IMS_FREE of the group starting at `first`.
     pub fn pv_free(&mut self, first: u32) -> Result<(), Status> {
         let group = self.slots.release(first).ok_or(Status::NoSuchSlot)?;
+        self.ims_quota.give(group.count);
         for slot in first..first + group.count {
             self.faults.record("unbinding an IMS slot", self.router.unbind(VectorKey::ims(FunctionId::Adi(self.adi.0), slot)));
         }
@@ -444,6 +469,7 @@ mod tests {
             bar0: 0xc000_0000,
             ims_trap,
             ims_opt_in,
+            ims_quota: crate::ImsQuota::default(),
             vcpus: 1,
         })
         .map(|f| (f, ram))
@@ -502,6 +528,26 @@ mod tests {
         program(&mut f);
         assert_eq!(f.read_window(8), 0x45);
         assert_ne!(f.read_window(12) & ims_ctrl::BACKED, 0, "opted in: the slot is backed by a host IMS entry");
+    }
+
+    #[test]
+    fn trapped_window_slots_count_against_the_quota_and_come_back_with_the_adi() {
+        let opt_in = crate::ImsOptIn::default();
+        opt_in.set();
+        let mut f = function_with(Arc::new(FakeRoutes::default()), true, opt_in);
+        let quota = crate::ImsQuota::new(3, 100);
+        f.ims_quota = quota.clone();
+        for slot in 0..4u64 {
+            for (i, v) in [0xfee0_0000u32, 0, 0x45, 0].into_iter().enumerate() {
+                f.write_window(slot * 16 + i as u64 * 4, v);
+            }
+        }
+        let backed = |f: &AdiFunction, slot: u64| f.read_window(slot * 16 + 12) & ims_ctrl::BACKED != 0;
+        assert!((0..3).all(|s| backed(&f, s)), "three slots within the ADI's quota");
+        assert!(!backed(&f, 3), "the fourth is over it and stays unbacked");
+        assert_eq!((f.ims_slots_held(), quota.held()), (3, 3));
+        drop(f);
+        assert_eq!(quota.held(), 0, "the ADI's entries are the VM's again");
     }
 
     /// The guest enables MSI-X and programs vector 0 with `message`, unmasked.
