@@ -308,11 +308,22 @@ impl MsiRouter {
     pub fn unbind_function(&self, function: FunctionId) -> std::io::Result<usize> {
         let mut st = lock(&self.state);
         let keys: Vec<VectorKey> = st.bindings.keys().filter(|k| k.function == function).copied().collect();
+        self.unbind_locked_all(&mut st, &keys)
+    }
+
+    /// [`MsiRouter::unbind`] for many vectors, with one routing-table commit for them all;
+    /// returns how many were bound. Every vector is detached even if one irqfd refuses.
+    pub fn unbind_all(&self, keys: impl IntoIterator<Item = VectorKey>) -> std::io::Result<usize> {
+        let mut st = lock(&self.state);
+        let keys: Vec<VectorKey> = keys.into_iter().filter(|k| st.bindings.contains_key(k)).collect();
+        self.unbind_locked_all(&mut st, &keys)
+    }
+
+    fn unbind_locked_all(&self, st: &mut State, keys: &[VectorKey]) -> std::io::Result<usize> {
         let mut routed = false;
         let mut first_error = None;
-        for key in &keys {
-            // Every vector is detached even if one irqfd refuses: the function is going.
-            match self.detach_locked(&mut st, *key) {
+        for key in keys {
+            match self.detach_locked(st, *key) {
                 Ok(r) => routed |= r,
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -320,7 +331,7 @@ impl MsiRouter {
             }
         }
         if routed {
-            self.commit(&st)?;
+            self.commit(st)?;
         }
         first_error.map_or(Ok(keys.len()), Err)
     }

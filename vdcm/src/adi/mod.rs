@@ -238,9 +238,9 @@ impl AdiFunction {
     pub fn pv_free(&mut self, first: u32) -> Result<(), Status> {
         let group = self.slots.release(first).ok_or(Status::NoSuchSlot)?;
         self.ims_quota.give(group.count);
-        for slot in first..first + group.count {
-            self.faults.record("unbinding an IMS slot", self.router.unbind(VectorKey::ims(FunctionId::Adi(self.adi.0), slot)));
-        }
+        let function = FunctionId::Adi(self.adi.0);
+        let r = self.router.unbind_all((first..first + group.count).map(|slot| VectorKey::ims(function, slot)));
+        self.faults.record("unbinding IMS slots", r);
         // Revoke the handles before the entries go back to the device.
         let r = self.publish_handles();
         self.faults.record("publishing interrupt handles", r);
@@ -449,12 +449,23 @@ mod tests {
         ims_trap: bool,
         ims_opt_in: crate::ImsOptIn,
     ) -> (AdiFunction, GuestRam) {
-        let device = Arc::new(SoftSiovDevice::new(1, 64, storage, 1).unwrap());
+        function_of(storage, routes, ims_trap, ims_opt_in, 2)
+    }
+
+    /// [`function_in`] with `vectors` MSI-X vectors.
+    fn function_of(
+        storage: ImsStorage,
+        routes: Arc<FakeRoutes>,
+        ims_trap: bool,
+        ims_opt_in: crate::ImsOptIn,
+        vectors: u32,
+    ) -> (AdiFunction, GuestRam) {
+        let device = Arc::new(SoftSiovDevice::new(1, 64 + vectors, storage, 1).unwrap());
         let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
         let ram = GuestRam(mem);
         let dma = device.dma_bind(Arc::new(ram.clone())).unwrap();
         let doorbell = device.open_adi(AdiId(0), dma).unwrap().doorbell().clone();
-        let ims = device.ims_alloc(AdiId(0), 2).unwrap();
+        let ims = device.ims_alloc(AdiId(0), vectors).unwrap();
         let mapper: Arc<dyn BarMapper> = Arc::new(NoBars);
         AdiFunction::new(AdiParts {
             adi: AdiId(0),
@@ -463,7 +474,7 @@ mod tests {
             ims,
             device,
             doorbell,
-            router: Arc::new(MsiRouter::new(routes, 16).unwrap()),
+            router: Arc::new(MsiRouter::new(routes, 16 + vectors).unwrap()),
             // Dropped at once: the test never moves the BAR.
             mapper: Arc::downgrade(&mapper),
             bar0: 0xc000_0000,
@@ -548,6 +559,28 @@ mod tests {
         assert_eq!((f.ims_slots_held(), quota.held()), (3, 3));
         drop(f);
         assert_eq!(quota.held(), 0, "the ADI's entries are the VM's again");
+    }
+
+    #[test]
+    fn an_msix_enable_or_disable_is_one_routing_commit_for_all_vectors() {
+        let routes = Arc::new(FakeRoutes::default());
+        let (mut f, _) = function_of(ImsStorage::OnDevice, routes.clone(), false, crate::ImsOptIn::default(), 256);
+        // Linux programs the table with MSI-X disabled, then enables it.
+        for v in 0..256u64 {
+            f.write(MSIX_TABLE + v * 16, &0xfee0_0000u32.to_le_bytes());
+            f.write(MSIX_TABLE + v * 16 + 8, &(0x40 + v as u32 % 0xb0).to_le_bytes());
+            f.write(MSIX_TABLE + v * 16 + 12, &0u32.to_le_bytes());
+        }
+        assert!(routes.log.lock().unwrap().is_empty(), "nothing routed while disabled");
+        let control = config::MSIX_CAP_OFFSET / 4;
+        for round in 0..2 {
+            f.config_write(control, 2, &devices::pci::msix::CTRL_ENABLE.to_le_bytes());
+            assert_eq!(routes.routes.lock().unwrap().len(), 256, "round {round}: every vector routed");
+            f.config_write(control, 2, &0u16.to_le_bytes());
+            assert!(routes.routes.lock().unwrap().is_empty());
+        }
+        assert_eq!(routes.log.lock().unwrap().len(), 4, "one commit per enable and per disable");
+        assert_eq!(f.failures(), 0);
     }
 
     /// The guest enables MSI-X and programs vector 0 with `message`, unmasked.

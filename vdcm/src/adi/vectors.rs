@@ -66,11 +66,11 @@ impl MsixVectors {
         self.msix.pba_size()
     }
 
-    /// The guest wrote message control (enable, function mask).
+    /// The guest wrote message control (enable, function mask): every vector it changes is
+    /// routed or unrouted in one routing-table commit (one guest action, one KVM call).
     pub(crate) fn write_control(&mut self, control: u16, faults: &mut GuestFaults) {
-        for change in self.msix.write_message_control(control) {
-            self.apply(change, faults);
-        }
+        let changes = self.msix.write_message_control(control);
+        self.apply_all(&changes, faults);
     }
 
     /// A guest read at `offset` in the table.
@@ -81,7 +81,7 @@ impl MsixVectors {
     /// A guest write at `offset` in the table.
     pub(crate) fn write_table(&mut self, offset: u64, data: &[u8], faults: &mut GuestFaults) {
         if let Some(change) = self.msix.write_table(offset, data) {
-            self.apply(change, faults);
+            self.apply_all(&[change], faults);
         }
     }
 
@@ -96,21 +96,35 @@ impl MsixVectors {
         self.fds.get(usize::from(vector)).cloned().flatten()
     }
 
-    fn apply(&mut self, change: VectorChange, faults: &mut GuestFaults) {
-        let Some(index) = self.ims.indexes().nth(usize::from(change.vector)) else { return };
-        let key = VectorKey::msix(FunctionId::Adi(self.adi.0), u32::from(change.vector));
+    /// Routes (or unroutes, MSI-X being off) the changed vectors with one commit, then sets
+    /// each one's mask on its IMS entry (unmasking delivers a pending interrupt, once).
+    fn apply_all(&mut self, changes: &[VectorChange], faults: &mut GuestFaults) {
+        let function = FunctionId::Adi(self.adi.0);
+        let key = |c: &VectorChange| VectorKey::msix(function, u32::from(c.vector));
+        let index = |ims: &ImsGroup, c: &VectorChange| ims.indexes().nth(usize::from(c.vector));
+        let changes: Vec<&VectorChange> = changes.iter().filter(|c| index(&self.ims, c).is_some()).collect();
         if !self.msix.enabled() {
-            faults.record("unbinding an MSI-X vector", self.router.unbind(key));
-        } else if !change.masked || change.message.address != 0 {
-            let Some(slot) = self.fds.get_mut(usize::from(change.vector)) else { return };
-            let fd = bound_eventfd(self.device.as_ref(), self.adi, slot, index);
-            let Some(fd) = faults.record("binding an eventfd to an IMS entry", fd) else { return };
-            // A route for the guest's message: the guest can only name its own APICs, since the
-            // route lives in its own VM.
-            faults.record("binding an MSI-X vector", self.router.bind(key, fd, change.message));
+            faults.record("unbinding MSI-X vectors", self.router.unbind_all(changes.iter().map(|c| key(c))));
+        } else {
+            let mut binds = Vec::new();
+            for c in changes.iter().filter(|c| !c.masked || c.message.address != 0) {
+                let (Some(slot), Some(ims_index)) = (self.fds.get_mut(usize::from(c.vector)), index(&self.ims, c)) else {
+                    continue;
+                };
+                let fd = bound_eventfd(self.device.as_ref(), self.adi, slot, ims_index);
+                if let Some(fd) = faults.record("binding an eventfd to an IMS entry", fd) {
+                    // A route for the guest's message: the guest can only name its own APICs,
+                    // since the route lives in its own VM.
+                    binds.push((key(c), fd, c.message));
+                }
+            }
+            faults.record("binding MSI-X vectors", self.router.bind_all(binds));
         }
-        // Mask (or unmask: the device then delivers a pending interrupt, once).
-        faults.record("masking an IMS entry", self.device.ims_set_mask(self.adi, index, change.masked));
+        for c in changes {
+            if let Some(ims_index) = index(&self.ims, c) {
+                faults.record("masking an IMS entry", self.device.ims_set_mask(self.adi, ims_index, c.masked));
+            }
+        }
     }
 }
 

@@ -421,9 +421,8 @@ impl VfioPciFunction {
         let count = msix.enabled().then(|| u32::from(msix.vectors()));
         let what = if count.is_some() { "enabling MSI-X on the device" } else { "disabling MSI-X on the device" };
         faults.record(what, vectors.set_enabled(backend.as_ref(), router, count));
-        for c in changes {
-            faults.record("routing an MSI-X vector", vectors.update(router, usize::from(c.vector), c.message, c.masked));
-        }
+        let changes: Vec<_> = changes.iter().map(|c| (usize::from(c.vector), c.message, c.masked)).collect();
+        faults.record("routing MSI-X vectors", vectors.update_all(router, &changes));
         self.sync_intx(true);
     }
 
@@ -434,10 +433,13 @@ impl VfioPciFunction {
         let count = cap.enabled().then(|| cap.vectors_enabled());
         let what = if count.is_some() { "enabling MSI on the device" } else { "disabling MSI on the device" };
         faults.record(what, vectors.set_enabled(backend.as_ref(), router, count));
-        for v in 0..count.unwrap_or(0) {
-            let (message, masked) = cap.vector(v);
-            faults.record("routing an MSI vector", vectors.update(router, v as usize, message, masked));
-        }
+        let changes: Vec<_> = (0..count.unwrap_or(0))
+            .map(|v| {
+                let (message, masked) = cap.vector(v);
+                (v as usize, message, masked)
+            })
+            .collect();
+        faults.record("routing MSI vectors", vectors.update_all(router, &changes));
         self.sync_intx(true);
     }
 

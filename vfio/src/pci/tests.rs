@@ -279,6 +279,24 @@ fn msix_vectors_are_routed_and_masking_is_emulated_with_the_pending_bit() {
 }
 
 #[test]
+fn an_msix_enable_or_disable_is_one_routing_commit_for_all_vectors() {
+    let mut s = setup();
+    enable_memory_and_io(&mut s.f);
+    for v in 0..4 {
+        program_msix(&mut s.f, v, 0x50 + v as u32, false);
+    }
+    assert!(s.routes.log.lock().unwrap().is_empty(), "nothing routed while disabled");
+    for _ in 0..2 {
+        s.f.config_write(MSIX_CAP / 4, 2, &0x8000u16.to_le_bytes());
+        assert_eq!(s.routes.irqfds.lock().unwrap().len(), 4);
+        s.f.config_write(MSIX_CAP / 4, 2, &0u16.to_le_bytes());
+        assert!(s.routes.irqfds.lock().unwrap().is_empty());
+    }
+    assert_eq!(s.routes.log.lock().unwrap().len(), 4, "one commit per enable and per disable");
+    assert_eq!(s.f.failures(), 0);
+}
+
+#[test]
 fn the_msix_pages_trap_the_rest_of_bar0_can_be_mapped() {
     let s = setup();
     assert_eq!(s.f.trapped_pages(0, 4096), vec![(0x2000, 0x1000), (0x3000, 0x1000)]);

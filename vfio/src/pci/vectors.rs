@@ -71,16 +71,10 @@ impl Vectors {
         }
     }
 
-    /// Detaches every route and disables the index on the device.
+    /// Detaches every route (one routing-table commit) and disables the index on the device.
     fn disable(&mut self, backend: &dyn VfioBackend, router: &MsiRouter) -> std::io::Result<()> {
-        let mut first_error = None;
-        for v in 0..self.vectors.len() {
-            if self.vectors[v].routed {
-                if let Err(e) = router.unbind(self.key(v)) {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
+        let routed: Vec<VectorKey> = (0..self.vectors.len()).filter(|&v| self.vectors[v].routed).map(|v| self.key(v)).collect();
+        let mut first_error = router.unbind_all(routed).err();
         self.vectors.clear();
         if let Err(e) = backend.disable_irqs(self.irq_index) {
             first_error.get_or_insert(e);
@@ -88,25 +82,29 @@ impl Vectors {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Vector `v` now carries `message`, masked or not (no-op for a vector that does not exist
-    /// or while the index is disabled). Unmasking delivers a pending interrupt once.
-    pub(crate) fn update(&mut self, router: &MsiRouter, v: usize, message: MsiMessage, masked: bool) -> std::io::Result<()> {
-        let key = self.key(v);
-        let Some(vector) = self.vectors.get_mut(v) else { return Ok(()) };
-        if masked || message.address == 0 {
-            if vector.routed {
-                router.unbind(key)?;
-                vector.routed = false;
-            }
-            return Ok(());
+    /// Each `(v, message, masked)`: vector `v` now carries `message`, masked or not (vectors
+    /// that do not exist, or any while the index is disabled, are skipped). The routes change
+    /// in one routing-table commit for the whole guest action; unmasking delivers a pending
+    /// interrupt once.
+    pub(crate) fn update_all(&mut self, router: &MsiRouter, changes: &[(usize, MsiMessage, bool)]) -> std::io::Result<()> {
+        let changes: Vec<_> = changes.iter().copied().filter(|&(v, _, _)| v < self.vectors.len()).collect();
+        let detach: Vec<usize> =
+            changes.iter().filter(|&&(v, msg, masked)| (masked || msg.address == 0) && self.vectors[v].routed).map(|c| c.0).collect();
+        let attach: Vec<(usize, MsiMessage)> =
+            changes.iter().filter(|&&(_, msg, masked)| !masked && msg.address != 0).map(|&(v, msg, _)| (v, msg)).collect();
+        router.unbind_all(detach.iter().map(|&v| self.key(v)))?;
+        for &v in &detach {
+            self.vectors[v].routed = false;
         }
-        router.bind(key, vector.fd.clone(), message)?;
-        let was_routed = std::mem::replace(&mut vector.routed, true);
-        if !was_routed {
-            // Signals that arrived while detached, or a pending bit seen by the PBA earlier.
-            let arrived = vector.fd.read().is_ok_and(|n| n > 0);
-            if std::mem::take(&mut vector.pending) || arrived {
-                vector.fd.write(1)?;
+        router.bind_all(attach.iter().map(|&(v, msg)| (self.key(v), self.vectors[v].fd.clone(), msg)))?;
+        for &(v, _) in &attach {
+            let vector = &mut self.vectors[v];
+            if !std::mem::replace(&mut vector.routed, true) {
+                // Signals that arrived while detached, or a pending bit seen by the PBA earlier.
+                let arrived = vector.fd.read().is_ok_and(|n| n > 0);
+                if std::mem::take(&mut vector.pending) || arrived {
+                    vector.fd.write(1)?;
+                }
             }
         }
         Ok(())
