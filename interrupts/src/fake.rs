@@ -26,6 +26,8 @@ pub struct FakeRoutes {
     pub log: Mutex<Vec<String>>,
     /// Refuse routing-table changes.
     pub refuse: AtomicBool,
+    /// Refuse binding irqfds (as KVM does for an eventfd bound elsewhere, EBUSY).
+    pub refuse_irqfd: AtomicBool,
     /// Bound INTx irqfds: (GSI, fd, resample fd).
     pub intx: Mutex<Vec<(u32, i32, i32)>>,
 }
@@ -50,6 +52,9 @@ impl RouteBackend for FakeRoutes {
     fn irqfd(&self, fd: &EventFd, gsi: u32, assign: bool) -> std::io::Result<()> {
         let routed = self.routes.lock().unwrap().iter().any(|r| r.0 == gsi);
         assert!(routed, "irqfd {} on gsi {gsi} without a route", if assign { "bound" } else { "unbound" });
+        if assign && self.refuse_irqfd.load(Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
         if assign {
             self.irqfds.lock().unwrap().insert(gsi, fd.as_raw_fd());
         } else {

@@ -525,6 +525,22 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_irqfd_gives_its_gsi_and_route_back() {
+        let fake = Arc::new(FakeRoutes::default());
+        let router = MsiRouter::new(fake.clone(), 4).unwrap();
+        fake.refuse_irqfd.store(true, std::sync::atomic::Ordering::Relaxed);
+        let keys: Vec<_> = (0..3).map(|i| VectorKey::msix(FunctionId::Adi(0), i)).collect();
+        assert!(router.bind_all(keys.iter().map(|&k| (k, evt(), msg(k.index)))).is_err());
+        assert_eq!(router.counts(), (0, 0), "nothing bound");
+        assert!(fake.routes.lock().unwrap().is_empty(), "no route left in the table");
+        fake.refuse_irqfd.store(false, std::sync::atomic::Ordering::Relaxed);
+        // All four GSIs are free again: four vectors get routes, none overflows.
+        let fds: Vec<_> = (0..4).map(|_| evt()).collect();
+        router.bind_all((0..4).map(|i| (VectorKey::msix(FunctionId::Adi(1), i), fds[i as usize].clone(), msg(i)))).unwrap();
+        assert_eq!(router.counts(), (4, 0));
+    }
+
+    #[test]
     fn freed_gsis_are_reused_lowest_first_and_no_budget_means_overflow() {
         let fake = Arc::new(FakeRoutes::default());
         let router = MsiRouter::new(fake.clone(), 4).unwrap();
