@@ -147,6 +147,8 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Queue> {
 /// The guest console's host side: filters, queues, and writes on its own thread.
 pub struct ConsoleOutput {
     filter: TerminalFilter,
+    /// What the filter made of the current write (kept: the UART writes a byte at a time).
+    filtered: Vec<u8>,
     shared: Arc<Shared>,
     drain: Option<std::thread::JoinHandle<()>>,
 }
@@ -188,7 +190,7 @@ impl ConsoleOutput {
                 }
             }
         })?;
-        Ok(Self { filter: TerminalFilter::default(), shared, drain: Some(drain) })
+        Ok(Self { filter: TerminalFilter::default(), filtered: Vec::new(), shared, drain: Some(drain) })
     }
 
     /// Bytes dropped so far (queue full, or the host side refused them).
@@ -200,8 +202,9 @@ impl ConsoleOutput {
 impl Write for ConsoleOutput {
     /// Never blocks on the host side: what does not fit in the queue is dropped and counted.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut safe = Vec::with_capacity(buf.len());
-        self.filter.filter(buf, &mut safe);
+        let safe = &mut self.filtered;
+        safe.clear();
+        self.filter.filter(buf, safe);
         let mut q = lock(&self.shared);
         let room = QUEUE_BYTES.saturating_sub(q.bytes.len());
         let taken = safe.len().min(room);

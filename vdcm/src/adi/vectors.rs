@@ -14,7 +14,7 @@ use std::sync::Arc;
 use devices::pci::msix::{Msix, VectorChange};
 use siovmm_hypercall::Status;
 use siovmm_interrupts::{FunctionId, MsiRouter, VectorKey};
-use siovmm_vfio::siov::{self, AdiId, HandleTarget, ImsGroup, SiovDevice};
+use siovmm_vfio::siov::{self, AdiId, HandleTarget, ImsGroup, ImsIndex, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::GuestFaults;
@@ -101,16 +101,15 @@ impl MsixVectors {
     fn apply_all(&mut self, changes: &[VectorChange], faults: &mut GuestFaults) {
         let function = FunctionId::Adi(self.adi.0);
         let key = |c: &VectorChange| VectorKey::msix(function, u32::from(c.vector));
-        let index = |ims: &ImsGroup, c: &VectorChange| ims.indexes().nth(usize::from(c.vector));
-        let changes: Vec<&VectorChange> = changes.iter().filter(|c| index(&self.ims, c).is_some()).collect();
+        // Each change with the IMS entry behind its vector (a vector the group lacks changes nothing).
+        let changes: Vec<(&VectorChange, ImsIndex)> =
+            changes.iter().filter_map(|c| Some((c, self.ims.indexes().nth(usize::from(c.vector))?))).collect();
         if !self.msix.enabled() {
-            faults.record("unbinding MSI-X vectors", self.router.unbind_all(changes.iter().map(|c| key(c))));
+            faults.record("unbinding MSI-X vectors", self.router.unbind_all(changes.iter().map(|(c, _)| key(c))));
         } else {
             let mut binds = Vec::new();
-            for c in changes.iter().filter(|c| !c.masked || c.message.address != 0) {
-                let (Some(slot), Some(ims_index)) = (self.fds.get_mut(usize::from(c.vector)), index(&self.ims, c)) else {
-                    continue;
-                };
+            for &(c, ims_index) in changes.iter().filter(|(c, _)| !c.masked || c.message.address != 0) {
+                let Some(slot) = self.fds.get_mut(usize::from(c.vector)) else { continue };
                 let fd = bound_eventfd(self.device.as_ref(), self.adi, slot, ims_index);
                 if let Some(fd) = faults.record("binding an eventfd to an IMS entry", fd) {
                     // A route for the guest's message: the guest can only name its own APICs,
@@ -120,10 +119,8 @@ impl MsixVectors {
             }
             faults.record("binding MSI-X vectors", self.router.bind_all(binds));
         }
-        for c in changes {
-            if let Some(ims_index) = index(&self.ims, c) {
-                faults.record("masking an IMS entry", self.device.ims_set_mask(self.adi, ims_index, c.masked));
-            }
+        for (c, ims_index) in changes {
+            faults.record("masking an IMS entry", self.device.ims_set_mask(self.adi, ims_index, c.masked));
         }
     }
 }

@@ -10,8 +10,8 @@
 //! the IMS entry the descriptor's interrupt handle names.
 //!
 //! Fairness: ADIs of different guests share workers, so no queue may hold one. A doorbell buys
-//! one *pass* of at most [`PASS_DESCRIPTORS`] descriptors or [`PASS_BYTES`] of transfers (at
-//! least one descriptor); a queue with more work rings its own doorbell again and goes to the
+//! one *pass*: at most [`PASS_DESCRIPTORS`] descriptors, and none started once its transfers
+//! exceed [`PASS_BYTES`] (at least one descriptor); a queue with more work rings its own doorbell again and goes to the
 //! back of its worker's ready list (epoll's level-triggered list is served in order). No lock
 //! is held while a descriptor executes: the ADI's state is locked to snapshot the queue and to
 //! commit each completion, and a reset, reconfiguration or close in between bumps the ADI's
@@ -49,7 +49,7 @@ pub const RING_OFFSET: u64 = 64;
 pub const MAX_QUEUE_SIZE: u32 = 4096;
 /// Most descriptors one pass of a queue runs before the other ADIs on its worker get a turn.
 pub const PASS_DESCRIPTORS: u32 = 16;
-/// Most bytes of transfers (descriptor sizes) one pass runs beyond its first descriptor.
+/// Once the transfers (descriptor sizes) a pass ran exceed this many bytes, it starts no more.
 pub const PASS_BYTES: u64 = 1 << 20;
 
 /// Device counters.

@@ -57,16 +57,7 @@ impl Rig {
     }
 
     fn wait(&self, rec: u64) -> Completion {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let mut b = [0u8; COMPLETION_SIZE];
-            self.ram.read(rec, &mut b).unwrap();
-            if b[0] != status::NONE {
-                return Completion::decode(&b);
-            }
-            assert!(Instant::now() < deadline, "descriptor never completed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_record(&self.ram, rec, Duration::from_secs(5), "descriptor")
     }
 
     fn run(&mut self, d: Descriptor) -> Completion {
@@ -76,6 +67,20 @@ impl Rig {
 
     fn interrupts(&self) -> u64 {
         self.irq.read().unwrap_or(0)
+    }
+}
+
+/// Polls the completion record at `rec` until the device has written its status byte (last).
+fn wait_for_record(ram: &GuestRam, rec: u64, within: Duration, what: &str) -> Completion {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut b = [0u8; COMPLETION_SIZE];
+        ram.read(rec, &mut b).unwrap();
+        if b[0] != status::NONE {
+            return Completion::decode(&b);
+        }
+        assert!(Instant::now() < deadline, "{what} never completed");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -399,16 +404,7 @@ impl Lane {
         let d = Descriptor { opcode: opcode::NOOP, flags: flags::CRAV | flags::RCR, completion_addr: RECORDS, ..Default::default() };
         self.ram.write(RECORDS, &[0u8; COMPLETION_SIZE]).unwrap();
         self.submit_all([d]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut b = [0u8; COMPLETION_SIZE];
-            self.ram.read(RECORDS, &mut b).unwrap();
-            if b[0] != status::NONE {
-                return Completion::decode(&b);
-            }
-            assert!(Instant::now() < deadline, "ADI {}'s NOOP never completed", self.adi.0);
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_record(&self.ram, RECORDS, Duration::from_secs(60), &format!("ADI {}'s NOOP", self.adi.0))
     }
 }
 
