@@ -1,5 +1,5 @@
 //! `siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]
-//! [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N]`
+//! [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp on|log|off]`
 //!
 //! Serves ADI i of one software SIOV device on `DIR/adi-i.sock` (vfio-user) until killed.
 
@@ -14,7 +14,7 @@ use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
 const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory]
-       [--workers N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N]
+       [--workers N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp MODE]
 
 Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock.
   --adis N          ADIs (default 4, at most 4096)
@@ -25,6 +25,9 @@ Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock
   --server-threads N  threads serving every ADI's socket (default 2, 1..=64)
   --max-adis-per-vm N   ADIs one VMM may hold at a time (default: no limit)
   --max-ims-per-vm N    IMS entries one VMM's ADIs may hold (default: no limit)
+  --seccomp MODE    each thread's system calls limited to its kind's list: on (a call outside
+                    it stops the daemon, naming the thread and call), log (the kernel logs it)
+                    or off (default on; docs/seccomp.md)
 
 DIR/status holds the totals in use (adis_open, ims_entries_in_use, clients), rewritten at
 every change. A VMM is told apart by its process ID; when it exits or is killed, its sockets
@@ -41,6 +44,7 @@ struct Options {
     workers: usize,
     server_threads: usize,
     limits: siovmm_devd::pool::Limits,
+    seccomp: siovmm_seccomp::Mode,
 }
 
 fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, range: std::ops::RangeInclusive<T>) -> Result<T, String> {
@@ -49,7 +53,7 @@ fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, 
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
-    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, server_threads: 2, limits: Default::default() };
+    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, server_threads: 2, limits: Default::default(), seccomp: siovmm_seccomp::Mode::On };
     let mut dir = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -62,6 +66,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
             "--server-threads" => o.server_threads = number(&flag, args.next(), 1..=64)?,
             "--max-adis-per-vm" => o.limits.adis_per_vm = Some(number(&flag, args.next(), 1..=4096)?),
             "--max-ims-per-vm" => o.limits.ims_per_vm = Some(number(&flag, args.next(), 1..=1 << 20)?),
+            "--seccomp" => o.seccomp = args.next().ok_or("--seccomp needs a value")?.parse()?,
             "--ims" => {
                 o.storage = match args.next().as_deref() {
                     Some("on-device") => ImsStorage::OnDevice,
@@ -92,6 +97,8 @@ fn clear_stale(path: &std::path::Path) -> Result<(), String> {
 }
 
 fn run(o: Options) -> Result<(), String> {
+    // Before any thread starts: each enters its kind's filter as it begins (docs/seccomp.md).
+    siovmm_seccomp::install(o.seccomp).map_err(|e| format!("--seccomp: {e}"))?;
     let device = SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?;
     let device: Arc<dyn SiovDevice> = Arc::new(device);
     let needed = u64::from(o.adis) * u64::from(o.vectors);
@@ -108,6 +115,7 @@ fn run(o: Options) -> Result<(), String> {
     }
     let reactor = Reactor::start(listeners, device, o.vectors, pool, o.server_threads).map_err(|e| format!("starting the server: {e}"))?;
     eprintln!("siovmm-devd: serving {} ADIs on {}/adi-N.sock with {} threads", o.adis, o.dir.display(), reactor.threads());
+    siovmm_seccomp::enter(siovmm_seccomp::ThreadKind::DaemonMain).map_err(|e| format!("--seccomp: {e}"))?;
     Err(format!("the server stopped: {}", reactor.join()))
 }
 

@@ -109,7 +109,7 @@ impl Reactor {
         let threads = (0..threads.max(1))
             .map(|n| {
                 let shared = shared.clone();
-                std::thread::Builder::new().name(format!("devd-server{n}")).spawn(move || shared.serve())
+                siovmm_seccomp::spawn(siovmm_seccomp::ThreadKind::DaemonServer, format!("devd-server{n}"), move || shared.serve())
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self { threads })

@@ -371,3 +371,51 @@ fn exhaustion_and_per_vm_limits_are_clear_refusals_and_leaving_frees_everything(
     drop((a, b));
     wait_for("both ADIs back", || pool.totals() == (0, 0, 0));
 }
+
+/// The `siovmm-devd` binary as run, under its seccomp filters (on by default): every thread
+/// has entered one, two whole sessions (each ring kind) and a malformed message are served,
+/// and the daemon is still up afterwards; then the same with `--seccomp off`, where no thread
+/// has a filter.
+#[test]
+fn the_daemon_binary_serves_under_its_seccomp_filters() {
+    for (mode, filtered) in [(None, true), (Some("off"), false)] {
+        let dir = TempDir::new(&format!("seccomp-{}", mode.unwrap_or("on")));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_siovmm-devd"));
+        cmd.args(["--socket-dir", dir.0.to_str().unwrap(), "--adis", "2", "--vectors", "2", "--ims-entries", "4"]);
+        if let Some(m) = mode {
+            cmd.args(["--seccomp", m]);
+        }
+        let mut daemon = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let path = socket_path(&dir.0, 0);
+        wait_for("the daemon's sockets", || socket_path(&dir.0, 1).exists() && UnixStream::connect(&path).is_ok());
+        // The probe connection above is served and dropped; the ADI listens again.
+        assert_eq!(session(&path, Ring::IoEventFd), 1);
+        assert_eq!(session(&path, Ring::RegionWrite), 1);
+        let stream = UnixStream::connect(socket_path(&dir.0, 1)).unwrap();
+        assert!(raw_request(&stream, 1, 0x7777, 16, &[]).is_ok_and(|(h, _)| h.flags & FLAG_ERROR != 0), "an unknown command is refused");
+        drop(stream);
+        let census = seccomp_census(daemon.id());
+        assert!(daemon.try_wait().unwrap().is_none(), "the daemon died: {census:?}");
+        let names: Vec<&str> = census.iter().map(|(n, _)| n.as_str()).collect();
+        for expected in ["siovmm-devd", "devd-server0", "devd-server1", "siov-worker0", "siov-worker1"] {
+            assert!(names.contains(&expected), "no {expected} thread: {census:?}");
+        }
+        let want = if filtered { "2 1" } else { "0 0" };
+        assert!(census.iter().all(|(_, s)| s == want), "seccomp mode and filter count per thread: {census:?}");
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+    }
+}
+
+/// Each thread of process `pid`: its name and "MODE FILTERS" from /proc (Seccomp,
+/// Seccomp_filters).
+fn seccomp_census(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map_or("?".into(), |v| v.trim().to_string());
+        threads.push((name, format!("{} {}", field("Seccomp:"), field("Seccomp_filters:"))));
+    }
+    threads
+}

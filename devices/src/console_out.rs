@@ -168,7 +168,7 @@ impl ConsoleOutput {
             dropped: AtomicU64::new(0),
         });
         let sh = shared.clone();
-        let drain = std::thread::Builder::new().name("console-out".into()).spawn(move || {
+        let drain = siovmm_seccomp::spawn(siovmm_seccomp::ThreadKind::Console, "console-out".into(), move || {
             block_signals();
             let mut chunk = Vec::new();
             loop {

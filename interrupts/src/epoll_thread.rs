@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use siovmm_seccomp::ThreadKind;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,14 +32,15 @@ impl std::fmt::Debug for EpollThread {
 }
 
 impl EpollThread {
-    /// Starts thread `name`, calling `on_ready(token)` for each watched fd that is readable.
-    pub fn spawn(name: String, mut on_ready: impl FnMut(u64) + Send + 'static) -> io::Result<Self> {
+    /// Starts thread `name` under `kind`'s seccomp filter, calling `on_ready(token)` for each
+    /// watched fd that is readable.
+    pub fn spawn(name: String, kind: ThreadKind, mut on_ready: impl FnMut(u64) + Send + 'static) -> io::Result<Self> {
         let epoll = Arc::new(Epoll::new()?);
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ep, st) = (epoll.clone(), stop.clone());
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let thread = siovmm_seccomp::spawn(kind, name, move || {
             let mut events = vec![EpollEvent::default(); 64];
             while !st.load(Ordering::Acquire) {
                 let n = match ep.wait(-1, &mut events) {
@@ -92,7 +94,7 @@ mod tests {
         let fds = [(7, a.try_clone().unwrap()), (9, b.try_clone().unwrap())];
         let (tx, rx) = mpsc::channel();
         // The handler consumes the signal, as the real ones do (epoll is level-triggered).
-        let t = EpollThread::spawn("epoll-test".into(), move |token| {
+        let t = EpollThread::spawn("epoll-test".into(), ThreadKind::DeviceWorker, move |token| {
             let fd = &fds.iter().find(|(t, _)| *t == token).unwrap().1;
             tx.send((token, fd.read().unwrap())).unwrap();
         })

@@ -173,7 +173,7 @@ impl MsiRouter {
         let max = IOAPIC_GSIS + msi_routes.min(MAX_MSI_ROUTES);
         let overflow = Arc::new(Overflow { vectors: Mutex::new(HashMap::new()), stats: RouteStats::default() });
         let (o, b) = (overflow.clone(), backend.clone());
-        let injector = EpollThread::spawn("msi-overflow".into(), move |token| inject_overflow(&o, b.as_ref(), token))?;
+        let injector = EpollThread::spawn("msi-overflow".into(), siovmm_seccomp::ThreadKind::OverflowInjector, move |token| inject_overflow(&o, b.as_ref(), token))?;
         let gsis = (max > IOAPIC_GSIS).then(|| IdAllocator::new(IOAPIC_GSIS, max - 1)).transpose().map_err(std::io::Error::other)?;
         Ok(Self {
             backend,

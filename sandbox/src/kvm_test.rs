@@ -56,11 +56,14 @@ inventory::collect!(KvmTestFile);
 /// idle time there), from which its budget is derived. A test that measures its own process
 /// (open files, threads) starts with `alone;`: on the host it then runs in a process of its
 /// own, as every KVM test does in the sandbox, so that tests running beside it on other
-/// threads cannot disturb its counts.
+/// threads cannot disturb its counts. Both: `alone; sandbox_idle_secs: N;`.
 #[macro_export]
 macro_rules! kvm_test {
     (sandbox_idle_secs: $idle:literal; $(#[$attr:meta])* fn $name:ident() $body:block) => {
         $crate::kvm_test!(@define $idle, false; $(#[$attr])* fn $name() $body);
+    };
+    (alone; sandbox_idle_secs: $idle:literal; $(#[$attr:meta])* fn $name:ident() $body:block) => {
+        $crate::kvm_test!(@define $idle, true; $(#[$attr])* fn $name() $body);
     };
     (alone; $(#[$attr:meta])* fn $name:ident() $body:block) => {
         $crate::kvm_test!(@define 0, true; $(#[$attr])* fn $name() $body);
@@ -121,10 +124,14 @@ pub fn run(path: &str, alone: bool, body: impl FnOnce()) {
             static BATCH: OnceLock<Batch> = OnceLock::new();
             let batch = BATCH.get_or_init(|| run_in_sandbox(&why, name));
             match batch.outcomes.get(name) {
-                Some(o) if passed(o) => note(&format!(
-                    "kvm-test {name}: passed inside the QEMU-TCG sandbox ({:.1} s; host KVM not used: {why})",
-                    o.seconds.unwrap_or(0.0)
-                )),
+                Some(o) if passed(o) => {
+                    // Its output there, through libtest's capture (shown with --nocapture).
+                    eprintln!("{}", o.output.join("\n"));
+                    note(&format!(
+                        "kvm-test {name}: passed inside the QEMU-TCG sandbox ({:.1} s; host KVM not used: {why})",
+                        o.seconds.unwrap_or(0.0)
+                    ))
+                }
                 Some(o) => panic!(
                     "kvm-test {name} failed inside the QEMU-TCG sandbox (status {:?}{}, {:.1} s; host KVM not used: {why}); its output there:\n{}",
                     o.status,
@@ -155,6 +162,9 @@ fn run_alone(name: &str) {
     // libtest exits 0 also when its filter matched nothing: require the test's own line.
     let ran = text.contains(&format!("test {name} ... ok"));
     assert!(out.status.success() && ran, "kvm-test {name} failed in its own process ({}):\n{text}", out.status);
+    // What the test printed (figures, counts), through libtest's capture: shown with
+    // --nocapture, as a test in this process would be.
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A line on the real stderr, past libtest's capture.

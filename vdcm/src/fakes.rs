@@ -37,6 +37,10 @@ impl SiovDevice for FakeIms {
     fn info(&self) -> DeviceInfo {
         DeviceInfo { adis: 1, ims_entries: 1024, ims_storage: ImsStorage::OnDevice, max_queue_size: 256, portal: Default::default() }
     }
+    fn ims_free_entries(&self) -> u32 {
+        // Allocation always fails: every entry stays free.
+        self.info().ims_entries
+    }
     fn dma_bind(&self, _: Arc<dyn DmaSpace>) -> Result<DmaHandle, Error> {
         Err(Error::Resources("DMA bindings"))
     }

@@ -444,6 +444,11 @@ impl Vdcm {
         self.placed.values().map(|p| p.function.clone()).collect()
     }
 
+    /// The function at `bdf`, if it is one of the guest's ADIs.
+    pub fn function(&self, bdf: Bdf) -> Option<Arc<Mutex<AdiFunction>>> {
+        self.placed.get(&bdf).map(|p| p.function.clone())
+    }
+
     /// Where the guest's ADIs are, with the host ADI each is.
     pub fn placement(&self) -> Vec<(Bdf, AdiId)> {
         self.placed.iter().map(|(bdf, p)| (*bdf, p.adi)).collect()
@@ -457,6 +462,11 @@ impl Vdcm {
     /// True when the guest has no ADIs.
     pub fn is_empty(&self) -> bool {
         self.placed.is_empty()
+    }
+
+    /// IMS entries of the SIOV device allocated to ADIs now.
+    pub fn ims_entries_in_use(&self) -> u32 {
+        self.device.info().ims_entries.saturating_sub(self.device.ims_free_entries())
     }
 
     /// The functions by requester ID, kept current, for the hypercall endpoint.

@@ -239,6 +239,9 @@ pub trait SiovDevice: Send + Sync {
     /// What the device offers.
     fn info(&self) -> DeviceInfo;
 
+    /// IMS entries not allocated to any ADI now (of `info().ims_entries`).
+    fn ims_free_entries(&self) -> u32;
+
     /// Binds a DMA address space (the guest's memory, or its vIOMMU's view for one function);
     /// ADIs opened on the handle DMA into it.
     fn dma_bind(&self, space: Arc<dyn DmaSpace>) -> Result<DmaHandle, Error>;

@@ -64,6 +64,11 @@ SIOV (Scalable IOV) options:
                        irqchip's 40); vectors beyond the budget are delivered by a VMM thread
                        with KVM_SIGNAL_MSI [default: 4056]
 
+    --seccomp MODE     system calls each siovmm thread may make are limited to its kind's list
+                       (vCPU, event loop, device worker, ...): on (a call outside it stops
+                       siovmm, naming the thread and the call), log (the kernel logs it and
+                       lets it run) or off [default: on] (docs/seccomp.md)
+
     -h, --help         print this help.
     -V, --version      print the version.
 
@@ -146,6 +151,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut cmdline = None;
     let mut cpus = None;
     let mut memory = None;
+    let mut seccomp = None;
     let mut adis: Option<u32> = None;
     let mut siov_opts: Vec<(String, String)> = Vec::new();
     let mut vfio: Vec<std::path::PathBuf> = Vec::new();
@@ -164,6 +170,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--cmdline" => &mut cmdline,
             "--cpus" => &mut cpus,
             "--memory" => &mut memory,
+            "--seccomp" => &mut seccomp,
             "--adi" => {
                 let v = value_of(&flag, inline, &mut it)?;
                 let n = parse_count("--adi", &v, 0, MAX_ADIS_PER_GUEST)?;
@@ -236,6 +243,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             bytes
         }
     };
+    let seccomp = seccomp.map_or(Ok(siovmm_seccomp::Mode::On), |v| v.parse().map_err(CliError))?;
     let cmdline = cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
     if cmdline.len() >= arch::layout::CMDLINE_MAX_SIZE {
         return err(format!(
@@ -336,6 +344,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         siov,
         vfio,
         vfio_user,
+        seccomp,
     }))
 }
 

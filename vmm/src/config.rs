@@ -149,6 +149,8 @@ pub struct VmConfig {
     pub vfio: Vec<HostDevice>,
     /// Sockets of vfio-user devices, checked to be sockets (`--vfio-user`).
     pub vfio_user: Vec<PathBuf>,
+    /// What a thread's system call outside its seccomp list does (`--seccomp`).
+    pub seccomp: siovmm_seccomp::Mode,
 }
 
 impl VmConfig {

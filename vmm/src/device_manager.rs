@@ -37,6 +37,23 @@ pub(crate) struct GuestParts {
     pub(crate) shared_ram: Option<SharedRam>,
 }
 
+/// What a VM's devices hold now, as an operator (and the leak tests) count it.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// ADIs in the guest.
+    pub adis: usize,
+    /// IMS entries of the VM's SIOV device allocated to ADIs (MSI-X backing, hypercall and
+    /// trapped-window slots).
+    pub ims_entries: u32,
+    /// Guest vectors on KVM MSI routes.
+    pub msi_routes: usize,
+    /// Guest vectors on the overflow path (no route left).
+    pub overflow_vectors: usize,
+    /// Functions passed through (kernel VFIO and vfio-user).
+    pub passed_through: usize,
+}
+
 /// The VM's devices that come and go.
 pub(crate) struct DeviceManager {
     guest: GuestParts,
@@ -156,6 +173,19 @@ impl DeviceManager {
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn adis(&self) -> Vec<(Bdf, AdiId)> {
         self.vdcm.as_ref().map(Vdcm::placement).unwrap_or_default()
+    }
+
+    /// What the VM's devices hold now.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn usage(&self) -> Usage {
+        let (msi_routes, overflow_vectors) = self.router.as_ref().map_or((0, 0), |r| r.counts());
+        Usage {
+            adis: self.vdcm.as_ref().map_or(0, Vdcm::len),
+            ims_entries: self.vdcm.as_ref().map_or(0, Vdcm::ims_entries_in_use),
+            msi_routes,
+            overflow_vectors,
+            passed_through: self.passthrough.as_ref().map_or(0, Passthrough::len),
+        }
     }
 
     /// The VDCM, if the VM has had ADIs.

@@ -146,6 +146,11 @@ fn main() -> ExitCode {
         cli::Command::BenchDevd(o) => return bench_exit("bench-devd", bench_devd::run(&o)),
         cli::Command::Run(c) => c,
     };
+    // Before any thread starts: each enters its kind's filter as it begins (docs/seccomp.md).
+    if let Err(e) = siovmm_seccomp::install(config.seccomp) {
+        eprintln!("siovmm: --seccomp: {}", one_line(&e));
+        return ExitCode::from(1);
+    }
     let terminal = console::TerminalGuard::new();
     // The VM is released (vCPUs joined, ADIs closed, memory unmapped) before siovmm exits.
     // The guest's console reaches stdout filtered and queued (devices::console_out): guest bytes

@@ -392,6 +392,12 @@ impl Passthrough {
     }
 
     /// One line per device: where it is and how many BAR accesses reached siovmm.
+    /// Devices attached.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn len(&self) -> usize {
+        self.devices.len()
+    }
+
     pub(crate) fn summary(&self) -> Vec<String> {
         self.devices
             .iter()

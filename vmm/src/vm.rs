@@ -32,6 +32,7 @@ use crate::console::ConsoleInput;
 use crate::vcpu::{self, Exits};
 use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::RouteBackend;
+use siovmm_seccomp::ThreadKind;
 use crate::device_manager::{DeviceManager, GuestParts};
 use devices::bus::lock;
 use crate::Error;
@@ -360,6 +361,21 @@ impl VmHandle {
         lock(self.devices()?.as_ref()).remove_adi(bdf)
     }
 
+    /// What the VM's devices hold now (ADIs, IMS entries, routes).
+    pub fn usage(&self) -> Result<crate::device_manager::Usage, Error> {
+        Ok(lock(self.devices()?.as_ref()).usage())
+    }
+
+    /// Runs `f` on the ADI at `bdf`, as the guest's driver would reach it (tests).
+    #[cfg(test)]
+    pub(crate) fn with_adi<T>(&self, bdf: Bdf, f: impl FnOnce(&mut siovmm_vdcm::adi::AdiFunction) -> T) -> Result<T, Error> {
+        let devices = self.devices()?;
+        let function = lock(devices.as_ref()).vdcm_ref().and_then(|v| v.function(bdf));
+        let function = function.ok_or(Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf)))?;
+        let mut f_locked = lock(function.as_ref());
+        Ok(f(&mut f_locked))
+    }
+
     /// The VM's ADIs: address and host ADI.
     pub fn adis(&self) -> Result<Vec<(Bdf, siovmm_vfio::siov::AdiId)>, Error> {
         Ok(lock(self.devices()?.as_ref()).adis())
@@ -501,12 +517,15 @@ impl Vm {
 
     /// Starts the vCPUs and serves the event loop until the VM stops; returns why it stopped.
     /// The vCPU threads are stopped and joined before it returns.
+    ///
+    /// The calling thread enters the event loop's seccomp filter once the vCPUs run, and keeps
+    /// it: the VM's release (on drop) happens under it too.
     pub fn run(&mut self) -> Result<ExitReason, Error> {
+        // The kick handler is installed now: the filter below has no rt_sigaction.
+        vcpu::can_kick();
         for (id, vcpu) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
             let exits = self.exits.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(vcpu, id as u8, exits))
+            let thread = siovmm_seccomp::spawn(ThreadKind::Vcpu, format!("vcpu{id}"), move || vcpu::run(vcpu, id as u8, exits))
                 .map_err(io_err("spawning a vCPU thread".into()));
             match thread {
                 Ok(t) => self.vcpus.0.push(t),
@@ -517,7 +536,9 @@ impl Vm {
                 }
             }
         }
-        let served = self.serve();
+        let served = siovmm_seccomp::enter(ThreadKind::EventLoop)
+            .map_err(|e| Error::Io("entering the event loop's seccomp filter".into(), std::io::Error::other(crate::one_line(&e))))
+            .and_then(|()| self.serve());
         // Whatever ended the loop, no vCPU runs past this point.
         if self.shutdown.reason().is_none() {
             self.shutdown.request(ExitReason::Failed("the event loop failed".into()));

@@ -51,6 +51,7 @@ fn bad_arguments_exit_2_with_one_line() {
         (vec!["--kernel", k, "--initramfs", "/nope"], "--initramfs /nope"),
         (vec![], "--kernel PATH is required"),
         (vec!["--frobnicate"], "--frobnicate"),
+        (vec!["--kernel", k, "--seccomp", "strict"], "--seccomp strict: not on, log or off"),
     ];
     for (args, needle) in cases {
         let out = siovmm().args(&args).stdin(Stdio::null()).output().unwrap();
@@ -133,4 +134,54 @@ kvm_test! {
         assert_eq!(status.code(), Some(130), "{err}");
         assert_eq!(err.trim(), "siovmm: stopped by signal 2");
     }
+}
+
+kvm_test! {
+    fn every_thread_runs_under_its_seccomp_filter_and_teardown_passes_it() {
+        // On by default: every siovmm thread has exactly one filter (its own), the VM's
+        // release runs under the event loop's, and `--seccomp off` installs none.
+        let kernel = tiny_kernel("k-seccomp", &[0xeb, 0xfe]);
+        for (mode, want) in [(None, "2 1"), (Some("off"), "0 0")] {
+            let mut cmd = siovmm();
+            cmd.args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--cpus", "2", "--adi", "4"]);
+            if let Some(m) = mode {
+                cmd.args(["--seccomp", m]);
+            }
+            let mut child = cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            let ours = ["siovmm", "console-out", "siov-worker0", "siov-worker1", "msi-overflow", "vcpu0", "vcpu1"];
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let census = loop {
+                let census = seccomp_census(child.id());
+                if ours.iter().all(|n| census.iter().any(|(name, _)| name == n)) {
+                    break census;
+                }
+                assert!(child.try_wait().unwrap().is_none(), "siovmm ended: {census:?}");
+                assert!(Instant::now() < deadline, "threads missing: {census:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            for (name, state) in census.iter().filter(|(name, _)| ours.contains(&name.as_str())) {
+                assert_eq!(state, want, "{name} (mode {mode:?}): seccomp mode and filter count; {census:?}");
+            }
+            // SAFETY: sending SIGINT to our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let status = child.wait().unwrap();
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            assert_eq!(status.code(), Some(130), "{err}");
+            assert_eq!(err.trim(), "siovmm: stopped by signal 2");
+        }
+    }
+}
+
+/// Each thread of process `pid`: its name and "MODE FILTERS" from /proc (Seccomp,
+/// Seccomp_filters).
+fn seccomp_census(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map_or("?".into(), |v| v.trim().to_string());
+        threads.push((name, format!("{} {}", field("Seccomp:"), field("Seccomp_filters:"))));
+    }
+    threads
 }

@@ -159,7 +159,7 @@ impl SoftSiovDevice {
         let mut ws = Vec::new();
         for i in 0..workers.max(1) {
             let sh = shared.clone();
-            ws.push(EpollThread::spawn(format!("siov-worker{i}"), move |token| serve_doorbell(&sh, token))?);
+            ws.push(EpollThread::spawn(format!("siov-worker{i}"), siovmm_seccomp::ThreadKind::DeviceWorker, move |token| serve_doorbell(&sh, token))?);
         }
         let portals = match portal {
             PortalKind::Doorbell => None,
@@ -185,11 +185,6 @@ impl SoftSiovDevice {
     /// Rings the mapped portals' poller passed on (0 without mapped portals).
     pub fn portal_rings(&self) -> u64 {
         self.portals.as_ref().map_or(0, portal::Portals::rings)
-    }
-
-    /// IMS entries not allocated to any ADI.
-    pub fn ims_free_entries(&self) -> u32 {
-        lock(&self.shared.ims).free_entries()
     }
 
     /// DMA bindings held.
@@ -352,6 +347,10 @@ fn run_pass(adi: AdiId, cell: &Mutex<AdiState>, shared: &Shared) -> bool {
 impl SiovDevice for SoftSiovDevice {
     fn info(&self) -> DeviceInfo {
         self.info
+    }
+
+    fn ims_free_entries(&self) -> u32 {
+        lock(&self.shared.ims).free_entries()
     }
 
     fn dma_bind(&self, space: Arc<dyn DmaSpace>) -> Result<DmaHandle, Error> {

@@ -109,7 +109,7 @@ impl Portals {
             rings: AtomicU64::new(0),
         });
         let (p, s) = (pages.clone(), state.clone());
-        let poller = std::thread::Builder::new().name("siov-portals".into()).spawn(move || poll(&p, &s, ring))?;
+        let poller = siovmm_seccomp::spawn(siovmm_seccomp::ThreadKind::DeviceWorker, "siov-portals".into(), move || poll(&p, &s, ring))?;
         Ok(Self { pages, state, poller: Some(poller) })
     }
 

@@ -1,0 +1,247 @@
+//! seccomp filters for siovmm's threads: each kind of thread (vCPU, event loop, device worker,
+//! overflow injector, console writer, the device daemon's servers) gets an allow-list of the
+//! system calls it needs, built with the rust-vmm `seccompiler` crate and installed by the
+//! thread itself as it starts ([`spawn`], or [`enter`] for a thread that already runs).
+//!
+//! The process chooses a [`Mode`] once ([`install`]), before it starts the threads that will be
+//! filtered; a process that never calls it (tests, other users of the library crates) runs
+//! unfiltered. Under [`Mode::On`] a system call outside the thread's list stops the process: a
+//! one-line report names the thread kind and the call, then the process dies of `SIGSYS`
+//! ([`trap`]). Under [`Mode::Log`] the kernel logs the call (audit record type 1326, in the
+//! kernel log) and lets it run. docs/seccomp.md has the lists and how to read a report.
+//!
+//! Filters stack: a thread keeps the filter of the thread that spawned it. Every filtered kind
+//! here is spawned by a thread that has none yet (the main thread filters itself last), so each
+//! thread runs under exactly its own list; a later spawner that is already filtered must allow
+//! `clone3`, and its child then runs under both lists.
+
+mod filters;
+mod trap;
+
+use std::collections::BTreeMap;
+use std::sync::{mpsc, OnceLock};
+
+use seccompiler::{BpfProgram, SeccompAction};
+
+/// What a system call outside a thread's list does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The process reports the call and dies of SIGSYS.
+    On,
+    /// The kernel logs the call and lets it run.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(Self::On),
+            "log" => Ok(Self::Log),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("--seccomp {s}: not on, log or off")),
+        }
+    }
+}
+
+/// The kinds of threads siovmm and its device daemon run; each has its own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ThreadKind {
+    /// Runs one vCPU: KVM_RUN and the device emulation its exits reach.
+    Vcpu,
+    /// siovmm's main thread once the VM runs: the event loop, then the VM's release.
+    EventLoop,
+    /// Runs the software SIOV device's queues (doorbell workers and the portal poller).
+    DeviceWorker,
+    /// Injects MSIs that found no free KVM route (KVM_SIGNAL_MSI).
+    OverflowInjector,
+    /// Writes the guest's console to stdout.
+    Console,
+    /// Serves the device daemon's ADI sockets (vfio-user).
+    DaemonServer,
+    /// The device daemon's main thread once its servers run: waits for them.
+    DaemonMain,
+}
+
+impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 7] = [
+        Self::Vcpu,
+        Self::EventLoop,
+        Self::DeviceWorker,
+        Self::OverflowInjector,
+        Self::Console,
+        Self::DaemonServer,
+        Self::DaemonMain,
+    ];
+
+    /// The kind's name in reports and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vcpu => "vcpu",
+            Self::EventLoop => "event-loop",
+            Self::DeviceWorker => "device-worker",
+            Self::OverflowInjector => "overflow-injector",
+            Self::Console => "console",
+            Self::DaemonServer => "daemon-server",
+            Self::DaemonMain => "daemon-main",
+        }
+    }
+
+    fn index(self) -> u8 {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+    }
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why filters could not be set up or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A kind's filter did not compile (a bug in the lists).
+    #[error("building the {0} thread's seccomp filter")]
+    Build(ThreadKind, #[source] seccompiler::BackendError),
+    /// The kernel refused a filter.
+    #[error("installing the {0} thread's seccomp filter")]
+    Apply(ThreadKind, #[source] seccompiler::Error),
+    /// The kernel has no seccomp filters (CONFIG_SECCOMP_FILTER).
+    #[error("this kernel has no seccomp filters (use --seccomp off to run without them)")]
+    Unsupported,
+    /// The SIGSYS handler could not be installed.
+    #[error("installing the SIGSYS handler")]
+    Handler(#[source] std::io::Error),
+    /// [`install`] was called before with another mode.
+    #[error("seccomp mode already chosen ({0:?})")]
+    AlreadyChosen(Mode),
+}
+
+/// The process's choice and its compiled filters.
+struct Policy {
+    mode: Mode,
+    programs: BTreeMap<ThreadKind, BpfProgram>,
+}
+
+static POLICY: OnceLock<Policy> = OnceLock::new();
+
+/// Chooses the process's mode and compiles every kind's filter. Call once, before spawning
+/// threads that [`spawn`] or [`enter`] should filter.
+pub fn install(mode: Mode) -> Result<(), Error> {
+    if let Some(p) = POLICY.get() {
+        return if p.mode == mode { Ok(()) } else { Err(Error::AlreadyChosen(p.mode)) };
+    }
+    let mut programs = BTreeMap::new();
+    if mode != Mode::Off {
+        // SAFETY: PR_GET_SECCOMP takes no pointer; it fails with EINVAL without seccomp.
+        if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } < 0 {
+            return Err(Error::Unsupported);
+        }
+        let mismatch = if mode == Mode::On { SeccompAction::Trap } else { SeccompAction::Log };
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        for kind in ThreadKind::ALL {
+            let program = filters::program(kind, mismatch.clone(), pid).map_err(|e| Error::Build(kind, e))?;
+            programs.insert(kind, program);
+        }
+        if mode == Mode::On {
+            trap::install_handler().map_err(Error::Handler)?;
+        }
+    }
+    let chosen = POLICY.get_or_init(|| Policy { mode, programs });
+    if chosen.mode == mode {
+        Ok(())
+    } else {
+        Err(Error::AlreadyChosen(chosen.mode))
+    }
+}
+
+/// The process's mode ([`Mode::Off`] until [`install`] chose another).
+pub fn mode() -> Mode {
+    POLICY.get().map_or(Mode::Off, |p| p.mode)
+}
+
+/// Puts the calling thread under `kind`'s filter (nothing if the mode is off or not chosen).
+/// A thread enters once: filters cannot be removed, and a second one would stack.
+pub fn enter(kind: ThreadKind) -> Result<(), Error> {
+    let Some(policy) = POLICY.get() else { return Ok(()) };
+    let Some(program) = policy.programs.get(&kind) else { return Ok(()) };
+    trap::set_thread_kind(kind);
+    seccompiler::apply_filter(program).map_err(|e| Error::Apply(kind, e))
+}
+
+/// Spawns thread `name` running `f` under `kind`'s filter. Returns once the thread has entered
+/// its filter, or the error that kept it from doing so (the thread then ends without running
+/// `f`).
+pub fn spawn<T: Send + 'static>(
+    kind: ThreadKind,
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new().name(name).spawn(move || {
+        let entered = enter(kind);
+        let ok = entered.is_ok();
+        let _ = tx.send(entered);
+        if !ok {
+            // Ends the thread without a panic message: the spawner reports the error.
+            std::panic::resume_unwind(Box::new(()));
+        }
+        f()
+    })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(std::io::Error::other(one_line(&e))),
+        Err(_) => Err(std::io::Error::other(format!("the {kind} thread ended before entering its seccomp filter"))),
+    }
+}
+
+/// An error and its causes as one line.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_a_bad_one_is_named() {
+        assert_eq!("on".parse::<Mode>(), Ok(Mode::On));
+        assert_eq!("log".parse::<Mode>(), Ok(Mode::Log));
+        assert_eq!("off".parse::<Mode>(), Ok(Mode::Off));
+        assert_eq!("yes".parse::<Mode>(), Err("--seccomp yes: not on, log or off".to_string()));
+    }
+
+    #[test]
+    fn every_kind_compiles_under_both_actions() {
+        for kind in ThreadKind::ALL {
+            for action in [SeccompAction::Trap, SeccompAction::Log] {
+                let p = filters::program(kind, action, 1).unwrap_or_else(|e| panic!("{kind}: {e}"));
+                assert!(!p.is_empty(), "{kind}");
+            }
+        }
+    }
+
+    #[test]
+    fn kinds_have_distinct_names_and_indices() {
+        let mut names: Vec<_> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ThreadKind::ALL.len());
+        for (i, k) in ThreadKind::ALL.iter().enumerate() {
+            assert_eq!(usize::from(k.index()), i);
+        }
+    }
+}
