@@ -79,6 +79,10 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                     libc::SYS_ppoll,
                     libc::SYS_eventfd2,
                     libc::SYS_fstat,
+                    // vfio-ioctls finds a released device's group through its sysfs
+                    // `iommu_group` link (VfioDevice's drop).
+                    libc::SYS_readlink,
+                    libc::SYS_readlinkat,
                 ],
             );
         }
