@@ -4,7 +4,7 @@
 #      every test: unit tests, KVM tests (on this host's /dev/kvm when it can
 #      create VMs, else inside the QEMU-TCG sandbox), CLI tests of the binary, and the
 #      integration tests that boot the stock Debian kernel (in the sandbox where this host's
-#      KVM cannot run Linux);
+#      KVM cannot run Linux); then every fuzz target for 10 s (fuzz/run.sh);
 #   2. the KVM tests once more with the host's KVM hidden (SIOVMM_HIDE_KVM=1), so the sandbox
 #      path they take on machines without /dev/kvm is proven here too. Skipped when this host
 #      has no /dev/kvm: step 1 already ran them that way.
@@ -30,6 +30,8 @@ trap report_retries EXIT
 cargo clippy --workspace --all-targets -- -D warnings
 python3 "$repo/tests/check-docs.py"
 cargo test --workspace
+# Every fuzz target for 10 s from its kept corpus (nightly, cargo-fuzz; docs/fuzzing.md).
+"$repo/fuzz/run.sh" --seconds 10
 if [ -e /dev/kvm ]; then
   echo "run.sh: the KVM tests again with the host's KVM hidden (SIOVMM_HIDE_KVM=1)"
   SIOVMM_HIDE_KVM=1 cargo test --workspace --exclude siovmm-tests

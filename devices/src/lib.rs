@@ -7,6 +7,7 @@ pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
 pub mod cmos;
+pub mod coalesced;
 pub mod console_out;
 pub mod faults;
 pub mod i8042;

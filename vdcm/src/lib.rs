@@ -171,6 +171,13 @@ impl ImsOptIn {
     pub fn set(&self) {
         self.0.store(true, std::sync::atomic::Ordering::Release);
     }
+
+    /// Forgets the opt-in: for fuzz targets that reuse one VM's state for many guests
+    /// (feature `test-util`); a VM never does.
+    #[cfg(feature = "test-util")]
+    pub fn clear(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for GuestSide {

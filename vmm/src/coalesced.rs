@@ -12,22 +12,15 @@
 
 use std::os::fd::AsRawFd;
 
-use kvm_bindings::{kvm_coalesced_mmio, KVM_COALESCED_MMIO_PAGE_OFFSET};
+use devices::coalesced::RingReader;
+use kvm_bindings::KVM_COALESCED_MMIO_PAGE_OFFSET;
 
-/// Header of `struct kvm_coalesced_mmio_ring` (include/uapi/linux/kvm.h): `first` is ours
-/// (the consumer), `last` is KVM's (the producer); entries follow.
-#[repr(C)]
-struct RingHeader {
-    first: u32,
-    last: u32,
-}
-
-/// The VM's ring page, mapped from a vCPU fd.
+/// The VM's ring page, mapped from a vCPU fd, and its reader (devices::coalesced).
 #[derive(Debug)]
 pub struct CoalescedRing {
     page: *mut u8,
     page_size: usize,
-    capacity: u32,
+    reader: RingReader,
 }
 
 // SAFETY: the mapping is process-wide shared memory; all access goes through `&mut self`,
@@ -55,37 +48,16 @@ impl CoalescedRing {
         if page == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let capacity =
-            ((page_size - std::mem::size_of::<RingHeader>()) / std::mem::size_of::<kvm_coalesced_mmio>()) as u32;
-        Ok(Self { page: page.cast(), page_size, capacity })
+        let page = page.cast::<u8>();
+        // SAFETY: the page is mapped read-write (page-aligned) until `drop` unmaps it, after
+        // the reader's last use.
+        let reader = unsafe { RingReader::new(page, page_size) };
+        Ok(Self { page, page_size, reader })
     }
 
-    /// Takes the oldest queued write, if any.
-    pub fn pop(&mut self) -> Option<kvm_coalesced_mmio> {
-        let header = self.page.cast::<RingHeader>();
-        // SAFETY: `header` points at the start of the mapped ring page; `last` is written by
-        // KVM, so it is read volatilely, then fenced before the entry is read. The fields are
-        // reached through raw pointers only: a Rust reference to memory the kernel writes
-        // concurrently would promise the compiler it does not change.
-        let (first, last) = unsafe {
-            (
-                std::ptr::read_volatile(std::ptr::addr_of!((*header).first)),
-                std::ptr::read_volatile(std::ptr::addr_of!((*header).last)),
-            )
-        };
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        if first == last || first >= self.capacity {
-            return None;
-        }
-        // SAFETY: `first < capacity`, so the entry lies inside the page.
-        let entry = unsafe {
-            let entries = self.page.add(std::mem::size_of::<RingHeader>()).cast::<kvm_coalesced_mmio>();
-            std::ptr::read_volatile(entries.add(first as usize))
-        };
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        // SAFETY: `first` is the consumer index, ours to advance.
-        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*header).first), (first + 1) % self.capacity) };
-        Some(entry)
+    /// The ring's reader.
+    pub fn reader(&mut self) -> &mut RingReader {
+        &mut self.reader
     }
 }
 

@@ -263,17 +263,8 @@ impl Exits {
     /// Applies queued coalesced writes, oldest first.
     fn replay_coalesced(&self) {
         let Some(ring) = &self.coalesced else { return };
-        let mut ring = devices::bus::lock(ring);
-        while let Some(e) = ring.pop() {
-            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-            let len = (e.len as usize).min(e.data.len());
-            // SAFETY: `pio` is the member KVM sets for every ring entry (1 = port I/O).
-            if unsafe { e.__bindgen_anon_1.pio } == 1 {
-                self.pio.write(e.phys_addr, &e.data[..len]);
-            } else {
-                self.mmio.write(e.phys_addr, &e.data[..len]);
-            }
-        }
+        let replayed = devices::bus::lock(ring).reader().replay(&self.pio, &self.mmio);
+        self.stats.coalesced.fetch_add(replayed, Ordering::Relaxed);
     }
 }
 

@@ -21,6 +21,8 @@ mod caps;
 mod intx;
 mod vectors;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 #[cfg(test)]
 mod tests;
 
