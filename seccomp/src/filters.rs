@@ -55,7 +55,10 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                     libc::SYS_eventfd2,
                     libc::SYS_epoll_ctl,
                     libc::SYS_dup,
+                    // glibc's fstat is newfstatat; Rust's metadata is statx.
                     libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_statx,
                 ],
             );
         }
@@ -78,7 +81,10 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                     libc::SYS_poll,
                     libc::SYS_ppoll,
                     libc::SYS_eventfd2,
+                    // glibc's fstat is newfstatat; Rust's metadata is statx.
                     libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_statx,
                     // vfio-ioctls finds a released device's group through its sysfs
                     // `iommu_group` link (VfioDevice's drop).
                     libc::SYS_readlink,
@@ -116,7 +122,10 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                     libc::SYS_setsockopt,
                     libc::SYS_poll,
                     libc::SYS_ppoll,
+                    // glibc's fstat is newfstatat; Rust's metadata is statx.
                     libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_statx,
                     libc::SYS_lseek,
                     libc::SYS_dup,
                     libc::SYS_eventfd2,

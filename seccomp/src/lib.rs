@@ -151,6 +151,7 @@ pub fn install(mode: Mode) -> Result<(), Error> {
         if mode == Mode::On {
             trap::install_handler().map_err(Error::Handler)?;
         }
+        quiet_panics();
     }
     let chosen = POLICY.get_or_init(|| Policy { mode, programs });
     if chosen.mode == mode {
@@ -158,6 +159,25 @@ pub fn install(mode: Mode) -> Result<(), Error> {
     } else {
         Err(Error::AlreadyChosen(chosen.mode))
     }
+}
+
+/// Reports panics in one line, without a backtrace: resolving one opens the executable and
+/// maps its debug information, which no thread's list allows, so with `RUST_BACKTRACE` set a
+/// panic the code catches and survives (a device fault in the software device) would
+/// otherwise end the process at the first `openat`.
+fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("thread '{name}' panicked at {at}: {what} (no backtrace under seccomp filters: --seccomp off gives one)");
+    }));
 }
 
 /// The process's mode ([`Mode::Off`] until [`install`] chose another).
