@@ -25,6 +25,26 @@ const IOCTL_TERMINAL: u64 = b'T' as u64;
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
+/// A passed-through device's slow path: VFIO region reads and writes, vfio-user requests
+/// (file descriptors travel with them), and the eventfds of vectors the guest programs.
+const DEVICE_IO: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_eventfd2,
+];
+
+/// Waiting on an epoll set and changing it.
+const EPOLL: &[i64] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl];
+
+/// `fstat` as glibc (newfstatat) and Rust's metadata (statx) make it.
+const STAT: &[i64] = &[libc::SYS_fstat, libc::SYS_newfstatat, libc::SYS_statx];
+
 /// `kind`'s filter: its list allowed, anything else `mismatch`; `pid` is the process's own.
 pub(crate) fn program(kind: ThreadKind, mismatch: SeccompAction, pid: i32) -> Result<BpfProgram, BackendError> {
     let rules = rules(kind, pid)?;
@@ -38,53 +58,21 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
     match kind {
         ThreadKind::Vcpu => {
             ioctl(&mut r, &[IOCTL_KVM, IOCTL_VFIO])?;
-            allow(
-                &mut r,
-                &[
-                    // VFIO regions and config space; vfio-user requests (fds travel with them).
-                    libc::SYS_pread64,
-                    libc::SYS_pwrite64,
-                    libc::SYS_sendmsg,
-                    libc::SYS_recvmsg,
-                    libc::SYS_sendto,
-                    libc::SYS_recvfrom,
-                    libc::SYS_poll,
-                    libc::SYS_ppoll,
-                    // Vectors the guest programs get eventfds (irqfd) and may be watched
-                    // (masked, or on the overflow path).
-                    libc::SYS_eventfd2,
-                    libc::SYS_epoll_ctl,
-                    libc::SYS_dup,
-                    // glibc's fstat is newfstatat; Rust's metadata is statx.
-                    libc::SYS_fstat,
-                    libc::SYS_newfstatat,
-                    libc::SYS_statx,
-                ],
-            );
+            allow(&mut r, DEVICE_IO);
+            allow(&mut r, STAT);
+            // A masked vector's eventfd is watched by the overflow thread's epoll set.
+            allow(&mut r, &[libc::SYS_epoll_ctl, libc::SYS_dup]);
         }
         ThreadKind::EventLoop => {
             ioctl(&mut r, &[IOCTL_KVM, IOCTL_VFIO, IOCTL_TERMINAL])?;
+            // Releasing the VM: vfio-user devices say goodbye, VFIO regions unmap.
+            allow(&mut r, DEVICE_IO);
+            allow(&mut r, STAT);
+            allow(&mut r, EPOLL);
             allow(
                 &mut r,
                 &[
-                    libc::SYS_epoll_wait,
-                    libc::SYS_epoll_pwait,
-                    libc::SYS_epoll_ctl,
-                    // Releasing the VM: vfio-user devices say goodbye, VFIO regions unmap.
-                    libc::SYS_pread64,
-                    libc::SYS_pwrite64,
-                    libc::SYS_sendmsg,
-                    libc::SYS_recvmsg,
-                    libc::SYS_sendto,
-                    libc::SYS_recvfrom,
                     libc::SYS_shutdown,
-                    libc::SYS_poll,
-                    libc::SYS_ppoll,
-                    libc::SYS_eventfd2,
-                    // glibc's fstat is newfstatat; Rust's metadata is statx.
-                    libc::SYS_fstat,
-                    libc::SYS_newfstatat,
-                    libc::SYS_statx,
                     // vfio-ioctls finds a released device's group through its sysfs
                     // `iommu_group` link (VfioDevice's drop).
                     libc::SYS_readlink,
@@ -93,7 +81,7 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
             );
         }
         ThreadKind::DeviceWorker => {
-            allow(&mut r, &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl]);
+            allow(&mut r, EPOLL);
         }
         ThreadKind::OverflowInjector => {
             // KVM_SIGNAL_MSI on the VM.
@@ -106,12 +94,11 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
         ThreadKind::DaemonServer => {
             // FIONBIO on accepted sockets.
             ioctl(&mut r, &[IOCTL_TERMINAL])?;
+            allow(&mut r, STAT);
+            allow(&mut r, EPOLL);
             allow(
                 &mut r,
                 &[
-                    libc::SYS_epoll_wait,
-                    libc::SYS_epoll_pwait,
-                    libc::SYS_epoll_ctl,
                     libc::SYS_accept4,
                     libc::SYS_sendmsg,
                     libc::SYS_recvmsg,
@@ -122,10 +109,6 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                     libc::SYS_setsockopt,
                     libc::SYS_poll,
                     libc::SYS_ppoll,
-                    // glibc's fstat is newfstatat; Rust's metadata is statx.
-                    libc::SYS_fstat,
-                    libc::SYS_newfstatat,
-                    libc::SYS_statx,
                     libc::SYS_lseek,
                     libc::SYS_dup,
                     libc::SYS_eventfd2,

@@ -215,21 +215,9 @@ pub fn spawn<T: Send + 'static>(
     })?;
     match rx.recv() {
         Ok(Ok(())) => Ok(handle),
-        Ok(Err(e)) => Err(std::io::Error::other(one_line(&e))),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
         Err(_) => Err(std::io::Error::other(format!("the {kind} thread ended before entering its seccomp filter"))),
     }
-}
-
-/// An error and its causes as one line.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
 }
 
 #[cfg(test)]

@@ -58,6 +58,9 @@ pub enum Error {
     /// A host device could not be passed through.
     #[error("passing a VFIO device through")]
     Vfio(#[from] passthrough::Error),
+    /// The main thread could not enter the event loop's seccomp filter.
+    #[error("entering the event loop's seccomp filter")]
+    Seccomp(#[source] siovmm_seccomp::Error),
     /// The VM has been released; nothing can be added to it.
     #[error("the VM has been released")]
     Released,

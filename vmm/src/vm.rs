@@ -536,9 +536,7 @@ impl Vm {
                 }
             }
         }
-        let served = siovmm_seccomp::enter(ThreadKind::EventLoop)
-            .map_err(|e| Error::Io("entering the event loop's seccomp filter".into(), std::io::Error::other(crate::one_line(&e))))
-            .and_then(|()| self.serve());
+        let served = siovmm_seccomp::enter(ThreadKind::EventLoop).map_err(Error::Seccomp).and_then(|()| self.serve());
         // Whatever ended the loop, no vCPU runs past this point.
         if self.shutdown.reason().is_none() {
             self.shutdown.request(ExitReason::Failed("the event loop failed".into()));
