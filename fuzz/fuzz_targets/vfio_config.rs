@@ -71,5 +71,6 @@ fuzz_target!(|data: &[u8]| {
     // Released as the VMM releases it: every vector's irqfd unbound.
     siovmm_fuzz::lock(&function).disable_interrupts();
     assert!(siovmm_fuzz::lock(&routes.irqfds).is_empty(), "irqfds left bound after the function's interrupts were disabled");
+    siovmm_fuzz::forget_history(routes);
     drop(mapper);
 });

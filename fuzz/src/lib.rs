@@ -175,6 +175,7 @@ impl AdiGuest {
             vdcm.remove(bdf, slots).unwrap_or_else(|e| panic!("releasing {bdf}: {e}"));
         }
         assert!(lock(&g.routes.irqfds).is_empty(), "irqfds left bound after the ADIs were released");
+        forget_history(&g.routes);
         assert_eq!(g.quota.held(), 0, "IMS entries still counted after the ADIs were released");
         assert!(g.mmio.is_empty(), "BARs left on the MMIO bus after the ADIs were released");
     }
@@ -217,6 +218,13 @@ pub fn adi_step(g: &AdiGuest, ecam: &mut devices::pci::PciConfigMmio, input: &mu
         }
     }
     true
+}
+
+/// Empties the fake routing table's records of past commits and injections, which a fixture
+/// kept for the whole run would otherwise grow without end (the table itself stays).
+pub fn forget_history(routes: &FakeRoutes) {
+    lock(&routes.log).clear();
+    lock(&routes.injected).clear();
 }
 
 /// Locks, ignoring poison (a fuzz target stops at the first panic anyway).
