@@ -50,11 +50,7 @@ fuzz_target!(|data: &[u8]| {
         if step & 1 == 0 {
             // Function 00:03.0's 4 KiB of ECAM.
             let Some(a) = Access::next(&mut input, 4096) else { break };
-            match a {
-                Access::Read { offset, len } => Access::Read { offset: offset + (3 << 15), len },
-                Access::Write { offset, len, data } => Access::Write { offset: offset + (3 << 15), len, data },
-            }
-            .apply(&mut ecam);
+            a.at(3 << 15).apply(&mut ecam);
         } else {
             // A trapped BAR access, inside the BAR (the bus delivers nothing else).
             let Some(bar) = input.u8().and_then(|i| guest_bars.get(usize::from(i) % guest_bars.len().max(1))) else { break };
@@ -71,6 +67,6 @@ fuzz_target!(|data: &[u8]| {
     // Released as the VMM releases it: every vector's irqfd unbound.
     siovmm_fuzz::lock(&function).disable_interrupts();
     assert!(siovmm_fuzz::lock(&routes.irqfds).is_empty(), "irqfds left bound after the function's interrupts were disabled");
-    siovmm_fuzz::forget_history(routes);
+    routes.forget_history();
     drop(mapper);
 });

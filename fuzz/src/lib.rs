@@ -84,6 +84,14 @@ impl Access {
         }
     }
 
+    /// The same access `base` bytes further on (into one part of a larger range).
+    pub fn at(self, base: u64) -> Self {
+        match self {
+            Self::Read { offset, len } => Self::Read { offset: offset + base, len },
+            Self::Write { offset, len, data } => Self::Write { offset: offset + base, len, data },
+        }
+    }
+
     /// Performs the access on `device`.
     pub fn apply(self, device: &mut dyn BusDevice) {
         match self {
@@ -175,7 +183,7 @@ impl AdiGuest {
             vdcm.remove(bdf, slots).unwrap_or_else(|e| panic!("releasing {bdf}: {e}"));
         }
         assert!(lock(&g.routes.irqfds).is_empty(), "irqfds left bound after the ADIs were released");
-        forget_history(&g.routes);
+        g.routes.forget_history();
         assert_eq!(g.quota.held(), 0, "IMS entries still counted after the ADIs were released");
         assert!(g.mmio.is_empty(), "BARs left on the MMIO bus after the ADIs were released");
     }
@@ -195,11 +203,7 @@ pub fn adi_step(g: &AdiGuest, ecam: &mut devices::pci::PciConfigMmio, input: &mu
     match target % 3 {
         0 => {
             let Some(a) = Access::next(input, 0x8000) else { return false };
-            let a = match a {
-                Access::Read { offset, len } => Access::Read { offset: offset + 0x8000, len },
-                Access::Write { offset, len, data } => Access::Write { offset: offset + 0x8000, len, data },
-            };
-            a.apply(ecam);
+            a.at(0x8000).apply(ecam);
         }
         1 => {
             let Some(a) = Access::next(input, bar0_span) else { return false };
@@ -218,13 +222,6 @@ pub fn adi_step(g: &AdiGuest, ecam: &mut devices::pci::PciConfigMmio, input: &mu
         }
     }
     true
-}
-
-/// Empties the fake routing table's records of past commits and injections, which a fixture
-/// kept for the whole run would otherwise grow without end (the table itself stays).
-pub fn forget_history(routes: &FakeRoutes) {
-    lock(&routes.log).clear();
-    lock(&routes.injected).clear();
 }
 
 /// Locks, ignoring poison (a fuzz target stops at the first panic anyway).

@@ -33,6 +33,13 @@ pub struct FakeRoutes {
 }
 
 impl FakeRoutes {
+    /// Forgets the records of past commits and injections (the table itself stays): a fake
+    /// kept for a whole fuzzing run would otherwise grow without end.
+    pub fn forget_history(&self) {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        self.injected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+
     /// The messages routed now, in GSI order.
     pub fn messages(&self) -> Vec<MsiMessage> {
         self.routes.lock().unwrap().iter().map(|r| r.1).collect()

@@ -90,8 +90,9 @@ impl ThreadKind {
         }
     }
 
+    /// Its position in [`ThreadKind::ALL`] (the declaration order).
     fn index(self) -> u8 {
-        Self::ALL.iter().position(|k| *k == self).unwrap_or(0) as u8
+        self as u8
     }
 }
 
@@ -180,11 +181,6 @@ fn quiet_panics() {
     }));
 }
 
-/// The process's mode ([`Mode::Off`] until [`install`] chose another).
-pub fn mode() -> Mode {
-    POLICY.get().map_or(Mode::Off, |p| p.mode)
-}
-
 /// Puts the calling thread under `kind`'s filter (nothing if the mode is off or not chosen).
 /// A thread enters once: filters cannot be removed, and a second one would stack.
 pub fn enter(kind: ThreadKind) -> Result<(), Error> {
@@ -220,6 +216,20 @@ pub fn spawn<T: Send + 'static>(
     }
 }
 
+/// Each thread of process `pid`: its name and "MODE FILTERS" as /proc reports them
+/// (`Seccomp`, `Seccomp_filters` of `/proc/PID/task/TID/status`; "2 1" is one filter in
+/// filter mode). What the tests of siovmm and its daemon check every thread against.
+pub fn thread_filters(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map_or("?".into(), |v| v.trim().to_string());
+        threads.push((name, format!("{} {}", field("Seccomp:"), field("Seccomp_filters:"))));
+    }
+    threads
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +261,12 @@ mod tests {
         for (i, k) in ThreadKind::ALL.iter().enumerate() {
             assert_eq!(usize::from(k.index()), i);
         }
+    }
+
+    #[test]
+    fn this_process_s_threads_are_listed_unfiltered() {
+        let threads = thread_filters(std::process::id());
+        assert!(!threads.is_empty());
+        assert!(threads.iter().all(|(_, s)| s == "0 0"), "{threads:?}");
     }
 }

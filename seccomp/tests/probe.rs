@@ -130,7 +130,7 @@ fn log_lets_the_call_run_and_the_kernel_logs_it_for_every_kind() {
         for record in log.records() {
             let ours = record.contains(&format!(" pid={pid} ")) && record.contains("type=1326");
             if ours && record.contains(&format!("syscall={FORBIDDEN} ")) {
-                if let Some(kind) = ThreadKind::ALL.iter().find(|k| record.contains(&format!("comm=\"probe-{}\"", truncated(k.name())))) {
+                if let Some(kind) = ThreadKind::ALL.iter().find(|k| record.contains(&format!("comm=\"{}\"", comm(k.name())))) {
                     seen.push(*kind);
                 }
             }
@@ -142,7 +142,8 @@ fn log_lets_the_call_run_and_the_kernel_logs_it_for_every_kind() {
     assert_eq!(seen, ThreadKind::ALL.to_vec(), "kernel log records of the forbidden call, by thread");
 }
 
-/// A thread name as the kernel keeps it: "probe-" and the kind, cut to 15 bytes.
-fn truncated(kind: &str) -> String {
-    format!("probe-{kind}").chars().take(15).collect::<String>()["probe-".len()..].to_string()
+/// The probe thread's name as the kernel keeps it (`comm`): "probe-" and the kind, cut to 15
+/// bytes.
+fn comm(kind: &str) -> String {
+    format!("probe-{kind}").chars().take(15).collect()
 }

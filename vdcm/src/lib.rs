@@ -20,6 +20,8 @@ mod fakes;
 pub mod hypercall;
 pub mod ims_quota;
 pub mod iommu_dma;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -584,19 +586,6 @@ mod tests {
         GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap()
     }
 
-    /// The guest enables MSI-X on `f` and programs and unmasks both vectors.
-    fn program_vectors(f: &Arc<Mutex<AdiFunction>>) {
-        use devices::pci::PciFunction;
-        use devices::BusDevice;
-        let mut f = lock(f);
-        f.config_write(0x40 / 4, 2, &devices::pci::msix::CTRL_ENABLE.to_le_bytes());
-        for v in 0..2u64 {
-            f.write(adi::MSIX_TABLE + v * 16, &0xfee0_0000u32.to_le_bytes());
-            f.write(adi::MSIX_TABLE + v * 16 + 8, &(0x40 + v as u32).to_le_bytes());
-            f.write(adi::MSIX_TABLE + v * 16 + 12, &0u32.to_le_bytes());
-        }
-    }
-
     /// Doorbell ioeventfds and portal pages as a list of live (kind, address) pairs.
     #[derive(Default)]
     struct Doorbells(Arc<Mutex<Vec<(&'static str, u64)>>>);
@@ -734,7 +723,7 @@ mod tests {
         let placement = a.vdcm.placement();
         assert_eq!(placement.len(), 8);
         for f in a.vdcm.functions() {
-            program_vectors(&f);
+            crate::testing::program_two_vectors(&mut lock(&f));
         }
         assert_eq!(a.router.counts(), (16, 0));
         assert_eq!((a.pci.len(), a.mmio.len(), device.ims_free_entries()), (8, 8, 48));

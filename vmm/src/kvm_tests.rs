@@ -746,20 +746,6 @@ kvm_test! {
     }
 }
 
-/// Enables MSI-X on an ADI and programs and unmasks its first two vectors, as the guest's
-/// driver does: each vector then holds its IMS entry's binding and a KVM route.
-fn program_two_vectors(f: &mut siovmm_vdcm::adi::AdiFunction) {
-    use devices::pci::PciFunction;
-    use devices::BusDevice;
-    use siovmm_vdcm::adi::MSIX_TABLE;
-    f.config_write(0x40 / 4, 2, &devices::pci::msix::CTRL_ENABLE.to_le_bytes());
-    for v in 0..2u64 {
-        f.write(MSIX_TABLE + v * 16, &0xfee0_0000u32.to_le_bytes());
-        f.write(MSIX_TABLE + v * 16 + 8, &(0x40 + v as u32).to_le_bytes());
-        f.write(MSIX_TABLE + v * 16 + 12, &0u32.to_le_bytes());
-    }
-}
-
 kvm_test! {
     alone;
     sandbox_idle_secs: 100;
@@ -779,7 +765,7 @@ kvm_test! {
         let at_boot = handle.usage().unwrap();
         let cycle = || {
             let bdf = handle.add_adis(1).unwrap()[0];
-            handle.with_adi(bdf, program_two_vectors).unwrap();
+            handle.with_adi(bdf, siovmm_vdcm::testing::program_two_vectors).unwrap();
             let during = handle.usage().unwrap();
             handle.remove_adi(bdf).unwrap();
             during

@@ -147,18 +147,25 @@ kvm_test! {
             if let Some(m) = mode {
                 cmd.args(["--seccomp", m]);
             }
-            let mut child = cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            let mut child = KillOnDrop(cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+            let child = &mut child.0;
             let ours = ["siovmm", "console-out", "siov-worker0", "siov-worker1", "msi-overflow", "vcpu0", "vcpu1"];
+            // A thread is named before it enters its filter, and the main thread enters its
+            // own after starting the vCPUs: the census is taken once every thread has settled
+            // (or at the deadline, where the assertions below say what did not).
             let deadline = Instant::now() + Duration::from_secs(20);
             let census = loop {
-                let census = seccomp_census(child.id());
-                if ours.iter().all(|n| census.iter().any(|(name, _)| name == n)) {
+                let census = siovmm_seccomp::thread_filters(child.id());
+                let settled = ours.iter().all(|n| census.iter().any(|(name, state)| name == n && state == want));
+                if settled || Instant::now() >= deadline {
                     break census;
                 }
                 assert!(child.try_wait().unwrap().is_none(), "siovmm ended: {census:?}");
-                assert!(Instant::now() < deadline, "threads missing: {census:?}");
                 std::thread::sleep(Duration::from_millis(20));
             };
+            for n in ours {
+                assert!(census.iter().any(|(name, _)| name == n), "no {n} thread: {census:?}");
+            }
             for (name, state) in census.iter().filter(|(name, _)| ours.contains(&name.as_str())) {
                 assert_eq!(state, want, "{name} (mode {mode:?}): seccomp mode and filter count; {census:?}");
             }
@@ -173,15 +180,13 @@ kvm_test! {
     }
 }
 
-/// Each thread of process `pid`: its name and "MODE FILTERS" from /proc (Seccomp,
-/// Seccomp_filters).
-fn seccomp_census(pid: u32) -> Vec<(String, String)> {
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map_or("?".into(), |v| v.trim().to_string());
-        threads.push((name, format!("{} {}", field("Seccomp:"), field("Seccomp_filters:"))));
+/// A child process killed when the test lets go of it, so a failed assertion does not leave a
+/// VM spinning.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    threads
 }
