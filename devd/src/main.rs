@@ -30,7 +30,8 @@ Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock
                     or off (default on; docs/seccomp.md)
 
 DIR/status holds the totals in use (adis_open, ims_entries_in_use, clients), rewritten at
-every change. A VMM is told apart by its process ID; when it exits or is killed, its sockets
+every change, and the device's counters (completed, interrupts, interrupts_pending,
+interrupts_dropped, queue_errors, device_faults), rewritten every second. A VMM is told apart by its process ID; when it exits or is killed, its sockets
 close and its ADIs and IMS entries go back to the device at once.
 ";
 
@@ -99,13 +100,13 @@ fn clear_stale(path: &std::path::Path) -> Result<(), String> {
 fn run(o: Options) -> Result<(), String> {
     // Before any thread starts: each enters its kind's filter as it begins (docs/seccomp.md).
     siovmm_seccomp::install(o.seccomp).map_err(|e| format!("--seccomp: {e}"))?;
-    let device = SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?;
-    let device: Arc<dyn SiovDevice> = Arc::new(device);
+    let soft = Arc::new(SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?);
+    let device: Arc<dyn SiovDevice> = soft.clone();
     let needed = u64::from(o.adis) * u64::from(o.vectors);
     if needed > u64::from(device.info().ims_entries) {
         log::warn!("{} ADIs x {} vectors need {needed} IMS entries; the device has {}: ADIs past them wait for a free group", o.adis, o.vectors, device.info().ims_entries);
     }
-    let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))));
+    let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))).with_counters(Box::new(move || soft.stats().lines())));
     let mut listeners = Vec::new();
     for adi in 0..o.adis {
         let path = socket_path(&o.dir, adi);
@@ -113,9 +114,14 @@ fn run(o: Options) -> Result<(), String> {
         let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         listeners.push((AdiId(adi), listener));
     }
-    let reactor = Reactor::start(listeners, device, o.vectors, pool, o.server_threads).map_err(|e| format!("starting the server: {e}"))?;
+    let reactor = Reactor::start(listeners, device, o.vectors, pool.clone(), o.server_threads).map_err(|e| format!("starting the server: {e}"))?;
     eprintln!("siovmm-devd: serving {} ADIs on {}/adi-N.sock with {} threads", o.adis, o.dir.display(), reactor.threads());
     siovmm_seccomp::enter(siovmm_seccomp::ThreadKind::DaemonMain).map_err(|e| format!("--seccomp: {e}"))?;
+    // The device's counters move on their own: the status file follows them every second.
+    while reactor.serving() {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        pool.refresh();
+    }
     Err(format!("the server stopped: {}", reactor.join()))
 }
 

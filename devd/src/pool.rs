@@ -5,7 +5,8 @@
 //!
 //! The totals are also written to `status` in the socket directory after every change
 //! (`adis_open`, `ims_entries_in_use`, `clients`; written whole, then renamed into place), for
-//! operators and tests to read.
+//! operators and tests to read, followed by the device's counters when the pool has them
+//! ([`Pool::with_counters`]; [`Pool::refresh`] rewrites the file with their current values).
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -53,12 +54,21 @@ struct Held {
     ims: u32,
 }
 
+/// Lines (`name value`) that follow the totals in the status file.
+pub type Counters = Box<dyn Fn() -> String + Send + Sync>;
+
 /// The daemon's accounting.
-#[derive(Debug)]
 pub struct Pool {
     limits: Limits,
     by_vm: Mutex<BTreeMap<i32, Held>>,
     status: Option<PathBuf>,
+    counters: Option<Counters>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("limits", &self.limits).field("by_vm", &self.by_vm).field("status", &self.status).finish()
+    }
 }
 
 /// The PID of the process at the other end of `stream` (0 if the kernel does not say).
@@ -79,9 +89,22 @@ pub fn peer_pid(stream: &UnixStream) -> i32 {
 impl Pool {
     /// A pool with `limits`, writing its totals to `status` (if given).
     pub fn new(limits: Limits, status: Option<PathBuf>) -> Self {
-        let pool = Self { limits, by_vm: Mutex::new(BTreeMap::new()), status };
+        let pool = Self { limits, by_vm: Mutex::new(BTreeMap::new()), status, counters: None };
         pool.write_status(&BTreeMap::new());
         pool
+    }
+
+    /// The status file also carries `counters()` (e.g. the device's), from now on.
+    pub fn with_counters(mut self, counters: Counters) -> Self {
+        self.counters = Some(counters);
+        self.write_status(&BTreeMap::new());
+        self
+    }
+
+    /// Rewrites the status file (the counters move without the pool knowing).
+    pub fn refresh(&self) {
+        let by_vm = self.lock();
+        self.write_status(&by_vm);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, Held>> {
@@ -124,12 +147,15 @@ impl Pool {
 
     fn write_status(&self, by_vm: &BTreeMap<i32, Held>) {
         let Some(path) = &self.status else { return };
-        let text = format!(
+        let mut text = format!(
             "adis_open {}\nims_entries_in_use {}\nclients {}\n",
             by_vm.values().map(|h| h.adis).sum::<u32>(),
             by_vm.values().map(|h| h.ims).sum::<u32>(),
             by_vm.len()
         );
+        if let Some(counters) = &self.counters {
+            text.push_str(&counters());
+        }
         let tmp = path.with_extension("tmp");
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
             log::warn!("{}: {e}", path.display());
@@ -170,6 +196,14 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&status).unwrap(), "adis_open 1\nims_entries_in_use 2\nclients 1\n");
         pool.give_back(7, 2);
         assert_eq!(std::fs::read_to_string(&status).unwrap(), "adis_open 0\nims_entries_in_use 0\nclients 0\n");
+        // Counters follow the totals; refresh rewrites them as they move.
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = ticks.clone();
+        let pool = pool.with_counters(Box::new(move || format!("ticks {}\n", seen.load(std::sync::atomic::Ordering::Relaxed))));
+        assert!(std::fs::read_to_string(&status).unwrap().ends_with("clients 0\nticks 0\n"));
+        ticks.store(5, std::sync::atomic::Ordering::Relaxed);
+        pool.refresh();
+        assert!(std::fs::read_to_string(&status).unwrap().ends_with("clients 0\nticks 5\n"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

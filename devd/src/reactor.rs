@@ -120,6 +120,11 @@ impl Reactor {
         self.threads.len()
     }
 
+    /// Whether every server thread still runs.
+    pub fn serving(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
     /// Waits for the server threads, which end only when waiting for events fails; returns why.
     pub fn join(self) -> std::io::Error {
         let mut last = std::io::Error::other("no server thread");

@@ -45,6 +45,16 @@ const EPOLL: &[i64] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_e
 /// `fstat` as glibc (newfstatat) and Rust's metadata (statx) make it.
 const STAT: &[i64] = &[libc::SYS_fstat, libc::SYS_newfstatat, libc::SYS_statx];
 
+/// The daemon's DIR/status: written whole, then renamed into place.
+const STATUS_FILE: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// `kind`'s filter: its list allowed, anything else `mismatch`; `pid` is the process's own.
 pub(crate) fn program(kind: ThreadKind, mismatch: SeccompAction, pid: i32) -> Result<BpfProgram, BackendError> {
     let rules = rules(kind, pid)?;
@@ -112,17 +122,12 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                     libc::SYS_lseek,
                     libc::SYS_dup,
                     libc::SYS_eventfd2,
-                    // DIR/status: written whole, then renamed into place.
-                    libc::SYS_openat,
-                    libc::SYS_rename,
-                    libc::SYS_renameat,
-                    libc::SYS_renameat2,
-                    libc::SYS_unlink,
-                    libc::SYS_unlinkat,
                 ],
             );
+            allow(&mut r, STATUS_FILE);
         }
-        ThreadKind::DaemonMain => {}
+        // Sleeps, and rewrites the status file with the device's counters every second.
+        ThreadKind::DaemonMain => allow(&mut r, STATUS_FILE),
     }
     Ok(r)
 }
@@ -198,10 +203,11 @@ mod tests {
     }
 
     #[test]
-    fn only_the_daemon_server_opens_files_and_only_vcpus_and_the_loop_touch_vfio() {
+    fn only_the_daemons_threads_open_files_and_only_vcpus_and_the_loop_touch_vfio() {
         for kind in ThreadKind::ALL {
             let r = rules(kind, 1).unwrap();
-            assert_eq!(r.contains_key(&libc::SYS_openat), kind == ThreadKind::DaemonServer, "{kind}");
+            let daemon = matches!(kind, ThreadKind::DaemonServer | ThreadKind::DaemonMain);
+            assert_eq!(r.contains_key(&libc::SYS_openat), daemon, "{kind}");
             let ioctl_rules = r.get(&libc::SYS_ioctl).map_or(0, Vec::len);
             let expected = match kind {
                 ThreadKind::Vcpu => 2,

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use devices::bus::{lock, write_lock};
+use devices::faults::GuestFaults;
 use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
@@ -81,6 +82,9 @@ struct Mapped {
     function: Arc<Mutex<AdiFunction>>,
     portal: Portal,
     page: Option<Box<dyn Send>>,
+    /// Placements that failed (a guest may place its BAR anywhere, as often as it likes):
+    /// counted, the first few logged.
+    faults: GuestFaults,
 }
 
 /// Moves BAR0 windows on the MMIO bus and, with them, their doorbell ioeventfds or portal pages.
@@ -102,9 +106,8 @@ impl BarMapper for GuestBars {
             self.mmio.remove(base);
             // The page's guard unmaps it; without one the doorbell was an ioeventfd.
             if m.page.take().is_none() {
-                if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, false) {
-                    log::warn!("{bdf}: removing the doorbell ioeventfd at {:#x}: {e}", base + DOORBELL);
-                }
+                let r = self.doorbells.ioeventfd(doorbell, base + DOORBELL, false);
+                m.faults.record(&format!("removing the doorbell ioeventfd at {:#x}", base + DOORBELL), r);
             }
         }
         let Some(base) = new else { return false };
@@ -119,13 +122,15 @@ impl BarMapper for GuestBars {
                     self.page_maps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return true;
                 }
-                Err(e) => log::warn!("{bdf}: mapping the portal page at {:#x}: {e}; an ioeventfd instead", base + DOORBELL),
+                Err(e) => {
+                    let what = format!("mapping the portal page at {:#x} (an ioeventfd instead)", base + DOORBELL);
+                    m.faults.record::<(), _>(&what, Err(e));
+                }
             }
         }
         // Without it, doorbell writes still arrive, as exits (counted as slow doorbells).
-        if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true) {
-            log::warn!("{bdf}: doorbell ioeventfd at {:#x}: {e}; doorbells exit to siovmm", base + DOORBELL);
-        }
+        let r = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true);
+        m.faults.record(&format!("doorbell ioeventfd at {:#x} (doorbells exit to siovmm)", base + DOORBELL), r);
         true
     }
 }
@@ -372,7 +377,7 @@ impl Vdcm {
                 return Err(e);
             }
         };
-        lock(&self.bars.functions).insert(bdf, Mapped { function: function.clone(), portal, page: None });
+        lock(&self.bars.functions).insert(bdf, Mapped { function: function.clone(), portal, page: None, faults: GuestFaults::new(format!("{bdf}'s BAR0")) });
         self.guest.pci.add(bdf, function.clone());
         write_lock(&self.guest.adis).insert(bdf.0, function.clone());
         lock(&function).update_bar_mapping();

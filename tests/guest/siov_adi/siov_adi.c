@@ -19,6 +19,8 @@
  * "run" then also fires every IMS vector once and checks that handles it was not given raise
  * nothing. sysfs "mode" says "ims-pv", "ims-trap" or "msix".
  *
+ * "abuse" turns the guest hostile against one ADI and then checks it works again (below).
+ *
  * Register map and descriptor format: siovmm docs/siov-device.md; hypercalls:
  * docs/hypercall.md.
  */
@@ -44,6 +46,10 @@ static int pba_check = 1;
 module_param(pba_check, int, 0444);
 MODULE_PARM_DESC(pba_check, "1: a masked vector's interrupt must show in the PBA; 0: skip that check, for a VMM "
 		 "that reads a passed-through device's PBA from the device instead of emulating it (Cloud Hypervisor)");
+static int poll_timeout_ms = 100;
+module_param(poll_timeout_ms, int, 0444);
+MODULE_PARM_DESC(poll_timeout_ms, "how long one polled NOOP of the self-test may take: 100 ms; longer for a guest "
+		 "that shares the emulated CPUs with a guest flooding the same device (tests/tests/hostile.rs)");
 /* Set once this guest has opted in (probes run one after another). */
 static bool ims_opted_in;
 /* The hypercall's CPUID flags. */
@@ -158,7 +164,7 @@ struct adi {
 	atomic_t irqs;
 	struct completion done;
 	struct mutex lock;
-	char result[200];
+	char result[320];
 };
 
 static irqreturn_t adi_cq_irq(int irq, void *data)
@@ -704,7 +710,7 @@ static void adi_selftest(struct adi *a)
 			t0 = ktime_get_ns();
 			bell += adi_submit(a, OP_NOOP, 0, 0, 0, 0, 0);
 			while (!READ_ONCE(a->comp->status)) {
-				if (ktime_get_ns() - t0 > 100 * NSEC_PER_MSEC)
+				if (ktime_get_ns() - t0 > (u64)poll_timeout_ms * NSEC_PER_MSEC)
 					FAIL("polled NOOP did not complete");
 				cpu_relax();
 			}
@@ -720,6 +726,578 @@ static void adi_selftest(struct adi *a)
 			 atomic_read(&a->irqs), adi_total_ims(a), bell / 100, round / 100);
 	}
 }
+
+/*
+ * Hostile mode (sysfs "abuse", tests/tests/hostile.rs): this guest attacks siovmm and the
+ * device through one ADI — every config byte, BAR moves onto the other ADI, RAM, ECAM, the
+ * interrupt controllers and the top of the address space, every BAR0 register, MSI-X entry,
+ * PBA and IMS window dword, random descriptors (unknown opcodes, any flags, zero, huge and
+ * over-limit sizes, addresses outside this guest's memory, tails past the ring), a doorbell
+ * flood and a hypercall flood — then restores the function, resets the ADI, sets it up again
+ * and runs the self-test. Writing "SEED LAST" (LAST: hex, the last byte of this guest's RAM, as
+ * the last "System RAM" line of /proc/iomem ends) starts it; "result" then reads "PASS-HOSTILE <counts>" or "FAIL <what>".
+ *
+ * What a hostile guest could only do to itself is left out, so that it lives to show its ADI
+ * works again: device writes (destinations, completion records, queue bases) go to this
+ * driver's scratch memory or outside the guest's RAM, never to the rest of its RAM; MSI
+ * messages it programs carry vectors 32-255 with fixed or lowest-priority delivery (vectors
+ * below 32 would land on its exception handlers; INIT, SMI and NMI would stop its own CPU).
+ * Every such message still reaches siovmm and is routed in this VM only.
+ */
+#define SCRATCH_ORDER 9 /* 2 MiB: room for a 1 MiB transfer at any offset of its first half */
+#define SCRATCH_SIZE (PAGE_SIZE << SCRATCH_ORDER)
+#define MAX_ADIS 256
+#define HOSTILE_ALLOCS 512
+
+static struct adi *all_adis[MAX_ADIS];
+static int n_adis;
+
+struct hostile {
+	struct adi *a;
+	u64 rng, ram_end;
+	u8 *scratch;
+	dma_addr_t scratch_dma;
+	u64 *hc_block; /* 128 bytes: a misaligned block the VMM wrongly took would stay inside */
+	void __iomem *hc_reg;
+	u64 hc_reg_phys;
+	u64 allocs[HOSTILE_ALLOCS];
+	int n_allocs;
+	unsigned long config_writes, bar_moves, mmio_writes, descriptors, doorbells, hypercalls, faults;
+};
+
+static u64 rnd(struct hostile *h)
+{
+	/* xorshift64* (Marsaglia; Vigna's multiplier): reproducible from the seed. */
+	h->rng ^= h->rng >> 12;
+	h->rng ^= h->rng << 25;
+	h->rng ^= h->rng >> 27;
+	return h->rng * 0x2545f4914f6cdd1dULL;
+}
+
+/* An address for the device to write: this driver's scratch memory, or outside guest RAM. */
+static u64 hostile_dst(struct hostile *h)
+{
+	u64 v;
+
+	switch (rnd(h) % 6) {
+	case 0:
+	case 1:
+		return h->scratch_dma + rnd(h) % (SCRATCH_SIZE / 2);
+	case 2:
+		return h->ram_end + rnd(h) % (1ULL << 32);
+	case 3:
+		return -(rnd(h) % 8192); /* wraps past 2^64 */
+	case 4:
+		return (rnd(h) & 1) ? 0xfee00000 + rnd(h) % 4096 : 0xfec00000 + rnd(h) % 4096;
+	default:
+		v = rnd(h);
+		return v < h->ram_end ? h->scratch_dma + v % (SCRATCH_SIZE / 2) : v;
+	}
+}
+
+/* An address for the device to read: anything, including RAM and across its end. */
+static u64 hostile_src(struct hostile *h)
+{
+	switch (rnd(h) % 4) {
+	case 0:
+		return rnd(h) % h->ram_end;
+	case 1:
+		return h->ram_end - rnd(h) % 4096;
+	default:
+		return hostile_dst(h);
+	}
+}
+
+static u32 hostile_size(struct hostile *h)
+{
+	switch (rnd(h) % 8) {
+	case 0:
+		return 0;
+	case 1:
+		return 0xffffffff;
+	case 2:
+		return (1 << 20) + 1;
+	case 3:
+		return 1 << 20;
+	default:
+		return rnd(h) % 8192;
+	}
+}
+
+/* An MSI message (address, data) the guest may aim at itself: see the comment above. */
+static void hostile_msi(struct hostile *h, u32 *addr_lo, u32 *addr_hi, u32 *data)
+{
+	*addr_lo = (rnd(h) & 1) ? 0xfee00000 | (rnd(h) & 0xffffc) : (u32)rnd(h);
+	*addr_hi = (rnd(h) % 4) ? 0 : (u32)rnd(h);
+	*data = (32 + rnd(h) % 224) | ((rnd(h) & 1) << 8) | ((u32)rnd(h) & 0xffff0000) | (rnd(h) & 0xc000);
+}
+
+static void hostile_write(struct hostile *h, u32 off, u32 value, int width)
+{
+	void __iomem *p = h->a->bar + off;
+
+	if (width == 1)
+		writeb(value, p);
+	else if (width == 2)
+		writew(value, p);
+	else
+		writel(value, p);
+	h->mmio_writes++;
+}
+
+/* Every dword of BAR0: registers, doorbell page, MSI-X table and PBA, IMS window. */
+static void hostile_registers(struct hostile *h)
+{
+	u32 off, lo, hi, data;
+
+	for (off = 0; off < 0x8000; off += 4) {
+		if (off == REG_QBASE_HI) {
+			/* A random high half keeps the queue outside this guest's RAM. */
+			hostile_write(h, off, (u32)rnd(h) | 1, 4);
+		} else if ((off >= 0x2000 && off < 0x2000 + 16 * MSIX_VECTORS) || off >= IMS_WINDOW) {
+			if (off % 16 == 0) {
+				hostile_msi(h, &lo, &hi, &data);
+				hostile_write(h, off, lo, 4);
+				hostile_write(h, off + 4, hi, 4);
+				hostile_write(h, off + 8, data, 4);
+				hostile_write(h, off + 12, (u32)rnd(h), 4);
+			}
+		} else {
+			hostile_write(h, off, (u32)rnd(h), 4);
+		}
+		if (off % 64 == 0)
+			readl(h->a->bar + (rnd(h) % 0x8000 & ~3u));
+	}
+	/* Narrow and unaligned accesses anywhere in the register page and the PBA. */
+	for (off = 0; off < 2000; off++) {
+		u32 at = (rnd(h) & 1) ? rnd(h) % 0x40 : 0x3000 + rnd(h) % 0x100;
+
+		switch (rnd(h) % 3) {
+		case 0:
+			hostile_write(h, at, (u32)rnd(h), 1);
+			break;
+		case 1:
+			hostile_write(h, at & ~1u, (u32)rnd(h), 2);
+			break;
+		default:
+			/* The high half of QUEUE_BASE stays nonzero: the queue outside this guest's RAM. */
+			writeq(rnd(h) | (1ULL << 40), h->a->bar + (at & ~7u));
+			h->mmio_writes++;
+		}
+	}
+}
+
+/* Random descriptors in 64 batches, each ring written whole and the tail moved anywhere. */
+static void hostile_descriptors(struct hostile *h)
+{
+	struct adi *a = h->a;
+	int batch, i;
+	unsigned long deadline;
+	bool bogus;
+
+	writel(2, a->bar + REG_CONTROL);
+	memset(a->ctx, 0, CTX_SIZE);
+	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
+	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
+	writel(QSIZE, a->bar + REG_QSIZE);
+	writel(1, a->bar + REG_CONTROL);
+	a->tail = 0;
+	for (batch = 0; batch < 64; batch++) {
+		for (i = 0; i < QSIZE; i++) {
+			struct adi_desc *d = (struct adi_desc *)(a->ctx + 64 + i * 64);
+			u8 op = (rnd(h) % 3) ? (u8[]){ OP_NOOP, OP_MEMMOVE, OP_FILL, OP_COMPARE, OP_CRC32C }[rnd(h) % 5] : (u8)rnd(h);
+			u32 flags = (rnd(h) % 3) ? (F_CRAV | F_RCR | ((rnd(h) & 1) ? F_RCI : 0)) : ((u32)rnd(h) & 0xffffff);
+
+			d->pasid = (u32)rnd(h);
+			d->flags_op = ((u32)op << 24) | flags;
+			d->completion = (rnd(h) % 3) ? a->comp_dma : hostile_dst(h);
+			d->src = (op == OP_MEMMOVE || op == OP_CRC32C || op == OP_COMPARE) ? hostile_src(h) : rnd(h);
+			d->dst = (op == OP_COMPARE) ? hostile_src(h) : hostile_dst(h);
+			d->size = hostile_size(h);
+			d->int_handle = (rnd(h) % 3) ? rnd(h) % 8 : (u16)rnd(h);
+			d->crc_seed = (u32)rnd(h);
+			h->descriptors++;
+		}
+		bogus = false;
+		switch (rnd(h) % 8) {
+		case 0:
+			a->tail += QSIZE + 1 + rnd(h) % 100000; /* past the ring: a queue error */
+			bogus = true;
+			break;
+		case 1:
+			a->tail -= 1 + rnd(h) % 32; /* behind the head */
+			bogus = true;
+			break;
+		default:
+			a->tail += 1 + rnd(h) % QSIZE;
+		}
+		dma_wmb();
+		WRITE_ONCE(*(u32 *)a->ctx, a->tail);
+		wmb();
+		writel(1, a->bar + REG_DOORBELL);
+		h->doorbells++;
+		/* Until the device caught up, at most 2 s (20 ms for a tail it must refuse). */
+		deadline = jiffies + (bogus ? HZ / 50 : 2 * HZ);
+		while (READ_ONCE(*(u32 *)(a->ctx + 4)) != a->tail && time_before(jiffies, deadline))
+			usleep_range(200, 400);
+		/* Go on from wherever the device stopped. */
+		a->tail = READ_ONCE(*(u32 *)(a->ctx + 4));
+	}
+}
+
+/* Submits one descriptor on a fresh queue and waits for its record; the status, or -1. */
+static int hostile_one(struct adi *a, u8 op, u64 src, u64 dst, u32 size)
+{
+	writel(2, a->bar + REG_CONTROL);
+	memset(a->ctx, 0, 64 + QSIZE * 64);
+	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
+	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
+	writel(QSIZE, a->bar + REG_QSIZE);
+	writel(1, a->bar + REG_CONTROL);
+	a->tail = 0;
+	adi_submit(a, op, 0, src, dst, size, 0);
+	return adi_poll(a) ? -1 : a->comp->status;
+}
+
+/*
+ * Descriptors that name memory outside this guest: each must complete with a page fault and
+ * move nothing (the canary page of scratch memory unchanged).
+ */
+static const char *hostile_outside(struct hostile *h)
+{
+	struct adi *a = h->a;
+	u8 *canary = h->scratch + SCRATCH_SIZE - 4096;
+	u64 canary_dma = h->scratch_dma + SCRATCH_SIZE - 4096;
+	static const struct { u8 op; int src_out, dst_out; u64 off; u32 size; u8 status; const char *what; } cases[] = {
+		{ OP_MEMMOVE, 1, 0, 0, 4096, ST_PAGE_FAULT, "memmove from just past RAM" },
+		{ OP_MEMMOVE, 1, 0, -64, 128, ST_PAGE_FAULT, "memmove from across the end of RAM" },
+		{ OP_MEMMOVE, 0, 1, 0, 4096, ST_PAGE_FAULT, "memmove to just past RAM" },
+		{ OP_FILL, 0, 2, 0, 8192, ST_PAGE_FAULT, "fill across the top of the address space" },
+		{ OP_MEMMOVE, 0, 0, 0, 0, 0x13, "zero-size memmove" },
+		{ OP_MEMMOVE, 0, 0, 0, (1 << 20) + 1, 0x13, "memmove over 1 MiB" },
+		{ 0x7f, 0, 0, 0, 64, 0x10, "unknown opcode" },
+	};
+	int i, st;
+
+	for (i = 0; i < ARRAY_SIZE(cases); i++) {
+		u64 src = cases[i].src_out ? h->ram_end + cases[i].off : h->scratch_dma;
+		u64 dst = cases[i].dst_out == 1 ? h->ram_end : cases[i].dst_out == 2 ? -4096ULL : canary_dma;
+
+		memset(canary, 0x5a, 4096);
+		st = hostile_one(a, cases[i].op, src, dst, cases[i].size);
+		if (st != cases[i].status) {
+			snprintf(a->result, sizeof(a->result), "FAIL hostile: %s completed with status %d, not %#x",
+				 cases[i].what, st, cases[i].status);
+			return a->result;
+		}
+		if (memchr_inv(canary, 0x5a, 4096)) {
+			snprintf(a->result, sizeof(a->result), "FAIL hostile: %s changed guest memory", cases[i].what);
+			return a->result;
+		}
+		h->faults++;
+	}
+	return NULL;
+}
+
+static void hostile_doorbell_flood(struct hostile *h, int n)
+{
+	int i;
+
+	/* Mostly the doorbell itself (KVM's ioeventfd), the rest anywhere in its page (siovmm). */
+	for (i = 0; i < n; i++)
+		writel((u32)rnd(h), h->a->bar + REG_DOORBELL + ((rnd(h) % 4) ? 0 : (rnd(h) % 1024) * 4));
+	h->doorbells += n;
+}
+
+/* Hypercalls with any number, arguments and ADI, and block addresses anywhere outside RAM. */
+static void hostile_hypercalls(struct hostile *h, int n)
+{
+	u16 rids[] = { adi_rid(h->a), 0, 0x00ff, 0xffff, (u16)(adi_rid(h->a) + 1) };
+	int i, k;
+
+	if (!h->hc_reg)
+		return;
+	for (i = 0; i < n; i++) {
+		u64 *b = h->hc_block, nr = (rnd(h) % 4) ? rnd(h) % 7 : rnd(h);
+
+		memset(b, 0, 64);
+		b[0] = nr;
+		b[1] = (rnd(h) % 4) ? rids[rnd(h) % ARRAY_SIZE(rids)] : rnd(h);
+		for (k = 2; k <= 5; k++)
+			b[k] = (rnd(h) % 2) ? rnd(h) % 4096 : (rnd(h) % 2) ? rnd(h) : 0;
+		switch (rnd(h) % 8) {
+		case 0:
+			writeq(virt_to_phys(b) + 1 + rnd(h) % 7, h->hc_reg); /* misaligned */
+			break;
+		case 1:
+			writeq(h->ram_end + rnd(h) % (1ULL << 32), h->hc_reg);
+			break;
+		case 2:
+			writeq(-(rnd(h) % 64) - 8, h->hc_reg);
+			break;
+		default:
+			writeq(virt_to_phys(b), h->hc_reg);
+			/* Keep what IMS_ALLOC gave, to give it back before the reset. */
+			if (nr == HC_IMS_ALLOC && b[6] == 0 && h->n_allocs < HOSTILE_ALLOCS)
+				h->allocs[h->n_allocs++] = b[7];
+		}
+		h->hypercalls++;
+	}
+}
+
+/* One well-formed hypercall through this run's block; its status. */
+static long hostile_hc(struct hostile *h, u64 nr, u64 a1, u64 a2)
+{
+	u64 *b = h->hc_block;
+
+	memset(b, 0, 64);
+	b[0] = nr;
+	b[1] = a1;
+	b[2] = a2;
+	b[6] = 0x5a5a;
+	writeq(virt_to_phys(b), h->hc_reg);
+	return (long)READ_ONCE(b[6]);
+}
+
+/* The ECAM base from MCFG (0 if none). */
+static u64 ecam_base(void)
+{
+	struct acpi_table_header *t;
+	u64 base = 0;
+
+	if (ACPI_SUCCESS(acpi_get_table("MCFG", 0, &t))) {
+		if (t->length >= 52)
+			base = *(u64 *)((u8 *)t + 44);
+		acpi_put_table(t);
+	}
+	return base;
+}
+
+static void hostile_place_bar(struct hostile *h, u64 at)
+{
+	struct pci_dev *pdev = h->a->pdev;
+
+	pci_write_config_word(pdev, PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+	pci_write_config_dword(pdev, PCI_BASE_ADDRESS_0, lower_32_bits(at));
+	pci_write_config_dword(pdev, PCI_BASE_ADDRESS_1, upper_32_bits(at));
+	h->bar_moves++;
+	h->config_writes += 3;
+}
+
+/*
+ * BAR0 onto the other ADIs' BARs, this guest's RAM, ECAM, the hypercall register, the
+ * interrupt controllers, address 0 and the top of the address space (where base + size
+ * wraps). After each: this guest's RAM still reads back what it holds, config space still
+ * answers, and every other ADI's registers still answer at their own place.
+ */
+static const char *hostile_bars(struct hostile *h)
+{
+	struct adi *a = h->a;
+	u64 targets[16];
+	int n = 0, i, j;
+	u16 host_vendor, vendor;
+
+	/* The first eight other ADIs' BARs, then the rest. */
+	for (i = 0; i < n_adis && n < 8; i++)
+		if (all_adis[i] != a)
+			targets[n++] = pci_resource_start(all_adis[i]->pdev, 0);
+	targets[n++] = h->scratch_dma;
+	targets[n++] = ecam_base();
+	targets[n++] = h->hc_reg_phys & ~0x7fffULL;
+	targets[n++] = 0xfee00000;
+	targets[n++] = 0xfec00000;
+	targets[n++] = 0;
+	targets[n++] = -0x8000ULL;
+	pci_bus_read_config_word(a->pdev->bus, 0, PCI_VENDOR_ID, &host_vendor);
+	for (i = 0; i < n; i++) {
+		hostile_place_bar(h, targets[i]);
+		memset(h->scratch, 0xa5, 4096);
+		if (memchr_inv(h->scratch, 0xa5, 4096)) {
+			snprintf(a->result, sizeof(a->result), "FAIL hostile: RAM under a BAR moved to %#llx is not RAM", targets[i]);
+			return a->result;
+		}
+		pci_read_config_word(a->pdev, PCI_VENDOR_ID, &vendor);
+		if (vendor != ADI_VENDOR) {
+			snprintf(a->result, sizeof(a->result), "FAIL hostile: config space lost with BAR0 at %#llx", targets[i]);
+			return a->result;
+		}
+		if (h->hc_reg && hostile_hc(h, HC_QUERY, 0, 0) != 0) {
+			snprintf(a->result, sizeof(a->result), "FAIL hostile: the hypercall stopped answering with BAR0 at %#llx",
+				 targets[i]);
+			return a->result;
+		}
+		for (j = 0; j < n_adis; j++) {
+			if (all_adis[j] != a && readl(all_adis[j]->bar + REG_VERSION) != 0x00010000) {
+				snprintf(a->result, sizeof(a->result), "FAIL hostile: another ADI's registers gone with BAR0 at %#llx",
+					 targets[i]);
+				return a->result;
+			}
+		}
+		/* Somewhere free again before the next target, toggling decode on the way. */
+		pci_write_config_word(a->pdev, PCI_COMMAND, 0);
+		hostile_place_bar(h, pci_resource_start(a->pdev, 0));
+	}
+	pci_bus_read_config_word(a->pdev->bus, 0, PCI_VENDOR_ID, &vendor);
+	if (vendor != host_vendor) {
+		snprintf(a->result, sizeof(a->result), "FAIL hostile: the host bridge's config space changed (%#x, was %#x)",
+			 vendor, host_vendor);
+		return a->result;
+	}
+	return NULL;
+}
+
+/* Every byte of the 4 KiB config space, then random widths and places (BARs included). */
+static void hostile_config(struct hostile *h)
+{
+	struct pci_dev *pdev = h->a->pdev;
+	int off, i;
+
+	for (off = 0; off < 4096; off++)
+		pci_write_config_byte(pdev, off, (u8)rnd(h));
+	for (i = 0; i < 2000; i++) {
+		off = rnd(h) % 4096;
+		if (rnd(h) & 1)
+			pci_write_config_dword(pdev, off & ~3, (u32)rnd(h));
+		else
+			pci_write_config_word(pdev, off & ~1, (u16)rnd(h));
+	}
+	h->config_writes += 4096 + 2000;
+}
+
+/* The function as Linux set it up, the ADI reset, its queue and IMS vectors set up again. */
+static const char *hostile_recover(struct hostile *h)
+{
+	struct adi *a = h->a;
+	int i, err;
+
+	pci_restore_state(a->pdev);
+	pci_save_state(a->pdev);
+	for (i = 0; i < h->n_allocs; i++)
+		hostile_hc(h, HC_IMS_FREE, adi_rid(a), h->allocs[i]);
+	adi_ims_teardown(a);
+	writel(2, a->bar + REG_CONTROL);
+	memset(a->ctx, 0, CTX_SIZE);
+	a->tail = 0;
+	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
+	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
+	writel(QSIZE, a->bar + REG_QSIZE);
+	writel(1, a->bar + REG_CONTROL);
+	if (!(readl(a->bar + REG_STATUS) & 1))
+		return "FAIL hostile: the queue did not enable after the reset";
+	if (a->ims_mode != IMS_NONE && ims_vectors > 0) {
+		err = adi_ims_setup(a, ims_vectors);
+		if (err) {
+			adi_ims_teardown(a);
+			snprintf(a->result, sizeof(a->result), "FAIL hostile: IMS setup after the reset failed (%d)", err);
+			return a->result;
+		}
+	}
+	return NULL;
+}
+
+/* Milliseconds since *t into *ms; *t moves on. */
+static void lap(u64 *t, u64 *ms)
+{
+	u64 now = ktime_get_ns();
+
+	*ms = (now - *t) / NSEC_PER_MSEC;
+	*t = now;
+}
+
+static void adi_abuse(struct adi *a, u64 seed, u64 ram_end)
+{
+	struct hostile *h;
+	struct page *page;
+	unsigned int eax, ebx, ecx, edx;
+	const char *why = NULL, *recovered;
+	u64 t, ms[7] = { 0 };
+
+	h = kzalloc(sizeof(*h), GFP_KERNEL);
+	page = alloc_pages(GFP_KERNEL | __GFP_ZERO, SCRATCH_ORDER);
+	if (h)
+		h->hc_block = kzalloc(128, GFP_KERNEL);
+	if (!h || !page || !h->hc_block) {
+		if (h)
+			kfree(h->hc_block);
+		kfree(h);
+		if (page)
+			__free_pages(page, SCRATCH_ORDER);
+		strscpy(a->result, "FAIL hostile: no memory", sizeof(a->result));
+		return;
+	}
+	h->a = a;
+	h->rng = seed | 1;
+	h->ram_end = ram_end;
+	h->scratch = page_address(page);
+	h->scratch_dma = page_to_phys(page);
+	/* The hypercall register, wherever CPUID says (whether or not this VM allows IMS). */
+	cpuid(HC_SIG_LEAF, &eax, &ebx, &ecx, &edx);
+	if (ebx == 0x766f6953 && ecx == 0x79486d6d && edx == 0x6c614370) {
+		cpuid(HC_INFO_LEAF, &eax, &ebx, &ecx, &edx);
+		h->hc_reg_phys = ecx | ((u64)edx << 32);
+		h->hc_reg = ioremap(h->hc_reg_phys, 8);
+		if (!h->hc_reg)
+			why = "FAIL hostile: cannot map the hypercall register";
+	}
+	pci_save_state(a->pdev);
+	pr_info("siov_adi %s: hostile run, seed %llu\n", pci_name(a->pdev), seed);
+	/* Milliseconds per phase: registers, descriptors, outside, doorbells, hypercalls, config, BARs. */
+	t = ktime_get_ns();
+	if (!why) {
+		hostile_registers(h);
+		lap(&t, &ms[0]);
+		hostile_descriptors(h);
+		lap(&t, &ms[1]);
+		why = hostile_outside(h);
+		lap(&t, &ms[2]);
+	}
+	if (!why) {
+		hostile_doorbell_flood(h, 10000);
+		lap(&t, &ms[3]);
+		hostile_hypercalls(h, 5000);
+		lap(&t, &ms[4]);
+		hostile_config(h);
+		lap(&t, &ms[5]);
+		why = hostile_bars(h);
+		lap(&t, &ms[6]);
+	}
+	recovered = hostile_recover(h);
+	why = why ? why : recovered;
+	if (!why) {
+		adi_selftest(a);
+		if (!strncmp(a->result, "PASS ", 5)) {
+			char self[sizeof(a->result)];
+
+			strscpy(self, a->result + 5, sizeof(self));
+			snprintf(a->result, sizeof(a->result),
+				 "PASS-HOSTILE config=%lu bars=%lu mmio=%lu desc=%lu bells=%lu hcalls=%lu outside=%lu "
+				 "ms=%llu/%llu/%llu/%llu/%llu/%llu/%llu; after reset: %s",
+				 h->config_writes, h->bar_moves, h->mmio_writes, h->descriptors, h->doorbells, h->hypercalls,
+				 h->faults, ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6], self);
+		}
+	} else if (why != a->result) {
+		strscpy(a->result, why, sizeof(a->result));
+	}
+	if (h->hc_reg)
+		iounmap(h->hc_reg);
+	kfree(h->hc_block);
+	__free_pages(page, SCRATCH_ORDER);
+	kfree(h);
+}
+
+static ssize_t abuse_store(struct device *dev, struct device_attribute *attr, const char *buf, size_t count)
+{
+	struct adi *a = pci_get_drvdata(to_pci_dev(dev));
+	u64 seed, last;
+
+	if (sscanf(buf, "%llu %llx", &seed, &last) != 2 || last < SZ_16M || last == U64_MAX)
+		return -EINVAL;
+	mutex_lock(&a->lock);
+	adi_abuse(a, seed, last + 1);
+	mutex_unlock(&a->lock);
+	return count;
+}
+static DEVICE_ATTR_WO(abuse);
 
 static ssize_t run_store(struct device *dev, struct device_attribute *attr, const char *buf, size_t count)
 {
@@ -749,7 +1327,8 @@ static ssize_t mode_show(struct device *dev, struct device_attribute *attr, char
 }
 static DEVICE_ATTR_RO(mode);
 
-static struct attribute *adi_attrs[] = { &dev_attr_run.attr, &dev_attr_result.attr, &dev_attr_mode.attr, NULL };
+static struct attribute *adi_attrs[] = { &dev_attr_run.attr, &dev_attr_result.attr, &dev_attr_mode.attr,
+					 &dev_attr_abuse.attr, NULL };
 ATTRIBUTE_GROUPS(adi);
 
 static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
@@ -818,6 +1397,8 @@ static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 			dev_info(&pdev->dev, "IMS not allowed in this VM, using MSI-X\n");
 		}
 	}
+	if (n_adis < MAX_ADIS)
+		all_adis[n_adis++] = a;
 	dev_info(&pdev->dev, "ADI version %#x, caps %#x, MSI-X ready, %d IMS vectors\n",
 		 readl(a->bar + REG_VERSION), readl(a->bar + REG_CAPS), a->n_ims);
 	return 0;
@@ -830,7 +1411,11 @@ free_vectors:
 static void adi_remove(struct pci_dev *pdev)
 {
 	struct adi *a = pci_get_drvdata(pdev);
+	int i;
 
+	for (i = 0; i < n_adis; i++)
+		if (all_adis[i] == a)
+			all_adis[i] = all_adis[--n_adis];
 	adi_ims_teardown(a);
 	writel(2, a->bar + REG_CONTROL);
 	devm_free_irq(&pdev->dev, a->cq_irq, a);

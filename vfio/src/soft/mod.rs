@@ -69,6 +69,22 @@ pub struct Stats {
     pub device_faults: AtomicU64,
 }
 
+impl Stats {
+    /// One `name value` line per counter, for status files.
+    pub fn lines(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "completed {}\ninterrupts {}\ninterrupts_pending {}\ninterrupts_dropped {}\nqueue_errors {}\ndevice_faults {}\n",
+            get(&self.completed),
+            get(&self.interrupts),
+            get(&self.interrupts_pending),
+            get(&self.interrupts_dropped),
+            get(&self.queue_errors),
+            get(&self.device_faults)
+        )
+    }
+}
+
 #[derive(Default)]
 struct AdiState {
     /// The DMA binding the ADI was opened on, and its space.
