@@ -190,7 +190,8 @@ fn hostile_guests_harm_only_themselves() {
     let victim = result("victim");
     let t = victim.transcript();
     assert_eq!(victim.value("GUEST-ADI-BOUND"), Some("2"), "{t}");
-    let rounds = victim.lines_with("GUEST-LOOP-RESULT");
+    // SIGTERM may cut the line the guest was printing; siovmm's last words then follow it.
+    let rounds: Vec<&str> = victim.lines_with("GUEST-LOOP-RESULT").into_iter().filter(|l| !l.contains("siovmm: stopped by signal")).collect();
     assert!(rounds.len() >= 4, "{t}");
     assert!(rounds.iter().all(|l| l.contains(": PASS ")), "every victim self-test passed:\n{t}");
     assert_eq!(victim.exit_code, Some(143), "the victim ran until stopped:\n{t}");

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use devices::bus::lock;
+use devices::faults::GuestFaults;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
@@ -127,9 +128,17 @@ struct BarPlacer {
     registered: Mutex<BTreeMap<u8, Vec<u64>>>,
     /// Set when a slot could not be removed: its host pages must then outlive the VM.
     stuck: std::sync::atomic::AtomicBool,
+    /// Placements the guest asked for that failed (it may place BARs anywhere, as often as
+    /// it likes): counted, the first few logged.
+    faults: Mutex<GuestFaults>,
 }
 
 impl BarPlacer {
+    /// Records a failed placement step.
+    fn fault(&self, what: std::fmt::Arguments<'_>, error: impl std::fmt::Display) {
+        lock(&self.faults).record::<(), _>(&what.to_string(), Err(error));
+    }
+
     /// Makes BAR `bar`'s eventfd places KVM ioeventfds at `base`.
     fn register_io_eventfds(&self, bar: u8, base: u64) {
         let mut at = Vec::new();
@@ -138,7 +147,7 @@ impl BarPlacer {
             match self.ioevents.ioeventfd(&e.fd, addr, true) {
                 Ok(()) => at.push(addr),
                 // The write still reaches the device, as a trapped BAR access.
-                Err(err) => log::warn!("{}: ioeventfd at {addr:#x}: {err}; those writes exit to siovmm", self.name),
+                Err(err) => self.fault(format_args!("ioeventfd at {addr:#x} (those writes exit to siovmm)"), err),
             }
         }
         lock(&self.registered).insert(bar, at);
@@ -148,7 +157,7 @@ impl BarPlacer {
         let at = lock(&self.registered).remove(&bar).unwrap_or_default();
         for ((_, e), addr) in self.io_eventfds.iter().filter(|(b, _)| *b == bar).zip(at) {
             if let Err(err) = self.ioevents.ioeventfd(&e.fd, addr, false) {
-                log::warn!("{}: removing the ioeventfd at {addr:#x}: {err}", self.name);
+                self.fault(format_args!("removing the ioeventfd at {addr:#x}"), err);
             }
         }
     }
@@ -174,7 +183,7 @@ impl BarPlacer {
             match unsafe { self.slots.map(base + offset, len, host) } {
                 Ok(slot) => mapped.push(slot),
                 // Accesses there still work: the whole BAR is on the MMIO bus.
-                Err(e) => log::warn!("{}: BAR {bar} at {:#x}: {e}; those accesses exit to siovmm", self.name, base + offset),
+                Err(e) => self.fault(format_args!("BAR {bar} at {:#x} (those accesses exit to siovmm)", base + offset), e),
             }
         }
         lock(&self.live).insert(bar, mapped);
@@ -196,13 +205,13 @@ impl VfioBarMapper for BarPlacer {
         // puts elsewhere (over its local APIC, or in another root bus's window) is not
         // reachable, rather than shadowing what is there with device pages.
         if !inside_windows(&self.windows, base, bar.size) {
-            log::warn!("{}: BAR {} at {base:#x} is outside the PCI windows; not placed", self.name, bar.index);
+            self.fault(format_args!("BAR {} at {base:#x}", bar.index), "outside the PCI windows; not placed");
             return false;
         }
         let Some(function) = self.function.get().and_then(Weak::upgrade) else { return false };
         // A guest placing the BAR over another device's range gets no mapping.
         if let Err(e) = self.mmio.insert(Arc::new(Mutex::new(BarTrap { function, bar: bar.index })), base, bar.size) {
-            log::warn!("{}: BAR {} not placed: {e}", self.name, bar.index);
+            self.fault(format_args!("BAR {} not placed", bar.index), e);
             return false;
         }
         self.map_slots(bar.index, base);
@@ -353,8 +362,10 @@ impl Passthrough {
         }
         // The windows the DSDT gives this function's root bus (its host bridge's _CRS).
         let (topology, ram) = (guest.allocator.topology(), self.mem.iter().map(|r| r.len()).sum());
+        let placer_name = format!("VFIO device {name} at {bdf}");
         let placer = Arc::new(BarPlacer {
-            name: format!("VFIO device {name} at {bdf}"),
+            faults: Mutex::new(GuestFaults::new(placer_name.clone())),
+            name: placer_name,
             windows: vec![topology.mmio32_window(bdf.bus()), topology.mmio64_window(bdf.bus(), ram)],
             mmio: guest.mmio.clone(),
             slots: guest.slots.clone(),

@@ -740,9 +740,11 @@ static void adi_selftest(struct adi *a)
  * What a hostile guest could only do to itself is left out, so that it lives to show its ADI
  * works again: device writes (destinations, completion records, queue bases) go to this
  * driver's scratch memory or outside the guest's RAM, never to the rest of its RAM; MSI
- * messages it programs carry vectors 32-255 with fixed or lowest-priority delivery (vectors
- * below 32 would land on its exception handlers; INIT, SMI and NMI would stop its own CPU).
- * Every such message still reaches siovmm and is routed in this VM only.
+ * messages it programs (MSI-X, IMS window, IMS_COMPOSE) carry device vectors, 0x21-0xeb but
+ * 0x80, with fixed or lowest-priority delivery: below 0x20 are its exception handlers, from
+ * 0xec Linux's system vectors (0xf8 is the reboot IPI, which stops the CPU), 0x80 the int80
+ * system-call gate, and INIT, SMI and NMI delivery would stop its own CPU. Every such message
+ * still reaches siovmm and is routed in this VM only.
  */
 #define SCRATCH_ORDER 9 /* 2 MiB: room for a 1 MiB transfer at any offset of its first half */
 #define SCRATCH_SIZE (PAGE_SIZE << SCRATCH_ORDER)
@@ -824,12 +826,20 @@ static u32 hostile_size(struct hostile *h)
 	}
 }
 
-/* An MSI message (address, data) the guest may aim at itself: see the comment above. */
+/* A vector the guest may aim at itself: see the comment above. */
+static u32 hostile_vector(struct hostile *h)
+{
+	u32 v = 0x21 + rnd(h) % (0xec - 0x21);
+
+	return v == 0x80 ? 0x81 : v;
+}
+
+/* An MSI message (address, data) the guest may aim at itself. */
 static void hostile_msi(struct hostile *h, u32 *addr_lo, u32 *addr_hi, u32 *data)
 {
 	*addr_lo = (rnd(h) & 1) ? 0xfee00000 | (rnd(h) & 0xffffc) : (u32)rnd(h);
 	*addr_hi = (rnd(h) % 4) ? 0 : (u32)rnd(h);
-	*data = (32 + rnd(h) % 224) | ((rnd(h) & 1) << 8) | ((u32)rnd(h) & 0xffff0000) | (rnd(h) & 0xc000);
+	*data = hostile_vector(h) | ((rnd(h) & 1) << 8) | ((u32)rnd(h) & 0xffff0000) | (rnd(h) & 0xc000);
 }
 
 static void hostile_write(struct hostile *h, u32 off, u32 value, int width)
@@ -1025,6 +1035,9 @@ static void hostile_hypercalls(struct hostile *h, int n)
 		b[1] = (rnd(h) % 4) ? rids[rnd(h) % ARRAY_SIZE(rids)] : rnd(h);
 		for (k = 2; k <= 5; k++)
 			b[k] = (rnd(h) % 2) ? rnd(h) % 4096 : (rnd(h) % 2) ? rnd(h) : 0;
+		/* COMPOSE's vector: one the guest may aim at itself, or one siovmm must refuse. */
+		if (nr == HC_IMS_COMPOSE)
+			b[3] = (rnd(h) % 4) ? hostile_vector(h) : (rnd(h) & 1) ? rnd(h) % 32 : 256 + rnd(h) % 100000;
 		switch (rnd(h) % 8) {
 		case 0:
 			writeq(virt_to_phys(b) + 1 + rnd(h) % 7, h->hc_reg); /* misaligned */
