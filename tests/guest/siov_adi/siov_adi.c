@@ -1022,8 +1022,12 @@ static void hostile_doorbell_flood(struct hostile *h, int n)
 /* Hypercalls with any number, arguments and ADI, and block addresses anywhere outside RAM. */
 static void hostile_hypercalls(struct hostile *h, int n)
 {
-	u16 rids[] = { adi_rid(h->a), 0, 0x00ff, 0xffff, (u16)(adi_rid(h->a) + 1) };
-	int i, k;
+	/*
+	 * Its own ADI, and names that are no ADI of this VM (the host bridge, unused functions,
+	 * anything): never a sibling ADI, whose IMS slots the guest may legitimately free.
+	 */
+	u16 rids[] = { adi_rid(h->a), 0, 0x00ff, 0xffff, 0 };
+	int i, k, j;
 
 	if (!h->hc_reg)
 		return;
@@ -1032,7 +1036,11 @@ static void hostile_hypercalls(struct hostile *h, int n)
 
 		memset(b, 0, 64);
 		b[0] = nr;
-		b[1] = (rnd(h) % 4) ? rids[rnd(h) % ARRAY_SIZE(rids)] : rnd(h);
+		rids[ARRAY_SIZE(rids) - 1] = (u16)rnd(h);
+		for (j = 0; j < n_adis; j++)
+			if (all_adis[j] != h->a && adi_rid(all_adis[j]) == rids[ARRAY_SIZE(rids) - 1])
+				rids[ARRAY_SIZE(rids) - 1] = 0xffff;
+		b[1] = rids[rnd(h) % ARRAY_SIZE(rids)];
 		for (k = 2; k <= 5; k++)
 			b[k] = (rnd(h) % 2) ? rnd(h) % 4096 : (rnd(h) % 2) ? rnd(h) : 0;
 		/* COMPOSE's vector: one the guest may aim at itself, or one siovmm must refuse. */
