@@ -97,7 +97,7 @@ impl Pool {
     /// The status file also carries `counters()` (e.g. the device's), from now on.
     pub fn with_counters(mut self, counters: Counters) -> Self {
         self.counters = Some(counters);
-        self.write_status(&BTreeMap::new());
+        self.refresh();
         self
     }
 

@@ -398,14 +398,7 @@ fn the_daemon_binary_serves_under_its_seccomp_filters() {
         // once every thread has settled (or at the deadline, where the assertions say what
         // did not).
         let want = if filtered { "2 1" } else { "0 0" };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let census = loop {
-            let census = siovmm_seccomp::thread_filters(daemon.id());
-            if census.iter().all(|(_, s)| s == want) || Instant::now() >= deadline {
-                break census;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let census = siovmm_seccomp::thread_filters_settled(daemon.id(), Duration::from_secs(10), |c| c.iter().all(|(_, s)| s == want));
         let alive = daemon.try_wait().unwrap().is_none();
         daemon.kill().unwrap();
         daemon.wait().unwrap();

@@ -24,12 +24,17 @@ impl GuestFaults {
         match result {
             Ok(v) => Some(v),
             Err(e) => {
-                self.count += 1;
-                if self.count <= Self::LOGGED {
-                    log::warn!("{}: {what}: {e}", self.who);
-                }
+                self.report(what, e);
                 None
             }
+        }
+    }
+
+    /// Records that doing `what` failed with `error` (for failures that are not a `Result`).
+    pub fn report(&mut self, what: &str, error: impl std::fmt::Display) {
+        self.count += 1;
+        if self.count <= Self::LOGGED {
+            log::warn!("{}: {what}: {error}", self.who);
         }
     }
 
@@ -51,5 +56,7 @@ mod tests {
             assert_eq!(f.record("failing", Err::<u8, _>("no")), None);
         }
         assert_eq!(f.count(), GuestFaults::LOGGED + 3);
+        f.report("reported", "no");
+        assert_eq!(f.count(), GuestFaults::LOGGED + 4);
     }
 }

@@ -219,15 +219,32 @@ pub fn spawn<T: Send + 'static>(
 /// Each thread of process `pid`: its name and "MODE FILTERS" as /proc reports them
 /// (`Seccomp`, `Seccomp_filters` of `/proc/PID/task/TID/status`; "2 1" is one filter in
 /// filter mode). What the tests of siovmm and its daemon check every thread against.
+/// A thread that ends between the directory listing and the read of its status is not
+/// listed: it has no filter left to report (a CI run once saw one as a nameless "? ?").
 pub fn thread_filters(pid: u32) -> Vec<(String, String)> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        // The name from the status just read, so name and filter belong to one live thread.
+        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("").trim().to_string();
         let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map_or("?".into(), |v| v.trim().to_string());
         threads.push((name, format!("{} {}", field("Seccomp:"), field("Seccomp_filters:"))));
     }
     threads
+}
+
+/// [`thread_filters`] of `pid`, taken again every 10 ms until `settled` holds for it or
+/// `timeout` passed (then as it is): threads are named before they enter their filter, so a
+/// census taken at once can catch one between the two.
+pub fn thread_filters_settled(pid: u32, timeout: std::time::Duration, mut settled: impl FnMut(&[(String, String)]) -> bool) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let census = thread_filters(pid);
+        if settled(&census) || std::time::Instant::now() >= deadline {
+            return census;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[cfg(test)]
@@ -268,5 +285,24 @@ mod tests {
         let threads = thread_filters(std::process::id());
         assert!(!threads.is_empty());
         assert!(threads.iter().all(|(_, s)| s == "0 0"), "{threads:?}");
+    }
+
+    #[test]
+    fn threads_ending_during_a_census_are_left_out() {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::spawn(|| ()).join().unwrap();
+                }
+            })
+        };
+        for _ in 0..2000 {
+            let threads = thread_filters(std::process::id());
+            assert!(threads.iter().all(|(n, s)| !n.is_empty() && s == "0 0"), "{threads:?}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().unwrap();
     }
 }

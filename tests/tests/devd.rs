@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use siovmm_tests::{guest_assets, run_cases_with_setup, Assets, CaseResult, GuestCase, Kernel, SandboxSetup};
+use siovmm_tests::{devd_start, guest_assets, run_cases_with_setup, wait_until, Assets, CaseResult, GuestCase, Kernel, SandboxSetup};
 
 const DAEMON_ADIS: u32 = 10;
 
@@ -86,11 +86,6 @@ fn guest(name: &str, init: &str, args: Vec<String>, assets: &Assets) -> GuestCas
     case
 }
 
-/// Shell lines: wait (at most `secs`) until `condition` holds.
-fn wait_until(condition: &str, secs: u32) -> String {
-    format!("i=0; until {condition} || [ $i -ge {} ]; do sleep 0.1; i=$((i+1)); done\n", secs * 10)
-}
-
 /// Shell lines: wait until `vm`'s guest passed its self-tests, then stop its VMM (SIGSTOP).
 fn pass_then_stop(vm: &str) -> String {
     format!("{}kill -STOP $(cat /tmp/{vm}.pid)\n", wait_until(&format!("grep -q GUEST-ADI-PASS /tmp/{vm}.out"), 90))
@@ -123,30 +118,12 @@ fn check_fast_and_clean(r: &CaseResult, devices: usize) {
     assert_eq!(r.lines_with("vfio-user (1 ioeventfds, 0 failed requests)").len(), devices, "{t}");
 }
 
-fn number(r: &CaseResult, key: &str) -> u64 {
-    r.value(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key}:\n{}", r.transcript()))
-}
-
 #[test]
 fn vms_share_the_daemons_adis_and_get_them_back_when_they_die() {
     // The run summary (one line per vfio-user device) is printed with the startup trace.
     std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
-    let devd = assets.read("siovmm-devd").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
-    let start_daemon = format!(
-        "mkdir -p /run/devd
-SIOVMM_LOG=info {DAEMON} >> /tmp/devd.log 2>&1 &
-echo $! > /tmp/devd.pid
-{}echo SETUP-SOCKETS=$(ls /run/devd | grep -c sock)
-",
-        wait_until(&format!("[ -S /run/devd/adi-{}.sock ]", DAEMON_ADIS - 1), 20)
-    );
-    let setup = SandboxSetup {
-        script: start_daemon.clone(),
-        script_idle: Duration::from_secs(2),
-        files: vec![("siovmm-devd".into(), 0o755, devd)],
-        ..Default::default()
-    };
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, DAEMON_ADIS, Vec::new());
     let status = |key: &str| format!("$(awk '/^{key} /{{print $2}}' /run/devd/status)");
     let background = |mut c: GuestCase| {
         c.background = true;
@@ -210,7 +187,7 @@ echo $! > /tmp/devd.pid
         GuestCase::shell(
             "restart-daemon",
             // Once the orphaned VM is gone, so that the next guest boots alone.
-            &format!("{}{}", wait_until("! kill -0 $(cat /tmp/vm-orphaned.pid) 2>/dev/null", 120), start_daemon.replace("SETUP-", "RESTART-")),
+            &format!("{}{}", wait_until("! kill -0 $(cat /tmp/vm-orphaned.pid) 2>/dev/null", 120), devd_start(DAEMON, DAEMON_ADIS, "RESTART-SOCKETS")),
             Duration::from_secs(40),
         ),
         guest("after-restart", SELFTEST, sockets(&[0, 1]), &assets),
@@ -241,7 +218,7 @@ echo $! > /tmp/devd.pid
         check_fast_and_clean(result(name), 2);
     }
     let shared = result("shared");
-    assert_eq!((number(shared, "SHARED-ADIS"), number(shared, "SHARED-CLIENTS")), (6, 3), "{}", shared.transcript());
+    assert_eq!((shared.number("SHARED-ADIS"), shared.number("SHARED-CLIENTS")), (6, 3), "{}", shared.transcript());
 
     // 3. The per-VM limit: one line naming the socket and the reason, exit 1.
     let over = result("over-limit");
@@ -253,13 +230,13 @@ echo $! > /tmp/devd.pid
     // 4. A VMM killed mid-I/O: its two ADIs back within a second, then taken by the next VM.
     let kill = result("kill-vmm");
     let t = kill.transcript();
-    let (before, after) = (number(kill, "KILL-BEFORE"), number(kill, "KILL-AFTER"));
+    let (before, after) = (kill.number("KILL-BEFORE"), kill.number("KILL-AFTER"));
     assert_eq!(before - after, 2, "{t}");
-    assert!(number(kill, "KILL-RECLAIM-MS") < 1000, "{t}");
+    assert!(kill.number("KILL-RECLAIM-MS") < 1000, "{t}");
     println!(
         "SIGKILLed VMM: {} ADIs back in the daemon's pool {} ms after the kill (by its status file, polled every 100 ms)",
         before - after,
-        number(kill, "KILL-RECLAIM-MS")
+        kill.number("KILL-RECLAIM-MS")
     );
     assert_eq!(result("vm-killed").exit_code, Some(137), "{}", result("vm-killed").transcript());
     check_selftests(result("after-kill"), 2);
@@ -287,17 +264,8 @@ echo $! > /tmp/devd.pid
 fn cloud_hypervisor_takes_the_daemons_adis() {
     let ch_binary = siovmm_tests::cloud_hypervisor_binary();
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
-    let devd = assets.read("siovmm-devd").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
     let wrapper = siovmm_tests::cloud_hypervisor_wrapper();
-    let setup = SandboxSetup {
-        script: format!(
-            "mkdir -p /run/devd\nSIOVMM_LOG=info {DAEMON} >> /tmp/devd.log 2>&1 &\n{}echo SETUP-SOCKETS=$(ls /run/devd | grep -c sock)\n",
-            wait_until(&format!("[ -S /run/devd/adi-{}.sock ]", DAEMON_ADIS - 1), 20)
-        ),
-        script_idle: Duration::from_secs(2),
-        files: vec![("siovmm-devd".into(), 0o755, devd), ch_binary],
-        ..Default::default()
-    };
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, DAEMON_ADIS, vec![ch_binary]);
     // Cloud Hypervisor emulates the MSI-X table of a VFIO device but reads its PBA from the
     // device, which cannot know a vector the client masked: the driver skips only that check
     // (a masked vector still raises nothing, and its interrupt still arrives once on unmask).

@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use siovmm_tests::{guest_assets, run_cases_with_setup, Assets, CaseResult, GuestCase, Kernel, SandboxSetup};
+use siovmm_tests::{guest_assets, run_cases_with_setup, wait_until, Assets, CaseResult, GuestCase, Kernel, SandboxSetup};
 
 const DAEMON: &str = "/siovmm-devd --socket-dir /run/devd --adis 4 --vectors 2 --ims-entries 64";
 
@@ -83,15 +83,6 @@ fn guest(name: &str, init: &str, args: &[&str], assets: &Assets) -> GuestCase {
     case
 }
 
-/// Shell lines: wait (at most `secs`) until `condition` holds.
-fn wait_until(condition: &str, secs: u32) -> String {
-    format!("i=0; until {condition} || [ $i -ge {} ]; do sleep 0.1; i=$((i+1)); done\n", secs * 10)
-}
-
-fn number(r: &CaseResult, key: &str) -> u64 {
-    r.value(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key}:\n{}", r.transcript()))
-}
-
 /// The hostile guest's own verdicts: its ADIs passed before; the abused one passed its
 /// self-test after the abuse and the reset, with its IMS vectors back; the others passed.
 fn check_hostile(r: &CaseResult, adis: usize) {
@@ -121,16 +112,7 @@ fn hostile_guests_harm_only_themselves() {
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs()));
     println!("hostile seed {seed} (SIOVMM_HOSTILE_SEED={seed} repeats it)");
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
-    let devd = assets.read("siovmm-devd").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
-    let setup = SandboxSetup {
-        script: format!(
-            "mkdir -p /run/devd\nSIOVMM_LOG=warn {DAEMON} >> /tmp/devd.log 2>&1 &\necho $! > /tmp/devd.pid\n{}echo SETUP-SOCKETS=$(ls /run/devd | grep -c sock)\n",
-            wait_until("[ -S /run/devd/adi-3.sock ]", 20)
-        ),
-        script_idle: Duration::from_secs(2),
-        files: vec![("siovmm-devd".into(), 0o755, devd)],
-        ..Default::default()
-    };
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, 4, Vec::new());
     let status = |key: &str| format!("$(awk '/^{key} /{{print $2}}' /run/devd/status)");
     let results_of = |vm: &str| format!("$(grep -c GUEST-LOOP-RESULT /tmp/{vm}.out)");
     let mut victim = guest("victim", VICTIM, &["--vfio-user", "/run/devd/adi-2.sock", "--vfio-user", "/run/devd/adi-3.sock"], &assets);
@@ -189,8 +171,8 @@ fn hostile_guests_harm_only_themselves() {
     let abuse = result("abuse");
     let t = abuse.transcript();
     assert_eq!(abuse.value("DAEMON-ALIVE"), Some("1"), "{t}");
-    assert!(number(abuse, "DEVICE-QUEUE-ERRORS") > 0, "the daemon's device refused the bad tails:\n{t}");
-    let after = number(abuse, "VICTIM-ROUNDS-AFTER");
+    assert!(abuse.number("DEVICE-QUEUE-ERRORS") > 0, "the daemon's device refused the bad tails:\n{t}");
+    let after = abuse.number("VICTIM-ROUNDS-AFTER");
     assert!(after >= 3, "the victim ran self-tests after the abuse:\n{t}");
     let victim = result("victim");
     let t = victim.transcript();

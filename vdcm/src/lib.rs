@@ -106,8 +106,9 @@ impl BarMapper for GuestBars {
             self.mmio.remove(base);
             // The page's guard unmaps it; without one the doorbell was an ioeventfd.
             if m.page.take().is_none() {
-                let r = self.doorbells.ioeventfd(doorbell, base + DOORBELL, false);
-                m.faults.record(&format!("removing the doorbell ioeventfd at {:#x}", base + DOORBELL), r);
+                if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, false) {
+                    m.faults.report(&format!("removing the doorbell ioeventfd at {:#x}", base + DOORBELL), e);
+                }
             }
         }
         let Some(base) = new else { return false };
@@ -122,15 +123,13 @@ impl BarMapper for GuestBars {
                     self.page_maps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return true;
                 }
-                Err(e) => {
-                    let what = format!("mapping the portal page at {:#x} (an ioeventfd instead)", base + DOORBELL);
-                    m.faults.record::<(), _>(&what, Err(e));
-                }
+                Err(e) => m.faults.report(&format!("mapping the portal page at {:#x} (an ioeventfd instead)", base + DOORBELL), e),
             }
         }
         // Without it, doorbell writes still arrive, as exits (counted as slow doorbells).
-        let r = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true);
-        m.faults.record(&format!("doorbell ioeventfd at {:#x} (doorbells exit to siovmm)", base + DOORBELL), r);
+        if let Err(e) = self.doorbells.ioeventfd(doorbell, base + DOORBELL, true) {
+            m.faults.report(&format!("doorbell ioeventfd at {:#x} (doorbells exit to siovmm)", base + DOORBELL), e);
+        }
         true
     }
 }

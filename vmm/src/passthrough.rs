@@ -136,7 +136,7 @@ struct BarPlacer {
 impl BarPlacer {
     /// Records a failed placement step.
     fn fault(&self, what: std::fmt::Arguments<'_>, error: impl std::fmt::Display) {
-        lock(&self.faults).record::<(), _>(&what.to_string(), Err(error));
+        lock(&self.faults).report(&what.to_string(), error);
     }
 
     /// Makes BAR `bar`'s eventfd places KVM ioeventfds at `base`.

@@ -153,16 +153,11 @@ kvm_test! {
             // A thread is named before it enters its filter, and the main thread enters its
             // own after starting the vCPUs: the census is taken once every thread has settled
             // (or at the deadline, where the assertions below say what did not).
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let census = loop {
-                let census = siovmm_seccomp::thread_filters(child.id());
-                let settled = ours.iter().all(|n| census.iter().any(|(name, state)| name == n && state == want));
-                if settled || Instant::now() >= deadline {
-                    break census;
-                }
+            let pid = child.id();
+            let census = siovmm_seccomp::thread_filters_settled(pid, Duration::from_secs(20), |census| {
                 assert!(child.try_wait().unwrap().is_none(), "siovmm ended: {census:?}");
-                std::thread::sleep(Duration::from_millis(20));
-            };
+                ours.iter().all(|n| census.iter().any(|(name, state)| name == n && state == want))
+            });
             for n in ours {
                 assert!(census.iter().any(|(name, _)| name == n), "no {n} thread: {census:?}");
             }

@@ -222,6 +222,18 @@ static u64 adi_submit_h(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 s
 	return ktime_get_ns() - t0;
 }
 
+/* Enables the ADI's queue on a cleared context; whether the device took it. */
+static bool adi_queue_enable(struct adi *a)
+{
+	memset(a->ctx, 0, CTX_SIZE);
+	a->tail = 0;
+	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
+	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
+	writel(QSIZE, a->bar + REG_QSIZE);
+	writel(1, a->bar + REG_CONTROL);
+	return readl(a->bar + REG_STATUS) & 1;
+}
+
 static u64 adi_submit(struct adi *a, u8 op, u32 flags, u64 src, u64 dst, u32 size, u32 seed)
 {
 	return adi_submit_h(a, op, flags, src, dst, size, seed, CQ_VECTOR);
@@ -727,6 +739,13 @@ static void adi_selftest(struct adi *a)
 	}
 }
 
+/* Resets the ADI and enables its queue again (adi_queue_enable). */
+static bool adi_queue_reset(struct adi *a)
+{
+	writel(2, a->bar + REG_CONTROL);
+	return adi_queue_enable(a);
+}
+
 /*
  * Hostile mode (sysfs "abuse", tests/tests/hostile.rs): this guest attacks siovmm and the
  * device through one ADI — every config byte, BAR moves onto the other ADI, RAM, ECAM, the
@@ -905,13 +924,7 @@ static void hostile_descriptors(struct hostile *h)
 	unsigned long deadline;
 	bool bogus;
 
-	writel(2, a->bar + REG_CONTROL);
-	memset(a->ctx, 0, CTX_SIZE);
-	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
-	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
-	writel(QSIZE, a->bar + REG_QSIZE);
-	writel(1, a->bar + REG_CONTROL);
-	a->tail = 0;
+	adi_queue_reset(a);
 	for (batch = 0; batch < 64; batch++) {
 		for (i = 0; i < QSIZE; i++) {
 			struct adi_desc *d = (struct adi_desc *)(a->ctx + 64 + i * 64);
@@ -958,13 +971,7 @@ static void hostile_descriptors(struct hostile *h)
 /* Submits one descriptor on a fresh queue and waits for its record; the status, or -1. */
 static int hostile_one(struct adi *a, u8 op, u64 src, u64 dst, u32 size)
 {
-	writel(2, a->bar + REG_CONTROL);
-	memset(a->ctx, 0, 64 + QSIZE * 64);
-	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
-	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
-	writel(QSIZE, a->bar + REG_QSIZE);
-	writel(1, a->bar + REG_CONTROL);
-	a->tail = 0;
+	adi_queue_reset(a);
 	adi_submit(a, op, 0, src, dst, size, 0);
 	return adi_poll(a) ? -1 : a->comp->status;
 }
@@ -1196,14 +1203,7 @@ static const char *hostile_recover(struct hostile *h)
 	for (i = 0; i < h->n_allocs; i++)
 		hostile_hc(h, HC_IMS_FREE, adi_rid(a), h->allocs[i]);
 	adi_ims_teardown(a);
-	writel(2, a->bar + REG_CONTROL);
-	memset(a->ctx, 0, CTX_SIZE);
-	a->tail = 0;
-	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
-	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
-	writel(QSIZE, a->bar + REG_QSIZE);
-	writel(1, a->bar + REG_CONTROL);
-	if (!(readl(a->bar + REG_STATUS) & 1))
+	if (!adi_queue_reset(a))
 		return "FAIL hostile: the queue did not enable after the reset";
 	if (a->ims_mode != IMS_NONE && ims_vectors > 0) {
 		err = adi_ims_setup(a, ims_vectors);
@@ -1390,11 +1390,7 @@ static int adi_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		err = devm_request_irq(&pdev->dev, a->cq_irq, adi_cq_irq, 0, "siov_adi-cq", a);
 	if (err)
 		goto free_vectors;
-	writel(lower_32_bits(a->ctx_dma), a->bar + REG_QBASE_LO);
-	writel(upper_32_bits(a->ctx_dma), a->bar + REG_QBASE_HI);
-	writel(QSIZE, a->bar + REG_QSIZE);
-	writel(1, a->bar + REG_CONTROL);
-	if (!(readl(a->bar + REG_STATUS) & 1)) {
+	if (!adi_queue_enable(a)) {
 		dev_err(&pdev->dev, "queue enable failed, status %#x\n", readl(a->bar + REG_STATUS));
 		err = -EIO;
 		goto free_vectors;
