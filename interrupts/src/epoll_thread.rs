@@ -16,10 +16,36 @@ use vmm_sys_util::eventfd::EventFd;
 /// The token of the thread's own wake-up eventfd; no watched fd may use it.
 const WAKE: u64 = u64::MAX;
 
+/// Changes the set of fds an [`EpollThread`] waits on. The thread's handler gets one, so it
+/// can change the set itself (the router's commits move vectors off its overflow set).
+#[derive(Clone)]
+pub struct Watcher(Arc<Epoll>);
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Watcher").field(&self.0.as_raw_fd()).finish()
+    }
+}
+
+impl Watcher {
+    /// Watches `fd` for input, reported as `token` (any value but `u64::MAX`).
+    pub fn watch(&self, fd: &impl AsRawFd, token: u64) -> io::Result<()> {
+        if token == WAKE {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "epoll token u64::MAX is the thread's own"));
+        }
+        self.0.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+    }
+
+    /// Stops watching `fd`.
+    pub fn unwatch(&self, fd: &impl AsRawFd) -> io::Result<()> {
+        self.0.ctl(ControlOperation::Delete, fd.as_raw_fd(), EpollEvent::default())
+    }
+}
+
 /// The thread and its epoll set. Dropping it stops and joins the thread (after the handler
 /// call in progress, if any, returns).
 pub struct EpollThread {
-    epoll: Arc<Epoll>,
+    watcher: Watcher,
     wake: EventFd,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -27,46 +53,48 @@ pub struct EpollThread {
 
 impl std::fmt::Debug for EpollThread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EpollThread").field("epoll", &self.epoll.as_raw_fd()).finish_non_exhaustive()
+        f.debug_struct("EpollThread").field("epoll", &self.watcher).finish_non_exhaustive()
     }
 }
 
 impl EpollThread {
-    /// Starts thread `name` under `kind`'s seccomp filter, calling `on_ready(token)` for each
-    /// watched fd that is readable.
-    pub fn spawn(name: String, kind: ThreadKind, mut on_ready: impl FnMut(u64) + Send + 'static) -> io::Result<Self> {
-        let epoll = Arc::new(Epoll::new()?);
+    /// Starts thread `name` under `kind`'s seccomp filter, calling `on_ready(watcher, token)`
+    /// for each watched fd that is readable.
+    pub fn spawn(name: String, kind: ThreadKind, mut on_ready: impl FnMut(&Watcher, u64) + Send + 'static) -> io::Result<Self> {
+        let watcher = Watcher(Arc::new(Epoll::new()?));
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-        epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE))?;
+        watcher.0.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (ep, st) = (epoll.clone(), stop.clone());
+        let (w, st) = (watcher.clone(), stop.clone());
         let thread = siovmm_seccomp::spawn(kind, name, move || {
             let mut events = vec![EpollEvent::default(); 64];
             while !st.load(Ordering::Acquire) {
-                let n = match ep.wait(-1, &mut events) {
+                let n = match w.0.wait(-1, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
                 for token in events[..n].iter().map(EpollEvent::data).filter(|&t| t != WAKE) {
-                    on_ready(token);
+                    on_ready(&w, token);
                 }
             }
         })?;
-        Ok(Self { epoll, wake, stop, thread: Some(thread) })
+        Ok(Self { watcher, wake, stop, thread: Some(thread) })
     }
 
-    /// Watches `fd` for input, reported as `token` (any value but `u64::MAX`).
+    /// Changes the set from any thread.
+    pub fn watcher(&self) -> &Watcher {
+        &self.watcher
+    }
+
+    /// See [`Watcher::watch`].
     pub fn watch(&self, fd: &impl AsRawFd, token: u64) -> io::Result<()> {
-        if token == WAKE {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "epoll token u64::MAX is the thread's own"));
-        }
-        self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+        self.watcher.watch(fd, token)
     }
 
-    /// Stops watching `fd`.
+    /// See [`Watcher::unwatch`].
     pub fn unwatch(&self, fd: &impl AsRawFd) -> io::Result<()> {
-        self.epoll.ctl(ControlOperation::Delete, fd.as_raw_fd(), EpollEvent::default())
+        self.watcher.unwatch(fd)
     }
 }
 
@@ -94,7 +122,7 @@ mod tests {
         let fds = [(7, a.try_clone().unwrap()), (9, b.try_clone().unwrap())];
         let (tx, rx) = mpsc::channel();
         // The handler consumes the signal, as the real ones do (epoll is level-triggered).
-        let t = EpollThread::spawn("epoll-test".into(), ThreadKind::DeviceWorker, move |token| {
+        let t = EpollThread::spawn("epoll-test".into(), ThreadKind::DeviceWorker, move |_, token| {
             let fd = &fds.iter().find(|(t, _)| *t == token).unwrap().1;
             tx.send((token, fd.read().unwrap())).unwrap();
         })

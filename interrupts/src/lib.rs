@@ -8,7 +8,7 @@ pub mod fake;
 pub mod msi;
 pub mod router;
 
-pub use epoll_thread::EpollThread;
+pub use epoll_thread::{EpollThread, Watcher};
 pub use msi::{MsiEntry, MsiMessage};
 pub use router::{FunctionId, MsiRouter, RouteBackend, VectorKey, VectorSource};
 

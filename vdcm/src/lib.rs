@@ -494,11 +494,17 @@ impl Vdcm {
         let functions = self.functions();
         let slow: u64 = functions.iter().map(|f| lock(f).slow_doorbells()).sum();
         let failures: u64 = functions.iter().map(|f| lock(f).failures()).sum();
+        let stats = router.stats();
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         format!(
             "{} ADIs; {routed} vectors on KVM routes, {overflow} on the overflow path ({} injections); \
+             {} route commits ({} entries, {} refused); \
              {slow} doorbell writes exited to siovmm; {} portal pages mapped; {failures} guest-triggered operations failed",
             functions.len(),
-            router.stats().overflow_injections.load(std::sync::atomic::Ordering::Relaxed),
+            count(&stats.overflow_injections),
+            count(&stats.commits),
+            count(&stats.entries_committed),
+            count(&stats.commit_failures),
             self.bars.page_maps.load(std::sync::atomic::Ordering::Relaxed)
         )
     }

@@ -28,6 +28,7 @@ struct Setup {
     f: VfioPciFunction,
     device: Arc<FakeDevice>,
     routes: Arc<FakeRoutes>,
+    router: Arc<MsiRouter>,
     moves: Arc<Moves>,
     _mapper: Arc<dyn VfioBarMapper>,
 }
@@ -45,8 +46,8 @@ fn setup_with(device: FakeDevice) -> Setup {
     let bars = bars(device.as_ref());
     let placement: Vec<(Bar, u64)> =
         bars.iter().map(|b| (*b, if b.io { 0xc000 } else { 0x1_0000_0000 })).collect();
-    let f = VfioPciFunction::new(Bdf::new(0, 3, 0), device.clone(), &placement, router, Arc::downgrade(&mapper));
-    Setup { f, device, routes, moves, _mapper: mapper }
+    let f = VfioPciFunction::new(Bdf::new(0, 3, 0), device.clone(), &placement, router.clone(), Arc::downgrade(&mapper));
+    Setup { f, device, routes, router, moves, _mapper: mapper }
 }
 
 fn enable_memory_and_io(f: &mut VfioPciFunction) {
@@ -150,6 +151,7 @@ fn msix_vectors_are_routed_and_masking_is_emulated_with_the_pending_bit() {
     assert_eq!(s.device.config.lock().unwrap()[MSIX_CAP + 3], 0, "message control never reaches the device");
     // Vector 1 unmasked: one route with the guest's message, and its irqfd.
     program_msix(&mut s.f, 1, 0x45, false);
+    s.router.settle().unwrap();
     assert_eq!(s.routes.messages(), vec![MsiMessage { address: 0xfee0_0000, data: 0x45 }]);
     assert_eq!(s.routes.irqfds.lock().unwrap().len(), 1);
     // The table is trapped: it reads back what the guest wrote, and the device's BAR0 there
@@ -166,11 +168,18 @@ fn msix_vectors_are_routed_and_masking_is_emulated_with_the_pending_bit() {
     let mut pba = [0u8; 8];
     s.f.bar_read(0, 0x3000, &mut pba);
     assert_eq!(u64::from_le_bytes(pba), 0b10);
-    // Unmasked: routed again and the pending interrupt delivered once (the eventfd is
-    // signalled for KVM's irqfd); the PBA clears.
+    // Unmasked: routed again and the pending interrupt delivered once (the eventfd signalled
+    // once: the router's injector delivers it until the route is committed); the PBA clears.
+    fd.write(2).unwrap();
     program_msix(&mut s.f, 1, 0x45, false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.routes.injected.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the pending interrupt never arrived");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    s.router.settle().unwrap();
+    assert_eq!(*s.routes.injected.lock().unwrap(), vec![MsiMessage { address: 0xfee0_0000, data: 0x45 }], "one delivery");
     assert_eq!(s.routes.irqfds.lock().unwrap().len(), 1);
-    assert_eq!(fd.read().unwrap(), 1, "one delivery");
     s.f.bar_read(0, 0x3000, &mut pba);
     assert_eq!(u64::from_le_bytes(pba), 0);
     // A write to the PBA is ignored; other BAR0 offsets reach the device.
@@ -195,11 +204,13 @@ fn an_msix_enable_or_disable_is_one_routing_commit_for_all_vectors() {
     assert!(s.routes.log.lock().unwrap().is_empty(), "nothing routed while disabled");
     for _ in 0..2 {
         s.f.config_write(MSIX_CAP / 4, 2, &0x8000u16.to_le_bytes());
+        s.router.settle().unwrap();
         assert_eq!(s.routes.irqfds.lock().unwrap().len(), 4);
         s.f.config_write(MSIX_CAP / 4, 2, &0u16.to_le_bytes());
-        assert!(s.routes.irqfds.lock().unwrap().is_empty());
+        assert!(s.routes.irqfds.lock().unwrap().is_empty(), "irqfds go at once");
+        s.router.settle().unwrap();
     }
-    assert_eq!(s.routes.log.lock().unwrap().len(), 4, "one commit per enable and per disable");
+    assert_eq!(s.routes.log.lock().unwrap().len(), 4, "one commit per enable and per disable (each waited for here)");
     assert_eq!(s.f.failures(), 0);
 }
 
@@ -226,6 +237,7 @@ fn msi_is_emulated_and_multiple_messages_get_consecutive_data() {
     s.f.config_write(base, 2, &(1u16 | 2 << 4).to_le_bytes());
     assert_eq!(s.f.config_read(base) >> 16 & 0x71, 0x21);
     assert_eq!(*s.device.irq_sets.lock().unwrap(), vec![(VFIO_PCI_MSI_IRQ_INDEX, 0, 4)]);
+    s.router.settle().unwrap();
     let datas: Vec<u32> = s.routes.routes.lock().unwrap().iter().map(|r| r.1.data).collect();
     assert_eq!(datas, vec![0x60, 0x62, 0x63], "vector 1 masked");
     assert_eq!(s.f.config_read(base + 1), 0xfee0_1000);
@@ -235,11 +247,13 @@ fn msi_is_emulated_and_multiple_messages_get_consecutive_data() {
     assert_eq!(s.f.config_read(base + 5), 0b10);
     s.f.config_write(base + 4, 0, &0u32.to_le_bytes());
     assert_eq!(s.f.config_read(base + 5), 0);
+    s.router.settle().unwrap();
     assert_eq!(s.routes.routes.lock().unwrap().len(), 4);
     // More messages than capable are clamped.
     s.f.config_write(base, 2, &(1u16 | 7 << 4).to_le_bytes());
     assert_eq!(s.f.config_read(base) >> 20 & 7, 2);
     s.f.config_write(base, 2, &0u16.to_le_bytes());
+    s.router.settle().unwrap();
     assert!(s.routes.routes.lock().unwrap().is_empty());
     assert_eq!(s.f.failures(), 0);
 }

@@ -96,16 +96,30 @@ impl Vectors {
         for &v in &detach {
             self.vectors[v].routed = false;
         }
-        router.bind_all(attach.iter().map(|&(v, msg)| (self.key(v), self.vectors[v].fd.clone(), msg)))?;
+        // Signals that arrived while detached, or a pending bit seen by the PBA earlier: taken
+        // before the router has the eventfd (its injector would deliver each signal), given
+        // back as one.
+        let mut redeliver = Vec::new();
         for &(v, _) in &attach {
             let vector = &mut self.vectors[v];
-            if !std::mem::replace(&mut vector.routed, true) {
-                // Signals that arrived while detached, or a pending bit seen by the PBA earlier.
+            if !vector.routed {
                 let arrived = vector.fd.read().is_ok_and(|n| n > 0);
                 if std::mem::take(&mut vector.pending) || arrived {
-                    vector.fd.write(1)?;
+                    redeliver.push(v);
                 }
             }
+        }
+        if let Err(e) = router.bind_all(attach.iter().map(|&(v, msg)| (self.key(v), self.vectors[v].fd.clone(), msg))) {
+            for v in redeliver {
+                self.vectors[v].pending = true;
+            }
+            return Err(e);
+        }
+        for &(v, _) in &attach {
+            self.vectors[v].routed = true;
+        }
+        for v in redeliver {
+            self.vectors[v].fd.write(1)?;
         }
         Ok(())
     }

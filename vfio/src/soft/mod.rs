@@ -175,7 +175,7 @@ impl SoftSiovDevice {
         let mut ws = Vec::new();
         for i in 0..workers.max(1) {
             let sh = shared.clone();
-            ws.push(EpollThread::spawn(format!("siov-worker{i}"), siovmm_seccomp::ThreadKind::DeviceWorker, move |token| serve_doorbell(&sh, token))?);
+            ws.push(EpollThread::spawn(format!("siov-worker{i}"), siovmm_seccomp::ThreadKind::DeviceWorker, move |_, token| serve_doorbell(&sh, token))?);
         }
         let portals = match portal {
             PortalKind::Doorbell => None,
