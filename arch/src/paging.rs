@@ -73,6 +73,14 @@ pub fn mappings<M: GuestMemory>(
     out
 }
 
+/// Whether the root's last entry is present: the tables map something of the top 512 GiB
+/// (256 TiB with 5 levels), where Linux keeps its image, modules and fixmap. One read; the
+/// boot tables siovmm hands a 64-bit kernel map only the low identity range and fail it.
+pub fn maps_top_entry<M: GuestMemory>(mem: &M, root: u64) -> bool {
+    mem.read_obj::<u64>(GuestAddress((root & ADDRESS) + 511 * 8))
+        .is_ok_and(|entry| entry & P != 0)
+}
+
 struct Walk<'a, M> {
     mem: &'a M,
     /// Virtual address width (48 or 57).
@@ -187,6 +195,20 @@ mod tests {
 
     fn all(tables: &Tables, root: u64) -> Vec<Mapping> {
         mappings(&tables.mem, root, false, 0xffff_8000_0000_0000..=u64::MAX)
+    }
+
+    #[test]
+    fn the_top_entry_is_seen_only_when_present() {
+        let mut t = Tables::new();
+        let (root, _, _) = t.kernel_like(KERNEL_TEXT);
+        assert!(maps_top_entry(&t.mem, root));
+        // CR3's low bits (PCID, PWT/PCD) are not part of the address.
+        assert!(maps_top_entry(&t.mem, root | 0xfff));
+        let low = t.table();
+        t.set(low, 0, 0x20_0000 | P | RW);
+        assert!(!maps_top_entry(&t.mem, low), "an identity-only root maps nothing up there");
+        // A root outside guest memory reads as not present.
+        assert!(!maps_top_entry(&t.mem, 1 << 40));
     }
 
     #[test]

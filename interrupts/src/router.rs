@@ -168,6 +168,15 @@ struct State {
 }
 
 impl State {
+    /// `key` routed as `gsi` with `msg` once the next commit lands; until then the injector
+    /// delivers it as `token`.
+    fn make_pending(&mut self, key: VectorKey, gsi: u32, fd: Arc<EventFd>, token: u64, msg: MsiMessage) {
+        self.routes.insert(gsi, msg);
+        self.bindings.insert(key, Binding::Pending { gsi, fd, token });
+        self.pending.insert(key);
+        self.dirty = true;
+    }
+
     fn allocate_gsi(&mut self) -> Option<u32> {
         self.gsis.as_mut()?.allocate_id().ok()
     }
@@ -377,10 +386,7 @@ impl MsiRouter {
                     let _ = sh.backend.irqfd(&fd, gsi, true);
                     return Err(e);
                 }
-                st.routes.insert(gsi, msg);
-                st.bindings.insert(key, Binding::Pending { gsi, fd, token });
-                st.pending.insert(key);
-                st.dirty = true;
+                st.make_pending(key, gsi, fd, token, msg);
                 return Ok(true);
             }
             Some(Binding::Pending { gsi, fd: bound, token }) if Arc::ptr_eq(bound, &fd) => {
@@ -406,10 +412,7 @@ impl MsiRouter {
         self.watch(&fd, token, msg)?;
         match st.allocate_gsi() {
             Some(gsi) => {
-                st.routes.insert(gsi, msg);
-                st.bindings.insert(key, Binding::Pending { gsi, fd, token });
-                st.pending.insert(key);
-                st.dirty = true;
+                st.make_pending(key, gsi, fd, token, msg);
                 Ok(true)
             }
             None => {
@@ -419,13 +422,8 @@ impl MsiRouter {
         }
     }
 
-    /// Hands `fd` to the injector as `token`, delivering `msg` (known to it before any
-    /// signal can be reported).
     fn watch(&self, fd: &Arc<EventFd>, token: u64, msg: MsiMessage) -> std::io::Result<()> {
-        lock(&self.shared.vectors).insert(token, (fd.clone(), msg));
-        self.injector.watch(fd.as_ref(), token).inspect_err(|_| {
-            lock(&self.shared.vectors).remove(&token);
-        })
+        self.shared.watch(self.injector.watcher(), fd, token, msg)
     }
 
     /// Stops delivering `key`'s interrupts.
@@ -500,6 +498,15 @@ impl MsiRouter {
 }
 
 impl Shared {
+    /// Hands `fd` to the injector as `token`, delivering `msg` (known to it before any
+    /// signal can be reported).
+    fn watch(&self, w: &Watcher, fd: &Arc<EventFd>, token: u64, msg: MsiMessage) -> std::io::Result<()> {
+        lock(&self.vectors).insert(token, (fd.clone(), msg));
+        w.watch(fd.as_ref(), token).inspect_err(|_| {
+            lock(&self.vectors).remove(&token);
+        })
+    }
+
     /// A route changed (or [`MsiRouter::settle`] asks): commit now, or arm the timer.
     fn on_change(&self, w: &Watcher) {
         let _ = self.changed.read();
@@ -559,14 +566,8 @@ impl Shared {
             st.routes.remove(&gsi);
             st.free_gsi(gsi);
             st.dirty = true;
-            lock(&self.vectors).insert(token, (fd.clone(), msg));
-            match w.watch(fd.as_ref(), token) {
-                Ok(()) => {
-                    st.bindings.insert(key, Binding::Overflow { token });
-                }
-                Err(_) => {
-                    lock(&self.vectors).remove(&token);
-                }
+            if self.watch(w, &fd, token, msg).is_ok() {
+                st.bindings.insert(key, Binding::Overflow { token });
             }
         }
         self.settled.notify_all();

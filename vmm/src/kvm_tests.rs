@@ -53,6 +53,8 @@ struct Beside {
     console: Console,
     /// Set once the vCPU has stopped.
     stopped: Arc<std::sync::atomic::AtomicBool>,
+    /// The vCPU's post-mortem (guest memory, the sampled root).
+    post_mortem: PostMortem,
 }
 
 /// [`run_vcpu`] with `beside` running on another thread meanwhile (joined before returning).
@@ -87,6 +89,7 @@ fn run_vcpu_beside(
             shutdown: shutdown.clone(),
             console: console.clone(),
             stopped: stopped.clone(),
+            post_mortem: post_mortem.clone(),
         };
         std::thread::spawn(move || beside(b))
     };
@@ -311,6 +314,47 @@ kvm_test! {
 }
 
 kvm_test! {
+    /// A guest that triple-faults before its first exit still gets a post-mortem: the event
+    /// loop's tick (`PostMortem::tick`) kicks a vCPU that has sampled no root lately, and it
+    /// samples on the way back in. The payload (the kernel-half tables of the test above)
+    /// spins on a byte of its memory without exiting; the byte is set only once a root has
+    /// been sampled (or after 20 s), and the payload then triple-faults (UD2, no IDT).
+    fn a_triple_fault_before_any_exit_gets_its_post_mortem() {
+        use arch::layout::{PDE_START, PDPTE_START, PML4_START};
+        use std::time::Duration;
+        #[rustfmt::skip]
+        let code = [
+            0x80, 0x3d, 0x04, 0x00, 0x00, 0x00, 0x00, // cmp byte [rip + 4], 0 (the byte after UD2)
+            0x74, 0xf7,                               // je back to the cmp
+            0x0f, 0x0b,                               // ud2
+            0x00,                                     // the byte
+        ];
+        let go = GuestAddress(CODE + 11);
+        let (reason, console, _, post_mortem) = run_vcpu_beside(
+            |vcpu, mem| {
+                load_payload(vcpu, mem, &code, &LINUX64, |sregs| sregs.idt.limit = 0);
+                mem.write_obj(PDPTE_START | 3, GuestAddress(PML4_START + 511 * 8)).unwrap();
+                mem.write_obj(PDE_START | 3, GuestAddress(PDPTE_START + 510 * 8)).unwrap();
+            },
+            move |b| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while b.post_mortem.root.lock().unwrap().is_none() && Instant::now() < deadline {
+                    // The event loop's timer, faster: the test waits on nothing else.
+                    b.post_mortem.tick(&b.requests);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                b.post_mortem.memory.write_obj(1u8, go).unwrap();
+            },
+        );
+        assert_eq!(console, "", "no exit: the payload prints nothing");
+        assert!(matches!(&reason, ExitReason::Failed(m) if m.starts_with("triple fault on vCPU 0")), "{reason:?}");
+        let post_mortem = post_mortem.expect("a CR3 sampled by a kick, without any exit of the guest's");
+        assert!(post_mortem.starts_with(&format!("post-mortem of vCPU 0: kernel mappings under CR3 {PML4_START:#x} (sampled ")), "{post_mortem}");
+        assert!(post_mortem.ends_with("read from guest memory after the fault: 0xffffffff80000000-0xffffffffbfffffff rwx"), "{post_mortem}");
+    }
+}
+
+kvm_test! {
     /// SIGUSR1's state report (`vcpu::StateRequests`): a 64-bit payload prints 'P', then
     /// spins in kernel mode without exiting, as a hung guest does; asked from another thread,
     /// the vCPU is kicked out of KVM_RUN and reports its registers and what its own page
@@ -361,6 +405,7 @@ kvm_test! {
 }
 
 kvm_test! {
+    sandbox_idle_secs: 6;
     /// 4,096 vectors bound one at a time, as a guest programs them, then each given a new
     /// message one at a time (a guest moving every interrupt): the router's deferred commits
     /// copy O(n) routing entries in all, where a commit per change copied O(n^2). KVM takes the

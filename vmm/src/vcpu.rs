@@ -77,6 +77,12 @@ impl StateRequests {
     /// Asks each vCPU for one report and kicks it out of KVM_RUN so it answers now.
     pub fn ask(&self) {
         self.asked.fetch_add(1, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Kicks every vCPU out of KVM_RUN once; each samples its CR3 on the way back in
+    /// ([`PostMortem::tick`]).
+    pub fn kick(&self) {
         if !can_kick() {
             return;
         }
@@ -163,7 +169,30 @@ impl PostMortem {
     fn sample(&self, vcpu: &VcpuFd) {
         let Ok(sregs) = vcpu.get_sregs() else { return };
         if sregs.cs.dpl == 0 && sregs.cr0 & CR0_PG != 0 {
-            *devices::bus::lock(&self.root) = Some((sregs.cr3, sregs.cr4 & CR4_LA57 != 0, Instant::now()));
+            self.keep(sregs.cr3, sregs.cr4 & CR4_LA57 != 0);
+        }
+    }
+
+    /// Keeps `cr3` as the root to walk after a fault, unless its tables map nothing of the
+    /// kernel's half: the identity-only tables siovmm boots a 64-bit kernel with, which it
+    /// leaves within microseconds; a root from before the switch would hide the kernel's own.
+    fn keep(&self, cr3: u64, five_level: bool) {
+        if arch::paging::maps_top_entry(&self.memory, cr3) {
+            *devices::bus::lock(&self.root) = Some((cr3, five_level, Instant::now()));
+        }
+    }
+
+    /// Called every [`PostMortem::SAMPLE_EVERY`] from the event loop: when no vCPU has
+    /// sampled a root for that long, kicks them all so that they do. vCPUs sample at their
+    /// exits, and a guest can run for long without one (in-kernel LAPIC, no port I/O): the
+    /// project's CI saw a guest triple-fault 0.36 s into its boot, inside `clear_bss`, before
+    /// its first exit, and with nothing sampled its post-mortem could not say whether its own
+    /// tables mapped the faulting instruction (docs/testing.md). A kick costs one exit and
+    /// one KVM_GET_SREGS per vCPU, ten times a second at most.
+    pub fn tick(&self, vcpus: &StateRequests) {
+        let fresh = devices::bus::lock(&self.root).is_some_and(|(_, _, at)| at.elapsed() < Self::SAMPLE_EVERY);
+        if !fresh {
+            vcpus.kick();
         }
     }
 
@@ -396,7 +425,11 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
             Ok(VcpuExit::Hlt) => Some(Stop::AtRip(format!("vCPU {id} halted"))),
             Ok(VcpuExit::Intr) => None,
             Ok(other) => Some(Stop::AtRip(format!("unhandled exit {other:?} on vCPU {id}"))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked (a state request, a stop, or [`PostMortem::tick`]): sample now.
+                sampled = None;
+                None
+            }
             Err(e) => Some(Stop::Reason(ExitReason::Failed(format!("KVM_RUN failed on vCPU {id}: {e}")))),
         };
         if let Some(stop) = stop {

@@ -17,6 +17,7 @@ use siovmm_acpi::dmar;
 use devices::serial::{InputReady, SerialDevice};
 use devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042Reset, Bus, ExitReason, ShutdownSignal};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::timerfd::TimerFd;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -272,6 +273,40 @@ impl MutEventSubscriber for SignalWatch {
     }
 }
 
+/// Every [`vcpu::PostMortem::SAMPLE_EVERY`], makes sure some vCPU has sampled a page-table
+/// root lately ([`vcpu::PostMortem::tick`]), so that a triple fault before any exit still
+/// gets its post-mortem.
+struct PostMortemTicker {
+    timer: TimerFd,
+    post_mortem: vcpu::PostMortem,
+    vcpus: Arc<vcpu::StateRequests>,
+}
+
+impl PostMortemTicker {
+    /// Armed now (timerfd_settime is not in the event loop's filter); ticks before the vCPUs
+    /// run find none to kick.
+    fn new(post_mortem: vcpu::PostMortem, vcpus: Arc<vcpu::StateRequests>) -> Result<Self, Error> {
+        let every = vcpu::PostMortem::SAMPLE_EVERY;
+        let mut timer = TimerFd::new().map_err(|e| Error::Io("timerfd for the post-mortem".into(), e.into()))?;
+        timer.reset(every, Some(every)).map_err(|e| Error::Io("arming the post-mortem timer".into(), e.into()))?;
+        Ok(Self { timer, post_mortem, vcpus })
+    }
+}
+
+impl MutEventSubscriber for PostMortemTicker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::warn!("post-mortem timer not watched ({e}): a triple fault before any exit gets none");
+        }
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Expirations missed while busy count as one tick.
+        if self.timer.wait().is_ok() {
+            self.post_mortem.tick(&self.vcpus);
+        }
+    }
+}
+
 /// With `SIOVMM_TRACE_STARTUP` set, prints how long each start-up phase took (stderr); the
 /// boot-performance notes in docs/ were measured with it.
 struct StartupTrace {
@@ -487,6 +522,10 @@ impl Vm {
         event_loop.add_subscriber(Arc::new(Mutex::new(signals)));
         event_loop
             .add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(platform.serial.clone(), platform.input_ready.clone()))));
+        if let Some(post_mortem) = &exits.post_mortem {
+            let ticker = PostMortemTicker::new(post_mortem.clone(), exits.state_requests.clone())?;
+            event_loop.add_subscriber(Arc::new(Mutex::new(ticker)));
+        }
         Ok(Self {
             vcpus: VcpuThreads(Vec::new()),
             pending_vcpus: vcpus,
