@@ -131,6 +131,25 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
         }
         // Sleeps, and rewrites the status file with the device's counters every second.
         ThreadKind::DaemonMain => allow(&mut r, STATUS_FILE),
+        ThreadKind::Api => {
+            // Adding and removing ADIs: KVM ioctls (ioeventfds, irqfds, memory slots) and the
+            // device's eventfds, as the vCPUs and the event loop use them; FIONBIO on the
+            // listener and its connections.
+            ioctl(&mut r, &[IOCTL_KVM, IOCTL_TERMINAL])?;
+            allow(&mut r, DEVICE_IO);
+            allow(&mut r, EPOLL);
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_accept4,
+                    libc::SYS_setsockopt,
+                    libc::SYS_dup,
+                    // The socket file, when the thread ends.
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
+                ],
+            );
+        }
     }
     Ok(r)
 }
@@ -215,6 +234,7 @@ mod tests {
             let expected = match kind {
                 ThreadKind::Vcpu => 2,
                 ThreadKind::EventLoop => 3,
+                ThreadKind::Api => 2,
                 ThreadKind::OverflowInjector | ThreadKind::DaemonServer => 1,
                 _ => 0,
             };

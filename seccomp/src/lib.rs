@@ -63,11 +63,13 @@ pub enum ThreadKind {
     DaemonServer,
     /// The device daemon's main thread once its servers run: waits for them.
     DaemonMain,
+    /// Serves the HTTP API (`--api-socket`): adds and removes ADIs in the running VM.
+    Api,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         Self::Vcpu,
         Self::EventLoop,
         Self::DeviceWorker,
@@ -75,6 +77,7 @@ impl ThreadKind {
         Self::Console,
         Self::DaemonServer,
         Self::DaemonMain,
+        Self::Api,
     ];
 
     /// The kind's name in reports and docs.
@@ -87,6 +90,7 @@ impl ThreadKind {
             Self::Console => "console",
             Self::DaemonServer => "daemon-server",
             Self::DaemonMain => "daemon-main",
+            Self::Api => "api",
         }
     }
 

@@ -64,6 +64,10 @@ SIOV (Scalable IOV) options:
                        irqchip's 40); vectors beyond the budget are delivered by a VMM thread
                        with KVM_SIGNAL_MSI [default: 4056]
 
+    --api-socket PATH  serve the HTTP API on a UNIX socket created at PATH (which must not
+                       exist; removed at exit): VM info, add and remove ADIs, stop
+                       (docs/api.md; siovmm-ctl is its command-line client)
+
     --seccomp MODE     system calls each siovmm thread may make are limited to its kind's list
                        (vCPU, event loop, device worker, ...): on (a call outside it stops
                        siovmm, naming the thread and the call), log (the kernel logs it and
@@ -152,6 +156,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut cpus = None;
     let mut memory = None;
     let mut seccomp = None;
+    let mut api_socket: Option<String> = None;
     let mut adis: Option<u32> = None;
     let mut siov_opts: Vec<(String, String)> = Vec::new();
     let mut vfio: Vec<std::path::PathBuf> = Vec::new();
@@ -171,6 +176,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--cpus" => &mut cpus,
             "--memory" => &mut memory,
             "--seccomp" => &mut seccomp,
+            "--api-socket" => &mut api_socket,
             "--adi" => {
                 let v = value_of(&flag, inline, &mut it)?;
                 let n = parse_count("--adi", &v, 0, MAX_ADIS_PER_GUEST)?;
@@ -345,6 +351,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         vfio,
         vfio_user,
         seccomp,
+        api_socket: api_socket.map(Into::into),
     }))
 }
 

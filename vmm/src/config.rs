@@ -151,6 +151,8 @@ pub struct VmConfig {
     pub vfio_user: Vec<PathBuf>,
     /// What a thread's system call outside its seccomp list does (`--seccomp`).
     pub seccomp: siovmm_seccomp::Mode,
+    /// Where to serve the HTTP API (`--api-socket`).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {

@@ -175,6 +175,25 @@ impl DeviceManager {
         self.vdcm.as_ref().map(Vdcm::placement).unwrap_or_default()
     }
 
+    /// Every device that came from siovmm's options or was added since, in address order.
+    pub(crate) fn devices(&self) -> Vec<(Bdf, siovmm_api::DeviceKind)> {
+        use siovmm_api::DeviceKind;
+        let mut all: Vec<(Bdf, DeviceKind)> = self.adis().into_iter().map(|(bdf, _)| (bdf, DeviceKind::Adi)).collect();
+        if let Some(p) = &self.passthrough {
+            all.extend(p.devices().into_iter().map(|(bdf, user)| (bdf, if user { DeviceKind::VfioUser } else { DeviceKind::Vfio })));
+        }
+        all.sort_unstable_by_key(|d| d.0);
+        all
+    }
+
+    /// Whether the guest is using the ADI at `bdf` (see `AdiFunction::in_use`); `None` when
+    /// there is no ADI there.
+    pub(crate) fn adi_in_use(&self, bdf: Bdf) -> Option<bool> {
+        let function = self.vdcm.as_ref()?.function(bdf)?;
+        let in_use = devices::bus::lock(function.as_ref()).in_use();
+        Some(in_use)
+    }
+
     /// What the VM's devices hold now.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn usage(&self) -> Usage {

@@ -764,6 +764,7 @@ fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
         vfio: Vec::new(),
         vfio_user: Vec::new(),
         seccomp: siovmm_seccomp::Mode::Off,
+        api_socket: None,
     };
     (dir, config)
 }
@@ -981,6 +982,7 @@ fn storing_guest(name: &str) -> (std::path::PathBuf, Vm) {
         vfio: Vec::new(),
         vfio_user: Vec::new(),
         seccomp: siovmm_seccomp::Mode::Off,
+        api_socket: None,
     };
     (dir, Vm::build(&config, Box::new(std::io::sink())).unwrap())
 }

@@ -1,6 +1,7 @@
 //! siovmm: boots a Linux guest on KVM and (as the project grows) composes SIOV assignable
 //! device interfaces into it. See docs/architecture.md.
 
+mod api;
 mod bench;
 mod bench_devd;
 mod cli;
@@ -154,6 +155,14 @@ fn main() -> ExitCode {
         eprintln!("siovmm: --seccomp: {}", one_line(&e));
         return ExitCode::from(1);
     }
+    // Bound before anything is built: a bad path is the user's error (exit 2), found first.
+    let api_socket = match config.api_socket.as_deref().map(api::ApiSocket::bind).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("siovmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let terminal = console::TerminalGuard::new();
     // The VM is released (vCPUs joined, ADIs closed, memory unmapped) before siovmm exits.
     // The guest's console reaches stdout filtered and queued (devices::console_out): guest bytes
@@ -165,7 +174,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = vm::Vm::build(&config, Box::new(console)).and_then(|mut vm| vm.run());
+    let result = vm::Vm::build(&config, Box::new(console)).and_then(|mut vm| {
+        // Stopped (and its socket removed) when `run` returns, before the VM is released.
+        let _api = match api_socket {
+            Some(socket) => Some(api::ApiThread::spawn(socket, api::VmApi::new(vm.handle(), config.cpus, config.memory))?),
+            None => None,
+        };
+        vm.run()
+    });
     drop(terminal);
     let code = match result {
         Ok(reason) => {

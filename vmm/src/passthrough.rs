@@ -409,6 +409,11 @@ impl Passthrough {
         self.devices.len()
     }
 
+    /// Each device's guest address, and whether it is served over vfio-user.
+    pub(crate) fn devices(&self) -> Vec<(Bdf, bool)> {
+        self.devices.iter().map(|d| (d.bdf, matches!(d.backend, Backend::User(_)))).collect()
+    }
+
     pub(crate) fn summary(&self) -> Vec<String> {
         self.devices
             .iter()

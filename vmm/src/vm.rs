@@ -415,6 +415,23 @@ impl VmHandle {
     pub fn adis(&self) -> Result<Vec<(Bdf, siovmm_vfio::siov::AdiId)>, Error> {
         Ok(lock(self.devices()?.as_ref()).adis())
     }
+
+    /// Every device of the VM: address and kind.
+    pub fn devices_list(&self) -> Result<Vec<(Bdf, siovmm_api::DeviceKind)>, Error> {
+        Ok(lock(self.devices()?.as_ref()).devices())
+    }
+
+    /// Removes the ADI at `bdf` unless the guest is using it (`Ok(None)`: nothing changed).
+    /// Check and removal happen under the device manager's lock; a driver that starts binding
+    /// in between finds the function gone, as after a surprise removal.
+    pub fn remove_adi_if_unused(&self, bdf: Bdf) -> Result<Option<siovmm_vfio::siov::AdiId>, Error> {
+        let devices = self.devices()?;
+        let mut d = lock(devices.as_ref());
+        match d.adi_in_use(bdf) {
+            Some(true) => Ok(None),
+            _ => d.remove_adi(bdf).map(Some),
+        }
+    }
 }
 
 impl Vm {

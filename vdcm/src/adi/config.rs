@@ -30,6 +30,8 @@ const CAP_ID_PCIE: u32 = 0x10;
 const PCIE_CAPS_RCIEP: u32 = 0x0092;
 /// Command register: memory space decode.
 const CMD_MEMORY: u32 = 1 << 1;
+/// Command register: bus master (the function may DMA).
+const CMD_BUS_MASTER: u32 = 1 << 2;
 /// Dword registers by index.
 const REG_COMMAND: usize = 1;
 const REG_HEADER: usize = 3;
@@ -111,6 +113,12 @@ impl AdiConfig {
         } else {
             ConfigWrite::Stored
         }
+    }
+
+    /// Whether the guest let the function master the bus: a driver enabled it for DMA, and
+    /// clears it again when it lets go (`pci_disable_device`).
+    pub fn bus_master(&self) -> bool {
+        self.space.read_reg(REG_COMMAND) & CMD_BUS_MASTER != 0
     }
 
     /// Where BAR0 should be mapped now, or `None` while it must not be (decode off, being

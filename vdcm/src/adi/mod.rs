@@ -183,6 +183,13 @@ impl AdiFunction {
         })
     }
 
+    /// Whether the guest is using the function: bus mastering or MSI-X on. A driver turns
+    /// both on when it binds and off when it unbinds (Linux: `pci_disable_device`,
+    /// `pci_free_irq_vectors`); removing a function in use pulls it from under the driver.
+    pub fn in_use(&self) -> bool {
+        self.config.bus_master() || self.vectors.enabled()
+    }
+
     /// IMS entries the ADI holds beyond its MSI-X vectors' (hypercall and window slots).
     pub fn ims_slots_held(&self) -> u32 {
         self.slots.held()
@@ -561,6 +568,22 @@ mod tests {
         assert_eq!((f.ims_slots_held(), quota.held()), (3, 3));
         drop(f);
         assert_eq!(quota.held(), 0, "the ADI's entries are the VM's again");
+    }
+
+    #[test]
+    fn a_function_is_in_use_while_bus_mastering_or_msix_is_on() {
+        let mut f = function(Arc::new(FakeRoutes::default()));
+        assert!(!f.in_use(), "as firmware leaves it: memory decode only");
+        // The command register (dword 1): a driver's pci_enable_device + pci_set_master.
+        f.config_write(1, 0, &0x0006u16.to_le_bytes());
+        assert!(f.in_use());
+        f.config_write(1, 0, &0x0002u16.to_le_bytes());
+        assert!(!f.in_use(), "pci_disable_device clears bus mastering");
+        let control = config::MSIX_CAP_OFFSET / 4;
+        f.config_write(control, 2, &devices::pci::msix::CTRL_ENABLE.to_le_bytes());
+        assert!(f.in_use(), "MSI-X on");
+        f.config_write(control, 2, &0u16.to_le_bytes());
+        assert!(!f.in_use());
     }
 
     #[test]

@@ -51,6 +51,11 @@ impl MsixVectors {
         self.ims.indexes().take(self.fds.len()).map(|i| Some(HandleTarget::Entry(i)))
     }
 
+    /// Whether the guest enabled MSI-X.
+    pub(crate) fn enabled(&self) -> bool {
+        self.msix.enabled()
+    }
+
     /// MSI-X message control as the guest reads it.
     pub(crate) fn message_control(&self) -> u16 {
         self.msix.message_control()

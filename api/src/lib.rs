@@ -1,0 +1,150 @@
+//! siovmm's HTTP API: what an operator does to a running VM from outside (docs/api.md,
+//! docs/api.yaml for the OpenAPI description).
+//!
+//! - [`http`]: one HTTP/1.1 request per connection, parsed with `httparse`, with hard limits on
+//!   head and body size (a client is as hostile as a guest: it may be any local process that
+//!   can open the socket).
+//! - [`server`]: the endpoints, JSON in and out with `serde`, and the loop that serves a UNIX
+//!   socket on one thread until told to stop. What the endpoints act on is a [`VmControl`],
+//!   so the API is tested here with a fake VM and the VMM implements it over its VM.
+//! - [`client`]: one request to a socket, for `siovmm-ctl` and the tests.
+
+pub mod client;
+pub mod http;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// The path prefix of every endpoint.
+pub const PREFIX: &str = "/api/v1";
+
+/// What `GET /api/v1/vm.info` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmInfo {
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The VM's PCI functions that came from siovmm's options or the API.
+    pub devices: Vec<DeviceInfo>,
+    /// IMS entries of the VM's SIOV device allocated to its ADIs.
+    pub ims_entries: u32,
+    /// Guest vectors on KVM MSI routes.
+    pub kvm_routes: usize,
+    /// Guest vectors delivered by the overflow injector (no KVM route left for them).
+    pub overflow_vectors: usize,
+}
+
+/// One device of the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceInfo {
+    /// Its PCI address in the guest (`SSSS:BB:DD.F`), which is also its id in the API.
+    pub id: String,
+    /// What it is.
+    pub kind: DeviceKind,
+}
+
+/// Where a device comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// An ADI of the VM's in-process software SIOV device (`--adi`).
+    Adi,
+    /// A host PCI function through kernel VFIO (`--vfio`).
+    Vfio,
+    /// A device served over vfio-user, such as an ADI of the device daemon (`--vfio-user`).
+    VfioUser,
+}
+
+/// `PUT /api/v1/vm.add-adi`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddAdis {
+    /// How many ADIs, 1 to [`AddAdis::MAX`]: all are added or none.
+    pub count: u32,
+}
+
+impl AddAdis {
+    /// The most one request adds (a guest holds at most 16 root buses × 248 functions).
+    pub const MAX: u32 = 3968;
+}
+
+/// What `PUT /api/v1/vm.add-adi` answers: the devices added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Added {
+    /// The new devices, in the order they were added.
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// `PUT /api/v1/vm.remove-device`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveDevice {
+    /// The device's id ([`DeviceInfo::id`]).
+    pub id: String,
+}
+
+/// `GET /api/v1/vmm.ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ping {
+    /// siovmm's version.
+    pub version: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// One line saying what was wrong, naming the bad value.
+    pub error: String,
+}
+
+/// Why a request failed: an HTTP status and one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: u16,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// 400: the request itself is wrong (its JSON, a value out of range).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: 400, message: message.into() }
+    }
+    /// 404: no such device (or endpoint).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: 404, message: message.into() }
+    }
+    /// 409: the VM's state forbids it now (the device is in use, nothing left to add).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { status: 409, message: message.into() }
+    }
+    /// 500: siovmm failed doing it.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self { status: 500, message: message.into() }
+    }
+    /// 501: valid, but siovmm cannot do it yet.
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self { status: 501, message: message.into() }
+    }
+}
+
+/// What the API acts on: one running VM. Every call is all or nothing: when it fails, the
+/// VM is as it was.
+pub trait VmControl: Send + Sync {
+    /// The VM now.
+    fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Adds `count` ADIs.
+    fn add_adis(&self, count: u32) -> Result<Vec<DeviceInfo>, ApiError>;
+    /// Removes the device `id`; refused while the guest uses it.
+    fn remove_device(&self, id: &str) -> Result<(), ApiError>;
+    /// Asks the VM to stop (as SIGTERM does); the VMM exits once it has released it.
+    fn shutdown(&self) -> Result<(), ApiError>;
+}
