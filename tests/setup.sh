@@ -107,11 +107,12 @@ if [ ! -f "$assets/kvm_ballast" ] || [ "$ballast_src" -nt "$assets/kvm_ballast" 
   gcc -O2 -static -Wall -Werror -o "$assets/kvm_ballast" "$ballast_src"
 fi
 
-# Static siovmm and device daemon for the sandbox initramfs.
+# Static siovmm, its API client and the device daemon for the sandbox initramfs.
 if [ "${SIOVMM_SKIP_BUILD:-0}" != 1 ]; then
   (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
       --target x86_64-unknown-linux-gnu --target-dir "$repo/target/static" -p vmm -p siovmm-devd)
   cp "$repo/target/static/x86_64-unknown-linux-gnu/release/siovmm" "$assets/siovmm"
   cp "$repo/target/static/x86_64-unknown-linux-gnu/release/siovmm-devd" "$assets/siovmm-devd"
+  cp "$repo/target/static/x86_64-unknown-linux-gnu/release/siovmm-ctl" "$assets/siovmm-ctl"
 fi
 echo "setup: assets ready in $assets (guest kernel $kver)"

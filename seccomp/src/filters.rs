@@ -70,8 +70,9 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
             ioctl(&mut r, &[IOCTL_KVM, IOCTL_VFIO])?;
             allow(&mut r, DEVICE_IO);
             allow(&mut r, STAT);
-            // A masked vector's eventfd is watched by the overflow thread's epoll set.
-            allow(&mut r, &[libc::SYS_epoll_ctl, libc::SYS_dup]);
+            // A masked vector's eventfd is watched by the overflow thread's epoll set; a kick
+            // left pending after KVM_RUN is taken with rt_sigtimedwait (vmm/src/vcpu.rs).
+            allow(&mut r, &[libc::SYS_epoll_ctl, libc::SYS_dup, libc::SYS_rt_sigtimedwait]);
         }
         ThreadKind::EventLoop => {
             ioctl(&mut r, &[IOCTL_KVM, IOCTL_VFIO, IOCTL_TERMINAL])?;

@@ -138,15 +138,21 @@ impl DeviceManager {
         Ok(Vdcm::new(side, device, options)?)
     }
 
-    /// Adds `count` ADIs of the VM's SIOV device (the lowest this VM does not hold); all or
-    /// nothing. Returns where they are.
-    pub(crate) fn add_adis(&mut self, count: u32) -> Result<Vec<Bdf>, Error> {
+    /// Opens the VM's SIOV device and starts its VDCM, if not done yet (the first ADIs do it).
+    pub(crate) fn prepare_adis(&mut self) -> Result<(), Error> {
         if self.released {
             return Err(Error::Released);
         }
         if self.vdcm.is_none() {
             self.vdcm = Some(self.new_vdcm()?);
         }
+        Ok(())
+    }
+
+    /// Adds `count` ADIs of the VM's SIOV device (the lowest this VM does not hold); all or
+    /// nothing. Returns where they are.
+    pub(crate) fn add_adis(&mut self, count: u32) -> Result<Vec<Bdf>, Error> {
+        self.prepare_adis()?;
         let device_adis = self.siov.device.adis();
         let Self { vdcm: Some(vdcm), slots, .. } = self else { return Err(Error::Released) };
         let held: std::collections::BTreeSet<u32> = vdcm.placement().iter().map(|(_, a)| a.0).collect();

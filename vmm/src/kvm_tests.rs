@@ -62,6 +62,15 @@ fn run_vcpu_beside(
     setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
     beside: impl FnOnce(Beside) + Send + 'static,
 ) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
+    run_vcpu_with(setup, beside, None)
+}
+
+/// [`run_vcpu_beside`] with `port`'s device on the port-I/O bus, one byte wide.
+fn run_vcpu_with(
+    setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
+    beside: impl FnOnce(Beside) + Send + 'static,
+    port: Option<(u16, Arc<Mutex<dyn devices::BusDevice>>)>,
+) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
     let kvm = Kvm::new().expect("opening /dev/kvm");
     let (vm, mem) = create_vm(&kvm, 64 << 20, false).unwrap();
     let mem = mem.leak();
@@ -70,6 +79,9 @@ fn run_vcpu_beside(
     let vm = Arc::new(vm);
     let platform = build_platform(&crate::kvm_irq::KvmIrq(vm.clone()), &shutdown, Instant::now(), Box::new(console.clone())).unwrap();
     attach_pci(&platform, &pci_root(), &Default::default()).unwrap();
+    if let Some((port, device)) = port {
+        platform.pio.insert(device, u64::from(port), 1).unwrap();
+    }
     let vcpu = vm.create_vcpu(0).unwrap();
     setup(&vcpu, &mem);
     let exits = Exits {
@@ -351,6 +363,77 @@ kvm_test! {
         let post_mortem = post_mortem.expect("a CR3 sampled by a kick, without any exit of the guest's");
         assert!(post_mortem.starts_with(&format!("post-mortem of vCPU 0: kernel mappings under CR3 {PML4_START:#x} (sampled ")), "{post_mortem}");
         assert!(post_mortem.ends_with("read from guest memory after the fault: 0xffffffff80000000-0xffffffffbfffffff rwx"), "{post_mortem}");
+    }
+}
+
+kvm_test! {
+    /// Kicks reach a vCPU only inside KVM_RUN: while the thread handles an exit, a system call
+    /// of the handler is never interrupted by one (EINTR), and the kicks sent meanwhile end
+    /// the next KVM_RUN once, not every one after it. The payload writes a port whose device
+    /// blocks in `read` on a pipe for 300 ms while another thread kicks the vCPU every 2 ms,
+    /// then prints 'P' and spins until stopped.
+    fn kicks_never_interrupt_an_exit_handler() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        use std::time::Duration;
+        /// Port 0x80: a write blocks reading one byte from a pipe; records what `read` said.
+        struct Slow {
+            fd: std::os::fd::OwnedFd,
+            result: Arc<AtomicI64>,
+        }
+        impl devices::BusDevice for Slow {
+            fn read(&mut self, _: u64, _: &mut [u8]) {}
+            fn write(&mut self, _: u64, _: &[u8]) {
+                use std::os::fd::AsRawFd;
+                let mut byte = 0u8;
+                // SAFETY: reads one byte into `byte` from a pipe this device owns.
+                let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut byte as *mut u8).cast(), 1) };
+                let result = if n < 0 { -i64::from(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) } else { n as i64 };
+                self.result.store(result, Ordering::SeqCst);
+            }
+        }
+        let (reader, writer) = {
+            let mut fds = [0; 2];
+            // SAFETY: pipe fills two descriptors we then own.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            use std::os::fd::FromRawFd;
+            // SAFETY: fresh descriptors from pipe.
+            unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) }
+        };
+        let result = Arc::new(AtomicI64::new(i64::MIN));
+        let device: Arc<Mutex<dyn devices::BusDevice>> = Arc::new(Mutex::new(Slow { fd: reader, result: result.clone() }));
+        #[rustfmt::skip]
+        let code = [
+            0xe6, 0x80,                         // out 0x80, al (blocks in the handler)
+            0x66, 0xba, 0xf8, 0x03,             // mov dx, 0x3f8 (COM1)
+            0xb0, b'P', 0xee,                   // mov al, 'P'; out dx, al
+            0xeb, 0xfe,                         // jmp $
+        ];
+        let (reason, console, _, _) = run_vcpu_with(
+            |vcpu, mem| load_payload(vcpu, mem, &code, &LINUX64, |_| {}),
+            move |b| {
+                let mut writer = writer;
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_millis(300) {
+                    b.requests.kick();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                use std::io::Write;
+                writer.write_all(b"x").unwrap();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while b.console.0.lock().unwrap().is_empty() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                b.shutdown.request(ExitReason::PowerOff);
+                while !b.stopped.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                    b.requests.kick();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            },
+            Some((0x80, device)),
+        );
+        assert_eq!(result.load(Ordering::SeqCst), 1, "the handler's read got its byte, never EINTR (-4)");
+        assert_eq!(console, "P", "the guest went on after the handler");
+        assert_eq!(reason, ExitReason::PowerOff, "stopped by request: the pending kicks did not wedge KVM_RUN");
     }
 }
 

@@ -44,6 +44,72 @@ const KICK_OFFSET: i32 = 0;
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_SIGNAL_MASK, kvm_bindings::KVMIO, 0x8b, kvm_bindings::kvm_signal_mask);
+
+/// `struct kvm_signal_mask` with the kernel's 8-byte sigset (signals 1-64) after it.
+#[repr(C)]
+struct KvmSignalMask {
+    len: u32,
+    sigset: [u8; 8],
+}
+
+/// Lets [`kick_signal`] reach the calling vCPU thread only while it is inside KVM_RUN: the
+/// thread blocks the signal, and KVM_SET_SIGNAL_MASK (Documentation/virt/kvm/api.rst) gives
+/// KVM_RUN the thread's mask without it. A kick sent while the thread handles an exit then
+/// waits, pending, and makes the next KVM_RUN return EINTR at once; it never interrupts a
+/// system call of the exit's handler. Unconfined, the post-mortem's kicks (every 100 ms when
+/// no vCPU exits) made a vfio-user request's socket call fail with EINTR in a CI run, and the
+/// client gave up its connection.
+fn kick_only_in_kvm_run(vcpu: &VcpuFd) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data, filled by pthread_sigmask before use.
+    let mut mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new set only reads the current mask into `mask`.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: `mask` is a valid set and the kick signal a valid number.
+    unsafe { libc::sigdelset(&mut mask, kick_signal()) };
+    // The kernel's sigset is the first 8 bytes of glibc's (bit n-1 is signal n).
+    // SAFETY: sigset_t is at least 8 bytes of plain data.
+    let first: [u8; 8] = unsafe { std::ptr::read_unaligned((&mask as *const libc::sigset_t).cast()) };
+    let arg = KvmSignalMask { len: 8, sigset: first };
+    // SAFETY: KVM_SET_SIGNAL_MASK reads a kvm_signal_mask and `len` bytes of set after it,
+    // which `arg` holds; the fd is a vCPU's.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_SET_SIGNAL_MASK(), &arg) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+    let mut kick: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid set and signal number; the old mask is not needed.
+    let rc = unsafe {
+        libc::sigemptyset(&mut kick);
+        libc::sigaddset(&mut kick, kick_signal());
+        libc::pthread_sigmask(libc::SIG_BLOCK, &kick, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Takes the pending kick off the calling vCPU thread after KVM_RUN returned EINTR: KVM
+/// restores the thread's mask (kick blocked) before returning, so the signal stays pending
+/// and would end every later KVM_RUN at once. `rt_sigtimedwait` with a zero timeout consumes
+/// it without running the (empty) handler.
+fn take_pending_kicks() {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use; a zero timeout
+    // polls; the siginfo is not wanted.
+    unsafe {
+        let mut kick: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut kick);
+        libc::sigaddset(&mut kick, kick_signal());
+        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        while libc::sigtimedwait(&kick, std::ptr::null_mut(), &zero) == kick_signal() {}
+    }
+}
+
 /// Whether [`kick_signal`] may be sent: its (empty) handler is installed, once per process, at
 /// the first call. Without it the signal's default action would end the process, so when it
 /// cannot be installed no kick is ever sent.
@@ -370,6 +436,10 @@ enum Stop {
 /// Runs `vcpu` until the VM stops. Never returns an error: failures become a shutdown request.
 pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
     let mut sampled: Option<Instant> = None;
+    if let Err(e) = kick_only_in_kvm_run(&vcpu) {
+        exits.shutdown.request(ExitReason::Failed(format!("vCPU {id}: confining kicks to KVM_RUN (KVM_SET_SIGNAL_MASK): {e}")));
+        return;
+    }
     let mut requests = exits.state_requests.enter(id);
     let pio_width = PioWidth::of(&mut vcpu);
     loop {
@@ -427,6 +497,7 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
             Ok(other) => Some(Stop::AtRip(format!("unhandled exit {other:?} on vCPU {id}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked (a state request, a stop, or [`PostMortem::tick`]): sample now.
+                take_pending_kicks();
                 sampled = None;
                 None
             }

@@ -480,6 +480,11 @@ impl Vm {
         let mut devices = DeviceManager::new(parts, config.siov.clone(), vcpu_count, root.clone(), PciAllocator::new(topology));
         if config.siov.adis > 0 {
             devices.add_adis(config.siov.adis)?;
+        } else if config.api_socket.is_some() {
+            // ADIs may come through the API: the SIOV device and the MSI router (their
+            // threads, the fd limit) are set up now, by this unfiltered thread; the API
+            // thread's list has no clone or prlimit.
+            devices.prepare_adis()?;
         }
         for host in &config.vfio {
             let bdf = devices.add_vfio(host)?;
