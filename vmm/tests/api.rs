@@ -52,10 +52,19 @@ impl Drop for KillOnDrop {
     }
 }
 
-kvm_test! {
-    fn adis_come_and_go_through_the_api_and_bad_requests_change_nothing() {
-        // A directory of its own: the tests of this binary run side by side.
-        let dir = tmp_dir().join("come-and-go");
+/// A siovmm with `args` serving its API, its guest spinning; returns once the API answers.
+/// Everything lives in a directory of its own (the tests of this binary run side by side).
+/// With `log`, siovmm logs at info level to a pipe the test reads at the end (so only for a
+/// few requests: a pipe nobody reads would stall siovmm); without, its stderr is dropped.
+struct ApiVm {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: KillOnDrop,
+}
+
+impl ApiVm {
+    fn start(name: &str, args: &[&str], log: bool) -> Self {
+        let dir = tmp_dir().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let kernel = dir.join("k-spin");
         std::fs::write(&kernel, tiny_kernel::elf(&[0xeb, 0xfe])).unwrap();
@@ -63,21 +72,29 @@ kvm_test! {
         let _ = std::fs::remove_file(&socket);
         let mut child = KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_siovmm"))
-                .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--cpus", "2", "--adi", "2", "--siov-adis", "8"])
+                .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--cpus", "2"])
+                .args(args)
                 .arg("--api-socket")
                 .arg(&socket)
-                .env("SIOVMM_LOG", "info")
+                .env("SIOVMM_LOG", if log { "info" } else { "warn" })
                 .stdin(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(if log { Stdio::piped() } else { Stdio::null() })
                 .spawn()
                 .unwrap(),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while ctl(&socket, &["ping"]).0 != 0 {
+        while siovmm_api::client::call(&socket, "GET", "/api/v1/vmm.ping", None).is_err() {
             assert!(child.0.try_wait().unwrap().is_none(), "siovmm ended");
             assert!(Instant::now() < deadline, "no API at {}", socket.display());
             std::thread::sleep(Duration::from_millis(20));
         }
+        Self { dir, socket, child }
+    }
+}
+
+kvm_test! {
+    fn adis_come_and_go_through_the_api_and_bad_requests_change_nothing() {
+        let ApiVm { dir, socket, mut child } = ApiVm::start("come-and-go", &["--adi", "2", "--siov-adis", "8"], true);
         let (_, version, _) = ctl(&socket, &["ping"]);
         assert_eq!(version, format!(r#"{{"version":"{}"}}"#, env!("CARGO_PKG_VERSION")));
 
@@ -156,29 +173,10 @@ kvm_test! {
     /// resident memory stays flat (within 1 MiB, after 50 cycles to warm up allocators).
     fn a_thousand_add_remove_cycles_through_the_api_leave_nothing_behind() {
         use siovmm_api::client::call;
-        let dir = tmp_dir().join("cycles");
-        std::fs::create_dir_all(&dir).unwrap();
-        let kernel = dir.join("k-spin");
-        std::fs::write(&kernel, tiny_kernel::elf(&[0xeb, 0xfe])).unwrap();
-        let socket = dir.join("api.sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = KillOnDrop(
-            Command::new(env!("CARGO_BIN_EXE_siovmm"))
-                // No ADI at start: the first comes through the API (the SIOV device is opened
-                // at build all the same, by the unfiltered main thread).
-                .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M", "--cpus", "2", "--adi", "0"])
-                .arg("--api-socket")
-                .arg(&socket)
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        // No ADI at start: the first comes through the API (the SIOV device is opened at
+        // build all the same, by the unfiltered main thread).
+        let ApiVm { dir, socket, child } = ApiVm::start("cycles", &["--adi", "0"], false);
         let pid = child.0.id();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while call(&socket, "GET", "/api/v1/vmm.ping", None).is_err() {
-            assert!(Instant::now() < deadline, "no API at {}", socket.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let info = || -> (u64, u64, usize) {
             let (status, body) = call(&socket, "GET", "/api/v1/vm.info", None).unwrap();
             assert_eq!(status, 200, "{body}");
@@ -222,6 +220,8 @@ kvm_test! {
         assert_eq!(held_after, held_before, "IMS entries, routes and devices");
         assert_eq!(after.0, before.0, "file descriptors");
         assert!(after.1 <= before.1 + 1024, "resident memory grew {} KiB", after.1 - before.1);
+        drop(child);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
