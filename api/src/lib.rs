@@ -79,6 +79,15 @@ pub struct Added {
     pub devices: Vec<DeviceInfo>,
 }
 
+/// `PUT /api/v1/vm.add-vfio-user`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddVfioUser {
+    /// The UNIX socket the device is served on, inside the directory siovmm was given
+    /// (`--vfio-user-dir`).
+    pub socket: String,
+}
+
 /// `PUT /api/v1/vm.remove-device`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +127,10 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self { status: 400, message: message.into() }
     }
+    /// 403: outside what this VM was allowed (a socket outside `--vfio-user-dir`).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self { status: 403, message: message.into() }
+    }
     /// 404: no such device (or endpoint).
     pub fn not_found(message: impl Into<String>) -> Self {
         Self { status: 404, message: message.into() }
@@ -143,6 +156,8 @@ pub trait VmControl: Send + Sync {
     fn info(&self) -> Result<VmInfo, ApiError>;
     /// Adds `count` ADIs.
     fn add_adis(&self, count: u32) -> Result<Vec<DeviceInfo>, ApiError>;
+    /// Adds the vfio-user device served at `socket`.
+    fn add_vfio_user(&self, socket: &str) -> Result<DeviceInfo, ApiError>;
     /// Removes the device `id`; refused while the guest uses it.
     fn remove_device(&self, id: &str) -> Result<(), ApiError>;
     /// Asks the VM to stop (as SIGTERM does); the VMM exits once it has released it.

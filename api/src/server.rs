@@ -5,6 +5,7 @@
 //! | GET | /api/v1/vmm.ping | — | 200 [`Ping`] |
 //! | GET | /api/v1/vm.info | — | 200 [`VmInfo`] |
 //! | PUT | /api/v1/vm.add-adi | [`AddAdis`] | 200 [`Added`] |
+//! | PUT | /api/v1/vm.add-vfio-user | [`AddVfioUser`] | 200 [`Added`] |
 //! | PUT | /api/v1/vm.remove-device | [`RemoveDevice`] | 204 |
 //! | PUT | /api/v1/vm.shutdown | — | 204 |
 //!
@@ -21,16 +22,17 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::http::{self, Request, Response};
-use crate::{AddAdis, Added, ApiError, ErrorBody, Ping, RemoveDevice, VmControl, PREFIX};
+use crate::{AddAdis, AddVfioUser, Added, ApiError, ErrorBody, Ping, RemoveDevice, VmControl, PREFIX};
 
 /// How long a client has to send its request, and to take the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The endpoints: name after [`PREFIX`], and method.
-pub const ENDPOINTS: [(&str, &str); 5] = [
+pub const ENDPOINTS: [(&str, &str); 6] = [
     ("vmm.ping", "GET"),
     ("vm.info", "GET"),
     ("vm.add-adi", "PUT"),
+    ("vm.add-vfio-user", "PUT"),
     ("vm.remove-device", "PUT"),
     ("vm.shutdown", "PUT"),
 ];
@@ -77,6 +79,10 @@ fn route(vm: &dyn VmControl, req: &Request) -> Result<Response, Refusal> {
                 return Err(plain(ApiError::bad_request(format!("count {}: 1 to {} ADIs per request", add.count, AddAdis::MAX))));
             }
             Ok(json(200, &Added { devices: vm.add_adis(add.count).map_err(plain)? }))
+        }
+        "vm.add-vfio-user" => {
+            let add: AddVfioUser = body(name, req).map_err(plain)?;
+            Ok(json(200, &Added { devices: vec![vm.add_vfio_user(&add.socket).map_err(plain)?] }))
         }
         "vm.remove-device" => {
             let remove: RemoveDevice = body(name, req).map_err(plain)?;
@@ -202,6 +208,15 @@ mod tests {
             adis.extend(new.iter().cloned());
             Ok(new.into_iter().map(|id| DeviceInfo { id, kind: DeviceKind::Adi }).collect())
         }
+        fn add_vfio_user(&self, socket: &str) -> Result<DeviceInfo, ApiError> {
+            if !socket.starts_with("/run/devd/") {
+                return Err(ApiError::forbidden(format!("{socket}: outside /run/devd")));
+            }
+            let mut adis = self.adis.lock().unwrap();
+            let id = format!("0000:00:{:02x}.0", adis.len() + 1);
+            adis.push(id.clone());
+            Ok(DeviceInfo { id, kind: DeviceKind::VfioUser })
+        }
         fn remove_device(&self, id: &str) -> Result<(), ApiError> {
             if self.busy.iter().any(|b| b == id) {
                 return Err(ApiError::conflict(format!("{id} is in use by the guest")));
@@ -248,7 +263,9 @@ mod tests {
     fn bad_requests_get_one_clear_error_and_change_nothing() {
         let vm = FakeVm { capacity: 4, busy: vec!["0000:00:01.0".into()], ..Default::default() };
         vm.add_adis(1).unwrap();
-        let cases: [(&str, &str, &str, u16, &str); 12] = [
+        let cases: [(&str, &str, &str, u16, &str); 14] = [
+            ("PUT", "/api/v1/vm.add-vfio-user", r#"{"socket": "/etc/passwd"}"#, 403, "/etc/passwd: outside /run/devd"),
+            ("PUT", "/api/v1/vm.add-vfio-user", r#"{"path": "/run/devd/adi-0.sock"}"#, 400, "the body of vm.add-vfio-user: unknown field `path`, expected `socket` at line 1 column 7"),
             ("PUT", "/api/v1/vm.add-adi", "{\"count\": 2", 400, "the body of vm.add-adi: EOF while parsing an object at line 1 column 11"),
             ("PUT", "/api/v1/vm.add-adi", "", 400, "the body of vm.add-adi: EOF while parsing a value at line 1 column 0"),
             ("PUT", "/api/v1/vm.add-adi", r#"{"count": -1}"#, 400, "the body of vm.add-adi: invalid value: integer `-1`, expected u32 at line 1 column 12"),
@@ -260,7 +277,7 @@ mod tests {
             ("GET", "/api/v1/vm.add-adi", "", 405, "GET /api/v1/vm.add-adi: the endpoint takes PUT"),
             ("GET", "/api/v1/vm.info", "{}", 400, "vm.info takes no body (2 bytes sent)"),
             ("PUT", "/api/v1/vm.shutdown", "now", 400, "vm.shutdown takes no body (3 bytes sent)"),
-            ("GET", "/api/v2/vm.info", "", 404, "no endpoint \"/api/v2/vm.info\"; there are: GET /api/v1/vmm.ping, GET /api/v1/vm.info, PUT /api/v1/vm.add-adi, PUT /api/v1/vm.remove-device, PUT /api/v1/vm.shutdown"),
+            ("GET", "/api/v2/vm.info", "", 404, "no endpoint \"/api/v2/vm.info\"; there are: GET /api/v1/vmm.ping, GET /api/v1/vm.info, PUT /api/v1/vm.add-adi, PUT /api/v1/vm.add-vfio-user, PUT /api/v1/vm.remove-device, PUT /api/v1/vm.shutdown"),
         ];
         for (method, path, body, status, message) in cases {
             let (got, text) = call(&vm, method, path, body);

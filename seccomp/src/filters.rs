@@ -71,8 +71,9 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
             allow(&mut r, DEVICE_IO);
             allow(&mut r, STAT);
             // A masked vector's eventfd is watched by the overflow thread's epoll set; a kick
-            // left pending after KVM_RUN is taken with rt_sigtimedwait (vmm/src/vcpu.rs).
-            allow(&mut r, &[libc::SYS_epoll_ctl, libc::SYS_dup, libc::SYS_rt_sigtimedwait]);
+            // left pending after KVM_RUN is taken with rt_sigtimedwait (vmm/src/vcpu.rs); a
+            // vfio-user request that fails (its server died) shuts the connection down.
+            allow(&mut r, &[libc::SYS_epoll_ctl, libc::SYS_dup, libc::SYS_rt_sigtimedwait, libc::SYS_shutdown]);
         }
         ThreadKind::EventLoop => {
             ioctl(&mut r, &[IOCTL_KVM, IOCTL_VFIO, IOCTL_TERMINAL])?;
@@ -133,23 +134,30 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
         // Sleeps, and rewrites the status file with the device's counters every second.
         ThreadKind::DaemonMain => allow(&mut r, STATUS_FILE),
         ThreadKind::Api => {
-            // Adding and removing ADIs: KVM ioctls (ioeventfds, irqfds, memory slots) and the
-            // device's eventfds, as the vCPUs and the event loop use them; FIONBIO on the
-            // listener and its connections.
+            // Adding and removing ADIs and vfio-user devices: KVM ioctls (ioeventfds, irqfds,
+            // memory slots) and the device's eventfds and messages, as the vCPUs and the event
+            // loop use them; FIONBIO on the listener and its connections.
             ioctl(&mut r, &[IOCTL_KVM, IOCTL_TERMINAL])?;
             allow(&mut r, DEVICE_IO);
             allow(&mut r, EPOLL);
+            allow(&mut r, STAT);
             allow(
                 &mut r,
                 &[
                     libc::SYS_accept4,
                     libc::SYS_setsockopt,
                     libc::SYS_dup,
+                    // A vfio-user device's socket: resolved (under --vfio-user-dir?), then
+                    // connected to (a UNIX socket only, below).
+                    libc::SYS_readlink,
+                    libc::SYS_readlinkat,
+                    libc::SYS_connect,
                     // The socket file, when the thread ends.
                     libc::SYS_unlink,
                     libc::SYS_unlinkat,
                 ],
             );
+            r.insert(libc::SYS_socket, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)?])?]);
         }
     }
     Ok(r)
@@ -219,9 +227,12 @@ mod tests {
     fn no_kind_may_start_programs_or_threads_or_open_sockets() {
         for kind in ThreadKind::ALL {
             let r = rules(kind, 1).unwrap();
-            for call in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_clone, libc::SYS_clone3, libc::SYS_fork, libc::SYS_socket, libc::SYS_ptrace, libc::SYS_personality] {
+            for call in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_clone, libc::SYS_clone3, libc::SYS_fork, libc::SYS_ptrace, libc::SYS_personality] {
                 assert!(!r.contains_key(&call), "{kind} allows syscall {call}");
             }
+            // The API thread connects to vfio-user devices: UNIX sockets only, one rule.
+            let sockets = r.get(&libc::SYS_socket).map(Vec::len);
+            assert_eq!(sockets, (kind == ThreadKind::Api).then_some(1), "{kind}");
         }
     }
 

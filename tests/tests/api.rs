@@ -16,6 +16,20 @@ use std::time::Duration;
 
 use siovmm_tests::{guest_assets, run_cases_with_setup, wait_until, GuestCase, Kernel, SandboxSetup};
 
+/// The guest's helpers: its ADIs by vendor and device (in-process and the daemon's look the
+/// same), and a self-test of every ADI bound to the driver, printing how many passed.
+const GUEST_HELPERS: &str = r#"
+adis() { for f in /sys/bus/pci/devices/*; do [ "$(cat $f/vendor)" = 0x5356 ] && [ "$(cat $f/device)" = 0x0002 ] && echo ${f##*/}; done; }
+selftest() {
+  pass=0
+  for d in /sys/bus/pci/drivers/siov_adi/0000:*; do
+    echo 1 > $d/run; r=$(cat $d/result)
+    case "$r" in PASS*) pass=$((pass+1));; *) echo "GUEST-ADI-FAIL ${d##*/}: $r";; esac
+  done
+  echo $pass
+}
+"#;
+
 const ADDED: u32 = 64;
 const REMOVED: u32 = 32;
 const SOCKET: &str = "/tmp/api.sock";
@@ -23,17 +37,9 @@ const SOCKET: &str = "/tmp/api.sock";
 /// The guest: ADIs counted by vendor and device, found by rescanning, self-tested; the last
 /// [`REMOVED`] released, watched until siovmm has removed them; the rest self-tested again.
 fn guest_script() -> String {
-    format!(
-        r#"
-adis() {{ for f in /sys/bus/pci/devices/*; do [ "$(cat $f/vendor)" = 0x5356 ] && [ "$(cat $f/device)" = 0x0002 ] && echo ${{f##*/}}; done; }}
-selftest() {{
-  pass=0
-  for d in /sys/bus/pci/drivers/siov_adi/0000:*; do
-    echo 1 > $d/run; r=$(cat $d/result)
-    case "$r" in PASS*) pass=$((pass+1));; *) echo "GUEST-ADI-FAIL ${{d##*/}}: $r";; esac
-  done
-  echo $pass
-}}
+    GUEST_HELPERS.to_string()
+        + &format!(
+            r#"
 insmod /siov_adi.ko || echo GUEST-INSMOD-FAILED=1
 echo GUEST-ADIS-AT-BOOT=$(adis | wc -l)
 i=0; while [ $(adis | wc -l) -lt {ADDED} ] && [ $i -lt 180 ]; do echo 1 > /sys/bus/pci/rescan; sleep 1; i=$((i+1)); done
@@ -55,7 +61,7 @@ echo GUEST-PCI-ERRORS=$(dmesg | grep -ciE 'pci.*(conflict|can.t claim|no space|f
 dmesg | grep -iE 'pci.*(conflict|can.t claim|no space|failed to assign)' | sed 's/^/GUEST-DMESG: /'
 poweroff -f
 "#,
-    )
+        )
 }
 
 /// The operator, in the sandbox beside the running guest.
@@ -126,6 +132,101 @@ fn adis_added_and_removed_through_the_api_work_in_a_running_guest() {
     assert_eq!(g.number("GUEST-ADIS-AFTER-REMOVAL"), u64::from(ADDED - REMOVED), "a rescan finds them no more:\n{gt}");
     assert_eq!(g.number("GUEST-PASS-KEPT"), u64::from(ADDED - REMOVED), "the rest still work:\n{gt}");
     assert_eq!(g.value("GUEST-PCI-ERRORS"), Some("0"), "{gt}");
+    assert!(g.lines_with("made system call").is_empty(), "{gt}");
+    assert_eq!(g.exit_code, Some(0), "{gt}");
+}
+
+/// The device daemon's ADIs through the same API: a guest with none at start takes two
+/// vfio-user ADIs from `siovmm-devd` (`vm.add-vfio-user`, sockets under `--vfio-user-dir`),
+/// finds them by rescanning, binds and self-tests them, releases them; the operator removes
+/// them and the daemon has them back. Refused on the way, changing nothing: the same socket
+/// twice (409), a socket outside the directory (403), also through a symbolic link inside it,
+/// one that does not exist (404), a relative path (400).
+#[test]
+fn the_daemons_adis_come_and_go_through_the_api() {
+    const DAEMON: &str = "/siovmm-devd --socket-dir /run/devd --adis 4 --vectors 2";
+    let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
+    let ctl = assets.read("siovmm-ctl").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, 4, vec![("siovmm-ctl".into(), 0o755, ctl)]);
+    let guest_script = GUEST_HELPERS.to_string()
+        + r#"
+insmod /siov_adi.ko || echo GUEST-INSMOD-FAILED=1
+echo GUEST-ADIS-AT-BOOT=$(adis | wc -l)
+i=0; while [ $(adis | wc -l) -lt 2 ] && [ $i -lt 180 ]; do echo 1 > /sys/bus/pci/rescan; sleep 1; i=$((i+1)); done
+echo GUEST-ADIS-FOUND=$(adis | wc -l)
+echo GUEST-BOUND=$(ls -d /sys/bus/pci/drivers/siov_adi/0000:* 2>/dev/null | wc -l)
+echo GUEST-PASS-ADDED=$(selftest)
+list=$(adis)
+for a in $list; do echo none > /sys/bus/pci/devices/$a/driver_override; echo $a > /sys/bus/pci/drivers/siov_adi/unbind; done
+echo GUEST-RELEASED=$(ls -d /sys/bus/pci/drivers/siov_adi/0000:* 2>/dev/null | wc -l) still bound
+gone() { for a in $list; do [ "$(od -An -tx1 -N2 /sys/bus/pci/devices/$a/config | tr -d ' ')" = ffff ] && echo; done | wc -l; }
+i=0; while [ $(gone) -lt 2 ] && [ $i -lt 240 ]; do sleep 1; i=$((i+1)); done
+echo GUEST-GONE=$(gone)
+for a in $list; do echo 1 > /sys/bus/pci/devices/$a/remove; done
+echo 1 > /sys/bus/pci/rescan
+echo GUEST-ADIS-AFTER-REMOVAL=$(adis | wc -l)
+poweroff -f
+"#;
+    let mut guest = GuestCase::new("daemon-hotplug", Kernel::Vmlinux, 2, &guest_script).with_adi_driver(&assets);
+    guest.extra_args = vec!["--api-socket".into(), SOCKET.into(), "--vfio-user-dir".into(), "/run/devd".into()];
+    guest.background = true;
+    guest.extra_idle = Duration::from_secs(40);
+    let ctl = format!("/siovmm-ctl --api-socket {SOCKET}");
+    let held = "$(awk '/^adis_open /{print $2}' /run/devd/status)";
+    let operator = format!(
+        r#"{wait_api}{wait_booted}ids=""
+for n in 0 1; do
+  out=$({ctl} add-vfio-user /run/devd/adi-$n.sock) && ids="$ids $(echo "$out" | grep -o '"id":"[^"]*"' | cut -d'"' -f4)"
+done
+echo "OP-ADDED=$ids"
+echo "OP-KINDS=$({ctl} info | grep -o '"kind":"vfio-user"' | wc -l)"
+echo "OP-TWICE=$({ctl} add-vfio-user /run/devd/adi-0.sock 2>&1)"
+echo "OP-OUTSIDE=$({ctl} add-vfio-user {SOCKET} 2>&1)"
+ln -s /tmp /run/devd/escape
+echo "OP-LINK=$({ctl} add-vfio-user /run/devd/escape/api.sock 2>&1)"
+echo "OP-MISSING=$({ctl} add-vfio-user /run/devd/adi-9.sock 2>&1)"
+echo "OP-RELATIVE=$({ctl} add-vfio-user adi-2.sock 2>&1)"
+echo OP-DEVICES-AFTER-REFUSALS=$({ctl} info | grep -o '"id"' | wc -l)
+echo OP-DAEMON-HELD={held}
+{wait_released}failed=0
+for id in $ids; do {ctl} remove $id || failed=$((failed+1)); done
+echo OP-REMOVE-FAILED=$failed
+{wait_back}echo OP-DAEMON-AFTER={held}
+echo OP-DEVICES-LEFT=$({ctl} info | grep -o '"id"' | wc -l)
+"#,
+        wait_api = wait_until(&format!("{ctl} ping > /dev/null 2>&1"), 120),
+        wait_booted = wait_until("grep -q GUEST-ADIS-AT-BOOT /tmp/daemon-hotplug.out", 120),
+        wait_released = wait_until("grep -q GUEST-RELEASED /tmp/daemon-hotplug.out", 240),
+        wait_back = wait_until(&format!("[ {held} = 0 ]"), 10),
+    );
+    let operator = GuestCase::shell("operator", &operator, Duration::from_secs(60));
+    let (ready, results) = run_cases_with_setup(&[guest, operator], &setup).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ready.value("SETUP-SOCKETS"), Some("4"), "{}", ready.transcript());
+    let result = |name: &str| results.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no result for {name}"));
+    let (g, op) = (result("daemon-hotplug"), result("operator"));
+    let (gt, ot) = (g.transcript(), op.transcript());
+    let both = format!("{ot}\n--- the guest:\n{gt}");
+
+    let added: Vec<&str> = op.value("OP-ADDED").unwrap_or_default().split_whitespace().collect();
+    assert_eq!(added.len(), 2, "{both}");
+    assert_eq!(op.value("OP-KINDS"), Some("2"), "{both}");
+    assert_eq!(op.value("OP-TWICE"), Some("siovmm-ctl: 409: /run/devd/adi-0.sock: already in this VM"), "{ot}");
+    assert_eq!(op.value("OP-OUTSIDE"), Some(format!("siovmm-ctl: 403: {SOCKET}: outside /run/devd (--vfio-user-dir)").as_str()), "{ot}");
+    assert_eq!(op.value("OP-LINK"), Some("siovmm-ctl: 403: /run/devd/escape/api.sock: outside /run/devd (--vfio-user-dir)"), "{ot}");
+    assert_eq!(op.value("OP-MISSING"), Some("siovmm-ctl: 404: /run/devd/adi-9.sock: no such socket"), "{ot}");
+    assert_eq!(op.value("OP-RELATIVE"), Some("siovmm-ctl: 400: \"adi-2.sock\": not an absolute path"), "{ot}");
+    assert_eq!(op.value("OP-DEVICES-AFTER-REFUSALS"), Some("2"), "refusals changed nothing:\n{ot}");
+    assert_eq!(op.value("OP-DAEMON-HELD"), Some("2"), "{ot}");
+    assert_eq!(g.value("GUEST-ADIS-AT-BOOT"), Some("0"), "{gt}");
+    assert_eq!(g.value("GUEST-ADIS-FOUND"), Some("2"), "{both}");
+    assert_eq!(g.value("GUEST-BOUND"), Some("2"), "{gt}");
+    assert_eq!(g.value("GUEST-PASS-ADDED"), Some("2"), "the daemon's ADIs work in the guest:\n{gt}");
+    assert_eq!(g.value("GUEST-RELEASED"), Some("0 still bound"), "{gt}");
+    assert_eq!(op.value("OP-REMOVE-FAILED"), Some("0"), "{both}");
+    assert_eq!(op.value("OP-DAEMON-AFTER"), Some("0"), "the daemon has its ADIs back:\n{ot}");
+    assert_eq!(op.value("OP-DEVICES-LEFT"), Some("0"), "{ot}");
+    assert_eq!(g.value("GUEST-GONE"), Some("2"), "{gt}");
+    assert_eq!(g.value("GUEST-ADIS-AFTER-REMOVAL"), Some("0"), "{gt}");
     assert!(g.lines_with("made system call").is_empty(), "{gt}");
     assert_eq!(g.exit_code, Some(0), "{gt}");
 }

@@ -80,12 +80,39 @@ pub struct VmApi {
     handle: VmHandle,
     vcpus: u8,
     memory_mib: u64,
+    /// Where vfio-user sockets may be taken from (canonical), if anywhere.
+    vfio_user_dir: Option<PathBuf>,
 }
 
 impl VmApi {
-    /// For the VM behind `handle`, built with `vcpus` vCPUs and `memory` bytes of RAM.
-    pub fn new(handle: VmHandle, vcpus: u8, memory: u64) -> Self {
-        Self { handle, vcpus, memory_mib: memory >> 20 }
+    /// For the VM behind `handle`, built as `config` says.
+    pub fn new(handle: VmHandle, config: &crate::config::VmConfig) -> Self {
+        Self { handle, vcpus: config.cpus, memory_mib: config.memory >> 20, vfio_user_dir: config.vfio_user_dir.clone() }
+    }
+
+    /// `socket` resolved (symbolic links, `..`) and checked to lie under `--vfio-user-dir`
+    /// and to be a socket.
+    fn allowed_socket(&self, socket: &str) -> Result<PathBuf, ApiError> {
+        use std::os::unix::fs::FileTypeExt;
+        let Some(dir) = &self.vfio_user_dir else {
+            return Err(ApiError::conflict("this VM was started without --vfio-user-dir: it takes no vfio-user device through the API"));
+        };
+        let path = Path::new(socket);
+        if !path.is_absolute() {
+            return Err(ApiError::bad_request(format!("{socket:?}: not an absolute path")));
+        }
+        let real = std::fs::canonicalize(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ApiError::not_found(format!("{socket}: no such socket")),
+            _ => ApiError::bad_request(format!("{socket}: {e}")),
+        })?;
+        if !real.starts_with(dir) {
+            return Err(ApiError::forbidden(format!("{socket}: outside {} (--vfio-user-dir)", dir.display())));
+        }
+        match std::fs::metadata(&real) {
+            Ok(m) if m.file_type().is_socket() => Ok(real),
+            Ok(_) => Err(ApiError::bad_request(format!("{socket}: not a UNIX socket"))),
+            Err(e) => Err(ApiError::not_found(format!("{socket}: {e}"))),
+        }
     }
 }
 
@@ -118,6 +145,14 @@ fn api_error(e: Error) -> ApiError {
     }
 }
 
+fn in_use(bdf: Bdf) -> ApiError {
+    ApiError::conflict(format!(
+        "{} is in use by the guest (bus mastering or MSI-X on): release it in the guest first \
+         (unbind its driver, or remove it from the guest's PCI bus)",
+        id(bdf)
+    ))
+}
+
 impl VmControl for VmApi {
     fn info(&self) -> Result<VmInfo, ApiError> {
         let usage = self.handle.usage().map_err(api_error)?;
@@ -138,6 +173,20 @@ impl VmControl for VmApi {
         Ok(added.into_iter().map(|bdf| DeviceInfo { id: id(bdf), kind: DeviceKind::Adi }).collect())
     }
 
+    fn add_vfio_user(&self, socket: &str) -> Result<DeviceInfo, ApiError> {
+        let real = self.allowed_socket(socket)?;
+        if self.handle.has_vfio_user(&real).map_err(api_error)? {
+            return Err(ApiError::conflict(format!("{socket}: already in this VM")));
+        }
+        // The server's refusal (its per-VM limit, say) is the operator's to act on.
+        let bdf = self.handle.add_vfio_user(&real).map_err(|e| match e {
+            Error::Vfio(crate::passthrough::Error::User { .. }) => ApiError::conflict(one_line(&e)),
+            other => api_error(other),
+        })?;
+        log::info!("api: added the vfio-user device {} at {}", real.display(), id(bdf));
+        Ok(DeviceInfo { id: id(bdf), kind: DeviceKind::VfioUser })
+    }
+
     fn remove_device(&self, device: &str) -> Result<(), ApiError> {
         let bdf = parse_bdf(device).ok_or_else(|| ApiError::bad_request(format!("{device:?} is not a PCI address (SSSS:BB:DD.F)")))?;
         let devices = self.handle.devices_list().map_err(api_error)?;
@@ -148,17 +197,17 @@ impl VmControl for VmApi {
                     log::info!("api: removed the ADI at {}", id(bdf));
                     Ok(())
                 }
-                None => Err(ApiError::conflict(format!(
-                    "{} is in use by the guest (bus mastering or MSI-X on): release it in the guest first \
-                     (unbind its driver, or remove it from the guest's PCI bus)",
-                    id(bdf)
-                ))),
+                None => Err(in_use(bdf)),
             },
-            Some(kind) => Err(ApiError::not_implemented(format!(
-                "{} is a {} device: only ADIs can be removed yet",
-                id(bdf),
-                if kind == DeviceKind::Vfio { "VFIO" } else { "vfio-user" }
-            ))),
+            Some(DeviceKind::VfioUser) => {
+                if self.handle.remove_vfio_user_if_unused(bdf).map_err(api_error)? {
+                    log::info!("api: removed the vfio-user device at {}", id(bdf));
+                    Ok(())
+                } else {
+                    Err(in_use(bdf))
+                }
+            }
+            Some(DeviceKind::Vfio) => Err(ApiError::not_implemented(format!("{} is a kernel VFIO device: it leaves with the VM only, yet", id(bdf)))),
         }
     }
 

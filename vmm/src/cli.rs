@@ -67,6 +67,9 @@ SIOV (Scalable IOV) options:
     --api-socket PATH  serve the HTTP API on a UNIX socket created at PATH (which must not
                        exist; removed at exit): VM info, add and remove ADIs, stop
                        (docs/api.md; siovmm-ctl is its command-line client)
+    --vfio-user-dir DIR
+                       the API may add vfio-user devices served on sockets under DIR (such as
+                       siovmm-devd's ADIs); guest RAM is then shared. Only with --api-socket.
 
     --seccomp MODE     system calls each siovmm thread may make are limited to its kind's list
                        (vCPU, event loop, device worker, ...): on (a call outside it stops
@@ -157,6 +160,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut memory = None;
     let mut seccomp = None;
     let mut api_socket: Option<String> = None;
+    let mut vfio_user_dir: Option<String> = None;
     let mut adis: Option<u32> = None;
     let mut siov_opts: Vec<(String, String)> = Vec::new();
     let mut vfio: Vec<std::path::PathBuf> = Vec::new();
@@ -177,6 +181,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--memory" => &mut memory,
             "--seccomp" => &mut seccomp,
             "--api-socket" => &mut api_socket,
+            "--vfio-user-dir" => &mut vfio_user_dir,
             "--adi" => {
                 let v = value_of(&flag, inline, &mut it)?;
                 let n = parse_count("--adi", &v, 0, MAX_ADIS_PER_GUEST)?;
@@ -341,6 +346,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     if let Some(path) = &initramfs {
         check_file("--initramfs", path)?;
     }
+    let vfio_user_dir = match vfio_user_dir {
+        None => None,
+        Some(_) if api_socket.is_none() => {
+            return err("--vfio-user-dir: only with --api-socket (it says where the API may take vfio-user devices from)".into())
+        }
+        Some(dir) => match std::fs::canonicalize(&dir) {
+            Ok(p) if p.is_dir() => Some(p),
+            Ok(_) => return err(format!("--vfio-user-dir {dir}: not a directory")),
+            Err(e) => return err(format!("--vfio-user-dir {dir}: {e}")),
+        },
+    };
     Ok(Command::Run(VmConfig {
         kernel: kernel.into(),
         initramfs: initramfs.map(Into::into),
@@ -352,6 +368,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         vfio_user,
         seccomp,
         api_socket: api_socket.map(Into::into),
+        vfio_user_dir,
     }))
 }
 

@@ -153,6 +153,8 @@ pub struct VmConfig {
     pub seccomp: siovmm_seccomp::Mode,
     /// Where to serve the HTTP API (`--api-socket`).
     pub api_socket: Option<PathBuf>,
+    /// The directory whose vfio-user sockets the API may attach, canonical (`--vfio-user-dir`).
+    pub vfio_user_dir: Option<PathBuf>,
 }
 
 impl VmConfig {

@@ -225,11 +225,29 @@ impl DeviceManager {
     }
 
     /// Adds the vfio-user device served at `socket` (an ADI of the device daemon, or any
-    /// vfio-user PCI device). Returns its guest address.
+    /// vfio-user PCI device). Returns its guest address. (Every programmed vector holds an
+    /// eventfd: the VM's build raised the fd limit for them.)
     pub(crate) fn add_vfio_user(&mut self, socket: &std::path::Path) -> Result<Bdf, Error> {
-        // Every programmed vector holds an eventfd.
-        crate::vm::raise_fd_limit();
         self.with_passthrough(|p, attach| p.attach_user(socket, attach))
+    }
+
+    /// Whether the guest uses the passed-through device at `bdf`; `None` when there is none.
+    pub(crate) fn passthrough_in_use(&self, bdf: Bdf) -> Option<bool> {
+        self.passthrough.as_ref()?.in_use(bdf)
+    }
+
+    /// Takes the vfio-user device at `bdf` out of the running guest; its server gets it back.
+    pub(crate) fn remove_vfio_user(&mut self, bdf: Bdf) -> Result<(), Error> {
+        if self.released {
+            return Err(Error::Released);
+        }
+        let Self { pci, slots, passthrough: Some(p), .. } = self else { return Ok(()) };
+        Ok(p.detach(bdf, pci, slots)?)
+    }
+
+    /// Whether a vfio-user device served at `socket` is in the VM already.
+    pub(crate) fn has_vfio_user(&self, socket: &std::path::Path) -> bool {
+        self.passthrough.as_ref().is_some_and(|p| p.has_socket(socket))
     }
 
     /// Runs `add` with the VM's passthrough (made on first use) and the guest side to attach to.

@@ -848,6 +848,7 @@ fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
         vfio_user: Vec::new(),
         seccomp: siovmm_seccomp::Mode::Off,
         api_socket: None,
+        vfio_user_dir: None,
     };
     (dir, config)
 }
@@ -1066,6 +1067,7 @@ fn storing_guest(name: &str) -> (std::path::PathBuf, Vm) {
         vfio_user: Vec::new(),
         seccomp: siovmm_seccomp::Mode::Off,
         api_socket: None,
+        vfio_user_dir: None,
     };
     (dir, Vm::build(&config, Box::new(std::io::sink())).unwrap())
 }

@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     let result = vm::Vm::build(&config, Box::new(console)).and_then(|mut vm| {
         // Stopped (and its socket removed) when `run` returns, before the VM is released.
         let _api = match api_socket {
-            Some(socket) => Some(api::ApiThread::spawn(socket, api::VmApi::new(vm.handle(), config.cpus, config.memory))?),
+            Some(socket) => Some(api::ApiThread::spawn(socket, api::VmApi::new(vm.handle(), &config))?),
             None => None,
         };
         vm.run()

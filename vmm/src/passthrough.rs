@@ -57,6 +57,10 @@ pub enum Error {
     /// A vfio-user device needs guest RAM it can map, and this VM's is private.
     #[error("{0}: guest RAM is not shared (the VM was created without vfio-user devices)")]
     PrivateRam(String),
+    /// Kernel VFIO devices leave with the VM only (their DMA mappings belong to the
+    /// container, shared by every device of the VM).
+    #[error("{0}: a kernel VFIO device cannot be removed from a running VM yet")]
+    KernelDetach(String),
     /// Mapping the device's BAR pages into siovmm failed.
     #[error("{0}: mapping BAR {1}")]
     Mmap(String, u8, #[source] std::io::Error),
@@ -430,29 +434,61 @@ impl Passthrough {
             .collect()
     }
 
+    /// Whether the vfio-user device served at `socket` is attached.
+    pub(crate) fn has_socket(&self, socket: &std::path::Path) -> bool {
+        let name = socket.display().to_string();
+        self.devices.iter().any(|d| matches!(d.backend, Backend::User(_)) && d.name == name)
+    }
+
+    /// Whether the guest is using the device at `bdf` (`VfioPciFunction::in_use`); `None`
+    /// when no device is there.
+    pub(crate) fn in_use(&self, bdf: Bdf) -> Option<bool> {
+        self.devices.iter().find(|d| d.bdf == bdf).map(|d| lock(&d.function).in_use())
+    }
+
+    /// Takes the vfio-user device at `bdf` out of the running guest, as [`Passthrough::release`]
+    /// does every device, and closes its connection: its server gets it back.
+    pub(crate) fn detach(&mut self, bdf: Bdf, pci: &PciRoot, allocator: &mut PciAllocator) -> Result<(), Error> {
+        let Some(at) = self.devices.iter().position(|d| d.bdf == bdf) else { return Ok(()) };
+        if matches!(self.devices[at].backend, Backend::Kernel(_)) {
+            return Err(Error::KernelDetach(self.devices[at].name.clone()));
+        }
+        let d = self.devices.remove(at);
+        self.take_out(&d, pci, allocator);
+        log::info!("{}: removed from {bdf}", d.name);
+        forget_if_stuck(d);
+        Ok(())
+    }
+
+    /// Takes `d` out of the guest and gives it back clean: off config space, interrupts off,
+    /// BARs unmapped, reset, guest RAM unmapped for a vfio-user device, its addresses freed.
+    fn take_out(&self, d: &Passed, pci: &PciRoot, allocator: &mut PciAllocator) {
+        pci.remove(d.bdf);
+        {
+            let mut f = lock(&d.function);
+            f.disable_interrupts();
+            f.unmap_bars();
+            if f.failures() > 0 {
+                log::warn!("{}: {} failed operations while the guest drove it", d.name, f.failures());
+            }
+        }
+        d.backend.reset(&d.name);
+        if let (Backend::User(u), Some(shared)) = (&d.backend, &self.shared) {
+            for r in &shared.regions {
+                if let Err(e) = u.dma_unmap(r.guest, r.size) {
+                    log::warn!("{}: {e}", d.name);
+                }
+            }
+        }
+        release_placement(allocator, d.bdf, &d.bars);
+    }
+
     /// Takes every device out of the guest and gives it back clean: interrupts off, BARs
     /// unmapped, reset, closed (the group leaves the container), then guest RAM unmapped from
     /// the IOMMU. Another VM can take the devices afterwards.
     pub(crate) fn release(&mut self, pci: &PciRoot, allocator: &mut PciAllocator) {
         for d in &self.devices {
-            pci.remove(d.bdf);
-            {
-                let mut f = lock(&d.function);
-                f.disable_interrupts();
-                f.unmap_bars();
-                if f.failures() > 0 {
-                    log::warn!("{}: {} failed operations while the guest drove it", d.name, f.failures());
-                }
-            }
-            d.backend.reset(&d.name);
-            if let (Backend::User(u), Some(shared)) = (&d.backend, &self.shared) {
-                for r in &shared.regions {
-                    if let Err(e) = u.dma_unmap(r.guest, r.size) {
-                        log::warn!("{}: {e}", d.name);
-                    }
-                }
-            }
-            release_placement(allocator, d.bdf, &d.bars);
+            self.take_out(d, pci, allocator);
         }
         // While the groups are still in the container: the last group's leaving takes the
         // IOMMU (and every mapping) away, after which an unmap is refused.
@@ -462,10 +498,7 @@ impl Passthrough {
             }
         }
         for d in self.devices.drain(..) {
-            if d.placer.stuck.load(std::sync::atomic::Ordering::Relaxed) {
-                // A memory slot still points at these pages: they must never be reused.
-                std::mem::forget(d.placer);
-            }
+            forget_if_stuck(d);
         }
     }
 }
@@ -482,6 +515,14 @@ impl Drop for Passthrough {
 fn inside_windows(windows: &[(u64, u64)], base: u64, size: u64) -> bool {
     let end = base.checked_add(size);
     windows.iter().any(|&(start, len)| base >= start && end.is_some_and(|end| start.checked_add(len).is_some_and(|w| end <= w)))
+}
+
+/// Drops a device taken out of the guest, except its BAR pages when a memory slot still
+/// points at them (a slot KVM refused to delete): those must never be reused.
+fn forget_if_stuck(d: Passed) {
+    if d.placer.stuck.load(std::sync::atomic::Ordering::Relaxed) {
+        std::mem::forget(d.placer);
+    }
 }
 
 /// Gives a device's number and BAR ranges back.

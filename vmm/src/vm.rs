@@ -416,6 +416,27 @@ impl VmHandle {
         Ok(lock(self.devices()?.as_ref()).adis())
     }
 
+    /// Adds the vfio-user device served at `socket` to the running VM; returns its address.
+    pub fn add_vfio_user(&self, socket: &std::path::Path) -> Result<Bdf, Error> {
+        lock(self.devices()?.as_ref()).add_vfio_user(socket)
+    }
+
+    /// Whether a vfio-user device served at `socket` is in the VM.
+    pub fn has_vfio_user(&self, socket: &std::path::Path) -> Result<bool, Error> {
+        Ok(lock(self.devices()?.as_ref()).has_vfio_user(socket))
+    }
+
+    /// Removes the vfio-user device at `bdf` unless the guest is using it (`Ok(false)`:
+    /// nothing changed), as [`VmHandle::remove_adi_if_unused`] does an ADI.
+    pub fn remove_vfio_user_if_unused(&self, bdf: Bdf) -> Result<bool, Error> {
+        let devices = self.devices()?;
+        let mut d = lock(devices.as_ref());
+        match d.passthrough_in_use(bdf) {
+            Some(true) => Ok(false),
+            _ => d.remove_vfio_user(bdf).map(|()| true),
+        }
+    }
+
     /// Every device of the VM: address and kind.
     pub fn devices_list(&self) -> Result<Vec<(Bdf, siovmm_api::DeviceKind)>, Error> {
         Ok(lock(self.devices()?.as_ref()).devices())
@@ -445,7 +466,13 @@ impl Vm {
         let signals = SignalWatch::new(shutdown.clone(), state_requests.clone())?;
 
         let kvm = Kvm::new().map_err(|e| Error::Kvm("opening /dev/kvm", e))?;
-        let (fd, memory) = create_vm(&kvm, config.memory, !config.vfio_user.is_empty())?;
+        // Shared when a vfio-user device may map it: one given now, or one the API may add.
+        let (fd, memory) = create_vm(&kvm, config.memory, !config.vfio_user.is_empty() || config.vfio_user_dir.is_some())?;
+        if !config.vfio_user.is_empty() || config.api_socket.is_some() {
+            // Every programmed vector of a passed-through device holds an eventfd; raised now,
+            // by this unfiltered thread, also for what the API adds later.
+            raise_fd_limit();
+        }
         let fd = Arc::new(fd);
         let ram_slots = memory.iter().count() as u32;
         let slots = MemorySlots::new(fd.clone(), ram_slots, kvm.get_nr_memslots() as u32)

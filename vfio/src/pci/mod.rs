@@ -55,6 +55,7 @@ const REG_INTERRUPT: usize = 0x3c / 4;
 const REG_COMMAND: usize = 1;
 const CMD_IO: u32 = 1;
 const CMD_MEMORY: u32 = 2;
+const CMD_BUS_MASTER: u16 = 4;
 
 /// What a VFIO region offers (from `VFIO_DEVICE_GET_REGION_INFO`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -388,6 +389,19 @@ impl VfioPciFunction {
                 }
             }
         }
+    }
+
+    /// Whether the guest is using the device: bus mastering on (read from the device, where
+    /// the guest's command writes go), or MSI-X or MSI enabled. A Linux driver turns them on
+    /// when it binds and off when it unbinds; removing a device in use pulls it from under the
+    /// driver. (INTx is left out: siovmm wires it whenever the guest has not disabled it.)
+    pub fn in_use(&self) -> bool {
+        let mut command = [0u8; 2];
+        self.backend.region_read(CONFIG_REGION, REG_COMMAND as u64 * 4, &mut command);
+        // A device that is gone reads all ones: in use, as far as anyone can tell.
+        u16::from_le_bytes(command) & CMD_BUS_MASTER != 0
+            || self.msix.as_ref().is_some_and(|(_, m, _)| m.enabled())
+            || self.msi.as_ref().is_some_and(|(c, _)| c.enabled())
     }
 
     /// Disables MSI-X and MSI on the device and detaches their routes (the device is being

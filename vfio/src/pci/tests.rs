@@ -195,6 +195,22 @@ fn msix_vectors_are_routed_and_masking_is_emulated_with_the_pending_bit() {
 }
 
 #[test]
+fn a_function_is_in_use_while_bus_mastering_or_msix_is_on() {
+    let mut s = setup();
+    enable_memory_and_io(&mut s.f);
+    assert!(!s.f.in_use(), "decode only");
+    // Bus master goes through to the device, where in_use reads it back.
+    s.f.config_write(REG_COMMAND, 0, &[(CMD_MEMORY | CMD_IO) as u8 | CMD_BUS_MASTER as u8, 0]);
+    assert!(s.f.in_use());
+    enable_memory_and_io(&mut s.f);
+    assert!(!s.f.in_use());
+    s.f.config_write(MSIX_CAP / 4, 2, &0x8000u16.to_le_bytes());
+    assert!(s.f.in_use(), "MSI-X on");
+    s.f.config_write(MSIX_CAP / 4, 2, &0u16.to_le_bytes());
+    assert!(!s.f.in_use());
+}
+
+#[test]
 fn an_msix_enable_or_disable_is_one_routing_commit_for_all_vectors() {
     let mut s = setup();
     enable_memory_and_io(&mut s.f);

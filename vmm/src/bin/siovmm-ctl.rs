@@ -6,13 +6,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use siovmm_api::{client, AddAdis, ErrorBody, RemoveDevice, PREFIX};
+use siovmm_api::{client, AddAdis, AddVfioUser, ErrorBody, RemoveDevice, PREFIX};
 
 const USAGE: &str = "usage: siovmm-ctl --api-socket PATH COMMAND
 commands:
   ping                    siovmm's version (is the API up?)
   info                    vCPUs, memory, devices, IMS entries and KVM routes in use
   add-adi N               add N ADIs (all or none); prints their PCI addresses
+  add-vfio-user SOCKET    add the vfio-user device served on SOCKET (under the VM's
+                          --vfio-user-dir), such as an ADI of siovmm-devd
   remove DEVICE           remove a device by its PCI address (SSSS:BB:DD.F)
   shutdown                stop the VM
   request METHOD PATH [BODY]
@@ -38,6 +40,9 @@ fn parse(args: &[String]) -> Result<(PathBuf, Call), String> {
         [c, n] if c == "add-adi" => {
             let count: u32 = n.parse().map_err(|_| format!("add-adi {n:?}: not a number of ADIs"))?;
             ("PUT".into(), format!("{PREFIX}/vm.add-adi"), Some(json(serde_json::to_string(&AddAdis { count }))))
+        }
+        [c, socket] if c == "add-vfio-user" => {
+            ("PUT".into(), format!("{PREFIX}/vm.add-vfio-user"), Some(json(serde_json::to_string(&AddVfioUser { socket: socket.clone() }))))
         }
         [c, id] if c == "remove" => ("PUT".into(), format!("{PREFIX}/vm.remove-device"), Some(json(serde_json::to_string(&RemoveDevice { id: id.clone() })))),
         [c] if c == "shutdown" => ("PUT".into(), format!("{PREFIX}/vm.shutdown"), None),
