@@ -268,9 +268,9 @@ pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
 
 /// Runs `cases`, all in one sandbox boot or one after another directly.
 ///
-/// A sandbox run is retried once in the cases `siovmm_sandbox::machine::run` names (a sandbox
-/// that never reached its script, a crash of the sandbox's own kernel, and, marked
-/// UNEXPLAINED, a run out of budget), and once when a guest triple-faulted with one of the
+/// A sandbox run is retried in the cases `siovmm_sandbox::machine::run` names (up to twice
+/// when the sandbox itself failed: it never reached its script, its kernel crashed or reset;
+/// once, marked UNEXPLAINED, a run out of budget), and once when a guest triple-faulted with one of the
 /// recorded emulator signatures: see [`run_sandbox_once_more_after_reset_triple_fault`].
 /// Other failures are final.
 pub fn run_cases(cases: &[GuestCase]) -> Result<Vec<CaseResult>, String> {
