@@ -1,5 +1,6 @@
-//! DSDT: a PCI host bridge per root bus (with its INTx routing), the ECAM reservation, COM1
-//! and the S5 sleep state.
+//! DSDT: a PCI host bridge per root bus (with its INTx routing and hotplug slots), the PCI
+//! hotplug registers and event device (`hotplug`), the ECAM reservation, COM1 and the S5
+//! sleep state.
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, PackageBuilder,
@@ -8,7 +9,7 @@ use acpi_tables::aml::{
 use acpi_tables::sdt::Sdt;
 use arch::layout;
 
-use crate::{aml_bytes, pm, Platform, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
+use crate::{aml_bytes, hotplug, pm, Platform, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 
 /// DSDT revision 2: integers are 64-bit.
 const DSDT_REVISION: u8 = 2;
@@ -52,8 +53,9 @@ fn pci_host_bridge(platform: &Platform, bus: u8) -> Vec<u8> {
     let bbn = Name::new("_BBN".into(), &bus);
     let crs = Name::new("_CRS".into(), &crs);
     let prt = Name::new("_PRT".into(), &intx_routing(bus));
+    let slots = hotplug::Raw(hotplug::bus_slots(bus));
     let path = format!("_SB_.PCI{bus:X}");
-    aml_bytes(&Device::new(path.as_str().into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt]))
+    aml_bytes(&Device::new(path.as_str().into(), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt, &slots]))
 }
 
 /// Root bus `bus`'s `_PRT` (ACPI 6.5 §6.2.13): for every device and interrupt pin, the GSI
@@ -119,7 +121,8 @@ pub fn dsdt(platform: &Platform) -> Vec<u8> {
     for bus in 0..platform.pci.root_buses() {
         t.append_slice(&pci_host_bridge(platform, bus));
     }
-    for body in [ecam_reservation(), com1(), rtc(), s5()] {
+    let hotplug = [hotplug::registers(platform.pci.root_buses()), hotplug::event_device()];
+    for body in hotplug.into_iter().chain([ecam_reservation(), com1(), rtc(), s5()]) {
         t.append_slice(&body);
     }
     t.as_slice().to_vec()

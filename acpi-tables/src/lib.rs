@@ -12,6 +12,7 @@
 
 pub mod dmar;
 mod dsdt;
+mod hotplug;
 mod madt;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -263,7 +264,10 @@ mod tests {
 
     #[test]
     fn max_vcpus_fit() {
-        let t = build(&Platform { vcpus: 255, mem_size: 64 << 30, pci: Default::default() }, &[]).unwrap();
+        // With the most root buses too: each has 31 hotplug slots in the DSDT.
+        let pci = arch::pci::PciTopology::new(u32::from(arch::pci::MAX_ROOT_BUSES)).unwrap();
+        let t = build(&Platform { vcpus: 255, mem_size: 64 << 30, pci }, &[]).unwrap();
+        eprintln!("tables for 255 vCPUs and 16 root buses: {} bytes", t.bytes.len());
         assert!(t.bytes.len() <= (layout::ACPI_END - layout::ACPI_START) as usize);
     }
 
@@ -314,9 +318,22 @@ mod tests {
         // Every host bridge routes all 32 devices' 4 pins; bus 0's device 1 INTA# is GSI 17
         // and bus 2's device 31 INTD# wraps to GSI 20 (arch::pci::intx_gsi).
         assert_eq!(dsdt.matches("Name (_PRT, Package (0x80)").count(), 3, "{dsdt}");
+        // PCI hotplug: 31 slots per bus, each ejectable; the GED's interrupt and _EVT; the
+        // register block of three buses (devices::pci::hotplug).
+        assert_eq!(dsdt.matches("Method (_EJ0, 1, NotSerialized)").count(), 3 * 31, "{dsdt}");
+        assert_eq!(dsdt.matches("Method (PCNT, 0, NotSerialized)").count(), 3, "{dsdt}");
+        assert_eq!(dsdt.matches("Notify (S1F, 0x03) // Eject Request").count(), 3, "{dsdt}");
         let flat = dsdt.split_whitespace().collect::<Vec<_>>().join(" ");
         assert!(flat.contains("Package (0x04) { 0x0001FFFF, Zero, Zero, 0x11 }"), "{dsdt}");
         assert!(flat.contains("Package (0x04) { 0x001FFFFF, 0x03, Zero, 0x14 }"), "{dsdt}");
+        for needle in [
+            "Device (S1F) { Name (_ADR, 0x001F0000) // _ADR: Address Name (_SUN, 0x5F) // _SUN: Slot User Number Method (_EJ0, 1, NotSerialized) // _EJx: Eject Device, x=0-9 { \\_SB.PHPR.E2 = 0x80000000 } }",
+            "Local0 = \\_SB.PHPR.U1 Local1 = \\_SB.PHPR.D1 If (Local2 = (Local0 & 0x02)) { Notify (S01, One) // Device Check }",
+            "OperationRegion (PCST, SystemMemory, 0xFEB02000, 0x30)",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000005, } }) Method (_EVT, 1, Serialized) // _EVT: Event { \\_SB.PHPR.PSCN () }",
+        ] {
+            assert!(flat.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -94,6 +94,29 @@ pub struct AddVfioUser {
 pub struct RemoveDevice {
     /// The device's id ([`DeviceInfo::id`]).
     pub id: String,
+    /// How long the guest has to eject the device's slot once asked, in milliseconds (0 to
+    /// [`RemoveDevice::MAX_EJECT_TIMEOUT_MS`]; [`RemoveDevice::EJECT_TIMEOUT_MS`] when
+    /// absent). After that siovmm removes the device anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eject_timeout_ms: Option<u32>,
+}
+
+impl RemoveDevice {
+    /// The guest's time to eject when the request names none.
+    pub const EJECT_TIMEOUT_MS: u32 = 10_000;
+    /// The longest a request may give the guest.
+    pub const MAX_EJECT_TIMEOUT_MS: u32 = 600_000;
+}
+
+/// What `PUT /api/v1/vm.remove-device` answers: the device is gone, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Removed {
+    /// The device removed.
+    pub id: String,
+    /// Whether the guest ejected it when asked (false: it did not answer in time, or it does
+    /// not handle hotplug events, and the device was taken away without its consent).
+    pub ejected_by_guest: bool,
 }
 
 /// `GET /api/v1/vmm.ping`.
@@ -158,8 +181,10 @@ pub trait VmControl: Send + Sync {
     fn add_adis(&self, count: u32) -> Result<Vec<DeviceInfo>, ApiError>;
     /// Adds the vfio-user device served at `socket`.
     fn add_vfio_user(&self, socket: &str) -> Result<DeviceInfo, ApiError>;
-    /// Removes the device `id`; refused while the guest uses it.
-    fn remove_device(&self, id: &str) -> Result<(), ApiError>;
+    /// Removes the device `id`: asks the guest to eject its slot, waits up to `eject_timeout`
+    /// for it, then removes it. A guest that does not handle hotplug events is not asked:
+    /// then the removal is refused while the guest uses the device.
+    fn remove_device(&self, id: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError>;
     /// Asks the VM to stop (as SIGTERM does); the VMM exits once it has released it.
     fn shutdown(&self) -> Result<(), ApiError>;
 }

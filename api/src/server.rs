@@ -6,7 +6,7 @@
 //! | GET | /api/v1/vm.info | — | 200 [`VmInfo`] |
 //! | PUT | /api/v1/vm.add-adi | [`AddAdis`] | 200 [`Added`] |
 //! | PUT | /api/v1/vm.add-vfio-user | [`AddVfioUser`] | 200 [`Added`] |
-//! | PUT | /api/v1/vm.remove-device | [`RemoveDevice`] | 204 |
+//! | PUT | /api/v1/vm.remove-device | [`RemoveDevice`] | 200, [`Removed`] |
 //! | PUT | /api/v1/vm.shutdown | — | 204 |
 //!
 //! Every error is a status and an [`ErrorBody`]. Connections are served one at a time, each
@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::http::{self, Request, Response};
-use crate::{AddAdis, AddVfioUser, Added, ApiError, ErrorBody, Ping, RemoveDevice, VmControl, PREFIX};
+use crate::{AddAdis, AddVfioUser, Added, ApiError, ErrorBody, Ping, RemoveDevice, Removed, VmControl, PREFIX};
 
 /// How long a client has to send its request, and to take the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -93,8 +93,15 @@ fn route(vm: &dyn VmControl, req: &Request) -> Result<Response, Refusal> {
         }
         "vm.remove-device" => {
             let remove: RemoveDevice = body(name, req).map_err(plain)?;
-            vm.remove_device(&remove.id).map_err(plain)?;
-            Ok(empty())
+            let ms = remove.eject_timeout_ms.unwrap_or(RemoveDevice::EJECT_TIMEOUT_MS);
+            if ms > RemoveDevice::MAX_EJECT_TIMEOUT_MS {
+                return Err(plain(ApiError::bad_request(format!(
+                    "eject_timeout_ms {ms}: at most {} (ten minutes)",
+                    RemoveDevice::MAX_EJECT_TIMEOUT_MS
+                ))));
+            }
+            let removed: Removed = vm.remove_device(&remove.id, std::time::Duration::from_millis(u64::from(ms))).map_err(plain)?;
+            Ok(json(200, &removed))
         }
         _ => {
             no_body(name, req).map_err(plain)?;
@@ -224,14 +231,15 @@ mod tests {
             adis.push(id.clone());
             Ok(DeviceInfo { id, kind: DeviceKind::VfioUser })
         }
-        fn remove_device(&self, id: &str) -> Result<(), ApiError> {
+        fn remove_device(&self, id: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError> {
             if self.busy.iter().any(|b| b == id) {
                 return Err(ApiError::conflict(format!("{id} is in use by the guest")));
             }
             let mut adis = self.adis.lock().unwrap();
             let at = adis.iter().position(|a| a == id).ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
             adis.remove(at);
-            Ok(())
+            // The fake guest ejects whatever it is given time for.
+            Ok(Removed { id: id.into(), ejected_by_guest: !eject_timeout.is_zero() })
         }
         fn shutdown(&self) -> Result<(), ApiError> {
             *self.stopped.lock().unwrap() = true;
@@ -258,7 +266,10 @@ mod tests {
         assert_eq!(status, 200);
         let info: VmInfo = serde_json::from_str(&body).unwrap();
         assert_eq!(info.devices.len(), 2);
-        assert_eq!(call(&vm, "PUT", "/api/v1/vm.remove-device", r#"{"id":"0000:00:01.0"}"#), (204, String::new()));
+        assert_eq!(
+            call(&vm, "PUT", "/api/v1/vm.remove-device", r#"{"id":"0000:00:01.0"}"#),
+            (200, r#"{"id":"0000:00:01.0","ejected_by_guest":true}"#.into())
+        );
         assert_eq!(*vm.adis.lock().unwrap(), ["0000:00:02.0"]);
         assert_eq!(call(&vm, "PUT", "/api/v1/vm.shutdown", ""), (204, String::new()));
         assert!(*vm.stopped.lock().unwrap());
@@ -270,7 +281,7 @@ mod tests {
     fn bad_requests_get_one_clear_error_and_change_nothing() {
         let vm = FakeVm { capacity: 4, busy: vec!["0000:00:01.0".into()], ..Default::default() };
         vm.add_adis(1).unwrap();
-        let cases: [(&str, &str, &str, u16, &str); 14] = [
+        let cases: [(&str, &str, &str, u16, &str); 16] = [
             ("PUT", "/api/v1/vm.add-vfio-user", r#"{"socket": "/etc/passwd"}"#, 403, "/etc/passwd: outside /run/devd"),
             ("PUT", "/api/v1/vm.add-vfio-user", r#"{"path": "/run/devd/adi-0.sock"}"#, 400, "the body of vm.add-vfio-user: unknown field `path`, expected `socket` at line 1 column 7"),
             ("PUT", "/api/v1/vm.add-adi", "{\"count\": 2", 400, "the body of vm.add-adi: EOF while parsing an object at line 1 column 11"),
@@ -281,6 +292,8 @@ mod tests {
             ("PUT", "/api/v1/vm.add-adi", r#"{"count": 4}"#, 409, "4 ADIs: 3 left"),
             ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:07.0"}"#, 404, "no device 0000:00:07.0"),
             ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:01.0"}"#, 409, "0000:00:01.0 is in use by the guest"),
+            ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:02.0", "eject_timeout_ms": 600001}"#, 400, "eject_timeout_ms 600001: at most 600000 (ten minutes)"),
+            ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:02.0", "eject_timeout_ms": -1}"#, 400, "the body of vm.remove-device: invalid value: integer `-1`, expected u32 at line 1 column 45"),
             ("GET", "/api/v1/vm.add-adi", "", 405, "GET /api/v1/vm.add-adi: the endpoint takes PUT"),
             ("GET", "/api/v1/vm.info", "{}", 400, "vm.info takes no body (2 bytes sent)"),
             ("PUT", "/api/v1/vm.shutdown", "now", 400, "vm.shutdown takes no body (3 bytes sent)"),

@@ -10,6 +10,7 @@
 //! 0x0010_0000  start of high RAM (kernel, initramfs at the top of low RAM)
 //! 0xC000_0000  32-bit PCI MMIO window (BARs), 512 MiB
 //! 0xE000_0000  PCI ECAM, one MiB per root bus (up to 16)
+//! 0xFEB0_0000  boot timer, hypercall page, PCI hotplug registers (a page each)
 //! 0xFEC0_0000  IOAPIC
 //! 0xFEE0_0000  local APICs
 //! 4 GiB        RAM above the 32-bit hole, then the 64-bit PCI MMIO window
@@ -84,10 +85,17 @@ pub const I8042_CMD_PORT: u16 = 0x64;
 pub const ACPI_PM_PORT: u16 = 0x600;
 /// Number of IOAPIC pins (KVM's in-kernel IOAPIC has 24).
 pub const IOAPIC_PINS: u32 = 24;
+/// The ACPI PCI hotplug registers (`devices::pci::hotplug`), 16 bytes per root bus.
+pub const PCI_HOTPLUG_START: u64 = 0xFEB0_2000;
+/// The Generic Event Device's interrupt, through which PCI hotplug events reach the guest: an
+/// ISA IRQ no other device uses (COM1 has 4), edge-triggered and active-high as ISA IRQs are
+/// by default, so the MADT needs no override for it.
+pub const PCI_HOTPLUG_GSI: u32 = 5;
 
 // The fixed windows must not overlap; checked at compile time.
 const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
 const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+const _: () = assert!(PCI_HOTPLUG_START + 0x1000 <= IOAPIC_START && PCI_HOTPLUG_GSI != COM1_IRQ);
 const _: () = assert!(IOAPIC_START < VTD_START && VTD_START + 0x1000 <= APIC_START);
 const _: () = assert!(ACPI_START >= LOW_RAM_END && ACPI_END <= HIMEM_START);
 const _: () = assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START);

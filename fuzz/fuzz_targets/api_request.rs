@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use siovmm_api::http::{read_request, Response};
-use siovmm_api::{server, ApiError, DeviceInfo, DeviceKind, VmControl, VmInfo};
+use siovmm_api::{server, ApiError, DeviceInfo, DeviceKind, RemoveDevice, Removed, VmControl, VmInfo};
 
 /// ADI n at `0000:00:NN.0`; the guest holds 00:01.0 (removal refused).
 struct FakeVm {
@@ -44,14 +44,16 @@ impl VmControl for FakeVm {
         }
         self.add_adis(1).map(|mut d| d.remove(0))
     }
-    fn remove_device(&self, device: &str) -> Result<(), ApiError> {
+    fn remove_device(&self, device: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError> {
         if device == id(1) {
             return Err(ApiError::conflict("in use"));
         }
+        // The server bounds the timeout before any VM sees it.
+        assert!(eject_timeout <= std::time::Duration::from_millis(u64::from(RemoveDevice::MAX_EJECT_TIMEOUT_MS)));
         let mut adis = self.adis.lock().unwrap();
         let at = adis.iter().position(|s| id(*s) == device).ok_or_else(|| ApiError::not_found("no such device"))?;
         adis.remove(at);
-        Ok(())
+        Ok(Removed { id: device.into(), ejected_by_guest: true })
     }
     fn shutdown(&self) -> Result<(), ApiError> {
         *self.stopped.lock().unwrap() = true;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use devices::pci::Bdf;
 use devices::ExitReason;
-use siovmm_api::{ApiError, DeviceInfo, DeviceKind, VmControl, VmInfo};
+use siovmm_api::{ApiError, DeviceInfo, DeviceKind, Removed, VmControl, VmInfo};
 use siovmm_seccomp::ThreadKind;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -135,22 +135,16 @@ fn id(bdf: Bdf) -> String {
     format!("0000:{bdf}")
 }
 
-/// An error of the VM's as the API's: the user's fault (409) or siovmm's (500).
+/// An error of the VM's as the API's: the user's fault (404, 409, 501) or siovmm's (500).
 fn api_error(e: Error) -> ApiError {
     match &e {
         Error::NoFreeAdis { .. } | Error::Released => ApiError::conflict(one_line(&e)),
         Error::Adis(siovmm_vdcm::Error::TooMany(_) | siovmm_vdcm::Error::Placement(..)) => ApiError::conflict(one_line(&e)),
-        Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf)) => ApiError::not_found(format!("no device {}", id(*bdf))),
+        Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf)) | Error::NoDevice(bdf) => ApiError::not_found(format!("no device {}", id(*bdf))),
+        Error::InUse(_) | Error::FunctionZeroLast { .. } => ApiError::conflict(format!("0000:{}", one_line(&e))),
+        Error::KernelVfioStays(_) => ApiError::not_implemented(format!("0000:{}", one_line(&e))),
         _ => ApiError::internal(one_line(&e)),
     }
-}
-
-fn in_use(bdf: Bdf) -> ApiError {
-    ApiError::conflict(format!(
-        "{} is in use by the guest (bus mastering or MSI-X on): release it in the guest first \
-         (unbind its driver, or remove it from the guest's PCI bus)",
-        id(bdf)
-    ))
 }
 
 impl VmControl for VmApi {
@@ -187,28 +181,12 @@ impl VmControl for VmApi {
         Ok(DeviceInfo { id: id(bdf), kind: DeviceKind::VfioUser })
     }
 
-    fn remove_device(&self, device: &str) -> Result<(), ApiError> {
+    fn remove_device(&self, device: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError> {
         let bdf = parse_bdf(device).ok_or_else(|| ApiError::bad_request(format!("{device:?} is not a PCI address (SSSS:BB:DD.F)")))?;
-        let devices = self.handle.devices_list().map_err(api_error)?;
-        match devices.iter().find(|d| d.0 == bdf).map(|d| d.1) {
-            None => Err(ApiError::not_found(format!("no device {}", id(bdf)))),
-            Some(DeviceKind::Adi) => match self.handle.remove_adi_if_unused(bdf).map_err(api_error)? {
-                Some(_) => {
-                    log::info!("api: removed the ADI at {}", id(bdf));
-                    Ok(())
-                }
-                None => Err(in_use(bdf)),
-            },
-            Some(DeviceKind::VfioUser) => {
-                if self.handle.remove_vfio_user_if_unused(bdf).map_err(api_error)? {
-                    log::info!("api: removed the vfio-user device at {}", id(bdf));
-                    Ok(())
-                } else {
-                    Err(in_use(bdf))
-                }
-            }
-            Some(DeviceKind::Vfio) => Err(ApiError::not_implemented(format!("{} is a kernel VFIO device: it leaves with the VM only, yet", id(bdf)))),
-        }
+        let removal = self.handle.remove_device(bdf, eject_timeout).map_err(api_error)?;
+        let how = if removal.ejected_by_guest { "ejected by the guest" } else { "without the guest's eject" };
+        log::info!("api: removed the device at {}, {how}", id(bdf));
+        Ok(Removed { id: id(bdf), ejected_by_guest: removal.ejected_by_guest })
     }
 
     fn shutdown(&self) -> Result<(), ApiError> {

@@ -2,9 +2,8 @@
 //! interrupt router its functions share, its ADIs (through the VDCM), which can be added and
 //! removed while the guest runs, and its passed-through VFIO devices.
 //!
-//! What it does not do yet: tell the guest. A function added at run time is in config space
-//! and on the buses, so a guest rescan (`echo 1 > /sys/bus/pci/rescan`) finds it; a function
-//! removed is simply gone. Hotplug notification (ACPI or PCIe native) is issue 12.
+//! It does not talk to the guest: telling it about functions added and asking it to eject
+//! them is `crate::hotplug`'s, driven by [`crate::vm::VmHandle`].
 
 use std::sync::Arc;
 
@@ -192,12 +191,34 @@ impl DeviceManager {
         all
     }
 
-    /// Whether the guest is using the ADI at `bdf` (see `AdiFunction::in_use`); `None` when
-    /// there is no ADI there.
-    pub(crate) fn adi_in_use(&self, bdf: Bdf) -> Option<bool> {
-        let function = self.vdcm.as_ref()?.function(bdf)?;
-        let in_use = devices::bus::lock(function.as_ref()).in_use();
-        Some(in_use)
+    /// The kind of the device at `bdf`, if there is one.
+    pub(crate) fn kind(&self, bdf: Bdf) -> Option<siovmm_api::DeviceKind> {
+        self.devices().into_iter().find(|d| d.0 == bdf).map(|d| d.1)
+    }
+
+    /// Every function in `bdf`'s slot (its bus and device number), `bdf` included if present.
+    pub(crate) fn slot_functions(&self, bdf: Bdf) -> Vec<Bdf> {
+        self.devices().into_iter().map(|d| d.0).filter(|f| (f.bus(), f.device()) == (bdf.bus(), bdf.device())).collect()
+    }
+
+    /// Whether the guest is using the device at `bdf` (bus mastering, MSI or MSI-X on: see
+    /// `AdiFunction::in_use`, `VfioPciFunction::in_use`); `None` when there is none.
+    pub(crate) fn in_use(&self, bdf: Bdf) -> Option<bool> {
+        if let Some(function) = self.vdcm.as_ref().and_then(|v| v.function(bdf)) {
+            return Some(devices::bus::lock(function.as_ref()).in_use());
+        }
+        self.passthrough.as_ref()?.in_use(bdf)
+    }
+
+    /// Removes the device at `bdf`, whatever it is, and gives back everything it held.
+    pub(crate) fn remove_device(&mut self, bdf: Bdf) -> Result<(), Error> {
+        use siovmm_api::DeviceKind;
+        match self.kind(bdf) {
+            Some(DeviceKind::Adi) => self.remove_adi(bdf).map(drop),
+            Some(DeviceKind::VfioUser) => self.remove_vfio_user(bdf),
+            Some(DeviceKind::Vfio) => Err(Error::KernelVfioStays(bdf)),
+            None => Err(Error::NoDevice(bdf)),
+        }
     }
 
     /// What the VM's devices hold now.
@@ -229,11 +250,6 @@ impl DeviceManager {
     /// eventfd: the VM's build raised the fd limit for them.)
     pub(crate) fn add_vfio_user(&mut self, socket: &std::path::Path) -> Result<Bdf, Error> {
         self.with_passthrough(|p, attach| p.attach_user(socket, attach))
-    }
-
-    /// Whether the guest uses the passed-through device at `bdf`; `None` when there is none.
-    pub(crate) fn passthrough_in_use(&self, bdf: Bdf) -> Option<bool> {
-        self.passthrough.as_ref()?.in_use(bdf)
     }
 
     /// Takes the vfio-user device at `bdf` out of the running guest; its server gets it back.

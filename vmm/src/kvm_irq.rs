@@ -6,7 +6,7 @@ use std::sync::Arc;
 use siovmm_interrupts::router::{RouteBackend, IOAPIC_GSIS};
 use siovmm_interrupts::{IoEvents, MsiMessage};
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_irq_routing_entry, kvm_irqchip, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -25,6 +25,34 @@ fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 
 fn io(e: kvm_ioctls::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
+}
+
+impl KvmIrq {
+    /// Whether the guest has pin `pin` of its IOAPIC masked (KVM_GET_IRQCHIP; the mask is bit
+    /// 16 of the pin's redirection entry, 82093AA datasheet §3.2.4). A pin beyond the IOAPIC's
+    /// counts as masked.
+    pub(crate) fn ioapic_pin_masked(&self, pin: u32) -> std::io::Result<bool> {
+        let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
+        self.0.get_irqchip(&mut chip).map_err(io)?;
+        // SAFETY: for chip_id KVM_IRQCHIP_IOAPIC, KVM filled the `ioapic` member, and every
+        // bit pattern of a redirection entry is a valid u64.
+        let entry = unsafe { chip.chip.ioapic.redirtbl.get(pin as usize).map(|e| e.bits) };
+        Ok(entry.is_none_or(|bits| bits & (1 << 16) != 0))
+    }
+
+    /// Masks or unmasks IOAPIC pin `pin` as a guest would (tests: a guest that takes an
+    /// interrupt, without a guest kernel).
+    #[cfg(test)]
+    pub(crate) fn set_ioapic_pin_masked(&self, pin: usize, masked: bool) -> std::io::Result<()> {
+        let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
+        self.0.get_irqchip(&mut chip).map_err(io)?;
+        // SAFETY: as in `ioapic_pin_masked`; any u64 is a valid redirection entry.
+        unsafe {
+            let entry = &mut chip.chip.ioapic.redirtbl[pin];
+            entry.bits = if masked { entry.bits | 1 << 16 } else { entry.bits & !(1 << 16) };
+        }
+        self.0.set_irqchip(&chip).map_err(io)
+    }
 }
 
 impl RouteBackend for KvmIrq {

@@ -1040,6 +1040,86 @@ kvm_test! {
     }
 }
 
+kvm_test! {
+    alone;
+    /// Removal through the handle with ACPI PCI hotplug (docs/hotplug.md), the guest's side
+    /// played by this test: a guest that has not unmasked the hotplug event pin is not asked
+    /// (an ADI it uses is refused, one it does not use goes at once); once the pin is unmasked,
+    /// a removal asks for the slot's eject (PCID) and ends at the guest's `_EJ0` (PCEJ), or
+    /// after the timeout without it; the slot's other functions are announced again (PCIU);
+    /// function 0 of a slot with others left is refused. Nothing refused changes anything.
+    fn removal_asks_a_guest_that_listens_to_eject() {
+        use devices::pci::hotplug::{BUS_STRIDE, PCEJ, PCID, PCIU};
+        use devices::pci::PciFunction;
+        use std::time::Duration;
+        let (dir, config) = spinning_vm("eject", 8);
+        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
+        let handle = vm.handle();
+        let (mmio, irq) = vm.guest_reach();
+        let control = std::thread::spawn(move || {
+            let register = |offset: u64| {
+                let mut b = [0u8; 4];
+                assert!(mmio.read(arch::layout::PCI_HOTPLUG_START + offset, &mut b));
+                u32::from_le_bytes(b)
+            };
+            let guard = StopOnDrop(handle.clone());
+            let adis: Vec<_> = handle.adis().unwrap().into_iter().map(|(b, _)| b).collect();
+            assert_eq!(adis.len(), 8, "one slot, functions 0-7");
+            let (f0, f1, f2, f3) = (adis[0], adis[1], adis[2], adis[3]);
+            let long = Duration::from_secs(20);
+            // Not listening: nobody is asked; the ADI the guest drives (bus master) stays.
+            handle.with_adi(f1, |f| f.config_write(1, 0, &[0x06, 0x00])).unwrap();
+            assert!(matches!(handle.remove_device(f1, long), Err(Error::InUse(b)) if b == f1));
+            let t = Instant::now();
+            assert_eq!(handle.remove_device(f2, long).unwrap(), crate::vm::Removal { ejected_by_guest: false });
+            assert!(t.elapsed() < Duration::from_secs(5), "not asked, not waited for: {:?}", t.elapsed());
+            assert_eq!(register(PCID), 0, "no eject was requested");
+            // The guest takes hotplug events now; it ejects what it is asked to.
+            irq.set_ioapic_pin_masked(arch::layout::PCI_HOTPLUG_GSI as usize, false).unwrap();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let guest = {
+                let (mmio, stop) = (mmio.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut ejected = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let mut b = [0u8; 4];
+                        mmio.read(arch::layout::PCI_HOTPLUG_START + PCID, &mut b);
+                        if b != [0; 4] {
+                            mmio.write(arch::layout::PCI_HOTPLUG_START + PCEJ, &b);
+                            ejected += 1;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    ejected
+                })
+            };
+            register(PCIU);
+            let t = Instant::now();
+            assert_eq!(handle.remove_device(f1, long).unwrap(), crate::vm::Removal { ejected_by_guest: true }, "in use, and ejected");
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+            assert_eq!(register(PCIU), 1 << f0.device(), "the slot's other functions announced again");
+            assert!(matches!(handle.remove_device(f0, long), Err(Error::FunctionZeroLast { bdf, .. }) if bdf == f0));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(guest.join().unwrap(), 1);
+            // A guest that does not answer: the device goes after the timeout anyway.
+            let t = Instant::now();
+            assert_eq!(handle.remove_device(f3, Duration::from_millis(300)).unwrap(), crate::vm::Removal { ejected_by_guest: false });
+            assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+            assert_eq!(register(PCID), 0, "the unanswered request was withdrawn: a late eject would take the slot's other functions");
+            assert_eq!(register(PCIU), 1 << f0.device(), "the slot announced again");
+            assert_eq!(handle.adis().unwrap().len(), 5);
+            assert!(matches!(handle.remove_device(f3, long), Err(Error::NoDevice(b)) if b == f3));
+            // One root bus, one block of registers: the next bus's is not there.
+            assert!(!mmio.read(arch::layout::PCI_HOTPLUG_START + BUS_STRIDE + PCIU, &mut [0u8; 4]));
+            drop(guard);
+        });
+        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
+        control.join().unwrap();
+        drop(vm);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// Above the 64 MiB of RAM of [`storing_guest`], inside the boot identity map.
 const GPA: u64 = 0x2000_0000;
 /// What [`storing_guest`] stores there.

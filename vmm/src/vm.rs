@@ -34,6 +34,7 @@ use crate::vcpu::{self, Exits};
 use crate::kvm_irq::KvmIrq;
 use siovmm_interrupts::RouteBackend;
 use siovmm_seccomp::ThreadKind;
+use crate::hotplug::Hotplug;
 use crate::device_manager::{DeviceManager, GuestParts};
 use devices::bus::lock;
 use crate::Error;
@@ -337,6 +338,8 @@ pub struct Vm {
     pending_vcpus: Vec<kvm_ioctls::VcpuFd>,
     event_loop: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     devices: Arc<Mutex<DeviceManager>>,
+    /// Tells the guest about devices added and asks it to eject devices removed.
+    hotplug: Arc<Hotplug>,
     iommu: Option<Arc<VtdUnit>>,
     exits: Exits,
     // Owned so that they live exactly as long as the VM: buses and devices, the KVM VM, and
@@ -367,6 +370,14 @@ pub struct VmHandle {
     shutdown: Arc<ShutdownSignal>,
     #[cfg_attr(not(test), allow(dead_code))]
     devices: std::sync::Weak<Mutex<DeviceManager>>,
+    hotplug: std::sync::Weak<Hotplug>,
+}
+
+/// How a device left the guest ([`VmHandle::remove_device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Removal {
+    /// The guest ejected it when asked.
+    pub ejected_by_guest: bool,
 }
 
 impl std::fmt::Debug for VmHandle {
@@ -386,9 +397,14 @@ impl VmHandle {
         self.devices.upgrade().ok_or(Error::Released)
     }
 
-    /// Adds `count` ADIs to the VM; all or nothing. Returns their addresses.
+    /// Adds `count` ADIs to the VM; all or nothing. Returns their addresses, announced to
+    /// the guest (`crate::hotplug`).
     pub fn add_adis(&self, count: u32) -> Result<Vec<Bdf>, Error> {
-        lock(self.devices()?.as_ref()).add_adis(count)
+        let added = lock(self.devices()?.as_ref()).add_adis(count)?;
+        if let Some(h) = self.hotplug.upgrade() {
+            h.announce(&added);
+        }
+        Ok(added)
     }
 
     /// Removes the ADI at `bdf`; its IMS entries, routes, DMA binding and addresses go back.
@@ -418,7 +434,11 @@ impl VmHandle {
 
     /// Adds the vfio-user device served at `socket` to the running VM; returns its address.
     pub fn add_vfio_user(&self, socket: &std::path::Path) -> Result<Bdf, Error> {
-        lock(self.devices()?.as_ref()).add_vfio_user(socket)
+        let bdf = lock(self.devices()?.as_ref()).add_vfio_user(socket)?;
+        if let Some(h) = self.hotplug.upgrade() {
+            h.announce(&[bdf]);
+        }
+        Ok(bdf)
     }
 
     /// Whether a vfio-user device served at `socket` is in the VM.
@@ -426,32 +446,47 @@ impl VmHandle {
         Ok(lock(self.devices()?.as_ref()).has_vfio_user(socket))
     }
 
-    /// Removes the vfio-user device at `bdf` unless the guest is using it (`Ok(false)`:
-    /// nothing changed), as [`VmHandle::remove_adi_if_unused`] does an ADI.
-    pub fn remove_vfio_user_if_unused(&self, bdf: Bdf) -> Result<bool, Error> {
-        let devices = self.devices()?;
-        let mut d = lock(devices.as_ref());
-        match d.passthrough_in_use(bdf) {
-            Some(true) => Ok(false),
-            _ => d.remove_vfio_user(bdf).map(|()| true),
-        }
-    }
-
     /// Every device of the VM: address and kind.
     pub fn devices_list(&self) -> Result<Vec<(Bdf, siovmm_api::DeviceKind)>, Error> {
         Ok(lock(self.devices()?.as_ref()).devices())
     }
 
-    /// Removes the ADI at `bdf` unless the guest is using it (`Ok(None)`: nothing changed).
-    /// Check and removal happen under the device manager's lock; a driver that starts binding
-    /// in between finds the function gone, as after a surprise removal.
-    pub fn remove_adi_if_unused(&self, bdf: Bdf) -> Result<Option<siovmm_vfio::siov::AdiId>, Error> {
+    /// Removes the device at `bdf` (an ADI or a vfio-user device). A guest that takes
+    /// hotplug events is asked to eject its slot and given `eject_timeout`; then the device is
+    /// removed whether it did or not, and the slot's other functions, which the guest's eject
+    /// took with it, are announced again. A guest that does not is not asked: the device is
+    /// removed unless the guest uses it ([`Error::InUse`]: nothing changed). Function 0 of a
+    /// slot goes last ([`Error::FunctionZeroLast`]).
+    pub fn remove_device(&self, bdf: Bdf, eject_timeout: std::time::Duration) -> Result<Removal, Error> {
         let devices = self.devices()?;
-        let mut d = lock(devices.as_ref());
-        match d.adi_in_use(bdf) {
-            Some(true) => Ok(None),
-            _ => d.remove_adi(bdf).map(Some),
+        let mates = {
+            let d = lock(devices.as_ref());
+            match d.kind(bdf) {
+                None => return Err(Error::NoDevice(bdf)),
+                Some(siovmm_api::DeviceKind::Vfio) => return Err(Error::KernelVfioStays(bdf)),
+                Some(_) => d.slot_functions(bdf),
+            }
+        };
+        let others: Vec<Bdf> = mates.into_iter().filter(|&f| f != bdf).collect();
+        if bdf.function() == 0 && !others.is_empty() {
+            let others = others.iter().map(|f| format!("0000:{f}")).collect::<Vec<_>>().join(", ");
+            return Err(Error::FunctionZeroLast { bdf, others });
         }
+        let hotplug = self.hotplug.upgrade().filter(|h| h.guest_listens());
+        let ejected_by_guest = hotplug.as_ref().is_some_and(|h| h.eject(bdf, eject_timeout));
+        {
+            let mut d = lock(devices.as_ref());
+            if hotplug.is_none() && d.in_use(bdf) == Some(true) {
+                return Err(Error::InUse(bdf));
+            }
+            d.remove_device(bdf)?;
+        }
+        if let Some(h) = &hotplug {
+            if !others.is_empty() {
+                h.announce(&others);
+            }
+        }
+        Ok(Removal { ejected_by_guest })
     }
 }
 
@@ -525,6 +560,8 @@ impl Vm {
         let calls = Hypercalls::new(memory.clone(), devices.adi_table(), vcpu_count, ims, devices.guest_ims());
         place(&platform.mmio, Arc::new(Mutex::new(calls)), HYPERCALL_ADDR, 8)?;
         attach_pci(&platform, &root, &topology)?;
+        // The DSDT's slots and event device (siovmm_acpi) speak to these registers.
+        let hotplug = Arc::new(Hotplug::new(irq.clone(), topology.root_buses(), &platform.mmio)?);
         trace.mark("devices");
         let entry = load_guest(&memory, config, topology, &trace)?;
         trace.mark("kernel, initramfs and ACPI tables loaded");
@@ -580,6 +617,7 @@ impl Vm {
             pending_vcpus: vcpus,
             event_loop,
             devices: Arc::new(Mutex::new(devices)),
+            hotplug,
             iommu,
             exits,
             platform,
@@ -591,6 +629,12 @@ impl Vm {
         })
     }
 
+    /// The VM's MMIO bus and KVM interrupt side, as its guest reaches them (tests).
+    #[cfg(test)]
+    pub(crate) fn guest_reach(&self) -> (Arc<Bus>, KvmIrq) {
+        (self.platform.mmio.clone(), KvmIrq(self.fd.clone()))
+    }
+
     /// The VM's memory slots above RAM.
     #[cfg(test)]
     pub(crate) fn memory_slots(&self) -> Arc<MemorySlots> {
@@ -600,7 +644,7 @@ impl Vm {
     /// A handle that controls this VM from another thread.
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn handle(&self) -> VmHandle {
-        VmHandle { shutdown: self.shutdown.clone(), devices: Arc::downgrade(&self.devices) }
+        VmHandle { shutdown: self.shutdown.clone(), devices: Arc::downgrade(&self.devices), hotplug: Arc::downgrade(&self.hotplug) }
     }
 
     /// Starts the vCPUs and serves the event loop until the VM stops; returns why it stopped.

@@ -7,6 +7,7 @@ mod allocator;
 pub mod bar;
 mod config;
 mod host_bridge;
+pub mod hotplug;
 pub mod msix;
 mod root;
 

@@ -15,7 +15,8 @@ commands:
   add-adi N               add N ADIs (all or none); prints their PCI addresses
   add-vfio-user SOCKET    add the vfio-user device served on SOCKET (under the VM's
                           --vfio-user-dir), such as an ADI of siovmm-devd
-  remove DEVICE           remove a device by its PCI address (SSSS:BB:DD.F)
+  remove DEVICE [MS]      remove a device by its PCI address (SSSS:BB:DD.F): the guest is
+                          asked to eject it and given MS milliseconds (default 10000)
   shutdown                stop the VM
   request METHOD PATH [BODY]
                           any request, BODY sent as is (for testing the API)
@@ -44,7 +45,14 @@ fn parse(args: &[String]) -> Result<(PathBuf, Call), String> {
         [c, socket] if c == "add-vfio-user" => {
             ("PUT".into(), format!("{PREFIX}/vm.add-vfio-user"), Some(json(serde_json::to_string(&AddVfioUser { socket: socket.clone() }))))
         }
-        [c, id] if c == "remove" => ("PUT".into(), format!("{PREFIX}/vm.remove-device"), Some(json(serde_json::to_string(&RemoveDevice { id: id.clone() })))),
+        [c, id, ms @ ..] if c == "remove" && ms.len() <= 1 => {
+            let eject_timeout_ms = match ms {
+                [ms] => Some(ms.parse().map_err(|_| format!("remove {id} {ms:?}: not a number of milliseconds"))?),
+                _ => None,
+            };
+            let remove = RemoveDevice { id: id.clone(), eject_timeout_ms };
+            ("PUT".into(), format!("{PREFIX}/vm.remove-device"), Some(json(serde_json::to_string(&remove))))
+        }
         [c] if c == "shutdown" => ("PUT".into(), format!("{PREFIX}/vm.shutdown"), None),
         [c, method, path] if c == "request" => (method.clone(), path.clone(), None),
         [c, method, path, body] if c == "request" => (method.clone(), path.clone(), Some(body.clone())),
@@ -107,6 +115,9 @@ mod tests {
         assert_eq!(call, ("PUT".into(), "/api/v1/vm.add-adi".into(), Some(r#"{"count":64}"#.into())));
         let (_, call) = parse(&args("--api-socket s remove 0000:01:02.3")).unwrap();
         assert_eq!(call.2.as_deref(), Some(r#"{"id":"0000:01:02.3"}"#));
+        let (_, call) = parse(&args("--api-socket s remove 0000:01:02.3 500")).unwrap();
+        assert_eq!(call.2.as_deref(), Some(r#"{"id":"0000:01:02.3","eject_timeout_ms":500}"#));
+        assert_eq!(parse(&args("--api-socket s remove 0000:01:02.3 soon")).unwrap_err(), "remove 0000:01:02.3 \"soon\": not a number of milliseconds");
         assert_eq!(parse(&args("--api-socket s add-adi many")).unwrap_err(), "add-adi \"many\": not a number of ADIs");
         assert_eq!(parse(&args("info")).unwrap_err(), "--api-socket PATH comes first");
         assert_eq!(parse(&args("--api-socket s reboot")).unwrap_err(), "\"reboot\": not a command, or wrong arguments for it");
