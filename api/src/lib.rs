@@ -88,6 +88,15 @@ pub struct AddVfioUser {
     pub socket: String,
 }
 
+/// `PUT /api/v1/vm.add-vfio`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddVfio {
+    /// The host device's sysfs directory (`/sys/bus/pci/devices/DDDD:BB:DD.F`), bound to
+    /// vfio-pci, as `--vfio` takes it.
+    pub path: String,
+}
+
 /// `PUT /api/v1/vm.remove-device`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -181,6 +190,8 @@ pub trait VmControl: Send + Sync {
     fn add_adis(&self, count: u32) -> Result<Vec<DeviceInfo>, ApiError>;
     /// Adds the vfio-user device served at `socket`.
     fn add_vfio_user(&self, socket: &str) -> Result<DeviceInfo, ApiError>;
+    /// Passes the host device at sysfs `path` through with kernel VFIO.
+    fn add_vfio(&self, path: &str) -> Result<DeviceInfo, ApiError>;
     /// Removes the device `id`: asks the guest to eject its slot, waits up to `eject_timeout`
     /// for it, then removes it. A guest that does not handle hotplug events is not asked:
     /// then the removal is refused while the guest uses the device.

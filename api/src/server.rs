@@ -6,6 +6,7 @@
 //! | GET | /api/v1/vm.info | — | 200 [`VmInfo`] |
 //! | PUT | /api/v1/vm.add-adi | [`AddAdis`] | 200 [`Added`] |
 //! | PUT | /api/v1/vm.add-vfio-user | [`AddVfioUser`] | 200 [`Added`] |
+//! | PUT | /api/v1/vm.add-vfio | [`AddVfio`] | 200, [`Added`] |
 //! | PUT | /api/v1/vm.remove-device | [`RemoveDevice`] | 200, [`Removed`] |
 //! | PUT | /api/v1/vm.shutdown | — | 204 |
 //!
@@ -22,17 +23,18 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::http::{self, Request, Response};
-use crate::{AddAdis, AddVfioUser, Added, ApiError, ErrorBody, Ping, RemoveDevice, Removed, VmControl, PREFIX};
+use crate::{AddAdis, AddVfio, AddVfioUser, Added, ApiError, ErrorBody, Ping, RemoveDevice, Removed, VmControl, PREFIX};
 
 /// How long a client has to send its request, and to take the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The endpoints: name after [`PREFIX`], and method.
-pub const ENDPOINTS: [(&str, &str); 6] = [
+pub const ENDPOINTS: [(&str, &str); 7] = [
     ("vmm.ping", "GET"),
     ("vm.info", "GET"),
     ("vm.add-adi", "PUT"),
     ("vm.add-vfio-user", "PUT"),
+    ("vm.add-vfio", "PUT"),
     ("vm.remove-device", "PUT"),
     ("vm.shutdown", "PUT"),
 ];
@@ -90,6 +92,10 @@ fn route(vm: &dyn VmControl, req: &Request) -> Result<Response, Refusal> {
         "vm.add-vfio-user" => {
             let add: AddVfioUser = body(name, req).map_err(plain)?;
             Ok(json(200, &Added { devices: vec![vm.add_vfio_user(&add.socket).map_err(plain)?] }))
+        }
+        "vm.add-vfio" => {
+            let add: AddVfio = body(name, req).map_err(plain)?;
+            Ok(json(200, &Added { devices: vec![vm.add_vfio(&add.path).map_err(plain)?] }))
         }
         "vm.remove-device" => {
             let remove: RemoveDevice = body(name, req).map_err(plain)?;
@@ -231,6 +237,15 @@ mod tests {
             adis.push(id.clone());
             Ok(DeviceInfo { id, kind: DeviceKind::VfioUser })
         }
+        fn add_vfio(&self, path: &str) -> Result<DeviceInfo, ApiError> {
+            if !path.starts_with("/sys/bus/pci/devices/") {
+                return Err(ApiError::bad_request(format!("{path}: not a PCI device's sysfs directory")));
+            }
+            let mut adis = self.adis.lock().unwrap();
+            let id = format!("0000:00:{:02x}.0", adis.len() + 1);
+            adis.push(id.clone());
+            Ok(DeviceInfo { id, kind: DeviceKind::Vfio })
+        }
         fn remove_device(&self, id: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError> {
             if self.busy.iter().any(|b| b == id) {
                 return Err(ApiError::conflict(format!("{id} is in use by the guest")));
@@ -281,7 +296,7 @@ mod tests {
     fn bad_requests_get_one_clear_error_and_change_nothing() {
         let vm = FakeVm { capacity: 4, busy: vec!["0000:00:01.0".into()], ..Default::default() };
         vm.add_adis(1).unwrap();
-        let cases: [(&str, &str, &str, u16, &str); 16] = [
+        let cases: [(&str, &str, &str, u16, &str); 17] = [
             ("PUT", "/api/v1/vm.add-vfio-user", r#"{"socket": "/etc/passwd"}"#, 403, "/etc/passwd: outside /run/devd"),
             ("PUT", "/api/v1/vm.add-vfio-user", r#"{"path": "/run/devd/adi-0.sock"}"#, 400, "the body of vm.add-vfio-user: unknown field `path`, expected `socket` at line 1 column 7"),
             ("PUT", "/api/v1/vm.add-adi", "{\"count\": 2", 400, "the body of vm.add-adi: EOF while parsing an object at line 1 column 11"),
@@ -291,13 +306,14 @@ mod tests {
             ("PUT", "/api/v1/vm.add-adi", r#"{"count": 0}"#, 400, "count 0: 1 to 3968 ADIs per request"),
             ("PUT", "/api/v1/vm.add-adi", r#"{"count": 4}"#, 409, "4 ADIs: 3 left"),
             ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:07.0"}"#, 404, "no device 0000:00:07.0"),
+            ("PUT", "/api/v1/vm.add-vfio", r#"{"path": "/dev/nvme0"}"#, 400, "/dev/nvme0: not a PCI device's sysfs directory"),
             ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:01.0"}"#, 409, "0000:00:01.0 is in use by the guest"),
             ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:02.0", "eject_timeout_ms": 600001}"#, 400, "eject_timeout_ms 600001: at most 600000 (ten minutes)"),
             ("PUT", "/api/v1/vm.remove-device", r#"{"id": "0000:00:02.0", "eject_timeout_ms": -1}"#, 400, "the body of vm.remove-device: invalid value: integer `-1`, expected u32 at line 1 column 45"),
             ("GET", "/api/v1/vm.add-adi", "", 405, "GET /api/v1/vm.add-adi: the endpoint takes PUT"),
             ("GET", "/api/v1/vm.info", "{}", 400, "vm.info takes no body (2 bytes sent)"),
             ("PUT", "/api/v1/vm.shutdown", "now", 400, "vm.shutdown takes no body (3 bytes sent)"),
-            ("GET", "/api/v2/vm.info", "", 404, "no endpoint \"/api/v2/vm.info\"; there are: GET /api/v1/vmm.ping, GET /api/v1/vm.info, PUT /api/v1/vm.add-adi, PUT /api/v1/vm.add-vfio-user, PUT /api/v1/vm.remove-device, PUT /api/v1/vm.shutdown"),
+            ("GET", "/api/v2/vm.info", "", 404, "no endpoint \"/api/v2/vm.info\"; there are: GET /api/v1/vmm.ping, GET /api/v1/vm.info, PUT /api/v1/vm.add-adi, PUT /api/v1/vm.add-vfio-user, PUT /api/v1/vm.add-vfio, PUT /api/v1/vm.remove-device, PUT /api/v1/vm.shutdown"),
         ];
         for (method, path, body, status, message) in cases {
             let (got, text) = call(&vm, method, path, body);

@@ -44,6 +44,12 @@ impl VmControl for FakeVm {
         }
         self.add_adis(1).map(|mut d| d.remove(0))
     }
+    fn add_vfio(&self, path: &str) -> Result<DeviceInfo, ApiError> {
+        if !path.starts_with("/sys/bus/pci/devices/") {
+            return Err(ApiError::bad_request("not a sysfs path"));
+        }
+        self.add_adis(1).map(|mut d| d.remove(0))
+    }
     fn remove_device(&self, device: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError> {
         if device == id(1) {
             return Err(ApiError::conflict("in use"));

@@ -15,8 +15,8 @@ const FORBIDDEN: i64 = libc::SYS_personality;
 /// A file the probe opens: the one glibc's malloc reads when an arena heap first shrinks.
 const OPENED: &str = "/proc/sys/vm/overcommit_memory";
 
-/// Kinds whose lists open files (the daemon's status file).
-const OPENING: [ThreadKind; 2] = [ThreadKind::DaemonServer, ThreadKind::DaemonMain];
+/// Kinds whose lists open files (the daemon's status file; the API's kernel VFIO devices).
+const OPENING: [ThreadKind; 3] = [ThreadKind::DaemonServer, ThreadKind::DaemonMain, ThreadKind::Api];
 
 /// Runs [`probe`] in a child process of this test binary; returns its output and process ID.
 fn run_probe(mode: &str, kinds: &[ThreadKind]) -> (Output, u32) {

@@ -3,14 +3,14 @@
 //! self-tests them, remove 32"; "hotplug a stock guest understands, with no hotplug driver of
 //! ours"). In one sandbox:
 //! - a guest boots with no ADI and the test driver loaded, and never rescans its PCI bus;
-//! - the operator step (`siovmm-ctl` in the sandbox) adds 64 ADIs, 8 per request (a slot of 8
-//!   functions each); the guest's `acpiphp` finds them on the Device Checks, its driver binds
-//!   all 64 and every self-test passes;
+//! - the operator step (`siovmm-ctl` in the sandbox) adds 64 ADIs: 56 in 7 requests of 8 (a
+//!   slot of 8 functions each), then 8 one at a time (a slot each); the guest's `acpiphp`
+//!   finds them on the Device Checks, its driver binds all 64 and every self-test passes;
 //! - removing function 0 of a full slot is refused (409) and changes nothing; the operator
-//!   then removes 32 ADIs the guest's driver holds (the last four slots, function 0 last in
-//!   each): every one is ejected by the guest when asked (Eject Request, `_EJ0`), and the
-//!   slot's other functions come back to the guest's driver after each; `vm.info` shows 32
-//!   ADIs with their IMS entries halved;
+//!   then removes 32 ADIs the guest's driver holds (three slots of 8, function 0 last in
+//!   each, then the 8 single ones): every one is ejected by the guest when asked (Eject
+//!   Request, `_EJ0`), and a slot's other functions come back to the guest's driver after
+//!   each; `vm.info` shows 32 ADIs with their IMS entries halved;
 //! - the guest has 32 ADIs left, all bound, all passing their self-tests, no PCI error in its
 //!   log, and it powers off.
 
@@ -35,12 +35,16 @@ selftest() {
 "#;
 
 const ADDED: u32 = 64;
-const PER_REQUEST: u32 = 8;
+/// ADIs added one per request (a slot each), after the slots of 8.
+const SINGLES: u32 = 8;
 const REMOVED: u32 = 32;
 const SOCKET: &str = "/tmp/api.sock";
 
 /// The guest: waits (no rescan) until its driver holds every added ADI, self-tests them,
 /// then waits until the operator's removals leave [`ADDED`] - [`REMOVED`], all bound again.
+/// The single ADIs go last, so that count is reached only at the end: an eject of a slot of
+/// 8 takes all 8 away until the others are announced again, and were such a slot the last
+/// removed, the guest would see the final count for a moment before its end.
 fn guest_script() -> String {
     let kept = ADDED - REMOVED;
     GUEST_HELPERS.to_string()
@@ -66,10 +70,12 @@ poweroff -f
 /// The operator, in the sandbox beside the running guest.
 fn operator_script() -> String {
     let ctl = format!("/siovmm-ctl --api-socket {SOCKET}");
-    let requests = ADDED / PER_REQUEST;
+    let slots_of_8 = (ADDED - SINGLES) / 8;
+    let (removed_of_8, kept) = (REMOVED - SINGLES, ADDED - REMOVED);
     format!(
         r#"{wait_api}{wait_booted}failed=0
-for i in $(seq {requests}); do {ctl} add-adi {PER_REQUEST} >> /tmp/added.json || failed=$((failed+1)); done
+for i in $(seq {slots_of_8}); do {ctl} add-adi 8 >> /tmp/added.json || failed=$((failed+1)); done
+for i in $(seq {SINGLES}); do {ctl} add-adi 1 >> /tmp/added.json || failed=$((failed+1)); done
 echo OP-ADD-FAILED=$failed
 echo OP-ADDED=$(grep -o '"id"' /tmp/added.json | wc -l)
 ids=$(grep -o '"id":"[^"]*"' /tmp/added.json | cut -d'"' -f4)
@@ -77,9 +83,10 @@ ids=$(grep -o '"id":"[^"]*"' /tmp/added.json | cut -d'"' -f4)
 first=$(echo "$ids" | head -n 1)
 echo "OP-REMOVE-FUNCTION-0=$({ctl} remove $first 2>&1)"
 ims_before=$({ctl} info | grep -o '"ims_entries":[0-9]*' | cut -d: -f2)
-# The last four slots, each from function 7 down to function 0; the guest holds them all.
+# Slots of 8 after the first {kept} ADIs, each from function 7 down to function 0, then the
+# single ones; the guest holds them all.
 failed=0; ejected=0; start=$(date +%s)
-for id in $(echo "$ids" | tail -n {REMOVED} | sort -r); do
+for id in $(echo "$ids" | head -n $(({kept} + {removed_of_8})) | tail -n {removed_of_8} | sort -r) $(echo "$ids" | tail -n {SINGLES}); do
   out=$({ctl} remove $id 2>&1) || {{ failed=$((failed+1)); echo "OP-REMOVE-ERROR $id: $out"; }}
   case "$out" in *'"ejected_by_guest":true'*) ejected=$((ejected+1));; esac
 done
@@ -113,7 +120,8 @@ fn adis_hotplugged_through_the_api_work_in_a_running_guest() {
     guest.background = true;
     // The ADIs' work (as `--adi 64` would count it), then each removal's eject and the
     // re-probe of the slot's other functions (28 per slot of 8).
-    guest.extra_idle = Duration::from_secs(30) + Duration::from_millis(250) * ADDED + Duration::from_millis(500) * (REMOVED + 4 * 28);
+    let reprobes = (REMOVED - SINGLES) / 8 * 28;
+    guest.extra_idle = Duration::from_secs(30) + Duration::from_millis(250) * ADDED + Duration::from_millis(500) * (REMOVED + reprobes);
     let operator = GuestCase::shell("operator", &operator_script(), Duration::from_secs(120));
     let (ready, results) = run_cases_with_setup(&[guest, operator], &setup).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ready.value("SETUP-CTL"), Some("ok"), "{}", ready.transcript());

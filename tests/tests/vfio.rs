@@ -6,14 +6,16 @@
 //! after the first has exited, and after a guest that wrote garbage into the device's MSI-X
 //! table and config space, and a third whose kernel runs with `pci=nomsi`, so the driver uses
 //! the controller's INTx line (the DSDT's `_PRT`, KVM's resampling irqfd, vfio-pci's unmask).
-//! The command line's refusals are checked on the real sysfs.
+//! The command line's refusals are checked on the real sysfs. And the controller hotplugged:
+//! added to a running guest through the API, bound by the stock driver with no rescan,
+//! removed (the guest ejects it), and added again.
 //!
 //! These cases run in the sandbox wherever the host's KVM is: the device exists only there.
 
 use std::time::Duration;
 
 use siovmm_sandbox::machine::{load_vfio_script, Hardware, WorkDir, NVME_SYSFS};
-use siovmm_tests::{run_cases_with_setup, CaseResult, GuestCase, Kernel, SandboxSetup};
+use siovmm_tests::{run_cases_with_setup, wait_until, CaseResult, GuestCase, Kernel, SandboxSetup};
 
 /// Disk pages (4 KiB) each transfer covers.
 const PAGES: usize = 16;
@@ -245,6 +247,109 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
     for at in [first_at, second_at, intx_at] {
         assert!(image[at * 4096..][..PAGES * 4096] == pattern(at as u64)[..], "the data written at page {at} is not on the disk");
     }
+}
+
+/// A guest with no device at boot: the stock driver loaded, it waits for the controller the
+/// operator adds, reads the host's pattern, writes its own at page `write_at`, waits until the
+/// controller is gone (ejected), then for it to come back, and reads both again.
+fn hotplug_guest(write_at: usize, assets: &siovmm_tests::Assets) -> GuestCase {
+    let modules = NVME_MODULES.map(|m| m.to_string()).join(" ");
+    let init = format!(
+        r#"
+for m in {modules}; do insmod /modules/$m.ko || echo GUEST-INSMOD-FAILED=$m; done
+echo GUEST-UP=1
+i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/nvme0n1 ] && echo GUEST-NVME-DISK=1
+dd if=/dev/nvme0n1 of=/read bs=4096 skip={HOST_PATTERN_AT} count={PAGES} iflag=direct 2>/dev/null
+cmp /read /expected && echo GUEST-READ-MATCH=1
+dd if=/pattern of=/dev/nvme0n1 bs=4096 seek={write_at} count={PAGES} oflag=direct 2>/dev/null && echo GUEST-WRITE-OK=1
+echo GUEST-NVME-VECTORS=$(grep -c nvme0q /proc/interrupts)
+echo GUEST-FIRST-DONE=1
+i=0; while [ -b /dev/nvme0n1 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/nvme0n1 ] || echo GUEST-NVME-GONE=1
+echo GUEST-PCI-AFTER-EJECT=$(ls /sys/bus/pci/devices | grep -vc 0000:00:00.0)
+i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/nvme0n1 ] && echo GUEST-NVME-BACK=1
+dd if=/dev/nvme0n1 of=/read bs=4096 skip={HOST_PATTERN_AT} count={PAGES} iflag=direct 2>/dev/null
+cmp /read /expected && echo GUEST-READ-MATCH-AGAIN=1
+dd if=/dev/nvme0n1 of=/back bs=4096 skip={write_at} count={PAGES} iflag=direct 2>/dev/null
+cmp /back /pattern && echo GUEST-READBACK-MATCH=1
+dmesg | grep -iE 'nvme|vfio|acpiphp|pci 0000' | sed 's/^/GUEST-DMESG: /'
+poweroff -f
+"#
+    );
+    let mut case = GuestCase::new("vfio-hotplug", Kernel::Vmlinux, 2, &init);
+    case.memory = "256M".into();
+    case.extra_args = vec!["--api-socket".into(), API_SOCKET.into()];
+    case.background = true;
+    // Pinning 256 MiB for DMA twice (2-3 s each here), two probes, the transfers.
+    case.extra_idle = Duration::from_secs(30);
+    for m in NVME_MODULES {
+        let data = assets.read(&format!("guest-modules/{m}.ko")).unwrap_or_else(|e| panic!("{e}"));
+        case.files.push((format!("modules/{m}.ko"), 0o644, data));
+    }
+    case.files.push(("expected".into(), 0o644, pattern(1)));
+    case.files.push(("pattern".into(), 0o644, pattern(write_at as u64)));
+    case
+}
+
+const API_SOCKET: &str = "/tmp/api.sock";
+
+#[test]
+fn an_nvme_controller_hotplugged_through_the_api_serves_its_stock_driver() {
+    let assets = siovmm_tests::guest_assets().unwrap_or_else(|e| panic!("{e}"));
+    let ctl = assets.read("siovmm-ctl").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
+    let dir = WorkDir::new("vfio-hotplug-test").unwrap_or_else(|e| panic!("{e}"));
+    let disk = dir.0.join("nvme.img");
+    let mut image = vec![0u8; 8 << 20];
+    image[HOST_PATTERN_AT * 4096..][..PAGES * 4096].copy_from_slice(&pattern(1));
+    std::fs::write(&disk, &image).unwrap();
+    let setup = SandboxSetup {
+        hardware: Hardware { nvme_disk: Some(disk.clone()) },
+        vfio: true,
+        script: load_vfio_script("1b36", "0010"),
+        script_idle: Duration::from_secs(5),
+        files: vec![("siovmm-ctl".into(), 0o755, ctl)],
+    };
+    let write_at = 1280;
+    let ctl = format!("/siovmm-ctl --api-socket {API_SOCKET}");
+    let operator = format!(
+        r#"{wait_api}{wait_up}echo "OP-ADD=$({ctl} add-vfio {NVME_SYSFS} 2>&1)"
+echo "OP-TWICE=$({ctl} add-vfio {NVME_SYSFS} 2>&1)"
+echo "OP-MISSING=$({ctl} add-vfio /sys/bus/pci/devices/0000:00:1f.7 2>&1)"
+echo "OP-NOT-PCI=$({ctl} add-vfio /tmp 2>&1)"
+{wait_first}echo "OP-REMOVE=$({ctl} remove 0000:00:01.0 2>&1)"
+echo "OP-DEVICES-AFTER-REMOVE=$({ctl} info | grep -o '"id"' | wc -l)"
+{wait_gone}echo "OP-ADD-AGAIN=$({ctl} add-vfio {NVME_SYSFS} 2>&1)"
+"#,
+        wait_api = wait_until(&format!("{ctl} ping > /dev/null 2>&1"), 120),
+        wait_up = wait_until("grep -q GUEST-UP /tmp/vfio-hotplug.out", 120),
+        wait_first = wait_until("grep -q GUEST-FIRST-DONE /tmp/vfio-hotplug.out", 120),
+        wait_gone = wait_until("grep -q GUEST-PCI-AFTER-EJECT /tmp/vfio-hotplug.out", 120),
+    );
+    let cases = [hotplug_guest(write_at, &assets), GuestCase::shell("operator", &operator, Duration::from_secs(30))];
+    let (_, results) = run_cases_with_setup(&cases, &setup).unwrap_or_else(|e| panic!("{e}"));
+    let result = |name: &str| results.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no result for {name}"));
+    let (g, op) = (result("vfio-hotplug"), result("operator"));
+    let both = format!("{}\n--- the guest:\n{}", op.transcript(), g.transcript());
+    let added = r#"{"devices":[{"id":"0000:00:01.0","kind":"vfio"}]}"#;
+    assert_eq!(op.value("OP-ADD"), Some(added), "{both}");
+    assert_eq!(op.value("OP-TWICE"), Some(format!("siovmm-ctl: 409: {NVME_SYSFS}: already in this VM").as_str()), "{both}");
+    assert_eq!(op.value("OP-MISSING"), Some("siovmm-ctl: 404: /sys/bus/pci/devices/0000:00:1f.7: no such device"), "{both}");
+    assert!(op.value("OP-NOT-PCI").is_some_and(|v| v.starts_with("siovmm-ctl: 400: /tmp: not a PCI or mediated device's sysfs directory")), "{both}");
+    for key in ["GUEST-NVME-DISK", "GUEST-READ-MATCH", "GUEST-WRITE-OK", "GUEST-NVME-GONE", "GUEST-NVME-BACK", "GUEST-READ-MATCH-AGAIN", "GUEST-READBACK-MATCH"] {
+        assert_eq!(g.value(key), Some("1"), "{key}:\n{both}");
+    }
+    assert!(g.number("GUEST-NVME-VECTORS") >= 2, "{both}");
+    assert_eq!(op.value("OP-REMOVE"), Some(r#"{"id":"0000:00:01.0","ejected_by_guest":true}"#), "the guest ejected it:\n{both}");
+    assert_eq!(op.value("OP-DEVICES-AFTER-REMOVE"), Some("0"), "{both}");
+    assert_eq!(g.value("GUEST-PCI-AFTER-EJECT"), Some("0"), "{both}");
+    assert_eq!(op.value("OP-ADD-AGAIN"), Some(added), "the released controller comes back:\n{both}");
+    assert!(g.lines_with("made system call").is_empty(), "{both}");
+    assert_eq!(g.exit_code, Some(0), "{both}");
+    // What the guest wrote is on the disk, outside the sandbox.
+    let image = std::fs::read(&disk).unwrap();
+    assert!(image[write_at * 4096..][..PAGES * 4096] == pattern(write_at as u64)[..], "the data written at page {write_at} is not on the disk");
 }
 
 /// The benchmark guest: the stock `nvme` driver on the passed-through controller, then `READS`

@@ -62,6 +62,15 @@ pub enum HostError {
         /// The OS error.
         error: String,
     },
+    /// The group's character device is held open already: by another VM (VFIO lets one
+    /// user have a group at a time).
+    #[error("{path}: its IOMMU group is in use: {group_dev} is held by another process, such as another VM")]
+    Busy {
+        /// The device.
+        path: PathBuf,
+        /// `/dev/vfio/N`.
+        group_dev: PathBuf,
+    },
     /// The same device named twice.
     #[error("{0}: named twice")]
     Duplicate(PathBuf),
@@ -129,7 +138,13 @@ pub fn check(path: &Path, dev_vfio: &Path) -> Result<HostDevice, HostError> {
         return Err(HostError::GroupNotViable { path: path.to_path_buf(), group, others: others.join(", ") });
     }
     openable(&dev_vfio.join("vfio"))?;
-    openable(&dev_vfio.join(group.to_string()))?;
+    let group_dev = dev_vfio.join(group.to_string());
+    match std::fs::OpenOptions::new().read(true).write(true).open(&group_dev) {
+        Ok(_) => {}
+        // vfio_group_fops_open: a group is opened by one user at a time.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(HostError::Busy { path: path.to_path_buf(), group_dev }),
+        Err(e) => return Err(HostError::Inaccessible { path: group_dev, error: e.to_string() }),
+    }
     Ok(HostDevice { sysfs, name, group })
 }
 

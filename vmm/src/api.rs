@@ -82,12 +82,20 @@ pub struct VmApi {
     memory_mib: u64,
     /// Where vfio-user sockets may be taken from (canonical), if anywhere.
     vfio_user_dir: Option<PathBuf>,
+    /// The VM has a vIOMMU, which kernel VFIO devices cannot sit behind (docs/vfio.md).
+    viommu: bool,
 }
 
 impl VmApi {
     /// For the VM behind `handle`, built as `config` says.
     pub fn new(handle: VmHandle, config: &crate::config::VmConfig) -> Self {
-        Self { handle, vcpus: config.cpus, memory_mib: config.memory >> 20, vfio_user_dir: config.vfio_user_dir.clone() }
+        Self {
+            handle,
+            vcpus: config.cpus,
+            memory_mib: config.memory >> 20,
+            vfio_user_dir: config.vfio_user_dir.clone(),
+            viommu: config.siov.viommu,
+        }
     }
 
     /// `socket` resolved (symbolic links, `..`) and checked to lie under `--vfio-user-dir`
@@ -142,7 +150,6 @@ fn api_error(e: Error) -> ApiError {
         Error::Adis(siovmm_vdcm::Error::TooMany(_) | siovmm_vdcm::Error::Placement(..)) => ApiError::conflict(one_line(&e)),
         Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf)) | Error::NoDevice(bdf) => ApiError::not_found(format!("no device {}", id(*bdf))),
         Error::InUse(_) | Error::FunctionZeroLast { .. } => ApiError::conflict(format!("0000:{}", one_line(&e))),
-        Error::KernelVfioStays(_) => ApiError::not_implemented(format!("0000:{}", one_line(&e))),
         _ => ApiError::internal(one_line(&e)),
     }
 }
@@ -179,6 +186,35 @@ impl VmControl for VmApi {
         })?;
         log::info!("api: added the vfio-user device {} at {}", real.display(), id(bdf));
         Ok(DeviceInfo { id: id(bdf), kind: DeviceKind::VfioUser })
+    }
+
+    fn add_vfio(&self, path: &str) -> Result<DeviceInfo, ApiError> {
+        use siovmm_vfio::host::HostError;
+        if self.viommu {
+            return Err(ApiError::conflict(format!(
+                "{path}: this VM has a vIOMMU (--viommu), and a kernel VFIO device would DMA untranslated behind it"
+            )));
+        }
+        // Before the checks, which would find the group busy: this VM holds it.
+        let name = std::fs::canonicalize(path).ok().and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()));
+        if let Some(name) = name {
+            if self.handle.has_vfio(&name).map_err(api_error)? {
+                return Err(ApiError::conflict(format!("{path}: already in this VM")));
+            }
+        }
+        let host = siovmm_vfio::host::check(Path::new(path), Path::new(crate::cli::VFIO_DEV)).map_err(|e| match e {
+            HostError::NotFound(_) => ApiError::not_found(e.to_string()),
+            HostError::Busy { .. } => ApiError::conflict(e.to_string()),
+            _ => ApiError::bad_request(e.to_string()),
+        })?;
+        // Another user holding the group (another VM) makes VFIO refuse it: the operator's to
+        // resolve, as for a vfio-user server's refusal.
+        let bdf = self.handle.add_vfio(&host).map_err(|e| match e {
+            Error::Vfio(crate::passthrough::Error::Vfio { .. }) => ApiError::conflict(one_line(&e)),
+            other => api_error(other),
+        })?;
+        log::info!("api: passed {} through at {}", host.name, id(bdf));
+        Ok(DeviceInfo { id: id(bdf), kind: DeviceKind::Vfio })
     }
 
     fn remove_device(&self, device: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError> {

@@ -396,7 +396,7 @@ fn value_of(flag: &str, inline: Option<String>, rest: &mut impl Iterator<Item = 
 }
 
 /// Where the VFIO character devices are.
-const VFIO_DEV: &str = "/dev/vfio";
+pub(crate) const VFIO_DEV: &str = "/dev/vfio";
 
 /// A benchmark's arguments as (flag, value) pairs, in order: every flag takes one value.
 fn flag_values(args: &[String]) -> impl Iterator<Item = Result<(&str, &str), CliError>> {

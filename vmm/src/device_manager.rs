@@ -215,8 +215,7 @@ impl DeviceManager {
         use siovmm_api::DeviceKind;
         match self.kind(bdf) {
             Some(DeviceKind::Adi) => self.remove_adi(bdf).map(drop),
-            Some(DeviceKind::VfioUser) => self.remove_vfio_user(bdf),
-            Some(DeviceKind::Vfio) => Err(Error::KernelVfioStays(bdf)),
+            Some(DeviceKind::VfioUser | DeviceKind::Vfio) => self.remove_passed_through(bdf),
             None => Err(Error::NoDevice(bdf)),
         }
     }
@@ -252,8 +251,15 @@ impl DeviceManager {
         self.with_passthrough(|p, attach| p.attach_user(socket, attach))
     }
 
-    /// Takes the vfio-user device at `bdf` out of the running guest; its server gets it back.
-    pub(crate) fn remove_vfio_user(&mut self, bdf: Bdf) -> Result<(), Error> {
+    /// Whether the host device named `name` is passed through already.
+    pub(crate) fn has_vfio(&self, name: &str) -> bool {
+        self.passthrough.as_ref().is_some_and(|p| p.has_host(name))
+    }
+
+    /// Takes the passed-through device at `bdf` out of the running guest: a vfio-user
+    /// device's server gets it back, a kernel VFIO device is reset and its group leaves the
+    /// VM's container (another VM can take it).
+    pub(crate) fn remove_passed_through(&mut self, bdf: Bdf) -> Result<(), Error> {
         if self.released {
             return Err(Error::Released);
         }

@@ -88,9 +88,6 @@ pub enum Error {
         /// The others, comma-separated.
         others: String,
     },
-    /// A kernel VFIO device leaves only with the VM.
-    #[error("{0} is a kernel VFIO device: it leaves with the VM only, yet")]
-    KernelVfioStays(devices::pci::Bdf),
 }
 
 /// An error and its causes as one line: "what: why: deeper why".

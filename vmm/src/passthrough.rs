@@ -57,10 +57,6 @@ pub enum Error {
     /// A vfio-user device needs guest RAM it can map, and this VM's is private.
     #[error("{0}: guest RAM is not shared (the VM was created without vfio-user devices)")]
     PrivateRam(String),
-    /// Kernel VFIO devices leave with the VM only (their DMA mappings belong to the
-    /// container, shared by every device of the VM).
-    #[error("{0}: a kernel VFIO device cannot be removed from a running VM yet")]
-    KernelDetach(String),
     /// Mapping the device's BAR pages into siovmm failed.
     #[error("{0}: mapping BAR {1}")]
     Mmap(String, u8, #[source] std::io::Error),
@@ -440,24 +436,44 @@ impl Passthrough {
         self.devices.iter().any(|d| matches!(d.backend, Backend::User(_)) && d.name == name)
     }
 
+    /// Whether the host device named `name` (its canonical sysfs directory's last component,
+    /// `HostDevice::name`) is attached through kernel VFIO.
+    pub(crate) fn has_host(&self, name: &str) -> bool {
+        self.devices.iter().any(|d| matches!(d.backend, Backend::Kernel(_)) && d.name == name)
+    }
+
     /// Whether the guest is using the device at `bdf` (`VfioPciFunction::in_use`); `None`
     /// when no device is there.
     pub(crate) fn in_use(&self, bdf: Bdf) -> Option<bool> {
         self.devices.iter().find(|d| d.bdf == bdf).map(|d| lock(&d.function).in_use())
     }
 
-    /// Takes the vfio-user device at `bdf` out of the running guest, as [`Passthrough::release`]
-    /// does every device, and closes its connection: its server gets it back.
+    /// Takes the device at `bdf` out of the running guest, as [`Passthrough::release`] does
+    /// every device, and closes it: a vfio-user server gets its device back; a kernel VFIO
+    /// device's group leaves the container (and with the last one, guest RAM is unmapped
+    /// from the IOMMU first, as at release), so that another VM can take it.
     pub(crate) fn detach(&mut self, bdf: Bdf, pci: &PciRoot, allocator: &mut PciAllocator) -> Result<(), Error> {
         let Some(at) = self.devices.iter().position(|d| d.bdf == bdf) else { return Ok(()) };
-        if matches!(self.devices[at].backend, Backend::Kernel(_)) {
-            return Err(Error::KernelDetach(self.devices[at].name.clone()));
-        }
         let d = self.devices.remove(at);
         self.take_out(&d, pci, allocator);
+        let kernel_left = self.devices.iter().any(|x| matches!(x.backend, Backend::Kernel(_)));
+        if matches!(d.backend, Backend::Kernel(_)) && !kernel_left {
+            self.unmap_guest_ram();
+        }
         log::info!("{}: removed from {bdf}", d.name);
         forget_if_stuck(d);
         Ok(())
+    }
+
+    /// Unmaps guest RAM from the container's IOMMU, if mapped: while a group is still in it
+    /// (the last group's leaving takes the IOMMU, and every mapping, away, after which an
+    /// unmap is refused). The next kernel VFIO device maps it again.
+    fn unmap_guest_ram(&mut self) {
+        if let (true, Some(container)) = (std::mem::take(&mut self.dma_mapped), &self.container) {
+            if let Err(e) = container.vfio_unmap_guest_memory(&self.mem) {
+                log::warn!("unmapping guest RAM from the VFIO container: {e}");
+            }
+        }
     }
 
     /// Takes `d` out of the guest and gives it back clean: off config space, interrupts off,
@@ -490,13 +506,7 @@ impl Passthrough {
         for d in &self.devices {
             self.take_out(d, pci, allocator);
         }
-        // While the groups are still in the container: the last group's leaving takes the
-        // IOMMU (and every mapping) away, after which an unmap is refused.
-        if let (true, Some(container)) = (std::mem::take(&mut self.dma_mapped), &self.container) {
-            if let Err(e) = container.vfio_unmap_guest_memory(&self.mem) {
-                log::warn!("unmapping guest RAM from the VFIO container: {e}");
-            }
-        }
+        self.unmap_guest_ram();
         for d in self.devices.drain(..) {
             forget_if_stuck(d);
         }

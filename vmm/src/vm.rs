@@ -441,6 +441,21 @@ impl VmHandle {
         Ok(bdf)
     }
 
+    /// Passes the host device `host` through (checked already: `host::check`); announced to
+    /// the guest.
+    pub fn add_vfio(&self, host: &siovmm_vfio::host::HostDevice) -> Result<Bdf, Error> {
+        let bdf = lock(self.devices()?.as_ref()).add_vfio(host)?;
+        if let Some(h) = self.hotplug.upgrade() {
+            h.announce(&[bdf]);
+        }
+        Ok(bdf)
+    }
+
+    /// Whether the host device named `name` (`0000:00:04.0`) is passed through to this VM.
+    pub fn has_vfio(&self, name: &str) -> Result<bool, Error> {
+        Ok(lock(self.devices()?.as_ref()).has_vfio(name))
+    }
+
     /// Whether a vfio-user device served at `socket` is in the VM.
     pub fn has_vfio_user(&self, socket: &std::path::Path) -> Result<bool, Error> {
         Ok(lock(self.devices()?.as_ref()).has_vfio_user(socket))
@@ -451,7 +466,7 @@ impl VmHandle {
         Ok(lock(self.devices()?.as_ref()).devices())
     }
 
-    /// Removes the device at `bdf` (an ADI or a vfio-user device). A guest that takes
+    /// Removes the device at `bdf` (an ADI, a vfio-user or a kernel VFIO device). A guest that takes
     /// hotplug events is asked to eject its slot and given `eject_timeout`; then the device is
     /// removed whether it did or not, and the slot's other functions, which the guest's eject
     /// took with it, are announced again. A guest that does not is not asked: the device is
@@ -463,7 +478,6 @@ impl VmHandle {
             let d = lock(devices.as_ref());
             match d.kind(bdf) {
                 None => return Err(Error::NoDevice(bdf)),
-                Some(siovmm_api::DeviceKind::Vfio) => return Err(Error::KernelVfioStays(bdf)),
                 Some(_) => d.slot_functions(bdf),
             }
         };

@@ -129,7 +129,7 @@ kvm_test! {
             (&["request", "PUT", "/api/v1/vm.add-adi", "{\"count\": 1"], "siovmm-ctl: 400: the body of vm.add-adi: EOF while parsing an object at line 1 column 11"),
             (&["request", "PUT", "/api/v1/vm.add-adi", "{\"count\": 1, \"from\": \"/dev/vfio/7\"}"], "siovmm-ctl: 400: the body of vm.add-adi: unknown field `from`, expected `count` at line 1 column 19"),
             (&["request", "DELETE", "/api/v1/vm.info"], "siovmm-ctl: 405: DELETE /api/v1/vm.info: the endpoint takes GET"),
-            (&["request", "GET", "/api/v1/../../etc/passwd"], "siovmm-ctl: 404: no endpoint \"/api/v1/../../etc/passwd\"; there are: GET /api/v1/vmm.ping, GET /api/v1/vm.info, PUT /api/v1/vm.add-adi, PUT /api/v1/vm.add-vfio-user, PUT /api/v1/vm.remove-device, PUT /api/v1/vm.shutdown"),
+            (&["request", "GET", "/api/v1/../../etc/passwd"], "siovmm-ctl: 404: no endpoint \"/api/v1/../../etc/passwd\"; there are: GET /api/v1/vmm.ping, GET /api/v1/vm.info, PUT /api/v1/vm.add-adi, PUT /api/v1/vm.add-vfio-user, PUT /api/v1/vm.add-vfio, PUT /api/v1/vm.remove-device, PUT /api/v1/vm.shutdown"),
         ];
         for (args, line) in refused {
             assert_eq!(ctl(&socket, args), (1, String::new(), line.to_string()), "{args:?}");

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use siovmm_api::{client, AddAdis, AddVfioUser, ErrorBody, RemoveDevice, PREFIX};
+use siovmm_api::{client, AddAdis, AddVfio, AddVfioUser, ErrorBody, RemoveDevice, PREFIX};
 
 const USAGE: &str = "usage: siovmm-ctl --api-socket PATH COMMAND
 commands:
@@ -15,6 +15,8 @@ commands:
   add-adi N               add N ADIs (all or none); prints their PCI addresses
   add-vfio-user SOCKET    add the vfio-user device served on SOCKET (under the VM's
                           --vfio-user-dir), such as an ADI of siovmm-devd
+  add-vfio PATH           pass the host device at PATH (/sys/bus/pci/devices/DDDD:BB:DD.F,
+                          bound to vfio-pci) through with kernel VFIO
   remove DEVICE [MS]      remove a device by its PCI address (SSSS:BB:DD.F): the guest is
                           asked to eject it and given MS milliseconds (default 10000)
   shutdown                stop the VM
@@ -44,6 +46,9 @@ fn parse(args: &[String]) -> Result<(PathBuf, Call), String> {
         }
         [c, socket] if c == "add-vfio-user" => {
             ("PUT".into(), format!("{PREFIX}/vm.add-vfio-user"), Some(json(serde_json::to_string(&AddVfioUser { socket: socket.clone() }))))
+        }
+        [c, path] if c == "add-vfio" => {
+            ("PUT".into(), format!("{PREFIX}/vm.add-vfio"), Some(json(serde_json::to_string(&AddVfio { path: path.clone() }))))
         }
         [c, id, ms @ ..] if c == "remove" && ms.len() <= 1 => {
             let eject_timeout_ms = match ms {
@@ -118,6 +123,8 @@ mod tests {
         let (_, call) = parse(&args("--api-socket s remove 0000:01:02.3 500")).unwrap();
         assert_eq!(call.2.as_deref(), Some(r#"{"id":"0000:01:02.3","eject_timeout_ms":500}"#));
         assert_eq!(parse(&args("--api-socket s remove 0000:01:02.3 soon")).unwrap_err(), "remove 0000:01:02.3 \"soon\": not a number of milliseconds");
+        let (_, call) = parse(&args("--api-socket s add-vfio /sys/bus/pci/devices/0000:00:04.0")).unwrap();
+        assert_eq!(call.2.as_deref(), Some(r#"{"path":"/sys/bus/pci/devices/0000:00:04.0"}"#));
         assert_eq!(parse(&args("--api-socket s add-adi many")).unwrap_err(), "add-adi \"many\": not a number of ADIs");
         assert_eq!(parse(&args("info")).unwrap_err(), "--api-socket PATH comes first");
         assert_eq!(parse(&args("--api-socket s reboot")).unwrap_err(), "\"reboot\": not a command, or wrong arguments for it");
