@@ -22,6 +22,10 @@ pub mod server;
 
 use std::path::{Path, PathBuf};
 
+/// The most ADIs one daemon serves (`--adis`): every one holds a listening socket, and while a
+/// client has it, the connection, its doorbell eventfd and the client's guest RAM mapping.
+pub const MAX_ADIS: u32 = 16_384;
+
 /// Where ADI `adi`'s socket is in `dir`.
 pub fn socket_path(dir: &Path, adi: u32) -> PathBuf {
     dir.join(format!("adi-{adi}.sock"))

@@ -17,7 +17,7 @@ const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V
        [--workers N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp MODE]
 
 Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock.
-  --adis N          ADIs (default 4, at most 4096)
+  --adis N          ADIs (default 4, at most 16384)
   --vectors V       MSI-X vectors per ADI, each backed by an IMS entry (default 2, 1..=256)
   --ims-entries N   IMS entries of the device (default 16384)
   --ims KIND        where the device keeps IMS: on-device (default) or in-memory
@@ -60,12 +60,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
         match flag.as_str() {
             "--help" | "-h" => return Ok(None),
             "--socket-dir" => dir = Some(PathBuf::from(args.next().ok_or("--socket-dir needs a value")?)),
-            "--adis" => o.adis = number(&flag, args.next(), 1..=4096)?,
+            "--adis" => o.adis = number(&flag, args.next(), 1..=siovmm_devd::MAX_ADIS)?,
             "--vectors" => o.vectors = number(&flag, args.next(), 1..=256)?,
             "--ims-entries" => o.ims_entries = number(&flag, args.next(), 1..=1 << 20)?,
             "--workers" => o.workers = number(&flag, args.next(), 1..=64)?,
             "--server-threads" => o.server_threads = number(&flag, args.next(), 1..=64)?,
-            "--max-adis-per-vm" => o.limits.adis_per_vm = Some(number(&flag, args.next(), 1..=4096)?),
+            "--max-adis-per-vm" => o.limits.adis_per_vm = Some(number(&flag, args.next(), 1..=siovmm_devd::MAX_ADIS)?),
             "--max-ims-per-vm" => o.limits.ims_per_vm = Some(number(&flag, args.next(), 1..=1 << 20)?),
             "--seccomp" => o.seccomp = args.next().ok_or("--seccomp needs a value")?.parse()?,
             "--ims" => {
@@ -97,7 +97,25 @@ fn clear_stale(path: &std::path::Path) -> Result<(), String> {
     std::fs::remove_file(path).map_err(|e| format!("{}: removing a stale socket: {e}", path.display()))
 }
 
+/// Raises the open-file limit to the hard limit: each ADI holds a listener, and while a client
+/// has it a connection, an eventfd and the client's RAM (docs/devd.md). Returns the limit.
+fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    r.rlim_cur
+}
+
 fn run(o: Options) -> Result<(), String> {
+    let fds = raise_fd_limit();
+    if u64::from(o.adis) * 4 > fds {
+        log::warn!("{} ADIs may need {} open files when all are in use; the limit is {fds}", o.adis, u64::from(o.adis) * 4);
+    }
     // Before any thread starts: each enters its kind's filter as it begins (docs/seccomp.md).
     siovmm_seccomp::install(o.seccomp).map_err(|e| format!("--seccomp: {e}"))?;
     let soft = Arc::new(SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?);

@@ -47,6 +47,27 @@ fn pattern(seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A guest case running `init`, with 256 MiB and the stock NVMe driver's modules in
+/// /modules.
+fn nvme_case(name: &str, init: &str, assets: &siovmm_tests::Assets) -> GuestCase {
+    let mut case = GuestCase::new(name, Kernel::Vmlinux, 2, init);
+    case.memory = "256M".into();
+    for m in NVME_MODULES {
+        let data = assets.read(&format!("guest-modules/{m}.ko")).unwrap_or_else(|e| panic!("{e}"));
+        case.files.push((format!("modules/{m}.ko"), 0o644, data));
+    }
+    case
+}
+
+/// The controller's disk image in `dir`: 8 MiB, the host's pattern at [`HOST_PATTERN_AT`].
+fn disk_image(dir: &WorkDir) -> std::path::PathBuf {
+    let disk = dir.0.join("nvme.img");
+    let mut image = vec![0u8; 8 << 20];
+    image[HOST_PATTERN_AT * 4096..][..PAGES * 4096].copy_from_slice(&pattern(1));
+    std::fs::write(&disk, &image).unwrap();
+    disk
+}
+
 /// The guest: load the driver, read the host's pattern, write its own at page `write_at`,
 /// read it back from the other vCPU (its own I/O queue and vector), report every vector.
 fn nvme_guest(name: &str, write_at: usize, assets: &siovmm_tests::Assets) -> GuestCase {
@@ -69,15 +90,10 @@ dmesg | grep -iE 'nvme|vfio' | sed 's/^/GUEST-DMESG: /'
 poweroff -f
 "#
     );
-    let mut case = GuestCase::new(name, Kernel::Vmlinux, 2, &init);
-    case.memory = "256M".into();
+    let mut case = nvme_case(name, &init, assets);
     case.extra_args = vec!["--vfio".into(), NVME_SYSFS.into()];
     // Pinning 256 MiB for DMA (2-3 s here), the driver's probe and the transfers.
     case.extra_idle = Duration::from_secs(12);
-    for m in NVME_MODULES {
-        let data = assets.read(&format!("guest-modules/{m}.ko")).unwrap_or_else(|e| panic!("{e}"));
-        case.files.push((format!("modules/{m}.ko"), 0o644, data));
-    }
     case.files.push(("expected".into(), 0o644, pattern(1)));
     case.files.push(("pattern".into(), 0o644, pattern(write_at as u64)));
     case
@@ -187,10 +203,7 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
     let assets = siovmm_tests::guest_assets().unwrap_or_else(|e| panic!("{e}"));
     std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
     let dir = WorkDir::new("vfio-test").unwrap_or_else(|e| panic!("{e}"));
-    let disk = dir.0.join("nvme.img");
-    let mut image = vec![0u8; 8 << 20];
-    image[HOST_PATTERN_AT * 4096..][..PAGES * 4096].copy_from_slice(&pattern(1));
-    std::fs::write(&disk, &image).unwrap();
+    let disk = disk_image(&dir);
 
     let script = format!(
         "{}{}{}ls /dev/vfio | sed 's/^/SETUP-DEV-VFIO: /'\n",
@@ -265,7 +278,8 @@ cmp /read /expected && echo GUEST-READ-MATCH=1
 dd if=/pattern of=/dev/nvme0n1 bs=4096 seek={write_at} count={PAGES} oflag=direct 2>/dev/null && echo GUEST-WRITE-OK=1
 echo GUEST-NVME-VECTORS=$(grep -c nvme0q /proc/interrupts)
 echo GUEST-FIRST-DONE=1
-i=0; while [ -b /dev/nvme0n1 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+# The disk goes when the driver unbinds, the PCI function a moment later (acpiphp's eject).
+i=0; while {{ [ -b /dev/nvme0n1 ] || [ -e /sys/bus/pci/devices/0000:00:01.0 ]; }} && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
 [ -b /dev/nvme0n1 ] || echo GUEST-NVME-GONE=1
 echo GUEST-PCI-AFTER-EJECT=$(ls /sys/bus/pci/devices | grep -vc 0000:00:00.0)
 i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
@@ -278,16 +292,11 @@ dmesg | grep -iE 'nvme|vfio|acpiphp|pci 0000' | sed 's/^/GUEST-DMESG: /'
 poweroff -f
 "#
     );
-    let mut case = GuestCase::new("vfio-hotplug", Kernel::Vmlinux, 2, &init);
-    case.memory = "256M".into();
+    let mut case = nvme_case("vfio-hotplug", &init, assets);
     case.extra_args = vec!["--api-socket".into(), API_SOCKET.into()];
     case.background = true;
     // Pinning 256 MiB for DMA twice (2-3 s each here), two probes, the transfers.
     case.extra_idle = Duration::from_secs(30);
-    for m in NVME_MODULES {
-        let data = assets.read(&format!("guest-modules/{m}.ko")).unwrap_or_else(|e| panic!("{e}"));
-        case.files.push((format!("modules/{m}.ko"), 0o644, data));
-    }
     case.files.push(("expected".into(), 0o644, pattern(1)));
     case.files.push(("pattern".into(), 0o644, pattern(write_at as u64)));
     case
@@ -300,10 +309,7 @@ fn an_nvme_controller_hotplugged_through_the_api_serves_its_stock_driver() {
     let assets = siovmm_tests::guest_assets().unwrap_or_else(|e| panic!("{e}"));
     let ctl = assets.read("siovmm-ctl").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
     let dir = WorkDir::new("vfio-hotplug-test").unwrap_or_else(|e| panic!("{e}"));
-    let disk = dir.0.join("nvme.img");
-    let mut image = vec![0u8; 8 << 20];
-    image[HOST_PATTERN_AT * 4096..][..PAGES * 4096].copy_from_slice(&pattern(1));
-    std::fs::write(&disk, &image).unwrap();
+    let disk = disk_image(&dir);
     let setup = SandboxSetup {
         hardware: Hardware { nvme_disk: Some(disk.clone()) },
         vfio: true,
@@ -372,15 +378,10 @@ echo GUEST-BENCH-IRQS=$((i1 - i0))
 poweroff -f
 "#
     );
-    let mut case = GuestCase::new(name, Kernel::Vmlinux, 2, &init);
-    case.memory = "256M".into();
+    let mut case = nvme_case(name, &init, assets);
     case.extra_args = vec!["--vfio".into(), NVME_SYSFS.into()];
     case.vmm = vmm;
     case.extra_idle = Duration::from_secs(60);
-    for m in NVME_MODULES {
-        let data = assets.read(&format!("guest-modules/{m}.ko")).unwrap_or_else(|e| panic!("{e}"));
-        case.files.push((format!("modules/{m}.ko"), 0o644, data));
-    }
     case
 }
 

@@ -156,9 +156,9 @@ fn in_process() -> Result<(Rig, Arc<SoftSiovDevice>), String> {
 }
 
 /// The daemon and its socket directory, removed when dropped.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) dir: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -170,7 +170,7 @@ impl Drop for Daemon {
 }
 
 /// Where `siovmm-devd` is: `--devd`, else next to this executable.
-fn devd_path(o: &BenchDevdOptions) -> Result<PathBuf, String> {
+pub(crate) fn devd_path(o: &BenchDevdOptions) -> Result<PathBuf, String> {
     if let Some(p) = &o.devd {
         return Ok(p.clone());
     }
@@ -183,31 +183,39 @@ fn devd_path(o: &BenchDevdOptions) -> Result<PathBuf, String> {
     }
 }
 
-fn start_daemon(devd: &Path) -> Result<(Daemon, PathBuf), String> {
-    let dir = std::env::temp_dir().join(format!("siovmm-bench-devd-{}", std::process::id()));
+/// Starts `devd` with `args` on a fresh socket directory (`siovmm-<what>-PID` in the temporary
+/// directory) and waits up to `within` until `ready` says it serves.
+pub(crate) fn spawn_daemon(devd: &Path, what: &str, args: &[String], within: Duration, ready: impl Fn(&Path) -> bool) -> Result<Daemon, String> {
+    let dir = std::env::temp_dir().join(format!("siovmm-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Its messages go to a file in its directory, shown if it fails to start.
     let log = dir.join("devd.log");
     let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let child = Command::new(devd)
-        .args(["--socket-dir"])
+        .arg("--socket-dir")
         .arg(&dir)
-        .args(["--adis", "1", "--vectors", "2", "--ims-entries", "64", "--workers", &WORKERS.to_string()])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", devd.display()))?;
     let daemon = Daemon { child, dir };
-    let socket = siovmm_devd::socket_path(&daemon.dir, 0);
     let t0 = Instant::now();
-    while !socket.exists() {
-        if t0.elapsed() > STALL {
+    while !ready(&daemon.dir) {
+        if t0.elapsed() > within {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("{} made no socket within {STALL:?}: {}", devd.display(), said.trim()));
+            return Err(format!("{} did not start serving within {within:?}: {}", devd.display(), said.trim()));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    Ok(daemon)
+}
+
+fn start_daemon(devd: &Path) -> Result<(Daemon, PathBuf), String> {
+    let args = ["--adis", "1", "--vectors", "2", "--ims-entries", "64", "--workers", &WORKERS.to_string()].map(String::from);
+    let daemon = spawn_daemon(devd, "bench-devd", &args, STALL, |dir| siovmm_devd::socket_path(dir, 0).exists())?;
+    let socket = siovmm_devd::socket_path(&daemon.dir, 0);
     Ok((daemon, socket))
 }
 

@@ -17,6 +17,7 @@ USAGE:
     siovmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE] [SIOV options]
     siovmm bench-siov [--adis N] [--ims N] [--rate-adis N] [--per-adi N]
     siovmm bench-devd [--rounds N] [--descriptors N] [--devd PATH]
+    siovmm bench-devd --scale N [--devd PATH]
 
 OPTIONS:
     --kernel PATH      Linux kernel to boot: ELF vmlinux (entered through its PVH note, or its
@@ -435,6 +436,7 @@ pub fn parse_bench_devd(args: &[String]) -> Result<BenchDevdOptions, CliError> {
         match flag {
             "--rounds" => o.rounds = parse_count(flag, v, 1, 1000)?,
             "--descriptors" => o.descriptors = parse_count(flag, v, 1, 1_000_000)?,
+            "--scale" => o.scale = Some(parse_count(flag, v, 1, siovmm_devd::MAX_ADIS)?),
             "--devd" => {
                 if !std::path::Path::new(v).is_file() {
                     return err(format!("--devd {v}: no such file"));

@@ -194,10 +194,13 @@ pub struct BenchDevdOptions {
     pub descriptors: u32,
     /// The daemon binary (default: `siovmm-devd` next to siovmm).
     pub devd: Option<PathBuf>,
+    /// Instead of the fast-path figures, this many of the daemon's ADIs live at once across
+    /// VMs (`bench_scale`).
+    pub scale: Option<u32>,
 }
 
 impl Default for BenchDevdOptions {
     fn default() -> Self {
-        Self { rounds: 7, descriptors: 20_000, devd: None }
+        Self { rounds: 7, descriptors: 20_000, devd: None, scale: None }
     }
 }

@@ -4,6 +4,7 @@
 mod api;
 mod bench;
 mod bench_devd;
+mod bench_scale;
 mod cli;
 mod coalesced;
 mod config;
@@ -162,7 +163,12 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         cli::Command::BenchSiov(o) => return bench_exit("bench-siov", bench::run(&o)),
-        cli::Command::BenchDevd(o) => return bench_exit("bench-devd", bench_devd::run(&o)),
+        cli::Command::BenchDevd(o) => {
+            return bench_exit("bench-devd", match o.scale {
+                Some(adis) => bench_scale::run(&o, adis),
+                None => bench_devd::run(&o),
+            })
+        }
         cli::Command::Run(c) => c,
     };
     // Before any thread starts: each enters its kind's filter as it begins (docs/seccomp.md).
