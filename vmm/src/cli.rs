@@ -71,6 +71,9 @@ SIOV (Scalable IOV) options:
     --vfio-user-dir DIR
                        the API may add vfio-user devices served on sockets under DIR (such as
                        siovmm-devd's ADIs); guest RAM is then shared. Only with --api-socket.
+    --pci-buses N      PCI root buses, 1..=16 [default: the fewest that hold the devices given
+                       at start]. Each has 31 device numbers: room for devices the API adds
+                       (an ADI request takes one per 8 ADIs, a passed-through device one).
 
     --seccomp MODE     system calls each siovmm thread may make are limited to its kind's list
                        (vCPU, event loop, device worker, ...): on (a call outside it stops
@@ -162,6 +165,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut seccomp = None;
     let mut api_socket: Option<String> = None;
     let mut vfio_user_dir: Option<String> = None;
+    let mut pci_buses: Option<String> = None;
     let mut adis: Option<u32> = None;
     let mut siov_opts: Vec<(String, String)> = Vec::new();
     let mut vfio: Vec<std::path::PathBuf> = Vec::new();
@@ -183,6 +187,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--seccomp" => &mut seccomp,
             "--api-socket" => &mut api_socket,
             "--vfio-user-dir" => &mut vfio_user_dir,
+            "--pci-buses" => &mut pci_buses,
             "--adi" => {
                 let v = value_of(&flag, inline, &mut it)?;
                 let n = parse_count("--adi", &v, 0, MAX_ADIS_PER_GUEST)?;
@@ -358,7 +363,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             Err(e) => return err(format!("--vfio-user-dir {dir}: {e}")),
         },
     };
-    Ok(Command::Run(VmConfig {
+    let pci_buses = match pci_buses {
+        None => None,
+        Some(v) => Some(parse_count("--pci-buses", &v, 1, u32::from(arch::pci::MAX_ROOT_BUSES))? as u8),
+    };
+    let config = VmConfig {
         kernel: kernel.into(),
         initramfs: initramfs.map(Into::into),
         cmdline,
@@ -370,7 +379,26 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         seccomp,
         api_socket: api_socket.map(Into::into),
         vfio_user_dir,
-    }))
+        pci_buses,
+    };
+    let needed = config.needed_root_buses();
+    if needed > arch::pci::MAX_ROOT_BUSES {
+        return err(format!(
+            "--vfio: {} ADIs, {} VFIO and {} vfio-user devices need {needed} PCI root buses; a guest has at most {}",
+            config.siov.adis,
+            config.vfio.len(),
+            config.vfio_user.len(),
+            arch::pci::MAX_ROOT_BUSES
+        ));
+    }
+    if let Some(asked) = config.pci_buses.filter(|&b| b < needed) {
+        return err(format!(
+            "--pci-buses {asked}: the {} ADIs and {} devices given at start need {needed} root buses",
+            config.siov.adis,
+            config.vfio.len() + config.vfio_user.len()
+        ));
+    }
+    Ok(Command::Run(config))
 }
 
 /// Each `--vfio-user` path is a UNIX socket, given once (whether a server listens there is
@@ -514,6 +542,25 @@ mod tests {
 
     fn parse_err(a: &[&str]) -> String {
         parse(args(a)).unwrap_err().0
+    }
+
+    #[test]
+    fn pci_buses_give_room_and_are_checked_against_what_is_given() {
+        let k = fake_kernel();
+        let Ok(Command::Run(c)) = parse(args(&["--kernel", &k, "--pci-buses", "3"])) else { panic!("not parsed") };
+        assert_eq!((c.pci_buses, c.pci_topology().root_buses()), (Some(3), 3));
+        let Ok(Command::Run(c)) = parse(args(&["--kernel", &k, "--adi", "300", "--siov-adis", "300", "--siov-ims", "1024"])) else {
+            panic!("not parsed")
+        };
+        // 300 ADIs take 38 device numbers: two root buses.
+        assert_eq!((c.pci_buses, c.pci_topology().root_buses()), (None, 2));
+        for (bad, says) in [
+            (&["--kernel", &k, "--pci-buses", "0"][..], "--pci-buses 0: must be between 1 and 16"),
+            (&["--kernel", &k, "--pci-buses", "17"][..], "--pci-buses 17: must be between 1 and 16"),
+            (&["--kernel", &k, "--pci-buses", "1", "--adi", "300", "--siov-adis", "300", "--siov-ims", "1024"][..], "--pci-buses 1: the 300 ADIs and 0 devices given at start need 2 root buses"),
+        ] {
+            assert_eq!(parse_err(bad), says, "{bad:?}");
+        }
     }
 
     #[test]

@@ -155,13 +155,26 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// The directory whose vfio-user sockets the API may attach, canonical (`--vfio-user-dir`).
     pub vfio_user_dir: Option<PathBuf>,
+    /// Root buses asked for (`--pci-buses`): room for devices the API adds later. Otherwise
+    /// the fewest that hold the devices given at start.
+    pub pci_buses: Option<u8>,
 }
 
 impl VmConfig {
     /// The PCI root buses the VM needs: enough for its ADIs and passed-through devices (the
     /// CLI checked the count).
     pub fn pci_topology(&self) -> arch::pci::PciTopology {
-        arch::pci::PciTopology::for_functions(self.siov.adis + (self.vfio.len() + self.vfio_user.len()) as u32).unwrap_or_default()
+        let needed = self.needed_root_buses();
+        let buses = self.pci_buses.map_or(needed, |asked| asked.max(needed));
+        arch::pci::PciTopology::new(u32::from(buses)).unwrap_or_default()
+    }
+
+    /// The fewest root buses that hold the devices given at start: `--adi`'s ADIs packed 8 to
+    /// a device number, each passed-through device on a number of its own.
+    pub fn needed_root_buses(&self) -> u8 {
+        let numbers = self.siov.adis.div_ceil(8) + (self.vfio.len() + self.vfio_user.len()) as u32;
+        let buses = numbers.div_ceil(u32::from(arch::pci::DEVICES_PER_BUS)).max(1);
+        u8::try_from(buses).unwrap_or(u8::MAX)
     }
 }
 

@@ -849,6 +849,7 @@ fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
         seccomp: siovmm_seccomp::Mode::Off,
         api_socket: None,
         vfio_user_dir: None,
+        pci_buses: None,
     };
     (dir, config)
 }
@@ -1148,6 +1149,7 @@ fn storing_guest(name: &str) -> (std::path::PathBuf, Vm) {
         seccomp: siovmm_seccomp::Mode::Off,
         api_socket: None,
         vfio_user_dir: None,
+        pci_buses: None,
     };
     (dir, Vm::build(&config, Box::new(std::io::sink())).unwrap())
 }
