@@ -64,6 +64,11 @@ impl Hotplug {
         }
     }
 
+    /// The guest runs no more: removals in progress stop waiting for its eject.
+    pub(crate) fn stop(&self) {
+        self.slots.stop();
+    }
+
     /// Asks the guest to eject `bdf`'s slot and waits up to `timeout`; true when it did.
     pub(crate) fn eject(&self, bdf: Bdf, timeout: Duration) -> bool {
         self.slots.request_eject(bdf.bus(), bdf.device());

@@ -1112,10 +1112,23 @@ kvm_test! {
             assert!(matches!(handle.remove_device(f3, long), Err(Error::NoDevice(b)) if b == f3));
             // One root bus, one block of registers: the next bus's is not there.
             assert!(!mmio.read(arch::layout::PCI_HOTPLUG_START + BUS_STRIDE + PCIU, &mut [0u8; 4]));
+            // A removal waiting for an eject when the VM stops ends then, not at its timeout.
+            let pending = {
+                let handle = handle.clone();
+                std::thread::spawn(move || handle.remove_device(adis[4], Duration::from_secs(600)))
+            };
+            std::thread::sleep(Duration::from_millis(50));
             drop(guard);
+            pending
         });
         assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
-        control.join().unwrap();
+        let pending = control.join().unwrap();
+        let stopped = Instant::now();
+        while !pending.is_finished() {
+            assert!(stopped.elapsed() < std::time::Duration::from_secs(10), "a pending removal held the VM's end");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(matches!(pending.join().unwrap(), Ok(crate::vm::Removal { ejected_by_guest: false })));
         drop(vm);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -688,6 +688,9 @@ impl Vm {
             self.shutdown.request(ExitReason::Failed("the event loop failed".into()));
         }
         self.vcpus.stop_and_join();
+        // No guest will answer an eject now: a removal waiting for one (on the API thread,
+        // which is stopped once this returns) goes on at once.
+        self.hotplug.stop();
         served?;
         let trace = &self.trace;
         trace.mark(&format!("run ({}, coalesced 0xCF8 {})", self.exits.stats, if self.coalesce { "on" } else { "off" }));

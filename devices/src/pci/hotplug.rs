@@ -23,6 +23,7 @@
 //! trusted (bits of device numbers siovmm did not ask to eject are recorded but act on nothing
 //! until siovmm asks for that slot).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ struct BusBits {
 pub struct HotplugSlots {
     buses: Mutex<Vec<BusBits>>,
     ejected: Condvar,
+    /// The guest runs no more: nobody will answer a request ([`HotplugSlots::stop`]).
+    stopped: AtomicBool,
     /// The Generic Event Device's interrupt (a KVM irqfd on its GSI).
     irq: EventFd,
 }
@@ -69,7 +72,12 @@ fn bit(device: u8) -> u32 {
 impl HotplugSlots {
     /// For `root_buses` buses, raising `irq` when the guest has something to read.
     pub fn new(root_buses: u8, irq: EventFd) -> Self {
-        Self { buses: Mutex::new(vec![BusBits::default(); usize::from(root_buses)]), ejected: Condvar::new(), irq }
+        Self {
+            buses: Mutex::new(vec![BusBits::default(); usize::from(root_buses)]),
+            ejected: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            irq,
+        }
     }
 
     fn update(&self, bus: u8, f: impl FnOnce(&mut BusBits)) -> bool {
@@ -112,14 +120,14 @@ impl HotplugSlots {
 
     /// Waits up to `timeout` for the guest to eject slot `device` of `bus` (asked with
     /// [`HotplugSlots::request_eject`]); true when it did. Either way the request is over: a
-    /// late eject of that slot is ignored.
+    /// late eject of that slot is ignored. Ends at once when the guest has stopped.
     pub fn wait_ejected(&self, bus: u8, device: u8, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut buses = crate::bus::lock(&self.buses);
         loop {
             let Some(b) = buses.get_mut(usize::from(bus)) else { return false };
             let now = Instant::now();
-            if b.ejected & bit(device) != 0 || now >= deadline {
+            if b.ejected & bit(device) != 0 || now >= deadline || self.stopped.load(Ordering::Acquire) {
                 let done = b.ejected & bit(device) != 0;
                 b.ejected &= !bit(device);
                 b.awaited &= !bit(device);
@@ -131,6 +139,15 @@ impl HotplugSlots {
                 Err(poisoned) => poisoned.into_inner().0,
             };
         }
+    }
+
+    /// The guest runs no more (its VM is stopping): every wait ends now, unanswered, so that a
+    /// removal in progress does not hold up the VM's end.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        // Under the lock: a waiter has either seen the flag or is waiting for this.
+        let _buses = crate::bus::lock(&self.buses);
+        self.ejected.notify_all();
     }
 
     /// The guest's `_EJ0` wrote `slots` for `bus`.
@@ -251,6 +268,23 @@ mod tests {
         r.write(PCEJ, &(1u32 << 3).to_le_bytes());
         s.request_eject(0, 3);
         assert!(!s.wait_ejected(0, 3, Duration::from_millis(10)), "the late eject did not count for the next request");
+    }
+
+    #[test]
+    fn a_stopped_guest_ends_every_wait_at_once() {
+        let (s, _) = slots(1);
+        s.request_eject(0, 2);
+        let waiter = {
+            let s = s.clone();
+            std::thread::spawn(move || (s.wait_ejected(0, 2, Duration::from_secs(600)), Instant::now()))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let stopped_at = Instant::now();
+        s.stop();
+        let (ejected, ended_at) = waiter.join().unwrap();
+        assert!(!ejected);
+        assert!(ended_at.duration_since(stopped_at) < Duration::from_secs(5));
+        assert!(!s.wait_ejected(0, 2, Duration::from_secs(600)), "and later waits do not wait");
     }
 
     #[test]
