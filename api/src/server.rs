@@ -213,6 +213,16 @@ mod tests {
         capacity: u32,
     }
 
+    impl FakeVm {
+        /// One passed-through device of `kind` in the next slot.
+        fn plug(&self, kind: DeviceKind) -> DeviceInfo {
+            let mut devices = self.adis.lock().unwrap();
+            let id = format!("0000:00:{:02x}.0", devices.len() + 1);
+            devices.push(id.clone());
+            DeviceInfo { id, kind }
+        }
+    }
+
     impl VmControl for FakeVm {
         fn info(&self) -> Result<VmInfo, ApiError> {
             let devices = self.adis.lock().unwrap().iter().map(|id| DeviceInfo { id: id.clone(), kind: DeviceKind::Adi }).collect();
@@ -232,19 +242,13 @@ mod tests {
             if !socket.starts_with("/run/devd/") {
                 return Err(ApiError::forbidden(format!("{socket}: outside /run/devd")));
             }
-            let mut adis = self.adis.lock().unwrap();
-            let id = format!("0000:00:{:02x}.0", adis.len() + 1);
-            adis.push(id.clone());
-            Ok(DeviceInfo { id, kind: DeviceKind::VfioUser })
+            Ok(self.plug(DeviceKind::VfioUser))
         }
         fn add_vfio(&self, path: &str) -> Result<DeviceInfo, ApiError> {
             if !path.starts_with("/sys/bus/pci/devices/") {
                 return Err(ApiError::bad_request(format!("{path}: not a PCI device's sysfs directory")));
             }
-            let mut adis = self.adis.lock().unwrap();
-            let id = format!("0000:00:{:02x}.0", adis.len() + 1);
-            adis.push(id.clone());
-            Ok(DeviceInfo { id, kind: DeviceKind::Vfio })
+            Ok(self.plug(DeviceKind::Vfio))
         }
         fn remove_device(&self, id: &str, eject_timeout: std::time::Duration) -> Result<Removed, ApiError> {
             if self.busy.iter().any(|b| b == id) {

@@ -148,8 +148,9 @@ fn api_error(e: Error) -> ApiError {
     match &e {
         Error::NoFreeAdis { .. } | Error::Released => ApiError::conflict(one_line(&e)),
         Error::Adis(siovmm_vdcm::Error::TooMany(_) | siovmm_vdcm::Error::Placement(..)) => ApiError::conflict(one_line(&e)),
-        Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf)) | Error::NoDevice(bdf) => ApiError::not_found(format!("no device {}", id(*bdf))),
-        Error::InUse(_) | Error::FunctionZeroLast { .. } => ApiError::conflict(format!("0000:{}", one_line(&e))),
+        Error::Adis(siovmm_vdcm::Error::NoSuchFunction(bdf)) => ApiError::not_found(format!("no device {}", id(*bdf))),
+        Error::NoDevice(_) => ApiError::not_found(one_line(&e)),
+        Error::InUse(_) | Error::FunctionZeroLast { .. } => ApiError::conflict(one_line(&e)),
         _ => ApiError::internal(one_line(&e)),
     }
 }

@@ -39,10 +39,18 @@ use devices::pci::PciAllocator;
 use siovmm_vdcm::{AdiOptions, AdiRequest, GuestSide, Vdcm};
 use crate::vm::{create_vm, pci_root, raise_fd_limit};
 
+/// `VmRSS` of process `pid` in bytes (0 if it cannot be read).
+pub(crate) fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
 fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-    pages * 4096
+    rss_of(std::process::id())
 }
 
 struct Guest {

@@ -29,12 +29,13 @@ use devices::Bus;
 use kvm_ioctls::Kvm;
 use vm_memory::GuestMemoryBackend;
 
+use crate::bench::rss_of;
 use crate::bench_devd::{spawn_daemon, Daemon};
 use crate::config::{BenchDevdOptions, SiovConfig};
 use crate::device_manager::{DeviceManager, GuestParts};
 use crate::kvm_irq::KvmIrq;
 use crate::memslots::MemorySlots;
-use crate::vm::{create_vm, pci_root};
+use crate::vm::{create_vm, pci_root, raise_fd_limit_to};
 
 /// Guest RAM per VM: nothing runs in it, but the daemon maps it for each ADI's DMA.
 const VM_RAM: u64 = 64 << 20;
@@ -44,35 +45,6 @@ const VM_RAM: u64 = 64 << 20;
 const FDS_PER_ADI: u64 = 4;
 /// How long the daemon may take to bind its sockets.
 const STARTUP: Duration = Duration::from_secs(60);
-
-/// Raises this process's open-file limit to `wanted` (the hard limit too, which needs root);
-/// returns the limit in force.
-fn raise_fd_limit_to(wanted: u64) -> u64 {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 0;
-        }
-        let raised = libc::rlimit { rlim_cur: wanted.max(r.rlim_cur), rlim_max: wanted.max(r.rlim_max) };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            return raised.rlim_cur;
-        }
-        r.rlim_cur = r.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        r.rlim_cur
-    }
-}
-
-/// `VmRSS` of process `pid` in bytes.
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
-}
 
 /// Open file descriptors of process `pid`.
 fn fds_of(pid: u32) -> usize {

@@ -76,13 +76,13 @@ pub enum Error {
         free: u32,
     },
     /// No device at this address.
-    #[error("no device {0}")]
+    #[error("no device 0000:{0}")]
     NoDevice(devices::pci::Bdf),
     /// The guest uses the device and cannot be asked to let it go (it takes no hotplug events).
-    #[error("{0} is in use by the guest (bus mastering, MSI or MSI-X on), and the guest takes no hotplug events: release it in the guest first (unbind its driver, or remove it from the guest's PCI bus)")]
+    #[error("0000:{0} is in use by the guest (bus mastering, MSI or MSI-X on), and the guest takes no hotplug events: release it in the guest first (unbind its driver, or remove it from the guest's PCI bus)")]
     InUse(devices::pci::Bdf),
     /// Function 0 of a slot whose other functions stay: without it the guest finds none of them.
-    #[error("{bdf} is function 0 of a slot whose other functions ({others}) stay: a guest finds a slot's functions through function 0, so it leaves last")]
+    #[error("0000:{bdf} is function 0 of a slot whose other functions ({others}) stay: a guest finds a slot's functions through function 0, so it leaves last")]
     FunctionZeroLast {
         /// The function asked for.
         bdf: devices::pci::Bdf,
