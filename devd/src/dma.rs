@@ -7,13 +7,19 @@
 //! daemon memory. Maps that overlap, wrap, or are not page-aligned are refused; an unmap must
 //! name whole mappings. An access in flight holds the read lock, so an unmap waits for it and
 //! the memory stays mapped while the device touches it.
+//!
+//! The client's descriptor is closed once its memory is mapped: a mapping keeps the memory,
+//! and a daemon serving thousands of ADIs cannot keep a descriptor per DMA map beside each
+//! ADI's connection (issue 12: 10,000 ADIs under a 20,000 open-file limit).
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock};
 
 use siovmm_vfio::dma::{DmaFault, DmaSpace, GuestRam};
+use siovmm_vfio::mapping::RegionMapping;
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 /// Page size DMA maps are aligned to.
 const PAGE: u64 = 4096;
@@ -39,7 +45,7 @@ pub enum MapError {
         address: u64,
         /// Why.
         #[source]
-        source: vm_memory::mmap::MmapRegionError,
+        source: std::io::Error,
     },
     /// The range overlaps a mapping already there.
     #[error("DMA range {0:#x} overlaps an existing mapping")]
@@ -54,16 +60,47 @@ pub enum MapError {
     },
 }
 
+/// One DMA map: the memory, and the region describing it at its IOVA.
+#[derive(Debug, Clone)]
+struct Map {
+    region: Arc<GuestRegionMmap>,
+    _memory: Arc<RegionMapping>,
+}
+
+/// The maps and what accesses go through.
+#[derive(Debug)]
+struct Maps {
+    /// Built from `maps`' regions, which point into their memory: declared first so that it
+    /// is dropped before the memory is unmapped.
+    ram: GuestRam,
+    maps: Vec<Map>,
+}
+
+impl Default for Maps {
+    fn default() -> Self {
+        Self { ram: GuestRam(GuestMemoryMmap::default()), maps: Vec::new() }
+    }
+}
+
+impl Maps {
+    fn of(mut maps: Vec<Map>) -> Self {
+        maps.sort_by_key(|m| m.region.start_addr().0);
+        // `map` refused overlaps, so the regions are disjoint and sorted.
+        let ram = GuestMemoryMmap::from_arc_regions(maps.iter().map(|m| m.region.clone()).collect()).unwrap_or_default();
+        Self { ram: GuestRam(ram), maps }
+    }
+}
+
 /// The client's DMA-mapped memory.
 #[derive(Debug)]
 pub struct ClientMemory {
-    regions: RwLock<(Vec<Arc<GuestRegionMmap>>, GuestRam)>,
+    regions: RwLock<Maps>,
 }
 
 impl ClientMemory {
     /// An empty space: every access faults until the client maps memory.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { regions: RwLock::new((Vec::new(), GuestRam(GuestMemoryMmap::default()))) })
+        Arc::new(Self { regions: RwLock::new(Maps::default()) })
     }
 
     /// Maps `size` bytes of `fd` from `offset` at IOVA `address`.
@@ -72,23 +109,29 @@ impl ClientMemory {
         if size == 0 || !address.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) || !offset.is_multiple_of(PAGE) || address.checked_add(size).is_none() {
             return Err(bad);
         }
-        let len = usize::try_from(size).map_err(|_| bad)?;
+        let len = usize::try_from(size).map_err(|_| MapError::BadRange { address, size })?;
         let fd = fd.ok_or(MapError::NoFd(address))?;
-        let region = MmapRegion::from_file(FileOffset::new(fd, offset), len).map_err(|source| MapError::Mmap { address, source })?;
-        let region = GuestRegionMmap::new(region, GuestAddress(address)).ok_or(MapError::BadRange { address, size })?;
+        let memory = RegionMapping::new(fd.as_raw_fd(), offset, 0, size).map_err(|source| MapError::Mmap { address, source })?;
+        // The mapping holds the memory; the descriptor is not needed any more.
+        drop(fd);
+        let host = memory.host(0).ok_or(MapError::BadRange { address, size })?;
+        // SAFETY: `host` is the start of `memory`, `len` bytes mapped shared read-write; the
+        // region is kept beside `memory` (a `Map`) and dropped before it (`Maps`), so it never
+        // outlives the mapping; a raw region does not unmap on drop.
+        let region = unsafe { MmapRegion::build_raw(host, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED) }
+            .map_err(|e| MapError::Mmap { address, source: std::io::Error::other(e) })?;
+        let region = GuestRegionMmap::new(region, GuestAddress(address)).ok_or(bad)?;
         let mut guard = devices_write(&self.regions);
         let end = address + size;
-        if guard.0.iter().any(|r| {
-            let (start, len) = (r.start_addr().0, r.len());
+        if guard.maps.iter().any(|m| {
+            let (start, len) = (m.region.start_addr().0, m.region.len());
             address < start + len && start < end
         }) {
             return Err(MapError::Overlap(address));
         }
-        let mut regions = guard.0.clone();
-        regions.push(Arc::new(region));
-        regions.sort_by_key(|r| r.start_addr().0);
-        let memory = GuestMemoryMmap::from_arc_regions(regions.clone()).map_err(|_| MapError::Overlap(address))?;
-        *guard = (regions, GuestRam(memory));
+        let mut maps = guard.maps.clone();
+        maps.push(Map { region: Arc::new(region), _memory: Arc::new(memory) });
+        *guard = Maps::of(maps);
         Ok(())
     }
 
@@ -96,25 +139,23 @@ impl ClientMemory {
     pub fn unmap(&self, address: u64, size: u64) -> Result<(), MapError> {
         let end = address.checked_add(size).ok_or(MapError::BadRange { address, size })?;
         let mut guard = devices_write(&self.regions);
-        let inside = |r: &Arc<GuestRegionMmap>| r.start_addr().0 >= address && r.start_addr().0 + r.len() <= end;
-        let touches = |r: &Arc<GuestRegionMmap>| r.start_addr().0 < end && address < r.start_addr().0 + r.len();
-        if guard.0.iter().any(|r| touches(r) && !inside(r)) {
+        let inside = |m: &Map| m.region.start_addr().0 >= address && m.region.start_addr().0 + m.region.len() <= end;
+        let touches = |m: &Map| m.region.start_addr().0 < end && address < m.region.start_addr().0 + m.region.len();
+        if guard.maps.iter().any(|m| touches(m) && !inside(m)) {
             return Err(MapError::Partial { address, size });
         }
-        let regions: Vec<_> = guard.0.iter().filter(|r| !inside(r)).cloned().collect();
-        let memory = GuestMemoryMmap::from_arc_regions(regions.clone()).unwrap_or_default();
-        *guard = (regions, GuestRam(memory));
+        *guard = Maps::of(guard.maps.iter().filter(|m| !inside(m)).cloned().collect());
         Ok(())
     }
 
     /// Unmaps everything (the client left).
     pub fn clear(&self) {
-        *devices_write(&self.regions) = (Vec::new(), GuestRam(GuestMemoryMmap::default()));
+        *devices_write(&self.regions) = Maps::default();
     }
 
     /// Bytes mapped.
     pub fn mapped(&self) -> u64 {
-        self.regions.read().unwrap_or_else(|e| e.into_inner()).0.iter().map(|r| r.len()).sum()
+        self.regions.read().unwrap_or_else(|e| e.into_inner()).maps.iter().map(|m| m.region.len()).sum()
     }
 }
 
@@ -124,11 +165,11 @@ fn devices_write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 impl DmaSpace for ClientMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
-        self.regions.read().unwrap_or_else(|e| e.into_inner()).1.read(addr, buf)
+        self.regions.read().unwrap_or_else(|e| e.into_inner()).ram.read(addr, buf)
     }
 
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), DmaFault> {
-        self.regions.read().unwrap_or_else(|e| e.into_inner()).1.write(addr, buf)
+        self.regions.read().unwrap_or_else(|e| e.into_inner()).ram.write(addr, buf)
     }
 }
 
@@ -161,6 +202,35 @@ mod tests {
         assert!(mem.write(0x11ffe, &[0; 4]).is_err(), "crosses the end: all or nothing");
         assert!(mem.read(0xfffc, &mut [0; 8]).is_err(), "starts before the mapping");
         assert_eq!(mem.mapped(), 0x2000);
+    }
+
+    /// How many of this process's descriptors are memfds named `name`.
+    fn open_memfds(name: &str) -> usize {
+        let want = format!("/memfd:{name} ");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with(&want))
+            .count()
+    }
+
+    #[test]
+    fn the_clients_descriptor_is_closed_once_mapped_and_the_memory_stays() {
+        // SAFETY: a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"dma-close-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(0x2000).unwrap();
+        let mem = ClientMemory::new();
+        mem.map(Some(file), 0, 0x4000, 0x2000).unwrap();
+        assert_eq!(open_memfds("dma-close-test"), 0, "no descriptor kept for the map");
+        mem.write(0x5ff8, &[9; 8]).unwrap();
+        let mut b = [0u8; 8];
+        mem.read(0x5ff8, &mut b).unwrap();
+        assert_eq!(b, [9; 8], "the mapping holds the memory");
+        mem.unmap(0x4000, 0x2000).unwrap();
+        assert!(mem.read(0x5ff8, &mut b).is_err());
     }
 
     #[test]

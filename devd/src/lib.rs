@@ -22,8 +22,9 @@ pub mod server;
 
 use std::path::{Path, PathBuf};
 
-/// The most ADIs one daemon serves (`--adis`): every one holds a listening socket, and while a
-/// client has it, the connection, its doorbell eventfd and the client's guest RAM mapping.
+/// The most ADIs one daemon serves (`--adis`): every one holds a listening socket while free,
+/// and while a client has it, the connection, a share of a doorbell eventfd and a mapping of the
+/// client's guest RAM.
 pub const MAX_ADIS: u32 = 16_384;
 
 /// Where ADI `adi`'s socket is in `dir`.

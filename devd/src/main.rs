@@ -1,9 +1,9 @@
 //! `siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]
-//! [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp on|log|off]`
+//! [--doorbell-share N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp on|log|off]`
 //!
 //! Serves ADI i of one software SIOV device on `DIR/adi-i.sock` (vfio-user) until killed.
 
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
 const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory]
-       [--workers N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp MODE]
+       [--workers N] [--doorbell-share N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N]
+       [--seccomp MODE]
 
 Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock.
   --adis N          ADIs (default 4, at most 16384)
@@ -22,6 +23,8 @@ Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock
   --ims-entries N   IMS entries of the device (default 16384)
   --ims KIND        where the device keeps IMS: on-device (default) or in-memory
   --workers N       device worker threads (default 2, 1..=64)
+  --doorbell-share N  ADIs of one VMM that share a doorbell eventfd (default 8, 1..=64; a ring
+                    runs a pass of each of them: fewer open files, a little more work per ring)
   --server-threads N  threads serving every ADI's socket (default 2, 1..=64)
   --max-adis-per-vm N   ADIs one VMM may hold at a time (default: no limit)
   --max-ims-per-vm N    IMS entries one VMM's ADIs may hold (default: no limit)
@@ -43,6 +46,7 @@ struct Options {
     ims_entries: u32,
     storage: ImsStorage,
     workers: usize,
+    doorbell_share: usize,
     server_threads: usize,
     limits: siovmm_devd::pool::Limits,
     seccomp: siovmm_seccomp::Mode,
@@ -54,7 +58,7 @@ fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, 
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
-    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, server_threads: 2, limits: Default::default(), seccomp: siovmm_seccomp::Mode::On };
+    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, doorbell_share: DEFAULT_DOORBELL_SHARE, server_threads: 2, limits: Default::default(), seccomp: siovmm_seccomp::Mode::On };
     let mut dir = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -64,6 +68,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
             "--vectors" => o.vectors = number(&flag, args.next(), 1..=256)?,
             "--ims-entries" => o.ims_entries = number(&flag, args.next(), 1..=1 << 20)?,
             "--workers" => o.workers = number(&flag, args.next(), 1..=64)?,
+            "--doorbell-share" => o.doorbell_share = number(&flag, args.next(), 1..=64)?,
             "--server-threads" => o.server_threads = number(&flag, args.next(), 1..=64)?,
             "--max-adis-per-vm" => o.limits.adis_per_vm = Some(number(&flag, args.next(), 1..=siovmm_devd::MAX_ADIS)?),
             "--max-ims-per-vm" => o.limits.ims_per_vm = Some(number(&flag, args.next(), 1..=1 << 20)?),
@@ -86,19 +91,40 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
     Ok(Some(o))
 }
 
-/// Removes a socket left by a daemon that is gone (nothing accepts on it); refuses a live one.
-fn clear_stale(path: &std::path::Path) -> Result<(), String> {
-    if !path.exists() {
-        return Ok(());
+/// Doorbell eventfds are shared by this many ADIs of one VMM unless `--doorbell-share` says
+/// otherwise: a ring then costs at most 7 passes that find nothing, and 10,000 ADIs in use
+/// need 1,250 eventfds instead of 10,000 (docs/devd.md).
+const DEFAULT_DOORBELL_SHARE: usize = 8;
+
+/// Takes the directory for this daemon: an exclusive lock on `DIR/devd.lock`, held while the
+/// daemon lives (the kernel drops it when the process ends, however it ends). A socket file
+/// found under the lock was left by a daemon that is gone and is removed. A probe by
+/// connecting cannot tell: a socket whose ADI is taken has no listener.
+fn take_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    let path = dir.join("devd.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => format!("{}: another siovmm-devd serves this directory", dir.display()),
+            _ => format!("{}: locking: {e}", path.display()),
+        });
     }
-    if UnixStream::connect(path).is_ok() {
-        return Err(format!("{}: another daemon serves this socket", path.display()));
-    }
-    std::fs::remove_file(path).map_err(|e| format!("{}: removing a stale socket: {e}", path.display()))
+    Ok(file)
 }
 
-/// Raises the open-file limit to the hard limit: each ADI holds a listener, and while a client
-/// has it a connection, an eventfd and the client's RAM (docs/devd.md). Returns the limit.
+/// Removes a socket file left by a daemon that is gone (the directory's lock is held).
+fn clear_stale(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{}: removing a stale socket: {e}", path.display())),
+        _ => Ok(()),
+    }
+}
+
+/// Raises the open-file limit to the hard limit: each ADI holds a listener while free and its
+/// connection while taken, and a few of one VMM's share a doorbell eventfd (docs/devd.md).
+/// Returns the limit.
 fn raise_fd_limit() -> u64 {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit on a valid struct.
@@ -112,13 +138,19 @@ fn raise_fd_limit() -> u64 {
 }
 
 fn run(o: Options) -> Result<(), String> {
+    let _lock = take_dir(&o.dir)?;
     let fds = raise_fd_limit();
-    if u64::from(o.adis) * 4 > fds {
-        log::warn!("{} ADIs may need {} open files when all are in use; the limit is {fds}", o.adis, u64::from(o.adis) * 4);
+    let adis = u64::from(o.adis);
+    // In use: each ADI's connection and its share of a doorbell; and a descriptor per vector
+    // a guest programs (the eventfd KVM's irqfd waits on).
+    let needed = adis + adis.div_ceil(o.doorbell_share as u64) + adis * u64::from(o.vectors) + 64;
+    if needed > fds {
+        log::warn!("{} ADIs may need {needed} open files when all are in use with every vector programmed; the limit is {fds}", o.adis);
     }
     // Before any thread starts: each enters its kind's filter as it begins (docs/seccomp.md).
     siovmm_seccomp::install(o.seccomp).map_err(|e| format!("--seccomp: {e}"))?;
-    let soft = Arc::new(SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?);
+    let soft = SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?;
+    let soft = Arc::new(soft.share_doorbells(o.doorbell_share));
     let device: Arc<dyn SiovDevice> = soft.clone();
     let needed = u64::from(o.adis) * u64::from(o.vectors);
     if needed > u64::from(device.info().ims_entries) {

@@ -9,10 +9,13 @@
 //! two threads ever work on one ADI, and a busy ADI cannot starve the others: each gets one
 //! request per wake-up, in the order epoll reports them.
 //!
-//! An ADI serves one client at a time, as before: while it has one, its listening socket is
-//! not armed, and the next client waits in the socket's backlog. A client the device or its
-//! VM's limits cannot serve gets a connection of its own that answers every request with the
-//! reason's errno, and the ADI goes back to listening at once.
+//! An ADI serves one client at a time: while it has one, its listening socket is closed (a
+//! client connecting meanwhile is refused, ECONNREFUSED), and when the client leaves the
+//! socket is bound again. A taken ADI thus costs the daemon one descriptor, its connection,
+//! not two: at 10,000 ADIs in use that is the difference between fitting a 20,000 open-file
+//! limit and not (issue 12). A client the device or its VM's limits cannot serve gets a
+//! connection of its own that answers every request with the reason's errno, and the ADI goes
+//! on listening.
 //!
 //! A step reads only when the socket is readable, but a message may arrive in parts: a read
 //! (or a reply the client does not take) blocks for at most [`MESSAGE_TIMEOUT`], after which
@@ -21,6 +24,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,7 +54,11 @@ enum AdiState {
 /// An ADI's socket and where it is.
 struct Adi {
     id: AdiId,
-    listener: UnixListener,
+    /// Where its socket is bound.
+    path: PathBuf,
+    /// Its listening socket while it has no client (`None` while it has one, or if binding
+    /// it again failed).
+    listener: Option<UnixListener>,
     state: AdiState,
 }
 
@@ -100,11 +108,16 @@ impl Reactor {
             shape: DeviceShape { regions, irqs },
         });
         for (id, listener) in listeners {
+            let path = listener
+                .local_addr()?
+                .as_pathname()
+                .map(PathBuf::from)
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("ADI {}: its socket has no path", id.0)))?;
             // Accepting never blocks a server thread: a client that gave up is EAGAIN.
             listener.set_nonblocking(true)?;
             let token = u64::from(id.0);
             shared.epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(armed(), token))?;
-            lock(&shared.entries).insert(token, Entry::Adi(Adi { id, listener, state: AdiState::Listening }));
+            lock(&shared.entries).insert(token, Entry::Adi(Adi { id, path, listener: Some(listener), state: AdiState::Listening }));
         }
         let threads = (0..threads.max(1))
             .map(|n| {
@@ -169,12 +182,13 @@ impl Shared {
             Entry::Adi(adi) => {
                 let adi = self.step_adi(adi);
                 let (fd, listening) = match &adi.state {
-                    AdiState::Listening => (adi.listener.as_raw_fd(), true),
-                    AdiState::Serving { stream, .. } => (stream.as_raw_fd(), false),
+                    AdiState::Listening => (adi.listener.as_ref().map(AsRawFd::as_raw_fd), true),
+                    AdiState::Serving { stream, .. } => (Some(stream.as_raw_fd()), false),
                 };
                 lock(&self.entries).insert(token, Entry::Adi(adi));
-                // The connection was added (or is gone, which removed it from the set); the
-                // listener was added at start: both are modified to re-arm them.
+                // The connection or listener is in the set (added disarmed when it was made, or
+                // at start), or gone, which removed it: it is modified to re-arm it.
+                let Some(fd) = fd else { return };
                 if let Err(e) = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(armed(), token)) {
                     log::error!("ADI {}: re-arming its {}: {e}", token, if listening { "socket" } else { "client" });
                 }
@@ -192,7 +206,7 @@ impl Shared {
 
     fn step_adi(&self, mut adi: Adi) -> Adi {
         adi.state = match std::mem::replace(&mut adi.state, AdiState::Listening) {
-            AdiState::Listening => self.accept(&adi),
+            AdiState::Listening => self.accept(&mut adi),
             AdiState::Serving { stream, mut backend, pid } => match server::serve_one(&stream, &self.shape, &mut backend) {
                 Ok(true) => AdiState::Serving { stream, backend, pid },
                 ended => {
@@ -203,6 +217,7 @@ impl Shared {
                     // Closes the ADI; the device frees its IMS entries and DMA mappings.
                     drop(backend);
                     self.pool.give_back(pid, u32::from(self.vectors));
+                    adi.listener = self.listen_again(&adi);
                     AdiState::Listening
                 }
             },
@@ -210,9 +225,26 @@ impl Shared {
         adi
     }
 
-    /// Accepts one client of `adi`: serving it, or refusing it on a connection of its own.
-    fn accept(&self, adi: &Adi) -> AdiState {
-        let stream = match adi.listener.accept() {
+    /// `adi`'s socket bound again once its client has left, in the set disarmed (`step` arms
+    /// it). The file its closed listener left is removed first. `None` if that fails: the ADI
+    /// is out of service, said once in the log.
+    fn listen_again(&self, adi: &Adi) -> Option<UnixListener> {
+        let bound = std::fs::remove_file(&adi.path)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .and_then(|()| UnixListener::bind(&adi.path))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(|l| {
+                let event = EpollEvent::new(EventSet::ONE_SHOT, u64::from(adi.id.0));
+                self.epoll.ctl(ControlOperation::Add, l.as_raw_fd(), event).map(|()| l)
+            });
+        bound.inspect_err(|e| log::error!("ADI {}: binding {} again: {e}; the ADI is out of service", adi.id.0, adi.path.display())).ok()
+    }
+
+    /// Accepts one client of `adi`: serving it (its listener closed meanwhile), or refusing
+    /// it on a connection of its own.
+    fn accept(&self, adi: &mut Adi) -> AdiState {
+        let Some(listener) = &adi.listener else { return AdiState::Listening };
+        let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -231,7 +263,8 @@ impl Shared {
             self.refuse(stream, libc::EDQUOT);
             return AdiState::Listening;
         }
-        match AdiBackend::open(self.device.clone(), adi.id, self.vectors) {
+        // The VMM's process ID names its VM to the device, whose ADIs may share a doorbell.
+        match AdiBackend::open(self.device.clone(), adi.id, self.vectors, pid as u32 as u64) {
             Ok(backend) => {
                 log::info!("ADI {}: serving VMM pid {pid}", adi.id.0);
                 let token = u64::from(adi.id.0);
@@ -242,6 +275,9 @@ impl Shared {
                     self.pool.give_back(pid, u32::from(self.vectors));
                     return AdiState::Listening;
                 }
+                // Closed while the client has the ADI; bound again when it leaves. The path
+                // stays, so a client connecting meanwhile is refused, not told it is gone.
+                adi.listener = None;
                 AdiState::Serving { stream, backend, pid }
             }
             Err(e) => {

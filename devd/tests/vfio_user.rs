@@ -182,6 +182,27 @@ fn a_client_submits_and_takes_its_interrupt_then_the_next_client_gets_the_adi() 
     drop(device);
 }
 
+#[test]
+fn a_taken_adi_refuses_other_clients_and_one_vmms_adis_share_a_doorbell() {
+    let dir = TempDir::new("taken");
+    let soft = Arc::new(SoftSiovDevice::new(3, 8, ImsStorage::OnDevice, 1).unwrap().share_doorbells(8));
+    serve_all(&dir.0, 3, soft.clone(), 2, Arc::new(Pool::new(Limits::default(), None)), 2);
+    let held = UserDevice::connect(&socket_path(&dir.0, 1)).unwrap();
+    // Served: the ADI's listening socket is closed while this client has it.
+    let refused = UnixStream::connect(socket_path(&dir.0, 1)).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    assert_eq!(soft.doorbell_fds(), 1);
+    // Another ADI of the same VMM (this process) rings the same eventfd: its submission runs,
+    // and the pass of the held, idle ADI that the ring also costs finds nothing.
+    assert_eq!(session(&socket_path(&dir.0, 0), Ring::IoEventFd), 1);
+    assert_eq!(soft.doorbell_fds(), 1, "ADI 0's doorbell was ADI 1's; ADI 1 still holds it");
+    drop(held);
+    // Given back: bound again, and the next client is served (its connect tried again while
+    // the daemon rebinds).
+    assert_eq!(session(&socket_path(&dir.0, 1), Ring::IoEventFd), 1);
+    wait_for("the last doorbell to close", || soft.doorbell_fds() == 0);
+}
+
 /// MSI-X message control reads back the enable and function-mask bits the client wrote, as
 /// kernel vfio-pci's virtualized config space does (a client passing the guest's
 /// read-modify-write through would otherwise disable MSI-X when Linux clears the mask).
@@ -191,7 +212,7 @@ fn msix_control_reads_back_what_the_client_wrote() {
     use vfio_user::ServerBackend;
     const CONTROL: u64 = 0x42; // the MSI-X capability at 0x40
     let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(1, 4, ImsStorage::OnDevice, 1).unwrap());
-    let mut b = AdiBackend::open(device, AdiId(0), 4).unwrap();
+    let mut b = AdiBackend::open(device, AdiId(0), 4, 1).unwrap();
     let control = |b: &mut AdiBackend| {
         let mut c = [0u8; 2];
         b.region_read(VFIO_PCI_CONFIG_REGION_INDEX, CONTROL, &mut c).unwrap();
@@ -212,8 +233,8 @@ fn hostile_requests_are_refused_and_the_adi_keeps_working() {
     // The backend directly, where each refusal is visible (the crate's client ignores a
     // reply's error flag and then waits for data that never comes).
     let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(1, 2, ImsStorage::OnDevice, 1).unwrap());
-    let mut b = AdiBackend::open(device.clone(), AdiId(0), 2).unwrap();
-    assert!(AdiBackend::open(device.clone(), AdiId(0), 2).is_err(), "the ADI is taken");
+    let mut b = AdiBackend::open(device.clone(), AdiId(0), 2, 1).unwrap();
+    assert!(AdiBackend::open(device.clone(), AdiId(0), 2, 1).is_err(), "the ADI is taken");
     let mut buf = [0u8; 8];
     assert!(b.region_read(VFIO_PCI_BAR0_REGION_INDEX, 0x7ffc, &mut buf).is_err(), "past BAR0's end");
     assert!(b.region_read(5, 0, &mut buf).is_err(), "a region the ADI does not have");
@@ -387,10 +408,16 @@ fn the_daemon_binary_serves_under_its_seccomp_filters() {
         }
         let mut daemon = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
         let path = socket_path(&dir.0, 0);
-        wait_for("the daemon's sockets", || socket_path(&dir.0, 1).exists() && UnixStream::connect(&path).is_ok());
-        // The probe connection above is served and dropped; the ADI listens again.
+        // Bound and listening: a client connecting now waits in the backlog until the server
+        // threads accept. (A probe by connecting would take the ADI, and close its socket,
+        // for a moment.)
+        wait_for("the daemon's sockets", || socket_path(&dir.0, 1).exists());
         assert_eq!(session(&path, Ring::IoEventFd), 1);
         assert_eq!(session(&path, Ring::RegionWrite), 1);
+        // The directory is this daemon's: a second one is refused in one line.
+        let second = std::process::Command::new(env!("CARGO_BIN_EXE_siovmm-devd")).args(["--socket-dir", dir.0.to_str().unwrap()]).output().unwrap();
+        assert_eq!(second.status.code(), Some(1));
+        assert_eq!(String::from_utf8_lossy(&second.stderr), format!("siovmm-devd: {}: another siovmm-devd serves this directory\n", dir.0.display()));
         let stream = UnixStream::connect(socket_path(&dir.0, 1)).unwrap();
         assert!(raw_request(&stream, 1, 0x7777, 16, &[]).is_ok_and(|(h, _)| h.flags & FLAG_ERROR != 0), "an unknown command is refused");
         drop(stream);

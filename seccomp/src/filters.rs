@@ -107,13 +107,18 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
             allow(&mut r, &[libc::SYS_writev]);
         }
         ThreadKind::DaemonServer => {
-            // FIONBIO on accepted sockets.
+            // FIONBIO on accepted sockets and listeners.
             ioctl(&mut r, &[IOCTL_TERMINAL])?;
             allow(&mut r, STAT);
             allow(&mut r, EPOLL);
             allow(
                 &mut r,
                 &[
+                    // An ADI's socket is bound again when its client leaves (devd reactor):
+                    // the old file removed (STATUS_FILE's unlink), a new UNIX socket (below)
+                    // bound and listening.
+                    libc::SYS_bind,
+                    libc::SYS_listen,
                     libc::SYS_accept4,
                     libc::SYS_sendmsg,
                     libc::SYS_recvmsg,
@@ -130,6 +135,7 @@ fn rules(kind: ThreadKind, pid: i32) -> Result<Rules, BackendError> {
                 ],
             );
             allow(&mut r, STATUS_FILE);
+            r.insert(libc::SYS_socket, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)?])?]);
         }
         // Sleeps, and rewrites the status file with the device's counters every second.
         ThreadKind::DaemonMain => allow(&mut r, STATUS_FILE),
@@ -228,15 +234,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_kind_may_start_programs_or_threads_or_open_sockets() {
+    fn no_kind_may_start_programs_or_threads_or_open_other_sockets() {
         for kind in ThreadKind::ALL {
             let r = rules(kind, 1).unwrap();
             for call in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_clone, libc::SYS_clone3, libc::SYS_fork, libc::SYS_ptrace, libc::SYS_personality] {
                 assert!(!r.contains_key(&call), "{kind} allows syscall {call}");
             }
-            // The API thread connects to vfio-user devices: UNIX sockets only, one rule.
+            // The API thread connects to vfio-user devices, the daemon's server threads bind
+            // ADI sockets again: UNIX sockets only, one rule.
             let sockets = r.get(&libc::SYS_socket).map(Vec::len);
-            assert_eq!(sockets, (kind == ThreadKind::Api).then_some(1), "{kind}");
+            assert_eq!(sockets, matches!(kind, ThreadKind::Api | ThreadKind::DaemonServer).then_some(1), "{kind}");
         }
     }
 

@@ -250,6 +250,14 @@ pub trait SiovDevice: Send + Sync {
 
     /// Takes ADI `adi` for one guest, its DMA going to the space bound as `dma`.
     fn open_adi(&self, adi: AdiId, dma: DmaHandle) -> Result<Portal, Error>;
+    /// [`SiovDevice::open_adi`] for the VM `owner` names (any number its caller keeps per VM):
+    /// the device may give ADIs of one owner a shared doorbell eventfd, so that serving
+    /// thousands of ADIs does not take a descriptor each. A device that shares nothing opens
+    /// the ADI as `open_adi` does.
+    fn open_adi_for(&self, adi: AdiId, dma: DmaHandle, owner: u64) -> Result<Portal, Error> {
+        let _ = owner;
+        self.open_adi(adi, dma)
+    }
     /// Resets and releases the ADI and frees every IMS entry allocated to it.
     fn close_adi(&self, adi: AdiId) -> Result<(), Error>;
     /// Resets the ADI: queue disabled, counters cleared, interrupt handles dropped.

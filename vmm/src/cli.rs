@@ -465,6 +465,15 @@ pub fn parse_bench_devd(args: &[String]) -> Result<BenchDevdOptions, CliError> {
             "--rounds" => o.rounds = parse_count(flag, v, 1, 1000)?,
             "--descriptors" => o.descriptors = parse_count(flag, v, 1, 1_000_000)?,
             "--scale" => o.scale = Some(parse_count(flag, v, 1, siovmm_devd::MAX_ADIS)?),
+            "--scale-child" => {
+                let mut parts = v.rsplitn(3, ',');
+                let (count, first, dir) = (parts.next(), parts.next(), parts.next());
+                let number = |n: Option<&str>| n.and_then(|n| n.parse::<u32>().ok());
+                let (Some(count), Some(first), Some(dir)) = (number(count), number(first), dir) else {
+                    return err(format!("--scale-child {v}: not DIR,FIRST,COUNT"));
+                };
+                o.scale_child = Some((dir.into(), first, count));
+            }
             "--devd" => {
                 if !std::path::Path::new(v).is_file() {
                     return err(format!("--devd {v}: no such file"));

@@ -210,10 +210,13 @@ pub struct BenchDevdOptions {
     /// Instead of the fast-path figures, this many of the daemon's ADIs live at once across
     /// VMs (`bench_scale`).
     pub scale: Option<u32>,
+    /// One of those VMs, in a process of its own (`--scale-child DIR,FIRST,COUNT`, which
+    /// `--scale` passes; not for users): the daemon's socket directory and the ADIs it takes.
+    pub scale_child: Option<(PathBuf, u32, u32)>,
 }
 
 impl Default for BenchDevdOptions {
     fn default() -> Self {
-        Self { rounds: 7, descriptors: 20_000, devd: None, scale: None }
+        Self { rounds: 7, descriptors: 20_000, devd: None, scale: None, scale_child: None }
     }
 }

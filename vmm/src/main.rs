@@ -164,9 +164,10 @@ fn main() -> ExitCode {
         }
         cli::Command::BenchSiov(o) => return bench_exit("bench-siov", bench::run(&o)),
         cli::Command::BenchDevd(o) => {
-            return bench_exit("bench-devd", match o.scale {
-                Some(adis) => bench_scale::run(&o, adis),
-                None => bench_devd::run(&o),
+            return bench_exit("bench-devd", match (&o.scale_child, o.scale) {
+                (Some((dir, first, count)), _) => bench_scale::child(dir, *first, *count),
+                (None, Some(adis)) => bench_scale::run(&o, adis),
+                (None, None) => bench_devd::run(&o),
             })
         }
         cli::Command::Run(c) => c,

@@ -22,6 +22,7 @@
 //! again once the guest resets or reconfigures it. The worker goes on serving the others.
 
 pub mod descriptor;
+pub mod doorbells;
 pub mod engine;
 pub mod ims;
 pub mod portal;
@@ -90,7 +91,9 @@ struct AdiState {
     /// The DMA binding the ADI was opened on, and its space.
     binding: Option<DmaHandle>,
     dma: Option<Arc<dyn DmaSpace>>,
-    doorbell: Option<Arc<EventFd>>,
+    /// The doorbell eventfd it rings (perhaps with other ADIs of its owner: `doorbells`) and
+    /// the token its worker watches it by.
+    doorbell: Option<(Arc<EventFd>, u64)>,
     queue: Option<QueueConfig>,
     head: u32,
     handles: Arc<[Option<HandleTarget>]>,
@@ -134,6 +137,7 @@ struct Shared {
     adis: Vec<Mutex<AdiState>>,
     dma: Mutex<Bindings>,
     ims: Mutex<ImsTable>,
+    doorbells: Mutex<doorbells::Doorbells>,
     stats: Stats,
 }
 
@@ -141,7 +145,8 @@ struct Shared {
 pub struct SoftSiovDevice {
     info: DeviceInfo,
     shared: Arc<Shared>,
-    /// Each waits on the doorbells of its ADIs (token = ADI index) and runs their queues.
+    /// Each waits on some of the doorbell eventfds (by their `doorbells` token) and runs the
+    /// queues of the ADIs that ring them.
     workers: Vec<EpollThread>,
     /// Mapped portals and their poller, when ADIs have them.
     portals: Option<portal::Portals>,
@@ -170,6 +175,7 @@ impl SoftSiovDevice {
             adis: (0..adis).map(|_| Mutex::new(AdiState::default())).collect(),
             dma: Mutex::new(Bindings::default()),
             ims: Mutex::new(table),
+            doorbells: Mutex::new(doorbells::Doorbells::new(1)),
             stats: Stats::default(),
         });
         let mut ws = Vec::new();
@@ -182,7 +188,7 @@ impl SoftSiovDevice {
             PortalKind::Mapped => {
                 // The poller runs a rung queue itself, as a worker would on its doorbell.
                 let sh = shared.clone();
-                Some(portal::Portals::new(adis, move |adi| serve_doorbell(&sh, u64::from(adi)))?)
+                Some(portal::Portals::new(adis, move |adi| serve_adi(&sh, adi))?)
             }
         };
         Ok(Self {
@@ -191,6 +197,19 @@ impl SoftSiovDevice {
             workers: ws,
             portals,
         })
+    }
+
+    /// ADIs that [`SiovDevice::open_adi_for`] opens for one owner share a doorbell eventfd,
+    /// up to `share` ADIs per eventfd ([`doorbells`]); 1 (the default) gives each ADI its own.
+    /// For a device with no ADI open yet.
+    pub fn share_doorbells(self, share: usize) -> Self {
+        *lock(&self.shared.doorbells) = doorbells::Doorbells::new(share);
+        self
+    }
+
+    /// Doorbell eventfds open.
+    pub fn doorbell_fds(&self) -> usize {
+        lock(&self.shared.doorbells).len()
     }
 
     /// Counters.
@@ -222,21 +241,62 @@ impl SoftSiovDevice {
         self.shared.adis.get(adi.0 as usize).ok_or(Error::NoSuchAdi(adi.0))
     }
 
-    fn worker_for(&self, adi: AdiId) -> &EpollThread {
-        &self.workers[adi.0 as usize % self.workers.len()]
+    /// The worker that watches the doorbell eventfd of `token`.
+    fn worker_for(&self, token: u64) -> &EpollThread {
+        &self.workers[(token % self.workers.len() as u64) as usize]
+    }
+
+    /// Opens `adi` on `dma`, its doorbell shared with other ADIs of `owner` if one is named.
+    fn open(&self, adi: AdiId, dma: DmaHandle, owner: Option<u64>) -> Result<Portal, Error> {
+        let mut st = lock(self.adi(adi)?);
+        if st.dma.is_some() {
+            return Err(Error::AdiBusy(adi.0));
+        }
+        let mut bindings = lock(&self.shared.dma);
+        let binding = bindings.bound.get_mut(&dma.0).ok_or(Error::NoSuchDma(dma.0))?;
+        let mut doorbells = lock(&self.shared.doorbells);
+        let joined = doorbells.join(adi.0, owner).map_err(|_| Error::Resources("eventfds"))?;
+        if joined.new && self.worker_for(joined.token).watch(joined.fd.as_ref(), joined.token).is_err() {
+            doorbells.leave(joined.token, adi.0);
+            return Err(Error::Resources("epoll registrations"));
+        }
+        drop(doorbells);
+        // `self.adi` checked the ADI exists, so it has a page.
+        let page = self.portals.as_ref().and_then(|p| p.open(adi.0));
+        let portal = match page {
+            None => Portal::Doorbell(joined.fd.clone()),
+            Some(page) => Portal::Mapped { page, doorbell: joined.fd.clone() },
+        };
+        binding.users += 1;
+        st.replace(AdiState {
+            binding: Some(dma),
+            dma: Some(binding.space.clone()),
+            doorbell: Some((joined.fd, joined.token)),
+            ..AdiState::default()
+        });
+        Ok(portal)
     }
 }
 
-/// A doorbell rang: consume it and run one pass of the ADI's queue (see the module's
-/// fairness note); a queue with more work rings again.
+/// The doorbell eventfd of `token` rang: consume it, then run one pass of each queue it rings
+/// for (one ADI's, or a few of one owner's: a queue with nothing new stops at once).
 fn serve_doorbell(shared: &Shared, token: u64) {
-    let Some(cell) = shared.adis.get(token as usize) else { return };
-    let adi = AdiId(token as u32);
+    let Some((fd, adis)) = lock(&shared.doorbells).members(token) else { return };
+    // Consumed before the passes look at the queues: a ring that comes while they run is
+    // seen by the next wake-up, never lost.
+    let _ = fd.read();
+    for &adi in adis.iter() {
+        serve_adi(shared, adi);
+    }
+}
+
+/// ADI `adi` was rung: one pass of its queue (see the module's fairness note); a queue with
+/// more work rings its doorbell again.
+fn serve_adi(shared: &Shared, adi: u32) {
+    let Some(cell) = shared.adis.get(adi as usize) else { return };
+    let adi = AdiId(adi);
     {
         let mut st = lock(cell);
-        if let Some(db) = &st.doorbell {
-            let _ = db.read();
-        }
         if st.running {
             st.again = true;
             return;
@@ -257,7 +317,7 @@ fn serve_doorbell(shared: &Shared, token: u64) {
         }
     };
     if std::mem::take(&mut st.again) || more {
-        if let Some(db) = &st.doorbell {
+        if let Some((db, _)) = &st.doorbell {
             // A doorbell eventfd cannot overflow from one write; the next pass consumes it.
             let _ = db.write(1);
         }
@@ -392,39 +452,23 @@ impl SiovDevice for SoftSiovDevice {
     }
 
     fn open_adi(&self, adi: AdiId, dma: DmaHandle) -> Result<Portal, Error> {
-        let mut st = lock(self.adi(adi)?);
-        if st.dma.is_some() {
-            return Err(Error::AdiBusy(adi.0));
-        }
-        let mut bindings = lock(&self.shared.dma);
-        let binding = bindings.bound.get_mut(&dma.0).ok_or(Error::NoSuchDma(dma.0))?;
-        let doorbell = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|_| Error::Resources("eventfds"))?);
-        self.worker_for(adi)
-            .watch(doorbell.as_ref(), u64::from(adi.0))
-            .map_err(|_| Error::Resources("epoll registrations"))?;
-        // `self.adi` checked the ADI exists, so it has a page.
-        let page = self.portals.as_ref().and_then(|p| p.open(adi.0));
-        let portal = match page {
-            None => Portal::Doorbell(doorbell.clone()),
-            Some(page) => Portal::Mapped { page, doorbell: doorbell.clone() },
-        };
-        binding.users += 1;
-        st.replace(AdiState {
-            binding: Some(dma),
-            dma: Some(binding.space.clone()),
-            doorbell: Some(doorbell),
-            ..AdiState::default()
-        });
-        Ok(portal)
+        self.open(adi, dma, None)
+    }
+
+    fn open_adi_for(&self, adi: AdiId, dma: DmaHandle, owner: u64) -> Result<Portal, Error> {
+        self.open(adi, dma, Some(owner))
     }
 
     fn close_adi(&self, adi: AdiId) -> Result<(), Error> {
         let mut st = lock(self.adi(adi)?);
-        let Some(db) = st.doorbell.take() else { return Err(Error::AdiNotOpen(adi.0)) };
-        // Deleting a registered fd from our own epoll fails only if it was never added, which
-        // open_adi rules out; the fd closes with the last Arc either way.
-        if let Err(e) = self.worker_for(adi).unwatch(db.as_ref()) {
-            log::warn!("ADI {}: removing its doorbell from the worker: {e}", adi.0);
+        let Some((_, token)) = st.doorbell.take() else { return Err(Error::AdiNotOpen(adi.0)) };
+        // The last ADI to leave an eventfd takes it off its worker. Deleting a registered fd
+        // from our own epoll fails only if it was never added, which `open` rules out; the fd
+        // closes with the last Arc either way.
+        if let Some(db) = lock(&self.shared.doorbells).leave(token, adi.0) {
+            if let Err(e) = self.worker_for(token).unwatch(db.as_ref()) {
+                log::warn!("ADI {}: removing its doorbell from the worker: {e}", adi.0);
+            }
         }
         if let Some(p) = &self.portals {
             p.close(adi.0);

@@ -368,6 +368,42 @@ fn lane(dev: &SoftSiovDevice, adi: u32, space: Arc<dyn DmaSpace>, ram: GuestRam,
     Lane { ram, adi: AdiId(adi), doorbell, size, tail: Default::default() }
 }
 
+/// A lane opened for `owner`, its doorbell perhaps shared.
+fn owned_lane(dev: &SoftSiovDevice, adi: u32, owner: u64, ram: GuestRam) -> Lane {
+    let dma = dev.dma_bind(Arc::new(ram.clone())).unwrap();
+    let doorbell = dev.open_adi_for(AdiId(adi), dma, owner).unwrap().doorbell().clone();
+    dev.configure_queue(AdiId(adi), Some(QueueConfig { base: QUEUE, size: 8 })).unwrap();
+    Lane { ram, adi: AdiId(adi), doorbell, size: 8, tail: Default::default() }
+}
+
+#[test]
+fn adis_of_one_owner_share_a_doorbell_and_each_ring_runs_the_right_queue() {
+    let dev = SoftSiovDevice::new(8, 64, ImsStorage::OnDevice, 2).unwrap().share_doorbells(2);
+    let lanes: Vec<Lane> = (0..3).map(|adi| owned_lane(&dev, adi, 7, ram(1 << 20))).collect();
+    let other = owned_lane(&dev, 3, 8, ram(1 << 20));
+    assert!(Arc::ptr_eq(&lanes[0].doorbell, &lanes[1].doorbell), "two of owner 7's ADIs to an eventfd");
+    assert!(!Arc::ptr_eq(&lanes[1].doorbell, &lanes[2].doorbell));
+    assert!(!Arc::ptr_eq(&lanes[2].doorbell, &other.doorbell), "owner 8 never shares owner 7's");
+    assert_eq!(dev.doorbell_fds(), 3);
+    // A ring of the shared eventfd runs the queue that has work, whichever ADI of the group
+    // it is, and every ADI's NOOPs complete through its group's eventfd.
+    for round in 0..3 {
+        for lane in lanes.iter().chain([&other]) {
+            assert_eq!(lane.noop().status, status::SUCCESS, "round {round}, ADI {}", lane.adi.0);
+            assert_eq!(lane.head(), round + 1);
+        }
+    }
+    // The group's eventfd stays while one ADI rings it, and goes with the last.
+    dev.close_adi(AdiId(0)).unwrap();
+    assert_eq!(dev.doorbell_fds(), 3);
+    assert_eq!(lanes[1].noop().status, status::SUCCESS, "ADI 1 still rings the shared eventfd");
+    dev.close_adi(AdiId(1)).unwrap();
+    assert_eq!(dev.doorbell_fds(), 2);
+    dev.close_adi(AdiId(2)).unwrap();
+    dev.close_adi(AdiId(3)).unwrap();
+    assert_eq!(dev.doorbell_fds(), 0);
+}
+
 fn ram(bytes: usize) -> GuestRam {
     GuestRam(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes)]).unwrap())
 }

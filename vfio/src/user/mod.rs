@@ -46,6 +46,12 @@ use crate::pci::{RegionInfo, VfioBackend};
 /// stopped or wedged, which would otherwise hold a vCPU forever.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a refused connection is tried again. A device daemon closes an ADI's socket while
+/// a client has it and binds it again when the client leaves (siovmm-devd's reactor), so a VMM
+/// taking an ADI another has just given back may find it refused, or its file briefly gone,
+/// for the few milliseconds that takes.
+pub const CONNECT_RETRY: Duration = Duration::from_secs(1);
+
 /// Largest reply payload accepted (the protocol's default `max_data_xfer_size`, plus room
 /// for a reply's fixed part): a bigger size is a broken server, not a read to honour.
 const MAX_REPLY: usize = protocol::MAX_TRANSFER + 64;
@@ -56,6 +62,9 @@ pub enum Error {
     /// The socket could not be reached.
     #[error("connecting to {0}")]
     Connect(String, #[source] std::io::Error),
+    /// The socket refused every connection for [`CONNECT_RETRY`].
+    #[error("{0}: connection refused for {secs} s: another VM holds this device, or nothing serves it", secs = CONNECT_RETRY.as_secs())]
+    Unavailable(String),
     /// Sending or receiving failed; the connection is now broken.
     #[error("{0:?}: the connection failed")]
     Io(Command, #[source] std::io::Error),
@@ -174,7 +183,10 @@ impl UserDevice {
     /// [`UserDevice::connect`] with another reply timeout.
     pub fn connect_with_timeout(socket: &Path, timeout: Duration) -> Result<Self, Error> {
         let name = socket.display().to_string();
-        let stream = UnixStream::connect(socket).map_err(|e| Error::Connect(name.clone(), e))?;
+        let stream = connect_retrying(socket, CONNECT_RETRY).map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Error::Unavailable(name.clone()),
+            _ => Error::Connect(name.clone(), e),
+        })?;
         stream.set_read_timeout(Some(timeout)).map_err(|e| Error::Connect(name.clone(), e))?;
         stream.set_write_timeout(Some(timeout)).map_err(|e| Error::Connect(name.clone(), e))?;
         let mut connection = Connection { stream: Some(stream), next_id: 0 };
@@ -329,6 +341,25 @@ impl UserDevice {
 
     fn region_access_body(index: u32, offset: u64, len: usize) -> Body {
         Body::default().u64(offset).u32(index).u32(len as u32)
+    }
+}
+
+/// Connects to `socket`, trying again for `within` while it refuses or its file is missing
+/// (see [`CONNECT_RETRY`]); a file that was never there fails at once.
+fn connect_retrying(socket: &Path, within: Duration) -> std::io::Result<UnixStream> {
+    let existed = socket.exists();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match UnixStream::connect(socket) {
+            Err(e) if std::time::Instant::now() < deadline => match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => {}
+                // Between the old file's removal and the new socket's bind.
+                std::io::ErrorKind::NotFound if existed => {}
+                _ => return Err(e),
+            },
+            done => return done,
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -606,6 +637,34 @@ mod tests {
                 (vec![20, none, 2, 0, 0], 0),
             ]
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_refusing_socket_is_tried_for_a_while_then_named_in_one_line() {
+        let dir = tempdir();
+        let path = dir.join("closed.sock");
+        // A socket file nothing listens on: what a daemon leaves while a client has the ADI.
+        drop(UnixListener::bind(&path).unwrap());
+        let t0 = std::time::Instant::now();
+        let e = UserDevice::connect(&path).unwrap_err();
+        assert!(t0.elapsed() >= CONNECT_RETRY, "tried again for {:?}", t0.elapsed());
+        assert_eq!(e.to_string(), format!("{}: connection refused for 1 s: another VM holds this device, or nothing serves it", path.display()));
+        // Listening again before the time is up: connected.
+        let again = path.clone();
+        let binder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            std::fs::remove_file(&again).unwrap();
+            let l = UnixListener::bind(&again).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            drop(l);
+        });
+        assert!(connect_retrying(&path, CONNECT_RETRY).is_ok());
+        binder.join().unwrap();
+        // A path that never existed fails at once.
+        let t0 = std::time::Instant::now();
+        assert!(matches!(UserDevice::connect(&dir.join("none.sock")), Err(Error::Connect(..))));
+        assert!(t0.elapsed() < CONNECT_RETRY);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
