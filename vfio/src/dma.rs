@@ -45,11 +45,22 @@ impl GuestRam {
 
 impl DmaSpace for GuestRam {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        // Almost every access lies in one region: one lookup and one copy (`get_slice` refuses
+        // a range past the region's end). The device's per-descriptor reads are on the
+        // interrupt-delivery path (issue 12 item 4), where the general walk cost a fifth.
+        if let Ok(slice) = self.0.get_slice(GuestAddress(addr), buf.len()) {
+            slice.copy_to(buf);
+            return Ok(());
+        }
         self.check(addr, buf.len())?;
         self.0.read_slice(buf, GuestAddress(addr)).map_err(|_| DmaFault { addr, len: buf.len() as u64 })
     }
 
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), DmaFault> {
+        if let Ok(slice) = self.0.get_slice(GuestAddress(addr), buf.len()) {
+            slice.copy_from(buf);
+            return Ok(());
+        }
         self.check(addr, buf.len())?;
         self.0.write_slice(buf, GuestAddress(addr)).map_err(|_| DmaFault { addr, len: buf.len() as u64 })
     }

@@ -253,7 +253,7 @@ fn daemon(devd: &Path) -> Result<(Rig, Daemon, UserDevice), String> {
     Ok((Rig { name: "daemon", mem, doorbell, irq, tail: 0 }, daemon, adi))
 }
 
-fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+pub(crate) fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
 }

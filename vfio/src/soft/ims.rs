@@ -23,6 +23,33 @@ use siovmm_interrupts::MsiEntry;
 
 use crate::siov::{AdiId, Error, Fired, ImsEntry, ImsGroup, ImsIndex, ImsStorage, MsiMessage};
 
+/// An interrupt decided but not yet signalled: the table's lock is shared by every worker of
+/// the device, so the eventfd write (a system call, and KVM's injection behind it) is made
+/// after the lock is let go, letting workers deliver in parallel. A mask or rebind that comes
+/// in between does not stop a signal already decided, as an MSI already on its way to the
+/// host bridge is not recalled by a mask write behind it; a target unbound meanwhile is an
+/// eventfd nothing listens on any more (each is one VM's own, never reused by another).
+#[derive(Debug)]
+pub enum Aim {
+    /// Unmasked and bound: this eventfd is to be written.
+    Signal(Arc<EventFd>),
+    /// Masked: marked pending.
+    Pending,
+    /// Not the ADI's entry, or nothing bound.
+    Dropped,
+}
+
+impl Aim {
+    /// Signals the eventfd, if there is one to signal.
+    pub fn deliver(self) -> Fired {
+        match self {
+            Aim::Signal(fd) if fd.write(1).is_ok() => Fired::Delivered,
+            Aim::Pending => Fired::Pending,
+            _ => Fired::Dropped,
+        }
+    }
+}
+
 /// Bytes per entry in the MMIO layout; ctrl bit 0 masks it.
 pub use siovmm_interrupts::msi::{CTRL_MASK, ENTRY_SIZE};
 
@@ -319,19 +346,23 @@ impl ImsTable {
 
     /// Fires entry `index` on behalf of `adi`.
     pub fn fire(&mut self, index: ImsIndex, adi: AdiId) -> Fired {
+        self.aim(index, adi).deliver()
+    }
+
+    /// Fires entry `index` on behalf of `adi` up to the signal: a masked entry is marked
+    /// pending here, an unmasked one gives the eventfd to signal, which the caller does once
+    /// it has let go of the table (see [`Aim`]).
+    pub fn aim(&mut self, index: ImsIndex, adi: AdiId) -> Aim {
         let masked = match self.read(adi, index) {
             Ok(e) => e.masked,
-            Err(_) => return Fired::Dropped,
+            Err(_) => return Aim::Dropped,
         };
-        let Some(slot) = self.slots.get_mut(index as usize) else { return Fired::Dropped };
+        let Some(slot) = self.slots.get_mut(index as usize) else { return Aim::Dropped };
         if masked {
             slot.pending = true;
-            return Fired::Pending;
+            return Aim::Pending;
         }
-        match &slot.target {
-            Some(t) if t.write(1).is_ok() => Fired::Delivered,
-            _ => Fired::Dropped,
-        }
+        slot.target.clone().map_or(Aim::Dropped, Aim::Signal)
     }
 
     /// MMIO view of an on-device table: a read of 4 or 8 bytes at `offset`. In-memory storage
@@ -446,6 +477,30 @@ mod tests {
             assert_eq!(distinct.len(), 1 << 16, "every entry has its own handle");
         }
         assert_eq!(ImsTable::new(ImsStorage::OnDevice, u32::MAX).len(), MAX_ENTRIES);
+    }
+
+    #[test]
+    fn aiming_decides_under_the_table_and_signals_only_when_delivered() {
+        let mut t = ImsTable::new(ImsStorage::OnDevice, 16);
+        let g = t.alloc(A, 2).unwrap();
+        let e = evt();
+        t.bind(A, g.first, Some(e.clone())).unwrap();
+        assert!(matches!(t.aim(g.first, A), Aim::Pending), "masked: marked pending, nothing to signal");
+        assert!(t.pending(A, g.first).unwrap());
+        assert_eq!(e.read().ok(), None);
+        t.set_mask(A, g.first, false).unwrap();
+        assert_eq!(e.read().ok(), Some(1), "the pending one, on unmask");
+        let Aim::Signal(target) = t.aim(g.first, A) else { panic!("an unmasked, bound entry is signalled") };
+        assert!(Arc::ptr_eq(&target, &e));
+        assert_eq!(e.read().ok(), None, "aiming writes nothing: the caller signals once the table is let go");
+        drop(t);
+        assert_eq!(Aim::Signal(target).deliver(), Fired::Delivered);
+        assert_eq!(e.read().ok(), Some(1));
+        let mut t = ImsTable::new(ImsStorage::OnDevice, 16);
+        let g = t.alloc(A, 1).unwrap();
+        t.set_mask(A, g.first, false).unwrap();
+        assert!(matches!(t.aim(g.first, A), Aim::Dropped), "nothing bound");
+        assert!(matches!(t.aim(g.first, B), Aim::Dropped), "another ADI's entry");
     }
 
     #[test]

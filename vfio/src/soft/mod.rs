@@ -403,11 +403,13 @@ fn run_pass(adi: AdiId, cell: &Mutex<AdiState>, shared: &Shared) -> bool {
         if let Some(Some(target)) = handle {
             if completion.status != status::INVALID_INT_HANDLE {
                 let mut ims = lock(&shared.ims);
-                let fired = match target {
-                    HandleTarget::Entry(index) => ims.fire(index, adi),
-                    HandleTarget::Queue(n) => queue_ims::fire(dma.as_ref(), q.base, n, adi, &mut ims),
+                let aim = match target {
+                    HandleTarget::Entry(index) => ims.aim(index, adi),
+                    HandleTarget::Queue(n) => queue_ims::aim(dma.as_ref(), q.base, n, adi, &mut ims),
                 };
+                // Signalled with the table let go: the other workers' interrupts go meanwhile.
                 drop(ims);
+                let fired = aim.deliver();
                 let counter = match fired {
                     Fired::Delivered => &shared.stats.interrupts,
                     Fired::Pending => &shared.stats.interrupts_pending,

@@ -17,7 +17,7 @@
 
 use siovmm_interrupts::msi::{MsiEntry, CTRL_MASK, ENTRY_SIZE};
 
-use super::ims::{remapped_entry, ImsTable};
+use super::ims::{remapped_entry, Aim, ImsTable};
 use super::{read_u32, read_u64};
 use crate::dma::DmaSpace;
 use crate::siov::{AdiId, Error, Fired};
@@ -51,21 +51,26 @@ fn write_ctrl(dma: &dyn DmaSpace, addr: u64, ctrl: u32) -> bool {
 }
 
 /// Delivers through the host entry `message` names, if it is `adi`'s.
-fn remap(message: siovmm_interrupts::MsiMessage, adi: AdiId, ims: &mut ImsTable) -> Fired {
+fn remap(message: siovmm_interrupts::MsiMessage, adi: AdiId, ims: &mut ImsTable) -> Aim {
     match remapped_entry(message) {
-        Some(index) => ims.fire(index, adi),
-        None => Fired::Dropped,
+        Some(index) => ims.aim(index, adi),
+        None => Aim::Dropped,
     }
 }
 
 /// Fires entry `n` of the IMS area of `adi`'s queue at `queue`.
 pub fn fire(dma: &dyn DmaSpace, queue: u64, n: u32, adi: AdiId, ims: &mut ImsTable) -> Fired {
-    let Some(addr) = entry_addr(dma, queue, n) else { return Fired::Dropped };
-    let Some(entry) = read_entry(dma, addr) else { return Fired::Dropped };
+    aim(dma, queue, n, adi, ims).deliver()
+}
+
+/// [`fire`] up to the signal, which the caller makes once it has let go of `ims` ([`Aim`]).
+pub fn aim(dma: &dyn DmaSpace, queue: u64, n: u32, adi: AdiId, ims: &mut ImsTable) -> Aim {
+    let Some(addr) = entry_addr(dma, queue, n) else { return Aim::Dropped };
+    let Some(entry) = read_entry(dma, addr) else { return Aim::Dropped };
     if entry.is_masked() {
         // The mark lives with the entry, where its owner reads it (the threads' "pending in
         // the queue metadata"); a queue memory that refuses the write loses the interrupt.
-        return if write_ctrl(dma, addr, entry.control() | CTRL_PENDING) { Fired::Pending } else { Fired::Dropped };
+        return if write_ctrl(dma, addr, entry.control() | CTRL_PENDING) { Aim::Pending } else { Aim::Dropped };
     }
     remap(entry.message(), adi, ims)
 }
@@ -81,7 +86,7 @@ pub fn set_mask(dma: &dyn DmaSpace, queue: u64, n: u32, masked: bool, adi: AdiId
     if !write_ctrl(dma, addr, ctrl & !(CTRL_MASK | CTRL_PENDING)) {
         return Err(Error::NoQueueEntry(n));
     }
-    Ok((ctrl & CTRL_PENDING != 0).then(|| remap(entry.message(), adi, ims)))
+    Ok((ctrl & CTRL_PENDING != 0).then(|| remap(entry.message(), adi, ims).deliver()))
 }
 
 #[cfg(test)]
