@@ -3,6 +3,7 @@
 //! software device's workers: both watch eventfds (vectors, doorbells) that are added and
 //! removed while the thread runs.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +62,25 @@ impl EpollThread {
     /// Starts thread `name` under `kind`'s seccomp filter, calling `on_ready(watcher, token)`
     /// for each watched fd that is readable.
     pub fn spawn(name: String, kind: ThreadKind, mut on_ready: impl FnMut(&Watcher, u64) + Send + 'static) -> io::Result<Self> {
+        Self::spawn_requeueing(name, kind, move |w, token, _| {
+            on_ready(w, token);
+            false
+        })
+    }
+
+    /// [`EpollThread::spawn`] with a handler that may ask to be called again for the same
+    /// token: `on_ready(watcher, token, signalled)` returning true puts the token at the back
+    /// of the thread's own ready list, served once per turn after the fds epoll reports
+    /// (polled without blocking while the list has tokens). `signalled` says whether epoll
+    /// reported the token (its fd has a signal to consume) or the list did (none). What a
+    /// handler that rings its own eventfd for another turn would get, without the three
+    /// system calls of the ring, the wait and the read: the software device's workers use it
+    /// for a queue with more work than one pass.
+    pub fn spawn_requeueing(
+        name: String,
+        kind: ThreadKind,
+        mut on_ready: impl FnMut(&Watcher, u64, bool) -> bool + Send + 'static,
+    ) -> io::Result<Self> {
         let watcher = Watcher(Arc::new(Epoll::new()?));
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         watcher.0.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE))?;
@@ -68,14 +88,25 @@ impl EpollThread {
         let (w, st) = (watcher.clone(), stop.clone());
         let thread = siovmm_seccomp::spawn(kind, name, move || {
             let mut events = vec![EpollEvent::default(); 64];
+            let mut again: VecDeque<u64> = VecDeque::new();
             while !st.load(Ordering::Acquire) {
-                let n = match w.0.wait(-1, &mut events) {
+                let timeout = if again.is_empty() { -1 } else { 0 };
+                let n = match w.0.wait(timeout, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
                 for token in events[..n].iter().map(EpollEvent::data).filter(|&t| t != WAKE) {
-                    on_ready(&w, token);
+                    if on_ready(&w, token, true) && !again.contains(&token) {
+                        again.push_back(token);
+                    }
+                }
+                // One turn of the tokens waiting, then epoll again.
+                for _ in 0..again.len() {
+                    let Some(token) = again.pop_front() else { break };
+                    if on_ready(&w, token, false) {
+                        again.push_back(token);
+                    }
                 }
             }
         })?;
@@ -140,5 +171,35 @@ mod tests {
         // Joined: its handler (and so the sender) went with it, and b, unwatched, was never read.
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Err(mpsc::RecvTimeoutError::Disconnected));
         assert_eq!(b.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_token_asked_again_is_served_in_turn_with_the_others_without_a_signal() {
+        let (a, b) = (EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let (tx, rx) = mpsc::channel();
+        let mut left = 3;
+        let consume = a.try_clone().unwrap();
+        // Token 1 wants three calls in all, consuming its signal when it has one.
+        let t = EpollThread::spawn_requeueing("epoll-again".into(), ThreadKind::DeviceWorker, move |_, token, signalled| {
+            if signalled {
+                consume.read().unwrap();
+            }
+            tx.send((token, signalled)).unwrap();
+            if token == 1 {
+                left -= 1;
+                left > 0
+            } else {
+                false
+            }
+        })
+        .unwrap();
+        t.watch(&a, 1).unwrap();
+        t.watch(&b, 2).unwrap();
+        a.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok((1, true)));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok((1, false)), "asked again: called with no signal");
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok((1, false)));
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "done: not called again");
+        drop(t);
     }
 }

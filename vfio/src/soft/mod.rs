@@ -11,8 +11,10 @@
 //!
 //! Fairness: ADIs of different guests share workers, so no queue may hold one. A doorbell buys
 //! one *pass*: at most [`PASS_DESCRIPTORS`] descriptors, and none started once its transfers
-//! exceed [`PASS_BYTES`] (at least one descriptor); a queue with more work rings its own doorbell again and goes to the
-//! back of its worker's ready list (epoll's level-triggered list is served in order). No lock
+//! exceed [`PASS_BYTES`] (at least one descriptor); a queue with more work goes to the back of
+//! its worker's ready list (`EpollThread::spawn_requeueing`: served once per turn with the
+//! doorbells that rang meanwhile, with no ring of its own, so a long queue costs no system
+//! calls beyond its interrupts). No lock
 //! is held while a descriptor executes: the ADI's state is locked to snapshot the queue and to
 //! commit each completion, and a reset, reconfiguration or close in between bumps the ADI's
 //! generation, so the pass in progress commits nothing more (the reset cancels the batch).
@@ -181,14 +183,18 @@ impl SoftSiovDevice {
         let mut ws = Vec::new();
         for i in 0..workers.max(1) {
             let sh = shared.clone();
-            ws.push(EpollThread::spawn(format!("siov-worker{i}"), siovmm_seccomp::ThreadKind::DeviceWorker, move |_, token| serve_doorbell(&sh, token))?);
+            ws.push(EpollThread::spawn_requeueing(format!("siov-worker{i}"), siovmm_seccomp::ThreadKind::DeviceWorker, move |_, token, signalled| {
+                serve_doorbell(&sh, token, signalled)
+            })?);
         }
         let portals = match portal {
             PortalKind::Doorbell => None,
             PortalKind::Mapped => {
                 // The poller runs a rung queue itself, as a worker would on its doorbell.
                 let sh = shared.clone();
-                Some(portal::Portals::new(adis, move |adi| serve_adi(&sh, adi))?)
+                Some(portal::Portals::new(adis, move |adi| {
+                    serve_adi(&sh, adi, false);
+                })?)
             }
         };
         Ok(Self {
@@ -278,28 +284,35 @@ impl SoftSiovDevice {
     }
 }
 
-/// The doorbell eventfd of `token` rang: consume it, then run one pass of each queue it rings
-/// for (one ADI's, or a few of one owner's: a queue with nothing new stops at once).
-fn serve_doorbell(shared: &Shared, token: u64) {
-    let Some((fd, adis)) = lock(&shared.doorbells).members(token) else { return };
+/// The doorbell eventfd of `token` rang (`signalled`), or a queue it rings for had more work
+/// than its last pass: one pass of each queue it rings for (one ADI's, or a few of one owner's:
+/// a queue with nothing new stops at once). Returns whether one has more: its worker calls
+/// again in its next turn.
+fn serve_doorbell(shared: &Shared, token: u64, signalled: bool) -> bool {
+    let Some((fd, adis)) = lock(&shared.doorbells).members(token) else { return false };
     // Consumed before the passes look at the queues: a ring that comes while they run is
     // seen by the next wake-up, never lost.
-    let _ = fd.read();
-    for &adi in adis.iter() {
-        serve_adi(shared, adi);
+    if signalled {
+        let _ = fd.read();
     }
+    let mut more = false;
+    for &adi in adis.iter() {
+        more |= serve_adi(shared, adi, true);
+    }
+    more
 }
 
-/// ADI `adi` was rung: one pass of its queue (see the module's fairness note); a queue with
-/// more work rings its doorbell again.
-fn serve_adi(shared: &Shared, adi: u32) {
-    let Some(cell) = shared.adis.get(adi as usize) else { return };
+/// ADI `adi` was rung: one pass of its queue (see the module's fairness note). Whether the
+/// queue has more: returned for a worker to come back to (`requeue`), or else its doorbell
+/// rung again (the portal poller's passes).
+fn serve_adi(shared: &Shared, adi: u32, requeue: bool) -> bool {
+    let Some(cell) = shared.adis.get(adi as usize) else { return false };
     let adi = AdiId(adi);
     {
         let mut st = lock(cell);
         if st.running {
             st.again = true;
-            return;
+            return false;
         }
         st.running = true;
     }
@@ -317,11 +330,15 @@ fn serve_adi(shared: &Shared, adi: u32) {
         }
     };
     if std::mem::take(&mut st.again) || more {
+        if requeue {
+            return true;
+        }
         if let Some((db, _)) = &st.doorbell {
             // A doorbell eventfd cannot overflow from one write; the next pass consumes it.
             let _ = db.write(1);
         }
     }
+    false
 }
 
 /// A little-endian `u32` of queue memory, if the ADI's DMA space holds it.
