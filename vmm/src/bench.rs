@@ -9,8 +9,10 @@
 //!    and unmasks vector 0 (a KVM MSI route + irqfd), sets up a queue, and submits
 //!    `--per-adi` NOOP descriptors with completion interrupts, then rings each doorbell. The
 //!    device's workers run them and fire the IMS entries; the figure is interrupts/s from the
-//!    first doorbell to the last delivery. The **baseline**, in the same process, writes the same
-//!    eventfds directly (raw irqfd signalling) as many times. Printed as a ratio.
+//!    first doorbell to the last delivery. The **baselines**, in the same process, write the
+//!    same eventfds directly (raw irqfd signalling) as many times, from one thread and from as
+//!    many threads as the device has workers. Seven rounds, each timing the device and then the
+//!    baselines; medians and their ratios printed.
 //! 3. **Routing**: 4,096 vectors bound one at a time on a fresh VM (as a guest programs them;
 //!    4,056 get KVM routes, the rest the overflow path) until KVM holds every route, against
 //!    the same vectors bound in one batch (one commit: the floor), and against what a commit
