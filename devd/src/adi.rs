@@ -17,14 +17,14 @@
 //! sends can panic this code.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use devices::pci::msix::{CTRL_ENABLE, CTRL_FUNCTION_MASK};
 use siovmm_vdcm::adi::config::{AdiConfig, ConfigWrite};
 use siovmm_vdcm::adi::registers::{Action, QueueRegisters};
 use siovmm_vdcm::adi::{BAR0_SIZE, DOORBELL};
-use siovmm_vfio::siov::{self, AdiId, DmaHandle, ImsGroup, Portal, SiovDevice};
+use siovmm_vfio::siov::{self, AdiId, DmaHandle, ImsGroup, Portal, PortalPage, SiovDevice};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
@@ -88,6 +88,8 @@ pub struct AdiBackend {
     dma: DmaHandle,
     memory: Arc<ClientMemory>,
     doorbell: Arc<EventFd>,
+    /// The portal page, when the device maps portals.
+    page: Option<PortalPage>,
     ims: ImsGroup,
     config: AdiConfig,
     regs: QueueRegisters,
@@ -111,13 +113,13 @@ impl AdiBackend {
         let dma = device.dma_bind(memory.clone())?;
         // A mapped portal page is not offered over vfio-user yet: the doorbell serves.
         let opened = device.open_adi_for(adi, dma, owner).and_then(|portal: Portal| {
-            let doorbell = portal.doorbell().clone();
+            let doorbell = (portal.doorbell().clone(), portal.page().cloned());
             let ims = device.ims_alloc(adi, u32::from(vectors)).inspect_err(|_| {
                 let _ = device.close_adi(adi);
             })?;
             Ok((doorbell, ims))
         });
-        let (doorbell, ims) = match opened {
+        let ((doorbell, page), ims) = match opened {
             Ok(o) => o,
             Err(e) => {
                 let _ = device.dma_unbind(dma);
@@ -130,6 +132,7 @@ impl AdiBackend {
             dma,
             memory,
             doorbell,
+            page,
             ims,
             config: AdiConfig::new(0, false),
             regs: QueueRegisters::default(),
@@ -330,5 +333,18 @@ impl crate::server::RegionIoFds for AdiBackend {
         } else {
             Vec::new()
         }
+    }
+
+    /// With mapped portals (`--portals mapped`), BAR0's doorbell page is the ADI's portal
+    /// page: a client that maps it there turns a guest's ring into a plain store, with no exit
+    /// and no message (the ioeventfd stays offered for a client that does not map it).
+    fn region_mmap(&self, index: u32) -> Option<crate::server::RegionMmap> {
+        let page = self.page.as_ref().filter(|_| index == VFIO_PCI_BAR0_REGION_INDEX)?;
+        Some(crate::server::RegionMmap {
+            fd: page.file.as_raw_fd(),
+            // The page is at the region's doorbell offset; `FIRST_PAGE` keeps this whole.
+            offset: page.offset.checked_sub(DOORBELL)?,
+            areas: vec![(DOORBELL, siovmm_vfio::soft::portal::PAGE)],
+        })
     }
 }

@@ -1,5 +1,5 @@
 //! `siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory] [--workers N]
-//! [--doorbell-share N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp on|log|off]`
+//! [--doorbell-share N] [--portals doorbell|mapped] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N] [--seccomp on|log|off]`
 //!
 //! Serves ADI i of one software SIOV device on `DIR/adi-i.sock` (vfio-user) until killed.
 
@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use siovmm_devd::reactor::Reactor;
 use siovmm_devd::socket_path;
-use siovmm_vfio::siov::{AdiId, ImsStorage, SiovDevice};
+use siovmm_vfio::siov::{AdiId, ImsStorage, PortalKind, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
 const USAGE: &str = "usage: siovmm-devd --socket-dir DIR [--adis N] [--vectors V] [--ims-entries N] [--ims on-device|in-memory]
-       [--workers N] [--doorbell-share N] [--server-threads N] [--max-adis-per-vm N] [--max-ims-per-vm N]
-       [--seccomp MODE]
+       [--workers N] [--doorbell-share N] [--portals KIND] [--server-threads N] [--max-adis-per-vm N]
+       [--max-ims-per-vm N] [--seccomp MODE]
 
 Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock.
   --adis N          ADIs (default 4, at most 16384)
@@ -25,6 +25,9 @@ Serves ADI i of one software SIOV device as a vfio-user device on DIR/adi-i.sock
   --workers N       device worker threads (default 2, 1..=64)
   --doorbell-share N  ADIs of one VMM that share a doorbell eventfd (default 8, 1..=64; a ring
                     runs a pass of each of them: fewer open files, a little more work per ring)
+  --portals KIND    how a guest rings: doorbell (default: a write KVM turns into an eventfd
+                    signal) or mapped (BAR0's doorbell page offered for mmap: a plain store,
+                    no exit, watched by a poller thread that scans the open ADIs' pages)
   --server-threads N  threads serving every ADI's socket (default 2, 1..=64)
   --max-adis-per-vm N   ADIs one VMM may hold at a time (default: no limit)
   --max-ims-per-vm N    IMS entries one VMM's ADIs may hold (default: no limit)
@@ -47,6 +50,7 @@ struct Options {
     storage: ImsStorage,
     workers: usize,
     doorbell_share: usize,
+    portals: PortalKind,
     server_threads: usize,
     limits: siovmm_devd::pool::Limits,
     seccomp: siovmm_seccomp::Mode,
@@ -58,7 +62,7 @@ fn number<T: std::str::FromStr + PartialOrd>(flag: &str, value: Option<String>, 
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
-    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, doorbell_share: DEFAULT_DOORBELL_SHARE, server_threads: 2, limits: Default::default(), seccomp: siovmm_seccomp::Mode::On };
+    let mut o = Options { dir: PathBuf::new(), adis: 4, vectors: 2, ims_entries: 16384, storage: ImsStorage::OnDevice, workers: 2, doorbell_share: DEFAULT_DOORBELL_SHARE, portals: PortalKind::Doorbell, server_threads: 2, limits: Default::default(), seccomp: siovmm_seccomp::Mode::On };
     let mut dir = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -73,6 +77,13 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
             "--max-adis-per-vm" => o.limits.adis_per_vm = Some(number(&flag, args.next(), 1..=siovmm_devd::MAX_ADIS)?),
             "--max-ims-per-vm" => o.limits.ims_per_vm = Some(number(&flag, args.next(), 1..=1 << 20)?),
             "--seccomp" => o.seccomp = args.next().ok_or("--seccomp needs a value")?.parse()?,
+            "--portals" => {
+                o.portals = match args.next().as_deref() {
+                    Some("doorbell") => PortalKind::Doorbell,
+                    Some("mapped") => PortalKind::Mapped,
+                    other => return Err(format!("--portals {}: not doorbell or mapped", other.unwrap_or("(nothing)"))),
+                }
+            }
             "--ims" => {
                 o.storage = match args.next().as_deref() {
                     Some("on-device") => ImsStorage::OnDevice,
@@ -149,14 +160,14 @@ fn run(o: Options) -> Result<(), String> {
     }
     // Before any thread starts: each enters its kind's filter as it begins (docs/seccomp.md).
     siovmm_seccomp::install(o.seccomp).map_err(|e| format!("--seccomp: {e}"))?;
-    let soft = SoftSiovDevice::new(o.adis, o.ims_entries, o.storage, o.workers).map_err(|e| format!("creating the device: {e}"))?;
+    let soft = SoftSiovDevice::with_portals(o.adis, o.ims_entries, o.storage, o.workers, o.portals).map_err(|e| format!("creating the device: {e}"))?;
     let soft = Arc::new(soft.share_doorbells(o.doorbell_share));
     let device: Arc<dyn SiovDevice> = soft.clone();
     let needed = u64::from(o.adis) * u64::from(o.vectors);
     if needed > u64::from(device.info().ims_entries) {
         log::warn!("{} ADIs x {} vectors need {needed} IMS entries; the device has {}: ADIs past them wait for a free group", o.adis, o.vectors, device.info().ims_entries);
     }
-    let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))).with_counters(Box::new(move || soft.stats().lines())));
+    let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))).with_counters(Box::new(move || format!("{}portal_rings {}\n", soft.stats().lines(), soft.portal_rings()))));
     let mut listeners = Vec::new();
     for adi in 0..o.adis {
         let path = socket_path(&o.dir, adi);

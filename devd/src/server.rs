@@ -19,7 +19,8 @@ use siovmm_vfio::user::protocol::{
     recv_header, send, u32_at, u64_at, Body, Command, Header, FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY, FLAG_TYPE_MASK, HEADER,
     IO_FD_ENTRY, IO_FD_TYPE_IOEVENTFD, MAX_TRANSFER,
 };
-use vfio_bindings::bindings::vfio::{VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET};
+use siovmm_vfio::user::protocol;
+use vfio_bindings::bindings::vfio::{VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_FLAG_MMAP};
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion};
 
 /// Descriptors accepted per message (what VERSION announces as `max_msg_fds`).
@@ -39,10 +40,27 @@ pub struct IoEventFd {
     pub fd: RawFd,
 }
 
+/// Pages of a region the client may map instead of accessing them by message: the file, the
+/// file offset of the region's start, and the areas (offset, length in the region).
+#[derive(Debug, Clone)]
+pub struct RegionMmap {
+    /// The file (owned by the backend, open while it lives).
+    pub fd: RawFd,
+    /// Where region offset 0 is in the file.
+    pub offset: u64,
+    /// The mmap-able areas.
+    pub areas: Vec<(u64, u64)>,
+}
+
 /// What the server needs of a device beyond `ServerBackend`.
 pub trait RegionIoFds {
     /// The ioeventfds of region `index` (GET_REGION_IO_FDS).
     fn io_eventfds(&self, index: u32) -> Vec<IoEventFd>;
+    /// The mmap-able part of region `index` (REGION_INFO's sparse-mmap capability and the
+    /// descriptor sent with it), if it has one.
+    fn region_mmap(&self, _index: u32) -> Option<RegionMmap> {
+        None
+    }
 }
 
 /// What a device is: its regions and interrupts (DEVICE_GET_INFO, GET_REGION_INFO and
@@ -192,9 +210,17 @@ fn handle<B: ServerBackend + RegionIoFds>(
             Body::default().u32(16).u32(flags).u32(shape.regions.len() as u32).u32(shape.irqs.len() as u32).0.into()
         }
         Command::RegionInfo => {
-            let [index] = fields(body, [8], [false])?;
+            let [argsz, index] = fields(body, [0, 8], [false, false])?;
             let info = region(index)?.region_info;
-            Body::default().u32(32).u32(info.flags).u32(info.index).u32(0).u64(info.size).u64(0).0.into()
+            let Some(mmap) = backend.region_mmap(index as u32) else {
+                return Ok(protocol::region_info(argsz as usize, info.flags, info.index, info.size, 0, &[]).into());
+            };
+            let flags = info.flags | VFIO_REGION_INFO_FLAG_MMAP;
+            let payload = protocol::region_info(argsz as usize, flags, info.index, info.size, mmap.offset, &mmap.areas);
+            // The file goes with the reply that lists the areas (a short one only says how
+            // much room they need).
+            let fds = if protocol::sparse_areas(&payload).is_empty() { Vec::new() } else { vec![mmap.fd] };
+            Answer { payload, fds }
         }
         Command::RegionIoFds => {
             let [argsz, index] = fields(body, [0, 8], [false, false])?;

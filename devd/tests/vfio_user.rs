@@ -203,6 +203,46 @@ fn a_taken_adi_refuses_other_clients_and_one_vmms_adis_share_a_doorbell() {
     wait_for("the last doorbell to close", || soft.doorbell_fds() == 0);
 }
 
+#[test]
+fn a_mapped_portal_page_rings_the_doorbell_with_a_plain_store() {
+    use siovmm_vfio::siov::PortalKind;
+    let dir = TempDir::new("mapped");
+    let soft = Arc::new(SoftSiovDevice::with_portals(2, 8, ImsStorage::OnDevice, 1, PortalKind::Mapped).unwrap());
+    serve_all(&dir.0, 2, soft.clone(), 2, Arc::new(Pool::new(Limits::default(), None)), 1);
+    // ADI 1: its page is not the file's first.
+    let c = UserDevice::connect(&socket_path(&dir.0, 1)).unwrap();
+    assert!(c.region(VFIO_PCI_BAR0_REGION_INDEX).mmap, "BAR0 offered for mmap");
+    assert!(!c.region(VFIO_PCI_CONFIG_REGION_INDEX).mmap);
+    let maps = c.map_region(VFIO_PCI_BAR0_REGION_INDEX).unwrap();
+    assert_eq!(maps.iter().map(|m| (m.offset(), m.len())).collect::<Vec<_>>(), vec![(DOORBELL, 0x1000)], "the doorbell page only");
+    assert!(c.map_region(VFIO_PCI_BAR0_REGION_INDEX).unwrap().is_empty(), "mapped once; its file closed");
+    let ram = memfd(RAM_SIZE);
+    c.dma_map(RAM, RAM_SIZE, ram.as_raw_fd(), 0).unwrap();
+    let irqs = [EventFd::new(libc::EFD_NONBLOCK).unwrap(), EventFd::new(libc::EFD_NONBLOCK).unwrap()];
+    c.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, &[&irqs[0], &irqs[1]]).unwrap();
+    write32(&c, reg::QUEUE_BASE_LO, QUEUE as u32);
+    write32(&c, reg::QUEUE_BASE_HI, 0);
+    write32(&c, reg::QUEUE_SIZE, 8);
+    write32(&c, reg::CONTROL, 1);
+    for round in 1..=2u32 {
+        let d = Descriptor { opcode: opcode::NOOP, flags: flags::CRAV | flags::RCR | flags::RCI, completion_addr: RECORD, int_handle: 1, ..Default::default() };
+        ram.write_all_at(&[0u8; COMPLETION_SIZE], RECORD - RAM).unwrap();
+        ram.write_all_at(&d.encode(), QUEUE - RAM + RING_OFFSET + u64::from(round - 1) * 64).unwrap();
+        ram.write_all_at(&round.to_le_bytes(), QUEUE - RAM).unwrap();
+        // What a guest's store to BAR0 + 0x1000 does once the page is mapped there.
+        let word = maps[0].host(0).unwrap().cast::<u32>();
+        // SAFETY: the first word of a page this test mapped; the device swaps it atomically.
+        unsafe { std::ptr::write_volatile(word, 1) };
+        wait_for("the completion record", || {
+            let mut b = [0u8; COMPLETION_SIZE];
+            ram.read_exact_at(&mut b, RECORD - RAM).unwrap();
+            b[0] == status::SUCCESS
+        });
+        wait_for("the completion interrupt", || irqs[1].read().is_ok());
+    }
+    assert_eq!(soft.portal_rings(), 2, "both rings came through the page, none by message");
+}
+
 /// MSI-X message control reads back the enable and function-mask bits the client wrote, as
 /// kernel vfio-pci's virtualized config space does (a client passing the guest's
 /// read-modify-write through would otherwise disable MSI-X when Linux clears the mask).

@@ -422,7 +422,10 @@ impl Passthrough {
                 let kind = match &d.backend {
                     Backend::Kernel(_) => "VFIO".to_string(),
                     Backend::User(u) => {
-                        format!("vfio-user ({} ioeventfds, {} failed requests)", d.placer.io_eventfds.len(), u.failures())
+                        // Pages the server offered for mmap (a mapped portal), which go to the
+                        // guest as memory wherever it places the BAR.
+                        let pages: u64 = d.placer.direct.get().map_or(0, |bars| bars.iter().flat_map(|b| &b.ranges).map(|(_, len)| len / PAGE).sum());
+                        format!("vfio-user ({} ioeventfds, {pages} pages mapped, {} failed requests)", d.placer.io_eventfds.len(), u.failures())
                     }
                 };
                 format!("{kind} {} at {}: {} MSI-X table/PBA accesses and {} other BAR accesses trapped", d.name, d.bdf, t.msix, t.other)

@@ -13,7 +13,7 @@
 //! scans, so an idle device costs a few thousand wake-ups a second and a ring after a quiet
 //! spell waits about that long. With no ADI open it sleeps until one opens.
 //!
-//! The pages live in one memfd (`adis × 4 KiB`, sparse), so a VMM in another process can map an
+//! The pages live in one memfd (`adis × 4 KiB` after a first page, sparse), so a VMM in another process can map an
 //! ADI's page from the file and offset [`PortalPage`](crate::siov::PortalPage) names. Each guest
 //! gets only its ADIs' pages; what it stores there reaches nothing but its own doorbell.
 
@@ -31,6 +31,10 @@ use crate::siov::PortalPage;
 
 /// Bytes per portal: one host page.
 pub use crate::mapping::PAGE;
+/// Where ADI 0's page is in the file: one page in, so that a vfio-user REGION_INFO can name
+/// the file offset of a BAR whose portal page is its second (`siovmm-devd`'s BAR0 has the
+/// doorbell at 0x1000): ADI `i`'s page is at `FIRST_PAGE + i * PAGE`, its BAR at `i * PAGE`.
+pub const FIRST_PAGE: u64 = PAGE;
 /// How long the poller sleeps between scans once rings stop coming.
 pub const IDLE_SLEEP: Duration = Duration::from_micros(50);
 /// How long after a ring the poller keeps scanning without sleeping.
@@ -44,7 +48,7 @@ struct Pages {
 
 impl Pages {
     fn new(adis: u32) -> std::io::Result<Self> {
-        let len = u64::from(adis.max(1)) * PAGE;
+        let len = FIRST_PAGE + u64::from(adis.max(1)) * PAGE;
         // SAFETY: a valid NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"siovmm-portals".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -57,10 +61,15 @@ impl Pages {
         Ok(Self { file: Arc::new(file), map })
     }
 
+    /// Where ADI `adi`'s page is in the file.
+    fn offset(adi: u32) -> Option<u64> {
+        u64::from(adi).checked_mul(PAGE)?.checked_add(FIRST_PAGE)
+    }
+
     /// ADI `adi`'s doorbell word, if the device has that ADI.
     fn word(&self, adi: u32) -> Option<&AtomicU32> {
         // Pages are whole, so a page that starts inside the mapping holds its word.
-        let host = self.map.host(u64::from(adi).checked_mul(PAGE)?)?;
+        let host = self.map.host(Self::offset(adi)?)?;
         // SAFETY: inside the mapping, which lives as long as `self`; page-aligned so 4-byte
         // aligned; the memory is only ever accessed atomically here (the guest's stores are
         // single aligned stores).
@@ -122,7 +131,7 @@ impl Portals {
         open.adis.push(adi);
         self.state.generation.fetch_add(1, Ordering::AcqRel);
         self.state.changed.notify_all();
-        Some(PortalPage { file: self.pages.file.clone(), offset: u64::from(adi) * PAGE })
+        Some(PortalPage { file: self.pages.file.clone(), offset: Pages::offset(adi)? })
     }
 
     /// Stops watching ADI `adi`'s page.
@@ -223,7 +232,7 @@ mod tests {
         .unwrap();
         let page_a = portals.open(1).unwrap();
         let page_b = portals.open(3).unwrap();
-        assert_eq!((page_a.offset, page_b.offset), (PAGE, 3 * PAGE));
+        assert_eq!((page_a.offset, page_b.offset), (FIRST_PAGE + PAGE, FIRST_PAGE + 3 * PAGE));
         store(&page_a, 1);
         assert!(wait_for(&a), "ADI 1 rung");
         assert!(b.read().is_err(), "ADI 3 not");

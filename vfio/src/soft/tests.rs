@@ -326,7 +326,7 @@ fn a_store_to_the_mapped_portal_runs_the_queue() {
     let dma = dev.dma_bind(Arc::new(ram.clone())).unwrap();
     let portal = dev.open_adi(AdiId(1), dma).unwrap();
     let page = portal.page().expect("a mapped portal has a page").clone();
-    assert_eq!(page.offset, 4096, "ADI 1's page");
+    assert_eq!(page.offset, super::portal::FIRST_PAGE + 4096, "ADI 1's page");
     dev.configure_queue(AdiId(1), Some(QueueConfig { base: QUEUE, size: SIZE })).unwrap();
     for round in 1..=3u32 {
         let d = Descriptor { opcode: opcode::NOOP, flags: flags::CRAV | flags::RCR, completion_addr: RECORDS, ..Default::default() };

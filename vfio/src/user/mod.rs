@@ -14,7 +14,9 @@
 //!   return all ones, as a master abort does), so a dead or stuck daemon gives the guest device
 //!   errors, never a hung vCPU;
 //! - file descriptors travel as SCM_RIGHTS, at most the server's `max_msg_fds` per message
-//!   (SET_IRQS is split); any the server sends back are closed.
+//!   (SET_IRQS is split); those the server sends back are kept where the protocol gives
+//!   them a use (GET_REGION_IO_FDS's ioeventfds; REGION_INFO's file for the sparse-mmap areas,
+//!   until mapped) and closed otherwise.
 //!
 //! Messages are little-endian packed structs, written and parsed field by field here.
 
@@ -31,7 +33,8 @@ use std::time::Duration;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_IRQ_SET_DATA_NONE,
-    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -156,7 +159,23 @@ pub struct IoEventFd {
 struct Region {
     size: u64,
     flags: u32,
+    /// The server offered pages of it to map (see [`Mappable`]).
+    mmap: bool,
 }
+
+/// The mmap-able part of a region as REGION_INFO offered it: the file that came with the
+/// reply, where region offset 0 is in it, and the areas. Kept until the region is mapped,
+/// then closed (the mapping holds the pages).
+#[derive(Debug)]
+struct Mappable {
+    fd: OwnedFd,
+    offset: u64,
+    areas: Vec<(u64, u64)>,
+}
+
+/// Largest REGION_INFO reply asked for (32 bytes and a sparse-mmap capability of
+/// `protocol::MAX_SPARSE_AREAS` areas fit).
+const MAX_REGION_INFO: u32 = 4096;
 
 /// A PCI function served over vfio-user.
 #[derive(Debug)]
@@ -164,6 +183,8 @@ pub struct UserDevice {
     name: String,
     connection: Mutex<Connection>,
     regions: Vec<Region>,
+    /// By region index, until [`VfioBackend::map_region`] takes it.
+    mappable: Mutex<Vec<Option<Mappable>>>,
     irqs: Vec<u32>,
     /// Descriptors per message the server accepts.
     max_fds: usize,
@@ -208,16 +229,11 @@ impl UserDevice {
         }
         // Only the PCI indexes are used (BARs, ROM, config; INTx, MSI, MSI-X, ...): a server
         // announcing millions is not asked about each.
-        let regions = (0..regions.min(VFIO_PCI_NUM_REGIONS))
-            .map(|index| {
-                let body = Body::default().u32(32).u32(0).u32(index).u32(0).u64(0).u64(0).0;
-                let (reply, _) = connection.request(Command::RegionInfo, &body, &[])?;
-                match (u32_at(&reply, 4), u64_at(&reply, 16)) {
-                    (Some(flags), Some(size)) => Ok(Region { size, flags }),
-                    _ => Err(Error::Protocol(Command::RegionInfo, format!("region {index}: {}-byte reply", reply.len()))),
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let (regions, mappable): (Vec<Region>, Vec<Option<Mappable>>) = (0..regions.min(VFIO_PCI_NUM_REGIONS))
+            .map(|index| region_info(&mut connection, index))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let irqs = (0..irqs.min(VFIO_PCI_NUM_IRQS))
             .map(|index| {
                 let (reply, _) = connection.request(Command::IrqInfo, &Body::default().u32(16).u32(0).u32(index).u32(0).0, &[])?;
@@ -228,6 +244,7 @@ impl UserDevice {
             name,
             connection: Mutex::new(connection),
             regions,
+            mappable: Mutex::new(mappable),
             irqs,
             max_fds,
             max_transfer,
@@ -363,6 +380,31 @@ fn connect_retrying(socket: &Path, within: Duration) -> std::io::Result<UnixStre
     }
 }
 
+/// Region `index`'s REGION_INFO: asked with room for a reply without capabilities, and again
+/// with the room the reply says it needs when it has some (as VFIO_DEVICE_GET_REGION_INFO is
+/// used). A region with a sparse-mmap capability and a file with the reply is mappable.
+fn region_info(connection: &mut Connection, index: u32) -> Result<(Region, Option<Mappable>), Error> {
+    let ask = |connection: &mut Connection, argsz: u32| {
+        let body = Body::default().u32(argsz).u32(0).u32(index).u32(0).u64(0).u64(0).0;
+        connection.request(Command::RegionInfo, &body, &[])
+    };
+    let (mut reply, mut fds) = ask(connection, protocol::REGION_INFO as u32)?;
+    let needed = u32_at(&reply, 0).unwrap_or(0);
+    let flags = u32_at(&reply, 4).unwrap_or(0);
+    if flags & VFIO_REGION_INFO_FLAG_CAPS != 0 && needed as usize > protocol::REGION_INFO && needed <= MAX_REGION_INFO {
+        (reply, fds) = ask(connection, needed)?;
+    }
+    let (Some(flags), Some(size), Some(offset)) = (u32_at(&reply, 4), u64_at(&reply, 16), u64_at(&reply, 24)) else {
+        return Err(Error::Protocol(Command::RegionInfo, format!("region {index}: {}-byte reply", reply.len())));
+    };
+    let areas = protocol::sparse_areas(&reply);
+    let mappable = match fds.into_iter().next() {
+        Some(fd) if flags & VFIO_REGION_INFO_FLAG_MMAP != 0 && !areas.is_empty() => Some(Mappable { fd, offset, areas }),
+        _ => None,
+    };
+    Ok((Region { size, flags, mmap: mappable.is_some() }, mappable))
+}
+
 /// The server's `max_msg_fds` and `max_data_xfer_size` from its VERSION reply (major 0; the
 /// JSON may be absent, then the protocol's defaults hold: 1 descriptor, 1 MiB).
 fn parse_version(reply: &[u8]) -> Result<(usize, usize), String> {
@@ -384,14 +426,10 @@ fn parse_version(reply: &[u8]) -> Result<(usize, usize), String> {
 
 impl VfioBackend for UserDevice {
     fn region(&self, index: u32) -> RegionInfo {
-        // No region is mmapped: the server's region fds (GET_REGION_IO_FDS, sparse mmap) are
-        // not taken; every BAR access is a message.
-        let size = self
-            .regions
-            .get(index as usize)
-            .filter(|r| r.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE) != 0)
-            .map_or(0, |r| r.size);
-        RegionInfo { size, mmap: false }
+        // Mappable when the server offered pages of it (the sparse-mmap areas); every other
+        // access is a message, or an ioeventfd's signal.
+        let region = self.regions.get(index as usize).filter(|r| r.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE) != 0);
+        RegionInfo { size: region.map_or(0, |r| r.size), mmap: region.is_some_and(|r| r.mmap) }
     }
 
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) {
@@ -440,8 +478,21 @@ impl VfioBackend for UserDevice {
         self.request(Command::SetIrqs, &body, &[]).map(drop).map_err(std::io::Error::other)
     }
 
-    fn map_region(&self, _index: u32) -> std::io::Result<Vec<RegionMapping>> {
-        Ok(Vec::new())
+    /// Maps the areas the server offered, from the file that came with REGION_INFO (then
+    /// closed: the mappings hold the pages). Areas that are not whole pages inside the region
+    /// are left out (trapped, as for kernel VFIO); a second call maps nothing.
+    fn map_region(&self, index: u32) -> std::io::Result<Vec<RegionMapping>> {
+        let taken = self.mappable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(index as usize).and_then(Option::take);
+        let (Some(m), Some(region)) = (taken, self.regions.get(index as usize)) else { return Ok(Vec::new()) };
+        let page = crate::mapping::PAGE;
+        m.areas
+            .into_iter()
+            .filter(|&(at, len)| len >= page && at.is_multiple_of(page) && len.is_multiple_of(page) && at.checked_add(len).is_some_and(|end| end <= region.size))
+            .map(|(at, len)| {
+                let file_offset = m.offset.checked_add(at).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+                RegionMapping::new(m.fd.as_raw_fd(), file_offset, at, len)
+            })
+            .collect()
     }
 }
 

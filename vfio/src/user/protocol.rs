@@ -29,6 +29,57 @@ pub const IO_FD_TYPE_IOEVENTFD: u32 = 0;
 /// Bytes of one GET_REGION_IO_FDS sub-region.
 pub const IO_FD_ENTRY: usize = 40;
 
+/// Bytes of a REGION_INFO reply before its capabilities (`struct vfio_region_info`: argsz,
+/// flags, index, cap_offset, size, offset).
+pub const REGION_INFO: usize = 32;
+/// The sparse-mmap capability's id (`VFIO_REGION_INFO_CAP_SPARSE_MMAP`) and the version
+/// written.
+const CAP_SPARSE_MMAP: u16 = 1;
+/// Most mmap-able areas a region may list (a reply is bounded anyway; this bounds the walk).
+pub const MAX_SPARSE_AREAS: usize = 64;
+
+/// A REGION_INFO reply: the region's `flags`, `index`, `size` and file `offset`, and, when it
+/// has mmap-able `areas` (offset, length in the region), a sparse-mmap capability listing them
+/// if the client's `argsz` has room for it; otherwise `argsz` says how much room it needs (as
+/// VFIO_DEVICE_GET_REGION_INFO answers), and the client asks again.
+pub fn region_info(argsz: usize, flags: u32, index: u32, size: u64, offset: u64, areas: &[(u64, u64)]) -> Vec<u8> {
+    if areas.is_empty() {
+        return Body::default().u32(REGION_INFO as u32).u32(flags).u32(index).u32(0).u64(size).u64(offset).0;
+    }
+    let needed = REGION_INFO + 16 + 16 * areas.len();
+    let flags = flags | vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS;
+    let fits = argsz >= needed;
+    let mut b = Body::default().u32(needed as u32).u32(flags).u32(index).u32(if fits { REGION_INFO as u32 } else { 0 }).u64(size).u64(offset);
+    if fits {
+        b = b.u16(CAP_SPARSE_MMAP).u16(1).u32(0).u32(areas.len() as u32).u32(0);
+        for &(at, len) in areas {
+            b = b.u64(at).u64(len);
+        }
+    }
+    b.0
+}
+
+/// The areas a REGION_INFO reply's sparse-mmap capability lists, following its chain of
+/// capabilities from `cap_offset` (bounded: a chain that loops or leaves the reply ends the
+/// walk). Empty when there is none.
+pub fn sparse_areas(reply: &[u8]) -> Vec<(u64, u64)> {
+    let mut at = u32_at(reply, 12).unwrap_or(0) as usize;
+    for _ in 0..16 {
+        if at < REGION_INFO {
+            break;
+        }
+        let (Some(id), Some(next)) = (reply.get(at..at + 2), u32_at(reply, at + 4)) else { break };
+        if u16::from_le_bytes([id[0], id[1]]) == CAP_SPARSE_MMAP {
+            let n = (u32_at(reply, at + 8).unwrap_or(0) as usize).min(MAX_SPARSE_AREAS);
+            return (0..n)
+                .map_while(|i| Some((u64_at(reply, at + 16 + i * 16)?, u64_at(reply, at + 24 + i * 16)?)))
+                .collect();
+        }
+        at = next as usize;
+    }
+    Vec::new()
+}
+
 /// Commands (vfio-user.rst, "Commands").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
@@ -183,3 +234,33 @@ pub fn recv_header(stream: &UnixStream, header: &mut [u8; HEADER]) -> std::io::R
     Ok(received)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_info_carries_sparse_areas_when_there_is_room() {
+        let areas = [(0x1000, 0x1000), (0x4000, 0x2000)];
+        let short = region_info(32, 3 | 4, 0, 0x8000, 0x5000, &areas);
+        assert_eq!(short.len(), REGION_INFO);
+        assert_eq!(u32_at(&short, 0), Some(32 + 16 + 32), "argsz says the room it needs");
+        assert_eq!(u32_at(&short, 12), Some(0), "no capability in a short reply");
+        assert!(sparse_areas(&short).is_empty());
+        let full = region_info(4096, 3 | 4, 0, 0x8000, 0x5000, &areas);
+        assert_eq!(full.len(), 32 + 16 + 32);
+        assert_eq!(u32_at(&full, 4), Some(3 | 4 | 8), "CAPS flagged");
+        assert_eq!(u64_at(&full, 24), Some(0x5000));
+        assert_eq!(sparse_areas(&full), areas);
+        // No areas: the plain 32 bytes.
+        assert_eq!(region_info(4096, 3, 7, 256, 0, &[]).len(), REGION_INFO);
+        // A chain that points at itself or past the reply ends the walk.
+        let mut looping = full.clone();
+        looping[32..34].copy_from_slice(&9u16.to_le_bytes());
+        looping[36..40].copy_from_slice(&32u32.to_le_bytes());
+        assert!(sparse_areas(&looping).is_empty());
+        let mut outside = full;
+        outside[12..16].copy_from_slice(&4000u32.to_le_bytes());
+        assert!(sparse_areas(&outside).is_empty());
+    }
+}
