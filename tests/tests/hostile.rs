@@ -8,9 +8,13 @@
 //!    while the hostile VM abuses one of its own two, then self-tests them again; the victim
 //!    passes every round before and after, the daemon stays up and counts the faults, and the
 //!    hostile VM's abused ADI passes its self-test after the reset, its other ADI too. The
-//!    victim does not run *during* the abuse: with both guests running, the sandbox's kernel
-//!    crashed ("TASK stack guard page was hit" in `exc_page_fault` on a vCPU thread, nested
-//!    SVM under QEMU-TCG) in 3 of 4 clean CI attempts (docs/testing.md, "Hostile guests");
+//!    victim guest does not run *during* the abuse: with both guests running, the sandbox's
+//!    kernel crashed ("TASK stack guard page was hit" in `exc_page_fault` on a vCPU thread,
+//!    nested SVM under QEMU-TCG) in 3 of 4 clean CI attempts (docs/testing.md, "Hostile
+//!    guests"). What runs during it instead is a third client of the daemon with no guest
+//!    (`siovmm bench-devd --probe`: a VMM's view of its ADI, a NOOP and its completion
+//!    interrupt 20 times a second): every one of its NOOPs completes while the hostile guest
+//!    abuses the same device, its workers and its IMS;
 //! 2. the same abuse on an in-process ADI with IMS through the hypercall and mapped portals
 //!    (the doorbell page a KVM memory slot that follows BAR0, so BAR moves onto RAM and onto the
 //!    other ADI meet KVM's slot checks), siovmm surviving and the ADIs passing afterwards;
@@ -23,7 +27,9 @@ use std::time::Duration;
 
 use siovmm_tests::{guest_assets, run_cases_with_setup, wait_until, Assets, CaseResult, GuestCase, Kernel, SandboxSetup};
 
-const DAEMON: &str = "/siovmm-devd --socket-dir /run/devd --adis 4 --vectors 2 --ims-entries 64";
+const DAEMON: &str = "/siovmm-devd --socket-dir /run/devd --adis 5 --vectors 2 --ims-entries 64";
+/// ADIs of the daemon: the hostile VM's two, the victim VM's two, the probe's one.
+const DAEMON_ADIS: u32 = 5;
 
 /// Self-tests of every ADI in a loop until siovmm is stopped, each result reported. The victim
 /// shares the sandbox's two emulated CPUs with a guest flooding the same daemon: a polled NOOP
@@ -112,7 +118,7 @@ fn hostile_guests_harm_only_themselves() {
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs()));
     println!("hostile seed {seed} (SIOVMM_HOSTILE_SEED={seed} repeats it)");
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
-    let setup = SandboxSetup::with_devd(&assets, DAEMON, 4, Vec::new());
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, DAEMON_ADIS, Vec::new());
     let status = |key: &str| format!("$(awk '/^{key} /{{print $2}}' /run/devd/status)");
     let results_of = |vm: &str| format!("$(grep -c GUEST-LOOP-RESULT /tmp/{vm}.out)");
     let mut victim = guest("victim", VICTIM, &["--vfio-user", "/run/devd/adi-2.sock", "--vfio-user", "/run/devd/adi-3.sock"], &assets);
@@ -140,7 +146,11 @@ fn hostile_guests_harm_only_themselves() {
         GuestCase::shell(
             "abuse",
             &format!(
-                "{}{}n0={}\nq0={}\n{}echo DAEMON-ALIVE=$(kill -0 $(cat /tmp/devd.pid) && echo 1 || echo 0)\n\
+                "{}{}/siovmm bench-devd --probe /run/devd/adi-4.sock --seconds 900 > /tmp/probe.out 2>&1 &\necho $! > /tmp/probe.pid\n\
+                 n0={}\nq0={}\n{}echo DAEMON-ALIVE=$(kill -0 $(cat /tmp/devd.pid) && echo 1 || echo 0)\n\
+                 echo PROBE-ALIVE=$(kill -0 $(cat /tmp/probe.pid) && echo 1 || echo 0)\nkill -TERM $(cat /tmp/probe.pid)\n\
+                 echo PROBE-COMPLETED=$(awk '/NOOPs completed/{{k=$4}} END{{print k+0}}' /tmp/probe.out)\n\
+                 echo PROBE-LOST=$(grep -c 'probe: after' /tmp/probe.out)\ntail -2 /tmp/probe.out | sed 's/^/PROBE-SAID /'\n\
                  echo DEVICE-QUEUE-ERRORS=$(( {} - q0 ))\n{}kill -CONT $(cat /tmp/victim.pid)\n{}n1={}\n\
                  echo VICTIM-ROUNDS-AFTER=$(( (n1 - n0) / 2 ))\nkill -TERM $(cat /tmp/victim.pid)\n{}\
                  cat /run/devd/status /tmp/devd.log | sed 's/^/DEVD /'\n",
@@ -163,7 +173,7 @@ fn hostile_guests_harm_only_themselves() {
         trap,
     ];
     let (setup_result, results) = run_cases_with_setup(&cases, &setup).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(setup_result.value("SETUP-SOCKETS"), Some("4"), "{}", setup_result.transcript());
+    assert_eq!(setup_result.value("SETUP-SOCKETS"), Some(DAEMON_ADIS.to_string().as_str()), "{}", setup_result.transcript());
     let result = |name: &str| results.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no result for {name}"));
 
     // 1. Over the daemon: the hostile guest harmed only itself.
@@ -172,6 +182,13 @@ fn hostile_guests_harm_only_themselves() {
     let t = abuse.transcript();
     assert_eq!(abuse.value("DAEMON-ALIVE"), Some("1"), "{t}");
     assert!(abuse.number("DEVICE-QUEUE-ERRORS") > 0, "the daemon's device refused the bad tails:\n{t}");
+    // Another VMM's ADI on the same device, used all through the abuse: every NOOP completed
+    // with its interrupt (a lost one ends the probe, which would then not be alive).
+    assert_eq!(abuse.value("PROBE-ALIVE"), Some("1"), "the probe ran through the abuse:\n{t}");
+    assert_eq!(abuse.number("PROBE-LOST"), 0, "{t}");
+    let probed = abuse.number("PROBE-COMPLETED");
+    assert!(probed >= 20, "the probe's NOOPs completed during the abuse ({probed}):\n{t}");
+    println!("probe: {probed} NOOPs with their interrupts completed on another VMM's ADI during the abuse, none lost");
     let after = abuse.number("VICTIM-ROUNDS-AFTER");
     assert!(after >= 3, "the victim ran self-tests after the abuse:\n{t}");
     let victim = result("victim");

@@ -72,13 +72,18 @@ impl Rig {
 
     /// Waits until the interrupt eventfd has counted `n` signals in all.
     fn wait_irqs(&self, n: u64) -> Result<(), String> {
+        self.wait_irqs_within(n, STALL)
+    }
+
+    /// [`Rig::wait_irqs`], giving up after `stall` without one.
+    fn wait_irqs_within(&self, n: u64, stall: Duration) -> Result<(), String> {
         let mut seen = 0;
         while seen < n {
             let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.irq), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(&mut p, 1, STALL.as_millis() as i32) };
+            let r = unsafe { libc::poll(&mut p, 1, stall.as_millis() as i32) };
             if r <= 0 {
-                return Err(format!("{}: {seen} of {n} interrupts arrived within {STALL:?}", self.name));
+                return Err(format!("{}: {seen} of {n} interrupts arrived within {stall:?}", self.name));
             }
             seen += self.irq.read().unwrap_or(0);
         }
@@ -222,6 +227,14 @@ fn start_daemon(devd: &Path) -> Result<(Daemon, PathBuf), String> {
 /// The daemon rig: the ADI over vfio-user, set up as siovmm sets up `--vfio-user`.
 fn daemon(devd: &Path) -> Result<(Rig, Daemon, UserDevice), String> {
     let (daemon, socket) = start_daemon(devd)?;
+    let (rig, adi) = connect_rig(&socket)?;
+    Ok((rig, daemon, adi))
+}
+
+/// The ADI served at `socket`, set up as siovmm sets up `--vfio-user`: guest RAM one memfd
+/// DMA-mapped, the queue enabled by region writes, vector 1's eventfd by SET_IRQS, the
+/// doorbell the offered ioeventfd.
+fn connect_rig(socket: &Path) -> Result<(Rig, UserDevice), String> {
     let ram = memory::create_shared(&[(0, RAM)]).map_err(|e| e.to_string())?;
     let shared = ram.shared().ok_or("shared RAM without its memfd")?;
     let adi = UserDevice::connect(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
@@ -250,8 +263,42 @@ fn daemon(devd: &Path) -> Result<(Rig, Daemon, UserDevice), String> {
         .ok_or("the daemon offered no doorbell ioeventfd")?
         .fd;
     let mem = ram.leak();
-    Ok((Rig { name: "daemon", mem, doorbell, irq, tail: 0 }, daemon, adi))
+    Ok((Rig { name: "daemon", mem, doorbell, irq, tail: 0 }, adi))
 }
+
+/// `bench-devd --probe SOCKET --seconds S`: takes the ADI a running daemon serves at SOCKET as
+/// a VMM with no guest would (`connect_rig`) and, for S seconds, submits NOOPs one at a time,
+/// each waited for by its completion interrupt, 20 a second. A line per second says how many
+/// completed and the slowest; the first that does not complete within 10 s ends the probe
+/// with an error. What another VM's ADI sees while something else uses the same device
+/// (tests/tests/hostile.rs runs it beside a hostile guest).
+pub fn probe(socket: &Path, seconds: u32) -> Result<(), String> {
+    use std::io::Write;
+    let (mut rig, _adi) = connect_rig(socket)?;
+    let d = Descriptor { opcode: opcode::NOOP, flags: flags::RCI, int_handle: 1, ..Default::default() };
+    let (t0, mut done, mut slowest) = (Instant::now(), 0u64, Duration::ZERO);
+    let mut last_report = 0;
+    while t0.elapsed() < Duration::from_secs(u64::from(seconds)) {
+        rig.queue(&d)?;
+        let t = Instant::now();
+        rig.ring()?;
+        rig.wait_irqs_within(1, PROBE_STALL).map_err(|e| format!("probe: after {done} NOOPs: {e}"))?;
+        slowest = slowest.max(t.elapsed());
+        done += 1;
+        let now = t0.elapsed().as_secs();
+        if now > last_report {
+            last_report = now;
+            println!("probe: {now} s: {done} NOOPs completed with their interrupts, slowest {:.1} ms", slowest.as_secs_f64() * 1e3);
+            let _ = std::io::stdout().flush();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("probe: done: {done} NOOPs in {seconds} s, every one completed, slowest {:.1} ms", slowest.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+/// How long a probe's NOOP may take before it counts as lost.
+const PROBE_STALL: Duration = Duration::from_secs(10);
 
 pub(crate) fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));

@@ -18,6 +18,7 @@ USAGE:
     siovmm bench-siov [--adis N] [--ims N] [--rate-adis N] [--per-adi N]
     siovmm bench-devd [--rounds N] [--descriptors N] [--devd PATH]
     siovmm bench-devd --scale N [--devd PATH]
+    siovmm bench-devd --probe SOCKET [--seconds S]
 
 OPTIONS:
     --kernel PATH      Linux kernel to boot: ELF vmlinux (entered through its PVH note, or its
@@ -465,6 +466,13 @@ pub fn parse_bench_devd(args: &[String]) -> Result<BenchDevdOptions, CliError> {
             "--rounds" => o.rounds = parse_count(flag, v, 1, 1000)?,
             "--descriptors" => o.descriptors = parse_count(flag, v, 1, 1_000_000)?,
             "--scale" => o.scale = Some(parse_count(flag, v, 1, siovmm_devd::MAX_ADIS)?),
+            "--probe" => {
+                if !std::path::Path::new(v).exists() {
+                    return err(format!("--probe {v}: no such socket"));
+                }
+                o.probe = Some(v.into());
+            }
+            "--seconds" => o.probe_seconds = parse_count(flag, v, 1, 86_400)?,
             "--scale-child" => {
                 let mut parts = v.rsplitn(3, ',');
                 let (count, first, dir) = (parts.next(), parts.next(), parts.next());

@@ -213,10 +213,15 @@ pub struct BenchDevdOptions {
     /// One of those VMs, in a process of its own (`--scale-child DIR,FIRST,COUNT`, which
     /// `--scale` passes; not for users): the daemon's socket directory and the ADIs it takes.
     pub scale_child: Option<(PathBuf, u32, u32)>,
+    /// Instead, drive the ADI a running daemon serves at this socket for `probe_seconds`
+    /// (`bench_devd::probe`).
+    pub probe: Option<PathBuf>,
+    /// How long `--probe` runs.
+    pub probe_seconds: u32,
 }
 
 impl Default for BenchDevdOptions {
     fn default() -> Self {
-        Self { rounds: 7, descriptors: 20_000, devd: None, scale: None, scale_child: None }
+        Self { rounds: 7, descriptors: 20_000, devd: None, scale: None, scale_child: None, probe: None, probe_seconds: 10 }
     }
 }

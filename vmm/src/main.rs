@@ -164,10 +164,11 @@ fn main() -> ExitCode {
         }
         cli::Command::BenchSiov(o) => return bench_exit("bench-siov", bench::run(&o)),
         cli::Command::BenchDevd(o) => {
-            return bench_exit("bench-devd", match (&o.scale_child, o.scale) {
-                (Some((dir, first, count)), _) => bench_scale::child(dir, *first, *count),
-                (None, Some(adis)) => bench_scale::run(&o, adis),
-                (None, None) => bench_devd::run(&o),
+            return bench_exit("bench-devd", match (&o.scale_child, o.scale, &o.probe) {
+                (Some((dir, first, count)), _, _) => bench_scale::child(dir, *first, *count),
+                (None, _, Some(socket)) => bench_devd::probe(socket, o.probe_seconds),
+                (None, Some(adis), None) => bench_scale::run(&o, adis),
+                (None, None, None) => bench_devd::run(&o),
             })
         }
         cli::Command::Run(c) => c,
