@@ -237,7 +237,7 @@ fn daemon(devd: &Path) -> Result<(Rig, Daemon, UserDevice), String> {
 fn connect_rig(socket: &Path) -> Result<(Rig, UserDevice), String> {
     let ram = memory::create_shared(&[(0, RAM)]).map_err(|e| e.to_string())?;
     let shared = ram.shared().ok_or("shared RAM without its memfd")?;
-    let adi = UserDevice::connect(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let adi = UserDevice::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     for r in &shared.regions {
         adi.dma_map(r.guest, r.size, std::os::fd::AsRawFd::as_raw_fd(shared.file.as_ref()), r.offset)
             .map_err(|e| format!("DMA_MAP: {e}"))?;
