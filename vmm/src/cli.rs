@@ -517,11 +517,16 @@ mod tests {
             panic!("bench-devd not parsed")
         };
         assert_eq!((o.rounds, o.descriptors, o.devd), (3, 100, None));
+        let Ok(Command::BenchDevd(o)) = parse(args(&["bench-devd", "--scale-child", "/tmp/a,b,496,4"])) else { panic!("not parsed") };
+        assert_eq!(o.scale_child, Some(("/tmp/a,b".into(), 496, 4)), "the directory may hold commas");
         for (bad, says) in [
             (&["bench-devd", "--rounds", "0"][..], "--rounds 0: must be between 1 and 1000"),
             (&["bench-devd", "--devd", "/no/such/devd"][..], "--devd /no/such/devd: no such file"),
             (&["bench-devd", "--fast", "1"][..], "bench-devd: unknown argument '--fast'"),
             (&["bench-devd", "--rounds"][..], "--rounds needs a value"),
+            (&["bench-devd", "--probe", "/no/such.sock"][..], "--probe /no/such.sock: no such socket"),
+            (&["bench-devd", "--probe", "/", "--seconds", "0"][..], "--seconds 0: must be between 1 and 86400"),
+            (&["bench-devd", "--scale-child", "/tmp,x,3"][..], "--scale-child /tmp,x,3: not DIR,FIRST,COUNT"),
         ] {
             assert_eq!(parse(args(bad)).err().map(|e| e.0), Some(says.to_string()));
         }
