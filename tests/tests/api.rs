@@ -12,7 +12,9 @@
 //!   Request, `_EJ0`), and a slot's other functions come back to the guest's driver after
 //!   each; `vm.info` shows 32 ADIs with their IMS entries halved;
 //! - the guest has 32 ADIs left, all bound, all passing their self-tests, no PCI error in its
-//!   log, and it powers off.
+//!   log;
+//! - the guest then ejects a slot of 8 on its own (`echo 0 > /sys/bus/pci/slots/N/power`):
+//!   siovmm removes its functions, and `vm.info` shows 24; the guest powers off.
 
 use std::time::Duration;
 
@@ -39,6 +41,8 @@ const ADDED: u32 = 64;
 const SINGLES: u32 = 8;
 const REMOVED: u32 = 32;
 const SOCKET: &str = "/tmp/api.sock";
+/// The slot the guest ejects on its own at the end: the last of the four slots of 8 kept.
+const OWN_EJECT_SLOT: u32 = (ADDED - REMOVED) / 8;
 
 /// The guest: waits (no rescan) until its driver holds every added ADI, self-tests them,
 /// then waits until the operator's removals leave [`ADDED`] - [`REMOVED`], all bound again.
@@ -47,6 +51,7 @@ const SOCKET: &str = "/tmp/api.sock";
 /// removed, the guest would see the final count for a moment before its end.
 fn guest_script() -> String {
     let kept = ADDED - REMOVED;
+    let own_slot = OWN_EJECT_SLOT;
     GUEST_HELPERS.to_string()
         + &format!(
             r#"
@@ -60,6 +65,14 @@ i=0; while {{ [ $(adis | wc -l) -ne {kept} ] || [ $(bound) -ne {kept} ]; }} && [
 echo GUEST-ADIS-AFTER-REMOVAL=$(adis | wc -l)
 echo GUEST-BOUND-AFTER-REMOVAL=$(bound)
 echo GUEST-PASS-KEPT=$(selftest)
+# A slot given up by the guest itself: its driver lets go, acpiphp calls _EJ0.
+s=$(for d in /sys/bus/pci/slots/*; do [ "$(cat $d/address)" = "0000:00:{own_slot:02x}" ] && echo $d; done)
+echo GUEST-OWN-EJECT-SLOT=${{s##*/}}
+echo 0 > $s/power && echo GUEST-OWN-EJECT=ok || echo GUEST-OWN-EJECT=failed
+echo GUEST-ADIS-AFTER-OWN-EJECT=$(adis | wc -l)
+echo GUEST-OWN-EJECT-DONE=1
+# Up while the operator looks (it waits for the line above).
+sleep 10
 echo GUEST-PCI-ERRORS=$(dmesg | grep -ciE 'pci.*(conflict|can.t claim|no space|failed to assign)|_EJ0 failed|acpiphp.*error')
 dmesg | grep -iE 'pci.*(conflict|can.t claim|no space|failed to assign)|_EJ0 failed|acpiphp.*error' | sed 's/^/GUEST-DMESG: /'
 poweroff -f
@@ -97,7 +110,10 @@ info=$({ctl} info)
 echo OP-DEVICES-LEFT=$(echo "$info" | grep -o '"id"' | wc -l)
 echo OP-IMS=$ims_before,$(echo "$info" | grep -o '"ims_entries":[0-9]*' | cut -d: -f2)
 echo "OP-INFO=$info"
+{wait_own_eject}{wait_removed}echo OP-DEVICES-AFTER-GUEST-EJECT=$({ctl} info | grep -o '"id"' | wc -l)
 "#,
+        wait_own_eject = wait_until("grep -q GUEST-OWN-EJECT-DONE /tmp/hotplug.out", 120),
+        wait_removed = wait_until(&format!("[ $({ctl} info | grep -o '\"id\"' | wc -l) -eq {} ]", kept - 8), 10),
         wait_api = wait_until(&format!("{ctl} ping > /dev/null 2>&1"), 120),
         // Added to a guest that is up (its userspace has counted its ADIs), not during its boot.
         wait_booted = wait_until("grep -q GUEST-ADIS-AT-BOOT /tmp/hotplug.out", 120),
@@ -121,8 +137,9 @@ fn adis_hotplugged_through_the_api_work_in_a_running_guest() {
     // The ADIs' work (as `--adi 64` would count it), then each removal's eject and the
     // re-probe of the slot's other functions (28 per slot of 8).
     let reprobes = (REMOVED - SINGLES) / 8 * 28;
-    guest.extra_idle = Duration::from_secs(30) + Duration::from_millis(250) * ADDED + Duration::from_millis(500) * (REMOVED + reprobes);
-    let operator = GuestCase::shell("operator", &operator_script(), Duration::from_secs(120));
+    // And the guest's own eject of a slot, with the 10 s it stays up after.
+    guest.extra_idle = Duration::from_secs(45) + Duration::from_millis(250) * ADDED + Duration::from_millis(500) * (REMOVED + reprobes);
+    let operator = GuestCase::shell("operator", &operator_script(), Duration::from_secs(140));
     let (ready, results) = run_cases_with_setup(&[guest, operator], &setup).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ready.value("SETUP-CTL"), Some("ok"), "{}", ready.transcript());
     let result = |name: &str| results.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no result for {name}"));
@@ -149,6 +166,10 @@ fn adis_hotplugged_through_the_api_work_in_a_running_guest() {
     assert_eq!(g.number("GUEST-ADIS-AFTER-REMOVAL"), u64::from(ADDED - REMOVED), "the guest sees the rest only:\n{gt}");
     assert_eq!(g.number("GUEST-BOUND-AFTER-REMOVAL"), u64::from(ADDED - REMOVED), "all bound again:\n{gt}");
     assert_eq!(g.number("GUEST-PASS-KEPT"), u64::from(ADDED - REMOVED), "the rest still work:\n{gt}");
+    // The guest's own eject: gone from the guest, and from the VM.
+    assert_eq!(g.value("GUEST-OWN-EJECT"), Some("ok"), "{gt}");
+    assert_eq!(g.number("GUEST-ADIS-AFTER-OWN-EJECT"), u64::from(ADDED - REMOVED - 8), "{gt}");
+    assert_eq!(op.number("OP-DEVICES-AFTER-GUEST-EJECT"), u64::from(ADDED - REMOVED - 8), "siovmm removed the slot the guest ejected:\n{ot}\n--- the guest:\n{gt}");
     assert_eq!(g.value("GUEST-PCI-ERRORS"), Some("0"), "{gt}");
     assert!(g.lines_with("made system call").is_empty(), "{gt}");
     assert_eq!(g.exit_code, Some(0), "{gt}");

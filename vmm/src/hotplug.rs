@@ -6,6 +6,10 @@
 //! assigns BARs and binds drivers; a removal asks the guest to eject the slot (Eject Request),
 //! and the guest unbinds its drivers, stops the functions and calls `_EJ0`.
 //!
+//! A guest may also eject a slot on its own (a user's `echo 0 > /sys/bus/pci/slots/N/power`):
+//! its functions are then removed from the VM, as a card pulled from a slot is gone, by the
+//! VM's `pci-eject` thread (`Vm::run`), and whoever added them sees them gone (`vm.info`).
+//!
 //! Whether a guest handles hotplug events is read from the guest itself: its ACPI subsystem
 //! unmasks the event device's IOAPIC pin when it takes the interrupt (`drivers/acpi/evged.c`
 //! requests it at probe); a guest that never did (no ACPI, another OS, still booting) would
@@ -67,6 +71,11 @@ impl Hotplug {
     /// The guest runs no more: removals in progress stop waiting for its eject.
     pub(crate) fn stop(&self) {
         self.slots.stop();
+    }
+
+    /// Waits until the guest ejects slots on its own (bus, device); `None` once it has stopped.
+    pub(crate) fn wait_guest_ejects(&self) -> Option<Vec<(u8, u8)>> {
+        self.slots.wait_guest_ejects()
     }
 
     /// Asks the guest to eject `bdf`'s slot and waits up to `timeout`; true when it did.

@@ -1134,6 +1134,41 @@ kvm_test! {
     }
 }
 
+kvm_test! {
+    alone;
+    /// A slot the guest ejects on its own (its `_EJ0` writes PCEJ with no request: a user's
+    /// `echo 0 > /sys/bus/pci/slots/N/power`) loses its functions while the VM runs, through
+    /// the VM's pci-eject thread; a slot with nothing in it changes nothing.
+    fn a_slot_the_guest_ejects_on_its_own_is_removed() {
+        use devices::pci::hotplug::PCEJ;
+        use std::time::Duration;
+        let (dir, config) = spinning_vm("own-eject", 8);
+        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
+        let handle = vm.handle();
+        let (mmio, _) = vm.guest_reach();
+        let control = std::thread::spawn(move || {
+            let _guard = StopOnDrop(handle.clone());
+            let adis: Vec<_> = handle.adis().unwrap().into_iter().map(|(b, _)| b).collect();
+            assert_eq!(adis.len(), 8);
+            let slot = adis[0].device();
+            // An empty slot first: nothing there, nothing removed.
+            mmio.write(arch::layout::PCI_HOTPLUG_START + PCEJ, &(1u32 << (slot + 1)).to_le_bytes());
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(handle.adis().unwrap().len(), 8);
+            mmio.write(arch::layout::PCI_HOTPLUG_START + PCEJ, &(1u32 << slot).to_le_bytes());
+            let t = Instant::now();
+            while !handle.adis().unwrap().is_empty() {
+                assert!(t.elapsed() < Duration::from_secs(10), "the ejected slot's functions are still there");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
+        control.join().unwrap();
+        drop(vm);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// Above the 64 MiB of RAM of [`storing_guest`], inside the boot identity map.
 const GPA: u64 = 0x2000_0000;
 /// What [`storing_guest`] stores there.

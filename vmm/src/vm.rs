@@ -340,6 +340,8 @@ pub struct Vm {
     devices: Arc<Mutex<DeviceManager>>,
     /// Tells the guest about devices added and asks it to eject devices removed.
     hotplug: Arc<Hotplug>,
+    /// Removes the functions of slots the guest ejects on its own, while the VM runs.
+    eject_thread: Option<std::thread::JoinHandle<()>>,
     iommu: Option<Arc<VtdUnit>>,
     exits: Exits,
     // Owned so that they live exactly as long as the VM: buses and devices, the KVM VM, and
@@ -502,6 +504,27 @@ impl VmHandle {
         }
         Ok(Removal { ejected_by_guest })
     }
+
+    /// The guest ejected slot `device` of `bus` on its own: every function in it is removed
+    /// (function 0 last), nothing asked, the guest having let go of them already. Returns
+    /// what was removed.
+    pub fn remove_ejected_slot(&self, bus: u8, device: u8) -> Result<Vec<Bdf>, Error> {
+        let devices = self.devices()?;
+        let mut d = lock(devices.as_ref());
+        let mut functions = d.slot_functions(Bdf::new(bus, device, 0));
+        functions.sort_unstable_by_key(|f| std::cmp::Reverse(f.function()));
+        let mut removed = Vec::new();
+        for bdf in functions {
+            match d.remove_device(bdf) {
+                Ok(()) => removed.push(bdf),
+                Err(e) => log::warn!("0000:{bdf}, ejected by the guest: removing it: {e}"),
+            }
+        }
+        if !removed.is_empty() {
+            log::info!("the guest ejected slot 0000:{bus:02x}:{device:02x}: {} functions removed", removed.len());
+        }
+        Ok(removed)
+    }
 }
 
 impl Vm {
@@ -632,6 +655,7 @@ impl Vm {
             event_loop,
             devices: Arc::new(Mutex::new(devices)),
             hotplug,
+            eject_thread: None,
             iommu,
             exits,
             platform,
@@ -682,6 +706,26 @@ impl Vm {
                 }
             }
         }
+        // A slot the guest ejects on its own loses its functions here, under the API thread's
+        // filter: the same removals as `vm.remove-device`.
+        let (hotplug, handle) = (self.hotplug.clone(), self.handle());
+        let ejects = siovmm_seccomp::spawn(ThreadKind::Api, "pci-eject".into(), move || {
+            while let Some(slots) = hotplug.wait_guest_ejects() {
+                for (bus, device) in slots {
+                    if let Err(e) = handle.remove_ejected_slot(bus, device) {
+                        log::warn!("slot 0000:{bus:02x}:{device:02x}, ejected by the guest: {e}");
+                    }
+                }
+            }
+        });
+        match ejects {
+            Ok(t) => self.eject_thread = Some(t),
+            Err(e) => {
+                self.shutdown.request(ExitReason::Failed(format!("spawning the pci-eject thread: {e}")));
+                self.vcpus.stop_and_join();
+                return Err(io_err("spawning the pci-eject thread".into())(e));
+            }
+        }
         let served = siovmm_seccomp::enter(ThreadKind::EventLoop).map_err(Error::Seccomp).and_then(|()| self.serve());
         // Whatever ended the loop, no vCPU runs past this point.
         if self.shutdown.reason().is_none() {
@@ -689,8 +733,11 @@ impl Vm {
         }
         self.vcpus.stop_and_join();
         // No guest will answer an eject now: a removal waiting for one (on the API thread,
-        // which is stopped once this returns) goes on at once.
+        // which is stopped once this returns) goes on at once, and the pci-eject thread ends.
         self.hotplug.stop();
+        if let Some(t) = self.eject_thread.take() {
+            let _ = t.join();
+        }
         served?;
         let trace = &self.trace;
         trace.mark(&format!("run ({}, coalesced 0xCF8 {})", self.exits.stats, if self.coalesce { "on" } else { "off" }));

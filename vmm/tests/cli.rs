@@ -149,7 +149,7 @@ kvm_test! {
             }
             let mut child = KillOnDrop(cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
             let child = &mut child.0;
-            let ours = ["siovmm", "console-out", "siov-worker0", "siov-worker1", "msi-overflow", "vcpu0", "vcpu1"];
+            let ours = ["siovmm", "console-out", "siov-worker0", "siov-worker1", "msi-overflow", "vcpu0", "vcpu1", "pci-eject"];
             // A thread is named before it enters its filter, and the main thread enters its
             // own after starting the vCPUs: the census is taken once every thread has settled
             // (or at the deadline, where the assertions below say what did not).

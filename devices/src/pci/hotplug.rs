@@ -51,6 +51,9 @@ struct BusBits {
     awaited: u32,
     /// Slots the guest ejected that siovmm awaited and has not taken yet.
     ejected: u32,
+    /// Slots the guest ejected on its own (no request: a user's `echo 0 > power` in its
+    /// sysfs), not yet taken by [`HotplugSlots::wait_guest_ejects`].
+    unasked: u32,
 }
 
 /// The hotplug state of every root bus, shared by the device manager (which announces and
@@ -150,16 +153,39 @@ impl HotplugSlots {
         self.ejected.notify_all();
     }
 
-    /// The guest's `_EJ0` wrote `slots` for `bus`.
+    /// The guest's `_EJ0` wrote `slots` for `bus`: what siovmm awaited ends its wait; the rest
+    /// the guest ejected on its own, for [`HotplugSlots::wait_guest_ejects`].
     fn guest_ejected(&self, bus: u8, slots: u32) {
         let mut buses = crate::bus::lock(&self.buses);
         if let Some(b) = buses.get_mut(usize::from(bus)) {
             let awaited = slots & b.awaited;
             if awaited != slots {
-                log::info!("pci hotplug: the guest ejected slots {:#x} of bus {bus} that siovmm did not ask for; ignored", slots & !b.awaited);
+                log::info!("pci hotplug: the guest ejected slots {:#x} of bus {bus} on its own", slots & !b.awaited);
             }
             b.ejected |= awaited;
+            b.unasked |= slots & !b.awaited;
             self.ejected.notify_all();
+        }
+    }
+
+    /// Waits until the guest ejects slots nobody asked it to (each returned once, as (bus,
+    /// device)), so that the VMM removes what it gave up, as a device pulled from its slot is
+    /// gone; `None` once the guest has stopped ([`HotplugSlots::stop`]).
+    pub fn wait_guest_ejects(&self) -> Option<Vec<(u8, u8)>> {
+        let mut buses = crate::bus::lock(&self.buses);
+        loop {
+            if self.stopped.load(Ordering::Acquire) {
+                return None;
+            }
+            let mut slots = Vec::new();
+            for (bus, b) in buses.iter_mut().enumerate() {
+                let unasked = std::mem::take(&mut b.unasked);
+                slots.extend((0..32u8).filter(|d| unasked & bit(*d) != 0).map(|d| (bus as u8, d)));
+            }
+            if !slots.is_empty() {
+                return Some(slots);
+            }
+            buses = self.ejected.wait(buses).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
@@ -268,6 +294,33 @@ mod tests {
         r.write(PCEJ, &(1u32 << 3).to_le_bytes());
         s.request_eject(0, 3);
         assert!(!s.wait_ejected(0, 3, Duration::from_millis(10)), "the late eject did not count for the next request");
+    }
+
+    #[test]
+    fn slots_the_guest_ejects_on_its_own_are_handed_over_once() {
+        let (s, mut r) = slots(3);
+        s.request_eject(1, 7);
+        let watcher = {
+            let s = s.clone();
+            std::thread::spawn(move || s.wait_guest_ejects())
+        };
+        // The awaited one is the removal's, not the watcher's.
+        r.write(BUS_STRIDE + PCEJ, &(1u32 << 7).to_le_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!watcher.is_finished());
+        assert!(s.wait_ejected(1, 7, Duration::from_secs(1)));
+        r.write(2 * BUS_STRIDE + PCEJ, &(1u32 << 4 | 1 << 31).to_le_bytes());
+        assert_eq!(watcher.join().unwrap(), Some(vec![(2, 4), (2, 31)]));
+        // Taken: a second wait sees only what comes next; a bus that does not exist, nothing.
+        r.write(9 * BUS_STRIDE + PCEJ, &1u32.to_le_bytes());
+        r.write(PCEJ, &1u32.to_le_bytes());
+        assert_eq!(s.wait_guest_ejects(), Some(vec![(0, 0)]));
+        let watcher = {
+            let s = s.clone();
+            std::thread::spawn(move || s.wait_guest_ejects())
+        };
+        s.stop();
+        assert_eq!(watcher.join().unwrap(), None, "the guest stopped: nothing more to wait for");
     }
 
     #[test]
