@@ -106,13 +106,18 @@ impl std::fmt::Debug for AdiBackend {
 }
 
 impl AdiBackend {
-    /// Opens `adi` on `device` for the VM `owner` names (its VMM's process ID) with `vectors`
-    /// MSI-X vectors, each backed by one IMS entry.
-    pub fn open(device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16, owner: u64) -> Result<Self, siov::Error> {
+    /// Opens `adi` on `device` for the VM `owner` names (its VMM's process ID; `None`: not
+    /// known, so its doorbell is its own) with `vectors` MSI-X vectors, each backed by one IMS
+    /// entry.
+    pub fn open(device: Arc<dyn SiovDevice>, adi: AdiId, vectors: u16, owner: Option<u64>) -> Result<Self, siov::Error> {
         let memory = ClientMemory::new();
         let dma = device.dma_bind(memory.clone())?;
         // A mapped portal page is not offered over vfio-user yet: the doorbell serves.
-        let opened = device.open_adi_for(adi, dma, owner).and_then(|portal: Portal| {
+        let opened = match owner {
+            Some(owner) => device.open_adi_for(adi, dma, owner),
+            None => device.open_adi(adi, dma),
+        };
+        let opened = opened.and_then(|portal: Portal| {
             let doorbell = (portal.doorbell().clone(), portal.page().cloned());
             let ims = device.ims_alloc(adi, u32::from(vectors)).inspect_err(|_| {
                 let _ = device.close_adi(adi);

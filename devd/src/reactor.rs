@@ -263,8 +263,10 @@ impl Shared {
             self.refuse(stream, libc::EDQUOT);
             return AdiState::Listening;
         }
-        // The VMM's process ID names its VM to the device, whose ADIs may share a doorbell.
-        match AdiBackend::open(self.device.clone(), adi.id, self.vectors, pid as u32 as u64) {
+        // The VMM's process ID names its VM to the device, whose ADIs may share a doorbell;
+        // a client whose ID cannot be known (0: another PID namespace) shares with nobody.
+        let owner = u64::try_from(pid).ok().filter(|&p| p > 0);
+        match AdiBackend::open(self.device.clone(), adi.id, self.vectors, owner) {
             Ok(backend) => {
                 log::info!("ADI {}: serving VMM pid {pid}", adi.id.0);
                 let token = u64::from(adi.id.0);

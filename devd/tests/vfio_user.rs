@@ -252,7 +252,7 @@ fn msix_control_reads_back_what_the_client_wrote() {
     use vfio_user::ServerBackend;
     const CONTROL: u64 = 0x42; // the MSI-X capability at 0x40
     let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(1, 4, ImsStorage::OnDevice, 1).unwrap());
-    let mut b = AdiBackend::open(device, AdiId(0), 4, 1).unwrap();
+    let mut b = AdiBackend::open(device, AdiId(0), 4, Some(1)).unwrap();
     let control = |b: &mut AdiBackend| {
         let mut c = [0u8; 2];
         b.region_read(VFIO_PCI_CONFIG_REGION_INDEX, CONTROL, &mut c).unwrap();
@@ -273,8 +273,8 @@ fn hostile_requests_are_refused_and_the_adi_keeps_working() {
     // The backend directly, where each refusal is visible (the crate's client ignores a
     // reply's error flag and then waits for data that never comes).
     let device: Arc<dyn SiovDevice> = Arc::new(SoftSiovDevice::new(1, 2, ImsStorage::OnDevice, 1).unwrap());
-    let mut b = AdiBackend::open(device.clone(), AdiId(0), 2, 1).unwrap();
-    assert!(AdiBackend::open(device.clone(), AdiId(0), 2, 1).is_err(), "the ADI is taken");
+    let mut b = AdiBackend::open(device.clone(), AdiId(0), 2, Some(1)).unwrap();
+    assert!(AdiBackend::open(device.clone(), AdiId(0), 2, Some(1)).is_err(), "the ADI is taken");
     let mut buf = [0u8; 8];
     assert!(b.region_read(VFIO_PCI_BAR0_REGION_INDEX, 0x7ffc, &mut buf).is_err(), "past BAR0's end");
     assert!(b.region_read(5, 0, &mut buf).is_err(), "a region the ADI does not have");
