@@ -693,6 +693,22 @@ impl Vm {
     pub fn run(&mut self) -> Result<ExitReason, Error> {
         // The kick handler is installed now: the filter below has no rt_sigaction.
         vcpu::can_kick();
+        // A slot the guest ejects on its own loses its functions here, under the API thread's
+        // filter: the same removals as `vm.remove-device`. Started, and named, before the
+        // vCPUs, so that whoever counts this VM's threads once its vCPUs run finds it there.
+        // (`siovmm_seccomp::spawn` returns once the thread, named, has entered its filter.)
+        let (hotplug, handle) = (self.hotplug.clone(), self.handle());
+        let ejects = siovmm_seccomp::spawn(ThreadKind::Api, "pci-eject".into(), move || {
+            while let Some(slots) = hotplug.wait_guest_ejects() {
+                for (bus, device) in slots {
+                    if let Err(e) = handle.remove_ejected_slot(bus, device) {
+                        log::warn!("slot 0000:{bus:02x}:{device:02x}, ejected by the guest: {e}");
+                    }
+                }
+            }
+        })
+        .map_err(io_err("spawning the pci-eject thread".into()))?;
+        self.eject_thread = Some(ejects);
         for (id, vcpu) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
             let exits = self.exits.clone();
             let thread = siovmm_seccomp::spawn(ThreadKind::Vcpu, format!("vcpu{id}"), move || vcpu::run(vcpu, id as u8, exits))
@@ -704,26 +720,6 @@ impl Vm {
                     self.vcpus.stop_and_join();
                     return Err(e);
                 }
-            }
-        }
-        // A slot the guest ejects on its own loses its functions here, under the API thread's
-        // filter: the same removals as `vm.remove-device`.
-        let (hotplug, handle) = (self.hotplug.clone(), self.handle());
-        let ejects = siovmm_seccomp::spawn(ThreadKind::Api, "pci-eject".into(), move || {
-            while let Some(slots) = hotplug.wait_guest_ejects() {
-                for (bus, device) in slots {
-                    if let Err(e) = handle.remove_ejected_slot(bus, device) {
-                        log::warn!("slot 0000:{bus:02x}:{device:02x}, ejected by the guest: {e}");
-                    }
-                }
-            }
-        });
-        match ejects {
-            Ok(t) => self.eject_thread = Some(t),
-            Err(e) => {
-                self.shutdown.request(ExitReason::Failed(format!("spawning the pci-eject thread: {e}")));
-                self.vcpus.stop_and_join();
-                return Err(io_err("spawning the pci-eject thread".into())(e));
             }
         }
         let served = siovmm_seccomp::enter(ThreadKind::EventLoop).map_err(Error::Seccomp).and_then(|()| self.serve());
@@ -769,6 +765,11 @@ impl Drop for Vm {
             self.shutdown.request(ExitReason::Failed("VM released".into()));
         }
         self.vcpus.stop_and_join();
+        // A run that failed to start its vCPUs left the pci-eject thread waiting.
+        self.hotplug.stop();
+        if let Some(t) = self.eject_thread.take() {
+            let _ = t.join();
+        }
         // ADIs closed now, while guest memory is certainly mapped: a handle in another thread
         // may hold the device manager a moment longer, but finds it released.
         lock(&self.devices).release();
