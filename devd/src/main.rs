@@ -78,11 +78,11 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
             "--max-ims-per-vm" => o.limits.ims_per_vm = Some(number(&flag, args.next(), 1..=1 << 20)?),
             "--seccomp" => o.seccomp = args.next().ok_or("--seccomp needs a value")?.parse()?,
             "--portals" => {
-                o.portals = match args.next().as_deref() {
-                    Some("doorbell") => PortalKind::Doorbell,
-                    Some("mapped") => PortalKind::Mapped,
-                    other => return Err(format!("--portals {}: not doorbell or mapped", other.unwrap_or("(nothing)"))),
-                }
+                let name = args.next();
+                o.portals = name.as_deref().and_then(PortalKind::from_name).ok_or(format!(
+                    "--portals {}: not doorbell or mapped",
+                    name.as_deref().unwrap_or("(nothing)")
+                ))?;
             }
             "--ims" => {
                 o.storage = match args.next().as_deref() {

@@ -217,9 +217,9 @@ fn handle<B: ServerBackend + RegionIoFds>(
             };
             let flags = info.flags | VFIO_REGION_INFO_FLAG_MMAP;
             let payload = protocol::region_info(argsz as usize, flags, info.index, info.size, mmap.offset, &mmap.areas);
-            // The file goes with the reply that lists the areas (a short one only says how
-            // much room they need).
-            let fds = if protocol::sparse_areas(&payload).is_empty() { Vec::new() } else { vec![mmap.fd] };
+            // The file goes with the reply that lists the areas, the one longer than the fixed
+            // part (a short one only says how much room they need).
+            let fds = if payload.len() > protocol::REGION_INFO { vec![mmap.fd] } else { Vec::new() };
             Answer { payload, fds }
         }
         Command::RegionIoFds => {

@@ -176,6 +176,17 @@ pub enum PortalKind {
     Mapped,
 }
 
+impl PortalKind {
+    /// The kind a command line names: `doorbell` or `mapped`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "doorbell" => Some(Self::Doorbell),
+            "mapped" => Some(Self::Mapped),
+            _ => None,
+        }
+    }
+}
+
 /// Outcome of firing an interrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fired {

@@ -116,13 +116,18 @@ impl Rig {
 
     /// Mean doorbell → interrupt over `n` NOOPs with completion interrupts (handle 1).
     fn until_interrupt(&mut self, n: u32) -> Result<Duration, String> {
+        self.until_interrupt_within(n, STALL)
+    }
+
+    /// [`Rig::until_interrupt`], a NOOP lost once its interrupt has not come within `stall`.
+    fn until_interrupt_within(&mut self, n: u32, stall: Duration) -> Result<Duration, String> {
         let d = Descriptor { opcode: opcode::NOOP, flags: flags::RCI, int_handle: 1, ..Default::default() };
         let mut total = Duration::ZERO;
         for _ in 0..n {
             self.queue(&d)?;
             let t0 = Instant::now();
             self.ring()?;
-            self.wait_irqs(1)?;
+            self.wait_irqs_within(1, stall)?;
             total += t0.elapsed();
         }
         Ok(total / n)
@@ -275,15 +280,11 @@ fn connect_rig(socket: &Path) -> Result<(Rig, UserDevice), String> {
 pub fn probe(socket: &Path, seconds: u32) -> Result<(), String> {
     use std::io::Write;
     let (mut rig, _adi) = connect_rig(socket)?;
-    let d = Descriptor { opcode: opcode::NOOP, flags: flags::RCI, int_handle: 1, ..Default::default() };
     let (t0, mut done, mut slowest) = (Instant::now(), 0u64, Duration::ZERO);
     let mut last_report = 0;
     while t0.elapsed() < Duration::from_secs(u64::from(seconds)) {
-        rig.queue(&d)?;
-        let t = Instant::now();
-        rig.ring()?;
-        rig.wait_irqs_within(1, PROBE_STALL).map_err(|e| format!("probe: after {done} NOOPs: {e}"))?;
-        slowest = slowest.max(t.elapsed());
+        let took = rig.until_interrupt_within(1, PROBE_STALL).map_err(|e| format!("probe: after {done} NOOPs: {e}"))?;
+        slowest = slowest.max(took);
         done += 1;
         let now = t0.elapsed().as_secs();
         if now > last_report {

@@ -294,11 +294,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--ims-per-vm" => siov.ims_per_vm = parse_count(flag, v, 1, siovmm_vfio::soft::ims::MAX_ENTRIES)?,
             "--max-msi-routes" => siov.max_msi_routes = parse_count(flag, v, 0, siovmm_interrupts::router::MAX_MSI_ROUTES)?,
             "--siov-portal" => {
-                portal = match v.as_str() {
-                    "doorbell" => PortalKind::Doorbell,
-                    "mapped" => PortalKind::Mapped,
-                    _ => return err(format!("--siov-portal {v}: must be doorbell or mapped")),
-                }
+                let Some(kind) = PortalKind::from_name(v) else { return err(format!("--siov-portal {v}: must be doorbell or mapped")) };
+                portal = kind;
             }
             _ => {
                 storage = match v.as_str() {

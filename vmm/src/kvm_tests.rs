@@ -874,6 +874,26 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Runs a [`spinning_vm`] while `control` drives it from another thread, given the VM's handle
+/// and its guest's reach (the MMIO bus, KVM's interrupt side); the VM is stopped (SIGTERM)
+/// when `control` returns or fails. Returns what `control` returned, and the stopped VM (not
+/// yet released) with its directory, which the caller removes.
+fn drive_spinning_vm<T: Send + 'static>(
+    name: &str,
+    device_adis: u32,
+    control: impl FnOnce(crate::vm::VmHandle, Arc<devices::Bus>, crate::kvm_irq::KvmIrq) -> T + Send + 'static,
+) -> (T, Vm, std::path::PathBuf) {
+    let (dir, config) = spinning_vm(name, device_adis);
+    let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
+    let (handle, (mmio, irq)) = (vm.handle(), vm.guest_reach());
+    let thread = std::thread::spawn(move || {
+        let _stop = StopOnDrop(handle.clone());
+        control(handle, mmio, irq)
+    });
+    assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
+    (thread.join().unwrap(), vm, dir)
+}
+
 /// Waits until both vCPU threads of a [`spinning_vm`] run.
 fn wait_for_vcpu_threads() {
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
@@ -996,11 +1016,7 @@ kvm_test! {
     /// them changes nothing, the process's file descriptors and threads end where they
     /// started, and once the VM is released the handle refuses.
     fn adis_come_and_go_while_the_guest_runs() {
-        let (dir, config) = spinning_vm("hotplug", 20);
-        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
-        let handle = vm.handle();
-        let control = std::thread::spawn(move || {
-            let guard = StopOnDrop(handle.clone());
+        let (handle, vm, dir) = drive_spinning_vm("hotplug", 20, |handle, _, _| {
             let at_boot = handle.adis().unwrap();
             assert_eq!(at_boot.len(), 8);
             // Counted once both vCPU threads run (Vm::run starts them beside this thread).
@@ -1029,11 +1045,8 @@ kvm_test! {
             assert_eq!(added[0].function(), 0);
             assert!(!at_boot.iter().any(|(b, _)| b.device() == added[0].device()), "{added:?} in a boot-time slot");
             assert_eq!(handle.adis().unwrap().len(), 8);
-            drop(guard);
             handle
         });
-        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
-        let handle = control.join().unwrap();
         drop(vm);
         assert!(matches!(handle.add_adis(1), Err(Error::Released)));
         assert!(matches!(handle.adis(), Err(Error::Released)));
@@ -1053,17 +1066,12 @@ kvm_test! {
         use devices::pci::hotplug::{BUS_STRIDE, PCEJ, PCID, PCIU};
         use devices::pci::PciFunction;
         use std::time::Duration;
-        let (dir, config) = spinning_vm("eject", 8);
-        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
-        let handle = vm.handle();
-        let (mmio, irq) = vm.guest_reach();
-        let control = std::thread::spawn(move || {
+        let (pending, vm, dir) = drive_spinning_vm("eject", 8, |handle, mmio, irq| {
             let register = |offset: u64| {
                 let mut b = [0u8; 4];
                 assert!(mmio.read(arch::layout::PCI_HOTPLUG_START + offset, &mut b));
                 u32::from_le_bytes(b)
             };
-            let guard = StopOnDrop(handle.clone());
             let adis: Vec<_> = handle.adis().unwrap().into_iter().map(|(b, _)| b).collect();
             assert_eq!(adis.len(), 8, "one slot, functions 0-7");
             let (f0, f1, f2, f3) = (adis[0], adis[1], adis[2], adis[3]);
@@ -1112,17 +1120,15 @@ kvm_test! {
             assert!(matches!(handle.remove_device(f3, long), Err(Error::NoDevice(b)) if b == f3));
             // One root bus, one block of registers: the next bus's is not there.
             assert!(!mmio.read(arch::layout::PCI_HOTPLUG_START + BUS_STRIDE + PCIU, &mut [0u8; 4]));
-            // A removal waiting for an eject when the VM stops ends then, not at its timeout.
+            // A removal waiting for an eject when the VM stops (as this returns) ends then, not
+            // at its timeout.
             let pending = {
                 let handle = handle.clone();
                 std::thread::spawn(move || handle.remove_device(adis[4], Duration::from_secs(600)))
             };
             std::thread::sleep(Duration::from_millis(50));
-            drop(guard);
             pending
         });
-        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
-        let pending = control.join().unwrap();
         let stopped = Instant::now();
         while !pending.is_finished() {
             assert!(stopped.elapsed() < std::time::Duration::from_secs(10), "a pending removal held the VM's end");
@@ -1142,12 +1148,7 @@ kvm_test! {
     fn a_slot_the_guest_ejects_on_its_own_is_removed() {
         use devices::pci::hotplug::PCEJ;
         use std::time::Duration;
-        let (dir, config) = spinning_vm("own-eject", 8);
-        let mut vm = Vm::build(&config, Box::new(std::io::sink())).unwrap();
-        let handle = vm.handle();
-        let (mmio, _) = vm.guest_reach();
-        let control = std::thread::spawn(move || {
-            let _guard = StopOnDrop(handle.clone());
+        let ((), vm, dir) = drive_spinning_vm("own-eject", 8, |handle, mmio, _| {
             let adis: Vec<_> = handle.adis().unwrap().into_iter().map(|(b, _)| b).collect();
             assert_eq!(adis.len(), 8);
             let slot = adis[0].device();
@@ -1162,8 +1163,6 @@ kvm_test! {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        assert_eq!(vm.run().unwrap(), ExitReason::Interrupted(libc::SIGTERM));
-        control.join().unwrap();
         drop(vm);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -506,24 +506,23 @@ impl VmHandle {
     }
 
     /// The guest ejected slot `device` of `bus` on its own: every function in it is removed
-    /// (function 0 last), nothing asked, the guest having let go of them already. Returns
-    /// what was removed.
-    pub fn remove_ejected_slot(&self, bus: u8, device: u8) -> Result<Vec<Bdf>, Error> {
+    /// (function 0 last), nothing asked, the guest having let go of them already.
+    pub fn remove_ejected_slot(&self, bus: u8, device: u8) -> Result<(), Error> {
         let devices = self.devices()?;
         let mut d = lock(devices.as_ref());
         let mut functions = d.slot_functions(Bdf::new(bus, device, 0));
         functions.sort_unstable_by_key(|f| std::cmp::Reverse(f.function()));
-        let mut removed = Vec::new();
+        let mut removed = 0;
         for bdf in functions {
             match d.remove_device(bdf) {
-                Ok(()) => removed.push(bdf),
+                Ok(()) => removed += 1,
                 Err(e) => log::warn!("0000:{bdf}, ejected by the guest: removing it: {e}"),
             }
         }
-        if !removed.is_empty() {
-            log::info!("the guest ejected slot 0000:{bus:02x}:{device:02x}: {} functions removed", removed.len());
+        if removed > 0 {
+            log::info!("the guest ejected slot 0000:{bus:02x}:{device:02x}: {removed} functions removed");
         }
-        Ok(removed)
+        Ok(())
     }
 }
 
@@ -728,12 +727,7 @@ impl Vm {
             self.shutdown.request(ExitReason::Failed("the event loop failed".into()));
         }
         self.vcpus.stop_and_join();
-        // No guest will answer an eject now: a removal waiting for one (on the API thread,
-        // which is stopped once this returns) goes on at once, and the pci-eject thread ends.
-        self.hotplug.stop();
-        if let Some(t) = self.eject_thread.take() {
-            let _ = t.join();
-        }
+        self.end_hotplug();
         served?;
         let trace = &self.trace;
         trace.mark(&format!("run ({}, coalesced 0xCF8 {})", self.exits.stats, if self.coalesce { "on" } else { "off" }));
@@ -751,6 +745,15 @@ impl Vm {
         Ok(self.shutdown.reason().unwrap_or(ExitReason::Failed("VM stopped without a reason".into())))
     }
 
+    /// No guest will answer an eject now: a removal waiting for one (on the API thread,
+    /// stopped once the VM ends) goes on at once, and the pci-eject thread ends and is joined.
+    fn end_hotplug(&mut self) {
+        self.hotplug.stop();
+        if let Some(t) = self.eject_thread.take() {
+            let _ = t.join();
+        }
+    }
+
     fn serve(&mut self) -> Result<(), Error> {
         while self.shutdown.reason().is_none() {
             self.event_loop.run().map_err(|e| Error::Events("the event loop", e))?;
@@ -766,10 +769,7 @@ impl Drop for Vm {
         }
         self.vcpus.stop_and_join();
         // A run that failed to start its vCPUs left the pci-eject thread waiting.
-        self.hotplug.stop();
-        if let Some(t) = self.eject_thread.take() {
-            let _ = t.join();
-        }
+        self.end_hotplug();
         // ADIs closed now, while guest memory is certainly mapped: a handle in another thread
         // may hold the device manager a moment longer, but finds it released.
         lock(&self.devices).release();
