@@ -8,6 +8,7 @@ pub mod cpuid;
 pub mod e820;
 pub mod image;
 pub mod layout;
+pub mod exception_entry;
 pub mod paging;
 pub mod pci;
 pub mod regs;

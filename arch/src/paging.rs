@@ -81,6 +81,41 @@ pub fn maps_top_entry<M: GuestMemory>(mem: &M, root: u64) -> bool {
         .is_ok_and(|entry| entry & P != 0)
 }
 
+/// Where the tables map one virtual address, and with what access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The guest-physical address `va` maps to.
+    pub gpa: u64,
+    /// Writable at every level.
+    pub writable: bool,
+    /// No level sets execute-disable.
+    pub executable: bool,
+}
+
+/// Translates `va` through the tables at `root` (CR3) as the CPU's walk would, without a TLB:
+/// `None` when some level is not present or a table lies outside guest memory.
+pub fn translate<M: GuestMemory>(mem: &M, root: u64, five_level: bool, va: u64) -> Option<Translation> {
+    let levels: u32 = if five_level { 5 } else { 4 };
+    let (mut table, mut writable, mut executable) = (root & ADDRESS, true, true);
+    for level in (1..=levels).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let index = (va >> shift) & 511;
+        let entry = mem.read_obj::<u64>(GuestAddress(table + index * 8)).ok()?;
+        if entry & P == 0 {
+            return None;
+        }
+        writable &= entry & RW != 0;
+        executable &= entry & XD == 0;
+        if level == 1 || (level <= 3 && entry & PS != 0) {
+            // A large page's bit 12 is its PAT bit, not part of the frame.
+            let offset = (1u64 << shift) - 1;
+            return Some(Translation { gpa: (entry & ADDRESS & !offset) | (va & offset), writable, executable });
+        }
+        table = entry & ADDRESS;
+    }
+    None
+}
+
 struct Walk<'a, M> {
     mem: &'a M,
     /// Virtual address width (48 or 57).
@@ -310,6 +345,28 @@ mod tests {
             mappings(&t.mem, root, false, KERNEL_TEXT..=u64::MAX).is_empty(),
             "a table past RAM maps nothing"
         );
+    }
+
+    #[test]
+    fn translate_follows_small_and_large_pages() {
+        let mut t = Tables::new();
+        let (root, _, pt) = t.kernel_like(KERNEL_TEXT);
+        let two_mib = 2 << 20;
+        // The 2 MiB page maps to 0x200000.
+        assert_eq!(
+            translate(&t.mem, root, false, KERNEL_TEXT + 0x1234),
+            Some(Translation { gpa: 0x20_1234, writable: false, executable: true })
+        );
+        // 4 KiB page 5 of the second 2 MiB maps to 0x5000; page 0 is execute-disabled.
+        assert_eq!(
+            translate(&t.mem, root | 0x18, false, KERNEL_TEXT + two_mib + 0x5008),
+            Some(Translation { gpa: 0x5008, writable: true, executable: true })
+        );
+        assert_eq!(translate(&t.mem, root, false, KERNEL_TEXT + two_mib).map(|t| t.executable), Some(false));
+        t.set(pt, 5, 0);
+        assert_eq!(translate(&t.mem, root, false, KERNEL_TEXT + two_mib + 0x5008), None, "a cleared entry");
+        assert_eq!(translate(&t.mem, root, false, 0x40_0000), None, "nothing in the lower half");
+        assert_eq!(translate(&t.mem, 1 << 40, false, KERNEL_TEXT), None, "a root past RAM");
     }
 
     #[test]

@@ -677,6 +677,9 @@ pub struct VcpuState {
     pub rip_maps: String,
     /// What they map at CR2.
     pub cr2_maps: String,
+    /// How an exception raised in user mode would enter the kernel (`#PF enters at ...;
+    /// #DF enters at ...`, or `CANNOT ENTER: why`), as printed.
+    pub entry_from_user: String,
 }
 
 impl VcpuState {
@@ -688,6 +691,12 @@ impl VcpuState {
     /// Whether the guest's tables map RIP present and executable.
     pub fn rip_mapped_executable(&self) -> bool {
         maps_executable(&self.rip_maps, self.rip)
+    }
+
+    /// Whether a page fault and a double fault raised in user mode enter the kernel through
+    /// mapped IDT gates, handlers and stacks.
+    pub fn enters_kernel_from_user(&self) -> bool {
+        self.entry_from_user.contains("#PF enters at ") && self.entry_from_user.contains("#DF enters at ")
     }
 }
 
@@ -736,7 +745,8 @@ pub fn vcpu_states(lines: &[String]) -> Vec<VcpuState> {
                 rip: hex_after(rest, ": RIP ")?,
                 cr2: hex_after(rest, " CR2 ")?,
                 rip_maps: rest.split("; RIP maps: ").nth(1)?.split("; CR2 maps: ").next()?.to_string(),
-                cr2_maps: rest.split("; CR2 maps: ").nth(1)?.to_string(),
+                cr2_maps: rest.split("; CR2 maps: ").nth(1)?.split("; entry from user mode: ").next()?.to_string(),
+                entry_from_user: rest.split("; entry from user mode: ").nth(1).unwrap_or_default().to_string(),
             })
         })
         .collect()
@@ -833,22 +843,64 @@ impl GuestShutdown {
         valid && exception && page_fault && self.error_code & 0b1_1101 == 0b1_0000
     }
 
+    /// Whether the CPU shut down while delivering a page fault on a user-mode instruction fetch
+    /// from a page it found not present (error code: I/D and U/S set; P and RSVD clear).
+    pub fn while_delivering_user_fetch_fault(&self) -> bool {
+        let valid = self.delivering & 0x8000_0000 != 0;
+        let exception = (self.delivering >> 8) & 7 == 3;
+        let page_fault = self.delivering & 0xff == 14;
+        valid && exception && page_fault && self.error_code & 0b1_1101 == 0b1_0100
+    }
+
     /// Whether siovmm's post-mortem of this vCPU (in `lines`) lists the instruction at the
     /// shutdown RIP, all 15 bytes an instruction may span, as mapped present and executable
-    /// by the guest's own page tables.
+    /// by the guest's own page tables: the kernel's half under the last kernel-mode root, the
+    /// user half under the vCPU's own last root if sampled at most
+    /// [`POST_MORTEM_FRESH_MS`] before the fault.
     pub fn post_mortem_maps_code_at_rip(&self, lines: &[String]) -> bool {
         let ranges = post_mortem_executable(lines, self.vcpu);
         let covered = |a: u64| ranges.iter().any(|r| r.contains(&a));
         covered(self.rip) && covered(self.rip.saturating_add(14))
     }
+
+    /// Whether siovmm's post-mortem of this vCPU says a page fault and a double fault raised
+    /// in user mode enter the kernel through mapped structures (IDT gate, handler, stack:
+    /// `arch::exception_entry`), under the vCPU's own root sampled at most
+    /// [`POST_MORTEM_FRESH_MS`] before the fault.
+    pub fn post_mortem_user_entry_mapped(&self, lines: &[String]) -> bool {
+        post_mortem_own_lines(lines, self.vcpu).any(|l| {
+            l.split("entry from user mode: ").nth(1).is_some_and(|e| e.contains("#PF enters at ") && e.contains("#DF enters at "))
+        })
+    }
+}
+
+/// A post-mortem line about a vCPU's own last root counts only when that root was sampled at
+/// most this long before the fault: the vCPU could have switched to another process since.
+pub const POST_MORTEM_FRESH_MS: u64 = 1000;
+
+/// siovmm's post-mortem lines about `vcpu`'s own last root, sampled recently enough.
+fn post_mortem_own_lines(lines: &[String], vcpu: u32) -> impl Iterator<Item = &String> {
+    let prefix = format!("post-mortem of vCPU {vcpu}: under its own CR3 ");
+    lines.iter().filter(move |l| {
+        l.contains(&prefix)
+            && l.split("sampled ").nth(1).and_then(|t| t.split(" ms").next()).and_then(|ms| ms.parse::<u64>().ok()).is_some_and(|ms| ms <= POST_MORTEM_FRESH_MS)
+    })
 }
 
 /// The executable ranges siovmm's triple-fault post-mortem of `vcpu` lists
-/// (`siovmm: warn: post-mortem of vCPU N: ...: 0xA-0xB r-x, ...`), adjacent ones merged.
+/// (`siovmm: warn: post-mortem of vCPU N: kernel mappings ...: 0xA-0xB r-x, ...`, and the
+/// user mappings under its own root, if fresh), adjacent ones merged.
 pub fn post_mortem_executable(lines: &[String], vcpu: u32) -> Vec<std::ops::RangeInclusive<u64>> {
-    let prefix = format!("post-mortem of vCPU {vcpu}: ");
-    let Some(line) = lines.iter().find(|l| l.contains(&prefix)) else { return Vec::new() };
-    line.split("after the fault: ").nth(1).map(executable_ranges).unwrap_or_default()
+    let kernel = format!("post-mortem of vCPU {vcpu}: kernel mappings ");
+    let mut ranges: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains(&kernel))
+        .take(1)
+        .filter_map(|l| l.split("after the fault: ").nth(1))
+        .flat_map(executable_ranges)
+        .collect();
+    ranges.extend(post_mortem_own_lines(lines, vcpu).filter_map(|l| l.split("user mappings ").nth(1)).flat_map(executable_ranges));
+    ranges
 }
 
 /// The guest shutdowns the flight recorder reported in `lines`.
@@ -929,7 +981,8 @@ mod tests {
             "siovmm: warn: state of vCPU 0: RIP 0x40f2ea CPL 3 RFLAGS 0x2 CR0 0x80050033 CR2 0x40f2ea CR3 0x2000 \
              CR4 0x350ef0 EFER 0xd01; delivering: none; RIP maps: nothing; CR2 maps: nothing",
             "siovmm: warn: state of vCPU 0: RIP 0x40f2ea CPL 3 RFLAGS 0x2 CR0 0x80050033 CR2 0x40f2ea CR3 0x2000 \
-             CR4 0x350ef0 EFER 0xd01; delivering: none; RIP maps: 0x40f000-0x40ffff rw-; CR2 maps: 0x40f000-0x40ffff rw-",
+             CR4 0x350ef0 EFER 0xd01; delivering: none; RIP maps: 0x40f000-0x40ffff rw-; CR2 maps: 0x40f000-0x40ffff rw-; \
+             entry from user mode: #PF enters at 0xffffffff81a00b20 on stack 0xfffffe0000003000 (RSP0); #DF enters at 0xffffffff81a01060 on stack 0xfffffe000000c000 (IST2)",
         ]
         .map(String::from)
         .to_vec();
@@ -943,6 +996,7 @@ mod tests {
         assert!(!states[2].rip_mapped_executable());
         assert!(!states[1].cr2_mapped_executable(), "nothing mapped");
         assert!(!states[2].cr2_mapped_executable(), "mapped, not executable");
+        assert!(states[2].enters_kernel_from_user() && !states[1].enters_kernel_from_user());
     }
 
     #[test]
@@ -967,6 +1021,41 @@ mod tests {
         assert!(!shutdown(0xffff_ffff_c035_120c, 0x10).post_mortem_maps_code_at_rip(&console), "nothing mapped there");
         let other_vcpu = GuestShutdown { vcpu: 2, ..shutdown(0xffff_ffff_8107_505b, 0x10) };
         assert!(!other_vcpu.post_mortem_maps_code_at_rip(&console), "no post-mortem of that vCPU");
+    }
+
+    #[test]
+    fn a_user_fetch_fault_on_code_and_an_entry_the_post_mortem_maps() {
+        // The CI of eef6230 (tests/tests/boot.rs, the hung-guest case): vCPU 1 shut down at
+        // busybox's RIP 0x530cc4 delivering #PF with error code 0x14.
+        let shutdown = |rip: u64, error_code: u32| GuestShutdown { thread: None, vcpu: 1, rip, delivering: 0x8000_0b0e, error_code, symbol: None };
+        let own = |ms: u32, rest: &str| {
+            format!("siovmm: warn: post-mortem of vCPU 1: under its own CR3 0x1ffbc000 (CPL 3, sampled {ms} ms before), read from guest memory after the fault: {rest}")
+        };
+        let entered = "entry from user mode: #PF enters at 0xffffffff81a00b20 on stack 0xfffffe0000003000 (RSP0); \
+                       #DF enters at 0xffffffff81a01060 on stack 0xfffffe000000c000 (IST2)";
+        let console = |ms: u32, entry: &str| -> Vec<String> {
+            vec![
+                "siovmm: warn: post-mortem of vCPU 1: kernel mappings under CR3 0x2a10000 (sampled 2 ms before), read from guest memory after the fault: 0xffffffff81000000-0xffffffff81e01fff r-x".into(),
+                own(ms, "user mappings 0x400000-0x5c2fff r-x, 0x5c3000-0x5f0fff rw-"),
+                own(ms, entry),
+            ]
+        };
+        let fault = shutdown(0x530cc4, 0x14);
+        assert!(fault.while_delivering_user_fetch_fault());
+        assert!(!fault.while_delivering_not_present_fetch_fault(), "the kernel-mode signature is another");
+        assert!(!shutdown(0x530cc4, 0x15).while_delivering_user_fetch_fault(), "protection fault");
+        assert!(!shutdown(0x530cc4, 0x06).while_delivering_user_fetch_fault(), "a write");
+        assert!(!shutdown(0x530cc4, 0x10).while_delivering_user_fetch_fault(), "supervisor");
+        let good = console(2, entered);
+        assert_eq!(post_mortem_executable(&good, 1), [0xffff_ffff_8100_0000..=0xffff_ffff_81e0_1fff, 0x40_0000..=0x5c_2fff]);
+        assert!(fault.post_mortem_maps_code_at_rip(&good) && fault.post_mortem_user_entry_mapped(&good));
+        assert!(!shutdown(0x5c_3000, 0x14).post_mortem_maps_code_at_rip(&good), "data, not code");
+        let stale = console(1500, entered);
+        assert!(!fault.post_mortem_maps_code_at_rip(&stale), "a sample 1.5 s old may be another process's");
+        assert!(!fault.post_mortem_user_entry_mapped(&stale));
+        let broken = console(2, "entry from user mode: #PF CANNOT ENTER: handler 0xffffffff81a00b20 not mapped; #DF enters at 0x1 on stack 0x2 (IST2)");
+        assert!(fault.post_mortem_maps_code_at_rip(&broken));
+        assert!(!fault.post_mortem_user_entry_mapped(&broken), "a guest whose own entry is broken");
     }
 
     #[test]

@@ -582,6 +582,17 @@ fn triple_fault_with_emulator_signature(results: &[CaseResult]) -> Option<(&Case
                     s.rip,
                     s.symbol.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
                 ))
+            } else if s.while_delivering_user_fetch_fault()
+                && s.post_mortem_maps_code_at_rip(&r.lines)
+                && s.post_mortem_user_entry_mapped(&r.lines)
+            {
+                Some(format!(
+                    "(the environment's): the emulated CPU raised a not-present page fault fetching the user-mode \
+                     instruction at {:#x}, which the process's own page tables map present and executable, and could \
+                     not deliver it although that vCPU's IDT gates, handlers and stacks for #PF and #DF are mapped \
+                     (siovmm's post-mortem, read from guest memory after the fault)",
+                    s.rip
+                ))
             } else if s.while_delivering_not_present_fetch_fault() && REFERENCE_FETCH_FAULTS.contains(&s.rip) {
                 Some(format!(
                     "(the environment's): the emulated CPU raised a not-present page fault fetching the instruction at \

@@ -95,5 +95,9 @@ fn stock_kernel_boots_as_vmlinux_and_bzimage_with_1_and_2_vcpus() {
         assert_eq!(mine.len(), 2, "vCPU {vcpu}: two state reports before the kill:\n{t}");
         // Wherever it was kicked (user loop, kernel, idle), its own tables map where it is.
         assert!(mine.iter().all(|s| s.rip_mapped_executable()), "vCPU {vcpu}: RIP mapped executable:\n{t}");
+        // And a fault there would enter the kernel: the IDT gates, handlers and stacks of #PF
+        // and #DF are mapped (what the harness checks before it calls a user-mode triple fault
+        // the emulator's; arch::exception_entry).
+        assert!(mine.iter().all(|s| s.enters_kernel_from_user()), "vCPU {vcpu}: kernel entry mapped:\n{t}");
     }
 }

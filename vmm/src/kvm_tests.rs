@@ -39,10 +39,10 @@ const CODE: u64 = 0x1000;
 
 /// Runs one vCPU on a 64 MiB VM with siovmm's platform devices and PCI root until the VM stops;
 /// `setup` writes guest memory and puts the vCPU where the test starts. Returns the stop
-/// reason, console output, guest memory and the post-mortem a triple fault would print.
+/// reason, console output, guest memory and the post-mortem lines a triple fault would print.
 fn run_vcpu(
     setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
-) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
+) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Vec<String>) {
     run_vcpu_beside(setup, |_| {})
 }
 
@@ -61,7 +61,7 @@ struct Beside {
 fn run_vcpu_beside(
     setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
     beside: impl FnOnce(Beside) + Send + 'static,
-) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
+) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Vec<String>) {
     run_vcpu_with(setup, beside, None)
 }
 
@@ -70,7 +70,7 @@ fn run_vcpu_with(
     setup: impl FnOnce(&kvm_ioctls::VcpuFd, &vm_memory::GuestMemoryMmap),
     beside: impl FnOnce(Beside) + Send + 'static,
     port: Option<(u16, Arc<Mutex<dyn devices::BusDevice>>)>,
-) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Option<String>) {
+) -> (ExitReason, String, vm_memory::GuestMemoryMmap, Vec<String>) {
     let kvm = Kvm::new().expect("opening /dev/kvm");
     let (vm, mem) = create_vm(&kvm, 64 << 20, false).unwrap();
     let mem = mem.leak();
@@ -111,7 +111,8 @@ fn run_vcpu_with(
         std::panic::resume_unwind(panic);
     }
     let out = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
-    (shutdown.reason().expect("a stop reason"), out, mem, post_mortem.report(0))
+    let lines = post_mortem.report(0).into_iter().chain(post_mortem.report_own(0)).collect();
+    (shutdown.reason().expect("a stop reason"), out, mem, lines)
 }
 
 /// Runs `code` at 0x1000 in 32-bit protected mode with flat segments (the PVH entry state,
@@ -319,9 +320,20 @@ kvm_test! {
         });
         assert_eq!(console, "P");
         assert!(matches!(&reason, ExitReason::Failed(m) if m.starts_with("triple fault on vCPU 0")), "{reason:?}");
-        let post_mortem = post_mortem.expect("a CR3 sampled at the port-I/O exit");
-        assert!(post_mortem.starts_with(&format!("post-mortem of vCPU 0: kernel mappings under CR3 {PML4_START:#x} (sampled ")), "{post_mortem}");
-        assert!(post_mortem.ends_with("read from guest memory after the fault: 0xffffffff80000000-0xffffffffbfffffff rwx"), "{post_mortem}");
+        let [kernel, user, entry] = &post_mortem[..] else { panic!("three lines: {post_mortem:?}") };
+        assert!(kernel.starts_with(&format!("post-mortem of vCPU 0: kernel mappings under CR3 {PML4_START:#x} (sampled ")), "{kernel}");
+        assert!(kernel.ends_with("read from guest memory after the fault: 0xffffffff80000000-0xffffffffbfffffff rwx"), "{kernel}");
+        // The vCPU's own sample: the same tables (the payload has no process of its own), whose
+        // lower half is the boot tables' identity map (the PDPT entry 510 added above shows at
+        // 510 GiB too, PML4 entries 0 and 511 sharing that PDPT), and an IDT too short to enter.
+        let own = format!("post-mortem of vCPU 0: under its own CR3 {PML4_START:#x} (CPL 0, sampled ");
+        assert!(user.starts_with(&own), "{user}");
+        assert!(user.ends_with("after the fault: user mappings 0x0-0x3fffffff rwx, 0x7f80000000-0x7fbfffffff rwx"), "{user}");
+        assert!(entry.starts_with(&own), "{entry}");
+        assert!(
+            entry.ends_with("entry from user mode: #PF CANNOT ENTER: vector 14 lies beyond the IDT's limit 0x0; #DF CANNOT ENTER: vector 8 lies beyond the IDT's limit 0x0"),
+            "{entry}"
+        );
     }
 }
 
@@ -360,7 +372,7 @@ kvm_test! {
         );
         assert_eq!(console, "", "no exit: the payload prints nothing");
         assert!(matches!(&reason, ExitReason::Failed(m) if m.starts_with("triple fault on vCPU 0")), "{reason:?}");
-        let post_mortem = post_mortem.expect("a CR3 sampled by a kick, without any exit of the guest's");
+        let post_mortem = post_mortem.first().expect("a CR3 sampled by a kick, without any exit of the guest's");
         assert!(post_mortem.starts_with(&format!("post-mortem of vCPU 0: kernel mappings under CR3 {PML4_START:#x} (sampled ")), "{post_mortem}");
         assert!(post_mortem.ends_with("read from guest memory after the fault: 0xffffffff80000000-0xffffffffbfffffff rwx"), "{post_mortem}");
     }
@@ -479,7 +491,7 @@ kvm_test! {
                 assert!(report.contains(&format!(" CR2 0x7f0000000000 CR3 {PML4_START:#x} ")), "{report}");
                 assert!(report.contains("; delivering: none; "), "{report}");
                 // The identity map of the first GiB (2 MiB pages) covers the payload.
-                assert!(report.ends_with("; RIP maps: 0x1007-0x1015 rwx; CR2 maps: nothing"), "{report}");
+                assert!(report.contains("; RIP maps: 0x1007-0x1015 rwx; CR2 maps: nothing; entry from user mode: #PF "), "{report}");
             },
         );
         assert_eq!(console, "P");

@@ -1,6 +1,7 @@
 //! vCPU setup and the run loop: one thread per vCPU, exits dispatched to the port-I/O and MMIO
 //! buses, fatal exits turned into one line that says what happened and where.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -205,13 +206,28 @@ impl Drop for Registered {
 /// shut down, so the faulting CR3 is gone: the vCPUs sample it instead, at most every
 /// [`PostMortem::SAMPLE_EVERY`], at exits they take in kernel mode. Every process's tables
 /// share the kernel's upper-half entries (Linux copies them at `pgd_alloc`), so any recent
-/// kernel-mode CR3 walks the same kernel mappings.
+/// kernel-mode CR3 walks the same kernel mappings. Each vCPU's own last sample, in whatever
+/// mode, is kept too: a fault raised in user mode is judged against that process's tables and
+/// the way that vCPU enters its kernel (IDT, TSS).
 #[derive(Clone, Debug)]
 pub struct PostMortem {
     /// Guest RAM.
     pub memory: GuestMemoryMmap,
-    /// The last sample: (CR3, CR4.LA57, when).
+    /// The last kernel-mode sample: (CR3, CR4.LA57, when).
     pub root: Arc<Mutex<Option<(u64, bool, Instant)>>>,
+    /// Each vCPU's last sample, by vCPU ID.
+    own: Arc<Mutex<BTreeMap<u8, OwnSample>>>,
+}
+
+/// What one vCPU last ran under, and how it enters its kernel from there.
+#[derive(Clone, Copy, Debug)]
+struct OwnSample {
+    cr3: u64,
+    five_level: bool,
+    /// CS.DPL when sampled.
+    cpl: u8,
+    entry: arch::exception_entry::KernelEntry,
+    at: Instant,
 }
 
 /// CR0.PG: paging on.
@@ -227,16 +243,31 @@ impl PostMortem {
     /// At most this many ranges are listed (hostile tables could make thousands).
     const MAX_RANGES: usize = 64;
 
+    /// The lower half, where a process's own mappings live (47 bits; 56 with LA57 would
+    /// only add ranges no 4-level guest has).
+    const USER_HALF: std::ops::RangeInclusive<u64> = 0..=0x7fff_ffff_ffff;
+
     /// Samples nothing yet; reads `memory` after a triple fault.
     pub fn new(memory: GuestMemoryMmap) -> Self {
-        Self { memory, root: Arc::default() }
+        Self { memory, root: Arc::default(), own: Arc::default() }
     }
 
-    fn sample(&self, vcpu: &VcpuFd) {
+    fn sample(&self, vcpu: &VcpuFd, id: u8) {
         let Ok(sregs) = vcpu.get_sregs() else { return };
-        if sregs.cs.dpl == 0 && sregs.cr0 & CR0_PG != 0 {
-            self.keep(sregs.cr3, sregs.cr4 & CR4_LA57 != 0);
+        if sregs.cr0 & CR0_PG == 0 {
+            return;
         }
+        let five_level = sregs.cr4 & CR4_LA57 != 0;
+        if sregs.cs.dpl == 0 {
+            self.keep(sregs.cr3, five_level);
+        }
+        let entry = arch::exception_entry::KernelEntry {
+            idt_base: sregs.idt.base,
+            idt_limit: sregs.idt.limit,
+            tss_base: sregs.tr.base,
+        };
+        let sample = OwnSample { cr3: sregs.cr3, five_level, cpl: sregs.cs.dpl, entry, at: Instant::now() };
+        devices::bus::lock(&self.own).insert(id, sample);
     }
 
     /// Keeps `cr3` as the root to walk after a fault, unless its tables map nothing of the
@@ -301,7 +332,7 @@ impl PostMortem {
         let rip_end = regs.rip.checked_add(14).filter(|e| (e >> 63) == (regs.rip >> 63)).unwrap_or(regs.rip);
         format!(
             "state of vCPU {id}: RIP {:#x} CPL {} RFLAGS {:#x} CR0 {:#x} CR2 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x}; \
-             delivering: {event}; RIP maps: {}; CR2 maps: {}",
+             delivering: {event}; RIP maps: {}; CR2 maps: {}; {}",
             regs.rip,
             sregs.cs.dpl,
             regs.rflags,
@@ -312,7 +343,23 @@ impl PostMortem {
             sregs.efer,
             maps(regs.rip..=rip_end),
             maps(sregs.cr2..=sregs.cr2),
+            if paged {
+                let entry = arch::exception_entry::KernelEntry { idt_base: sregs.idt.base, idt_limit: sregs.idt.limit, tss_base: sregs.tr.base };
+                self.entry_from_user(sregs.cr3, five_level, &entry)
+            } else {
+                "entry from user mode: no 64-bit paging".into()
+            },
         )
+    }
+
+    /// Whether a page fault and a double fault raised in user mode under `cr3` enter the
+    /// kernel through mapped structures (`arch::exception_entry`), in words.
+    fn entry_from_user(&self, cr3: u64, five_level: bool, entry: &arch::exception_entry::KernelEntry) -> String {
+        let path = |vector: u8, name: &str| match arch::exception_entry::from_user(&self.memory, cr3, five_level, entry, vector) {
+            Ok(path) => format!("{name} {path}"),
+            Err(why) => format!("{name} CANNOT ENTER: {why}"),
+        };
+        format!("entry from user mode: {}; {}", path(14, "#PF"), path(8, "#DF"))
     }
 
     /// One line: the present ranges of the kernel's half under the last sampled root.
@@ -328,6 +375,28 @@ impl PostMortem {
             at.elapsed().as_millis(),
             if list.is_empty() { "none".to_string() } else { list.join(", ") }
         ))
+    }
+
+    /// Two lines about the vCPU's own last sample, for a fault raised in user mode: the present
+    /// ranges of the lower half under its CR3, and whether a page fault (and a double fault)
+    /// raised there can enter the kernel through its IDT and TSS, read from guest memory now.
+    pub(crate) fn report_own(&self, id: u8) -> Vec<String> {
+        let Some(s) = devices::bus::lock(&self.own).get(&id).copied() else { return Vec::new() };
+        let ranges = arch::paging::mappings(&self.memory, s.cr3, s.five_level, Self::USER_HALF);
+        let mut list: Vec<String> = ranges.iter().take(Self::MAX_RANGES).map(|m| m.to_string()).collect();
+        if ranges.len() > Self::MAX_RANGES {
+            list.push(format!("and {} more", ranges.len() - Self::MAX_RANGES));
+        }
+        let head = format!(
+            "post-mortem of vCPU {id}: under its own CR3 {:#x} (CPL {}, sampled {} ms before), read from guest memory after the fault:",
+            s.cr3,
+            s.cpl,
+            s.at.elapsed().as_millis()
+        );
+        vec![
+            format!("{head} user mappings {}", if list.is_empty() { "none".to_string() } else { list.join(", ") }),
+            format!("{head} {}", self.entry_from_user(s.cr3, s.five_level, &s.entry)),
+        ]
     }
 }
 
@@ -479,8 +548,10 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
                 other => Stop::AtRip(format!("unexpected KVM system event {other} on vCPU {id}")),
             }),
             Ok(VcpuExit::Shutdown) => {
-                if let Some(line) = exits.post_mortem.as_ref().and_then(|p| p.report(id)) {
-                    log::warn!("{line}");
+                if let Some(p) = &exits.post_mortem {
+                    for line in p.report(id).into_iter().chain(p.report_own(id)) {
+                        log::warn!("{line}");
+                    }
                 }
                 // The thread ID ties the sandbox's flight record (which names the vCPU thread
                 // that shut down) to this VM when several run at once.
@@ -528,7 +599,7 @@ pub fn run(mut vcpu: VcpuFd, id: u8, exits: Exits) {
         }
         if let Some(p) = &exits.post_mortem {
             if sampled.is_none_or(|t| t.elapsed() >= PostMortem::SAMPLE_EVERY) {
-                p.sample(&vcpu);
+                p.sample(&vcpu, id);
                 sampled = Some(Instant::now());
             }
         }
