@@ -21,19 +21,24 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use devices::pci::msix::{CTRL_ENABLE, CTRL_FUNCTION_MASK};
+use siovmm_hypercall::Status;
 use siovmm_vdcm::adi::config::{AdiConfig, ConfigWrite};
+use siovmm_vdcm::adi::ims_slots::ImsSlots;
 use siovmm_vdcm::adi::registers::{Action, QueueRegisters};
-use siovmm_vdcm::adi::{BAR0_SIZE, DOORBELL};
-use siovmm_vfio::siov::{self, AdiId, DmaHandle, ImsGroup, Portal, PortalPage, SiovDevice};
+use siovmm_vdcm::adi::slot_device::SlotDevice;
+use siovmm_vdcm::adi::{BAR0_SIZE, DOORBELL, MAX_PV_SLOTS};
+use siovmm_vfio::siov::{self, AdiId, DmaHandle, ImsGroup, ImsStorage, Portal, PortalPage, SiovDevice};
+use siovmm_vfio::user::ims_mailbox::{self, Offer, Request};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::ClientMemory;
+use crate::pool::Pool;
 
 /// PCI Express config space: 4 KiB.
 const CONFIG_SIZE: u64 = 4096;
@@ -52,16 +57,24 @@ pub fn device_error(e: siov::Error) -> std::io::Error {
     })
 }
 
+/// The size of region `index` of an ADI: BAR0, config space, the IMS mailbox; 0 for the
+/// PCI regions it does not have.
+fn region_size(index: u32) -> u64 {
+    match index {
+        VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
+        VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
+        ims_mailbox::REGION_INDEX => ims_mailbox::SIZE,
+        _ => 0,
+    }
+}
+
 /// The regions and interrupts every ADI has (what `DEVICE_GET_REGION_INFO` and
-/// `DEVICE_GET_IRQ_INFO` answer).
+/// `DEVICE_GET_IRQ_INFO` answer): the PCI ones, then the IMS mailbox's region and interrupt
+/// index (`siovmm_vfio::user::ims_mailbox`), whose vector n is hypercall slot n.
 pub fn layout(vectors: u16) -> (Vec<ServerRegion>, Vec<IrqInfo>) {
-    let regions = (0..VFIO_PCI_NUM_REGIONS)
+    let regions = (0..=ims_mailbox::REGION_INDEX)
         .map(|index| {
-            let size = match index {
-                VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
-                VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
-                _ => 0,
-            };
+            let size = region_size(index);
             let flags = if size > 0 { VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE } else { 0 };
             ServerRegion {
                 region_info: vfio_region_info { argsz: 0, flags, index, cap_offset: 0, size, offset: 0 },
@@ -70,11 +83,15 @@ pub fn layout(vectors: u16) -> (Vec<ServerRegion>, Vec<IrqInfo>) {
             }
         })
         .collect();
-    let irqs = (0..VFIO_PCI_NUM_IRQS)
+    let irqs = (0..=ims_mailbox::IRQ_INDEX)
         .map(|index| IrqInfo {
             index,
             flags: VFIO_IRQ_INFO_EVENTFD,
-            count: if index == VFIO_PCI_MSIX_IRQ_INDEX { u32::from(vectors) } else { 0 },
+            count: match index {
+                VFIO_PCI_MSIX_IRQ_INDEX => u32::from(vectors),
+                ims_mailbox::IRQ_INDEX => MAX_PV_SLOTS,
+                _ => 0,
+            },
         })
         .collect();
     (regions, irqs)
@@ -97,6 +114,14 @@ pub struct AdiBackend {
     vector_fds: Vec<Option<Arc<EventFd>>>,
     /// MSI-X message control's enable and function-mask bits as the client last wrote them.
     msix_bits: u16,
+    /// The hypercall slots the client's guest took through the IMS mailbox.
+    slots: ImsSlots,
+    /// The device keeps IMS in queue memory.
+    in_queue: bool,
+    /// The reply to the last mailbox request.
+    mailbox_reply: [u8; 16],
+    /// Where the slots' IMS entries are counted against the client VMM's limit.
+    account: Option<(Arc<Pool>, i32)>,
 }
 
 impl std::fmt::Debug for AdiBackend {
@@ -131,6 +156,7 @@ impl AdiBackend {
                 return Err(e);
             }
         };
+        let in_queue = device.info().ims_storage == ImsStorage::InMemory;
         let backend = Self {
             device,
             adi,
@@ -143,15 +169,110 @@ impl AdiBackend {
             regs: QueueRegisters::default(),
             vector_fds: vec![None; usize::from(vectors)],
             msix_bits: 0,
+            slots: ImsSlots::new(false),
+            in_queue,
+            mailbox_reply: ims_mailbox::encode_reply(Err(Status::NoSuchCall)),
+            account: None,
         };
         backend.publish_handles()?;
         Ok(backend)
     }
 
-    /// Interrupt handle v fires vector v's IMS entry.
+    /// Counts the IMS entries of the hypercall slots the client's guest takes against VMM
+    /// `pid`'s limit in `pool` (its ADIs' vectors are counted there already).
+    pub fn with_ims_account(mut self, pool: Arc<Pool>, pid: i32) -> Self {
+        self.account = Some((pool, pid));
+        self
+    }
+
+    /// Interrupt handle v fires vector v's IMS entry; handle `vectors + s` hypercall slot s
+    /// (its entry, or with IMS in queue memory the entry stored in the queue's IMS area).
     fn publish_handles(&self) -> Result<(), siov::Error> {
-        let handles: Vec<_> = self.ims.indexes().map(|i| Some(siov::HandleTarget::Entry(i))).collect();
+        let mut handles: Vec<_> = self.ims.indexes().map(|i| Some(siov::HandleTarget::Entry(i))).collect();
+        handles.extend(self.slots.handles(self.in_queue));
         self.device.set_interrupt_handles(self.adi, &handles)
+    }
+
+    /// The device half of the hypercall slots, and their books.
+    fn slot_device(&mut self) -> (SlotDevice<'_>, &mut ImsSlots) {
+        (SlotDevice { device: self.device.as_ref(), adi: self.adi, in_queue: self.in_queue }, &mut self.slots)
+    }
+
+    /// Runs one IMS mailbox request (the IMS hypercall's device half, docs/devd.md).
+    fn mailbox(&mut self, request: Request) -> Result<u64, Status> {
+        match request {
+            Request::Query => Ok(Offer { slots_per_adi: MAX_PV_SLOTS, in_queue: self.in_queue }.encode()),
+            Request::Alloc { count } => {
+                if count == 0 || count > siovmm_hypercall::MAX_GROUP {
+                    return Err(Status::InvalidArgument);
+                }
+                if let Some((pool, pid)) = &self.account {
+                    pool.take_ims(*pid, count).map_err(|e| {
+                        log::warn!("ADI {}: {e}", self.adi.0);
+                        Status::Exhausted
+                    })?;
+                }
+                let (device, slots) = self.slot_device();
+                let allocated = device.alloc(slots, count);
+                let first = allocated.inspect_err(|_| self.give_ims(count))?;
+                self.publish_handles().map_err(|e| {
+                    log::warn!("ADI {}: publishing interrupt handles: {e}", self.adi.0);
+                    Status::Exhausted
+                })?;
+                Ok(u64::from(first))
+            }
+            Request::Free { first } => {
+                let (device, slots) = self.slot_device();
+                let group = device.release(slots, first)?;
+                self.give_ims(group.count);
+                // Revoke the handles before the entries go back to the device.
+                if let Err(e) = self.publish_handles() {
+                    log::warn!("ADI {}: publishing interrupt handles: {e}", self.adi.0);
+                }
+                self.slot_device().0.give_back(group).map(|()| 0)
+            }
+            Request::Message { slot } => {
+                let (device, slots) = self.slot_device();
+                device.composed(slots, slot)
+            }
+            Request::Mask { slot, masked } => {
+                let (device, slots) = self.slot_device();
+                device.mask(slots, slot, masked).map(|()| 0)
+            }
+        }
+    }
+
+    fn give_ims(&self, count: u32) {
+        if let Some((pool, pid)) = &self.account {
+            pool.give_ims(*pid, count);
+        }
+    }
+
+    /// Frees every hypercall slot (a device reset, or the client leaving).
+    fn free_slots(&mut self) {
+        while let Some(first) = self.slots.first_group() {
+            if let Err(s) = self.mailbox(Request::Free { first }) {
+                log::warn!("ADI {}: freeing IMS slots from {first}: {s}", self.adi.0);
+            }
+        }
+    }
+
+    /// A mailbox region write: a whole request at offset 0 runs it; anything else is ignored.
+    fn mailbox_write(&mut self, offset: u64, data: &[u8]) {
+        if offset != 0 {
+            return;
+        }
+        let result = Request::decode(data).ok_or(Status::InvalidArgument).and_then(|r| self.mailbox(r));
+        self.mailbox_reply = ims_mailbox::encode_reply(result);
+    }
+
+    /// A mailbox region read: the reply to the last request at [`ims_mailbox::REPLY`], zeros
+    /// elsewhere.
+    fn mailbox_read(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            *byte = at.checked_sub(ims_mailbox::REPLY).and_then(|r| self.mailbox_reply.get(r as usize)).copied().unwrap_or(0);
+        }
     }
 
     /// MSI-X message control as the device reports it: the table size, and the enable and
@@ -231,10 +352,39 @@ impl AdiBackend {
     pub fn bound_vectors(&self) -> usize {
         self.vector_fds.iter().filter(|f| f.is_some()).count()
     }
+
+    /// Hypercall slots the client's guest holds.
+    pub fn ims_slots_held(&self) -> u32 {
+        self.slots.held()
+    }
+
+    /// SET_IRQS of the IMS mailbox's interrupt index: slot `start + i`'s entry signals
+    /// `fds[i]` from now on. Only eventfd triggers, only for live slots; all or nothing
+    /// checked first.
+    fn bind_slots(&mut self, flags: u32, start: u32, count: u32, fds: Vec<File>) -> Result<(), std::io::Error> {
+        if flags & VFIO_IRQ_SET_ACTION_TRIGGER == 0 || flags & VFIO_IRQ_SET_DATA_EVENTFD == 0 || fds.len() != count as usize {
+            return Err(einval());
+        }
+        let end = start.checked_add(count).ok_or_else(einval)?;
+        if (start..end).any(|slot| self.slots.index(slot).is_none()) {
+            return Err(einval());
+        }
+        for (slot, fd) in (start..end).zip(fds) {
+            // SAFETY: as for MSI-X vectors (`set_irqs`): a descriptor the client passed and we
+            // own; a wrong kind only makes the device's writes fail.
+            let eventfd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
+            let (device, slots) = self.slot_device();
+            device.bind(slots, slot, Arc::new(eventfd)).map_err(|_| einval())?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for AdiBackend {
     fn drop(&mut self) {
+        // The device frees every entry of the ADI when it closes; the client VMM's count
+        // gets the slots' back.
+        self.give_ims(self.slots.held());
         if let Err(e) = self.device.close_adi(self.adi) {
             log::warn!("closing ADI {}: {e}", self.adi.0);
         }
@@ -246,13 +396,12 @@ impl Drop for AdiBackend {
 }
 
 /// EINVAL unless `len` bytes at `offset` lie inside region `region`, one the ADI has (its
-/// config space or BAR0).
+/// config space, BAR0 or the IMS mailbox).
 fn check_access(region: u32, offset: u64, len: usize) -> Result<(), std::io::Error> {
-    let size = match region {
-        VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SIZE,
-        VFIO_PCI_BAR0_REGION_INDEX => BAR0_SIZE,
-        _ => return Err(einval()),
-    };
+    let size = region_size(region);
+    if size == 0 {
+        return Err(einval());
+    }
     if offset.checked_add(len as u64).is_none_or(|end| end > size) {
         return Err(einval());
     }
@@ -264,6 +413,7 @@ impl ServerBackend for AdiBackend {
         check_access(region, offset, data.len())?;
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => self.config_read(offset, data),
+            ims_mailbox::REGION_INDEX => self.mailbox_read(offset, data),
             _ => self.bar0_read(offset, data),
         }
         Ok(())
@@ -274,6 +424,10 @@ impl ServerBackend for AdiBackend {
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 self.config_write(offset, data);
+                Ok(())
+            }
+            ims_mailbox::REGION_INDEX => {
+                self.mailbox_write(offset, data);
                 Ok(())
             }
             _ => self.bar0_write(offset, data),
@@ -298,12 +452,16 @@ impl ServerBackend for AdiBackend {
         for v in 0..self.ims.count {
             self.bind_vector(v, None).map_err(device_error)?;
         }
+        self.free_slots();
         self.regs = QueueRegisters::default();
         self.device.reset_adi(self.adi).map_err(device_error)?;
         self.publish_handles().map_err(device_error)
     }
 
     fn set_irqs(&mut self, index: u32, flags: u32, start: u32, count: u32, fds: Vec<File>) -> Result<(), std::io::Error> {
+        if index == ims_mailbox::IRQ_INDEX {
+            return self.bind_slots(flags, start, count, fds);
+        }
         if index != VFIO_PCI_MSIX_IRQ_INDEX {
             return if count == 0 { Ok(()) } else { Err(einval()) };
         }
@@ -332,6 +490,10 @@ impl ServerBackend for AdiBackend {
 }
 
 impl crate::server::RegionIoFds for AdiBackend {
+    fn region_type(&self, index: u32) -> Option<(u32, u32)> {
+        (index == ims_mailbox::REGION_INDEX).then_some((ims_mailbox::REGION_TYPE, ims_mailbox::REGION_SUBTYPE))
+    }
+
     fn io_eventfds(&self, index: u32) -> Vec<crate::server::IoEventFd> {
         if index == VFIO_PCI_BAR0_REGION_INDEX {
             vec![crate::server::io_eventfd(DOORBELL, 8, self.doorbell.as_ref())]

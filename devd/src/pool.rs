@@ -126,6 +126,28 @@ impl Pool {
         Ok(())
     }
 
+    /// Counts `count` more IMS entries for VMM `pid` (hypercall slots its guest asked for
+    /// through an ADI it holds), unless that passes its IMS limit.
+    pub fn take_ims(&self, pid: i32, count: u32) -> Result<(), Refused> {
+        let mut by_vm = self.lock();
+        let held = by_vm.get(&pid).copied().unwrap_or_default();
+        if let Some(limit) = self.limits.ims_per_vm.filter(|&l| held.ims.saturating_add(count) > l) {
+            return Err(Refused::Ims { pid, held: held.ims, wanted: count, limit });
+        }
+        by_vm.entry(pid).or_default().ims = held.ims.saturating_add(count);
+        self.write_status(&by_vm);
+        Ok(())
+    }
+
+    /// Gives back what [`Pool::take_ims`] counted.
+    pub fn give_ims(&self, pid: i32, count: u32) {
+        let mut by_vm = self.lock();
+        if let Some(h) = by_vm.get_mut(&pid) {
+            h.ims = h.ims.saturating_sub(count);
+        }
+        self.write_status(&by_vm);
+    }
+
     /// Gives back what [`Pool::take`] counted.
     pub fn give_back(&self, pid: i32, ims: u32) {
         let mut by_vm = self.lock();
@@ -182,6 +204,19 @@ mod tests {
         pool.take(1, 4).unwrap();
         assert_eq!(pool.take(1, 2), Err(Refused::Ims { pid: 1, held: 4, wanted: 2, limit: 5 }));
         pool.give_back(1, 4);
+        assert_eq!(pool.totals(), (0, 0, 0));
+    }
+
+    #[test]
+    fn hypercall_slots_count_against_the_same_ims_limit() {
+        let pool = Pool::new(Limits { adis_per_vm: None, ims_per_vm: Some(10) }, None);
+        pool.take(3, 2).unwrap();
+        pool.take_ims(3, 8).unwrap();
+        assert_eq!(pool.take_ims(3, 1), Err(Refused::Ims { pid: 3, held: 10, wanted: 1, limit: 10 }));
+        assert_eq!(pool.take(3, 1), Err(Refused::Ims { pid: 3, held: 10, wanted: 1, limit: 10 }), "nor another ADI's vectors");
+        assert_eq!(pool.totals(), (1, 10, 1));
+        pool.give_ims(3, 8);
+        pool.give_back(3, 2);
         assert_eq!(pool.totals(), (0, 0, 0));
     }
 

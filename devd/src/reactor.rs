@@ -48,7 +48,8 @@ enum AdiState {
     /// Waiting for a client (its listening socket armed).
     Listening,
     /// Serving one (the connection armed).
-    Serving { stream: UnixStream, backend: AdiBackend, pid: i32 },
+    /// (Boxed: a free ADI's entry stays small, and 10,000 of them are.)
+    Serving { stream: UnixStream, backend: Box<AdiBackend>, pid: i32 },
 }
 
 /// An ADI's socket and where it is.
@@ -207,7 +208,7 @@ impl Shared {
     fn step_adi(&self, mut adi: Adi) -> Adi {
         adi.state = match std::mem::replace(&mut adi.state, AdiState::Listening) {
             AdiState::Listening => self.accept(&mut adi),
-            AdiState::Serving { stream, mut backend, pid } => match server::serve_one(&stream, &self.shape, &mut backend) {
+            AdiState::Serving { stream, mut backend, pid } => match server::serve_one(&stream, &self.shape, backend.as_mut()) {
                 Ok(true) => AdiState::Serving { stream, backend, pid },
                 ended => {
                     match ended {
@@ -268,6 +269,7 @@ impl Shared {
         let owner = u64::try_from(pid).ok().filter(|&p| p > 0);
         match AdiBackend::open(self.device.clone(), adi.id, self.vectors, owner) {
             Ok(backend) => {
+                let backend = Box::new(backend.with_ims_account(self.pool.clone(), pid));
                 log::info!("ADI {}: serving VMM pid {pid}", adi.id.0);
                 let token = u64::from(adi.id.0);
                 // Added disarmed (one-shot, no events): `step` arms it once the ADI's state is

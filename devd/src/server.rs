@@ -61,6 +61,11 @@ pub trait RegionIoFds {
     fn region_mmap(&self, _index: u32) -> Option<RegionMmap> {
         None
     }
+    /// The (type, subtype) of device-specific region `index` (REGION_INFO's region-type
+    /// capability), if it is one.
+    fn region_type(&self, _index: u32) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// What a device is: its regions and interrupts (DEVICE_GET_INFO, GET_REGION_INFO and
@@ -212,11 +217,12 @@ fn handle<B: ServerBackend + RegionIoFds>(
         Command::RegionInfo => {
             let [argsz, index] = fields(body, [0, 8], [false, false])?;
             let info = region(index)?.region_info;
+            let kind = backend.region_type(index as u32);
             let Some(mmap) = backend.region_mmap(index as u32) else {
-                return Ok(protocol::region_info(argsz as usize, info.flags, info.index, info.size, 0, &[]).into());
+                return Ok(protocol::region_info(argsz as usize, info.flags, info.index, info.size, 0, &[], kind).into());
             };
             let flags = info.flags | VFIO_REGION_INFO_FLAG_MMAP;
-            let payload = protocol::region_info(argsz as usize, flags, info.index, info.size, mmap.offset, &mmap.areas);
+            let payload = protocol::region_info(argsz as usize, flags, info.index, info.size, mmap.offset, &mmap.areas, kind);
             // The file goes with the reply that lists the areas, the one longer than the fixed
             // part (a short one only says how much room they need).
             let fds = if payload.len() > protocol::REGION_INFO { vec![mmap.fd] } else { Vec::new() };

@@ -477,3 +477,76 @@ fn the_daemon_binary_serves_under_its_seccomp_filters() {
         assert!(census.iter().all(|(_, s)| s == want), "seccomp mode and filter count per thread: {census:?}");
     }
 }
+
+/// The IMS mailbox (docs/devd.md, "IMS for enlightened guests") end to end, as siovmm uses it
+/// for a guest's IMS hypercalls: the client finds the region by its type, takes slots (counted
+/// against its VMM's IMS limit), binds a slot's entry to its eventfd, gets the host message; a
+/// descriptor naming the slot's interrupt handle (MSI-X vectors + slot) raises nothing while
+/// the slot is masked and once on unmask; a freed slot's handle raises nothing; the slots the
+/// client held come back when it leaves.
+#[test]
+fn the_ims_mailbox_gives_a_client_slots_that_deliver() {
+    use siovmm_hypercall::Status;
+    use siovmm_vfio::user::ims_mailbox::{Offer, Request, IRQ_INDEX, REGION_INDEX};
+    let dir = TempDir::new("mailbox");
+    let (_, pool) = daemon_with(&dir.0, 1, 2, 64, Limits { adis_per_vm: None, ims_per_vm: Some(2 + 8) });
+    let c = UserDevice::connect(&socket_path(&dir.0, 0)).unwrap();
+    assert_eq!(c.ims_mailbox(), Some(REGION_INDEX));
+    let offer = Offer::decode(c.ims_request(Request::Query).unwrap());
+    assert_eq!(offer, Offer { slots_per_adi: siovmm_vdcm::adi::MAX_PV_SLOTS, in_queue: false });
+    assert_eq!(c.irq_count(IRQ_INDEX), 0, "siovmm's client reads only the PCI interrupt indexes");
+    assert_eq!(c.ims_request(Request::Alloc { count: 9 }), Err(Status::Exhausted), "the VMM's IMS limit: 2 vectors + 8");
+    assert_eq!(c.ims_request(Request::Alloc { count: 0 }), Err(Status::InvalidArgument));
+    assert_eq!(c.ims_request(Request::Alloc { count: 4 }), Ok(0));
+    assert_eq!(c.ims_request(Request::Alloc { count: 4 }), Ok(4));
+    assert_eq!(pool.totals(), (1, 10, 1));
+    assert_eq!(c.ims_request(Request::Alloc { count: 1 }), Err(Status::Exhausted));
+    assert_eq!(c.ims_request(Request::Free { first: 4 }), Ok(0));
+    assert_eq!(pool.totals(), (1, 6, 1), "the freed group counts no more");
+    assert_eq!(c.ims_request(Request::Message { slot: 4 }), Err(Status::NoSuchSlot), "freed");
+    let slot_fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    assert!(c.ims_bind(7, &slot_fd).is_err(), "not a live slot");
+    c.ims_bind(3, &slot_fd).unwrap();
+    let host = c.ims_request(Request::Message { slot: 3 }).unwrap();
+    assert_eq!(host & 0xfff0_0000, 0xfee0_0000, "a host MSI message: {host:#x}");
+
+    let ram = memfd(RAM_SIZE);
+    c.dma_map(RAM, RAM_SIZE, ram.as_raw_fd(), 0).unwrap();
+    write32(&c, reg::QUEUE_BASE_LO, QUEUE as u32);
+    write32(&c, reg::QUEUE_BASE_HI, 0);
+    write32(&c, reg::QUEUE_SIZE, 8);
+    write32(&c, reg::CONTROL, 1);
+    let doorbell = c.io_eventfds(VFIO_PCI_BAR0_REGION_INDEX).unwrap().remove(0).fd;
+    let mut tail = 0u32;
+    let mut submit = |handle: u32| {
+        let d = Descriptor { opcode: opcode::NOOP, flags: flags::CRAV | flags::RCR | flags::RCI, completion_addr: RECORD, int_handle: handle as u16, ..Default::default() };
+        ram.write_all_at(&[0u8; COMPLETION_SIZE], RECORD - RAM).unwrap();
+        ram.write_all_at(&d.encode(), QUEUE - RAM + RING_OFFSET + u64::from(tail % 8) * 64).unwrap();
+        tail += 1;
+        ram.write_all_at(&tail.to_le_bytes(), QUEUE - RAM).unwrap();
+        doorbell.write(1).unwrap();
+        wait_for("the completion record", || {
+            let mut b = [0u8; COMPLETION_SIZE];
+            ram.read_exact_at(&mut b, RECORD - RAM).unwrap();
+            b[0] != 0
+        });
+        let mut b = [0u8; COMPLETION_SIZE];
+        ram.read_exact_at(&mut b, RECORD - RAM).unwrap();
+        b[0]
+    };
+    // Slot 3 is interrupt handle 2 + 3; new slots are masked.
+    assert_eq!(submit(5), status::SUCCESS);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(slot_fd.read().ok(), None, "masked: nothing raised");
+    assert_eq!(c.ims_request(Request::Mask { slot: 3, masked: false }), Ok(0));
+    wait_for("the pending interrupt, on unmask", || slot_fd.read().is_ok());
+    assert_eq!(submit(5), status::SUCCESS);
+    wait_for("the slot's interrupt", || slot_fd.read().is_ok());
+    assert_eq!(c.ims_request(Request::Free { first: 0 }), Ok(0));
+    assert_ne!(submit(5), status::SUCCESS, "a freed slot's handle is revoked");
+    assert_eq!(slot_fd.read().ok(), None);
+    assert_eq!(pool.totals(), (1, 2, 1));
+    assert_eq!(c.ims_request(Request::Alloc { count: 8 }), Ok(0), "the numbers are reused");
+    drop(c);
+    wait_for("the ADI and its slots back in the pool", || pool.totals() == (0, 0, 0));
+}

@@ -80,6 +80,23 @@ pub enum Status {
     // receive one, so such a call is ignored (docs/hypercall.md, Transport).
 }
 
+impl Status {
+    /// The status numbered `code` (what word 6 of a block holds), if there is one.
+    pub fn from_code(code: i64) -> Option<Self> {
+        [
+            Self::Ok,
+            Self::NoSuchCall,
+            Self::InvalidArgument,
+            Self::NoSuchAdi,
+            Self::NoSuchSlot,
+            Self::Exhausted,
+            Self::NotAllowed,
+        ]
+        .into_iter()
+        .find(|&s| s as i64 == code)
+    }
+}
+
 impl std::fmt::Display for Status {
     /// The status's name in docs/hypercall.md.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

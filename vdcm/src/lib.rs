@@ -20,6 +20,7 @@ mod fakes;
 pub mod hypercall;
 pub mod ims_quota;
 pub mod iommu_dma;
+pub mod remote_ims;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
@@ -66,9 +67,25 @@ pub enum Error {
     AlreadyPresent(u32),
 }
 
-/// The guest's ADIs by requester ID (bus << 8 | devfn), shared with the hypercall endpoint so
-/// that added and removed ADIs are seen at once.
-pub type AdiTable = Arc<RwLock<HashMap<u16, Arc<Mutex<AdiFunction>>>>>;
+/// What the IMS hypercall asks of one function of the guest (docs/hypercall.md): an ADI of
+/// the in-process device ([`AdiFunction`]), or a vfio-user ADI whose device has an IMS
+/// mailbox ([`remote_ims::RemoteImsSlots`]). The caller has validated the arguments' ranges
+/// and that the message names a vCPU of this VM.
+pub trait PvIms: Send {
+    /// IMS_ALLOC: `count` more slots, each backed by a host IMS entry; returns the first.
+    fn pv_alloc(&mut self, count: u32) -> Result<u32, siovmm_hypercall::Status>;
+    /// IMS_FREE of the group starting at `first`.
+    fn pv_free(&mut self, first: u32) -> Result<(), siovmm_hypercall::Status>;
+    /// IMS_COMPOSE: delivery of the guest's `message` set up for the slot; returns the host
+    /// message the slot's entry writes (`message_result` form).
+    fn pv_compose(&mut self, slot: u32, message: siovmm_interrupts::MsiMessage) -> Result<u64, siovmm_hypercall::Status>;
+    /// IMS_MASK; unmasking delivers a pending interrupt once.
+    fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), siovmm_hypercall::Status>;
+}
+
+/// The guest's functions that take IMS hypercalls, by requester ID (bus << 8 | devfn), shared
+/// with the hypercall endpoint so that added and removed ones are seen at once.
+pub type AdiTable = Arc<RwLock<HashMap<u16, Arc<Mutex<dyn PvIms>>>>>;
 
 /// Maps portal pages into the guest's physical address space (the VMM does it with KVM memory
 /// slots), so that a guest's doorbell store lands in the device's page without an exit.
@@ -378,7 +395,7 @@ impl Vdcm {
         };
         lock(&self.bars.functions).insert(bdf, Mapped { function: function.clone(), portal, page: None, faults: GuestFaults::new(format!("{bdf}'s BAR0")) });
         self.guest.pci.add(bdf, function.clone());
-        write_lock(&self.guest.adis).insert(bdf.0, function.clone());
+        write_lock(&self.guest.adis).insert(bdf.0, function.clone() as Arc<Mutex<dyn PvIms>>);
         lock(&function).update_bar_mapping();
         self.placed.insert(bdf, Placed { adi, function, bar0, dma: own_dma });
         Ok(())

@@ -5,16 +5,18 @@
 //! It does not talk to the guest: telling it about functions added and asking it to eject
 //! them is `crate::hotplug`'s, driven by [`crate::vm::VmHandle`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use devices::bus::write_lock;
 use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_interrupts::router::MsiRouter;
+use siovmm_vdcm::remote_ims::RemoteImsSlots;
 use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, ImsOptIn, ImsQuota, Vdcm};
 use kvm_ioctls::VmFd;
 use siovmm_vfio::host::HostDevice;
-use siovmm_vfio::siov::AdiId;
+use siovmm_vfio::siov::{AdiId, ImsStorage};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::SiovConfig;
@@ -248,7 +250,41 @@ impl DeviceManager {
     /// vfio-user PCI device). Returns its guest address. (Every programmed vector holds an
     /// eventfd: the VM's build raised the fd limit for them.)
     pub(crate) fn add_vfio_user(&mut self, socket: &std::path::Path) -> Result<Bdf, Error> {
-        self.with_passthrough(|p, attach| p.attach_user(socket, attach))
+        let bdf = self.with_passthrough(|p, attach| p.attach_user(socket, attach))?;
+        if let Err(e) = self.offer_remote_ims(socket, bdf) {
+            // Nothing is left half-added: the device goes back to its server.
+            if let Err(undo) = self.remove_passed_through(bdf) {
+                log::warn!("{}: taking it out again: {undo}", socket.display());
+            }
+            return Err(e);
+        }
+        Ok(bdf)
+    }
+
+    /// Under `--ims pv`, a vfio-user device with an IMS mailbox (the device daemon's ADIs)
+    /// takes the guest's IMS hypercalls for the function at `bdf`: the device keeps the slots,
+    /// siovmm routes them into this VM and counts them against its quota
+    /// (`siovmm_vdcm::remote_ims`). Its IMS must be kept where the VM's `--ims-storage` says:
+    /// the guest learns that from one CPUID flag for the whole VM.
+    fn offer_remote_ims(&mut self, socket: &std::path::Path, bdf: Bdf) -> Result<(), Error> {
+        if self.siov.ims != crate::config::ImsPolicy::Pv {
+            return Ok(());
+        }
+        let Some(device) = self.passthrough.as_ref().and_then(|p| p.user_device(bdf)) else { return Ok(()) };
+        if device.ims_mailbox().is_none() {
+            return Ok(());
+        }
+        let router = self.router()?;
+        let socket = socket.display().to_string();
+        let (slots, offer) = RemoteImsSlots::new(device, bdf.0, router, self.ims_quota.clone())
+            .map_err(|status| Error::ImsMailbox { socket: socket.clone(), status })?;
+        let vm_in_queue = self.siov.device.ims_storage() == ImsStorage::InMemory;
+        if offer.in_queue != vm_in_queue {
+            let name = |in_queue: bool| if in_queue { "in-memory" } else { "on-device" };
+            return Err(Error::ImsStorageMismatch { socket, device: name(offer.in_queue), vm: name(vm_in_queue) });
+        }
+        write_lock(&self.adis).insert(bdf.0, Arc::new(Mutex::new(slots)));
+        Ok(())
     }
 
     /// Whether the host device named `name` is passed through already.
@@ -263,6 +299,8 @@ impl DeviceManager {
         if self.released {
             return Err(Error::Released);
         }
+        // Its IMS slots' routes go first (the device frees the slots when it is reset).
+        write_lock(&self.adis).remove(&bdf.0);
         let Self { pci, slots, passthrough: Some(p), .. } = self else { return Ok(()) };
         Ok(p.detach(bdf, pci, slots)?)
     }
@@ -305,6 +343,7 @@ impl DeviceManager {
     pub(crate) fn release(&mut self) {
         self.released = true;
         self.vdcm = None;
+        write_lock(&self.adis).clear();
         if let Some(mut p) = self.passthrough.take() {
             p.release(&self.pci, &mut self.slots);
         }

@@ -75,6 +75,24 @@ pub enum Error {
         /// Available.
         free: u32,
     },
+    /// A vfio-user device offers IMS slots kept where this VM's policy does not say.
+    #[error("{socket}: its device keeps IMS {device}, but this VM was started with --ims-storage {vm} (the guest's IMS_IN_QUEUE flag is one for the whole VM)")]
+    ImsStorageMismatch {
+        /// The device's socket.
+        socket: String,
+        /// Where the device keeps IMS.
+        device: &'static str,
+        /// Where the VM says IMS is kept.
+        vm: &'static str,
+    },
+    /// A vfio-user device's IMS mailbox did not answer.
+    #[error("{socket}: asking its IMS mailbox what it offers: {status}")]
+    ImsMailbox {
+        /// The device's socket.
+        socket: String,
+        /// What it answered.
+        status: siovmm_hypercall::Status,
+    },
     /// No device at this address.
     #[error("no device 0000:{0}")]
     NoDevice(devices::pci::Bdf),

@@ -455,6 +455,14 @@ impl Passthrough {
     /// every device, and closes it: a vfio-user server gets its device back; a kernel VFIO
     /// device's group leaves the container (and with the last one, guest RAM is unmapped
     /// from the IOMMU first, as at release), so that another VM can take it.
+    /// The vfio-user device at `bdf`, if that is what is there.
+    pub(crate) fn user_device(&self, bdf: Bdf) -> Option<Arc<UserDevice>> {
+        self.devices.iter().find(|d| d.bdf == bdf).and_then(|d| match &d.backend {
+            Backend::User(user) => Some(user.clone()),
+            Backend::Kernel(_) => None,
+        })
+    }
+
     pub(crate) fn detach(&mut self, bdf: Bdf, pci: &PciRoot, allocator: &mut PciAllocator) -> Result<(), Error> {
         let Some(at) = self.devices.iter().position(|d| d.bdf == bdf) else { return Ok(()) };
         let d = self.devices.remove(at);

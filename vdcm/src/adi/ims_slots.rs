@@ -98,6 +98,11 @@ impl ImsSlots {
         Some(group)
     }
 
+    /// The first slot of some live group, if any (to free them all, one by one).
+    pub fn first_group(&self) -> Option<u32> {
+        self.groups.first().map(|(first, _)| *first)
+    }
+
     /// Slots held (in live groups).
     pub fn held(&self) -> u32 {
         self.groups.iter().map(|(_, g)| g.count).sum()

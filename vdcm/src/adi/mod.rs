@@ -20,6 +20,7 @@
 pub mod config;
 pub mod ims_slots;
 pub mod registers;
+pub mod slot_device;
 mod vectors;
 
 use std::sync::{Arc, Weak};
@@ -32,9 +33,12 @@ use siovmm_vfio::siov::{self, AdiId, ImsGroup, SiovDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use config::{AdiConfig, Bar0Window, ConfigWrite};
-use ims_slots::{ImsSlots, PvSlot};
+use ims_slots::ImsSlots;
+use slot_device::SlotDevice;
 use registers::{Action, QueueRegisters};
-use vectors::{bound_eventfd, MsixVectors};
+use vectors::MsixVectors;
+
+use crate::PvIms;
 
 pub use config::BarMapper;
 pub use ims_slots::{IMS_WINDOW_SLOTS, MAX_PV_SLOTS};
@@ -222,71 +226,9 @@ impl AdiFunction {
         self.device.set_interrupt_handles(self.adi, &handles)
     }
 
-    /// Hypercall IMS_ALLOC: `count` more IMS entries for this ADI; returns the first slot.
-    pub fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
-        if !self.ims_quota.take(self.slots.held(), count) {
-            return Err(Status::Exhausted);
-        }
-        let Some(first) = self.slots.reserve(count) else {
-            self.ims_quota.give(count);
-            return Err(Status::Exhausted);
-        };
-        let Ok(group) = self.device.ims_alloc(self.adi, count) else {
-            self.slots.unreserve(first, count);
-            self.ims_quota.give(count);
-            return Err(Status::Exhausted);
-        };
-        self.slots.fill(first, group);
-        self.publish_handles().map_err(|_| Status::Exhausted)?;
-        Ok(first)
-    }
-
-    /// Hypercall IMS_FREE of the group starting at `first`.
-    pub fn pv_free(&mut self, first: u32) -> Result<(), Status> {
-        let group = self.slots.release(first).ok_or(Status::NoSuchSlot)?;
-        self.ims_quota.give(group.count);
-        let function = FunctionId::Adi(self.adi.0);
-        let r = self.router.unbind_all((first..first + group.count).map(|slot| VectorKey::ims(function, slot)));
-        self.faults.record("unbinding IMS slots", r);
-        // Revoke the handles before the entries go back to the device.
-        let r = self.publish_handles();
-        self.faults.record("publishing interrupt handles", r);
-        self.device.ims_free(self.adi, group).map_err(|_| Status::NoSuchSlot)
-    }
-
-    fn pv_slot(&mut self, slot: u32) -> Result<&mut PvSlot, Status> {
-        self.slots.slot_mut(slot).ok_or(Status::NoSuchSlot)
-    }
-
-    /// Hypercall IMS_COMPOSE: the host sets up delivery of the guest's `message` (already
-    /// validated against this VM's vCPUs) for the slot, as a host sets up an interrupt-remapping
-    /// entry: the slot's IMS entry signals an eventfd routed to that message in this VM only.
-    /// Returns the host message the entry writes (hypercall `message_result` form), which the
-    /// guest stores in its queue's IMS area when the device keeps IMS there.
-    pub fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
-        let key = VectorKey::ims(FunctionId::Adi(self.adi.0), slot);
-        let (device, adi, in_queue) = (self.device.clone(), self.adi, self.in_queue);
-        let s = self.pv_slot(slot)?;
-        let index = s.index;
-        let fd = bound_eventfd(device.as_ref(), adi, &mut s.fd, index)?;
-        self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
-        // In queue memory the guest's own mask bit governs; the host entry only remaps.
-        if in_queue {
-            device.ims_set_mask(adi, index, false).map_err(|_| Status::NoSuchSlot)?;
-        }
-        let host = device.ims_message(adi, index).map_err(|_| Status::NoSuchSlot)?;
-        siovmm_hypercall::message_result(host.address, host.data).ok_or(Status::InvalidArgument)
-    }
-
-    /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once. In queue memory this
-    /// sets the mask bit stored there and commits it: a pending interrupt the device marked
-    /// there is delivered once.
-    pub fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), Status> {
-        let index = self.pv_slot(slot)?.index;
-        if self.in_queue {
-            return self.device.queue_ims_set_mask(self.adi, slot, masked).map(|_| ()).map_err(|_| Status::NoSuchSlot);
-        }
-        self.device.ims_set_mask(self.adi, index, masked).map_err(|_| Status::NoSuchSlot)
+    /// The device half of the hypercall slots, and their books.
+    fn slot_device(&mut self) -> (SlotDevice<'_>, &mut ImsSlots) {
+        (SlotDevice { device: self.device.as_ref(), adi: self.adi, in_queue: self.in_queue }, &mut self.slots)
     }
 
     /// A guest read of the trapped IMS window; inert (zeros) outside trap mode and until the
@@ -390,6 +332,56 @@ impl PciFunction for AdiFunction {
 /// A dword-aligned 4-byte access below `end`.
 fn dword_access(offset: u64, len: usize, end: u64) -> bool {
     offset < end && len == 4 && offset.is_multiple_of(4)
+}
+
+impl PvIms for AdiFunction {
+    /// Hypercall IMS_ALLOC: `count` more IMS entries for this ADI; returns the first slot.
+    fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
+        if !self.ims_quota.take(self.slots.held(), count) {
+            return Err(Status::Exhausted);
+        }
+        let (device, slots) = self.slot_device();
+        let allocated = device.alloc(slots, count);
+        let first = allocated.inspect_err(|_| self.ims_quota.give(count))?;
+        self.publish_handles().map_err(|_| Status::Exhausted)?;
+        Ok(first)
+    }
+
+    /// Hypercall IMS_FREE of the group starting at `first`.
+    fn pv_free(&mut self, first: u32) -> Result<(), Status> {
+        let (device, slots) = self.slot_device();
+        let group = device.release(slots, first)?;
+        self.ims_quota.give(group.count);
+        let function = FunctionId::Adi(self.adi.0);
+        let r = self.router.unbind_all((first..first + group.count).map(|slot| VectorKey::ims(function, slot)));
+        self.faults.record("unbinding IMS slots", r);
+        // Revoke the handles before the entries go back to the device.
+        let r = self.publish_handles();
+        self.faults.record("publishing interrupt handles", r);
+        self.slot_device().0.give_back(group)
+    }
+
+    /// Hypercall IMS_COMPOSE: the host sets up delivery of the guest's `message` (already
+    /// validated against this VM's vCPUs) for the slot, as a host sets up an interrupt-remapping
+    /// entry: the slot's IMS entry signals an eventfd routed to that message in this VM only.
+    /// Returns the host message the entry writes (hypercall `message_result` form), which the
+    /// guest stores in its queue's IMS area when the device keeps IMS there.
+    fn pv_compose(&mut self, slot: u32, message: MsiMessage) -> Result<u64, Status> {
+        let key = VectorKey::ims(FunctionId::Adi(self.adi.0), slot);
+        let (device, slots) = self.slot_device();
+        let fd = device.eventfd(slots, slot)?;
+        self.router.bind(key, fd, message).map_err(|_| Status::Exhausted)?;
+        let (device, slots) = self.slot_device();
+        device.composed(slots, slot)
+    }
+
+    /// Hypercall IMS_MASK. Unmasking delivers a pending interrupt once. In queue memory this
+    /// sets the mask bit stored there and commits it: a pending interrupt the device marked
+    /// there is delivered once.
+    fn pv_mask(&mut self, slot: u32, masked: bool) -> Result<(), Status> {
+        let (device, slots) = self.slot_device();
+        device.mask(slots, slot, masked)
+    }
 }
 
 impl BusDevice for AdiFunction {

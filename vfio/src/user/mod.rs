@@ -20,6 +20,7 @@
 //!
 //! Messages are little-endian packed structs, written and parsed field by field here.
 
+pub mod ims_mailbox;
 pub mod protocol;
 
 use std::io::Read;
@@ -161,7 +162,13 @@ struct Region {
     flags: u32,
     /// The server offered pages of it to map (see [`Mappable`]).
     mmap: bool,
+    /// A device-specific region's (type, subtype).
+    kind: Option<(u32, u32)>,
 }
+
+/// Device-specific regions (after the PCI ones) asked about: what siovmm looks for there (the
+/// IMS mailbox) comes first; a server announcing more is not asked about each.
+const EXTRA_REGIONS: u32 = 4;
 
 /// The mmap-able part of a region as REGION_INFO offered it: the file that came with the
 /// reply, where region offset 0 is in it, and the areas. Kept until the region is mapped,
@@ -227,9 +234,9 @@ impl UserDevice {
         if flags & VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(Error::Unsupported(format!("{name}: not a PCI device (flags {flags:#x})")));
         }
-        // Only the PCI indexes are used (BARs, ROM, config; INTx, MSI, MSI-X, ...): a server
-        // announcing millions is not asked about each.
-        let (regions, mappable): (Vec<Region>, Vec<Option<Mappable>>) = (0..regions.min(VFIO_PCI_NUM_REGIONS))
+        // Only the PCI indexes are used (BARs, ROM, config; INTx, MSI, MSI-X, ...), and the
+        // first device-specific ones: a server announcing millions is not asked about each.
+        let (regions, mappable): (Vec<Region>, Vec<Option<Mappable>>) = (0..regions.min(VFIO_PCI_NUM_REGIONS + EXTRA_REGIONS))
             .map(|index| region_info(&mut connection, index))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
@@ -351,6 +358,36 @@ impl UserDevice {
         Ok(out)
     }
 
+    /// The region index of the device's IMS mailbox ([`ims_mailbox`]), if it has one: a
+    /// readable and writable region of the mailbox's type and size.
+    pub fn ims_mailbox(&self) -> Option<u32> {
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        (0u32..).zip(&self.regions).find_map(|(index, r)| {
+            let typed = r.kind == Some((ims_mailbox::REGION_TYPE, ims_mailbox::REGION_SUBTYPE));
+            (typed && r.flags & rw == rw && r.size >= ims_mailbox::SIZE).then_some(index)
+        })
+    }
+
+    /// Runs one IMS mailbox request: the request written, the reply read back. A device that
+    /// cannot be reached, or answers out of the protocol, reads as NO_SUCH_ADI (the ADI is
+    /// gone as far as the guest can tell); the connection's failure is logged and counted.
+    pub fn ims_request(&self, request: ims_mailbox::Request) -> Result<u64, siovmm_hypercall::Status> {
+        let gone = siovmm_hypercall::Status::NoSuchAdi;
+        let index = self.ims_mailbox().ok_or(gone)?;
+        let write = Self::region_access_body(index, 0, 16).bytes(&request.encode()).0;
+        self.request(Command::RegionWrite, &write, &[]).map_err(|_| gone)?;
+        let read = Self::region_access_body(index, ims_mailbox::REPLY, 16).0;
+        let reply = self.request(Command::RegionRead, &read, &[]).map_err(|_| gone)?;
+        let bytes: [u8; 16] = reply.get(16..).and_then(|b| b.try_into().ok()).ok_or(gone)?;
+        ims_mailbox::decode_reply(&bytes)
+    }
+
+    /// Binds IMS slot `slot` to `fd` (SET_IRQS of the mailbox's interrupt index): the device
+    /// signals it when the slot's entry fires.
+    pub fn ims_bind(&self, slot: u32, fd: &EventFd) -> std::io::Result<()> {
+        self.set_irqs_message(VFIO_IRQ_SET_ACTION_TRIGGER, ims_mailbox::IRQ_INDEX, slot, &[fd.as_raw_fd()])
+    }
+
     fn inside(&self, index: u32, offset: u64, len: usize) -> bool {
         let Some(region) = self.regions.get(index as usize) else { return false };
         len <= self.max_transfer && offset.checked_add(len as u64).is_some_and(|end| end <= region.size)
@@ -402,7 +439,7 @@ fn region_info(connection: &mut Connection, index: u32) -> Result<(Region, Optio
         Some(fd) if flags & VFIO_REGION_INFO_FLAG_MMAP != 0 && !areas.is_empty() => Some(Mappable { fd, offset, areas }),
         _ => None,
     };
-    Ok((Region { size, flags, mmap: mappable.is_some() }, mappable))
+    Ok((Region { size, flags, mmap: mappable.is_some(), kind: protocol::region_type(&reply) }, mappable))
 }
 
 /// The server's `max_msg_fds` and `max_data_xfer_size` from its VERSION reply (major 0; the

@@ -35,6 +35,9 @@ pub const REGION_INFO: usize = 32;
 /// The sparse-mmap capability's id (`VFIO_REGION_INFO_CAP_SPARSE_MMAP`) and the version
 /// written.
 const CAP_SPARSE_MMAP: u16 = 1;
+/// The region-type capability's id (`VFIO_REGION_INFO_CAP_TYPE`): a device-specific region
+/// says what it is with a (type, subtype) pair.
+const CAP_TYPE: u16 = 2;
 /// Most mmap-able areas a region may list (a reply is bounded anyway; this bounds the walk).
 pub const MAX_SPARSE_AREAS: usize = 64;
 
@@ -42,42 +45,62 @@ pub const MAX_SPARSE_AREAS: usize = 64;
 /// has mmap-able `areas` (offset, length in the region), a sparse-mmap capability listing them
 /// if the client's `argsz` has room for it; otherwise `argsz` says how much room it needs (as
 /// VFIO_DEVICE_GET_REGION_INFO answers), and the client asks again.
-pub fn region_info(argsz: usize, flags: u32, index: u32, size: u64, offset: u64, areas: &[(u64, u64)]) -> Vec<u8> {
-    if areas.is_empty() {
+///
+/// A device-specific region also carries its (type, subtype) in a region-type capability.
+pub fn region_info(argsz: usize, flags: u32, index: u32, size: u64, offset: u64, areas: &[(u64, u64)], kind: Option<(u32, u32)>) -> Vec<u8> {
+    if areas.is_empty() && kind.is_none() {
         return Body::default().u32(REGION_INFO as u32).u32(flags).u32(index).u32(0).u64(size).u64(offset).0;
     }
-    let needed = REGION_INFO + 16 + 16 * areas.len();
+    let sparse = if areas.is_empty() { 0 } else { 16 + 16 * areas.len() };
+    let typed = if kind.is_some() { 16 } else { 0 };
+    let needed = REGION_INFO + sparse + typed;
     let flags = flags | vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS;
     let fits = argsz >= needed;
     let mut b = Body::default().u32(needed as u32).u32(flags).u32(index).u32(if fits { REGION_INFO as u32 } else { 0 }).u64(size).u64(offset);
     if fits {
-        b = b.u16(CAP_SPARSE_MMAP).u16(1).u32(0).u32(areas.len() as u32).u32(0);
-        for &(at, len) in areas {
-            b = b.u64(at).u64(len);
+        // Each capability's header: id, version 1, the next one's offset (0: the last).
+        if !areas.is_empty() {
+            let next = if kind.is_some() { (REGION_INFO + sparse) as u32 } else { 0 };
+            b = b.u16(CAP_SPARSE_MMAP).u16(1).u32(next).u32(areas.len() as u32).u32(0);
+            for &(at, len) in areas {
+                b = b.u64(at).u64(len);
+            }
+        }
+        if let Some((kind, subtype)) = kind {
+            b = b.u16(CAP_TYPE).u16(1).u32(0).u32(kind).u32(subtype);
         }
     }
     b.0
 }
 
-/// The areas a REGION_INFO reply's sparse-mmap capability lists, following its chain of
-/// capabilities from `cap_offset` (bounded: a chain that loops or leaves the reply ends the
-/// walk). Empty when there is none.
-pub fn sparse_areas(reply: &[u8]) -> Vec<(u64, u64)> {
+/// The byte where capability `id` starts in a REGION_INFO reply, following the chain from
+/// `cap_offset` (bounded: a chain that loops or leaves the reply ends the walk).
+fn find_capability(reply: &[u8], id: u16) -> Option<usize> {
     let mut at = u32_at(reply, 12).unwrap_or(0) as usize;
     for _ in 0..16 {
         if at < REGION_INFO {
             break;
         }
-        let (Some(id), Some(next)) = (reply.get(at..at + 2), u32_at(reply, at + 4)) else { break };
-        if u16::from_le_bytes([id[0], id[1]]) == CAP_SPARSE_MMAP {
-            let n = (u32_at(reply, at + 8).unwrap_or(0) as usize).min(MAX_SPARSE_AREAS);
-            return (0..n)
-                .map_while(|i| Some((u64_at(reply, at + 16 + i * 16)?, u64_at(reply, at + 24 + i * 16)?)))
-                .collect();
+        let (Some(found), Some(next)) = (reply.get(at..at + 2), u32_at(reply, at + 4)) else { break };
+        if u16::from_le_bytes([found[0], found[1]]) == id {
+            return Some(at);
         }
         at = next as usize;
     }
-    Vec::new()
+    None
+}
+
+/// The areas a REGION_INFO reply's sparse-mmap capability lists. Empty when there is none.
+pub fn sparse_areas(reply: &[u8]) -> Vec<(u64, u64)> {
+    let Some(at) = find_capability(reply, CAP_SPARSE_MMAP) else { return Vec::new() };
+    let n = (u32_at(reply, at + 8).unwrap_or(0) as usize).min(MAX_SPARSE_AREAS);
+    (0..n).map_while(|i| Some((u64_at(reply, at + 16 + i * 16)?, u64_at(reply, at + 24 + i * 16)?))).collect()
+}
+
+/// The (type, subtype) a REGION_INFO reply's region-type capability names, if it has one.
+pub fn region_type(reply: &[u8]) -> Option<(u32, u32)> {
+    let at = find_capability(reply, CAP_TYPE)?;
+    Some((u32_at(reply, at + 8)?, u32_at(reply, at + 12)?))
 }
 
 /// Commands (vfio-user.rst, "Commands").
@@ -242,18 +265,18 @@ mod tests {
     #[test]
     fn region_info_carries_sparse_areas_when_there_is_room() {
         let areas = [(0x1000, 0x1000), (0x4000, 0x2000)];
-        let short = region_info(32, 3 | 4, 0, 0x8000, 0x5000, &areas);
+        let short = region_info(32, 3 | 4, 0, 0x8000, 0x5000, &areas, None);
         assert_eq!(short.len(), REGION_INFO);
         assert_eq!(u32_at(&short, 0), Some(32 + 16 + 32), "argsz says the room it needs");
         assert_eq!(u32_at(&short, 12), Some(0), "no capability in a short reply");
         assert!(sparse_areas(&short).is_empty());
-        let full = region_info(4096, 3 | 4, 0, 0x8000, 0x5000, &areas);
+        let full = region_info(4096, 3 | 4, 0, 0x8000, 0x5000, &areas, None);
         assert_eq!(full.len(), 32 + 16 + 32);
         assert_eq!(u32_at(&full, 4), Some(3 | 4 | 8), "CAPS flagged");
         assert_eq!(u64_at(&full, 24), Some(0x5000));
         assert_eq!(sparse_areas(&full), areas);
         // No areas: the plain 32 bytes.
-        assert_eq!(region_info(4096, 3, 7, 256, 0, &[]).len(), REGION_INFO);
+        assert_eq!(region_info(4096, 3, 7, 256, 0, &[], None).len(), REGION_INFO);
         // A chain that points at itself or past the reply ends the walk.
         let mut looping = full.clone();
         looping[32..34].copy_from_slice(&9u16.to_le_bytes());
@@ -262,5 +285,20 @@ mod tests {
         let mut outside = full;
         outside[12..16].copy_from_slice(&4000u32.to_le_bytes());
         assert!(sparse_areas(&outside).is_empty());
+    }
+
+    #[test]
+    fn a_device_specific_region_names_its_type_alone_or_after_its_areas() {
+        let typed = region_info(4096, 3, 9, 32, 0, &[], Some((0x8000_8086, 1)));
+        assert_eq!(typed.len(), 32 + 16);
+        assert_eq!(u32_at(&typed, 4), Some(3 | 8), "CAPS flagged");
+        assert_eq!(region_type(&typed), Some((0x8000_8086, 1)));
+        assert!(sparse_areas(&typed).is_empty());
+        let short = region_info(32, 3, 9, 32, 0, &[], Some((0x8000_8086, 1)));
+        assert_eq!((short.len(), u32_at(&short, 0)), (REGION_INFO, Some(48)), "argsz says the room it needs");
+        assert_eq!(region_type(&short), None);
+        let both = region_info(4096, 3, 9, 0x2000, 0, &[(0x1000, 0x1000)], Some((7, 2)));
+        assert_eq!((sparse_areas(&both), region_type(&both)), (vec![(0x1000, 0x1000)], Some((7, 2))), "chained");
+        assert_eq!(region_type(&region_info(4096, 3, 0, 0x2000, 0, &[(0, 0x1000)], None)), None);
     }
 }
