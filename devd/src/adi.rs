@@ -114,8 +114,9 @@ pub struct AdiBackend {
     vector_fds: Vec<Option<Arc<EventFd>>>,
     /// MSI-X message control's enable and function-mask bits as the client last wrote them.
     msix_bits: u16,
-    /// The hypercall slots the client's guest took through the IMS mailbox.
-    slots: ImsSlots,
+    /// The hypercall slots the client's guest took through the IMS mailbox, made at its first
+    /// request (most ADIs never get one, and a daemon holds thousands).
+    slots: Option<Box<ImsSlots>>,
     /// The device keeps IMS in queue memory.
     in_queue: bool,
     /// The reply to the last mailbox request.
@@ -169,7 +170,7 @@ impl AdiBackend {
             regs: QueueRegisters::default(),
             vector_fds: vec![None; usize::from(vectors)],
             msix_bits: 0,
-            slots: ImsSlots::new(false),
+            slots: None,
             in_queue,
             mailbox_reply: ims_mailbox::encode_reply(Err(Status::NoSuchCall)),
             account: None,
@@ -189,13 +190,16 @@ impl AdiBackend {
     /// (its entry, or with IMS in queue memory the entry stored in the queue's IMS area).
     fn publish_handles(&self) -> Result<(), siov::Error> {
         let mut handles: Vec<_> = self.ims.indexes().map(|i| Some(siov::HandleTarget::Entry(i))).collect();
-        handles.extend(self.slots.handles(self.in_queue));
+        if let Some(slots) = &self.slots {
+            handles.extend(slots.handles(self.in_queue));
+        }
         self.device.set_interrupt_handles(self.adi, &handles)
     }
 
     /// The device half of the hypercall slots, and their books.
     fn slot_device(&mut self) -> (SlotDevice<'_>, &mut ImsSlots) {
-        (SlotDevice { device: self.device.as_ref(), adi: self.adi, in_queue: self.in_queue }, &mut self.slots)
+        let slots = self.slots.get_or_insert_with(|| Box::new(ImsSlots::new(false)));
+        (SlotDevice { device: self.device.as_ref(), adi: self.adi, in_queue: self.in_queue }, slots)
     }
 
     /// Runs one IMS mailbox request (the IMS hypercall's device half, docs/devd.md).
@@ -250,7 +254,7 @@ impl AdiBackend {
 
     /// Frees every hypercall slot (a device reset, or the client leaving).
     fn free_slots(&mut self) {
-        while let Some(first) = self.slots.first_group() {
+        while let Some(first) = self.slots.as_ref().and_then(|s| s.first_group()) {
             if let Err(s) = self.mailbox(Request::Free { first }) {
                 log::warn!("ADI {}: freeing IMS slots from {first}: {s}", self.adi.0);
             }
@@ -355,7 +359,7 @@ impl AdiBackend {
 
     /// Hypercall slots the client's guest holds.
     pub fn ims_slots_held(&self) -> u32 {
-        self.slots.held()
+        self.slots.as_ref().map_or(0, |s| s.held())
     }
 
     /// SET_IRQS of the IMS mailbox's interrupt index: slot `start + i`'s entry signals
@@ -366,7 +370,7 @@ impl AdiBackend {
             return Err(einval());
         }
         let end = start.checked_add(count).ok_or_else(einval)?;
-        if (start..end).any(|slot| self.slots.index(slot).is_none()) {
+        if (start..end).any(|slot| self.slots.as_ref().and_then(|s| s.index(slot)).is_none()) {
             return Err(einval());
         }
         for (slot, fd) in (start..end).zip(fds) {
@@ -384,7 +388,7 @@ impl Drop for AdiBackend {
     fn drop(&mut self) {
         // The device frees every entry of the ADI when it closes; the client VMM's count
         // gets the slots' back.
-        self.give_ims(self.slots.held());
+        self.give_ims(self.ims_slots_held());
         if let Err(e) = self.device.close_adi(self.adi) {
             log::warn!("closing ADI {}: {e}", self.adi.0);
         }

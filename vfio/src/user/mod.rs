@@ -162,8 +162,6 @@ struct Region {
     flags: u32,
     /// The server offered pages of it to map (see [`Mappable`]).
     mmap: bool,
-    /// A device-specific region's (type, subtype).
-    kind: Option<(u32, u32)>,
 }
 
 /// Device-specific regions (after the PCI ones) asked about: what siovmm looks for there (the
@@ -180,6 +178,10 @@ struct Mappable {
     areas: Vec<(u64, u64)>,
 }
 
+/// What REGION_INFO says of a region: its facts, its mmap-able part, a device-specific
+/// region's (type, subtype).
+type RegionAnswer = (Region, Option<Mappable>, Option<(u32, u32)>);
+
 /// Largest REGION_INFO reply asked for (32 bytes and a sparse-mmap capability of
 /// `protocol::MAX_SPARSE_AREAS` areas fit).
 const MAX_REGION_INFO: u32 = 4096;
@@ -193,6 +195,8 @@ pub struct UserDevice {
     /// By region index, until [`VfioBackend::map_region`] takes it.
     mappable: Mutex<Vec<Option<Mappable>>>,
     irqs: Vec<u32>,
+    /// The IMS mailbox's region index, if the device has one (see [`UserDevice::ims_mailbox`]).
+    ims_mailbox: Option<u32>,
     /// Descriptors per message the server accepts.
     max_fds: usize,
     /// Bytes per region access the server accepts.
@@ -236,11 +240,16 @@ impl UserDevice {
         }
         // Only the PCI indexes are used (BARs, ROM, config; INTx, MSI, MSI-X, ...), and the
         // first device-specific ones: a server announcing millions is not asked about each.
-        let (regions, mappable): (Vec<Region>, Vec<Option<Mappable>>) = (0..regions.min(VFIO_PCI_NUM_REGIONS + EXTRA_REGIONS))
+        let infos = (0..regions.min(VFIO_PCI_NUM_REGIONS + EXTRA_REGIONS))
             .map(|index| region_info(&mut connection, index))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .unzip();
+            .collect::<Result<Vec<_>, _>>()?;
+        // A readable and writable region of the mailbox's type and size.
+        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        let ims_mailbox = (0u32..).zip(&infos).find_map(|(index, (r, _, kind))| {
+            let typed = *kind == Some((ims_mailbox::REGION_TYPE, ims_mailbox::REGION_SUBTYPE));
+            (typed && r.flags & rw == rw && r.size >= ims_mailbox::SIZE).then_some(index)
+        });
+        let (regions, mappable): (Vec<Region>, Vec<Option<Mappable>>) = infos.into_iter().map(|(r, m, _)| (r, m)).unzip();
         let irqs = (0..irqs.min(VFIO_PCI_NUM_IRQS))
             .map(|index| {
                 let (reply, _) = connection.request(Command::IrqInfo, &Body::default().u32(16).u32(0).u32(index).u32(0).0, &[])?;
@@ -253,6 +262,7 @@ impl UserDevice {
             regions,
             mappable: Mutex::new(mappable),
             irqs,
+            ims_mailbox,
             max_fds,
             max_transfer,
             failures: AtomicU64::new(0),
@@ -358,14 +368,9 @@ impl UserDevice {
         Ok(out)
     }
 
-    /// The region index of the device's IMS mailbox ([`ims_mailbox`]), if it has one: a
-    /// readable and writable region of the mailbox's type and size.
+    /// The region index of the device's IMS mailbox ([`ims_mailbox`]), if it has one.
     pub fn ims_mailbox(&self) -> Option<u32> {
-        let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
-        (0u32..).zip(&self.regions).find_map(|(index, r)| {
-            let typed = r.kind == Some((ims_mailbox::REGION_TYPE, ims_mailbox::REGION_SUBTYPE));
-            (typed && r.flags & rw == rw && r.size >= ims_mailbox::SIZE).then_some(index)
-        })
+        self.ims_mailbox
     }
 
     /// Runs one IMS mailbox request: the request written, the reply read back. A device that
@@ -419,8 +424,9 @@ fn connect_retrying(socket: &Path, within: Duration) -> std::io::Result<UnixStre
 
 /// Region `index`'s REGION_INFO: asked with room for a reply without capabilities, and again
 /// with the room the reply says it needs when it has some (as VFIO_DEVICE_GET_REGION_INFO is
-/// used). A region with a sparse-mmap capability and a file with the reply is mappable.
-fn region_info(connection: &mut Connection, index: u32) -> Result<(Region, Option<Mappable>), Error> {
+/// used). A region with a sparse-mmap capability and a file with the reply is mappable; a
+/// device-specific one names its (type, subtype).
+fn region_info(connection: &mut Connection, index: u32) -> Result<RegionAnswer, Error> {
     let ask = |connection: &mut Connection, argsz: u32| {
         let body = Body::default().u32(argsz).u32(0).u32(index).u32(0).u64(0).u64(0).0;
         connection.request(Command::RegionInfo, &body, &[])
@@ -439,7 +445,7 @@ fn region_info(connection: &mut Connection, index: u32) -> Result<(Region, Optio
         Some(fd) if flags & VFIO_REGION_INFO_FLAG_MMAP != 0 && !areas.is_empty() => Some(Mappable { fd, offset, areas }),
         _ => None,
     };
-    Ok((Region { size, flags, mmap: mappable.is_some(), kind: protocol::region_type(&reply) }, mappable))
+    Ok((Region { size, flags, mmap: mappable.is_some() }, mappable, protocol::region_type(&reply)))
 }
 
 /// The server's `max_msg_fds` and `max_data_xfer_size` from its VERSION reply (major 0; the
