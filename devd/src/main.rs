@@ -85,11 +85,10 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
                 ))?;
             }
             "--ims" => {
-                o.storage = match args.next().as_deref() {
-                    Some("on-device") => ImsStorage::OnDevice,
-                    Some("in-memory") => ImsStorage::InMemory,
-                    other => return Err(format!("--ims {}: not on-device or in-memory", other.unwrap_or("(nothing)"))),
-                }
+                let name = args.next();
+                o.storage = name.as_deref().and_then(ImsStorage::from_name).ok_or_else(|| {
+                    format!("--ims {}: not on-device or in-memory", name.as_deref().unwrap_or("(nothing)"))
+                })?;
             }
             other => return Err(format!("{other}: unknown argument (--help lists them)")),
         }

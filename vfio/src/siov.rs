@@ -50,6 +50,21 @@ pub enum ImsStorage {
     InMemory,
 }
 
+impl ImsStorage {
+    /// The storage a command line names: `on-device` or `in-memory`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::OnDevice, Self::InMemory].into_iter().find(|s| s.name() == name)
+    }
+
+    /// Its name on a command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OnDevice => "on-device",
+            Self::InMemory => "in-memory",
+        }
+    }
+}
+
 /// What a device offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {

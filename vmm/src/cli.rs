@@ -298,11 +298,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 portal = kind;
             }
             _ => {
-                storage = match v.as_str() {
-                    "on-device" => ImsStorage::OnDevice,
-                    "in-memory" => ImsStorage::InMemory,
-                    _ => return err(format!("--ims-storage {v}: must be on-device or in-memory")),
-                }
+                let Some(named) = ImsStorage::from_name(v) else { return err(format!("--ims-storage {v}: must be on-device or in-memory")) };
+                storage = named;
             }
         }
     }

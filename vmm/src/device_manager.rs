@@ -278,10 +278,10 @@ impl DeviceManager {
         let socket = socket.display().to_string();
         let (slots, offer) = RemoteImsSlots::new(device, bdf.0, router, self.ims_quota.clone())
             .map_err(|status| Error::ImsMailbox { socket: socket.clone(), status })?;
-        let vm_in_queue = self.siov.device.ims_storage() == ImsStorage::InMemory;
-        if offer.in_queue != vm_in_queue {
-            let name = |in_queue: bool| if in_queue { "in-memory" } else { "on-device" };
-            return Err(Error::ImsStorageMismatch { socket, device: name(offer.in_queue), vm: name(vm_in_queue) });
+        let vm = self.siov.device.ims_storage();
+        let device = if offer.in_queue { ImsStorage::InMemory } else { ImsStorage::OnDevice };
+        if device != vm {
+            return Err(Error::ImsStorageMismatch { socket, device: device.name(), vm: vm.name() });
         }
         write_lock(&self.adis).insert(bdf.0, Arc::new(Mutex::new(slots)));
         Ok(())
