@@ -33,11 +33,13 @@ kver=${abi_pkg#linux-image-}
 echo "$kver" > "$assets/kernel-version"
 # Modules from the same package: KVM (loaded by every sandbox), kernel VFIO (loaded by the
 # sandboxes that pass a device through, docs/vfio.md), and the stock NVMe driver with what it
-# needs (loaded, in this order, by the guest that drives the passed-through controller).
+# needs (loaded, in this order, by the guest that drives the passed-through controller), and
+# the stock NE2000 driver, whose device has only an I/O BAR (docs/vfio.md, "I/O BARs").
 sandbox_modules="virt/lib/irqbypass.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/x86/kvm/kvm-intel.ko
   drivers/vfio/vfio.ko drivers/vfio/vfio_iommu_type1.ko drivers/vfio/vfio_virqfd.ko drivers/vfio/pci/vfio-pci-core.ko drivers/vfio/pci/vfio-pci.ko"
 guest_modules="lib/crc64.ko crypto/crc64_rocksoft_generic.ko lib/crc64-rocksoft.ko crypto/crct10dif_common.ko crypto/crct10dif_generic.ko
-  lib/crc-t10dif.ko block/t10-pi.ko drivers/nvme/host/nvme-core.ko drivers/nvme/host/nvme.ko"
+  lib/crc-t10dif.ko block/t10-pi.ko drivers/nvme/host/nvme-core.ko drivers/nvme/host/nvme.ko
+  drivers/net/ethernet/8390/8390.ko drivers/net/ethernet/8390/ne2k-pci.ko"
 modules_missing=0
 for m in $sandbox_modules; do [ -f "$assets/modules/$(basename "$m")" ] || modules_missing=1; done
 for m in $guest_modules; do [ -f "$assets/guest-modules/$(basename "$m")" ] || modules_missing=1; done

@@ -83,6 +83,12 @@ pub const CMOS_PORT: u16 = 0x70;
 pub const I8042_CMD_PORT: u16 = 0x64;
 /// Our ACPI power-management block (sleep control/status, reset), see `devices::acpi_pm`.
 pub const ACPI_PM_PORT: u16 = 0x600;
+/// The ports siovmm gives I/O BARs of passed-through devices, as firmware would (QEMU's
+/// SeaBIOS starts at 0xC000 too): inside the range bus 0's host bridge claims (0x0D00-0xFFFF,
+/// the DSDT), above every port siovmm's own devices use. Only root bus 0 has I/O space.
+pub const PCI_IO_BAR_START: u16 = 0xC000;
+/// Ports in that range.
+pub const PCI_IO_BAR_SIZE: u16 = 0x4000;
 /// Number of IOAPIC pins (KVM's in-kernel IOAPIC has 24).
 pub const IOAPIC_PINS: u32 = 24;
 /// The ACPI PCI hotplug registers (`devices::pci::hotplug`), 16 bytes per root bus.
@@ -94,6 +100,7 @@ pub const PCI_HOTPLUG_GSI: u32 = 5;
 
 // The fixed windows must not overlap; checked at compile time.
 const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_IO_BAR_START as u32 + PCI_IO_BAR_SIZE as u32 == 0x1_0000 && ACPI_PM_PORT < PCI_IO_BAR_START);
 const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
 const _: () = assert!(PCI_HOTPLUG_START + 0x1000 <= IOAPIC_START && PCI_HOTPLUG_GSI != COM1_IRQ);
 const _: () = assert!(IOAPIC_START < VTD_START && VTD_START + 0x1000 <= APIC_START);

@@ -179,6 +179,13 @@ pub struct Hardware {
 
 /// Where [`Hardware::nvme_disk`]'s controller is in the sandbox.
 pub const NVME_SYSFS: &str = "/sys/bus/pci/devices/0000:00:01.0";
+/// With [`Hardware::nvme_disk`] comes QEMU's NE2000 (10ec:8029), a device whose only BAR is
+/// an I/O BAR (256 ports) and whose only interrupt is INTx, here: what kernel VFIO passes
+/// through I/O BARs with (docs/vfio.md). It has no network peer; sending works, nothing
+/// arrives.
+pub const NE2K_SYSFS: &str = "/sys/bus/pci/devices/0000:00:02.0";
+/// The NE2000's MAC address, which its driver reads from the device's PROM through its ports.
+pub const NE2K_MAC: &str = "52:54:00:51:0e:42";
 
 impl Hardware {
     /// QEMU arguments and kernel parameters for this hardware.
@@ -195,6 +202,8 @@ impl Hardware {
             format!("file={},if=none,id=nv0,format=raw", disk.display()),
             "-device".into(),
             "nvme,serial=siovmm0,drive=nv0,addr=01.0".into(),
+            "-device".into(),
+            format!("ne2k_pci,addr=02.0,mac={NE2K_MAC}"),
         ];
         (args.to_vec(), "intel_iommu=on")
     }

@@ -6,7 +6,10 @@
 //! after the first has exited, and after a guest that wrote garbage into the device's MSI-X
 //! table and config space, and a third whose kernel runs with `pci=nomsi`, so the driver uses
 //! the controller's INTx line (the DSDT's `_PRT`, KVM's resampling irqfd, vfio-pci's unmask).
-//! The command line's refusals are checked on the real sysfs. And the controller hotplugged:
+//! The command line's refusals are checked on the real sysfs. A NE2000 (QEMU's `ne2k_pci`),
+//! whose only BAR is an I/O BAR, passed through the same way: its stock driver reads the MAC
+//! address from the device's PROM through its ports and sends a frame, which completes with
+//! an interrupt on its INTx line. And the controller hotplugged:
 //! added to a running guest through the API, bound by the stock driver with no rescan,
 //! removed (the guest ejects it), and added again.
 //!
@@ -14,7 +17,7 @@
 
 use std::time::Duration;
 
-use siovmm_sandbox::machine::{load_vfio_script, Hardware, WorkDir, NVME_SYSFS};
+use siovmm_sandbox::machine::{load_vfio_script, Hardware, WorkDir, NE2K_MAC, NE2K_SYSFS, NVME_SYSFS};
 use siovmm_tests::{run_cases_with_setup, wait_until, CaseResult, GuestCase, Kernel, SandboxSetup};
 
 /// Disk pages (4 KiB) each transfer covers.
@@ -179,6 +182,47 @@ fn check_guest(r: &CaseResult) {
     assert!(trapped[0].contains(" and 0 other BAR accesses trapped)"), "{t}");
 }
 
+/// A guest given the NE2000 (an I/O BAR, INTx): its stock driver (`ne2k-pci`, with `8390`)
+/// binds it, reading the MAC address from the PROM through the ports, and sends a broadcast
+/// frame (an ARP request from `arping`), whose completion raises the device's interrupt.
+fn ne2k_guest(name: &str, assets: &siovmm_tests::Assets) -> GuestCase {
+    let init = r#"
+for m in 8390 ne2k-pci; do insmod /modules/$m.ko || echo GUEST-INSMOD-FAILED=$m; done
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+echo GUEST-MAC=$(cat /sys/class/net/eth0/address)
+echo GUEST-PORTS="$(grep -i ne2k /proc/ioports | tr -s ' ')"
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0
+arping -c 2 -w 3 -I eth0 10.0.2.2 >/dev/null 2>&1
+echo GUEST-TX-PACKETS=$(cat /sys/class/net/eth0/statistics/tx_packets)
+echo GUEST-NE2K-IRQS=$(grep eth0 /proc/interrupts | awk '{s=0; for(i=2;i<=NF;i++){ if ($i ~ /^[0-9]+$/) s+=$i; else break }; print s}')
+dmesg | grep -iE 'ne2k|8390|eth0' | sed 's/^/GUEST-DMESG: /'
+poweroff -f
+"#;
+    let mut case = GuestCase::new(name, Kernel::Vmlinux, 1, init);
+    case.memory = "256M".into();
+    case.extra_args = vec!["--vfio".into(), NE2K_SYSFS.into()];
+    for m in ["8390", "ne2k-pci"] {
+        let data = assets.read(&format!("guest-modules/{m}.ko")).unwrap_or_else(|e| panic!("{e}"));
+        case.files.push((format!("modules/{m}.ko"), 0o644, data));
+    }
+    case
+}
+
+/// The NE2000 guest: its driver found the device at the ports siovmm gave its I/O BAR, read
+/// the MAC QEMU gave it, sent frames, and took their interrupts; every port access trapped.
+fn check_ne2k_guest(r: &CaseResult) {
+    let t = r.transcript();
+    assert_eq!(r.value("GUEST-INSMOD-FAILED"), None, "{t}");
+    assert_eq!(r.value("GUEST-MAC"), Some(NE2K_MAC), "the MAC address, read through the I/O BAR:\n{t}");
+    // The driver claims the 32 ports it uses (`c000-c01f : ne2k-pci`) of the 256-port BAR.
+    assert!(r.value("GUEST-PORTS").is_some_and(|p| p.trim().starts_with("c000-") && p.ends_with(": ne2k-pci")), "the ports siovmm placed the BAR at:\n{t}");
+    assert!(r.number("GUEST-TX-PACKETS") >= 1, "{t}");
+    assert!(r.number("GUEST-NE2K-IRQS") >= 1, "the transmit completions' INTx:\n{t}");
+    let trapped = r.lines_with("siovmm: startup: run (VFIO 0000:00:02.0 at 00:01.0:");
+    assert!(trapped.len() == 1 && !trapped[0].contains(" and 0 other BAR accesses trapped"), "port accesses reach siovmm:\n{t}");
+    assert_eq!(r.exit_code, Some(0), "{t}");
+}
+
 /// The command line's refusals, on the sandbox's real sysfs: `(key, arguments after --kernel)`;
 /// before vfio-pci is bound (UNBOUND) and after.
 const REFUSALS_BEFORE_BINDING: [(&str, &str); 1] = [("UNBOUND", "--vfio 0000:00:01.0")];
@@ -210,7 +254,7 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
         refusal_lines(&REFUSALS_BEFORE_BINDING),
         load_vfio_script("1b36", "0010"),
         refusal_lines(&REFUSALS)
-    );
+    ) + "echo 10ec 8029 > /sys/bus/pci/drivers/vfio-pci/new_id || echo '@@SANDBOX-ERROR binding the NE2000 to vfio-pci'\n";
     let setup = SandboxSetup {
         hardware: Hardware { nvme_disk: Some(disk.clone()) },
         vfio: true,
@@ -226,6 +270,7 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
         hostile_guest("vfio-hostile"),
         nvme_guest("vfio-nvme-second", second_at, &assets),
         intx,
+        ne2k_guest("vfio-ne2k", &assets),
     ];
     let (setup_result, results) = run_cases_with_setup(&cases, &setup).unwrap_or_else(|e| panic!("{e}"));
 
@@ -239,7 +284,9 @@ fn a_passed_through_nvme_controller_serves_its_stock_driver_in_two_vms_in_turn()
     refused("TWICE", "named twice");
     refused("VIOMMU", "--vfio with --viommu");
 
-    let [first, hostile, second, intx] = &results[..] else { panic!("{} results", results.len()) };
+    let [first, hostile, second, intx, ne2k] = &results[..] else { panic!("{} results", results.len()) };
+    check_ne2k_guest(ne2k);
+    eprintln!("{}: {} | {}", ne2k.name, ne2k.value("GUEST-PORTS").unwrap_or_default(), ne2k.lines_with("siovmm: startup: run (VFIO").join(" "));
     let t = hostile.transcript();
     assert_eq!(hostile.value("GUEST-NO-MSIX"), None, "{t}");
     assert_eq!(hostile.value("GUEST-TABLE-WRITE-FAILED"), None, "{t}");

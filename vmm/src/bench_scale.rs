@@ -88,6 +88,7 @@ fn vm_with(kvm: &Kvm, sockets: &[PathBuf]) -> Result<DeviceManager, String> {
         mem,
         iommu: None,
         mmio: Arc::new(Bus::new()),
+        pio: Arc::new(Bus::new()),
         irq: Arc::new(KvmIrq(vm.clone())),
         vm,
         slots: Arc::new(slots),

@@ -31,6 +31,7 @@ pub(crate) struct GuestParts {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) iommu: Option<Arc<VtdUnit>>,
     pub(crate) mmio: Arc<Bus>,
+    pub(crate) pio: Arc<Bus>,
     pub(crate) irq: Arc<KvmIrq>,
     pub(crate) vm: Arc<VmFd>,
     pub(crate) slots: Arc<MemorySlots>,
@@ -323,7 +324,7 @@ impl DeviceManager {
         let passthrough = self
             .passthrough
             .get_or_insert_with(|| Passthrough::new(guest.vm.clone(), guest.mem.clone(), guest.shared_ram.clone()));
-        let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, slots: &guest.slots, ioevents: guest.irq.clone() };
+        let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, pio: &guest.pio, slots: &guest.slots, ioevents: guest.irq.clone() };
         Ok(add(passthrough, attach)?)
     }
 

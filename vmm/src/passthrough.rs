@@ -71,6 +71,7 @@ pub(crate) struct Attach<'a> {
     pub(crate) allocator: &'a mut PciAllocator,
     pub(crate) router: Arc<MsiRouter>,
     pub(crate) mmio: &'a Arc<Bus>,
+    pub(crate) pio: &'a Arc<Bus>,
     pub(crate) slots: &'a Arc<MemorySlots>,
     pub(crate) ioevents: Arc<dyn IoEvents>,
 }
@@ -115,6 +116,8 @@ struct BarPlacer {
     name: String,
     windows: Vec<(u64, u64)>,
     mmio: Arc<Bus>,
+    /// The port bus, for I/O BARs (trapped: every access is a port exit).
+    pio: Arc<Bus>,
     slots: Arc<MemorySlots>,
     function: OnceLock<Weak<Mutex<VfioPciFunction>>>,
     direct: OnceLock<Vec<DirectBar>>,
@@ -190,10 +193,36 @@ impl BarPlacer {
     }
 }
 
+impl BarPlacer {
+    /// Puts BAR `bar` on `bus` at `base`, trapping every access there, if it lies wholly in
+    /// one of `windows` (`which` names them in the fault line). As on real hardware, the host
+    /// bridge forwards only its windows: a BAR the guest puts elsewhere (over its local APIC,
+    /// or in another root bus's window) is not reachable, rather than shadowing what is there;
+    /// and a BAR over another device's range gets no place either.
+    fn trap_bar(&self, bus: &Bus, windows: &[(u64, u64)], which: &str, bar: Bar, base: u64) -> bool {
+        if !inside_windows(windows, base, bar.size) {
+            self.fault(format_args!("BAR {} at {base:#x}", bar.index), format_args!("outside {which}; not placed"));
+            return false;
+        }
+        let Some(function) = self.function.get().and_then(Weak::upgrade) else { return false };
+        if let Err(e) = bus.insert(Arc::new(Mutex::new(BarTrap { function, bar: bar.index })), base, bar.size) {
+            self.fault(format_args!("BAR {} not placed", bar.index), e);
+            return false;
+        }
+        true
+    }
+}
+
 impl VfioBarMapper for BarPlacer {
     fn remap(&self, _bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) -> bool {
         if bar.io {
-            return false; // I/O BARs are not placed (see `attach`).
+            // On the port bus: every access exits to siovmm and goes to the device as a region
+            // access (VFIO maps no ports). Ports are root bus 0's only (the DSDT).
+            if let Some(base) = old {
+                self.pio.remove(base);
+            }
+            let io = (u64::from(arch::layout::PCI_IO_BAR_START), u64::from(arch::layout::PCI_IO_BAR_SIZE));
+            return new.is_some_and(|base| self.trap_bar(&self.pio, &[io], "the I/O BAR ports", bar, base));
         }
         if let Some(base) = old {
             self.unregister_io_eventfds(bar.index);
@@ -201,17 +230,7 @@ impl VfioBarMapper for BarPlacer {
             self.mmio.remove(base);
         }
         let Some(base) = new else { return false };
-        // As on real hardware, the host bridge forwards only its windows: a BAR the guest
-        // puts elsewhere (over its local APIC, or in another root bus's window) is not
-        // reachable, rather than shadowing what is there with device pages.
-        if !inside_windows(&self.windows, base, bar.size) {
-            self.fault(format_args!("BAR {} at {base:#x}", bar.index), "outside the PCI windows; not placed");
-            return false;
-        }
-        let Some(function) = self.function.get().and_then(Weak::upgrade) else { return false };
-        // A guest placing the BAR over another device's range gets no mapping.
-        if let Err(e) = self.mmio.insert(Arc::new(Mutex::new(BarTrap { function, bar: bar.index })), base, bar.size) {
-            self.fault(format_args!("BAR {} not placed", bar.index), e);
+        if !self.trap_bar(&self.mmio, &self.windows, "the PCI windows", bar, base) {
             return false;
         }
         self.map_slots(bar.index, base);
@@ -332,16 +351,15 @@ impl Passthrough {
         self.place(name, Backend::User(Arc::new(device)), guest)
     }
 
-    /// Adds a device opened on either backend to the guest's PCI segment, its memory BARs
-    /// placed and its mmap-able pages ready to become memory slots.
+    /// Adds a device opened on either backend to the guest's PCI segment, its BARs placed
+    /// and its mmap-able pages ready to become memory slots.
     fn place(&mut self, name: String, backend: Backend, guest: Attach<'_>) -> Result<Bdf, Error> {
         let device = backend.as_dyn();
-        // Memory BARs only: the guest's segment has no I/O window (an I/O BAR reads as absent).
         // Read once: over vfio-user each config read is a message.
-        let memory_bars: Vec<Bar> = bars(device.as_ref()).into_iter().filter(|b| !b.io).collect();
+        let all_bars = bars(device.as_ref());
         let mut io_eventfds = Vec::new();
         if let Backend::User(user) = &backend {
-            for bar in &memory_bars {
+            for bar in all_bars.iter().filter(|b| !b.io) {
                 match user.io_eventfds(u32::from(bar.index)) {
                     Ok(fds) => io_eventfds.extend(fds.into_iter().map(|f| (bar.index, f))),
                     // Correct without them, only slower: every write is a message.
@@ -351,7 +369,17 @@ impl Passthrough {
         }
         let bdf = guest.allocator.allocate_device().map_err(|e| Error::Placement(name.clone(), e))?;
         let mut placement = Vec::new();
-        for &bar in &memory_bars {
+        for &bar in &all_bars {
+            if bar.io {
+                // Ports are few and bus 0's only: a device that cannot have them keeps its
+                // other BARs, and its driver sees the I/O BAR unimplemented (most drivers of
+                // devices with both use the memory one).
+                match guest.allocator.allocate_io_bar(bdf.bus(), bar.size) {
+                    Ok(port) => placement.push((bar, port)),
+                    Err(e) => log::warn!("{name}: BAR {} left out: {e}", bar.index),
+                }
+                continue;
+            }
             match guest.allocator.allocate_bar(bdf.bus(), bar.size) {
                 Ok(address) => placement.push((bar, address)),
                 Err(e) => {
@@ -368,6 +396,7 @@ impl Passthrough {
             name: placer_name,
             windows: vec![topology.mmio32_window(bdf.bus()), topology.mmio64_window(bdf.bus(), ram)],
             mmio: guest.mmio.clone(),
+            pio: guest.pio.clone(),
             slots: guest.slots.clone(),
             function: OnceLock::new(),
             direct: OnceLock::new(),
@@ -549,7 +578,8 @@ fn forget_if_stuck(d: Passed) {
 /// Gives a device's number and BAR ranges back.
 fn release_placement(allocator: &mut PciAllocator, bdf: Bdf, bars: &[(Bar, u64)]) {
     for (bar, address) in bars {
-        if let Err(e) = allocator.free_bar(bdf.bus(), *address, bar.size) {
+        let freed = if bar.io { allocator.free_io_bar(*address, bar.size) } else { allocator.free_bar(bdf.bus(), *address, bar.size) };
+        if let Err(e) = freed {
             log::warn!("{bdf}: {e}");
         }
     }

@@ -569,6 +569,7 @@ impl Vm {
             mem: memory.clone(),
             iommu: iommu.clone(),
             mmio: platform.mmio.clone(),
+            pio: platform.pio.clone(),
             irq: irq.clone(),
             vm: fd.clone(),
             slots: slots.clone(),

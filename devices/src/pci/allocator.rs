@@ -23,6 +23,14 @@ pub enum AllocError {
         /// The BAR's size.
         size: u64,
     },
+    /// No room for an I/O BAR: only root bus 0 has I/O space, and its range is small.
+    #[error("no room for a {size:#x}-port I/O BAR on root bus {bus} (only bus 0 has I/O space: ports {start:#x}-{end:#x})", start = arch::layout::PCI_IO_BAR_START, end = u32::from(arch::layout::PCI_IO_BAR_START) + u32::from(arch::layout::PCI_IO_BAR_SIZE) - 1)]
+    NoIoSpace {
+        /// The root bus.
+        bus: u8,
+        /// The BAR's size.
+        size: u64,
+    },
     /// Not something this allocator handed out.
     #[error("{0} was not allocated")]
     NotAllocated(String),
@@ -36,6 +44,8 @@ pub struct PciAllocator {
     used: BTreeSet<(u8, u8)>,
     /// One allocator per root bus, over its share of the 32-bit window.
     bars: Vec<AddressAllocator>,
+    /// Bus 0's I/O ports for BARs (`arch::layout::PCI_IO_BAR_START`).
+    io: AddressAllocator,
 }
 
 impl PciAllocator {
@@ -49,7 +59,9 @@ impl PciAllocator {
             .collect();
         let mut used = BTreeSet::new();
         used.insert((0, 0));
-        Self { topology, used, bars }
+        let io = AddressAllocator::new(u64::from(arch::layout::PCI_IO_BAR_START), u64::from(arch::layout::PCI_IO_BAR_SIZE))
+            .expect("a non-empty port range");
+        Self { topology, used, bars, io }
     }
 
     /// The topology it allocates on.
@@ -82,6 +94,24 @@ impl PciAllocator {
         let no_room = AllocError::NoBarSpace { bus, size };
         let a = self.bars.get_mut(usize::from(bus)).ok_or(no_room.clone())?;
         a.allocate(size, size, AllocPolicy::FirstMatch).map(|r| r.start()).map_err(|_| no_room)
+    }
+
+    /// A naturally aligned `size`-port I/O BAR (a power of two, at least 4) for a function
+    /// on `bus`: only bus 0's host bridge decodes I/O.
+    pub fn allocate_io_bar(&mut self, bus: u8, size: u64) -> Result<u64, AllocError> {
+        let no_room = AllocError::NoIoSpace { bus, size };
+        if bus != 0 {
+            return Err(no_room);
+        }
+        let size = size.max(4);
+        self.io.allocate(size, size, AllocPolicy::FirstMatch).map(|r| r.start()).map_err(|_| no_room)
+    }
+
+    /// Frees an I/O BAR [`PciAllocator::allocate_io_bar`] returned.
+    pub fn free_io_bar(&mut self, addr: u64, size: u64) -> Result<(), AllocError> {
+        let not = || AllocError::NotAllocated(format!("I/O BAR {addr:#x}+{size:#x}"));
+        let range = RangeInclusive::new(addr, addr + size.max(4) - 1).map_err(|_| not())?;
+        self.io.free(&range).map_err(|_| not())
     }
 
     /// Frees a BAR [`PciAllocator::allocate_bar`] returned.
@@ -128,5 +158,23 @@ mod tests {
         assert_eq!(a.allocate_bar(1, s1 / 2).unwrap(), w1 + s1 / 2);
         assert_eq!(a.allocate_bar(1, s1 / 2), Err(AllocError::NoBarSpace { bus: 1, size: s1 / 2 }));
         assert!(a.allocate_bar(2, 0x8000).is_err(), "no bus 2");
+    }
+
+    #[test]
+    fn io_bars_go_to_bus_0s_ports_aligned_and_are_reused() {
+        let mut a = PciAllocator::new(PciTopology::new(2).unwrap());
+        assert_eq!(a.allocate_io_bar(0, 0x100), Ok(0xc000));
+        assert_eq!(a.allocate_io_bar(0, 0x20), Ok(0xc100));
+        assert_eq!(a.allocate_io_bar(0, 0x100), Ok(0xc200), "naturally aligned");
+        assert_eq!(a.allocate_io_bar(1, 0x20), Err(AllocError::NoIoSpace { bus: 1, size: 0x20 }), "bus 1 has no I/O space");
+        a.free_io_bar(0xc000, 0x100).unwrap();
+        assert_eq!(a.allocate_io_bar(0, 0x100), Ok(0xc000));
+        assert!(a.free_io_bar(0xd000, 0x100).is_err());
+        assert!(a.allocate_io_bar(0, 0x4000).is_err(), "the range is taken in part");
+        assert_eq!(a.allocate_io_bar(0, 0x2000), Ok(0xe000));
+        assert_eq!(
+            AllocError::NoIoSpace { bus: 3, size: 8 }.to_string(),
+            "no room for a 0x8-port I/O BAR on root bus 3 (only bus 0 has I/O space: ports 0xc000-0xffff)"
+        );
     }
 }
