@@ -230,6 +230,8 @@ struct OwnSample {
     at: Instant,
 }
 
+/// EFER.LMA: long mode active.
+const EFER_LMA: u64 = 1 << 10;
 /// CR0.PG: paging on.
 const CR0_PG: u64 = 1 << 31;
 /// CR4.LA57: 5-level paging.
@@ -254,7 +256,8 @@ impl PostMortem {
 
     fn sample(&self, vcpu: &VcpuFd, id: u8) {
         let Ok(sregs) = vcpu.get_sregs() else { return };
-        if sregs.cr0 & CR0_PG == 0 {
+        // 64-bit paging only: the walks read 4- and 5-level tables.
+        if sregs.cr0 & CR0_PG == 0 || sregs.efer & EFER_LMA == 0 {
             return;
         }
         let five_level = sregs.cr4 & CR4_LA57 != 0;
@@ -300,7 +303,6 @@ impl PostMortem {
     /// not-present fault on an address its tables map present, over and over, is the
     /// emulated CPU's doing: Linux either fixes a fault or reports it, it does not loop.
     pub(crate) fn state_report(&self, vcpu: &VcpuFd, id: u8) -> String {
-        const EFER_LMA: u64 = 1 << 10;
         let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
             return format!("state of vCPU {id}: registers unreadable");
         };
