@@ -46,10 +46,11 @@ static int pba_check = 1;
 module_param(pba_check, int, 0444);
 MODULE_PARM_DESC(pba_check, "1: a masked vector's interrupt must show in the PBA; 0: skip that check, for a VMM "
 		 "that reads a passed-through device's PBA from the device instead of emulating it (Cloud Hypervisor)");
-static int poll_timeout_ms = 100;
+static int poll_timeout_ms = 5000;
 module_param(poll_timeout_ms, int, 0444);
-MODULE_PARM_DESC(poll_timeout_ms, "how long one polled NOOP of the self-test may take: 100 ms; longer for a guest "
-		 "that shares the emulated CPUs with a guest flooding the same device (tests/tests/hostile.rs)");
+MODULE_PARM_DESC(poll_timeout_ms, "how long a polled NOOP of the self-test may take before it counts as lost: 5 s. "
+		 "The check is that every one completes; how fast is reported (roundtrip_ns, slowest_ns), since a "
+		 "nested emulated CPU can stall a device thread for over 100 ms now and then");
 /* Set once this guest has opted in (probes run one after another). */
 static bool ims_opted_in;
 /* The hypercall's CPUID flags. */
@@ -715,7 +716,7 @@ static void adi_selftest(struct adi *a)
 		FAIL("PBA bit still set after delivery");
 	/* Submission cost: the doorbell write alone, and doorbell to completion record (polled). */
 	{
-		u64 bell = 0, round = 0, t0;
+		u64 bell = 0, round = 0, slowest = 0, t0, took;
 		int n;
 
 		for (n = 0; n < 100; n++) {
@@ -723,10 +724,12 @@ static void adi_selftest(struct adi *a)
 			bell += adi_submit(a, OP_NOOP, 0, 0, 0, 0, 0);
 			while (!READ_ONCE(a->comp->status)) {
 				if (ktime_get_ns() - t0 > (u64)poll_timeout_ms * NSEC_PER_MSEC)
-					FAIL("polled NOOP did not complete");
+					FAIL("polled NOOP %d did not complete in %d ms", n, poll_timeout_ms);
 				cpu_relax();
 			}
-			round += ktime_get_ns() - t0;
+			took = ktime_get_ns() - t0;
+			round += took;
+			slowest = max(slowest, took);
 		}
 		if (a->n_ims) {
 			const char *why = adi_ims_selftest(a);
@@ -734,8 +737,8 @@ static void adi_selftest(struct adi *a)
 			if (why)
 				FAIL("ims: %s", why);
 		}
-		snprintf(a->result, sizeof(a->result), "PASS irqs=%d ims=%d doorbell_ns=%llu roundtrip_ns=%llu",
-			 atomic_read(&a->irqs), adi_total_ims(a), bell / 100, round / 100);
+		snprintf(a->result, sizeof(a->result), "PASS irqs=%d ims=%d doorbell_ns=%llu roundtrip_ns=%llu slowest_ns=%llu",
+			 atomic_read(&a->irqs), adi_total_ims(a), bell / 100, round / 100, slowest);
 	}
 }
 
