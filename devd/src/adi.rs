@@ -115,7 +115,7 @@ pub struct AdiBackend {
     /// MSI-X message control's enable and function-mask bits as the client last wrote them.
     msix_bits: u16,
     /// The hypercall slots the client's guest took through the IMS mailbox, made at its first
-    /// request (most ADIs never get one, and a daemon holds thousands).
+    /// allocation (most ADIs never get one, and a daemon holds thousands).
     slots: Option<Box<ImsSlots>>,
     /// The device keeps IMS in queue memory.
     in_queue: bool,
@@ -204,6 +204,10 @@ impl AdiBackend {
 
     /// Runs one IMS mailbox request (the IMS hypercall's device half, docs/devd.md).
     fn mailbox(&mut self, request: Request) -> Result<u64, Status> {
+        // Only an allocation makes the books; a request about slots before one names none.
+        if self.slots.is_none() && matches!(request, Request::Free { .. } | Request::Message { .. } | Request::Mask { .. }) {
+            return Err(Status::NoSuchSlot);
+        }
         match request {
             Request::Query => Ok(Offer { slots_per_adi: MAX_PV_SLOTS, in_queue: self.in_queue }.encode()),
             Request::Alloc { count } => {
@@ -374,11 +378,8 @@ impl AdiBackend {
             return Err(einval());
         }
         for (slot, fd) in (start..end).zip(fds) {
-            // SAFETY: as for MSI-X vectors (`set_irqs`): a descriptor the client passed and we
-            // own; a wrong kind only makes the device's writes fail.
-            let eventfd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
             let (device, slots) = self.slot_device();
-            device.bind(slots, slot, Arc::new(eventfd)).map_err(|_| einval())?;
+            device.bind(slots, slot, client_eventfd(fd)).map_err(|_| einval())?;
         }
         Ok(())
     }
@@ -397,6 +398,13 @@ impl Drop for AdiBackend {
         }
         self.memory.clear();
     }
+}
+
+/// A descriptor a client passed with SET_IRQS, as the eventfd the device signals.
+fn client_eventfd(fd: File) -> Arc<EventFd> {
+    // SAFETY: `fd` is a descriptor the client passed us and we own; an eventfd is the only
+    // thing the protocol allows here, and a wrong kind only makes the device's writes fail.
+    Arc::new(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
 }
 
 /// EINVAL unless `len` bytes at `offset` lie inside region `region`, one the ADI has (its
@@ -484,10 +492,7 @@ impl ServerBackend for AdiBackend {
         }
         let end = start.checked_add(count).filter(|&e| e <= self.ims.count).ok_or_else(einval)?;
         for (v, fd) in (start..end).zip(fds) {
-            // SAFETY: `fd` is a descriptor the client passed us and we own; an eventfd is the
-            // only thing the protocol allows here, and a wrong kind only makes writes fail.
-            let eventfd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
-            self.bind_vector(v, Some(Arc::new(eventfd))).map_err(device_error)?;
+            self.bind_vector(v, Some(client_eventfd(fd))).map_err(device_error)?;
         }
         Ok(())
     }

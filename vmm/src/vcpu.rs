@@ -230,6 +230,11 @@ struct OwnSample {
     at: Instant,
 }
 
+/// Where a vCPU's IDT and TSS are (IDTR, TR's base), from its special registers.
+fn kernel_entry(sregs: &kvm_bindings::kvm_sregs) -> arch::exception_entry::KernelEntry {
+    arch::exception_entry::KernelEntry { idt_base: sregs.idt.base, idt_limit: sregs.idt.limit, tss_base: sregs.tr.base }
+}
+
 /// EFER.LMA: long mode active.
 const EFER_LMA: u64 = 1 << 10;
 /// CR0.PG: paging on.
@@ -264,12 +269,7 @@ impl PostMortem {
         if sregs.cs.dpl == 0 {
             self.keep(sregs.cr3, five_level);
         }
-        let entry = arch::exception_entry::KernelEntry {
-            idt_base: sregs.idt.base,
-            idt_limit: sregs.idt.limit,
-            tss_base: sregs.tr.base,
-        };
-        let sample = OwnSample { cr3: sregs.cr3, five_level, cpl: sregs.cs.dpl, entry, at: Instant::now() };
+        let sample = OwnSample { cr3: sregs.cr3, five_level, cpl: sregs.cs.dpl, entry: kernel_entry(&sregs), at: Instant::now() };
         devices::bus::lock(&self.own).insert(id, sample);
     }
 
@@ -346,8 +346,7 @@ impl PostMortem {
             maps(regs.rip..=rip_end),
             maps(sregs.cr2..=sregs.cr2),
             if paged {
-                let entry = arch::exception_entry::KernelEntry { idt_base: sregs.idt.base, idt_limit: sregs.idt.limit, tss_base: sregs.tr.base };
-                self.entry_from_user(sregs.cr3, five_level, &entry)
+                self.entry_from_user(sregs.cr3, five_level, &kernel_entry(&sregs))
             } else {
                 "entry from user mode: no 64-bit paging".into()
             },
@@ -367,16 +366,26 @@ impl PostMortem {
     /// One line: the present ranges of the kernel's half under the last sampled root.
     pub(crate) fn report(&self, id: u8) -> Option<String> {
         let (cr3, five_level, at) = (*devices::bus::lock(&self.root))?;
-        let ranges = arch::paging::mappings(&self.memory, cr3, five_level, Self::KERNEL_HALF);
+        Some(format!(
+            "post-mortem of vCPU {id}: kernel mappings under CR3 {cr3:#x} (sampled {} ms before), read from guest memory after the fault: {}",
+            at.elapsed().as_millis(),
+            self.listed(cr3, five_level, Self::KERNEL_HALF)
+        ))
+    }
+
+    /// The present ranges of `range` under `cr3`, as a post-mortem lists them: at most
+    /// [`PostMortem::MAX_RANGES`], then how many more; "none" when there are none.
+    fn listed(&self, cr3: u64, five_level: bool, range: std::ops::RangeInclusive<u64>) -> String {
+        let ranges = arch::paging::mappings(&self.memory, cr3, five_level, range);
         let mut list: Vec<String> = ranges.iter().take(Self::MAX_RANGES).map(|m| m.to_string()).collect();
         if ranges.len() > Self::MAX_RANGES {
             list.push(format!("and {} more", ranges.len() - Self::MAX_RANGES));
         }
-        Some(format!(
-            "post-mortem of vCPU {id}: kernel mappings under CR3 {cr3:#x} (sampled {} ms before), read from guest memory after the fault: {}",
-            at.elapsed().as_millis(),
-            if list.is_empty() { "none".to_string() } else { list.join(", ") }
-        ))
+        if list.is_empty() {
+            "none".into()
+        } else {
+            list.join(", ")
+        }
     }
 
     /// Two lines about the vCPU's own last sample, for a fault raised in user mode: the present
@@ -384,11 +393,6 @@ impl PostMortem {
     /// raised there can enter the kernel through its IDT and TSS, read from guest memory now.
     pub(crate) fn report_own(&self, id: u8) -> Vec<String> {
         let Some(s) = devices::bus::lock(&self.own).get(&id).copied() else { return Vec::new() };
-        let ranges = arch::paging::mappings(&self.memory, s.cr3, s.five_level, Self::USER_HALF);
-        let mut list: Vec<String> = ranges.iter().take(Self::MAX_RANGES).map(|m| m.to_string()).collect();
-        if ranges.len() > Self::MAX_RANGES {
-            list.push(format!("and {} more", ranges.len() - Self::MAX_RANGES));
-        }
         let head = format!(
             "post-mortem of vCPU {id}: under its own CR3 {:#x} (CPL {}, sampled {} ms before), read from guest memory after the fault:",
             s.cr3,
@@ -396,7 +400,7 @@ impl PostMortem {
             s.at.elapsed().as_millis()
         );
         vec![
-            format!("{head} user mappings {}", if list.is_empty() { "none".to_string() } else { list.join(", ") }),
+            format!("{head} user mappings {}", self.listed(s.cr3, s.five_level, Self::USER_HALF)),
             format!("{head} {}", self.entry_from_user(s.cr3, s.five_level, &s.entry)),
         ]
     }
