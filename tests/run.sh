@@ -28,6 +28,9 @@ report_retries() {
 trap report_retries EXIT
 "$repo/tests/setup.sh"
 cargo clippy --workspace --all-targets -- -D warnings
+# The iommufd path (docs/vfio.md) is behind a feature: linted, and its CLI tested, with it on.
+cargo clippy -p vmm --all-targets --features iommufd -- -D warnings
+cargo test -p vmm --features iommufd --bin siovmm -- cli::
 python3 "$repo/tests/check-docs.py"
 cargo test --workspace
 # Every fuzz target for 10 s from its kept corpus (nightly, cargo-fuzz; docs/fuzzing.md).

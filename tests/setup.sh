@@ -109,10 +109,11 @@ if [ ! -f "$assets/kvm_ballast" ] || [ "$ballast_src" -nt "$assets/kvm_ballast" 
   gcc -O2 -static -Wall -Werror -o "$assets/kvm_ballast" "$ballast_src"
 fi
 
-# Static siovmm, its API client and the device daemon for the sandbox initramfs.
+# Static siovmm, its API client and the device daemon for the sandbox initramfs. siovmm has
+# the iommufd feature, so that tests/tests/vfio.rs checks its refusal on the sandbox's kernel.
 if [ "${SIOVMM_SKIP_BUILD:-0}" != 1 ]; then
   (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
-      --target x86_64-unknown-linux-gnu --target-dir "$repo/target/static" -p vmm -p siovmm-devd)
+      --target x86_64-unknown-linux-gnu --target-dir "$repo/target/static" -p vmm -p siovmm-devd --features vmm/iommufd)
   cp "$repo/target/static/x86_64-unknown-linux-gnu/release/siovmm" "$assets/siovmm"
   cp "$repo/target/static/x86_64-unknown-linux-gnu/release/siovmm-devd" "$assets/siovmm-devd"
   cp "$repo/target/static/x86_64-unknown-linux-gnu/release/siovmm-ctl" "$assets/siovmm-ctl"

@@ -84,6 +84,9 @@ pub struct VmApi {
     vfio_user_dir: Option<PathBuf>,
     /// The VM has a vIOMMU, which kernel VFIO devices cannot sit behind (docs/vfio.md).
     viommu: bool,
+    /// How kernel VFIO devices reach the host IOMMU (`--vfio-iommu`): what the checks of an
+    /// added device look for.
+    vfio_iommu: siovmm_vfio::host::Iommu,
 }
 
 impl VmApi {
@@ -95,6 +98,7 @@ impl VmApi {
             memory_mib: config.memory >> 20,
             vfio_user_dir: config.vfio_user_dir.clone(),
             viommu: config.siov.viommu,
+            vfio_iommu: config.vfio_iommu,
         }
     }
 
@@ -203,7 +207,7 @@ impl VmControl for VmApi {
                 return Err(ApiError::conflict(format!("{path}: already in this VM")));
             }
         }
-        let host = siovmm_vfio::host::check(Path::new(path), Path::new(crate::cli::VFIO_DEV)).map_err(|e| match e {
+        let host = siovmm_vfio::host::check(Path::new(path), Path::new(crate::cli::VFIO_DEV), self.vfio_iommu).map_err(|e| match e {
             HostError::NotFound(_) => ApiError::not_found(e.to_string()),
             HostError::Busy { .. } => ApiError::conflict(e.to_string()),
             _ => ApiError::bad_request(e.to_string()),

@@ -93,6 +93,7 @@ fn vm_with(kvm: &Kvm, sockets: &[PathBuf]) -> Result<DeviceManager, String> {
         vm,
         slots: Arc::new(slots),
         shared_ram,
+        vfio_iommu: siovmm_vfio::host::Iommu::Container,
     };
     let topology = PciTopology::new(u32::from(MAX_ROOT_BUSES)).map_err(|e| e.to_string())?;
     let mut devices = DeviceManager::new(parts, SiovConfig::default(), 1, pci_root(), PciAllocator::new(topology));

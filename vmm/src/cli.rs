@@ -4,6 +4,7 @@
 use std::fs::File;
 
 use arch::boot::sniff_format;
+use siovmm_vfio::host::Iommu;
 use siovmm_vfio::siov::{ImsStorage, PortalKind};
 
 use crate::config::{BenchDevdOptions, BenchOptions, ImsPolicy, SiovBackend, SiovConfig, VmConfig, DEFAULT_CMDLINE, MAX_CPUS, MIN_MEMORY};
@@ -59,6 +60,9 @@ SIOV (Scalable IOV) options:
                        (/sys/bus/pci/devices/DDDD:BB:DD.F, or /sys/bus/mdev/devices/UUID),
                        bound to vfio-pci, its IOMMU group viable. Repeatable. Not with
                        --viommu. (docs/vfio.md)
+    --vfio-iommu I     how kernel VFIO reaches the host IOMMU: container (/dev/vfio/vfio and
+                       the group's /dev/vfio/N) or iommufd (the device's cdev and /dev/iommu:
+                       Linux 6.6+, siovmm built with the iommufd feature) [default: container]
     --vfio-user SOCKET add the vfio-user PCI device served on this UNIX socket, such as an
                        ADI of siovmm-devd (docs/devd.md); guest RAM is then shared with the
                        device process. Repeatable. Not with --viommu.
@@ -167,6 +171,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut api_socket: Option<String> = None;
     let mut vfio_user_dir: Option<String> = None;
     let mut pci_buses: Option<String> = None;
+    let mut vfio_iommu: Option<String> = None;
     let mut adis: Option<u32> = None;
     let mut siov_opts: Vec<(String, String)> = Vec::new();
     let mut vfio: Vec<std::path::PathBuf> = Vec::new();
@@ -189,6 +194,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--api-socket" => &mut api_socket,
             "--vfio-user-dir" => &mut vfio_user_dir,
             "--pci-buses" => &mut pci_buses,
+            "--vfio-iommu" => &mut vfio_iommu,
             "--adi" => {
                 let v = value_of(&flag, inline, &mut it)?;
                 let n = parse_count("--adi", &v, 0, MAX_ADIS_PER_GUEST)?;
@@ -336,7 +342,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         ));
     }
     check_sockets(&vfio_user)?;
-    let vfio = siovmm_vfio::host::check_all(&vfio, std::path::Path::new(VFIO_DEV)).map_err(|e| CliError(format!("--vfio {e}")))?;
+    let vfio_iommu = match vfio_iommu.as_deref() {
+        None => Iommu::default(),
+        Some(name) => match Iommu::from_name(name) {
+            None => return err(format!("--vfio-iommu {name}: expected container or iommufd")),
+            Some(Iommu::Iommufd) if !cfg!(feature = "iommufd") => {
+                return err(format!("--vfio-iommu {name}: this siovmm was built without the iommufd feature (cargo build --features iommufd)"))
+            }
+            Some(i) => i,
+        },
+    };
+    let vfio = siovmm_vfio::host::check_all(&vfio, std::path::Path::new(VFIO_DEV), vfio_iommu).map_err(|e| CliError(format!("--vfio {e}")))?;
 
     let mut kfile = check_file("--kernel", &kernel)?;
     match sniff_format(&mut kfile) {
@@ -370,6 +386,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         memory,
         siov,
         vfio,
+        vfio_iommu,
         vfio_user,
         seccomp,
         api_socket: api_socket.map(Into::into),
@@ -677,6 +694,19 @@ mod tests {
         // siovmm_vfio::host's tests, on a fake sysfs; the sandbox test, on a real one).
         assert_eq!(parse_err(&["--kernel", &k, "--vfio", "/sys/bus/pci/devices/0000:ff:1f.7"]), "--vfio /sys/bus/pci/devices/0000:ff:1f.7: no such device");
         assert_eq!(parse_err(&["--kernel", &k, "--vfio"]), "--vfio needs a value");
+        assert_eq!(parse_err(&["--kernel", &k, "--vfio-iommu", "type1"]), "--vfio-iommu type1: expected container or iommufd");
+        if cfg!(feature = "iommufd") {
+            // The device's checks then look for its cdev and /dev/iommu (host.rs's tests).
+            let Command::Run(c) = parse(args(&["--kernel", &k, "--vfio-iommu", "iommufd"])).unwrap() else { panic!() };
+            assert_eq!(c.vfio_iommu, Iommu::Iommufd);
+        } else {
+            assert_eq!(
+                parse_err(&["--kernel", &k, "--vfio-iommu", "iommufd"]),
+                "--vfio-iommu iommufd: this siovmm was built without the iommufd feature (cargo build --features iommufd)"
+            );
+        }
+        let Command::Run(c) = parse(args(&["--kernel", &k, "--vfio-iommu=container"])).unwrap() else { panic!() };
+        assert_eq!(c.vfio_iommu, Iommu::Container);
         assert!(parse_err(&["--kernel", &k, "--vfio", "/x", "--viommu"]).starts_with("--vfio with --viommu: siovmm does not shadow"));
         assert!(parse_err(&["--kernel", &k, "--vfio-user", "/x", "--viommu"]).starts_with("--vfio-user with --viommu: siovmm does not shadow"));
         assert_eq!(parse_err(&["--kernel", &k, "--vfio-user", "/nonexistent.sock"]), "--vfio-user /nonexistent.sock: No such file or directory (os error 2)");

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use siovmm_vfio::host::HostDevice;
+use siovmm_vfio::host::{HostDevice, Iommu};
 use siovmm_vfio::siov::{ImsStorage, PortalKind, SiovDevice};
 use siovmm_vfio::soft::SoftSiovDevice;
 
@@ -147,6 +147,8 @@ pub struct VmConfig {
     pub siov: SiovConfig,
     /// Host devices passed through with kernel VFIO, checked (`--vfio`).
     pub vfio: Vec<HostDevice>,
+    /// How kernel VFIO devices reach the host IOMMU, at start and added later (`--vfio-iommu`).
+    pub vfio_iommu: Iommu,
     /// Sockets of vfio-user devices, checked to be sockets (`--vfio-user`).
     pub vfio_user: Vec<PathBuf>,
     /// What a thread's system call outside its seccomp list does (`--seccomp`).

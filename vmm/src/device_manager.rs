@@ -15,7 +15,7 @@ use siovmm_interrupts::router::MsiRouter;
 use siovmm_vdcm::remote_ims::RemoteImsSlots;
 use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, ImsOptIn, ImsQuota, Vdcm};
 use kvm_ioctls::VmFd;
-use siovmm_vfio::host::HostDevice;
+use siovmm_vfio::host::{HostDevice, Iommu};
 use siovmm_vfio::siov::{AdiId, ImsStorage};
 use vm_memory::GuestMemoryMmap;
 
@@ -37,6 +37,8 @@ pub(crate) struct GuestParts {
     pub(crate) slots: Arc<MemorySlots>,
     /// Guest RAM's memfd, when it was created shared (for vfio-user devices).
     pub(crate) shared_ram: Option<SharedRam>,
+    /// How kernel VFIO devices reach the host IOMMU (`--vfio-iommu`).
+    pub(crate) vfio_iommu: Iommu,
 }
 
 /// What a VM's devices hold now, as an operator (and the leak tests) count it.
@@ -323,7 +325,7 @@ impl DeviceManager {
         let Self { pci, slots, guest, .. } = self;
         let passthrough = self
             .passthrough
-            .get_or_insert_with(|| Passthrough::new(guest.vm.clone(), guest.mem.clone(), guest.shared_ram.clone()));
+            .get_or_insert_with(|| Passthrough::new(guest.vm.clone(), guest.mem.clone(), guest.shared_ram.clone(), guest.vfio_iommu));
         let attach = Attach { pci, allocator: slots, router, mmio: &guest.mmio, pio: &guest.pio, slots: &guest.slots, ioevents: guest.irq.clone() };
         Ok(add(passthrough, attach)?)
     }

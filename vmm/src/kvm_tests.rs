@@ -857,6 +857,7 @@ fn spinning_vm(name: &str, device_adis: u32) -> (std::path::PathBuf, VmConfig) {
             ..SiovConfig::default()
         },
         vfio: Vec::new(),
+        vfio_iommu: Default::default(),
         vfio_user: Vec::new(),
         seccomp: siovmm_seccomp::Mode::Off,
         api_socket: None,
@@ -1204,6 +1205,7 @@ fn storing_guest(name: &str) -> (std::path::PathBuf, Vm) {
         memory: 64 << 20,
         siov: SiovConfig::default(),
         vfio: Vec::new(),
+        vfio_iommu: Default::default(),
         vfio_user: Vec::new(),
         seccomp: siovmm_seccomp::Mode::Off,
         api_socket: None,

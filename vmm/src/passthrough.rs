@@ -1,7 +1,10 @@
 //! Devices passed through to the guest as VFIO PCI functions, from either backend of the one
 //! VFIO layer (`siovmm_vfio::pci::VfioBackend`):
-//! - kernel VFIO (`--vfio`): one VFIO container (type1 IOMMU), created with the first such
-//!   device, holding all guest RAM for device DMA;
+//! - kernel VFIO (`--vfio`): one host IOMMU context, created with the first such device,
+//!   holding all guest RAM for device DMA: a VFIO container (type1 IOMMU) holding each
+//!   device's group, or (`--vfio-iommu iommufd`, feature `iommufd`) an iommufd I/O address
+//!   space each device's cdev is bound and attached to. Both are `vfio_ioctls::VfioOps`, so
+//!   everything after their creation is one path;
 //! - vfio-user (`--vfio-user`): a device served by another process (the device daemon's
 //!   ADIs), which gets guest RAM as the memfd behind it (DMA_MAP with the descriptor).
 //!
@@ -19,13 +22,13 @@ use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use siovmm_interrupts::{IoEvents, MsiRouter};
-use siovmm_vfio::host::HostDevice;
+use siovmm_vfio::host::{HostDevice, Iommu};
 use siovmm_vfio::kernel::KernelVfio;
 use siovmm_vfio::mapping::{direct_ranges, RegionMapping, PAGE};
 use siovmm_vfio::pci::{bars, Bar, VfioBackend, VfioBarMapper, VfioPciFunction};
 use siovmm_vfio::user::{IoEventFd as UserIoEventFd, UserDevice};
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::memory::SharedRam;
 use crate::memslots::{MappedSlot, MemorySlots};
@@ -54,6 +57,13 @@ pub enum Error {
         #[source]
         error: siovmm_vfio::user::Error,
     },
+    /// iommufd asked for in a build without it (the CLI refuses this first).
+    #[error("--vfio-iommu iommufd: this siovmm was built without the iommufd feature")]
+    IommufdNotBuilt,
+    /// `/dev/iommu` could not be opened.
+    #[cfg(feature = "iommufd")]
+    #[error("opening /dev/iommu")]
+    Iommufd(#[source] iommufd_ioctls::IommufdError),
     /// A vfio-user device needs guest RAM it can map, and this VM's is private.
     #[error("{0}: guest RAM is not shared (the VM was created without vfio-user devices)")]
     PrivateRam(String),
@@ -279,37 +289,56 @@ struct Passed {
     bars: Vec<(Bar, u64)>,
 }
 
-/// The VM's passed-through devices, and for kernel VFIO its container.
+/// The VM's passed-through devices, and for kernel VFIO its host IOMMU context.
 pub(crate) struct Passthrough {
     vm: Arc<VmFd>,
     /// Created with the first kernel VFIO device: a VM with vfio-user devices only needs no
     /// `/dev/vfio`.
-    container: Option<Arc<VfioContainer>>,
+    iommu: Option<Arc<dyn VfioOps>>,
+    /// Which kind `iommu` is made as (`--vfio-iommu`).
+    kind: Iommu,
     mem: GuestMemoryMmap,
     /// The memfd behind guest RAM, when it is shared (vfio-user devices DMA through it).
     shared: Option<SharedRam>,
     devices: Vec<Passed>,
-    /// Guest RAM is mapped for DMA in the container (after the first device gave it its IOMMU).
+    /// Guest RAM is mapped for DMA in `iommu` (after the first device gave it its IOMMU).
     dma_mapped: bool,
 }
 
 impl Passthrough {
     /// Passthrough for the VM `vm` with memory `mem` (`shared` when a device process may map it).
-    pub(crate) fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap, shared: Option<SharedRam>) -> Self {
-        Self { vm, container: None, mem, shared, devices: Vec::new(), dma_mapped: false }
+    /// `kind` says how kernel VFIO devices will reach the host IOMMU.
+    pub(crate) fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap, shared: Option<SharedRam>, kind: Iommu) -> Self {
+        Self { vm, iommu: None, kind, mem, shared, devices: Vec::new(), dma_mapped: false }
     }
 
-    /// The VM's container, tied to it through the KVM VFIO device (which tells KVM that
-    /// devices may DMA, for cache coherency on hosts that need it).
-    fn container(&mut self) -> Result<Arc<VfioContainer>, Error> {
-        if let Some(c) = &self.container {
+    /// The VM's host IOMMU context, tied to it through the KVM VFIO device (which tells KVM
+    /// that devices may DMA, for cache coherency on hosts that need it; with iommufd, KVM
+    /// learns of each device's cdev instead of its group).
+    fn iommu(&mut self) -> Result<Arc<dyn VfioOps>, Error> {
+        if let Some(c) = &self.iommu {
             return Ok(c.clone());
         }
         let mut kvm_vfio = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
-        let device = self.vm.create_device(&mut kvm_vfio).map_err(Error::KvmDevice)?;
-        let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(device))))
-            .map_err(|error| Error::Vfio { what: "opening /dev/vfio/vfio".into(), error })?;
-        Ok(self.container.insert(Arc::new(container)).clone())
+        let kvm_device = Arc::new(VfioDeviceFd::new_from_kvm(self.vm.create_device(&mut kvm_vfio).map_err(Error::KvmDevice)?));
+        let iommu: Arc<dyn VfioOps> = match self.kind {
+            Iommu::Container => Arc::new(
+                VfioContainer::new(Some(kvm_device)).map_err(|error| Error::Vfio { what: "opening /dev/vfio/vfio".into(), error })?,
+            ),
+            #[cfg(feature = "iommufd")]
+            Iommu::Iommufd => {
+                let fd = Arc::new(iommufd_ioctls::IommuFd::new().map_err(Error::Iommufd)?);
+                // One I/O address space for the VM, made here: guest RAM is mapped into it
+                // once, whichever devices come and go.
+                Arc::new(
+                    vfio_ioctls::VfioIommufd::new(fd, None, Some(kvm_device))
+                        .map_err(|error| Error::Vfio { what: "allocating an iommufd I/O address space".into(), error })?,
+                )
+            }
+            #[cfg(not(feature = "iommufd"))]
+            Iommu::Iommufd => return Err(Error::IommufdNotBuilt),
+        };
+        Ok(self.iommu.insert(iommu).clone())
     }
 
     /// Opens `host`, resets it, maps guest RAM for its DMA (once per container), and adds it
@@ -320,15 +349,15 @@ impl Passthrough {
             let what = format!("{name}: {what}");
             move |error| Error::Vfio { what, error }
         };
-        let container = self.container()?;
-        let device = VfioDevice::new(&host.sysfs, container.clone(), false).map_err(vfio_error("opening the device"))?;
+        let iommu = self.iommu()?;
+        // With iommufd the crate binds the device's cdev to the iommufd and attaches it to
+        // the I/O address space; with a container it adds the device's group.
+        let attach_ioas = self.kind == Iommu::Iommufd;
+        let device = VfioDevice::new(&host.sysfs, iommu.clone(), attach_ioas).map_err(vfio_error("opening the device"))?;
         // A device that keeps state from its last user (another VM, a host driver) starts clean.
         device.reset();
         if !self.dma_mapped {
-            // SAFETY: guest RAM stays mapped for as long as the container exists (the device
-            // manager, which owns this, is released before guest memory), and siovmm never
-            // makes Rust references into guest memory (vm-memory accesses it volatilely).
-            unsafe { container.vfio_map_guest_memory(&self.mem) }.map_err(vfio_error("mapping guest RAM for DMA"))?;
+            map_guest_ram(iommu.as_ref(), &self.mem).map_err(vfio_error("mapping guest RAM for DMA"))?;
             self.dma_mapped = true;
         }
         self.place(name, Backend::Kernel(Arc::new(KernelVfio::new(device))), guest)
@@ -505,13 +534,14 @@ impl Passthrough {
         Ok(())
     }
 
-    /// Unmaps guest RAM from the container's IOMMU, if mapped: while a group is still in it
-    /// (the last group's leaving takes the IOMMU, and every mapping, away, after which an
-    /// unmap is refused). The next kernel VFIO device maps it again.
+    /// Unmaps guest RAM from the host IOMMU, if mapped: while a device is still in it (a
+    /// container's last group leaving takes the IOMMU, and every mapping, away, after which
+    /// an unmap is refused). The next kernel VFIO device maps it again.
     fn unmap_guest_ram(&mut self) {
-        if let (true, Some(container)) = (std::mem::take(&mut self.dma_mapped), &self.container) {
-            if let Err(e) = container.vfio_unmap_guest_memory(&self.mem) {
-                log::warn!("unmapping guest RAM from the VFIO container: {e}");
+        if let (true, Some(iommu)) = (std::mem::take(&mut self.dma_mapped), &self.iommu) {
+            let unmapped = self.mem.iter().try_for_each(|r| iommu.vfio_dma_unmap(r.start_addr().raw_value(), r.len() as usize));
+            if let Err(e) = unmapped {
+                log::warn!("unmapping guest RAM from the host IOMMU ({}): {e}", self.kind.name());
             }
         }
     }
@@ -559,6 +589,18 @@ impl Drop for Passthrough {
             log::warn!("VFIO devices dropped without release; the kernel resets them as their files close");
         }
     }
+}
+
+/// Maps every region of guest RAM for device DMA at its guest-physical address, through
+/// either kind of host IOMMU context.
+fn map_guest_ram(iommu: &dyn VfioOps, mem: &GuestMemoryMmap) -> Result<(), vfio_ioctls::VfioError> {
+    mem.iter().try_for_each(|region| {
+        let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|_| vfio_ioctls::VfioError::GetHostAddress)?;
+        // SAFETY: guest RAM stays mapped for as long as the IOMMU context exists (the device
+        // manager, which owns it, is released before guest memory), and siovmm never makes
+        // Rust references into guest memory (vm-memory accesses it volatilely).
+        unsafe { iommu.vfio_dma_map(region.start_addr().raw_value(), region.len() as usize, host) }
+    })
 }
 
 /// Whether `[base, base + size)` lies wholly inside one of `windows` ((start, size) pairs).

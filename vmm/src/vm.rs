@@ -574,6 +574,7 @@ impl Vm {
             vm: fd.clone(),
             slots: slots.clone(),
             shared_ram: memory.shared(),
+            vfio_iommu: config.vfio_iommu,
         };
         let vcpu_count = u32::from(config.cpus);
         let mut devices = DeviceManager::new(parts, config.siov.clone(), vcpu_count, root.clone(), PciAllocator::new(topology));
