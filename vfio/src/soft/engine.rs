@@ -4,11 +4,9 @@
 use super::descriptor::{flags, opcode, status, Completion, Descriptor, MAX_TRANSFER};
 use crate::dma::{DmaFault, DmaSpace};
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) lookup tables for "slicing by 8":
-/// `[0]` is the byte-at-a-time table; `[k][i]` is the CRC of byte `i` followed by `k` zero
-/// bytes, so that one step folds in 8 bytes with 8 independent lookups.
-const CRC32C_TABLES: [[u32; 256]; 8] = {
-    let mut t = [[0u32; 256]; 8];
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) lookup table.
+const CRC32C_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
     let mut i = 0;
     while i < 256 {
         let mut c = i as u32;
@@ -17,18 +15,8 @@ const CRC32C_TABLES: [[u32; 256]; 8] = {
             c = if c & 1 != 0 { (c >> 1) ^ 0x82f6_3b78 } else { c >> 1 };
             k += 1;
         }
-        t[0][i] = c;
+        t[i] = c;
         i += 1;
-    }
-    let mut k = 1;
-    while k < 8 {
-        let mut i = 0;
-        while i < 256 {
-            let prev = t[k - 1][i];
-            t[k][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-            i += 1;
-        }
-        k += 1;
     }
     t
 };
@@ -36,30 +24,37 @@ const CRC32C_TABLES: [[u32; 256]; 8] = {
 /// Continues a CRC-32C over `data` one byte at a time.
 fn crc32c_bytes(mut crc: u32, data: &[u8]) -> u32 {
     for &b in data {
-        crc = CRC32C_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+        crc = CRC32C_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
     }
     crc
 }
 
-/// Continues a CRC-32C over `data` (`crc` is the running value, pre- and post-inverted by the
-/// caller convention of [`crc32c`]): 8 bytes per step, the rest one at a time. A step per
-/// byte was most of a 1 MiB CRC descriptor's time.
-fn crc32c_update(mut crc: u32, data: &[u8]) -> u32 {
-    let t = &CRC32C_TABLES;
+/// Continues a CRC-32C over `data` with the CPU's CRC32 instruction, which computes exactly
+/// this polynomial (Intel SDM Vol. 2A, "CRC32"): 8 bytes per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+fn crc32c_sse42(crc: u32, data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
     let mut words = data.chunks_exact(8);
+    let mut c = u64::from(crc);
     for w in &mut words {
-        let lo = crc ^ u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-        let hi = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
-        crc = t[7][(lo & 0xff) as usize]
-            ^ t[6][((lo >> 8) & 0xff) as usize]
-            ^ t[5][((lo >> 16) & 0xff) as usize]
-            ^ t[4][(lo >> 24) as usize]
-            ^ t[3][(hi & 0xff) as usize]
-            ^ t[2][((hi >> 8) & 0xff) as usize]
-            ^ t[1][((hi >> 16) & 0xff) as usize]
-            ^ t[0][(hi >> 24) as usize];
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        c = _mm_crc32_u64(c, u64::from_le_bytes(word));
     }
-    crc32c_bytes(crc, words.remainder())
+    words.remainder().iter().fold(c as u32, |crc, &b| _mm_crc32_u8(crc, b))
+}
+
+/// Continues a CRC-32C over `data` (`crc` is the running value, pre- and post-inverted by the
+/// caller convention of [`crc32c`]): with the CRC32 instruction where the CPU has it (a step
+/// per byte was most of a 1 MiB CRC descriptor's time), else a table step per byte.
+fn crc32c_update(crc: u32, data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU has SSE4.2, checked just above.
+        return unsafe { crc32c_sse42(crc, data) };
+    }
+    crc32c_bytes(crc, data)
 }
 
 /// CRC-32C of `data` starting from `seed` (0 for a plain CRC-32C).
@@ -192,7 +187,7 @@ mod tests {
         assert_eq!(crc32c(0, b""), 0);
         // Seeding continues a CRC.
         assert_eq!(crc32c(crc32c(0, b"1234"), b"56789"), 0xe306_9283);
-        // 8 bytes per step gives what one byte per step gives, at every length and start.
+        // The CRC32 instruction gives what the table gives, at every length and start.
         let data: Vec<u8> = (0..300u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         for start in 0..9 {
             for len in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 200] {
