@@ -341,7 +341,7 @@ impl Passthrough {
         Ok(self.iommu.insert(iommu).clone())
     }
 
-    /// Opens `host`, resets it, maps guest RAM for its DMA (once per container), and adds it
+    /// Opens `host`, resets it, maps guest RAM for its DMA (once per IOMMU context), and adds it
     /// to the guest's PCI segment with its memory BARs placed. Returns its guest address.
     pub(crate) fn attach(&mut self, host: &HostDevice, guest: Attach<'_>) -> Result<Bdf, Error> {
         let name = host.name.clone();
