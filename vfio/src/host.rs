@@ -139,13 +139,13 @@ fn is_vfio_driver(driver: &str) -> bool {
 }
 
 /// Opens `path` read-write, as VFIO will.
+fn open_rw(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().read(true).write(true).open(path)
+}
+
+/// Whether `path` opens read-write; `Inaccessible` naming it if not.
 fn openable(path: &Path) -> Result<(), HostError> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map(drop)
-        .map_err(|e| HostError::Inaccessible { path: path.to_path_buf(), error: e.to_string() })
+    open_rw(path).map(drop).map_err(|e| HostError::Inaccessible { path: path.to_path_buf(), error: e.to_string() })
 }
 
 /// The name of the device's VFIO cdev (`vfioN`, listed under `vfio-dev/` in its sysfs
@@ -211,16 +211,12 @@ pub fn check(path: &Path, dev_vfio: &Path, iommu: Iommu) -> Result<HostDevice, H
         }
         openable(&cdev)?;
         let iommu_dev = dev_vfio.with_file_name("iommu");
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&iommu_dev)
-            .map_err(|e| HostError::NoIommufd { path: iommu_dev, error: e.to_string() })?;
+        open_rw(&iommu_dev).map_err(|e| HostError::NoIommufd { path: iommu_dev, error: e.to_string() })?;
         return Ok(HostDevice { sysfs, name, group });
     }
     openable(&dev_vfio.join("vfio"))?;
     let group_dev = dev_vfio.join(group.to_string());
-    match std::fs::OpenOptions::new().read(true).write(true).open(&group_dev) {
+    match open_rw(&group_dev) {
         Ok(_) => {}
         // vfio_group_fops_open: a group is opened by one user at a time.
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(HostError::Busy { path: path.to_path_buf(), group_dev }),
