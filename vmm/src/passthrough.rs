@@ -58,6 +58,7 @@ pub enum Error {
         error: siovmm_vfio::user::Error,
     },
     /// iommufd asked for in a build without it (the CLI refuses this first).
+    #[cfg(not(feature = "iommufd"))]
     #[error("--vfio-iommu iommufd: this siovmm was built without the iommufd feature")]
     IommufdNotBuilt,
     /// `/dev/iommu` could not be opened.
