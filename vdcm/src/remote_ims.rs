@@ -53,6 +53,14 @@ impl RemoteImsSlots {
         self.groups.range(..=slot).next_back().is_some_and(|(&first, &count)| slot - first < count)
     }
 
+    /// Whether a group of `count` slots from `first` ends within u32 and overlaps no live group
+    /// (groups never overlap, so the last one starting before its end is the only candidate).
+    fn fits(&self, first: u32, count: u32) -> bool {
+        first.checked_add(count).is_some_and(|end| {
+            self.groups.range(..end).next_back().is_none_or(|(&start, &held)| u64::from(start) + u64::from(held) <= u64::from(first))
+        })
+    }
+
     fn unbind(&mut self, slots: std::ops::Range<u32>) {
         let function = self.function;
         let bound: Vec<u32> = self.fds.range(slots).map(|(&s, _)| s).collect();
@@ -70,10 +78,14 @@ impl PvIms for RemoteImsSlots {
         if !self.quota.take(self.held(), count) {
             return Err(Status::Exhausted);
         }
-        let first = self.mailbox.request(Request::Alloc { count }).inspect_err(|_| self.quota.give(count))?;
-        // A device that answers a slot number past what a u32 holds is out of the protocol;
-        // the group is freed again rather than kept under a wrong number.
-        let Ok(first) = u32::try_from(first) else {
+        let answer = self.mailbox.request(Request::Alloc { count }).inspect_err(|_| self.quota.give(count))?;
+        // The daemon is another process: its answer is checked like any message from outside.
+        // A group that would end past u32 or overlap one this function holds is out of the
+        // protocol. It is not recorded (the books stay one group per slot, so the quota and
+        // FREE stay right) and not freed either: FREE names a group by its first slot, which
+        // may be a live group's. The device frees it when the client resets or leaves the ADI.
+        let Some(first) = u32::try_from(answer).ok().filter(|&first| self.fits(first, count)) else {
+            log::warn!("{:?}: the device answered IMS_ALLOC of {count} with slot {answer:#x}, which this function cannot hold; refused", self.function);
             self.quota.give(count);
             return Err(Status::Exhausted);
         };
@@ -138,6 +150,9 @@ mod tests {
         bound: Mutex<Vec<u32>>,
         next: Mutex<u32>,
         full: std::sync::atomic::AtomicBool,
+        /// Slot numbers to answer the next allocations with (last first), as a faulty or hostile
+        /// device would.
+        answers: Mutex<Vec<u64>>,
     }
 
     impl ImsMailbox for FakeMailbox {
@@ -147,6 +162,9 @@ mod tests {
                 Request::Query => Ok(Offer { slots_per_adi: 64, in_queue: true }.encode()),
                 Request::Alloc { .. } if self.full.load(std::sync::atomic::Ordering::Relaxed) => Err(Status::Exhausted),
                 Request::Alloc { count } => {
+                    if let Some(answer) = self.answers.lock().unwrap().pop() {
+                        return Ok(answer);
+                    }
                     let mut next = self.next.lock().unwrap();
                     *next += count;
                     Ok(u64::from(*next - count))
@@ -215,5 +233,30 @@ mod tests {
         assert_eq!(other.pv_alloc(2), Ok(0));
         drop(slots);
         assert_eq!(quota.held(), 2, "a function that leaves gives its slots back");
+    }
+
+    #[test]
+    fn slot_numbers_a_device_should_not_answer_are_refused_and_leave_the_books_as_they_were() {
+        let quota = ImsQuota::new(16, 16);
+        let (mut slots, mailbox, _) = setup(quota.clone());
+        assert_eq!(slots.pv_alloc(4), Ok(0));
+        for (answer, why) in [
+            (0, "the same group again"),
+            (2, "inside a live group"),
+            (u64::from(u32::MAX) - 1, "ends past u32"),
+            (1 << 32, "not a u32"),
+        ] {
+            mailbox.answers.lock().unwrap().push(answer);
+            assert_eq!(slots.pv_alloc(4), Err(Status::Exhausted), "{why}");
+            assert_eq!((slots.held(), quota.held()), (4, 4), "{why}: nothing recorded, the quota given back");
+        }
+        mailbox.answers.lock().unwrap().push(u64::from(u32::MAX) - 4);
+        assert_eq!(slots.pv_alloc(4), Ok(u32::MAX - 4), "the last four slots a u32 numbers");
+        mailbox.answers.lock().unwrap().push(4);
+        assert_eq!(slots.pv_alloc(4), Ok(4), "right after the first group");
+        assert_eq!(quota.held(), 12);
+        assert_eq!(slots.pv_free(0), Ok(()));
+        assert_eq!(quota.held(), 8, "the first group, and only it, freed");
+        assert!(!mailbox.requests.lock().unwrap().iter().any(|r| matches!(r, Request::Free { first } if *first != 0)), "nothing refused was freed");
     }
 }
