@@ -132,24 +132,11 @@ fn clear_stale(path: &std::path::Path) -> Result<(), String> {
     }
 }
 
-/// Raises the open-file limit to the hard limit: each ADI holds a listener while free and its
-/// connection while taken, and a few of one VMM's share a doorbell eventfd (docs/devd.md).
-/// Returns the limit.
-fn raise_fd_limit() -> u64 {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-    r.rlim_cur
-}
-
 fn run(o: Options) -> Result<(), String> {
     let _lock = take_dir(&o.dir)?;
-    let fds = raise_fd_limit();
+    // Each ADI holds a listener while free and its connection while taken, and a few of one
+    // VMM's share a doorbell eventfd (docs/devd.md).
+    let fds = siovmm_vdcm::fd_limit::raise_open_file_limit(0);
     let adis = u64::from(o.adis);
     // In use: each ADI's connection and its share of a doorbell; and a descriptor per vector
     // a guest programs (the eventfd KVM's irqfd waits on).

@@ -17,6 +17,7 @@
 pub mod adi;
 #[cfg(test)]
 mod fakes;
+pub mod fd_limit;
 pub mod hypercall;
 pub mod ims_quota;
 pub mod iommu_dma;

@@ -35,7 +35,7 @@ use crate::config::{BenchDevdOptions, SiovConfig};
 use crate::device_manager::{DeviceManager, GuestParts};
 use crate::kvm_irq::KvmIrq;
 use crate::memslots::MemorySlots;
-use crate::vm::{create_vm, pci_root, raise_fd_limit_to};
+use crate::vm::{create_vm, pci_root};
 
 /// Guest RAM per VM: nothing runs in it, but the daemon maps it for each ADI's DMA.
 const VM_RAM: u64 = 64 << 20;
@@ -108,7 +108,7 @@ fn vm_with(kvm: &Kvm, sockets: &[PathBuf]) -> Result<DeviceManager, String> {
 /// RSS_AFTER`, waits for its standard input to close, releases them, prints `released MICROS`.
 pub fn child(dir: &Path, first: u32, count: u32) -> Result<(), String> {
     use std::io::{Read, Write};
-    raise_fd_limit_to(u64::from(count) * 2 + 256);
+    siovmm_vdcm::fd_limit::raise_open_file_limit(u64::from(count) * 2 + 256);
     let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
     let me = std::process::id();
     let sockets: Vec<PathBuf> = (first..first + count).map(|a| siovmm_devd::socket_path(dir, a)).collect();
@@ -188,7 +188,7 @@ pub fn run(o: &BenchDevdOptions, adis: u32) -> Result<(), String> {
     let devd = crate::bench_devd::devd_path(o)?;
     // The daemon, a child, inherits this limit.
     let wanted = (f64::from(adis) * DAEMON_FDS_PER_ADI) as u64 + DAEMON_FDS_BASE;
-    let limit = raise_fd_limit_to(wanted);
+    let limit = siovmm_vdcm::fd_limit::raise_open_file_limit(wanted);
     if limit < wanted {
         return Err(format!(
             "{adis} ADIs need about {wanted} open files in the daemon; the limit is {limit} (raise the hard limit: ulimit -Hn, which needs CAP_SYS_RESOURCE)"

@@ -801,34 +801,7 @@ impl VcpuThreads {
     }
 }
 
-/// Raises the open-file soft limit to the hard limit: every ADI holds a doorbell eventfd, and
-/// every programmed vector another.
+/// Raises the open-file soft limit to the hard limit (`siovmm_vdcm::fd_limit`).
 pub(crate) fn raise_fd_limit() {
-    raise_fd_limit_to(0);
-}
-
-/// Raises the open-file limit to `wanted`, the hard limit too if `wanted` is beyond it (which
-/// needs CAP_SYS_RESOURCE), else the soft limit to the hard one; returns the soft limit in
-/// force (0 if it cannot be read).
-pub(crate) fn raise_fd_limit_to(wanted: u64) -> u64 {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 0;
-        }
-        if wanted > r.rlim_max {
-            let raised = libc::rlimit { rlim_cur: wanted, rlim_max: wanted };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return wanted;
-            }
-        }
-        if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-                libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-            }
-        }
-        r.rlim_cur
-    }
+    siovmm_vdcm::fd_limit::raise_open_file_limit(0);
 }
