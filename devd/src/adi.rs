@@ -28,7 +28,7 @@ use siovmm_vdcm::adi::registers::{Action, QueueRegisters};
 use siovmm_vdcm::adi::slot_device::SlotDevice;
 use siovmm_vdcm::adi::{BAR0_SIZE, DOORBELL, MAX_PV_SLOTS};
 use siovmm_vfio::siov::{self, AdiId, DmaHandle, ImsGroup, ImsStorage, Portal, PortalPage, SiovDevice};
-use siovmm_vfio::user::ims_mailbox::{self, Offer, Request};
+use siovmm_vfio::user::ims_mailbox::{self, Offer, Request, SlotState};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
@@ -198,14 +198,14 @@ impl AdiBackend {
 
     /// The device half of the hypercall slots, and their books.
     fn slot_device(&mut self) -> (SlotDevice<'_>, &mut ImsSlots) {
-        let slots = self.slots.get_or_insert_with(|| Box::new(ImsSlots::new(false)));
+        let slots = self.slots.get_or_insert_with(|| Box::new(ImsSlots::new()));
         (SlotDevice { device: self.device.as_ref(), adi: self.adi, in_queue: self.in_queue }, slots)
     }
 
     /// Runs one IMS mailbox request (the IMS hypercall's device half, docs/devd.md).
     fn mailbox(&mut self, request: Request) -> Result<u64, Status> {
         // Only an allocation makes the books; a request about slots before one names none.
-        if self.slots.is_none() && matches!(request, Request::Free { .. } | Request::Message { .. } | Request::Mask { .. }) {
+        if self.slots.is_none() && matches!(request, Request::Free { .. } | Request::Message { .. } | Request::Mask { .. } | Request::State { .. }) {
             return Err(Status::NoSuchSlot);
         }
         match request {
@@ -246,6 +246,12 @@ impl AdiBackend {
             Request::Mask { slot, masked } => {
                 let (device, slots) = self.slot_device();
                 device.mask(slots, slot, masked).map(|()| 0)
+            }
+            // For a VMM's trapped IMS window: what its control word reports.
+            Request::State { slot } => {
+                let handle = self.ims.count + slot;
+                let (device, slots) = self.slot_device();
+                Ok(SlotState { pending: device.pending(slots, slot)?, handle }.encode())
             }
         }
     }

@@ -487,7 +487,7 @@ fn the_daemon_binary_serves_under_its_seccomp_filters() {
 #[test]
 fn the_ims_mailbox_gives_a_client_slots_that_deliver() {
     use siovmm_hypercall::Status;
-    use siovmm_vfio::user::ims_mailbox::{Offer, Request, IRQ_INDEX, REGION_INDEX};
+    use siovmm_vfio::user::ims_mailbox::{Offer, Request, SlotState, IRQ_INDEX, REGION_INDEX};
     let dir = TempDir::new("mailbox");
     let (_, pool) = daemon_with(&dir.0, 1, 2, 64, Limits { adis_per_vm: None, ims_per_vm: Some(2 + 8) });
     let c = UserDevice::connect(&socket_path(&dir.0, 0)).unwrap();
@@ -538,8 +538,12 @@ fn the_ims_mailbox_gives_a_client_slots_that_deliver() {
     assert_eq!(submit(5), status::SUCCESS);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(slot_fd.read().ok(), None, "masked: nothing raised");
+    let state = |slot| c.ims_request(Request::State { slot }).map(SlotState::decode);
+    assert_eq!(state(3), Ok(SlotState { pending: true, handle: 5 }), "what a trapped window's control word reports");
+    assert_eq!(state(4), Err(Status::NoSuchSlot), "freed");
     assert_eq!(c.ims_request(Request::Mask { slot: 3, masked: false }), Ok(0));
     wait_for("the pending interrupt, on unmask", || slot_fd.read().is_ok());
+    assert_eq!(state(3), Ok(SlotState { pending: false, handle: 5 }), "delivered");
     assert_eq!(submit(5), status::SUCCESS);
     wait_for("the slot's interrupt", || slot_fd.read().is_ok());
     assert_eq!(c.ims_request(Request::Free { first: 0 }), Ok(0));

@@ -24,7 +24,13 @@
 //!    hypercall (siovmm forwards to the ADI's IMS mailbox), stores the host messages in its
 //!    queue's IMS area and gets every interrupt; the daemon counts the entries while the VM
 //!    holds them and has them back when it exits. A VM whose `--ims-storage` differs from the
-//!    daemon's is refused with one line.
+//!    daemon's is refused with one line;
+//! 7. the trapped IMS window on a daemon ADI (`--ims trap`, the daemon keeping IMS on the
+//!    device): the driver writes its own messages into 256 slots of the ADI's BAR0 window,
+//!    siovmm traps them (the daemon never sees the window) and backs each with a mailbox slot,
+//!    every interrupt is delivered, a masked slot's interrupt is pending until unmasked, a
+//!    message naming no vCPU of the VM is not backed; the daemon counts the entries while the
+//!    VM holds them and has them back when it exits.
 
 use std::time::Duration;
 
@@ -150,7 +156,7 @@ fn vms_share_the_daemons_adis_and_get_them_back_when_they_die() {
     std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
     let setup = SandboxSetup::with_devd(&assets, DAEMON, DAEMON_ADIS, Vec::new());
-    let status = |key: &str| format!("$(awk '/^{key} /{{print $2}}' /run/devd/status)");
+    let status = devd_status;
     let background = |mut c: GuestCase| {
         c.background = true;
         c
@@ -240,18 +246,20 @@ fn vms_share_the_daemons_adis_and_get_them_back_when_they_die() {
             vm.extra_idle = Duration::from_secs(60);
             vm
         },
-        GuestCase::shell(
-            "ims-held",
-            &format!(
-                "{}echo IMS-HELD={}\n{}{}echo IMS-AFTER={}\n",
-                wait_until("grep -q GUEST-DONE /tmp/ims-pv-devd.out", 120),
-                status("ims_entries_in_use"),
-                wait_until("! kill -0 $(cat /tmp/ims-pv-devd.pid) 2>/dev/null", 60),
-                wait_until(&format!("[ {} = 0 ]", status("adis_open")), 5),
-                status("ims_entries_in_use")
-            ),
-            Duration::from_secs(60),
+        GuestCase::shell("ims-held", &ims_held("ims-pv-devd"), Duration::from_secs(60)),
+        restart_daemon(
+            "restart-on-device",
+            format!("kill -9 $(cat /tmp/devd.pid)\n{}", wait_until("! kill -0 $(cat /tmp/devd.pid) 2>/dev/null", 10)),
+            "--ims-entries 400",
+            "ON-DEVICE-SOCKETS",
         ),
+        {
+            let mut vm = background(guest("ims-trap-devd", &ims_selftest(10), [sockets(&[0]), vec!["--ims".into(), "trap".into()]].concat(), &assets));
+            vm.cpus = 2;
+            vm.extra_idle = Duration::from_secs(60);
+            vm
+        },
+        GuestCase::shell("trap-held", &ims_held("ims-trap-devd"), Duration::from_secs(60)),
     ];
     let (setup_result, results) = run_cases_with_setup(&cases, &setup).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(setup_result.value("SETUP-SOCKETS"), Some(DAEMON_ADIS.to_string().as_str()), "{}", setup_result.transcript());
@@ -328,17 +336,56 @@ fn vms_share_the_daemons_adis_and_get_them_back_when_they_die() {
     assert_eq!(mismatch.exit_code, Some(1), "{t}");
     let line = mismatch.lines_with("its device keeps IMS in-memory, but this VM was started with --ims-storage on-device");
     assert!(line.len() == 1 && line[0].starts_with("siovmm: ") && line[0].contains("/run/devd/adi-1.sock"), "{t}");
-    let ims = result("ims-pv-devd");
-    let t = ims.transcript();
-    assert_eq!(ims.exit_code, Some(0), "{t}");
-    assert_eq!(ims.value("GUEST-OPTED-IN"), Some("1"), "{t}");
-    assert_eq!(ims.value("GUEST-DRIVER-MODE"), Some("ims-pv-queue 256"), "{t}");
-    assert!(ims.value("GUEST-ADI-RESULT").is_some_and(|r| r.starts_with("PASS") && r.contains(" ims=258 ")), "{t}");
-    assert_eq!(ims.value("GUEST-IMS-LINES"), Some("256"), "{t}");
-    assert_eq!(ims.value("GUEST-IMS-IRQS"), Some("258"), "{t}");
-    let held = result("ims-held");
+    // 256 IMS vectors stored in queue memory, each delivered, plus the masked one on the commit
+    // and one after the forged message is replaced (tests/tests/ims_policy.rs, in-process).
+    check_ims_run(result("ims-pv-devd"), "ims-pv-queue 256", 258);
     // 2 MSI-X vectors and 256 hypercall slots while the VM runs; nothing once it is gone.
-    assert_eq!((held.number("IMS-HELD"), held.number("IMS-AFTER")), (258, 0), "{}", held.transcript());
+    check_held(result("ims-held"));
+
+    // 8. The trapped IMS window on a daemon ADI: 256 trapped slots, each delivered once, plus
+    // one delivered on unmask.
+    let restart = result("restart-on-device");
+    assert_eq!(restart.value("ON-DEVICE-SOCKETS"), Some(DAEMON_ADIS.to_string().as_str()), "{}", restart.transcript());
+    check_ims_run(result("ims-trap-devd"), "ims-trap 256", 257);
+    // 2 MSI-X vectors and 256 window slots' entries while the VM runs; nothing once it is gone.
+    check_held(result("trap-held"));
+}
+
+/// An [`ims_selftest`] guest opted in, ran in `mode` (the driver's sysfs "mode") with 256 IMS
+/// lines, passed, and counted `interrupts` IMS interrupts.
+fn check_ims_run(r: &CaseResult, mode: &str, interrupts: u32) {
+    let t = r.transcript();
+    assert_eq!(r.exit_code, Some(0), "{t}");
+    assert_eq!(r.value("GUEST-OPTED-IN"), Some("1"), "{t}");
+    assert_eq!(r.value("GUEST-DRIVER-MODE"), Some(mode), "{t}");
+    assert!(r.value("GUEST-ADI-RESULT").is_some_and(|v| v.starts_with("PASS") && v.contains(&format!(" ims={interrupts} "))), "{t}");
+    assert_eq!(r.value("GUEST-IMS-LINES"), Some("256"), "{t}");
+    assert_eq!(r.value("GUEST-IMS-IRQS"), Some(interrupts.to_string().as_str()), "{t}");
+}
+
+/// An [`ims_held`] step: the daemon counted 258 IMS entries while the VM ran, none after.
+fn check_held(r: &CaseResult) {
+    assert_eq!((r.number("IMS-HELD"), r.number("IMS-AFTER")), (258, 0), "{}", r.transcript());
+}
+
+/// Shell: the daemon's status value `key` (its status file, rewritten as counts change).
+fn devd_status(key: &str) -> String {
+    format!("$(awk '/^{key} /{{print $2}}' /run/devd/status)")
+}
+
+/// A step that waits for `vm`'s guest to finish its IMS run, reads the daemon's IMS entries in
+/// use (IMS-HELD), waits for the VM to exit and its ADIs to close, and reads them again
+/// (IMS-AFTER).
+fn ims_held(vm: &str) -> String {
+    let status = devd_status;
+    format!(
+        "{}echo IMS-HELD={}\n{}{}echo IMS-AFTER={}\n",
+        wait_until(&format!("grep -q GUEST-DONE /tmp/{vm}.out"), 120),
+        status("ims_entries_in_use"),
+        wait_until(&format!("! kill -0 $(cat /tmp/{vm}.pid) 2>/dev/null"), 60),
+        wait_until(&format!("[ {} = 0 ]", status("adis_open")), 5),
+        status("ims_entries_in_use")
+    )
 }
 
 /// A step that runs `before` (the old daemon gone), then starts the daemon again with `flags`

@@ -20,6 +20,7 @@ mod fakes;
 pub mod fd_limit;
 pub mod hypercall;
 pub mod ims_quota;
+pub mod ims_window;
 pub mod iommu_dma;
 pub mod remote_ims;
 #[cfg(any(test, feature = "test-util"))]

@@ -1,5 +1,7 @@
 //! Hypercall IMS slots of a function whose device owns them: a vfio-user ADI of the device
-//! daemon (docs/devd.md, "IMS for enlightened guests"). The device keeps the books and the
+//! daemon (docs/devd.md, "IMS for enlightened guests"), taken by the guest's hypercalls
+//! (`--ims pv`) or by siovmm's trapped window in front of the ADI's BAR0 (`--ims trap`,
+//! [`RemoteImsWindow`]). The device keeps the books and the
 //! host IMS entries and answers through its IMS mailbox (`siovmm_vfio::user::ims_mailbox`);
 //! what stays here is what only the VMM can do: the VM's quota (shared with its other ADIs),
 //! and delivery into this VM — each composed slot's eventfd, handed to the device with
@@ -11,10 +13,12 @@ use std::sync::Arc;
 
 use siovmm_hypercall::Status;
 use siovmm_interrupts::{FunctionId, MsiMessage, MsiRouter, VectorKey};
-use siovmm_vfio::user::ims_mailbox::{ImsMailbox, Offer, Request};
+use siovmm_vfio::pci::BarOverlay;
+use siovmm_vfio::user::ims_mailbox::{ImsMailbox, Offer, Request, SlotState};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{ImsQuota, PvIms};
+use crate::ims_window::{ImsWindow, WindowBacking};
+use crate::{ImsOptIn, ImsQuota, PvIms};
 
 /// One function's slots, as the VMM sees them.
 pub struct RemoteImsSlots {
@@ -126,6 +130,57 @@ impl PvIms for RemoteImsSlots {
     }
 }
 
+impl WindowBacking for RemoteImsSlots {
+    fn slot_state(&self, slot: u32) -> Option<SlotState> {
+        if !self.live(slot) {
+            return None;
+        }
+        self.mailbox.request(Request::State { slot }).ok().map(SlotState::decode)
+    }
+}
+
+/// The trapped IMS window of a daemon ADI (`--ims trap`): siovmm serves BAR0's window itself
+/// (a `siovmm_vfio::pci::BarOverlay` on the vfio-user function, so the daemon never sees the
+/// guest's messages), each backed slot one of the daemon's mailbox slots routed into this VM.
+#[derive(Debug)]
+pub struct RemoteImsWindow {
+    window: ImsWindow,
+    slots: RemoteImsSlots,
+}
+
+impl RemoteImsWindow {
+    /// The window of the function `slots` serves, live once the guest opted in (`opt_in`), in
+    /// a VM of `vcpus` vCPUs.
+    pub fn new(name: String, slots: RemoteImsSlots, opt_in: ImsOptIn, vcpus: u32) -> Self {
+        Self { window: ImsWindow::new(name, opt_in, vcpus), slots }
+    }
+
+    /// Slots backing the window's entries.
+    pub fn held(&self) -> u32 {
+        self.slots.held()
+    }
+
+    /// Backing operations that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.window.failures()
+    }
+}
+
+impl BarOverlay for RemoteImsWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if ImsWindow::is_dword(offset, data.len()) {
+            data.copy_from_slice(&self.window.read(offset, &self.slots).to_le_bytes());
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (true, Ok(dword)) = (ImsWindow::is_dword(offset, data.len()), <[u8; 4]>::try_from(data)) {
+            self.window.write(offset, u32::from_le_bytes(dword), &mut self.slots);
+        }
+    }
+}
+
 impl Drop for RemoteImsSlots {
     /// The function is leaving the VM: its routes go, and the VM's quota gets its slots back
     /// (the device frees their entries when the client resets or leaves the ADI).
@@ -153,6 +208,8 @@ mod tests {
         /// Slot numbers to answer the next allocations with (last first), as a faulty or hostile
         /// device would.
         answers: Mutex<Vec<u64>>,
+        /// What STATE says of every slot.
+        pending: std::sync::atomic::AtomicBool,
     }
 
     impl ImsMailbox for FakeMailbox {
@@ -171,6 +228,7 @@ mod tests {
                 }
                 Request::Message { slot } => Ok(u64::from(0x4000 + slot) << 32 | 0xfee0_0000),
                 Request::Free { .. } | Request::Mask { .. } => Ok(0),
+                Request::State { slot } => Ok(SlotState { pending: self.pending.load(std::sync::atomic::Ordering::Relaxed), handle: 2 + slot }.encode()),
             }
         }
         fn bind(&self, slot: u32, _: &EventFd) -> std::io::Result<()> {
@@ -258,5 +316,55 @@ mod tests {
         assert_eq!(slots.pv_free(0), Ok(()));
         assert_eq!(quota.held(), 8, "the first group, and only it, freed");
         assert!(!mailbox.requests.lock().unwrap().iter().any(|r| matches!(r, Request::Free { first } if *first != 0)), "nothing refused was freed");
+    }
+
+    #[test]
+    fn a_trapped_window_in_front_of_a_daemon_adi_backs_its_slots_with_mailbox_slots() {
+        use crate::ims_window::ims_ctrl;
+        let quota = ImsQuota::new(2, 16);
+        let (slots, mailbox, routes) = setup(quota.clone());
+        let opt_in = ImsOptIn::default();
+        let mut w = RemoteImsWindow::new("adi-0.sock".into(), slots, opt_in.clone(), 1);
+        let program = |w: &mut RemoteImsWindow, slot: u64, data: u32, ctrl: u32| {
+            for (i, v) in [0xfee0_0000u32, 0, data, ctrl].into_iter().enumerate() {
+                w.write(slot * 16 + i as u64 * 4, &v.to_le_bytes());
+            }
+        };
+        let ctrl = |w: &mut RemoteImsWindow, slot: u64| {
+            let mut b = [0u8; 4];
+            w.read(slot * 16 + 12, &mut b);
+            u32::from_le_bytes(b)
+        };
+        program(&mut w, 0, 0x41, 0);
+        assert_eq!((w.held(), ctrl(&mut w, 0)), (0, 0), "inert until the guest opts in");
+        opt_in.set();
+        program(&mut w, 0, 0x41, 0);
+        assert_eq!(ctrl(&mut w, 0), ims_ctrl::BACKED | 2 << 16, "backed by mailbox slot 0, the daemon's handle 2 + 0");
+        program(&mut w, 1, 0x42, ims_ctrl::MASK);
+        assert_eq!(w.held(), 1, "a masked slot takes nothing");
+        program(&mut w, 1, 0x42, 0);
+        program(&mut w, 2, 0x43, 0);
+        assert_eq!((w.held(), quota.held()), (2, 2), "the third is past the per-ADI quota");
+        assert_eq!(ctrl(&mut w, 2) & ims_ctrl::BACKED, 0);
+        w.slots.router.settle().unwrap();
+        let messages = routes.messages();
+        assert!([0x41, 0x42].iter().all(|&d| messages.contains(&MsiMessage { address: 0xfee0_0000, data: d })), "{messages:x?}");
+        assert_eq!(*mailbox.bound.lock().unwrap(), [0, 1]);
+        mailbox.pending.store(true, std::sync::atomic::Ordering::Relaxed);
+        program(&mut w, 0, 0x41, ims_ctrl::MASK);
+        assert_eq!(ctrl(&mut w, 0), ims_ctrl::MASK | ims_ctrl::PENDING | ims_ctrl::BACKED | 2 << 16);
+        let asked = mailbox.requests.lock().unwrap().clone();
+        assert!(asked.contains(&Request::Mask { slot: 0, masked: true }) && asked.contains(&Request::State { slot: 0 }));
+        let mut wide = [0u8; 8];
+        w.read(0, &mut wide);
+        assert_eq!(wide, [0; 8], "only dword accesses are served");
+        w.write(16 * 1024, &1u32.to_le_bytes());
+        assert_eq!(w.failures(), 0);
+        drop(w);
+        assert_eq!((quota.held(), committed_routes(&routes)), (0, 0), "the window's slots go with it");
+    }
+
+    fn committed_routes(routes: &FakeRoutes) -> usize {
+        routes.irqfds.lock().unwrap().len()
     }
 }

@@ -12,14 +12,15 @@ use devices::iommu::vtd::VtdUnit;
 use devices::pci::{Bdf, PciAllocator, PciRoot};
 use devices::Bus;
 use siovmm_interrupts::router::MsiRouter;
-use siovmm_vdcm::remote_ims::RemoteImsSlots;
+use siovmm_vdcm::ims_window::{IMS_WINDOW, IMS_WINDOW_SIZE};
+use siovmm_vdcm::remote_ims::{RemoteImsSlots, RemoteImsWindow};
 use siovmm_vdcm::{AdiOptions, AdiTable, GuestSide, ImsOptIn, ImsQuota, Vdcm};
 use kvm_ioctls::VmFd;
 use siovmm_vfio::host::{HostDevice, Iommu};
 use siovmm_vfio::siov::{AdiId, ImsStorage};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::SiovConfig;
+use crate::config::{ImsPolicy, SiovConfig};
 use crate::kvm_irq::KvmIrq;
 use crate::memory::SharedRam;
 use crate::memslots::MemorySlots;
@@ -264,13 +265,16 @@ impl DeviceManager {
         Ok(bdf)
     }
 
-    /// Under `--ims pv`, a vfio-user device with an IMS mailbox (the device daemon's ADIs)
-    /// takes the guest's IMS hypercalls for the function at `bdf`: the device keeps the slots,
-    /// siovmm routes them into this VM and counts them against its quota
-    /// (`siovmm_vdcm::remote_ims`). Its IMS must be kept where the VM's `--ims-storage` says:
-    /// the guest learns that from one CPUID flag for the whole VM.
+    /// Under `--ims pv` or `--ims trap`, a vfio-user device with an IMS mailbox (the device
+    /// daemon's ADIs) gives the guest IMS slots the device keeps, which siovmm routes into this
+    /// VM and counts against its quota (`siovmm_vdcm::remote_ims`): with pv, the function at
+    /// `bdf` takes the guest's IMS hypercalls; with trap, siovmm serves the trapped IMS window
+    /// in front of its BAR0 (`RemoteImsWindow`), as for in-process ADIs. The device's IMS must
+    /// be kept where the VM's `--ims-storage` says: the guest learns that from one CPUID flag
+    /// for the whole VM.
     fn offer_remote_ims(&mut self, socket: &std::path::Path, bdf: Bdf) -> Result<(), Error> {
-        if self.siov.ims != crate::config::ImsPolicy::Pv {
+        let policy = self.siov.ims;
+        if policy == ImsPolicy::Off {
             return Ok(());
         }
         let Some(device) = self.passthrough.as_ref().and_then(|p| p.user_device(bdf)) else { return Ok(()) };
@@ -286,7 +290,13 @@ impl DeviceManager {
         if device != vm {
             return Err(Error::ImsStorageMismatch { socket, device: device.name(), vm: vm.name() });
         }
-        write_lock(&self.adis).insert(bdf.0, Arc::new(Mutex::new(slots)));
+        if policy.traps_ims_window() {
+            let window = RemoteImsWindow::new(format!("{socket} at {bdf}"), slots, self.ims_opt_in.clone(), self.vcpus);
+            let Some(p) = self.passthrough.as_ref() else { return Ok(()) };
+            p.overlay(bdf, 0, IMS_WINDOW, IMS_WINDOW_SIZE, Box::new(window))?;
+        } else {
+            write_lock(&self.adis).insert(bdf.0, Arc::new(Mutex::new(slots)));
+        }
         Ok(())
     }
 

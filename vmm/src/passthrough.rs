@@ -25,7 +25,7 @@ use siovmm_interrupts::{IoEvents, MsiRouter};
 use siovmm_vfio::host::{HostDevice, Iommu};
 use siovmm_vfio::kernel::KernelVfio;
 use siovmm_vfio::mapping::{direct_ranges, RegionMapping, PAGE};
-use siovmm_vfio::pci::{bars, Bar, VfioBackend, VfioBarMapper, VfioPciFunction};
+use siovmm_vfio::pci::{bars, Bar, BarOverlay, VfioBackend, VfioBarMapper, VfioPciFunction};
 use siovmm_vfio::user::{IoEventFd as UserIoEventFd, UserDevice};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
@@ -71,6 +71,22 @@ pub enum Error {
     /// Mapping the device's BAR pages into siovmm failed.
     #[error("{0}: mapping BAR {1}")]
     Mmap(String, u8, #[source] std::io::Error),
+    /// A part of a BAR could not be served by siovmm instead of the device.
+    #[error("{0}: virtualizing part of a BAR")]
+    Overlay(String, #[source] siovmm_vfio::pci::OverlayError),
+    /// A part of a BAR siovmm was to serve is mapped into the guest (the device let its pages
+    /// be mmapped), where accesses never exit.
+    #[error("{name}: BAR {bar} bytes {start:#x}..{end:#x} are mapped into the guest, so siovmm cannot serve them")]
+    OverlayMapped {
+        /// The device.
+        name: String,
+        /// The BAR.
+        bar: u8,
+        /// Where the part starts.
+        start: u64,
+        /// Where it ends.
+        end: u64,
+    },
     /// No device number or BAR space left.
     #[error("{0}: placing it on the guest's PCI segment")]
     Placement(String, #[source] devices::pci::AllocError),
@@ -522,6 +538,19 @@ impl Passthrough {
         })
     }
 
+    /// Has siovmm serve bytes `start..start + size` of BAR `bar` of the device at `bdf` with
+    /// `overlay` instead of the device (`VfioPciFunction::overlay`); refused where the device
+    /// let those pages be mapped into the guest.
+    pub(crate) fn overlay(&self, bdf: Bdf, bar: u8, start: u64, size: u64, overlay: Box<dyn BarOverlay>) -> Result<(), Error> {
+        let Some(d) = self.devices.iter().find(|d| d.bdf == bdf) else { return Ok(()) };
+        let end = start.saturating_add(size);
+        let direct = d.placer.direct.get().into_iter().flatten().filter(|b| b.index == bar);
+        if direct.flat_map(|b| &b.ranges).any(|&(at, len)| at < end && start < at.saturating_add(len)) {
+            return Err(Error::OverlayMapped { name: d.name.clone(), bar, start, end });
+        }
+        lock(&d.function).overlay(bar, start, size, overlay).map_err(|e| Error::Overlay(d.name.clone(), e))
+    }
+
     pub(crate) fn detach(&mut self, bdf: Bdf, pci: &PciRoot, allocator: &mut PciAllocator) -> Result<(), Error> {
         let Some(at) = self.devices.iter().position(|d| d.bdf == bdf) else { return Ok(()) };
         let d = self.devices.remove(at);
@@ -553,6 +582,9 @@ impl Passthrough {
         pci.remove(d.bdf);
         {
             let mut f = lock(&d.function);
+            // What siovmm served in the device's place (a trapped IMS window and its routes)
+            // goes before the device is reset.
+            f.remove_overlays();
             f.disable_interrupts();
             f.unmap_bars();
             if f.failures() > 0 {

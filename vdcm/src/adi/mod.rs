@@ -5,7 +5,7 @@
 //! - [`registers`]: BAR0's register file, the slow path (queue base and size, control, status);
 //! - [`vectors`]: the MSI-X vectors and the host IMS entries behind them;
 //! - [`ims_slots`]: the IMS slots an enlightened guest programs, by hypercall or through the
-//!   trapped window.
+//!   trapped window (`crate::ims_window`, which this function backs).
 //!
 //! This module ties them to the device and the guest's bus: it decodes BAR0 accesses, turns
 //! register and window writes into device operations, and answers the hypercalls.
@@ -30,6 +30,7 @@ use devices::{BusDevice, GuestFaults};
 use siovmm_hypercall::Status;
 use siovmm_interrupts::{FunctionId, MsiMessage, MsiRouter, VectorKey};
 use siovmm_vfio::siov::{self, AdiId, ImsGroup, SiovDevice};
+use siovmm_vfio::user::ims_mailbox::SlotState;
 use vmm_sys_util::eventfd::EventFd;
 
 use config::{AdiConfig, Bar0Window, ConfigWrite};
@@ -38,10 +39,12 @@ use slot_device::SlotDevice;
 use registers::{Action, QueueRegisters};
 use vectors::MsixVectors;
 
+use crate::ims_window::{ImsWindow, WindowBacking};
 use crate::PvIms;
 
 pub use config::BarMapper;
-pub use ims_slots::{IMS_WINDOW_SLOTS, MAX_PV_SLOTS};
+pub use crate::ims_window::{ims_ctrl, IMS_WINDOW, IMS_WINDOW_SLOTS};
+pub use ims_slots::MAX_PV_SLOTS;
 pub use registers::{reg, VERSION};
 
 /// Device ID of an ADI function.
@@ -58,19 +61,6 @@ pub const MSIX_TABLE: u64 = 0x2000;
 pub const MSIX_PBA: u64 = 0x3000;
 /// Most MSI-X vectors: the table must fit between MSIX_TABLE and MSIX_PBA (4 KiB).
 pub const MAX_MSIX_VECTORS: u16 = ((MSIX_PBA - MSIX_TABLE) / 16) as u16;
-/// The trapped IMS window (`--ims trap`): 16-byte slots `{addr_lo, addr_hi, data, ctrl}`.
-pub const IMS_WINDOW: u64 = 0x4000;
-/// Window slot ctrl: bit 0 mask (RW), bit 1 pending (RO), bit 2 backed by a host IMS entry
-/// (RO), bits 31:16 the slot's interrupt handle once backed (RO).
-pub mod ims_ctrl {
-    /// Mask.
-    pub const MASK: u32 = 1;
-    /// Pending.
-    pub const PENDING: u32 = 2;
-    /// Backed by a host IMS entry.
-    pub const BACKED: u32 = 4;
-}
-
 /// The function.
 pub struct AdiFunction {
     adi: AdiId,
@@ -86,13 +76,10 @@ pub struct AdiFunction {
     /// Doorbell writes that exited to siovmm instead of completing in KVM's ioeventfd.
     slow_doorbells: u64,
     faults: GuestFaults,
-    /// Hypercall IMS slots (slot s is interrupt handle `msix vectors + s`) and, in trap mode,
-    /// the guest-visible IMS window backed by them.
+    /// Hypercall IMS slots (slot s is interrupt handle `msix vectors + s`).
     slots: ImsSlots,
-    /// vCPUs of the VM (messages may only name these APIC IDs).
-    vcpus: u32,
-    /// The guest has opted in to IMS (the trapped window is live only then).
-    ims_opt_in: crate::ImsOptIn,
+    /// In trap mode, the guest-visible IMS window, backed by hypercall slots.
+    window: Option<ImsWindow>,
     ims_quota: crate::ImsQuota,
     /// The device keeps IMS in memory: the guest stores each slot's host message in its
     /// queue's IMS area, where mask and pending live too (`siovmm_vfio::soft::queue_ims`).
@@ -179,9 +166,8 @@ impl AdiFunction {
             regs: QueueRegisters::default(),
             slow_doorbells: 0,
             faults: GuestFaults::new(format!("ADI {} ({})", p.adi.0, p.bdf)),
-            slots: ImsSlots::new(p.ims_trap),
-            vcpus: p.vcpus,
-            ims_opt_in: p.ims_opt_in,
+            slots: ImsSlots::new(),
+            window: p.ims_trap.then(|| ImsWindow::new(format!("ADI {} ({})", p.adi.0, p.bdf), p.ims_opt_in, p.vcpus)),
             ims_quota: p.ims_quota,
             in_queue,
         })
@@ -211,7 +197,7 @@ impl AdiFunction {
 
     /// Guest-triggered operations that failed so far.
     pub fn failures(&self) -> u64 {
-        self.faults.count()
+        self.faults.count() + self.window.as_ref().map_or(0, ImsWindow::failures)
     }
 
     /// Requester ID (bus << 8 | devfn) of the function.
@@ -231,56 +217,17 @@ impl AdiFunction {
         (SlotDevice { device: self.device.as_ref(), adi: self.adi, in_queue: self.in_queue }, &mut self.slots)
     }
 
-    /// A guest read of the trapped IMS window; inert (zeros) outside trap mode and until the
-    /// guest has opted in.
+    /// A guest read of the trapped IMS window; inert (zeros) outside trap mode.
     fn read_window(&self, offset: u64) -> u32 {
-        if !self.ims_opt_in.get() {
-            return 0;
-        }
-        let Some((dword, backing)) = self.slots.window_read(offset) else { return 0 };
-        if offset % 16 != 12 {
-            return dword;
-        }
-        let mut ctrl = dword & ims_ctrl::MASK;
-        if let Some(b) = backing {
-            if self.slots.index(b).is_some_and(|i| self.device.ims_pending(self.adi, i).unwrap_or(false)) {
-                ctrl |= ims_ctrl::PENDING;
-            }
-            ctrl |= ims_ctrl::BACKED | (u32::from(self.vectors.count()) + b) << 16;
-        }
-        ctrl
+        self.window.as_ref().map_or(0, |w| w.read(offset, self))
     }
 
-    /// A guest write to the trapped IMS window: the guest's own message for a slot becomes a
-    /// host IMS entry (allocated on first use) routed to that message, like an MSI-X entry.
+    /// A guest write to the trapped IMS window (dropped outside trap mode).
     fn write_window(&mut self, offset: u64, value: u32) {
-        // A guest that has not opted in was told "no IMS"; what it writes here is not IMS.
-        if !self.ims_opt_in.get() {
-            return;
-        }
-        let Some((slot, entry, backing)) = self.slots.window_write(offset, value) else { return };
-        let message = entry.message();
-        let valid = msi_destination(message).is_some_and(|d| d < self.vcpus) && (message.data & 0xff) >= 32;
-        if entry.is_masked() || !valid {
-            // Masked, or a message naming nothing of this VM: the entry raises nothing.
-            if let Some(b) = backing {
-                let r = self.pv_mask(b, true);
-                self.faults.record("masking a trapped IMS slot", r);
-            }
-            return;
-        }
-        let backing = match backing {
-            Some(b) => b,
-            None => match self.pv_alloc(1) {
-                Ok(b) => b,
-                Err(_) => return, // IMS exhausted: the slot stays unbacked (ctrl says so)
-            },
-        };
-        self.slots.set_backing(slot, backing);
-        let composed = self.pv_compose(backing, message);
-        if self.faults.record("composing a trapped IMS slot", composed).is_some() {
-            let r = self.pv_mask(backing, false);
-            self.faults.record("unmasking a trapped IMS slot", r);
+        // The window drives this function's slots, so it is out of `self` meanwhile.
+        if let Some(mut window) = self.window.take() {
+            window.write(offset, value, self);
+            self.window = Some(window);
         }
     }
 
@@ -384,6 +331,14 @@ impl PvIms for AdiFunction {
     }
 }
 
+impl WindowBacking for AdiFunction {
+    fn slot_state(&self, slot: u32) -> Option<SlotState> {
+        let index = self.slots.index(slot)?;
+        let pending = self.device.ims_pending(self.adi, index).unwrap_or(false);
+        Some(SlotState { pending, handle: u32::from(self.vectors.count()) + slot })
+    }
+}
+
 impl BusDevice for AdiFunction {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -392,7 +347,7 @@ impl BusDevice for AdiFunction {
             o if dword_access(o, data.len(), DOORBELL) => data.copy_from_slice(&self.read_register(o).to_le_bytes()),
             o if (MSIX_TABLE..MSIX_TABLE + table).contains(&o) => self.vectors.read_table(o - MSIX_TABLE, data),
             o if (MSIX_PBA..MSIX_PBA + pba).contains(&o) => self.vectors.read_pba(o - MSIX_PBA, data),
-            o if o >= IMS_WINDOW && dword_access(o, data.len(), BAR0_SIZE) => {
+            o if o >= IMS_WINDOW && ImsWindow::is_dword(o - IMS_WINDOW, data.len()) => {
                 data.copy_from_slice(&self.read_window(o - IMS_WINDOW).to_le_bytes());
             }
             _ => {}
@@ -411,7 +366,7 @@ impl BusDevice for AdiFunction {
             o if (MSIX_TABLE..MSIX_TABLE + self.vectors.table_size()).contains(&o) => {
                 self.vectors.write_table(o - MSIX_TABLE, data, &mut self.faults);
             }
-            o if o >= IMS_WINDOW && dword_access(o, data.len(), BAR0_SIZE) => self.write_window(o - IMS_WINDOW, dword()),
+            o if o >= IMS_WINDOW && ImsWindow::is_dword(o - IMS_WINDOW, data.len()) => self.write_window(o - IMS_WINDOW, dword()),
             _ => {}
         }
     }

@@ -88,6 +88,12 @@ impl SlotDevice<'_> {
         siovmm_hypercall::message_result(host.address, host.data).ok_or(Status::InvalidArgument)
     }
 
+    /// Whether an interrupt is pending on the slot's host entry (raised while masked).
+    pub fn pending(&self, slots: &ImsSlots, slot: u32) -> Result<bool, Status> {
+        let index = slots.index(slot).ok_or(Status::NoSuchSlot)?;
+        self.device.ims_pending(self.adi, index).map_err(|_| Status::NoSuchSlot)
+    }
+
     /// Masks or unmasks the slot; unmasking delivers a pending interrupt once. In queue memory
     /// this sets the mask bit stored there and commits it.
     pub fn mask(&self, slots: &ImsSlots, slot: u32, masked: bool) -> Result<(), Status> {

@@ -15,7 +15,9 @@
 //! - the MSI-X capability's message control, and its table and PBA (trapped, even where the
 //!   rest of their BAR is mapped), through `devices::pci::msix`;
 //! - the MSI capability: all of it, since the guest's address and data never reach the device
-//!   (the host programs the device's vectors, [`vectors`]).
+//!   (the host programs the device's vectors, [`vectors`]);
+//! - any part of a BAR the VMM serves itself ([`BarOverlay`]: siovmm's trapped IMS window in a
+//!   daemon ADI's BAR0), never passed to the device.
 
 mod caps;
 mod intx;
@@ -167,6 +169,52 @@ pub trait VfioBarMapper: Send + Sync {
     fn remap(&self, bdf: Bdf, bar: Bar, old: Option<u64>, new: Option<u64>) -> bool;
 }
 
+/// A part of a BAR the VMM serves itself instead of the device: guest accesses there go to it
+/// and never reach the device (siovmm's trapped IMS window in front of a daemon ADI's BAR0).
+pub trait BarOverlay: Send {
+    /// A guest read of `data.len()` bytes at `offset` into the overlay.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// A guest write of `data` at `offset` into the overlay.
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// Why an overlay was not laid over a BAR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverlayError {
+    /// The device has no such memory BAR, or the range does not fit in it.
+    #[error("BAR {bar} has no bytes {start:#x}..{end:#x}", end = start.saturating_add(*size))]
+    OutOfBar {
+        /// The BAR.
+        bar: u8,
+        /// Where the overlay was to start.
+        start: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The range meets the MSI-X table or PBA, or another overlay.
+    #[error("BAR {bar} bytes {start:#x}.. are virtualized already")]
+    Taken {
+        /// The BAR.
+        bar: u8,
+        /// Where the overlay was to start.
+        start: u64,
+    },
+}
+
+/// An overlay and where it lies.
+struct Overlay {
+    bar: u8,
+    start: u64,
+    size: u64,
+    handler: Box<dyn BarOverlay>,
+}
+
+impl Overlay {
+    fn hit(&self, bar: u8, offset: u64) -> Option<u64> {
+        (bar == self.bar).then(|| offset.checked_sub(self.start)).flatten().filter(|&o| o < self.size)
+    }
+}
+
 /// Where the MSI-X table or the PBA sits: BAR, byte offset, size.
 #[derive(Debug, Clone, Copy)]
 struct MsixWindow {
@@ -213,6 +261,8 @@ pub struct VfioPciFunction {
     faults: GuestFaults,
     /// BAR accesses that reached siovmm.
     trapped: TrappedAccesses,
+    /// Parts of BARs the VMM serves itself.
+    overlays: Vec<Overlay>,
 }
 
 /// BAR accesses that reached siovmm instead of going to the device's pages directly.
@@ -261,7 +311,7 @@ impl VfioPciFunction {
                 let wired = line.set_enabled(backend.as_ref(), &router, true);
                 faults.record("wiring INTx", wired).map(|()| line)
             });
-        Self { bdf, backend, bars, msix, msi, intx, router, mapper, command: 0, interrupt_line: 0, faults, trapped: TrappedAccesses::default() }
+        Self { bdf, backend, bars, msix, msi, intx, router, mapper, command: 0, interrupt_line: 0, faults, trapped: TrappedAccesses::default(), overlays: Vec::new() }
     }
 
     /// The IOAPIC input its INTx is wired to now, if it is.
@@ -298,17 +348,39 @@ impl VfioPciFunction {
         self.bdf
     }
 
-    /// Byte ranges of BAR `bar` that must trap (the MSI-X table and PBA, widened to whole
-    /// pages of `page` bytes), so the VMM maps only the rest.
+    /// Serves bytes `start..start + size` of memory BAR `bar` with `handler` from now on,
+    /// instead of the device. The VMM must not map those pages into the guest
+    /// ([`VfioPciFunction::trapped_pages`] lists them from now on).
+    pub fn overlay(&mut self, bar: u8, start: u64, size: u64, handler: Box<dyn BarOverlay>) -> Result<(), OverlayError> {
+        let fits = self.bars.iter().any(|b| b.bar.index == bar && !b.bar.io && start.checked_add(size).is_some_and(|end| size > 0 && end <= b.bar.size));
+        if !fits {
+            return Err(OverlayError::OutOfBar { bar, start, size });
+        }
+        let meets = |(s, len): (u64, u64)| s < start + size && start < s + len;
+        let msix = self.msix_windows().into_iter().flatten().filter(|w| w.bar == bar).map(|w| (w.start, w.size));
+        let others = self.overlays.iter().filter(|o| o.bar == bar).map(|o| (o.start, o.size));
+        if msix.chain(others).any(meets) {
+            return Err(OverlayError::Taken { bar, start });
+        }
+        self.overlays.push(Overlay { bar, start, size, handler });
+        Ok(())
+    }
+
+    /// Drops every overlay (the function is leaving the guest: what they hold goes first).
+    pub fn remove_overlays(&mut self) {
+        self.overlays.clear();
+    }
+
+    /// Byte ranges of BAR `bar` that must trap (the MSI-X table and PBA, and overlays,
+    /// widened to whole pages of `page` bytes), so the VMM maps only the rest.
     pub fn trapped_pages(&self, bar: u8, page: u64) -> Vec<(u64, u64)> {
-        let mut ranges: Vec<(u64, u64)> = self
-            .msix_windows()
-            .into_iter()
-            .flatten()
-            .filter(|w| w.bar == bar)
-            .map(|w| {
-                let start = w.start / page * page;
-                (start, (w.start + w.size).div_ceil(page) * page - start)
+        let msix = self.msix_windows().into_iter().flatten().filter(|w| w.bar == bar).map(|w| (w.start, w.size));
+        let overlays = self.overlays.iter().filter(|o| o.bar == bar).map(|o| (o.start, o.size));
+        let mut ranges: Vec<(u64, u64)> = msix
+            .chain(overlays)
+            .map(|(offset, size)| {
+                let start = offset / page * page;
+                (start, (offset + size).div_ceil(page) * page - start)
             })
             .collect();
         ranges.sort_unstable();
@@ -473,6 +545,9 @@ impl VfioPciFunction {
     /// A guest read of `data.len()` bytes at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         let hit = self.trapped_access(bar, offset);
+        if let Some((o, overlay)) = self.overlays.iter_mut().find_map(|v| Some((v.hit(bar, offset)?, v))) {
+            return overlay.handler.read(o, data);
+        }
         match (hit, &mut self.msix) {
             (Some((Some(o), _)), Some((_, msix, _))) => msix.read_table(o, data),
             (Some((_, Some(o))), Some((_, msix, vectors))) => {
@@ -486,6 +561,9 @@ impl VfioPciFunction {
     /// A guest write of `data` at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
         let hit = self.trapped_access(bar, offset);
+        if let Some((o, overlay)) = self.overlays.iter_mut().find_map(|v| Some((v.hit(bar, offset)?, v))) {
+            return overlay.handler.write(o, data);
+        }
         match (hit, &mut self.msix) {
             (Some((Some(o), _)), Some((_, msix, _))) => {
                 let change = msix.write_table(o, data);

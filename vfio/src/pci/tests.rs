@@ -238,6 +238,45 @@ fn the_msix_pages_trap_the_rest_of_bar0_can_be_mapped() {
     assert!(s.f.trapped_pages(2, 4096).is_empty());
 }
 
+/// What an overlay was written: (offset, bytes) per write.
+type Written = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+/// An overlay that records its writes and reads back its offset's low byte, then `0xa5`s.
+struct Scratch(Written);
+
+impl BarOverlay for Scratch {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xa5);
+        data[0] = offset as u8;
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap().push((offset, data.to_vec()));
+    }
+}
+
+#[test]
+fn an_overlay_serves_its_part_of_a_bar_and_the_device_never_sees_it() {
+    let mut s = setup();
+    let written: Written = Arc::default();
+    let scratch = || Box::new(Scratch(written.clone()));
+    assert_eq!(s.f.overlay(0, 0x1000, 0x800, scratch()), Ok(()));
+    assert_eq!(s.f.overlay(0, 0x3800, 0x1000, scratch()), Err(OverlayError::OutOfBar { bar: 0, start: 0x3800, size: 0x1000 }), "past BAR0's 16 KiB");
+    assert_eq!(s.f.overlay(2, 0, 4, scratch()), Err(OverlayError::OutOfBar { bar: 2, start: 0, size: 4 }), "an I/O BAR");
+    assert_eq!(s.f.overlay(0, 0, 0, scratch()), Err(OverlayError::OutOfBar { bar: 0, start: 0, size: 0 }), "empty");
+    assert_eq!(s.f.overlay(0, 0x1f00, 0x200, scratch()), Err(OverlayError::Taken { bar: 0, start: 0x1f00 }), "over the MSI-X table");
+    assert_eq!(s.f.overlay(0, 0x1400, 0x100, scratch()), Err(OverlayError::Taken { bar: 0, start: 0x1400 }), "over the first overlay");
+    assert_eq!(s.f.overlay(0, u64::MAX - 1, 4, scratch()), Err(OverlayError::OutOfBar { bar: 0, start: u64::MAX - 1, size: 4 }));
+    assert_eq!(s.f.trapped_pages(0, 4096), vec![(0x1000, 0x1000), (0x2000, 0x1000), (0x3000, 0x1000)], "its page is not mapped");
+    s.f.bar_write(0, 0x1010, &[1, 2, 3, 4]);
+    s.f.bar_write(0, 0x1800, &[9]);
+    assert_eq!(*written.lock().unwrap(), vec![(0x10, vec![1, 2, 3, 4])], "0x1800 is past the overlay");
+    assert_eq!(s.device.bar0.lock().unwrap()[0x1010..0x1014], [0; 4], "the device never saw the overlay's write");
+    assert_eq!(s.device.bar0.lock().unwrap()[0x1800], 9, "but got the one past it");
+    let mut b = [0u8; 4];
+    s.f.bar_read(0, 0x17fc, &mut b);
+    assert_eq!(b, [0xfc, 0xa5, 0xa5, 0xa5]);
+}
+
 #[test]
 fn msi_is_emulated_and_multiple_messages_get_consecutive_data() {
     let mut s = setup();

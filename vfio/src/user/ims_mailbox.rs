@@ -1,5 +1,6 @@
 //! The IMS mailbox: how a VMM asks a vfio-user SIOV device for IMS slots on behalf of an
-//! enlightened guest (the IMS hypercall, docs/hypercall.md), where the device, not the VMM,
+//! enlightened guest (the IMS hypercall, docs/hypercall.md, or the trapped IMS window the VMM
+//! serves in the ADI's BAR0), where the device, not the VMM,
 //! owns the IMS entries (docs/devd.md, "IMS for enlightened guests").
 //!
 //! vfio-user has no message for it, and a VFIO device says what else it offers through
@@ -62,6 +63,12 @@ pub enum Request {
         /// The new mask state.
         masked: bool,
     },
+    /// What a trapped IMS window reports of the slot ([`SlotState`]): whether an interrupt
+    /// is pending on its entry, and the interrupt handle descriptors name it by.
+    State {
+        /// The slot.
+        slot: u32,
+    },
 }
 
 impl Request {
@@ -73,6 +80,7 @@ impl Request {
             Self::Free { first } => (2, first, 0),
             Self::Message { slot } => (3, slot, 0),
             Self::Mask { slot, masked } => (4, slot, u32::from(masked)),
+            Self::State { slot } => (5, slot, 0),
         };
         let mut out = [0u8; 16];
         for (i, word) in [op, a, b].into_iter().enumerate() {
@@ -98,6 +106,7 @@ impl Request {
             (2, 0) => Self::Free { first: a },
             (3, 0) => Self::Message { slot: a },
             (4, 0 | 1) => Self::Mask { slot: a, masked: b == 1 },
+            (5, 0) => Self::State { slot: a },
             _ => return None,
         };
         Some(request)
@@ -123,6 +132,27 @@ impl Offer {
     /// Read back from a result.
     pub fn decode(result: u64) -> Self {
         Self { slots_per_adi: (result >> 32) as u32, in_queue: result & 1 != 0 }
+    }
+}
+
+/// A slot's state (the answer to [`Request::State`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotState {
+    /// An interrupt is pending on the slot's entry (raised while masked).
+    pub pending: bool,
+    /// The interrupt handle that names the slot in a descriptor.
+    pub handle: u32,
+}
+
+impl SlotState {
+    /// As [`Request::State`]'s result: the handle in bits 63:32, bit 0 pending.
+    pub fn encode(self) -> u64 {
+        u64::from(self.handle) << 32 | u64::from(self.pending)
+    }
+
+    /// Read back from a result.
+    pub fn decode(result: u64) -> Self {
+        Self { handle: (result >> 32) as u32, pending: result & 1 != 0 }
     }
 }
 
@@ -180,6 +210,7 @@ mod tests {
             Request::Message { slot: 9 },
             Request::Mask { slot: 2, masked: true },
             Request::Mask { slot: 2, masked: false },
+            Request::State { slot: 5 },
         ] {
             assert_eq!(Request::decode(&r.encode()), Some(r));
         }
@@ -189,6 +220,9 @@ mod tests {
         let mut reserved = Request::Alloc { count: 1 }.encode();
         reserved[12] = 1;
         assert_eq!(Request::decode(&reserved), None, "the reserved word set");
+        let mut state = Request::State { slot: 1 }.encode();
+        state[8] = 1;
+        assert_eq!(Request::decode(&state), None, "STATE with a second argument");
         let mut unused = Request::Free { first: 1 }.encode();
         unused[8] = 1;
         assert_eq!(Request::decode(&unused), None, "an unused argument set");
@@ -207,5 +241,7 @@ mod tests {
         assert_eq!(decode_reply(&odd), Err(Status::InvalidArgument), "an unknown status");
         let offer = Offer { slots_per_adi: 2048, in_queue: true };
         assert_eq!(Offer::decode(offer.encode()), offer);
+        let state = SlotState { pending: true, handle: 0x1_0002 };
+        assert_eq!(SlotState::decode(state.encode()), state);
     }
 }
