@@ -79,6 +79,11 @@ impl RemoteImsSlots {
 
 impl PvIms for RemoteImsSlots {
     fn pv_alloc(&mut self, count: u32) -> Result<u32, Status> {
+        // The hypercall endpoint refuses an empty group first; an empty group kept here could
+        // shadow a live one starting at the same slot.
+        if count == 0 {
+            return Err(Status::InvalidArgument);
+        }
         if !self.quota.take(self.held(), count) {
             return Err(Status::Exhausted);
         }
@@ -279,6 +284,7 @@ mod tests {
     fn quotas_hold_and_nothing_is_kept_when_the_device_refuses() {
         let quota = ImsQuota::new(8, 10);
         let (mut slots, mailbox, _) = setup(quota.clone());
+        assert_eq!(slots.pv_alloc(0), Err(Status::InvalidArgument), "an empty group");
         assert_eq!(slots.pv_alloc(9), Err(Status::Exhausted), "past the per-ADI quota");
         assert_eq!(mailbox.requests.lock().unwrap().len(), 1, "the device is not asked: only QUERY went");
         mailbox.full.store(true, std::sync::atomic::Ordering::Relaxed);
