@@ -5,7 +5,10 @@
 //! its memory, zero, huge and over-limit sizes, unknown opcodes and tails past the ring, 10,000
 //! doorbells and 5,000 hypercalls), then resets the ADI and runs its self-test. One sandbox:
 //! 1. the device daemon serves two VMs: a victim holds its two ADIs open (stopped, SIGSTOP)
-//!    while the hostile VM abuses one of its own two, then self-tests them again; the victim
+//!    while the hostile VM abuses one of its own two, with the trapped IMS window on
+//!    (`--ims trap`: siovmm serves the window in front of the daemon and backs its slots
+//!    through the ADI's IMS mailbox, under the daemon's per-VM IMS limit), then self-tests them
+//!    again; the daemon has the hostile VM's IMS entries back when it exits; the victim
 //!    passes every round before and after, the daemon stays up and counts the faults, and the
 //!    hostile VM's abused ADI passes its self-test after the reset, its other ADI too. The
 //!    victim guest does not run *during* the abuse: with both guests running, the sandbox's
@@ -27,7 +30,9 @@ use std::time::Duration;
 
 use siovmm_tests::{guest_assets, run_cases_with_setup, wait_until, Assets, CaseResult, GuestCase, Kernel, SandboxSetup};
 
-const DAEMON: &str = "/siovmm-devd --socket-dir /run/devd --adis 5 --vectors 2 --ims-entries 64";
+/// At most 200 IMS entries per VMM: the hostile VM's random window messages take what it lets
+/// them, and the rest stay for the victim's and the probe's ADIs.
+const DAEMON: &str = "/siovmm-devd --socket-dir /run/devd --adis 5 --vectors 2 --ims-entries 400 --max-ims-per-vm 200";
 /// ADIs of the daemon: the hostile VM's two, the victim VM's two, the probe's one.
 const DAEMON_ADIS: u32 = 5;
 
@@ -126,7 +131,12 @@ fn hostile_guests_harm_only_themselves() {
     // Its own boot and first rounds, the hostile guest's boot, the abuse (130 s measured
     // over the daemon), the hostile guest's last self-tests.
     victim.extra_idle = Duration::from_secs(250);
-    let mut attacker = guest("hostile-devd", &hostile(seed), &["--vfio-user", "/run/devd/adi-0.sock", "--vfio-user", "/run/devd/adi-1.sock"], &assets);
+    let mut attacker = guest(
+        "hostile-devd",
+        &hostile(seed),
+        &["--vfio-user", "/run/devd/adi-0.sock", "--vfio-user", "/run/devd/adi-1.sock", "--ims", "trap"],
+        &assets,
+    );
     attacker.background = true;
     attacker.extra_idle = Duration::from_secs(150);
     let mut own = guest("hostile-own", &hostile(seed.wrapping_add(1)), &["--adi", "2", "--ims", "pv", "--siov-portal", "mapped"], &assets);
@@ -151,7 +161,7 @@ fn hostile_guests_harm_only_themselves() {
                  echo PROBE-ALIVE=$(kill -0 $(cat /tmp/probe.pid) && echo 1 || echo 0)\nkill -TERM $(cat /tmp/probe.pid)\n\
                  echo PROBE-COMPLETED=$(awk '/NOOPs completed/{{k=$4}} END{{print k+0}}' /tmp/probe.out)\n\
                  echo PROBE-LOST=$(grep -c 'probe: after' /tmp/probe.out)\ntail -2 /tmp/probe.out | sed 's/^/PROBE-SAID /'\n\
-                 echo DEVICE-QUEUE-ERRORS=$(( {} - q0 ))\n{}kill -CONT $(cat /tmp/victim.pid)\n{}n1={}\n\
+                 echo DEVICE-QUEUE-ERRORS=$(( {} - q0 ))\n{}{}echo DAEMON-IMS-AFTER={}\nkill -CONT $(cat /tmp/victim.pid)\n{}n1={}\n\
                  echo VICTIM-ROUNDS-AFTER=$(( (n1 - n0) / 2 ))\nkill -TERM $(cat /tmp/victim.pid)\n{}\
                  cat /run/devd/status /tmp/devd.log | sed 's/^/DEVD /'\n",
                 wait_until("grep -q GUEST-HOSTILE-READY /tmp/hostile-devd.out", 120),
@@ -162,6 +172,9 @@ fn hostile_guests_harm_only_themselves() {
                 status("queue_errors"),
                 // The hostile guest's last self-tests, then the victim runs again, alone.
                 wait_until("! kill -0 $(cat /tmp/hostile-devd.pid) 2>/dev/null", 120),
+                // Once the hostile VM and the probe are gone: the victim's 4 vectors only.
+                wait_until(&format!("[ {} = 4 ]", status("ims_entries_in_use")), 10),
+                status("ims_entries_in_use"),
                 wait_until(&format!("[ {} -ge $((n0 + 6)) ]", results_of("victim")), 60),
                 results_of("victim"),
                 wait_until("! kill -0 $(cat /tmp/victim.pid) 2>/dev/null", 30)
@@ -177,10 +190,13 @@ fn hostile_guests_harm_only_themselves() {
     let result = |name: &str| results.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no result for {name}"));
 
     // 1. Over the daemon: the hostile guest harmed only itself.
-    check_hostile(result("hostile-devd"), 2);
+    let attacker = result("hostile-devd");
+    check_hostile(attacker, 2);
+    check_mode(attacker, "ims-trap 32");
     let abuse = result("abuse");
     let t = abuse.transcript();
     assert_eq!(abuse.value("DAEMON-ALIVE"), Some("1"), "{t}");
+    assert_eq!(abuse.number("DAEMON-IMS-AFTER"), 4, "the hostile VM's IMS entries back in the daemon's pool:\n{t}");
     assert!(abuse.number("DEVICE-QUEUE-ERRORS") > 0, "the daemon's device refused the bad tails:\n{t}");
     // Another VMM's ADI on the same device, used all through the abuse: every NOOP completed
     // with its interrupt (a lost one ends the probe, which would then not be alive).
@@ -203,6 +219,12 @@ fn hostile_guests_harm_only_themselves() {
 
     // 2. In-process ADIs: IMS through the hypercall with mapped portals, then the trapped
     // IMS window.
+    check_mode(result("hostile-trap"), "ims-trap 32");
     check_hostile(result("hostile-own"), 2);
     check_hostile(result("hostile-trap"), 2);
+}
+
+/// The mode the driver's first ADI ran in (its sysfs "mode") was `mode`.
+fn check_mode(r: &CaseResult, mode: &str) {
+    assert_eq!(r.value("GUEST-MODE"), Some(mode), "{}", r.transcript());
 }
