@@ -44,8 +44,8 @@ pub trait WindowBacking: PvIms {
     fn slot_state(&self, slot: u32) -> Option<SlotState>;
 }
 
-/// One slot: the entry as the guest wrote it, and the hypercall slot backing it once it held
-/// a valid message.
+/// One slot: the entry as the guest wrote it (unwritten: the masked reset entry, `MsiEntry`'s
+/// default), and the hypercall slot backing it once it held a valid message.
 #[derive(Debug, Clone, Copy, Default)]
 struct WindowSlot {
     entry: MsiEntry,
@@ -90,7 +90,7 @@ impl ImsWindow {
             return 0;
         }
         let (slot, dword) = ((offset / 16) as usize, ((offset % 16) / 4) as usize);
-        let w = self.slots.get(slot).copied().unwrap_or(WindowSlot { entry: MsiEntry::masked(), backing: None });
+        let w = self.slots.get(slot).copied().unwrap_or_default();
         if dword != 3 {
             return w.entry.dword(dword);
         }
@@ -115,7 +115,7 @@ impl ImsWindow {
             return;
         }
         if self.slots.len() <= slot {
-            self.slots.resize(slot + 1, WindowSlot { entry: MsiEntry::masked(), backing: None });
+            self.slots.resize(slot + 1, WindowSlot::default());
         }
         let dword = ((offset % 16) / 4) as usize;
         let value = match dword {

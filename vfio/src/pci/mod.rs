@@ -356,10 +356,7 @@ impl VfioPciFunction {
         if !fits {
             return Err(OverlayError::OutOfBar { bar, start, size });
         }
-        let meets = |(s, len): (u64, u64)| s < start + size && start < s + len;
-        let msix = self.msix_windows().into_iter().flatten().filter(|w| w.bar == bar).map(|w| (w.start, w.size));
-        let others = self.overlays.iter().filter(|o| o.bar == bar).map(|o| (o.start, o.size));
-        if msix.chain(others).any(meets) {
+        if self.virtualized(bar).any(|(s, len)| s < start + size && start < s + len) {
             return Err(OverlayError::Taken { bar, start });
         }
         self.overlays.push(Overlay { bar, start, size, handler });
@@ -374,10 +371,8 @@ impl VfioPciFunction {
     /// Byte ranges of BAR `bar` that must trap (the MSI-X table and PBA, and overlays,
     /// widened to whole pages of `page` bytes), so the VMM maps only the rest.
     pub fn trapped_pages(&self, bar: u8, page: u64) -> Vec<(u64, u64)> {
-        let msix = self.msix_windows().into_iter().flatten().filter(|w| w.bar == bar).map(|w| (w.start, w.size));
-        let overlays = self.overlays.iter().filter(|o| o.bar == bar).map(|o| (o.start, o.size));
-        let mut ranges: Vec<(u64, u64)> = msix
-            .chain(overlays)
+        let mut ranges: Vec<(u64, u64)> = self
+            .virtualized(bar)
             .map(|(offset, size)| {
                 let start = offset / page * page;
                 (start, (offset + size).div_ceil(page) * page - start)
@@ -386,6 +381,18 @@ impl VfioPciFunction {
         ranges.sort_unstable();
         ranges.dedup();
         ranges
+    }
+
+    /// The byte ranges (offset, size) of BAR `bar` siovmm serves itself: the MSI-X table and
+    /// PBA, and overlays.
+    fn virtualized(&self, bar: u8) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let msix = self.msix_windows().into_iter().flatten().filter(move |w| w.bar == bar).map(|w| (w.start, w.size));
+        msix.chain(self.overlays.iter().filter(move |o| o.bar == bar).map(|o| (o.start, o.size)))
+    }
+
+    /// The overlay an access at `offset` of BAR `bar` falls in, and the offset into it.
+    fn overlay_at(&mut self, bar: u8, offset: u64) -> Option<(u64, &mut Overlay)> {
+        self.overlays.iter_mut().find_map(|v| Some((v.hit(bar, offset)?, v)))
     }
 
     /// The MSI-X table's and the PBA's places in the BARs, in that order.
@@ -545,7 +552,7 @@ impl VfioPciFunction {
     /// A guest read of `data.len()` bytes at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         let hit = self.trapped_access(bar, offset);
-        if let Some((o, overlay)) = self.overlays.iter_mut().find_map(|v| Some((v.hit(bar, offset)?, v))) {
+        if let Some((o, overlay)) = self.overlay_at(bar, offset) {
             return overlay.handler.read(o, data);
         }
         match (hit, &mut self.msix) {
@@ -561,7 +568,7 @@ impl VfioPciFunction {
     /// A guest write of `data` at `offset` of BAR `bar` (trapped accesses only).
     pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
         let hit = self.trapped_access(bar, offset);
-        if let Some((o, overlay)) = self.overlays.iter_mut().find_map(|v| Some((v.hit(bar, offset)?, v))) {
+        if let Some((o, overlay)) = self.overlay_at(bar, offset) {
             return overlay.handler.write(o, data);
         }
         match (hit, &mut self.msix) {
