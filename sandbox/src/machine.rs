@@ -329,7 +329,7 @@ fn write_image(image: Vec<u8>) -> Result<(WorkDir, PathBuf), String> {
 /// project CI run of 10d5421 met two in a row in one test (the sandbox machine reset itself,
 /// then its kernel panicked in the next attempt), while the same test passed in every other
 /// run. A failure not proven to be the environment's is tried again at most once.
-const PROVEN_RETRIES: usize = 2;
+pub const PROVEN_RETRIES: usize = 2;
 
 fn run_retrying(assets: &Assets, image: Vec<u8>, budget: Duration, echo: bool, hardware: &Hardware) -> Result<Vec<String>, RunFailure> {
     let (_dir, initrd) = write_image(image).map_err(|e| RunFailure::new(e, Vec::new()))?;
