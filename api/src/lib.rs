@@ -30,6 +30,9 @@ pub struct VmInfo {
     pub devices: Vec<DeviceInfo>,
     /// IMS entries of the VM's SIOV device allocated to its ADIs.
     pub ims_entries: u32,
+    /// IMS slots the guest took itself (hypercall or trapped window) on all its ADIs,
+    /// in-process and the device daemon's alike.
+    pub guest_ims_slots: u32,
     /// Guest vectors on KVM MSI routes.
     pub kvm_routes: usize,
     /// Guest vectors delivered by the overflow injector (no KVM route left for them).

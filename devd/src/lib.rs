@@ -31,3 +31,10 @@ pub const MAX_ADIS: u32 = 16_384;
 pub fn socket_path(dir: &Path, adi: u32) -> PathBuf {
     dir.join(format!("adi-{adi}.sock"))
 }
+
+/// Whether the daemon whose PID is `pid` serves `dir`: its status file names it, and the
+/// daemon writes that file first once every ADI's socket listens. Sockets and a status file
+/// that a killed daemon left say nothing (docs/devd.md, "Ready").
+pub fn serving(dir: &Path, pid: u32) -> bool {
+    std::fs::read_to_string(dir.join("status")).is_ok_and(|s| s.lines().next() == Some(format!("pid {pid}").as_str()))
+}

@@ -153,7 +153,6 @@ fn run(o: Options) -> Result<(), String> {
     if needed > u64::from(device.info().ims_entries) {
         log::warn!("{} ADIs x {} vectors need {needed} IMS entries; the device has {}: ADIs past them wait for a free group", o.adis, o.vectors, device.info().ims_entries);
     }
-    let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))).with_counters(Box::new(move || format!("{}portal_rings {}\n", soft.stats().lines(), soft.portal_rings()))));
     let mut listeners = Vec::new();
     for adi in 0..o.adis {
         let path = socket_path(&o.dir, adi);
@@ -161,6 +160,10 @@ fn run(o: Options) -> Result<(), String> {
         let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         listeners.push((AdiId(adi), listener));
     }
+    // Every socket listens (a client connecting now waits in its backlog until the reactor
+    // takes it): the status file, naming this daemon's PID, is written first now and says so
+    // (docs/devd.md, "Ready").
+    let pool = Arc::new(siovmm_devd::pool::Pool::new(o.limits, Some(o.dir.join("status"))).with_counters(Box::new(move || format!("{}portal_rings {}\n", soft.stats().lines(), soft.portal_rings()))));
     let reactor = Reactor::start(listeners, device, o.vectors, pool.clone(), o.server_threads).map_err(|e| format!("starting the server: {e}"))?;
     eprintln!("siovmm-devd: serving {} ADIs on {}/adi-N.sock with {} threads", o.adis, o.dir.display(), reactor.threads());
     siovmm_seccomp::enter(siovmm_seccomp::ThreadKind::DaemonMain).map_err(|e| format!("--seccomp: {e}"))?;

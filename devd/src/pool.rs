@@ -169,8 +169,12 @@ impl Pool {
 
     fn write_status(&self, by_vm: &BTreeMap<i32, Held>) {
         let Some(path) = &self.status else { return };
+        // The PID first: a daemon writes this file first once every ADI's socket listens
+        // (main.rs), so a file naming the PID of the daemon one started says it serves, where
+        // sockets and a status file a killed daemon left say nothing.
         let mut text = format!(
-            "adis_open {}\nims_entries_in_use {}\nclients {}\n",
+            "pid {}\nadis_open {}\nims_entries_in_use {}\nclients {}\n",
+            std::process::id(),
             by_vm.values().map(|h| h.adis).sum::<u32>(),
             by_vm.values().map(|h| h.ims).sum::<u32>(),
             by_vm.len()
@@ -226,11 +230,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let status = dir.join("status");
         let pool = Pool::new(Limits::default(), Some(status.clone()));
-        assert_eq!(std::fs::read_to_string(&status).unwrap(), "adis_open 0\nims_entries_in_use 0\nclients 0\n");
+        assert_eq!(std::fs::read_to_string(&status).unwrap(), format!("pid {}\nadis_open 0\nims_entries_in_use 0\nclients 0\n", std::process::id()));
         pool.take(7, 2).unwrap();
-        assert_eq!(std::fs::read_to_string(&status).unwrap(), "adis_open 1\nims_entries_in_use 2\nclients 1\n");
+        assert_eq!(std::fs::read_to_string(&status).unwrap(), format!("pid {}\nadis_open 1\nims_entries_in_use 2\nclients 1\n", std::process::id()));
         pool.give_back(7, 2);
-        assert_eq!(std::fs::read_to_string(&status).unwrap(), "adis_open 0\nims_entries_in_use 0\nclients 0\n");
+        assert_eq!(std::fs::read_to_string(&status).unwrap(), format!("pid {}\nadis_open 0\nims_entries_in_use 0\nclients 0\n", std::process::id()));
         // Counters follow the totals; refresh rewrites them as they move.
         let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let seen = ticks.clone();

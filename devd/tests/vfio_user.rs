@@ -446,12 +446,18 @@ fn the_daemon_binary_serves_under_its_seccomp_filters() {
         if let Some(m) = mode {
             cmd.args(["--seccomp", m]);
         }
+        // What a daemon killed in this directory leaves: its sockets (no one listening) and its
+        // status file, which name nothing about the next daemon.
+        for adi in 0..2 {
+            drop(std::os::unix::net::UnixListener::bind(socket_path(&dir.0, adi)).unwrap());
+        }
+        std::fs::write(dir.0.join("status"), "pid 1\nadis_open 0\n").unwrap();
         let mut daemon = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
         let path = socket_path(&dir.0, 0);
-        // Bound and listening: a client connecting now waits in the backlog until the server
-        // threads accept. (A probe by connecting would take the ADI, and close its socket,
-        // for a moment.)
-        wait_for("the daemon's sockets", || socket_path(&dir.0, 1).exists());
+        // Every socket bound and listening once the status file names this daemon: a client
+        // connecting now waits in the backlog until the server threads accept. (A probe by
+        // connecting would take the ADI, and close its socket, for a moment.)
+        wait_for("the daemon to serve", || siovmm_devd::serving(&dir.0, daemon.id()));
         assert_eq!(session(&path, Ring::IoEventFd), 1);
         assert_eq!(session(&path, Ring::RegionWrite), 1);
         // The directory is this daemon's: a second one is refused in one line.

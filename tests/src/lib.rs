@@ -296,14 +296,15 @@ pub fn wait_until(condition: &str, secs: u32) -> String {
     format!("i=0; until {condition} || [ $i -ge {} ]; do sleep 0.1; i=$((i+1)); done\n", secs * 10)
 }
 
-/// Sandbox shell lines that start the device daemon `command` (serving `adis` ADIs in
-/// /run/devd) in the background, logging at info level to /tmp/devd.log with its PID in
-/// /tmp/devd.pid, wait (at most 20 s) for its last ADI's socket and print `KEY=` the number of
+/// Sandbox shell lines that start the device daemon `command` (serving its ADIs in /run/devd)
+/// in the background, logging at info level to /tmp/devd.log with its PID in /tmp/devd.pid,
+/// wait (at most 20 s) until it serves (its status file names its PID: `siovmm_devd::serving`;
+/// the sockets of a daemon killed before are there already) and print `KEY=` the number of
 /// sockets there.
-pub fn devd_start(command: &str, adis: u32, key: &str) -> String {
+pub fn devd_start(command: &str, key: &str) -> String {
     format!(
         "mkdir -p /run/devd\nSIOVMM_LOG=info {command} >> /tmp/devd.log 2>&1 &\necho $! > /tmp/devd.pid\n{}echo {key}=$(ls /run/devd | grep -c sock)\n",
-        wait_until(&format!("[ -S /run/devd/adi-{}.sock ]", adis.saturating_sub(1)), 20)
+        wait_until("head -1 /run/devd/status 2>/dev/null | grep -qx \"pid $(cat /tmp/devd.pid)\"", 20)
     )
 }
 
@@ -328,10 +329,10 @@ pub struct SandboxSetup {
 impl SandboxSetup {
     /// A sandbox whose setup starts the device daemon ([`devd_start`], its result
     /// `SETUP-SOCKETS=`), with `siovmm-devd` (tests/setup.sh builds it) and `files` in it.
-    pub fn with_devd(assets: &Assets, command: &str, adis: u32, mut files: Vec<(String, u32, Vec<u8>)>) -> Self {
+    pub fn with_devd(assets: &Assets, command: &str, mut files: Vec<(String, u32, Vec<u8>)>) -> Self {
         let devd = assets.read("siovmm-devd").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
         files.insert(0, ("siovmm-devd".into(), 0o755, devd));
-        Self { script: devd_start(command, adis, "SETUP-SOCKETS"), script_idle: Duration::from_secs(2), files, ..Default::default() }
+        Self { script: devd_start(command, "SETUP-SOCKETS"), script_idle: Duration::from_secs(2), files, ..Default::default() }
     }
 
     /// How long the setup step may take (nothing when there is no script).

@@ -199,7 +199,7 @@ fn the_daemons_adis_come_and_go_through_the_api_and_move_to_a_second_vm() {
     let daemon = format!("/siovmm-devd --socket-dir /run/devd --adis {ADIS} --vectors 2");
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
     let ctl = assets.read("siovmm-ctl").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
-    let setup = SandboxSetup::with_devd(&assets, &daemon, ADIS, vec![("siovmm-ctl".into(), 0o755, ctl)]);
+    let setup = SandboxSetup::with_devd(&assets, &daemon, vec![("siovmm-ctl".into(), 0o755, ctl)]);
     // A guest on `buses` root buses taking `want` ADIs through hotplug and self-testing them,
     // then (`then`) more.
     let guest = |name: &str, socket: &str, buses: u32, want: u32, then: &str| {

@@ -155,7 +155,8 @@ fn vms_share_the_daemons_adis_and_get_them_back_when_they_die() {
     // The run summary (one line per vfio-user device) is printed with the startup trace.
     std::env::set_var("SIOVMM_TRACE_STARTUP", "1");
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
-    let setup = SandboxSetup::with_devd(&assets, DAEMON, DAEMON_ADIS, Vec::new());
+    let ctl = assets.read("siovmm-ctl").unwrap_or_else(|e| panic!("{e} (tests/setup.sh builds it)"));
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, vec![("siovmm-ctl".into(), 0o755, ctl)]);
     let status = devd_status;
     let background = |mut c: GuestCase| {
         c.background = true;
@@ -239,7 +240,7 @@ fn vms_share_the_daemons_adis_and_get_them_back_when_they_die() {
         ),
         guest("ims-storage-mismatch", SELFTEST, [sockets(&[1]), vec!["--ims".into(), "pv".into()]].concat(), &assets),
         {
-            let mut vm = background(guest("ims-pv-devd", &ims_selftest(10), [sockets(&[0]), ims_pv_in_memory()].concat(), &assets));
+            let mut vm = background(guest("ims-pv-devd", &ims_selftest(10), [sockets(&[0]), ims_pv_in_memory(), api_socket("ims-pv-devd")].concat(), &assets));
             // Two vCPUs: 256 IMS vectors do not fit one CPU's vector space (Linux's
             // x86 vector domain answers ENOSPC), as in tests/tests/ims_policy.rs.
             vm.cpus = 2;
@@ -254,7 +255,12 @@ fn vms_share_the_daemons_adis_and_get_them_back_when_they_die() {
             "ON-DEVICE-SOCKETS",
         ),
         {
-            let mut vm = background(guest("ims-trap-devd", &ims_selftest(10), [sockets(&[0]), vec!["--ims".into(), "trap".into()]].concat(), &assets));
+            let mut vm = background(guest(
+                "ims-trap-devd",
+                &ims_selftest(10),
+                [sockets(&[0]), vec!["--ims".into(), "trap".into()], api_socket("ims-trap-devd")].concat(),
+                &assets,
+            ));
             vm.cpus = 2;
             vm.extra_idle = Duration::from_secs(60);
             vm
@@ -363,9 +369,10 @@ fn check_ims_run(r: &CaseResult, mode: &str, interrupts: u32) {
     assert_eq!(r.value("GUEST-IMS-IRQS"), Some(interrupts.to_string().as_str()), "{t}");
 }
 
-/// An [`ims_held`] step: the daemon counted 258 IMS entries while the VM ran, none after.
+/// An [`ims_held`] step: the daemon counted 258 IMS entries while the VM ran (2 MSI-X vectors'
+/// and the guest's 256 slots), none after; siovmm's API counted the guest's 256 slots.
 fn check_held(r: &CaseResult) {
-    assert_eq!((r.number("IMS-HELD"), r.number("IMS-AFTER")), (258, 0), "{}", r.transcript());
+    assert_eq!((r.number("IMS-HELD"), r.number("IMS-API-SLOTS"), r.number("IMS-AFTER")), (258, 256, 0), "{}", r.transcript());
 }
 
 /// Shell: the daemon's status value `key` (its status file, rewritten as counts change).
@@ -373,13 +380,18 @@ fn devd_status(key: &str) -> String {
     format!("$(awk '/^{key} /{{print $2}}' /run/devd/status)")
 }
 
+/// siovmm's API socket for the VM `vm` ([`ims_held`] asks it).
+fn api_socket(vm: &str) -> Vec<String> {
+    vec!["--api-socket".into(), format!("/tmp/{vm}.api")]
+}
+
 /// A step that waits for `vm`'s guest to finish its IMS run, reads the daemon's IMS entries in
-/// use (IMS-HELD), waits for the VM to exit and its ADIs to close, and reads them again
-/// (IMS-AFTER).
+/// use (IMS-HELD) and the slots siovmm's API says the guest holds (IMS-API-SLOTS), waits for
+/// the VM to exit and its ADIs to close, and reads the daemon's again (IMS-AFTER).
 fn ims_held(vm: &str) -> String {
     let status = devd_status;
     format!(
-        "{}echo IMS-HELD={}\n{}{}echo IMS-AFTER={}\n",
+        "{}echo IMS-HELD={}\necho IMS-API-SLOTS=$(/siovmm-ctl --api-socket /tmp/{vm}.api info | grep -o '\"guest_ims_slots\":[0-9]*' | cut -d: -f2)\n{}{}echo IMS-AFTER={}\n",
         wait_until(&format!("grep -q GUEST-DONE /tmp/{vm}.out"), 120),
         status("ims_entries_in_use"),
         wait_until(&format!("! kill -0 $(cat /tmp/{vm}.pid) 2>/dev/null"), 60),
@@ -391,7 +403,7 @@ fn ims_held(vm: &str) -> String {
 /// A step that runs `before` (the old daemon gone), then starts the daemon again with `flags`
 /// added, reporting its sockets as `key`.
 fn restart_daemon(name: &str, before: String, flags: &str, key: &str) -> GuestCase {
-    GuestCase::shell(name, &format!("{before}{}", devd_start(&format!("{DAEMON} {flags}"), DAEMON_ADIS, key)), Duration::from_secs(40))
+    GuestCase::shell(name, &format!("{before}{}", devd_start(&format!("{DAEMON} {flags}"), key)), Duration::from_secs(40))
 }
 
 /// siovmm's arguments for IMS through the hypercall with IMS kept in queue memory.
@@ -411,7 +423,7 @@ fn cloud_hypervisor_takes_the_daemons_adis() {
     let ch_binary = siovmm_tests::cloud_hypervisor_binary();
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
     let wrapper = siovmm_tests::cloud_hypervisor_wrapper();
-    let setup = SandboxSetup::with_devd(&assets, DAEMON, DAEMON_ADIS, vec![ch_binary]);
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, vec![ch_binary]);
     // Cloud Hypervisor emulates the MSI-X table of a VFIO device but reads its PBA from the
     // device, which cannot know a vector the client masked: the driver skips only that check
     // (a masked vector still raises nothing, and its interrupt still arrives once on unmask).

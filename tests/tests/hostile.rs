@@ -123,7 +123,7 @@ fn hostile_guests_harm_only_themselves() {
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs()));
     println!("hostile seed {seed} (SIOVMM_HOSTILE_SEED={seed} repeats it)");
     let assets = guest_assets().unwrap_or_else(|e| panic!("{e}"));
-    let setup = SandboxSetup::with_devd(&assets, DAEMON, DAEMON_ADIS, Vec::new());
+    let setup = SandboxSetup::with_devd(&assets, DAEMON, Vec::new());
     let status = |key: &str| format!("$(awk '/^{key} /{{print $2}}' /run/devd/status)");
     let results_of = |vm: &str| format!("$(grep -c GUEST-LOOP-RESULT /tmp/{vm}.out)");
     let mut victim = guest("victim", VICTIM, &["--vfio-user", "/run/devd/adi-2.sock", "--vfio-user", "/run/devd/adi-3.sock"], &assets);

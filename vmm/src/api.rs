@@ -168,6 +168,7 @@ impl VmControl for VmApi {
             memory_mib: self.memory_mib,
             devices: devices.into_iter().map(|(bdf, kind)| DeviceInfo { id: id(bdf), kind }).collect(),
             ims_entries: usage.ims_entries,
+            guest_ims_slots: usage.guest_ims_slots,
             kvm_routes: usage.msi_routes,
             overflow_vectors: usage.overflow_vectors,
         })

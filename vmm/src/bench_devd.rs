@@ -195,7 +195,7 @@ pub(crate) fn devd_path(o: &BenchDevdOptions) -> Result<PathBuf, String> {
 
 /// Starts `devd` with `args` on a fresh socket directory (`siovmm-<what>-PID` in the temporary
 /// directory) and waits up to `within` until `ready` says it serves.
-pub(crate) fn spawn_daemon(devd: &Path, what: &str, args: &[String], within: Duration, ready: impl Fn(&Path) -> bool) -> Result<Daemon, String> {
+pub(crate) fn spawn_daemon(devd: &Path, what: &str, args: &[String], within: Duration) -> Result<Daemon, String> {
     let dir = std::env::temp_dir().join(format!("siovmm-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Its messages go to a file in its directory, shown if it fails to start.
@@ -212,7 +212,7 @@ pub(crate) fn spawn_daemon(devd: &Path, what: &str, args: &[String], within: Dur
         .map_err(|e| format!("starting {}: {e}", devd.display()))?;
     let daemon = Daemon { child, dir };
     let t0 = Instant::now();
-    while !ready(&daemon.dir) {
+    while !siovmm_devd::serving(&daemon.dir, daemon.child.id()) {
         if t0.elapsed() > within {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(format!("{} did not start serving within {within:?}: {}", devd.display(), said.trim()));
@@ -224,7 +224,7 @@ pub(crate) fn spawn_daemon(devd: &Path, what: &str, args: &[String], within: Dur
 
 fn start_daemon(devd: &Path) -> Result<(Daemon, PathBuf), String> {
     let args = ["--adis", "1", "--vectors", "2", "--ims-entries", "64", "--workers", &WORKERS.to_string()].map(String::from);
-    let daemon = spawn_daemon(devd, "bench-devd", &args, STALL, |dir| siovmm_devd::socket_path(dir, 0).exists())?;
+    let daemon = spawn_daemon(devd, "bench-devd", &args, STALL)?;
     let socket = siovmm_devd::socket_path(&daemon.dir, 0);
     Ok((daemon, socket))
 }

@@ -51,6 +51,9 @@ pub struct Usage {
     /// IMS entries of the VM's SIOV device allocated to ADIs (MSI-X backing, hypercall and
     /// trapped-window slots).
     pub ims_entries: u32,
+    /// IMS slots the guest took itself (hypercall or trapped window) on all its ADIs,
+    /// in-process and the device daemon's alike: what counts against `--ims-per-vm`.
+    pub guest_ims_slots: u32,
     /// Guest vectors on KVM MSI routes.
     pub msi_routes: usize,
     /// Guest vectors on the overflow path (no route left).
@@ -233,6 +236,7 @@ impl DeviceManager {
         Usage {
             adis: self.vdcm.as_ref().map_or(0, Vdcm::len),
             ims_entries: self.vdcm.as_ref().map_or(0, Vdcm::ims_entries_in_use),
+            guest_ims_slots: self.ims_quota.held(),
             msi_routes,
             overflow_vectors,
             passed_through: self.passthrough.as_ref().map_or(0, Passthrough::len),
