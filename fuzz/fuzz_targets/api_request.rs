@@ -27,7 +27,7 @@ fn id(slot: u8) -> String {
 impl VmControl for FakeVm {
     fn info(&self) -> Result<VmInfo, ApiError> {
         let devices = self.adis.lock().unwrap().iter().map(|s| DeviceInfo { id: id(*s), kind: DeviceKind::Adi }).collect();
-        Ok(VmInfo { vcpus: 1, memory_mib: 64, devices, ims_entries: 0, kvm_routes: 0, overflow_vectors: 0 })
+        Ok(VmInfo { vcpus: 1, memory_mib: 64, devices, ims_entries: 0, guest_ims_slots: 0, kvm_routes: 0, overflow_vectors: 0 })
     }
     fn add_adis(&self, count: u32) -> Result<Vec<DeviceInfo>, ApiError> {
         let mut adis = self.adis.lock().unwrap();
