@@ -255,7 +255,7 @@ pub fn placement() -> Placement {
 
 /// How long the sandbox's own kernel takes to reach a minimal busybox /init right now, in
 /// seconds of its uptime: a yardstick of this machine's current speed, the condition under which
-/// docs/sandbox.md: 2.5-3 s. `None` where guests run directly.
+/// docs/sandbox.md: 4.0-4.3 s under QEMU 10. `None` where guests run directly.
 pub fn sandbox_yardstick() -> Result<Option<f64>, String> {
     if placement() == Placement::Direct {
         return Ok(None);

@@ -5,7 +5,7 @@
 //!   start → exit          (wall clock around the VMM process)
 //!   guest uptime at /init (the guest kernel's clock)
 //! and, once, how long the sandbox kernel itself takes to reach a minimal /init: a yardstick of how
-//! fast this machine is right now (docs/sandbox.md: 2.5-3 s).
+//! fast this machine is right now (docs/sandbox.md: 4.0-4.3 s under QEMU 10).
 //!
 //! With `--baseline PATH` (another static siovmm build, or any static VMM taking siovmm's
 //! --kernel/--initramfs/--cmdline/--cpus/--memory flags, such as tests/reference/krun-ref),
@@ -353,7 +353,7 @@ fn boot_speed(opts: &Options) -> Result<(), String> {
     println!("median start->exit:  {:.2} s over {} runs", med(&ours, |b| Some(b.to_exit)), ours.len());
     println!("median guest uptime at /init: {:.2} s", med(&ours, |b| b.uptime));
     if let Some(y) = yardstick {
-        println!("yardstick: the sandbox kernel alone reached /init at {y:.2} s (docs/sandbox.md: 2.5-3 s; above that, this machine is slower now)");
+        println!("yardstick: the sandbox kernel alone reached /init at {y:.2} s (docs/sandbox.md: 4.0-4.3 s under QEMU 10; above that, this machine is slower now)");
     }
     if !base.is_empty() {
         let seconds = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.2} s") };
