@@ -31,8 +31,10 @@ fi
 # broke nested guests' boots (triple faults on instruction fetches from mapped pages, whole
 # sandboxes stalled): 5 guests side by side finished 4 of 10 boots under 7.2 and 20 of 20 under
 # 10.0 on the same machine the same hour (docs/testing.md, "The emulator").
-qemu_major() { qemu-system-x86_64 --version 2>/dev/null | awk 'NR==1{split($4, v, "."); print v[1]+0}'; }
-if [ "$(qemu_major)" -lt 10 ] 2>/dev/null || [ -z "$(qemu_major)" ]; then
+# Its major version, 0 when there is none (never failing, under set -e and pipefail).
+qemu_major() { { qemu-system-x86_64 --version 2>/dev/null || true; } | awk 'NR==1{split($4, v, "."); m=v[1]} END{print m+0}'; }
+major=$(qemu_major)
+if [ "$major" -lt 10 ]; then
   export DEBIAN_FRONTEND=noninteractive
   cat > /etc/apt/sources.list.d/siovmm-bookworm-backports.sources <<'EOF'
 Types: deb
@@ -43,7 +45,8 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
   apt-get update -qq
   apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null
-  [ "$(qemu_major)" -ge 10 ] || { echo "setup: QEMU 10 from bookworm-backports did not install: $(qemu-system-x86_64 --version | head -1)" >&2; exit 1; }
+  major=$(qemu_major)
+  [ "$major" -ge 10 ] || { echo "setup: QEMU 10 from bookworm-backports did not install: $(qemu-system-x86_64 --version | head -1)" >&2; exit 1; }
 fi
 
 # The kernel ABI package linux-image-amd64 depends on today (never a wildcard: that pulls every ABI).

@@ -229,12 +229,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("siovmm-pool-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let status = dir.join("status");
+        let totals = |adis: u32, ims: u32, clients: usize| {
+            format!("pid {}\nadis_open {adis}\nims_entries_in_use {ims}\nclients {clients}\n", std::process::id())
+        };
         let pool = Pool::new(Limits::default(), Some(status.clone()));
-        assert_eq!(std::fs::read_to_string(&status).unwrap(), format!("pid {}\nadis_open 0\nims_entries_in_use 0\nclients 0\n", std::process::id()));
+        assert_eq!(std::fs::read_to_string(&status).unwrap(), totals(0, 0, 0));
         pool.take(7, 2).unwrap();
-        assert_eq!(std::fs::read_to_string(&status).unwrap(), format!("pid {}\nadis_open 1\nims_entries_in_use 2\nclients 1\n", std::process::id()));
+        assert_eq!(std::fs::read_to_string(&status).unwrap(), totals(1, 2, 1));
         pool.give_back(7, 2);
-        assert_eq!(std::fs::read_to_string(&status).unwrap(), format!("pid {}\nadis_open 0\nims_entries_in_use 0\nclients 0\n", std::process::id()));
+        assert_eq!(std::fs::read_to_string(&status).unwrap(), totals(0, 0, 0));
         // Counters follow the totals; refresh rewrites them as they move.
         let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let seen = ticks.clone();

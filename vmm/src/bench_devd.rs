@@ -194,7 +194,7 @@ pub(crate) fn devd_path(o: &BenchDevdOptions) -> Result<PathBuf, String> {
 }
 
 /// Starts `devd` with `args` on a fresh socket directory (`siovmm-<what>-PID` in the temporary
-/// directory) and waits up to `within` until `ready` says it serves.
+/// directory) and waits up to `within` until it serves (`siovmm_devd::serving`).
 pub(crate) fn spawn_daemon(devd: &Path, what: &str, args: &[String], within: Duration) -> Result<Daemon, String> {
     let dir = std::env::temp_dir().join(format!("siovmm-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;

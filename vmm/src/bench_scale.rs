@@ -71,7 +71,6 @@ fn wait_for_open(dir: &Path, n: u64) -> Option<u64> {
 
 fn start_daemon(devd: &Path, adis: u32) -> Result<Daemon, String> {
     let args = ["--adis", &adis.to_string(), "--vectors", "1", "--ims-entries", "16384"].map(String::from);
-    // Serving once the last socket exists and the status file has been written.
     spawn_daemon(devd, "bench-scale", &args, STARTUP)
 }
 
