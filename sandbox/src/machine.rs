@@ -788,6 +788,19 @@ pub fn steps(lines: &[String]) -> Vec<StepResult> {
     let mut done = Vec::new();
     let mut current: Option<StepResult> = None;
     for line in lines {
+        // A marker can follow output that did not end its line: a VMM killed with SIGKILL
+        // mid-line, whose output a background step replays before its end marker (seen:
+        // devd.rs's `vm-killed`, a step lost in a clean-clone CI run). The text before the
+        // marker is the step's output.
+        let line = match line.find("@@STEP") {
+            Some(at) if at > 0 => {
+                if let Some(r) = current.as_mut() {
+                    r.output.push(line[..at].to_string());
+                }
+                &line[at..]
+            }
+            _ => line.as_str(),
+        };
         if let Some(name) = line.strip_prefix("@@STEP ") {
             current = Some(StepResult { name: name.trim().to_string(), ..Default::default() });
         } else if let Some(rest) = line.strip_prefix("@@STEP-END ") {
@@ -799,7 +812,7 @@ pub fn steps(lines: &[String]) -> Vec<StepResult> {
                 done.push(r);
             }
         } else if let Some(r) = current.as_mut() {
-            r.output.push(line.clone());
+            r.output.push(line.to_string());
         }
     }
     done
@@ -953,16 +966,20 @@ mod tests {
             "@@STEP b",
             "thread panicked at boom",
             "@@STEP-END b 137 6000",
+            // A killed VMM's last line, cut short, then the end marker on the same line.
+            "@@STEP k",
+            "GUEST-LOOP-RESULT 1 0000:00:01.0: PA@@STEP-END k 137 12",
             "@@STEP c",
             "never ended",
         ]
         .map(String::from)
         .to_vec();
         let r = steps(&console);
-        assert_eq!(r.len(), 2, "a step without its end is not reported");
+        assert_eq!(r.len(), 3, "a step without its end is not reported");
         assert_eq!((r[0].name.as_str(), r[0].status, r[0].output.as_slice()), ("a", Some(0), ["running 1 test".to_string()].as_slice()));
         assert!((r[0].seconds.unwrap() - 1.23).abs() < 1e-9);
         assert_eq!((r[1].name.as_str(), r[1].status), ("b", Some(137)));
+        assert_eq!((r[2].name.as_str(), r[2].status, r[2].output.as_slice()), ("k", Some(137), ["GUEST-LOOP-RESULT 1 0000:00:01.0: PA".to_string()].as_slice()));
     }
 
     #[test]

@@ -701,7 +701,8 @@ fn run_sandbox(assets: &Assets, cases: &[GuestCase], retry: Retry, setup: &Sandb
         .map(|r| CaseResult { name: r.name, exit_code: r.status, lines: r.output, seconds: r.seconds })
         .collect();
     if results.len() != steps {
-        return Err(format!("sandbox reported {} of {steps} steps", results.len()));
+        let missing: Vec<&str> = cases.iter().map(|c| c.name.as_str()).filter(|n| !results.iter().any(|r| r.name == *n)).collect();
+        return Err(format!("sandbox reported {} of {steps} steps (missing: {}); its console:\n{}", results.len(), missing.join(", "), lines.join("\n")));
     }
     Ok(results)
 }
